@@ -1,0 +1,46 @@
+// Causal attention with GQA at explicit global positions, flash-style (blocked, online softmax,
+// O(N) memory: never an n_q × n_k matrix). Query i sees key j iff k_pos[j] <= q_pos[i], so
+// zigzag chunks, partial key sets and decode against a cache all use the same kernel.
+// Layouts: q, o, dq, do [n_q, n_heads, d]; k, v, dk, dv [n_k, n_kv_heads, d]; lse [n_q, n_heads].
+// Query head hq reads kv head hq / (n_heads / n_kv_heads).
+#pragma once
+
+#include <cstdint>
+
+namespace tsp {
+
+struct AttentionParams {
+  int64_t n_q = 0, n_k = 0;
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;  // usually 1/sqrt(head_dim)
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  const int64_t* q_pos = nullptr;  // [n_q]
+  const int64_t* k_pos = nullptr;  // [n_k]
+  float* o = nullptr;              // [n_q, n_heads, d] (=)
+  // [n_q, n_heads] natural-log log-sum-exp of the scaled scores; -inf (and o = 0) for a query
+  // that sees no key, so merging with another key set stays exact.
+  float* lse = nullptr;
+};
+
+void attention_forward(const AttentionParams& p);
+
+struct AttentionBackwardParams : AttentionParams {
+  const float* dout = nullptr;  // [n_q, n_heads, d]
+  // o and lse are the forward outputs (inputs here). dq, dk, dv are ACCUMULATED (+=), so a
+  // layout can sum contributions of several query/key blocks.
+  float* dq = nullptr;
+  float* dk = nullptr;
+  float* dv = nullptr;
+};
+
+void attention_backward(const AttentionBackwardParams& p);
+
+// Exact merge of two partial attentions of the same queries over disjoint key sets:
+// (o_a, lse_a) ← (o_a·e^{lse_a} + o_b·e^{lse_b}) / (e^{lse_a} + e^{lse_b}), lse_a ← log(sum).
+// o [n_q, n_heads, d], lse [n_q, n_heads]. Handles -inf on either side.
+void attention_merge(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n_q,
+                     int64_t n_heads, int64_t head_dim);
+
+}  // namespace tsp

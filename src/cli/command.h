@@ -1,0 +1,29 @@
+// The `tsp` command's subcommands register themselves here: each src/cli/cmd_<name>.cpp defines
+// a static CommandRegistration, so adding a command touches no other file.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "tsp/comm/communicator.h"
+
+namespace tsp::cli {
+
+struct Command {
+  std::string name;
+  std::string description;
+  bool needs_mpi = true;  // false: runs without initialising MPI (e.g. plan)
+  // Adds the subcommand's options to `sub`, returns the function to run once parsed.
+  std::function<std::function<int(Communicator* world)>(CLI::App& sub)> setup;
+};
+
+std::vector<Command>& command_registry();
+
+struct CommandRegistration {
+  explicit CommandRegistration(Command c) { command_registry().push_back(std::move(c)); }
+};
+
+}  // namespace tsp::cli
