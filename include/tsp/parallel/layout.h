@@ -1,0 +1,95 @@
+// A parallel layout of the Llama model: how weights and tokens are split over the ranks of one
+// model replica (the layout group, D ranks), with R data-parallel replicas on top (world = D·R).
+// Every layout computes the same function: the mean cross-entropy over the batch and the gradient
+// of every parameter, equal to the single-rank reference up to fp32 rounding.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tsp/comm/communicator.h"
+#include "tsp/core/tensor.h"
+#include "tsp/model/config.h"
+#include "tsp/model/params.h"
+
+namespace tsp {
+
+struct ParallelConfig {
+  std::string layout = "single";  // single | tp | sp | tp-sp | tsp | fsdp-cp
+  int tp = 1;                     // T for tp-sp (Σ = D / T)
+  int dp = 1;                     // R data-parallel replicas; D = world / R
+  bool overlap = true;            // tsp: prefetch / double-buffer transfers (false: blocking)
+};
+
+// One micro-batch: B rows of S+1 tokens; inputs are the first S of each row, labels the last S.
+// With R replicas, replica i takes rows [i·B/R, (i+1)·B/R).
+struct Batch {
+  int64_t B = 0, S = 0;
+  std::vector<int32_t> tokens;  // [B, S+1], row-major
+};
+
+// Where a layout reads the weights it owns: rows [row_begin, row_end) of a full parameter.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual void read_rows(const ParamSpec& spec, int64_t row_begin, int64_t row_end,
+                         TensorView dst) const = 0;
+};
+class ModelDirWeights : public WeightSource {  // model.safetensors of a model directory
+ public:
+  explicit ModelDirWeights(const ModelDir& dir) : dir_(dir) {}
+  void read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const override;
+ private:
+  const ModelDir& dir_;
+};
+class RandomWeights : public WeightSource {  // init_param_rows with a seed
+ public:
+  explicit RandomWeights(uint64_t seed) : seed_(seed) {}
+  void read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const override;
+ private:
+  uint64_t seed_;
+};
+
+// This rank's piece of one parameter and its gradient (same shape), for the optimizer.
+struct ParamShard {
+  const ParamSpec* spec = nullptr;
+  TensorView value;   // f32
+  TensorView grad;    // f32, accumulated by forward_backward
+  // True when every rank of the layout group holds an identical copy (e.g. norm weights under
+  // tsp, every weight under sp): count it once in global norms, update it identically everywhere.
+  bool replicated_in_group = false;
+};
+
+class Layout {
+ public:
+  virtual ~Layout() = default;
+  virtual std::string name() const = 0;
+  virtual const LlamaConfig& config() const = 0;
+  // Read this rank's shards (and nothing else) from the source.
+  virtual void load(const WeightSource& src) = 0;
+  // Forward and backward of one micro-batch. Gradients are ACCUMULATED into the shards (so
+  // gradient accumulation is repeated calls), scaled so that one call on the whole batch gives the
+  // gradient of the mean loss over all counted tokens of the batch, all-reduced across replicas.
+  // Returns that mean loss, identical on every rank.
+  virtual double forward_backward(const Batch& batch) = 0;
+  // Loss only (validation), identical on every rank.
+  virtual double forward(const Batch& batch) = 0;
+  virtual void zero_grads() = 0;
+  virtual std::vector<ParamShard> parameters() = 0;
+  // Reassemble full tensors on world rank 0, one parameter at a time in canonical order:
+  // sink(spec, full) is called on world rank 0 only (the view lives until sink returns).
+  virtual void gather(bool grads, const std::function<void(const ParamSpec&, TensorView)>& sink) = 0;
+  // The communicators: the layout group (D ranks) and the replica group (R ranks).
+  virtual Communicator& group() = 0;
+  virtual Communicator& replicas() = 0;
+};
+
+// Validates the configuration against the world size (clear error saying what would work) and
+// builds the layout. `world` must outlive the layout.
+std::unique_ptr<Layout> make_layout(const LlamaConfig& config, const ParallelConfig& parallel,
+                                    Communicator& world);
+
+}  // namespace tsp
