@@ -61,6 +61,10 @@ struct ParamShard {
   // True when every rank of the layout group holds an identical copy (e.g. norm weights under
   // tsp, every weight under sp): count it once in global norms, update it identically everywhere.
   bool replicated_in_group = false;
+  // For a shard held identically by only some ranks of the group (tp-sp: a weight's T-shard is
+  // replicated over the Σ sequence ranks), this rank's index among those holders. Global sums
+  // (the gradient norm) count copy 0 only. 0 for a shard no other rank of the group holds.
+  int copy_index = 0;
 };
 
 class Layout {
