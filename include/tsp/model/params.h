@@ -20,6 +20,8 @@ struct ParamSpec {
   ParamKind kind;
   int layer = -1;    // -1 for embedding, final norm, LM head
   Shape shape;       // [out, in] for projections, [h] for norms, [V, h] for embedding / LM head
+  // L of the model (set by llama_param_specs): init scales o_proj and down_proj by 1/sqrt(2L).
+  int num_layers = 0;
 };
 
 // Every parameter in canonical order: embed_tokens, per layer (input_layernorm, q, k, v, o,

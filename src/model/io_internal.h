@@ -1,0 +1,50 @@
+// Internal helpers shared by the model I/O files (safetensors, token files, model directories):
+// an atomically published output file, and the safetensors header writer. Not a public header.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "tsp/core/tensor.h"
+
+namespace tsp::io {
+
+// A file written under a temporary name "<path>.tmp.<pid>" in the same directory and renamed over
+// `path` by commit() after fsync, so readers see either the old file or the complete new one. If
+// the object dies without commit() (an exception), the temporary file is removed.
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  void write(const void* data, size_t bytes);
+  // Writes n elements of src converted to `to` (F32 <-> BF16, or same dtype as a plain copy).
+  void write_converted(const void* src, DType from, DType to, int64_t n);
+  void commit();  // fsync, close, rename over path, fsync the directory
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+// Safetensors dtype string of one of our dtypes ("F32", "BF16", "I32", "I64").
+const char* safetensors_dtype(DType t);
+
+struct HeaderEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+// The 8-byte little-endian length followed by the JSON header, space-padded so the data buffer
+// starts at a multiple of 8 bytes (as the Hugging Face library does). Tensors are laid out in the
+// order given, back to back. "__metadata__" is written only when non-empty.
+std::string safetensors_header(const std::vector<HeaderEntry>& entries,
+                               const std::map<std::string, std::string>& metadata);
+
+}  // namespace tsp::io

@@ -1,0 +1,297 @@
+// Llama parameter specs with Hugging Face names, counter-based random initialisation, and model
+// directories (config.json + model.safetensors).
+#include "tsp/model/params.h"
+
+#include <cmath>
+#include <filesystem>
+#include <numbers>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "model/io_internal.h"
+#include "tsp/core/error.h"
+
+namespace tsp {
+
+namespace fs = std::filesystem;
+
+std::vector<ParamSpec> llama_param_specs(const LlamaConfig& c) {
+  c.validate();
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim(), kv = c.kv_dim();
+  const int64_t I = c.intermediate_size, V = c.vocab_size;
+  std::vector<ParamSpec> s;
+  s.push_back({"model.embed_tokens.weight", ParamKind::Embedding, -1, {V, h}});
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    s.push_back({p + "input_layernorm.weight", ParamKind::InputNorm, i, {h}});
+    s.push_back({p + "self_attn.q_proj.weight", ParamKind::Wq, i, {q, h}});
+    s.push_back({p + "self_attn.k_proj.weight", ParamKind::Wk, i, {kv, h}});
+    s.push_back({p + "self_attn.v_proj.weight", ParamKind::Wv, i, {kv, h}});
+    s.push_back({p + "self_attn.o_proj.weight", ParamKind::Wo, i, {h, q}});
+    s.push_back({p + "post_attention_layernorm.weight", ParamKind::PostNorm, i, {h}});
+    s.push_back({p + "mlp.gate_proj.weight", ParamKind::Wgate, i, {I, h}});
+    s.push_back({p + "mlp.up_proj.weight", ParamKind::Wup, i, {I, h}});
+    s.push_back({p + "mlp.down_proj.weight", ParamKind::Wdown, i, {h, I}});
+  }
+  s.push_back({"model.norm.weight", ParamKind::FinalNorm, -1, {h}});
+  if (!c.tie_word_embeddings) s.push_back({"lm_head.weight", ParamKind::LmHead, -1, {V, h}});
+  for (ParamSpec& p : s) p.num_layers = static_cast<int>(c.num_hidden_layers);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialisation. Element i of a tensor is a pure function of (seed, name, i): no generator state
+// runs through the tensor, so a rank can produce any rows (its shard) and get exactly the bits
+// the whole tensor would have there. Normal samples come from Box-Muller on two uniforms drawn
+// by splitmix64 from the counter of the element's pair (elements 2k and 2k+1 take the cosine and
+// sine branches of the same pair). The maths runs in double and rounds once to float, so libm
+// differences of an ulp in log/cos would almost never change a float's bits; with the same libm
+// results are bit-identical.
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char ch : s) h = (h ^ ch) * 0x100000001b3ull;
+  return h;
+}
+
+// Standard normal sample for element `index` of the stream `key`.
+double normal_at(uint64_t key, int64_t index) {
+  const uint64_t pair = static_cast<uint64_t>(index) >> 1;
+  const uint64_t a = splitmix64(key ^ splitmix64(2 * pair));
+  const uint64_t b = splitmix64(key ^ splitmix64(2 * pair + 1));
+  const double u1 = static_cast<double>((a >> 11) + 1) * 0x1.0p-53;  // (0, 1]: log is finite
+  const double u2 = static_cast<double>(b >> 11) * 0x1.0p-53;        // [0, 1)
+  const double r = std::sqrt(-2.0 * std::log(u1));
+  const double theta = 2.0 * std::numbers::pi * u2;
+  return (index & 1) ? r * std::sin(theta) : r * std::cos(theta);
+}
+
+// Standard deviation of a parameter's init; 0 means "all ones" (norm weights).
+double init_std(const ParamSpec& spec) {
+  switch (spec.kind) {
+    case ParamKind::InputNorm:
+    case ParamKind::PostNorm:
+    case ParamKind::FinalNorm:
+      return 0.0;
+    case ParamKind::Wo:
+    case ParamKind::Wdown:
+      // GPT-2: residual-branch output projections scaled by 1/sqrt(2L) so the residual stream's
+      // variance does not grow with depth.
+      TSP_CHECK(spec.num_layers > 0,
+                "init {}: ParamSpec.num_layers is {}; build specs with llama_param_specs",
+                spec.name, spec.num_layers);
+      return 0.02 / std::sqrt(2.0 * spec.num_layers);
+    default:
+      return 0.02;
+  }
+}
+
+}  // namespace
+
+void init_param_rows(const ParamSpec& spec, uint64_t seed, int64_t row_begin, int64_t row_end,
+                     TensorView dst) {
+  TSP_CHECK(!spec.shape.empty(), "init {}: empty shape", spec.name);
+  TSP_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= spec.shape[0],
+            "init {}: rows [{}, {}) are outside shape {}", spec.name, row_begin, row_end,
+            shape_str(spec.shape));
+  Shape want = spec.shape;
+  want[0] = row_end - row_begin;
+  TSP_CHECK(dst.shape() == want, "init {}: rows [{}, {}) have shape {}, destination has {}",
+            spec.name, row_begin, row_end, shape_str(want), shape_str(dst.shape()));
+  TSP_CHECK(dst.dtype() == DType::F32 || dst.dtype() == DType::BF16,
+            "init {}: destination must be f32 or bf16, not {}", spec.name, dtype_name(dst.dtype()));
+  const double std = init_std(spec);
+  const int64_t row_elems = shape_numel(spec.shape) / spec.shape[0];
+  const int64_t first = row_begin * row_elems, n = dst.numel();
+  const uint64_t key = splitmix64(seed ^ splitmix64(fnv1a(spec.name)));
+  float* f = dst.dtype() == DType::F32 ? dst.f32() : nullptr;
+  bf16* b = dst.dtype() == DType::BF16 ? dst.data_as<bf16>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std == 0.0 ? 1.0f : static_cast<float>(std * normal_at(key, first + i));
+    if (f) {
+      f[i] = v;
+    } else {
+      b[i] = bf16(v);
+    }
+  }
+}
+
+void init_param(const ParamSpec& spec, uint64_t seed, TensorView dst) {
+  TSP_CHECK(!spec.shape.empty(), "init {}: empty shape", spec.name);
+  init_param_rows(spec, seed, 0, spec.shape[0], dst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model directories.
+
+namespace {
+
+// Fields that decide the tensors' meaning. Shapes alone cannot tell 4 heads of 16 from 8 of 8,
+// nor whether lm_head is tied, so a save records its config in the safetensors metadata and a
+// reader compares these with config.json (files written by other tools lack the key: skipped).
+void check_same_structure(const std::string& dir, const LlamaConfig& a, const LlamaConfig& b) {
+  auto same = [&](const char* key, int64_t x, int64_t y) {
+    TSP_CHECK(x == y,
+              "{}: config.json says {}={} but model.safetensors was saved with {}={}: the two "
+              "files come from different saves (an interrupted save, or a copied config.json); "
+              "save the model again",
+              dir, key, x, key, y);
+  };
+  same("hidden_size", a.hidden_size, b.hidden_size);
+  same("intermediate_size", a.intermediate_size, b.intermediate_size);
+  same("num_attention_heads", a.num_attention_heads, b.num_attention_heads);
+  same("num_key_value_heads", a.num_key_value_heads, b.num_key_value_heads);
+  same("num_hidden_layers", a.num_hidden_layers, b.num_hidden_layers);
+  same("vocab_size", a.vocab_size, b.vocab_size);
+  same("tie_word_embeddings", a.tie_word_embeddings, b.tie_word_embeddings);
+}
+
+std::string first_few(const std::vector<std::string>& items, size_t n = 5) {
+  std::string out;
+  for (size_t i = 0; i < items.size() && i < n; ++i) out += (i ? ", " : "") + items[i];
+  if (items.size() > n) out += fmt::format(" and {} more", items.size() - n);
+  return out;
+}
+
+constexpr const char* kConfigMetadataKey = "tsp_config";
+
+}  // namespace
+
+ModelDir open_model_dir(const std::string& path) {
+  TSP_CHECK(fs::is_directory(path),
+            "model directory {} does not exist or is not a directory (write one with `tsp init "
+            "--preset tiny --seed 1 --out {}`)",
+            path, path);
+  const fs::path dir(path);
+  const fs::path config_path = dir / "config.json", weights_path = dir / "model.safetensors";
+  TSP_CHECK(fs::is_regular_file(config_path),
+            "{}: no config.json; a model directory holds config.json and model.safetensors, as "
+            "Hugging Face's save_pretrained writes them",
+            path);
+  ModelDir m;
+  m.path = path;
+  m.config = LlamaConfig::from_file(config_path.string());
+  try {
+    m.config.validate();
+  } catch (const Error& e) {
+    TSP_FAIL("{}: {}", config_path.string(), e.message());
+  }
+  if (!fs::is_regular_file(weights_path)) {
+    TSP_CHECK(!fs::exists(dir / "model.safetensors.index.json"),
+              "{}: sharded checkpoints (model.safetensors.index.json) are not supported; merge "
+              "the shards into one model.safetensors",
+              path);
+    TSP_CHECK(!fs::exists(dir / "pytorch_model.bin"),
+              "{}: only safetensors weights are supported, found pytorch_model.bin; convert it "
+              "(e.g. save_pretrained(..., safe_serialization=True))",
+              path);
+    TSP_FAIL("{}: no model.safetensors next to config.json", path);
+  }
+  m.weights = std::make_unique<SafetensorsReader>(weights_path.string());
+  const SafetensorsReader& w = *m.weights;
+
+  if (auto it = w.metadata().find(kConfigMetadataKey); it != w.metadata().end()) {
+    LlamaConfig saved;
+    try {
+      saved = LlamaConfig::from_json_string(it->second);
+    } catch (const Error& e) {
+      TSP_FAIL("{}: metadata \"{}\" is not a valid config: {}", weights_path.string(),
+               kConfigMetadataKey, e.message());
+    }
+    check_same_structure(path, m.config, saved);
+  }
+
+  std::vector<std::string> missing, wrong_shape, wrong_dtype, extra;
+  std::set<std::string> expected;
+  for (const ParamSpec& spec : llama_param_specs(m.config)) {
+    expected.insert(spec.name);
+    const SafetensorInfo* info = w.find(spec.name);
+    if (!info) {
+      missing.push_back(spec.name);
+    } else if (info->shape != spec.shape) {
+      wrong_shape.push_back(fmt::format("{} (expected {}, found {})", spec.name,
+                                        shape_str(spec.shape), shape_str(info->shape)));
+    } else if (info->dtype != "F32" && info->dtype != "BF16" && info->dtype != "F16") {
+      wrong_dtype.push_back(spec.name + " (" + info->dtype + ")");
+    }
+  }
+  for (const SafetensorInfo& t : w.tensors()) {
+    if (expected.count(t.name)) continue;
+    // Tolerated extras, both ignored exactly as transformers ignores them: a tied model's
+    // lm_head (some exporters write the copy; with tying the embedding is used), and the
+    // rotary inverse-frequency buffers old Llama checkpoints carry (recomputed from rope_theta).
+    if (t.name == "lm_head.weight" && m.config.tie_word_embeddings) continue;
+    if (t.name.ends_with(".rotary_emb.inv_freq")) continue;
+    extra.push_back(t.name);
+  }
+  TSP_CHECK(missing.empty(),
+            "{}: model.safetensors lacks {} of the {} tensors config.json implies: {} (does "
+            "config.json belong to these weights?)",
+            path, missing.size(), expected.size(), first_few(missing));
+  TSP_CHECK(wrong_shape.empty(), "{}: {} tensors have the wrong shape for config.json: {}", path,
+            wrong_shape.size(), first_few(wrong_shape));
+  TSP_CHECK(wrong_dtype.empty(), "{}: unsupported weight dtypes (F32, BF16 or F16 are read): {}",
+            path, first_few(wrong_dtype));
+  TSP_CHECK(extra.empty(),
+            "{}: model.safetensors has {} tensors config.json does not describe: {} (is "
+            "num_hidden_layers or tie_word_embeddings right?)",
+            path, extra.size(), first_few(extra));
+  return m;
+}
+
+// Atomicity: each file is written under a temporary name, fsynced and renamed (io::AtomicFile),
+// so neither file is ever torn. model.safetensors is published first and config.json second; a
+// save killed between the two renames leaves the new weights next to the old config.json. That
+// pair is always detected by open_model_dir when the structure changed: the weights carry their
+// own config in the metadata and any structural difference (or a shape difference) is an error,
+// while a re-save with the same structure is a consistent pair anyway (config.json's other
+// fields, e.g. rope_theta, may be edited by hand and are not compared).
+void save_model_dir(const std::string& path, const LlamaConfig& config,
+                    const std::function<TensorView(const ParamSpec&)>& get) {
+  config.validate();
+  std::error_code ec;
+  fs::create_directories(path, ec);
+  TSP_CHECK(!ec && fs::is_directory(path), "cannot create model directory {}: {}", path,
+            ec ? ec.message() : "a file of that name exists");
+  const DType store = config.torch_dtype == "bfloat16" ? DType::BF16 : DType::F32;
+  const std::vector<ParamSpec> specs = llama_param_specs(config);
+
+  // The header is computed from the specs alone, so the data can be streamed tensor by tensor.
+  std::vector<io::HeaderEntry> entries;
+  for (const ParamSpec& s : specs) entries.push_back({s.name, store, s.shape});
+  const std::map<std::string, std::string> metadata = {
+      {"format", "pt"},  // transformers refuses safetensors files without it
+      {kConfigMetadataKey, config.to_json_string()}};
+  const std::string header = io::safetensors_header(entries, metadata);
+
+  const fs::path dir(path);
+  io::AtomicFile weights((dir / "model.safetensors").string());
+  weights.write(header.data(), header.size());
+  for (const ParamSpec& s : specs) {
+    const TensorView v = get(s);
+    TSP_CHECK(v.shape() == s.shape, "save {}: parameter {} has shape {}, expected {}", path, s.name,
+              shape_str(v.shape()), shape_str(s.shape));
+    TSP_CHECK(v.dtype() == DType::F32 || v.dtype() == DType::BF16,
+              "save {}: parameter {} is {}; expected f32 (or bf16)", path, s.name,
+              dtype_name(v.dtype()));
+    weights.write_converted(v.data(), v.dtype(), store, v.numel());
+  }
+  weights.commit();
+
+  const std::string text = config.to_json_string();
+  io::AtomicFile cfg((dir / "config.json").string());
+  cfg.write(text.data(), text.size());
+  cfg.commit();
+}
+
+}  // namespace tsp
