@@ -11,6 +11,8 @@
 //   reduce_scatter (B out) : sent (D-1)·B, received (D-1)·B
 //   all_reduce (B)         : sent 2(D-1)·B/D, received 2(D-1)·B/D (rounded down)
 // Non-blocking variants count like their blocking twins, at start.
+// With D = 1 nothing moves, so every op counts 0 bytes (broadcast and reduce included); calls are
+// still counted. split() and check_same() are set-up/validation traffic and are not counted.
 #pragma once
 
 #include <array>

@@ -27,6 +27,19 @@ class MpiRuntime {
 // to stderr. Used by main() when a tsp::Error escapes, so no other rank hangs in a collective.
 [[noreturn]] void abort_job(const std::string& message, int exit_code = 1);
 
+// Background progress thread for `comm` (MpiRuntime::world() or a communicator split from it;
+// anything else is rejected). While on, a thread polls this communicator's outstanding
+// non-blocking requests (MPI_Testsome, then a 20 us sleep), so transfers above the eager limit
+// move while the caller computes without calling progress(). Trade-off: the copy is CPU work done
+// by the polling thread, so on cores that are all busy (2 cores, >= 2 ranks) it steals time from
+// compute and the wall time stays compute + communication; it only pays off with idle cores.
+// Requires MPI_THREAD_MULTIPLE (requested by MpiRuntime). Off by default; turning it off joins it.
+void set_progress_thread(Communicator& comm, bool on);
+
+// Non-blocking requests of `comm` started and not yet seen complete by test(), wait(),
+// progress() or the progress thread. For tests and diagnostics.
+int64_t pending_requests(const Communicator& comm);
+
 // Run body(world) with the standard error handling: a tsp::Error or std::exception on any rank
 // prints "error: <message>" on that rank and aborts the job. Returns body's exit code.
 int run_mpi_main(int argc, char** argv, int (*body)(Communicator& world, int argc, char** argv));

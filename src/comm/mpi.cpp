@@ -1,0 +1,723 @@
+// MPI implementation of the Communicator (CPU, OpenMPI) and the process-level MPI set-up.
+//
+// Decisions worth knowing:
+// - Every MPI call returns a code (MPI_ERRORS_RETURN); a non-success code becomes a tsp::Error
+//   naming the operation and MPI's own error string.
+// - Counts are MPI ints: a call with more than INT_MAX elements (or, for all_gather and
+//   reduce_scatter, more than INT_MAX elements in the whole gathered/scattered buffer) is rejected
+//   with a tsp::Error rather than chunked. INT_MAX f32 elements are 8 GiB per call, far beyond any
+//   single transfer of this project; chunking would turn one request into several.
+// - reduce_scatter uses MPI_Reduce_scatter with a recvcounts array: MPI_Reduce_scatter_block was
+//   measured 2.5-5x slower on this machine class (docs/platform-notes.md).
+// - Debian's OpenMPI has no asynchronous progress, so each communicator keeps a registry of its
+//   live non-blocking requests; progress() and the optional progress thread test them all.
+#include "tsp/comm/mpi.h"
+
+#include <fmt/ranges.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "tsp/core/error.h"
+
+namespace tsp {
+namespace {
+
+// Thread level granted by MPI_Init_thread (-1 before MpiRuntime ran).
+std::atomic<int> g_thread_level{-1};
+
+// Poll interval of the progress thread while requests are pending: short enough that a
+// rendezvous transfer starts within a fraction of a GEMM chunk, long enough that the thread does
+// not monopolise a core shared with compute.
+constexpr auto kProgressPollInterval = std::chrono::microseconds(20);
+
+std::string mpi_error_string(int code) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS)
+    return fmt::format("MPI error code {}", code);
+  return std::string(text, len);
+}
+
+// Throws tsp::Error at the caller's location when an MPI call did not succeed.
+void check_mpi(int rc, std::string_view what,
+               std::source_location where = std::source_location::current()) {
+  if (rc != MPI_SUCCESS) [[unlikely]] {
+    throw Error(fmt::format("MPI {} failed: {}", what, mpi_error_string(rc)), where);
+  }
+}
+
+MPI_Datatype mpi_type(DType dt) {
+  switch (dt) {
+    case DType::F32:
+      return MPI_FLOAT;
+    case DType::BF16:
+      return MPI_UINT16_T;  // moved as raw 16-bit words
+    case DType::I32:
+      return MPI_INT32_T;
+    case DType::I64:
+      return MPI_INT64_T;
+  }
+  TSP_FAIL("unknown DType {}", static_cast<int>(dt));
+}
+
+// The MPI type for a sum reduction; bf16 is rejected: MPI has no bf16 type, and summing raw
+// 16-bit words would be wrong (and a bf16 sum over ranks would lose precision anyway).
+MPI_Datatype mpi_sum_type(DType dt, CommOp op) {
+  TSP_CHECK(dt != DType::BF16,
+            "{} of bf16 is not supported (MPI has no bf16 sum, and bf16 accumulation loses "
+            "precision); convert to f32, reduce, and convert back",
+            comm_op_name(op));
+  return mpi_type(dt);
+}
+
+void check_count(int64_t count, CommOp op, std::string_view what = "count") {
+  TSP_CHECK(count >= 0, "{}: {} must be >= 0, got {}", comm_op_name(op), what, count);
+  TSP_CHECK(count <= INT_MAX,
+            "{}: {}={} elements exceeds INT_MAX={} (MPI counts are int); split the transfer into "
+            "smaller calls",
+            comm_op_name(op), what, count, INT_MAX);
+}
+
+void check_buffer(const void* p, int64_t count, CommOp op, std::string_view name) {
+  TSP_CHECK(p != nullptr || count == 0, "{}: {} buffer is null but count is {}", comm_op_name(op),
+            name, count);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// One outstanding non-blocking operation. Shared between its Request handle and the registry of
+// its communicator, so either may outlive the other.
+struct PendingOp {
+  MPI_Request req = MPI_REQUEST_NULL;
+  CommOp op = CommOp::Send;
+  bool done = false;
+  std::string error;  // set when MPI reported an error on completion (possibly on another thread)
+  // For irecv: the expected element count and type, checked against the message on completion.
+  int64_t expect_count = -1;
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  int peer = -1;
+  // Arrays MPI may read until completion (MPI_Ireduce_scatter's recvcounts).
+  std::vector<int> counts;
+};
+
+// Record completion of `p` given its status; caller holds the registry mutex.
+void complete_locked(PendingOp& p, const MPI_Status* status, int rc) {
+  p.done = true;
+  p.req = MPI_REQUEST_NULL;
+  if (rc != MPI_SUCCESS) {
+    p.error =
+        fmt::format("MPI {} failed on completion: {}", comm_op_name(p.op), mpi_error_string(rc));
+    return;
+  }
+  if (p.expect_count >= 0 && status != nullptr) {
+    int got = 0;
+    MPI_Get_count(status, p.type, &got);
+    if (got != p.expect_count) {
+      p.error = fmt::format(
+          "recv from rank {} got {} elements but {} were expected; sender and receiver disagree on "
+          "the message size",
+          p.peer, got, p.expect_count);
+    }
+  }
+}
+
+// The live requests of one communicator. All MPI calls on a request handle happen under `mutex`:
+// the MPI standard forbids two threads testing/waiting the same request concurrently.
+struct RequestRegistry {
+  std::mutex mutex;
+  std::condition_variable wake;  // wakes the progress thread when work arrives or it must stop
+  std::vector<std::shared_ptr<PendingOp>> live;
+  CommStats* stats = nullptr;  // the communicator's stats; null once it is destroyed
+  bool stop_thread = false;
+
+  void remove_locked(const PendingOp* p) {
+    auto it = std::find_if(live.begin(), live.end(), [p](const auto& q) { return q.get() == p; });
+    if (it != live.end()) {
+      std::swap(*it, live.back());
+      live.pop_back();
+    }
+  }
+
+  // Test every live request once (one MPI_Testsome); completed ones leave the registry. Returns
+  // the first error seen (empty when none); errors also stay on their PendingOp for wait().
+  std::string test_all_locked() {
+    if (live.empty()) return {};
+    const int n = static_cast<int>(live.size());
+    std::vector<MPI_Request> reqs(n);
+    for (int i = 0; i < n; ++i) reqs[i] = live[i]->req;
+    std::vector<int> indices(n);
+    std::vector<MPI_Status> statuses(n);
+    int outcount = 0;
+    const int rc = MPI_Testsome(n, reqs.data(), &outcount, indices.data(), statuses.data());
+    std::string first_error;
+    if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
+      // The whole call failed: every live request is in an unknown state; report on all of them.
+      for (auto& p : live) complete_locked(*p, nullptr, rc);
+      first_error = live.front()->error;
+      live.clear();
+      return first_error;
+    }
+    if (outcount == MPI_UNDEFINED) return {};  // only inactive requests (cannot happen here)
+    std::vector<const PendingOp*> finished;
+    for (int k = 0; k < outcount; ++k) {
+      PendingOp& p = *live[indices[k]];
+      const int op_rc = rc == MPI_ERR_IN_STATUS ? statuses[k].MPI_ERROR : MPI_SUCCESS;
+      complete_locked(p, &statuses[k], op_rc);
+      if (!p.error.empty() && first_error.empty()) first_error = p.error;
+      finished.push_back(&p);
+    }
+    for (const PendingOp* p : finished) remove_locked(p);
+    return first_error;
+  }
+};
+
+class MpiRequest final : public Request {
+ public:
+  MpiRequest(std::shared_ptr<RequestRegistry> registry, std::shared_ptr<PendingOp> op)
+      : registry_(std::move(registry)), op_(std::move(op)) {}
+
+  ~MpiRequest() override {
+    {
+      std::lock_guard lock(registry_->mutex);
+      if (op_->done) return;
+    }
+    // An exception is unwinding the stack: the job is about to abort (run_mpi_main), and the
+    // peer of this transfer may never match it, so waiting here could hang the rank forever.
+    // The request stays in the registry; the process will not touch its buffer again.
+    if (std::uncaught_exceptions() > 0) return;
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      abort_job(e.what());  // a destructor cannot throw; an MPI failure must not pass silently
+    }
+  }
+
+  bool test() override {
+    std::string error;
+    {
+      std::lock_guard lock(registry_->mutex);
+      if (!op_->done) {
+        int flag = 0;
+        MPI_Status status;
+        const int rc = MPI_Test(&op_->req, &flag, &status);
+        if (rc != MPI_SUCCESS || flag) {
+          complete_locked(*op_, &status, rc);
+          registry_->remove_locked(op_.get());
+        }
+      }
+      if (!op_->done) return false;
+      error = op_->error;
+    }
+    if (!error.empty()) throw Error(error);
+    return true;
+  }
+
+  void wait() override {
+    const auto t0 = std::chrono::steady_clock::now();
+    // MPI_Test in a loop rather than MPI_Wait: the request handle may only be touched under the
+    // registry mutex, and holding it through a blocking MPI_Wait would stall the progress thread
+    // and any other thread's progress(). OpenMPI's MPI_Wait spins on the same progress engine.
+    bool was_done = true;
+    while (!test()) was_done = false;
+    if (!was_done) {
+      std::lock_guard lock(registry_->mutex);
+      if (registry_->stats != nullptr) registry_->stats->blocked_seconds += seconds_since(t0);
+    }
+  }
+
+ private:
+  std::shared_ptr<RequestRegistry> registry_;
+  std::shared_ptr<PendingOp> op_;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  // Takes ownership of `comm` (freed in the destructor).
+  explicit MpiCommunicator(MPI_Comm comm)
+      : comm_(comm), registry_(std::make_shared<RequestRegistry>()) {
+    check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "Comm_set_errhandler");
+    check_mpi(MPI_Comm_rank(comm_, &rank_), "Comm_rank");
+    check_mpi(MPI_Comm_size(comm_, &size_), "Comm_size");
+    registry_->stats = &stats_;
+  }
+
+  ~MpiCommunicator() override {
+    stop_progress_thread();
+    {
+      std::lock_guard lock(registry_->mutex);
+      registry_->stats = nullptr;  // requests that outlive us stop accounting
+    }
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    // MPI_Comm_free is collective-free and defers until pending operations complete.
+    if (!finalized) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    TSP_CHECK(color >= 0, "split: color must be >= 0, got {}", color);
+    MPI_Comm sub = MPI_COMM_NULL;
+    blocking([&] { check_mpi(MPI_Comm_split(comm_, color, key, &sub), "Comm_split"); });
+    return std::make_unique<MpiCommunicator>(sub);
+  }
+
+  // ---- blocking collectives ----
+
+  void broadcast(void* buf, int64_t count, DType dt, int root) override {
+    check_broadcast(buf, count, root, CommOp::Broadcast);
+    count_traffic(CommOp::Broadcast, rooted_bytes(count, dt, rank_ == root, true));
+    blocking([&] {
+      check_mpi(MPI_Bcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_), "Bcast");
+    });
+  }
+
+  void all_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) override {
+    check_all_gather(send, recv, count_per_rank, CommOp::AllGather);
+    count_traffic(CommOp::AllGather, ring_bytes(count_per_rank, dt));
+    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
+    const int n = static_cast<int>(count_per_rank);
+    blocking([&] {
+      check_mpi(MPI_Allgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_), "Allgather");
+    });
+  }
+
+  void reduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) override {
+    const MPI_Datatype t = check_reduce_scatter(send, recv, count_out, dt, CommOp::ReduceScatter);
+    count_traffic(CommOp::ReduceScatter, ring_bytes(count_out, dt));
+    std::vector<int> counts(size_, static_cast<int>(count_out));
+    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
+    blocking([&] {
+      check_mpi(MPI_Reduce_scatter(sbuf, recv, counts.data(), t, MPI_SUM, comm_), "Reduce_scatter");
+    });
+  }
+
+  void all_reduce(void* buf, int64_t count, DType dt) override {
+    const MPI_Datatype t = check_all_reduce(buf, count, dt, CommOp::AllReduce);
+    count_traffic(CommOp::AllReduce, all_reduce_bytes(count, dt));
+    blocking([&] {
+      check_mpi(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), t, MPI_SUM, comm_),
+                "Allreduce");
+    });
+  }
+
+  void reduce(const void* send, void* recv, int64_t count, DType dt, int root) override {
+    const MPI_Datatype t = check_reduce(send, recv, count, dt, root, CommOp::Reduce);
+    count_traffic(CommOp::Reduce, rooted_bytes(count, dt, rank_ == root, false));
+    const void* sbuf = (rank_ == root && send == recv) ? MPI_IN_PLACE : send;
+    blocking([&] {
+      check_mpi(MPI_Reduce(sbuf, recv, static_cast<int>(count), t, MPI_SUM, root, comm_), "Reduce");
+    });
+  }
+
+  void send(const void* buf, int64_t count, DType dt, int dst, int tag) override {
+    check_p2p(buf, count, dst, tag, CommOp::Send);
+    const int64_t bytes = count * static_cast<int64_t>(dtype_size(dt));
+    count_traffic(CommOp::Send, {bytes, 0});
+    blocking([&] {
+      check_mpi(MPI_Send(buf, static_cast<int>(count), mpi_type(dt), dst, tag, comm_), "Send");
+    });
+  }
+
+  void recv(void* buf, int64_t count, DType dt, int src, int tag) override {
+    check_p2p(buf, count, src, tag, CommOp::Recv);
+    const int64_t bytes = count * static_cast<int64_t>(dtype_size(dt));
+    count_traffic(CommOp::Recv, {0, bytes});
+    PendingOp expect;
+    expect.op = CommOp::Recv;
+    expect.expect_count = count;
+    expect.type = mpi_type(dt);
+    expect.peer = src;
+    MPI_Status status;
+    blocking([&] {
+      const int rc = MPI_Recv(buf, static_cast<int>(count), expect.type, src, tag, comm_, &status);
+      check_mpi(rc, fmt::format("Recv (from rank {}, {} elements)", src, count));
+    });
+    complete_locked(expect, &status, MPI_SUCCESS);
+    if (!expect.error.empty()) throw Error(expect.error);
+  }
+
+  void barrier() override {
+    count_traffic(CommOp::Barrier, {0, 0});
+    blocking([&] { check_mpi(MPI_Barrier(comm_), "Barrier"); });
+  }
+
+  // ---- non-blocking variants: validated and counted like their blocking twins, at start ----
+
+  RequestPtr ibroadcast(void* buf, int64_t count, DType dt, int root) override {
+    check_broadcast(buf, count, root, CommOp::Broadcast);
+    count_traffic(CommOp::Broadcast, rooted_bytes(count, dt, rank_ == root, true));
+    return start(CommOp::Broadcast, [&](PendingOp& p) {
+      check_mpi(MPI_Ibcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_, &p.req),
+                "Ibcast");
+    });
+  }
+
+  RequestPtr iall_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) override {
+    check_all_gather(send, recv, count_per_rank, CommOp::AllGather);
+    count_traffic(CommOp::AllGather, ring_bytes(count_per_rank, dt));
+    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
+    const int n = static_cast<int>(count_per_rank);
+    return start(CommOp::AllGather, [&](PendingOp& p) {
+      check_mpi(MPI_Iallgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_, &p.req),
+                "Iallgather");
+    });
+  }
+
+  RequestPtr ireduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) override {
+    const MPI_Datatype t = check_reduce_scatter(send, recv, count_out, dt, CommOp::ReduceScatter);
+    count_traffic(CommOp::ReduceScatter, ring_bytes(count_out, dt));
+    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
+    return start(CommOp::ReduceScatter, [&](PendingOp& p) {
+      p.counts.assign(size_, static_cast<int>(count_out));  // must live until completion
+      check_mpi(MPI_Ireduce_scatter(sbuf, recv, p.counts.data(), t, MPI_SUM, comm_, &p.req),
+                "Ireduce_scatter");
+    });
+  }
+
+  RequestPtr iall_reduce(void* buf, int64_t count, DType dt) override {
+    const MPI_Datatype t = check_all_reduce(buf, count, dt, CommOp::AllReduce);
+    count_traffic(CommOp::AllReduce, all_reduce_bytes(count, dt));
+    return start(CommOp::AllReduce, [&](PendingOp& p) {
+      check_mpi(
+          MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), t, MPI_SUM, comm_, &p.req),
+          "Iallreduce");
+    });
+  }
+
+  RequestPtr ireduce(const void* send, void* recv, int64_t count, DType dt, int root) override {
+    const MPI_Datatype t = check_reduce(send, recv, count, dt, root, CommOp::Reduce);
+    count_traffic(CommOp::Reduce, rooted_bytes(count, dt, rank_ == root, false));
+    const void* sbuf = (rank_ == root && send == recv) ? MPI_IN_PLACE : send;
+    return start(CommOp::Reduce, [&](PendingOp& p) {
+      check_mpi(MPI_Ireduce(sbuf, recv, static_cast<int>(count), t, MPI_SUM, root, comm_, &p.req),
+                "Ireduce");
+    });
+  }
+
+  RequestPtr isend(const void* buf, int64_t count, DType dt, int dst, int tag) override {
+    check_p2p(buf, count, dst, tag, CommOp::Send);
+    count_traffic(CommOp::Send, {count * static_cast<int64_t>(dtype_size(dt)), 0});
+    return start(CommOp::Send, [&](PendingOp& p) {
+      check_mpi(MPI_Isend(buf, static_cast<int>(count), mpi_type(dt), dst, tag, comm_, &p.req),
+                "Isend");
+    });
+  }
+
+  RequestPtr irecv(void* buf, int64_t count, DType dt, int src, int tag) override {
+    check_p2p(buf, count, src, tag, CommOp::Recv);
+    count_traffic(CommOp::Recv, {0, count * static_cast<int64_t>(dtype_size(dt))});
+    return start(CommOp::Recv, [&](PendingOp& p) {
+      p.expect_count = count;
+      p.type = mpi_type(dt);
+      p.peer = src;
+      check_mpi(MPI_Irecv(buf, static_cast<int>(count), p.type, src, tag, comm_, &p.req), "Irecv");
+    });
+  }
+
+  void progress() override {
+    std::string error;
+    {
+      std::lock_guard lock(registry_->mutex);
+      error = registry_->test_all_locked();
+    }
+    if (!error.empty()) throw Error(error);
+  }
+
+  void check_same(int64_t value, std::string_view what) override {
+    std::vector<int64_t> all(size_);
+    blocking([&] {
+      check_mpi(MPI_Allgather(&value, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, comm_),
+                fmt::format("Allgather (check_same of {})", what));
+    });
+    if (std::all_of(all.begin(), all.end(), [&](int64_t v) { return v == all[0]; })) return;
+    // Every rank holds the same gathered values, so every rank throws the same message.
+    std::map<int64_t, std::vector<int>> ranks_by_value;
+    std::vector<int64_t> order;  // distinct values in order of their first rank
+    for (int r = 0; r < size_; ++r) {
+      auto& ranks = ranks_by_value[all[r]];
+      if (ranks.empty()) order.push_back(all[r]);
+      ranks.push_back(r);
+    }
+    std::string parts;
+    for (int64_t v : order) {
+      const auto& ranks = ranks_by_value[v];
+      if (!parts.empty()) parts += ", ";
+      parts += ranks.size() == 1 ? fmt::format("rank {} has {}", ranks[0], v)
+                                 : fmt::format("ranks {} have {}", fmt::join(ranks, ","), v);
+    }
+    TSP_FAIL("{} disagree across ranks: {}", what, parts);
+  }
+
+  void set_progress_thread(bool on) {
+    if (!on) {
+      stop_progress_thread();
+      return;
+    }
+    if (progress_thread_.joinable()) return;
+    TSP_CHECK(g_thread_level.load() >= MPI_THREAD_MULTIPLE,
+              "a progress thread needs MPI_THREAD_MULTIPLE, but MPI granted thread level {}; use "
+              "progress() between compute chunks instead",
+              g_thread_level.load());
+    {
+      std::lock_guard lock(registry_->mutex);
+      registry_->stop_thread = false;
+    }
+    progress_thread_ = std::thread([reg = registry_] { progress_loop(*reg); });
+  }
+
+  int64_t pending() const {
+    std::lock_guard lock(registry_->mutex);
+    return static_cast<int64_t>(registry_->live.size());
+  }
+
+ private:
+  struct Bytes {
+    int64_t sent, received;
+  };
+
+  // ---- byte counting (the convention in communicator.h) ----
+
+  void count_traffic(CommOp op, Bytes b) {
+    CommOpStats& s = stats_[op];
+    s.calls += 1;
+    s.bytes_sent += b.sent;
+    s.bytes_received += b.received;
+  }
+  int64_t bytes_of(int64_t count, DType dt) const {
+    return count * static_cast<int64_t>(dtype_size(dt));
+  }
+  // broadcast: root sends B, others receive B. reduce (the dual): non-roots send B, root receives.
+  Bytes rooted_bytes(int64_t count, DType dt, bool is_root, bool root_sends) const {
+    if (size_ == 1) return {0, 0};
+    const int64_t b = bytes_of(count, dt);
+    return is_root == root_sends ? Bytes{b, 0} : Bytes{0, b};
+  }
+  // all_gather (B per rank) and reduce_scatter (B out): (D-1)·B each way.
+  Bytes ring_bytes(int64_t count, DType dt) const {
+    const int64_t b = (size_ - 1) * bytes_of(count, dt);
+    return {b, b};
+  }
+  // all_reduce: 2(D-1)·B/D each way, rounded down.
+  Bytes all_reduce_bytes(int64_t count, DType dt) const {
+    const int64_t b = 2 * (size_ - 1) * bytes_of(count, dt) / size_;
+    return {b, b};
+  }
+
+  // ---- validation at the API boundary ----
+
+  void check_root(int root, CommOp op) const {
+    TSP_CHECK(root >= 0 && root < size_,
+              "{}: root {} is out of range for a communicator of size {}", comm_op_name(op), root,
+              size_);
+  }
+  void check_broadcast(const void* buf, int64_t count, int root, CommOp op) const {
+    check_count(count, op);
+    check_root(root, op);
+    check_buffer(buf, count, op, "data");
+  }
+  void check_all_gather(const void* send, void* recv, int64_t count, CommOp op) const {
+    check_count(count, op, "count_per_rank");
+    check_count(count * size_, op, "count_per_rank * size");
+    check_buffer(send, count, op, "send");
+    check_buffer(recv, count, op, "recv");
+  }
+  MPI_Datatype check_reduce_scatter(const void* send, void* recv, int64_t count, DType dt,
+                                    CommOp op) const {
+    const MPI_Datatype t = mpi_sum_type(dt, op);
+    check_count(count, op, "count_out");
+    check_count(count * size_, op, "count_out * size");
+    check_buffer(send, count, op, "send");
+    check_buffer(recv, count, op, "recv");
+    return t;
+  }
+  MPI_Datatype check_all_reduce(void* buf, int64_t count, DType dt, CommOp op) const {
+    const MPI_Datatype t = mpi_sum_type(dt, op);
+    check_count(count, op);
+    check_buffer(buf, count, op, "data");
+    return t;
+  }
+  MPI_Datatype check_reduce(const void* send, void* recv, int64_t count, DType dt, int root,
+                            CommOp op) const {
+    const MPI_Datatype t = mpi_sum_type(dt, op);
+    check_count(count, op);
+    check_root(root, op);
+    check_buffer(send, count, op, "send");
+    if (rank_ == root) check_buffer(recv, count, op, "recv (on root)");
+    return t;
+  }
+  void check_p2p(const void* buf, int64_t count, int peer, int tag, CommOp op) const {
+    check_count(count, op);
+    TSP_CHECK(peer >= 0 && peer < size_,
+              "{}: peer rank {} is out of range for a communicator of size {}", comm_op_name(op),
+              peer, size_);
+    TSP_CHECK(tag >= 0, "{}: tag must be >= 0, got {}", comm_op_name(op), tag);
+    check_buffer(buf, count, op, "data");
+  }
+
+  // In place when the caller's send block already sits at its slot of recv.
+  const void* all_gather_send(const void* send, void* recv, int64_t count, DType dt) const {
+    const char* slot = static_cast<const char*>(recv) + rank_ * bytes_of(count, dt);
+    return (count > 0 && send == slot) ? MPI_IN_PLACE : send;
+  }
+
+  // ---- execution helpers ----
+
+  template <typename F>
+  void blocking(F&& call) {
+    const auto t0 = std::chrono::steady_clock::now();
+    call();
+    stats_.blocked_seconds += seconds_since(t0);
+  }
+
+  // Start a non-blocking op: `post` fills PendingOp::req; the op joins the registry.
+  template <typename F>
+  RequestPtr start(CommOp op, F&& post) {
+    auto p = std::make_shared<PendingOp>();
+    p->op = op;
+    post(*p);
+    {
+      std::lock_guard lock(registry_->mutex);
+      registry_->live.push_back(p);
+    }
+    registry_->wake.notify_one();
+    return std::make_unique<MpiRequest>(registry_, std::move(p));
+  }
+
+  static void progress_loop(RequestRegistry& reg) {
+    std::unique_lock lock(reg.mutex);
+    while (!reg.stop_thread) {
+      if (reg.live.empty()) {
+        reg.wake.wait(lock, [&] { return reg.stop_thread || !reg.live.empty(); });
+        continue;
+      }
+      // Errors stay on their PendingOp; the owner's test()/wait() raises them on its thread.
+      reg.test_all_locked();
+      lock.unlock();
+      std::this_thread::sleep_for(kProgressPollInterval);
+      lock.lock();
+    }
+  }
+
+  void stop_progress_thread() {
+    if (!progress_thread_.joinable()) return;
+    {
+      std::lock_guard lock(registry_->mutex);
+      registry_->stop_thread = true;
+    }
+    registry_->wake.notify_all();
+    progress_thread_.join();
+  }
+
+  MPI_Comm comm_;
+  int rank_ = 0;
+  int size_ = 1;
+  std::shared_ptr<RequestRegistry> registry_;
+  std::thread progress_thread_;
+};
+
+MpiCommunicator& as_mpi(Communicator& comm, std::string_view what) {
+  auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);
+  TSP_CHECK(mpi != nullptr, "{} needs an MPI communicator (MpiRuntime::world() or a split of it)",
+            what);
+  return *mpi;
+}
+
+}  // namespace
+
+// ---- process-level set-up ----
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  TSP_CHECK(!initialized, "MPI is already initialised: create exactly one MpiRuntime per process");
+  int provided = MPI_THREAD_SINGLE;
+  check_mpi(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided), "Init_thread");
+  // A lower level is tolerated: everything works from one thread; only set_progress_thread
+  // refuses (with an error naming the granted level).
+  g_thread_level = provided;
+  check_mpi(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN), "Comm_set_errhandler");
+  int rank = 0;
+  check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank), "Comm_rank");
+  set_error_rank(rank);
+  // The library works on its own duplicate of the world, so its traffic never matches messages
+  // of other code using MPI_COMM_WORLD directly.
+  MPI_Comm dup = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "Comm_dup");
+  world_ = std::make_unique<MpiCommunicator>(dup);
+}
+
+MpiRuntime::~MpiRuntime() {
+  // Unwinding through the runtime means some rank failed outside run_mpi_main's handler; a
+  // finalize now could wait forever for ranks stuck in a collective.
+  if (std::uncaught_exceptions() > 0) {
+    abort_job("an exception escaped while MPI was running; aborting the job so no rank hangs");
+  }
+  world_.reset();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+Communicator& MpiRuntime::world() {
+  return *world_;
+}
+
+void abort_job(const std::string& message, int exit_code) {
+  static std::atomic<bool> printed{false};
+  if (!printed.exchange(true)) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "error: %s\n", message.c_str());
+    std::fflush(stderr);
+  }
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, exit_code);
+  std::_Exit(exit_code);
+}
+
+int run_mpi_main(int argc, char** argv, int (*body)(Communicator& world, int argc, char** argv)) {
+  std::unique_ptr<MpiRuntime> mpi;
+  try {
+    mpi = std::make_unique<MpiRuntime>(&argc, &argv);
+  } catch (const std::exception& e) {
+    abort_job(e.what());
+  }
+  int code = 0;
+  try {
+    code = body(mpi->world(), argc, argv);
+  } catch (const Error& e) {
+    abort_job(e.what());  // already "[rank N] message (file:line)"
+  } catch (const std::exception& e) {
+    abort_job(fmt::format("[rank {}] {}", mpi->world().rank(), e.what()));
+  } catch (...) {
+    abort_job(fmt::format("[rank {}] unknown exception", mpi->world().rank()));
+  }
+  return code;
+}
+
+void set_progress_thread(Communicator& comm, bool on) {
+  as_mpi(comm, "set_progress_thread").set_progress_thread(on);
+}
+
+int64_t pending_requests(const Communicator& comm) {
+  return as_mpi(const_cast<Communicator&>(comm), "pending_requests").pending();
+}
+
+}  // namespace tsp
