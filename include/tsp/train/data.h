@@ -1,0 +1,108 @@
+// Training data: a corpus of token ids (an llm.c token file, or any other file read as raw bytes
+// with the byte-level tokenizer, ids 0-255), split into a training part and a held-out validation
+// tail, and batches of random windows drawn by a counter-based RNG.
+//
+// Window n (the n-th training row ever drawn, n = (step·accum + micro)·B + row) starts at
+// hash(seed, n) mod (train_tokens - S): the batches depend only on the seed and the batch shape,
+// never on the layout, the degree, the number of replicas or the step a run resumed from.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tsp/parallel/layout.h"
+
+namespace tsp {
+
+enum class CorpusFormat { Text, LlmcTokens };
+
+// Random-access reader (pread; nothing is loaded up front, memory stays small).
+class Corpus {
+ public:
+  // Detects the format by the llm.c magic in the first 4 bytes. Missing, unreadable, empty or
+  // corrupt files (a token-file header that does not match the size) raise a tsp::Error naming
+  // the file and what to do.
+  explicit Corpus(const std::string& path);
+  ~Corpus();
+  Corpus(const Corpus&) = delete;
+  Corpus& operator=(const Corpus&) = delete;
+
+  const std::string& path() const { return path_; }
+  CorpusFormat format() const { return format_; }
+  int64_t num_tokens() const { return num_tokens_; }
+  // Smallest vocabulary that can hold the ids: 256 for text; for token files the maximum id
+  // seen in a scan of the file, plus one (computed once, on demand).
+  int64_t min_vocab_size() const;
+  // Tokens [begin, begin + count) into out.
+  void read(int64_t begin, int64_t count, int32_t* out) const;
+
+ private:
+  std::string path_;
+  CorpusFormat format_ = CorpusFormat::Text;
+  int64_t num_tokens_ = 0;
+  int64_t header_bytes_ = 0;
+  int bytes_per_token_ = 1;
+  int fd_ = -1;
+  mutable int64_t min_vocab_ = -1;
+};
+
+struct DataOptions {
+  int64_t batch = 8;  // B rows per micro-batch (all replicas together)
+  int64_t seq = 256;  // S tokens per row (plus one label)
+  int64_t accum = 1;  // micro-batches per optimizer step
+  uint64_t seed = 1337;
+  double val_fraction = 0.05;  // the last 5% of the corpus is held out
+  int64_t val_windows = 32;    // evaluated windows, evenly spaced over the held-out part
+};
+
+// Which tokens of a batch this rank reads: rows [row_begin, row_end) (its replica's rows) and,
+// within each row, the input positions of its sequence shard as half-open ranges of [0, S)
+// (e.g. the two zigzag chunks); the label of input position p is token p+1 and is read too.
+// The default reads everything. Positions not read hold kTokenNotRead.
+struct TokenNeed {
+  int64_t row_begin = 0, row_end = -1;                    // -1: up to B
+  std::vector<std::pair<int64_t, int64_t>> input_ranges;  // empty: all of [0, S)
+};
+inline constexpr int32_t kTokenNotRead = -1;
+
+class DataLoader {
+ public:
+  // Validates the options against the corpus (enough tokens for a training and a validation
+  // window) with errors saying which option to change.
+  DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options);
+
+  const DataOptions& options() const { return options_; }
+  const Corpus& corpus() const { return *corpus_; }
+  int64_t train_tokens() const { return train_tokens_; }  // tokens [0, train_tokens)
+  int64_t val_tokens() const { return corpus_->num_tokens() - train_tokens_; }
+  void set_need(TokenNeed need) { need_ = std::move(need); }
+
+  // Start (in the corpus) of the n-th training window.
+  int64_t train_window_start(int64_t n) const;
+  // Micro-batch `micro` of optimizer step `step`: B rows of S+1 tokens.
+  Batch train_batch(int64_t step, int64_t micro) const;
+  // The held-out windows, in micro-batches of B rows (the last one padded with repeated
+  // windows is avoided: val_windows is rounded up to a multiple of B at construction).
+  int64_t num_val_batches() const {
+    return static_cast<int64_t>(val_starts_.size()) / options_.batch;
+  }
+  Batch val_batch(int64_t i) const;
+  const std::vector<int64_t>& val_window_starts() const { return val_starts_; }
+
+ private:
+  Batch make_batch(const std::vector<int64_t>& starts) const;
+  std::shared_ptr<const Corpus> corpus_;
+  DataOptions options_;
+  TokenNeed need_;
+  int64_t train_tokens_ = 0;
+  std::vector<int64_t> val_starts_;
+};
+
+// The counter-based generator behind the windows (SplitMix64 finaliser over a combination of the
+// seed and the counter): a pure function, so any rank computes any window without state.
+uint64_t window_hash(uint64_t seed, uint64_t counter);
+
+}  // namespace tsp

@@ -1,0 +1,68 @@
+// What a training run reports: JSON-lines metrics (one object per step) and, on rank 0, a
+// progress bar on a terminal or plain periodic lines otherwise.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "tsp/comm/communicator.h"
+#include "tsp/core/memory.h"
+
+namespace tsp {
+
+struct StepMetrics {
+  int64_t step = 0;  // 1-based: the number of optimizer steps done after this one
+  double loss = 0;
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+  double tokens_per_s = 0;
+  double step_seconds = 0;
+  double elapsed_s = 0;
+  double val_loss = -1;  // < 0: not evaluated at this step
+  // Peak bytes per memory category, the maximum over ranks (MemoryTracker peaks).
+  std::array<int64_t, kNumMemCategories> peak_bytes{};
+  int64_t peak_total_bytes = 0;
+};
+
+// Collective: the per-category peaks of every rank, maximum over ranks (identical everywhere).
+void max_memory_peaks(Communicator& world, StepMetrics& m);
+
+// The JSON object of one step, on one line.
+std::string metrics_json(const StepMetrics& m);
+
+// Appends JSON lines to a file (created or truncated at open; append when resuming), flushed
+// after every line so a killed run keeps its metrics.
+class MetricsWriter {
+ public:
+  MetricsWriter(const std::string& path, bool append);
+  ~MetricsWriter();
+  MetricsWriter(const MetricsWriter&) = delete;
+  MetricsWriter& operator=(const MetricsWriter&) = delete;
+  void write(const StepMetrics& m);
+
+ private:
+  std::FILE* f_ = nullptr;
+};
+
+// Rank 0's progress display: a one-line bar redrawn in place when stdout is a terminal, plain
+// lines every `every` steps (and the last) otherwise.
+class Progress {
+ public:
+  Progress(int64_t first_step, int64_t total_steps, int64_t every, bool tty);
+  static bool stdout_is_tty();
+  void update(const StepMetrics& m);
+  // A message on its own line (validation results, checkpoints) without breaking the bar.
+  void note(const std::string& line);
+  void finish();
+  // "12:34" / "1:02:03"
+  static std::string format_duration(double seconds);
+
+ private:
+  int64_t first_, total_, every_;
+  bool tty_;
+  bool bar_drawn_ = false;
+};
+
+}  // namespace tsp

@@ -1,0 +1,178 @@
+// Corpus formats and the data loader: windows depend only on (seed, sample index), every rank's
+// partial read equals the full batch where it reads, and bad data is rejected up front.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "tsp/train/data.h"
+
+namespace tsp {
+namespace {
+
+namespace fs = std::filesystem;
+
+class DataTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("tsp_data_test_" + std::to_string(::getpid()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // n pseudo-random bytes: every window is distinguishable.
+  std::string write_text(const std::string& name, int64_t n) {
+    std::string bytes(n, '\0');
+    for (int64_t i = 0; i < n; ++i) bytes[i] = static_cast<char>(window_hash(7, i) & 0xff);
+    const fs::path p = dir_ / name;
+    std::ofstream(p, std::ios::binary).write(bytes.data(), n);
+    return p.string();
+  }
+  // llm.c format written by hand (header of 256 int32: magic, version, count), so this test
+  // does not lean on the writer it would be checking.
+  std::string write_llmc(const std::string& name, const std::vector<uint16_t>& ids,
+                         int64_t announced) {
+    std::vector<int32_t> header(256, 0);
+    header[0] = 20240520;
+    header[1] = 1;
+    header[2] = static_cast<int32_t>(announced);
+    const fs::path p = dir_ / name;
+    std::ofstream out(p, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(header.data()), 1024);
+    out.write(reinterpret_cast<const char*>(ids.data()), ids.size() * 2);
+    return p.string();
+  }
+  fs::path dir_;
+};
+
+TEST_F(DataTest, TextIsReadAsBytes) {
+  const std::string path = write_text("a.txt", 1000);
+  Corpus c(path);
+  EXPECT_EQ(c.format(), CorpusFormat::Text);
+  EXPECT_EQ(c.num_tokens(), 1000);
+  EXPECT_EQ(c.min_vocab_size(), 256);
+  std::vector<int32_t> t(10);
+  c.read(990, 10, t.data());
+  for (int i = 0; i < 10; ++i)
+    EXPECT_EQ(t[i], static_cast<int32_t>(window_hash(7, 990 + i) & 0xff));
+  EXPECT_THROW(c.read(995, 10, t.data()), Error);
+}
+
+TEST_F(DataTest, LlmcTokenFileIsDetectedByMagic) {
+  std::vector<uint16_t> ids(5000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<uint16_t>((i * 37) % 50257);
+  Corpus c(write_llmc("t.bin", ids, ids.size()));
+  EXPECT_EQ(c.format(), CorpusFormat::LlmcTokens);
+  EXPECT_EQ(c.num_tokens(), 5000);
+  std::vector<int32_t> t(3);
+  c.read(4000, 3, t.data());
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(t[i], ids[4000 + i]);
+  EXPECT_EQ(c.min_vocab_size(), *std::max_element(ids.begin(), ids.end()) + 1);
+}
+
+TEST_F(DataTest, MissingEmptyCorruptOrTooSmallDataIsRejected) {
+  EXPECT_THROW(Corpus((dir_ / "missing.txt").string()), Error);
+  std::ofstream(dir_ / "empty.txt").close();
+  EXPECT_THROW(Corpus((dir_ / "empty.txt").string()), Error);
+  std::vector<uint16_t> ids(100, 1);
+  EXPECT_THROW(Corpus(write_llmc("short.bin", ids, 200)), Error);  // announces more than it holds
+  try {
+    auto small = std::make_shared<Corpus>(write_text("small.txt", 300));
+    DataLoader loader(small, DataOptions{8, 256, 1, 1, 0.05, 8});
+    ADD_FAILURE() << "a 300-byte corpus cannot hold windows of 257 in both splits";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--seq"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(DataTest, WindowsDependOnlyOnSeedAndSampleIndex) {
+  auto corpus = std::make_shared<Corpus>(write_text("c.txt", 20000));
+  const DataLoader a(corpus, DataOptions{8, 32, 1, 42, 0.05, 16});
+  const DataLoader b(corpus, DataOptions{4, 32, 2, 42, 0.05, 16});  // same rows, other split
+  const DataLoader c(corpus, DataOptions{8, 32, 1, 43, 0.05, 16});
+  int differing = 0;
+  for (int64_t step = 0; step < 5; ++step) {
+    const Batch whole = a.train_batch(step, 0);
+    ASSERT_EQ(whole.tokens.size(), 8u * 33);
+    for (int64_t micro = 0; micro < 2; ++micro) {
+      const Batch half = b.train_batch(step, micro);
+      EXPECT_TRUE(
+          std::equal(half.tokens.begin(), half.tokens.end(), whole.tokens.begin() + micro * 4 * 33))
+          << "step " << step << " micro " << micro;
+    }
+    // Stateless: asking again (e.g. after a resume at this step) gives the same batch.
+    EXPECT_EQ(a.train_batch(step, 0).tokens, whole.tokens);
+    differing += c.train_batch(step, 0).tokens != whole.tokens;
+    for (int32_t t : whole.tokens) ASSERT_TRUE(t >= 0 && t < 256);
+  }
+  EXPECT_EQ(differing, 5) << "another seed must give other windows";
+  // Windows stay in the training part, and their starts spread over it.
+  std::set<int64_t> starts;
+  for (int64_t n = 0; n < 2000; ++n) {
+    const int64_t s = a.train_window_start(n);
+    ASSERT_GE(s, 0);
+    ASSERT_LE(s + 32, a.train_tokens() - 1);
+    starts.insert(s / 1000);
+  }
+  EXPECT_EQ(static_cast<int64_t>(starts.size()), (a.train_tokens() - 33) / 1000 + 1);
+}
+
+TEST_F(DataTest, ValidationWindowsAreHeldOut) {
+  auto corpus = std::make_shared<Corpus>(write_text("v.txt", 20000));
+  const DataLoader loader(corpus, DataOptions{8, 32, 1, 1, 0.05, 10});
+  EXPECT_EQ(loader.val_tokens(), 1000);
+  EXPECT_EQ(loader.num_val_batches(), 2);  // 10 windows rounded up to 2 micro-batches of 8
+  for (int64_t s : loader.val_window_starts()) {
+    EXPECT_GE(s, loader.train_tokens());
+    EXPECT_LE(s + 33, corpus->num_tokens());
+  }
+  EXPECT_EQ(loader.val_window_starts().front(), loader.train_tokens());
+  EXPECT_EQ(loader.val_window_starts().back(), corpus->num_tokens() - 33);
+  const Batch v = loader.val_batch(1);
+  std::vector<int32_t> expect(33);
+  corpus->read(loader.val_window_starts()[8], 33, expect.data());
+  EXPECT_TRUE(std::equal(expect.begin(), expect.end(), v.tokens.begin()));
+}
+
+TEST_F(DataTest, EachRankReadsOnlyItsRowsAndZigzagChunks) {
+  auto corpus = std::make_shared<Corpus>(write_text("z.txt", 20000));
+  const int64_t B = 4, S = 16, D = 4, R = 2;
+  DataLoader full(corpus, DataOptions{B, S, 1, 5, 0.05, 8});
+  const Batch ref = full.train_batch(3, 0);
+  std::vector<int> covered(B * (S + 1), 0);
+  for (int64_t replica = 0; replica < R; ++replica) {
+    for (int64_t p = 0; p < D; ++p) {
+      DataLoader mine(corpus, DataOptions{B, S, 1, 5, 0.05, 8});
+      const int64_t c = S / (2 * D);  // zigzag: chunks p and 2D-1-p of 2D
+      TokenNeed need;
+      need.row_begin = replica * B / R;
+      need.row_end = (replica + 1) * B / R;
+      need.input_ranges = {{p * c, (p + 1) * c}, {(2 * D - 1 - p) * c, (2 * D - p) * c}};
+      mine.set_need(need);
+      const Batch got = mine.train_batch(3, 0);
+      for (int64_t r = 0; r < B; ++r) {
+        for (int64_t i = 0; i <= S; ++i) {
+          const int64_t k = r * (S + 1) + i;
+          const bool in_rows = r >= need.row_begin && r < need.row_end;
+          bool wanted = false;  // an input of a chunk, or the label of its last input
+          for (auto [a, b] : need.input_ranges) wanted |= i >= a && i <= b;
+          if (in_rows && wanted) {
+            EXPECT_EQ(got.tokens[k], ref.tokens[k]) << "row " << r << " pos " << i;
+            ++covered[k];
+          } else {
+            EXPECT_EQ(got.tokens[k], kTokenNotRead) << "row " << r << " pos " << i;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < B * (S + 1); ++k) EXPECT_GE(covered[k], 1) << k;
+}
+
+}  // namespace
+}  // namespace tsp
