@@ -1,0 +1,406 @@
+#include "parallel/layout_common.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel/registry.h"
+#include "tsp/ops/ops.h"
+
+namespace tsp {
+
+// ---- registry and factory
+// ------------------------------------------------------------------------
+
+namespace {
+std::vector<LayoutInfo>& layout_registry() {
+  static std::vector<LayoutInfo> layouts;
+  return layouts;
+}
+}  // namespace
+
+const std::vector<LayoutInfo>& registered_layouts() {
+  return layout_registry();
+}
+
+const LayoutInfo* find_layout(const std::string& name) {
+  for (const LayoutInfo& l : layout_registry())
+    if (l.name == name) return &l;
+  return nullptr;
+}
+
+std::string layout_names_str() {
+  std::string out;
+  for (const LayoutInfo& l : layout_registry()) out += (out.empty() ? "" : ", ") + l.name;
+  return out.empty() ? "(none registered)" : out;
+}
+
+LayoutRegistration::LayoutRegistration(std::string name, std::string description,
+                                       LayoutFactory make) {
+  TSP_CHECK(!find_layout(name), "layout '{}' is registered twice", name);
+  auto& reg = layout_registry();
+  reg.push_back({std::move(name), std::move(description), std::move(make)});
+  std::sort(reg.begin(), reg.end(),
+            [](const LayoutInfo& a, const LayoutInfo& b) { return a.name < b.name; });
+}
+
+std::unique_ptr<Layout> make_layout(const LlamaConfig& config, const ParallelConfig& parallel,
+                                    Communicator& world) {
+  const LayoutInfo* info = find_layout(parallel.layout);
+  TSP_CHECK(info, "unknown layout '{}'; available layouts: {}", parallel.layout,
+            layout_names_str());
+  config.validate();
+  check_world(world.size(), parallel.dp, parallel.tp);
+  TSP_CHECK(parallel.tp == 1 || parallel.layout == "tp-sp",
+            "--tp {} only applies to the tp-sp layout (layout '{}' uses all D ranks of its group); "
+            "drop --tp or use --layout tp-sp",
+            parallel.tp, parallel.layout);
+  return info->make(config, parallel, world);
+}
+
+// ---- weight sources
+// ------------------------------------------------------------------------------
+
+void ModelDirWeights::read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const {
+  TSP_CHECK(dir_.weights, "model directory {} has no open model.safetensors", dir_.path);
+  dir_.weights->read_rows(s.name, r0, r1, dst);
+}
+
+void RandomWeights::read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const {
+  init_param_rows(s, seed_, r0, r1, dst);
+}
+
+// ---- parameter indices -------------------------------------------------------------------------
+
+ParamIndex::ParamIndex(const std::vector<ParamSpec>& specs) {
+  int num_layers = 0;
+  for (const ParamSpec& s : specs) num_layers = std::max(num_layers, s.layer + 1);
+  layers.assign(num_layers, Layer{-1, -1, -1, -1, -1, -1, -1, -1, -1});
+  for (int i = 0; i < static_cast<int>(specs.size()); ++i) {
+    const ParamSpec& s = specs[i];
+    Layer* l = s.layer >= 0 ? &layers[s.layer] : nullptr;
+    switch (s.kind) {
+      case ParamKind::Embedding:
+        embed = i;
+        break;
+      case ParamKind::FinalNorm:
+        final_norm = i;
+        break;
+      case ParamKind::LmHead:
+        lm_head = i;
+        break;
+      case ParamKind::InputNorm:
+        l->input_norm = i;
+        break;
+      case ParamKind::Wq:
+        l->wq = i;
+        break;
+      case ParamKind::Wk:
+        l->wk = i;
+        break;
+      case ParamKind::Wv:
+        l->wv = i;
+        break;
+      case ParamKind::Wo:
+        l->wo = i;
+        break;
+      case ParamKind::PostNorm:
+        l->post_norm = i;
+        break;
+      case ParamKind::Wgate:
+        l->wg = i;
+        break;
+      case ParamKind::Wup:
+        l->wu = i;
+        break;
+      case ParamKind::Wdown:
+        l->wd = i;
+        break;
+    }
+  }
+}
+
+// ---- shard maps
+// ------------------------------------------------------------------------------------
+
+Shape ShardMap::shard_shape(const Shape& full) const {
+  Shape s = full;
+  if (kind == Kind::Rows) s[0] = even_range(full[0], parts, piece, "rows").size();
+  if (kind == Kind::Cols) {
+    TSP_CHECK(full.size() == 2, "a column shard needs a 2-D tensor, not {}", shape_str(full));
+    s[1] = even_range(full[1], parts, piece, "columns").size();
+  }
+  return s;
+}
+
+Range ShardMap::range(const Shape& full) const {
+  if (kind == Kind::Rows) return even_range(full[0], parts, piece, "rows");
+  if (kind == Kind::Cols) return even_range(full.at(1), parts, piece, "columns");
+  return {0, full[0]};
+}
+
+void load_shard(const WeightSource& src, const ParamSpec& spec, const ShardMap& map,
+                TensorView dst) {
+  TSP_CHECK(dst.shape() == map.shard_shape(spec.shape),
+            "loading {}: destination is {}, the shard is {}", spec.name, shape_str(dst.shape()),
+            shape_str(map.shard_shape(spec.shape)));
+  if (map.kind != ShardMap::Kind::Cols) {
+    const Range r = map.range(spec.shape);
+    src.read_rows(spec, r.begin, r.end, dst);
+    return;
+  }
+  // Columns: read full rows a block at a time and keep [c0, c1) of each.
+  const int64_t rows = spec.shape[0], cols = spec.shape[1];
+  const Range c = map.range(spec.shape);
+  const int64_t block =
+      std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(cols, 1), 1, rows);
+  Tensor tmp = Tensor::f32({block, cols}, MemCategory::Workspace);
+  float* out = dst.f32();
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t r1 = std::min(rows, r0 + block);
+    TensorView t = tmp.slice(0, r1 - r0);
+    src.read_rows(spec, r0, r1, t);
+    for (int64_t r = r0; r < r1; ++r)
+      std::memcpy(out + r * c.size(), t.f32() + (r - r0) * cols + c.begin,
+                  c.size() * sizeof(float));
+  }
+}
+
+// ---- shard store
+// -----------------------------------------------------------------------------------
+
+int ShardStore::add(int param, ShardMap map, bool replicated_in_group) {
+  TSP_CHECK(!allocated_, "ShardStore::add after allocate()");
+  for (const Entry& e : entries_)
+    TSP_CHECK(e.param != param, "parameter #{} declared twice in a shard store", param);
+  entries_.push_back({param, map, replicated_in_group, {}, 0});
+  return static_cast<int>(entries_.size()) - 1;
+}
+
+void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& group) {
+  TSP_CHECK(!allocated_, "ShardStore::allocate called twice");
+  const int n = static_cast<int>(specs.size());
+  entry_of_param_.assign(n, -1);
+  int64_t total = 0;
+  for (int i = 0; i < size(); ++i) {
+    Entry& e = entries_[i];
+    TSP_CHECK(0 <= e.param && e.param < n, "shard of unknown parameter #{}", e.param);
+    e.shape = e.map.shard_shape(specs[e.param].shape);
+    e.offset = total;
+    total += (shape_numel(e.shape) + 15) / 16 * 16;  // each shard starts 64-byte aligned
+    entry_of_param_[e.param] = i;
+  }
+  values_ = Tensor::f32({total}, MemCategory::Weights);
+  grads_ = Tensor::f32({total}, MemCategory::Grads);
+  allocated_ = true;
+
+  // Learn which piece (of how many, by rows or columns) every group rank holds, for gather().
+  std::vector<int32_t> mine(3 * n, -1), all(3 * n * group.size());
+  for (const Entry& e : entries_) {
+    mine[3 * e.param] = e.map.piece;
+    mine[3 * e.param + 1] = e.map.parts;
+    mine[3 * e.param + 2] = static_cast<int32_t>(e.map.kind);
+  }
+  group.all_gather(mine.data(), all.data(), 3 * n, DType::I32);
+  held_.assign(n, std::vector<int>(group.size(), -1));
+  parts_.assign(n, 0);
+  kinds_.assign(n, ShardMap::Kind::Whole);
+  for (int r = 0; r < group.size(); ++r) {
+    for (int p = 0; p < n; ++p) {
+      const int32_t* t = &all[3 * (r * n + p)];
+      if (t[0] < 0) continue;
+      TSP_CHECK(parts_[p] == 0 || (parts_[p] == t[1] && static_cast<int>(kinds_[p]) == t[2]),
+                "ranks of the layout group disagree on how {} is sharded", specs[p].name);
+      held_[p][r] = t[0];
+      parts_[p] = t[1];
+      kinds_[p] = static_cast<ShardMap::Kind>(t[2]);
+    }
+  }
+}
+
+int ShardStore::entry_of(int param) const {
+  return 0 <= param && param < static_cast<int>(entry_of_param_.size()) ? entry_of_param_[param]
+                                                                        : -1;
+}
+
+int ShardStore::entry_of_checked(int param) const {
+  const int e = entry_of(param);
+  TSP_CHECK(e >= 0, "this rank holds no shard of parameter #{}", param);
+  return e;
+}
+
+TensorView ShardStore::value(int entry) const {
+  const Entry& e = entries_.at(entry);
+  return TensorView(values_.f32() + e.offset, e.shape, DType::F32);
+}
+
+TensorView ShardStore::grad(int entry) const {
+  const Entry& e = entries_.at(entry);
+  return TensorView(grads_.f32() + e.offset, e.shape, DType::F32);
+}
+
+std::vector<ParamShard> ShardStore::shards(const std::vector<ParamSpec>& specs) const {
+  std::vector<ParamShard> out;
+  for (int i = 0; i < size(); ++i)
+    out.push_back({&specs[entries_[i].param], value(i), grad(i), entries_[i].replicated});
+  return out;
+}
+
+void ShardStore::load(const WeightSource& src, const std::vector<ParamSpec>& specs) {
+  TSP_CHECK(allocated_, "ShardStore::load before allocate()");
+  for (int i = 0; i < size(); ++i)
+    load_shard(src, specs[entries_[i].param], entries_[i].map, value(i));
+}
+
+namespace {
+// Copy a shard (piece of map) into its place in the full tensor.
+void place_shard(const ShardMap& map, const Shape& full_shape, const float* shard, float* full) {
+  if (map.kind != ShardMap::Kind::Cols) {
+    const Range r = map.range(full_shape);
+    const int64_t row = shape_numel(full_shape) / full_shape[0];
+    std::memcpy(full + r.begin * row, shard, r.size() * row * sizeof(float));
+    return;
+  }
+  const Range c = map.range(full_shape);
+  const int64_t rows = full_shape[0], cols = full_shape[1];
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(full + r * cols + c.begin, shard + r * c.size(), c.size() * sizeof(float));
+}
+}  // namespace
+
+void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group, bool grads,
+                        const std::function<void(const ParamSpec&, TensorView)>& sink) const {
+  TSP_CHECK(allocated_, "ShardStore::gather before allocate()");
+  const int me = group.rank();
+  for (int p = 0; p < static_cast<int>(specs.size()); ++p) {
+    const ParamSpec& spec = specs[p];
+    TSP_CHECK(parts_[p] > 0, "no rank of the layout group holds {}", spec.name);
+    // The lowest group rank holding each piece sends it.
+    std::vector<int> holder(parts_[p], -1);
+    for (int r = group.size() - 1; r >= 0; --r)
+      if (held_[p][r] >= 0) holder[held_[p][r]] = r;
+    for (int i = 0; i < parts_[p]; ++i)
+      TSP_CHECK(holder[i] >= 0, "piece {} of {} of {} is held by no rank", i, parts_[p], spec.name);
+    const int e = entry_of(p);
+    if (me != 0) {
+      for (int i = 0; i < parts_[p]; ++i) {
+        if (holder[i] != me) continue;
+        TensorView t = grads ? grad(e) : value(e);
+        group.send(t.data(), t.numel(), DType::F32, 0, /*tag=*/p);
+      }
+      continue;
+    }
+    Tensor full = Tensor::f32(spec.shape, MemCategory::Workspace);
+    for (int i = 0; i < parts_[p]; ++i) {
+      const ShardMap map{kinds_[p], parts_[p], i};
+      if (holder[i] == 0) {
+        place_shard(map, spec.shape, (grads ? grad(e) : value(e)).f32(), full.f32());
+      } else {
+        Tensor tmp = Tensor::f32(map.shard_shape(spec.shape), MemCategory::Comm);
+        group.recv(tmp.data(), tmp.numel(), DType::F32, holder[i], /*tag=*/p);
+        place_shard(map, spec.shape, tmp.f32(), full.f32());
+      }
+    }
+    sink(spec, full.view());
+  }
+}
+
+// ---- the base class
+// ----------------------------------------------------------------------------------
+
+LayoutCommon::LayoutCommon(std::string name, const LlamaConfig& config,
+                           const ParallelConfig& parallel, Communicator& world)
+    : config_(config),
+      parallel_(parallel),
+      specs_(llama_param_specs(config)),
+      idx_(specs_),
+      name_(std::move(name)),
+      world_(world) {
+  R_ = parallel.dp;
+  D_ = check_world(world.size(), parallel.dp, parallel.tp);
+  // Layout group: D consecutive world ranks (so world rank 0 is group rank 0 of replica 0, where
+  // gather() delivers). Replica group: the R ranks with the same position in their groups.
+  group_rank_ = world.rank() % D_;
+  replica_ = world.rank() / D_;
+  group_ = world.split(/*color=*/replica_, /*key=*/group_rank_);
+  replicas_ = world.split(/*color=*/group_rank_, /*key=*/replica_);
+}
+
+void LayoutCommon::gather(bool grads,
+                          const std::function<void(const ParamSpec&, TensorView)>& sink) {
+  // Every replica holds the same values (and, after forward_backward, the same gradients), so
+  // replica 0 alone reassembles; its group rank 0 is world rank 0.
+  if (replica_ != 0) return;
+  store_.gather(specs_, *group_, grads, sink);
+}
+
+ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
+  const int64_t B = batch.B, S = batch.S, V = config_.vocab_size;
+  TSP_CHECK(B >= 1 && S >= 1, "a batch needs B >= 1 rows of S >= 1 tokens (got B={}, S={})", B, S);
+  TSP_CHECK(static_cast<int64_t>(batch.tokens.size()) == B * (S + 1),
+            "a batch of B={} rows of S+1={} tokens needs {} tokens, got {}", B, S + 1, B * (S + 1),
+            batch.tokens.size());
+  TSP_CHECK(S <= config_.max_position_embeddings,
+            "sequence length S={} exceeds max_position_embeddings={} of the model", S,
+            config_.max_position_embeddings);
+  TSP_CHECK(B % R_ == 0,
+            "batch of B={} rows cannot be split evenly over dp={} replicas; use B a multiple of {}",
+            B, R_, R_);
+  for (int64_t i = 0; i < B * (S + 1); ++i) {
+    const int32_t t = batch.tokens[i];
+    TSP_CHECK(0 <= t && t < V, "token id {} at row {}, column {} is outside the vocabulary [0, {})",
+              t, i / (S + 1), i % (S + 1), V);
+  }
+  // Every rank must run the same step; a mismatch would hang or silently mix batches.
+  world_.check_same(B, "batch rows B");
+  world_.check_same(S, "sequence length S");
+
+  ReplicaBatch rb;
+  rb.B = B / R_;
+  rb.S = S;
+  rb.row0 = replica_ * rb.B;
+  rb.inputs.resize(rb.B * S);
+  rb.labels.resize(rb.B * S);
+  for (int64_t b = 0; b < rb.B; ++b) {
+    const int32_t* row = batch.tokens.data() + (rb.row0 + b) * (S + 1);
+    std::copy(row, row + S, rb.inputs.begin() + b * S);
+    std::copy(row + 1, row + S + 1, rb.labels.begin() + b * S);
+  }
+  rb.grad_scale = static_cast<float>(1.0 / static_cast<double>(B * S));
+  return rb;
+}
+
+double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
+  // Gather every rank's contribution (doubles travel as their 64-bit patterns) and add them in
+  // world-rank order on every rank: the loss is bit-identical everywhere, whatever MPI's
+  // reduction order would have been.
+  const double mine = loss_partial_ || group_rank_ == 0 ? local_sum : 0.0;
+  std::vector<double> all(world_.size());
+  world_.all_gather(&mine, all.data(), 1, DType::I64);
+  double sum = 0;
+  for (double v : all) sum += v;
+  return sum / static_cast<double>(tokens);
+}
+
+double LayoutCommon::step(const Batch& batch, bool backward) {
+  const ReplicaBatch rb = replica_batch(batch);
+  check_batch(rb);
+  TensorView g = store_.grad_slab();
+  // The replica all-reduce below sums the whole gradient slab, including what earlier calls
+  // accumulated (identical on every replica after their own all-reduce). Pre-scaling it by 1/R
+  // makes the sum come back to the old value plus the new contributions of every replica, without
+  // a second gradient buffer. (The 1/R scaling is exact for R a power of two; the sums round as any
+  // all-reduce does.)
+  if (backward && R_ > 1) scale_inplace(g.f32(), 1.0f / static_cast<float>(R_), g.numel());
+  const double local = run(rb, backward);
+  if (backward && R_ > 1) replicas_->all_reduce(g.data(), g.numel(), DType::F32);
+  return reduce_loss(local, batch.B * batch.S);
+}
+
+double LayoutCommon::forward_backward(const Batch& batch) {
+  return step(batch, true);
+}
+double LayoutCommon::forward(const Batch& batch) {
+  return step(batch, false);
+}
+
+}  // namespace tsp

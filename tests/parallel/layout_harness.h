@@ -1,0 +1,210 @@
+// The one check every layout test runs (tests/parallel/<layout>_mpi_test.cpp):
+//
+//   TEST(Tsp, MatchesSingle) {
+//     test::LayoutCase lc;
+//     lc.layout = "tsp";
+//     lc.config = test::tiny_config(/*heads=*/8, /*kv_heads=*/8);
+//     test::check_layout_against_single(test::world(), lc);
+//   }
+//
+// It builds the random tiny model (RandomWeights(seed)) and a random batch, runs the layout under
+// test on the whole world (forward_backward, then forward), gathers the gradients on world rank 0,
+// runs the reference ("single" on a size-1 communicator of each rank, whole batch) and compares:
+// the loss on every rank, and every parameter's gradient on rank 0 by norm-wise relative error.
+// When the layout's group and replica counts are both 1 it requires bitwise equality instead.
+// It returns (and with TSP_HARNESS_VERBOSE=1 prints) per-rank peak memory and traffic.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "tsp/comm/communicator.h"
+#include "tsp/core/memory.h"
+#include "tsp/parallel/layout.h"
+
+namespace tsp::test {
+
+// Norm-wise relative tolerance for a layout against single, both fp32. The two compute the same
+// function with different summation orders (sharded GEMMs, partial sums added by collectives,
+// online softmax over other key / vocabulary orders). Each f32 result carries a relative error
+// of at most K·2^-24 for K-term sums; with K <= 256 here that is 1.5e-5 worst case (about 1e-6
+// typical) per step, and the tiny models chain ~2L+2 = 6 such steps forward and back. 1e-4 keeps
+// a margin over that while any sharding bug (a wrong or missing shard, a doubled or missing
+// 1/R scale, a position off by one) moves a gradient by O(1e-2) or more.
+inline constexpr double kLayoutRtol = 1e-4;
+
+// A tiny Llama for layout tests. Defaults: h=64, 8 query heads (d=8), MHA, L=2, FFN 128, V=128,
+// so D in {1, 2, 4, 8} divides heads, FFN and vocabulary. GQA: pass kv_heads < heads.
+inline LlamaConfig tiny_config(int64_t heads = 8, int64_t kv_heads = 8, int64_t layers = 2,
+                               bool tie = false, int64_t hidden = 64, int64_t ffn = 128,
+                               int64_t vocab = 128) {
+  LlamaConfig c;
+  c.hidden_size = hidden;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.num_hidden_layers = layers;
+  c.intermediate_size = ffn;
+  c.vocab_size = vocab;
+  c.tie_word_embeddings = tie;
+  c.max_position_embeddings = 1024;
+  c.validate();
+  return c;
+}
+
+// B rows of S+1 token ids in [0, V), deterministic in seed.
+inline Batch random_batch(int64_t B, int64_t S, int64_t V, uint64_t seed) {
+  Batch b;
+  b.B = B;
+  b.S = S;
+  b.tokens.resize(B * (S + 1));
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (int32_t& t : b.tokens) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;  // xorshift64
+    t = static_cast<int32_t>(x % static_cast<uint64_t>(V));
+  }
+  return b;
+}
+
+struct LayoutCase {
+  std::string layout = "single";
+  int tp = 1;  // tp-sp only
+  int dp = 1;  // R; D = world / R
+  bool overlap = true;
+  LlamaConfig config = tiny_config();
+  int64_t B = 2, S = 16;  // B must divide by dp, S by 2D for zigzag layouts
+  uint64_t weight_seed = 1234, batch_seed = 99;
+  double rtol = kLayoutRtol;
+};
+
+struct LayoutCaseResult {
+  double loss = 0, ref_loss = 0;
+  double max_rel_err = 0;  // worst gradient (rank 0 only; 0 elsewhere)
+  std::string worst_param;
+  MemorySnapshot memory;  // this rank, peaks over load + forward_backward of the layout
+  CommStats comm;         // this rank, group + replica traffic of one forward_backward
+};
+
+// ||a - b|| / ||b|| (||a|| when b is zero).
+inline double norm_rel_err(const float* a, const float* b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+using GradMap = std::map<std::string, std::vector<float>>;
+
+inline GradMap gather_grads(Layout& layout) {
+  GradMap out;
+  layout.gather(true, [&](const ParamSpec& s, TensorView t) {
+    out[s.name].assign(t.f32(), t.f32() + t.numel());
+  });
+  return out;
+}
+
+inline LayoutCaseResult check_layout_against_single(Communicator& world, const LayoutCase& lc) {
+  LayoutCaseResult res;
+  const Batch batch = random_batch(lc.B, lc.S, lc.config.vocab_size, lc.batch_seed);
+  const RandomWeights weights(lc.weight_seed);
+  int group_size = 0, replicas = 0;
+  GradMap got;
+  {
+    ParallelConfig pc;
+    pc.layout = lc.layout;
+    pc.tp = lc.tp;
+    pc.dp = lc.dp;
+    pc.overlap = lc.overlap;
+    MemoryTracker::instance().reset_peaks();
+    std::unique_ptr<Layout> layout = make_layout(lc.config, pc, world);
+    layout->load(weights);
+    const CommStats g0 = layout->group().stats(), r0 = layout->replicas().stats();
+    res.loss = layout->forward_backward(batch);
+    res.comm = layout->group().stats() - g0;
+    res.comm += layout->replicas().stats() - r0;
+    res.memory = MemoryTracker::instance().snapshot();
+    group_size = layout->group().size();
+    replicas = layout->replicas().size();
+    got = gather_grads(*layout);
+    // forward() is the same loss without the backward.
+    const double fwd = layout->forward(batch);
+    EXPECT_LE(std::abs(fwd - res.loss), lc.rtol * std::abs(res.loss))
+        << lc.layout << ": forward() " << fwd << " vs forward_backward() " << res.loss;
+  }
+
+  // The reference: single on this rank alone, the whole batch.
+  std::unique_ptr<Communicator> self = world.split(world.rank(), 0);
+  ParallelConfig ref_pc;  // "single", dp 1
+  std::unique_ptr<Layout> ref = make_layout(lc.config, ref_pc, *self);
+  ref->load(weights);
+  res.ref_loss = ref->forward_backward(batch);
+  GradMap want = gather_grads(*ref);  // size-1 group: every rank is its rank 0
+
+  const bool bitwise = group_size == 1 && replicas == 1;
+  if (bitwise) {
+    EXPECT_EQ(res.loss, res.ref_loss) << lc.layout << " at D=1, R=1 must equal single bit for bit";
+  } else {
+    EXPECT_LE(std::abs(res.loss - res.ref_loss), lc.rtol * std::abs(res.ref_loss))
+        << lc.layout << " loss " << res.loss << " vs single " << res.ref_loss << " (rank "
+        << world.rank() << ")";
+  }
+  if (world.rank() == 0) {
+    EXPECT_EQ(got.size(), want.size()) << "gather delivered a different set of parameters";
+    for (const auto& [name, w] : want) {
+      auto it = got.find(name);
+      if (it == got.end()) {
+        ADD_FAILURE() << lc.layout << ": no gradient gathered for " << name;
+        continue;
+      }
+      const std::vector<float>& g = it->second;
+      if (g.size() != w.size()) {
+        ADD_FAILURE() << lc.layout << ": gathered gradient of " << name << " has " << g.size()
+                      << " elements, expected " << w.size();
+        continue;
+      }
+      if (bitwise) {
+        EXPECT_EQ(0, std::memcmp(g.data(), w.data(), g.size() * sizeof(float)))
+            << lc.layout << " at D=1, R=1: gradient of " << name << " differs from single";
+      }
+      const double err = norm_rel_err(g.data(), w.data(), static_cast<int64_t>(g.size()));
+      if (err >= res.max_rel_err) {
+        res.max_rel_err = err;
+        res.worst_param = name;
+      }
+      EXPECT_LE(err, lc.rtol) << lc.layout << " (D=" << group_size << ", R=" << replicas
+                              << "): gradient of " << name << " has norm-wise relative error "
+                              << err;
+    }
+  }
+
+  if (const char* v = std::getenv("TSP_HARNESS_VERBOSE"); v && *v == '1') {
+    // One line per rank, printed by rank 0 in rank order.
+    int64_t mine[4] = {res.memory.peak_total,
+                       res.memory.peak[static_cast<int>(MemCategory::Activations)],
+                       res.comm.total_sent(), res.comm.total_received()};
+    std::vector<int64_t> all(4 * world.size());
+    world.all_gather(mine, all.data(), 4, DType::I64);
+    if (world.rank() == 0) {
+      std::printf("# %s D=%d R=%d B=%lld S=%lld  loss=%.9g ref=%.9g  max_rel_err=%.3g (%s)\n",
+                  lc.layout.c_str(), group_size, replicas, static_cast<long long>(lc.B),
+                  static_cast<long long>(lc.S), res.loss, res.ref_loss, res.max_rel_err,
+                  res.worst_param.c_str());
+      std::printf("#  rank  peak_MB  act_MB  sent_MB  recv_MB\n");
+      for (int r = 0; r < world.size(); ++r)
+        std::printf("   %4d  %7.3f  %6.3f  %7.3f  %7.3f\n", r, to_mb(all[4 * r]),
+                    to_mb(all[4 * r + 1]), to_mb(all[4 * r + 2]), to_mb(all[4 * r + 3]));
+    }
+  }
+  return res;
+}
+
+}  // namespace tsp::test
