@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -14,6 +15,7 @@
 #include "ops/cpu/attention_internal.h"
 #include "tsp/core/error.h"
 #include "tsp/ops/attention.h"
+#include "tsp/ops/gemm.h"
 
 namespace tsp {
 namespace {
@@ -308,6 +310,32 @@ TEST(Attention, FastPathMatchesReferencePath) {
         ASSERT_NEAR(fast.lse[i], ref.lse[i], kTolLse * std::max(1.f, std::abs(ref.lse[i])));
     }
   }
+}
+
+TEST(Attention, ThreadedFastPathIsBitIdenticalToOneThread) {
+  // Threads split (head, query tile) items in forward and kv heads in backward; each item runs
+  // the same code in the same order, so results are bit-identical whatever the thread count.
+  const int saved = compute_threads();
+  for (const Case& c : cases()) {
+    if (!attn::fast_path_available(c.d)) continue;
+    SCOPED_TRACE(c.name);
+    const Data x(c, 15);
+    auto run = [&](int threads) {
+      set_compute_threads(threads);
+      Out out(c);
+      AttentionBackwardParams p;
+      static_cast<AttentionParams&>(p) = params(c, x, out);
+      attention_forward(p);
+      std::vector<float> dq(x.q.size(), 0.f), dk(x.k.size(), 0.f), dv(x.v.size(), 0.f);
+      p.dout = x.dout.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+      attention_backward(p);
+      return std::vector<std::vector<float>>{out.o, out.lse, dq, dk, dv};
+    };
+    const auto one = run(1), two = run(2);
+    for (size_t t = 0; t < one.size(); ++t)
+      EXPECT_EQ(0, std::memcmp(one[t].data(), two[t].data(), one[t].size() * sizeof(float))) << t;
+  }
+  set_compute_threads(saved);
 }
 
 TEST(Attention, QueryThatSeesNoKeyHasZeroOutputAndNoGradient) {
