@@ -1,0 +1,158 @@
+// Closed-form cost model of every parallel layout: memory per rank by tracker category,
+// communication per rank by link class, FLOPs, and step time (compute at peak × efficiency,
+// α–β links, the overlap each schedule allows). Derivations: docs/cost-model.md.
+//
+// The model is written so a measurement can be compared with it line by line:
+//  - memory uses the MemoryTracker's categories (weights, grads, optimizer, activations, comm,
+//    workspace);
+//  - per-block communication uses the Communicator's byte-counting convention (include/tsp/comm/
+//    communicator.h), in exact integers, sent and received separately.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tsp/core/memory.h"
+#include "tsp/model/config.h"
+
+namespace tsp::plan {
+
+enum class Mode { Train, Prefill, Decode };
+std::string_view mode_name(Mode m);  // "train", "prefill", "decode"
+
+// One parallel layout of one model replica (the layout group, D ranks) with R data-parallel
+// replicas on top: world = D·R. For tp-sp, D = T·Σ with T (tensor) the inner, fastest-varying
+// axis of the rank numbering and Σ (sequence) the outer one; other layouts have T=D,Σ=1 (tp),
+// T=1,Σ=D (sp, fsdp-cp) or fold both on one axis (tsp: T=Σ=D).
+struct LayoutSpec {
+  std::string name = "single";  // single | tp | sp | tp-sp | tsp | fsdp-cp
+  int D = 1;                    // ranks per replica
+  int T = 1;                    // tp-sp tensor degree (Σ = D / T)
+  int R = 1;                    // data-parallel replicas
+  int sigma() const { return name == "tp-sp" ? D / T : 1; }
+  // Degree by which weights (and grads, optimizer state) are split at rest.
+  int weight_shards() const;
+  // Degree by which tokens (activations of token-wise ops) are split.
+  int token_shards() const;
+  // "tsp D=8", "tp-sp T=4 S=2", ...
+  std::string label() const;
+};
+
+// What one step processes: per replica, `micro_batches` micro-batches of B sequences of S tokens.
+// Decode: one new token for each of the B sequences, attending to S cached positions.
+struct Workload {
+  LlamaConfig model;
+  int64_t B = 1;
+  int64_t S = 2048;
+  int micro_batches = 1;
+  Mode mode = Mode::Train;
+  int64_t tokens_per_microbatch() const { return mode == Mode::Decode ? B : B * S; }
+};
+
+// One link class: time of a transfer step = alpha + bytes / bandwidth.
+struct Link {
+  double alpha_s = 0;         // per-message latency
+  double bw_bytes_per_s = 0;  // per GPU, one direction
+  // true: a full mesh of point-to-point links (MI300X Infinity Fabric): a group of k GPUs of one
+  // node uses k-1 links of bw each. false: a switch (NVSwitch, NIC): bw per GPU whatever k.
+  bool mesh = false;
+  double group_bw(int k) const;  // per-GPU bandwidth available to a collective over k GPUs
+};
+
+struct Hardware {
+  std::string name;
+  double peak_flops = 0;    // dense matmul peak per GPU (bf16 on GPUs, fp32 on the CPU)
+  double gemm_eff = 0.5;    // sustained fraction of peak for GEMMs
+  double attn_eff = 0.5;    // sustained fraction of peak for (flash) attention
+  double mem_bw = 0;        // HBM bytes/s per GPU (decode is bandwidth bound)
+  double mem_capacity = 0;  // bytes per GPU
+  int gpus_per_node = 8;
+  Link intra;          // inside a node
+  Link inter;          // across nodes (rails-only: GPU i's NIC talks to GPU i elsewhere)
+  std::string source;  // where the figures come from (printed by `tsp plan`)
+};
+
+// "mi300x", "h100", "local" (stored defaults for this machine; see calibrate_local()).
+Hardware hardware_profile(const std::string& name);
+// Measure this machine: GEMM rate with tsp::gemm (f32, one thread) and the intra-node copy
+// bandwidth (a large memcpy: what OpenMPI's shared-memory single-copy transport does).
+Hardware calibrate_local();
+
+// The assumptions behind the memory figures, one set for every layout (docs/cost-model.md §3).
+struct MemoryAssumptions {
+  // Bytes per parameter, as in the ZeRO paper's mixed-precision AdamW accounting:
+  double weight_bytes = 2;      // bf16 working weights
+  double grad_bytes = 2;        // bf16 gradients
+  double optimizer_bytes = 12;  // fp32 master copy + two fp32 AdamW moments
+  int act_bytes = 2;            // activations and communication buffers (bf16)
+  // Layouts that all-gather K/V (sp, tp-sp, fsdp-cp) keep the gathered K/V for backward, as
+  // autograd does with the input of the attention kernel. TSP re-gathers per head group by design.
+  bool sp_keeps_gathered_kv = true;
+  // A rank whose weight gradients must be all-reduced (weights replicated inside the group, as
+  // under sp and tp-sp's Σ axis, or across R > 1 replicas) holds a flat bucket copy of its gradient
+  // shard, so the reduction can overlap backward (PyTorch DDP's default). Counted as comm.
+  bool grad_bucket_copy = true;
+};
+
+// Memory per rank by tracker category, in bytes.
+struct MemoryBreakdown {
+  std::array<double, kNumMemCategories> bytes{};
+  double& operator[](MemCategory c) { return bytes[static_cast<int>(c)]; }
+  double operator[](MemCategory c) const { return bytes[static_cast<int>(c)]; }
+  double total() const;
+};
+
+// Bytes one rank sends and receives (Communicator convention).
+struct Traffic {
+  int64_t sent = 0;
+  int64_t received = 0;
+  Traffic& operator+=(const Traffic& o) {
+    sent += o.sent;
+    received += o.received;
+    return *this;
+  }
+  bool operator==(const Traffic&) const = default;
+};
+
+// Communication of one transformer block per rank, forward and backward, for a micro-batch of
+// N tokens per replica, elements of `elem_bytes` bytes. Exact integers for shapes that divide.
+// `regather_kv`: whether backward re-gathers K/V (false for sp-family layouts that keep them, see
+// MemoryAssumptions; TSP always re-gathers). Weight gradients travel in the same element size.
+struct BlockComm {
+  Traffic forward;
+  Traffic backward;
+};
+BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int elem_bytes,
+                     bool regather_kv = false);
+
+// Validates a layout against the model and workload; throws tsp::Error saying what would work
+// ("tp degree 64 does not divide n_kv_heads=32; use D in {1,2,4,8,16,32}").
+void check_layout(const LlamaConfig& m, const LayoutSpec& l, const Workload& w);
+
+// Every valid layout and factorization for `gpus` GPUs (D over the divisors of gpus, R = gpus/D;
+// every T·Σ = D for tp-sp). `only_degree` > 0 keeps only D = only_degree.
+std::vector<LayoutSpec> enumerate_layouts(const Workload& w, int gpus, int only_degree = 0);
+
+struct Estimate {
+  LayoutSpec layout;
+  MemoryBreakdown memory;       // per GPU
+  bool fits = false;            // memory.total() <= hardware capacity
+  double comm_intra_bytes = 0;  // per GPU per step (received), inside a node
+  double comm_inter_bytes = 0;  // per GPU per step (received), across nodes
+  double flops = 0;             // per GPU per step
+  double compute_s = 0;         // per step
+  double exposed_comm_s = 0;    // communication not hidden behind compute
+  double step_s = 0;
+  double tokens_per_s = 0;  // whole job (all replicas); decode: generated tokens/s
+};
+
+Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
+                  const MemoryAssumptions& a = {});
+
+// The recommendation: highest predicted tokens/s among layouts that fit (ties: less memory).
+// Returns the index into `all`, or -1 when nothing fits; `reason` says why.
+int recommend(const std::vector<Estimate>& all, std::string* reason);
+
+}  // namespace tsp::plan

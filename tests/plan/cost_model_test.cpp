@@ -1,0 +1,230 @@
+// Cost model (docs/cost-model.md): the paper's published figures, the communication formulas and
+// the consistency rules every layout must obey.
+#include "tsp/plan/cost_model.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <set>
+
+#include "tsp/core/error.h"
+
+namespace tsp::plan {
+namespace {
+
+Workload paper(Mode mode) {
+  Workload w;
+  w.model = llama_preset("7b");  // h=4096, L=32, 32/32 heads, SwiGLU 16384, V=32000
+  w.B = 1;
+  w.S = 131072;
+  w.mode = mode;
+  return w;
+}
+
+double total_gb(const Workload& w, const LayoutSpec& l) {
+  return estimate(w, l, hardware_profile("mi300x")).memory.total() / 1e9;
+}
+
+// Section 4 of the issue: peak memory per GPU on one node of 8 MI300X, 128K tokens, B=1, with the
+// one assumption set of docs/cost-model.md §3 (ZeRO's 16 bytes/param, attention-boundary
+// checkpointing, gathered K/V kept by sp-family layouts). The 10% band is the issue's acceptance
+// criterion: the published figures are measured peaks (allocator slack, runtime buffers) that a
+// closed-form model only approximates.
+TEST(CostModelPaper, PeakMemoryPerGpu) {
+  const Workload w = paper(Mode::Train);
+  struct Case {
+    LayoutSpec l;
+    double published_gb;
+  };
+  // Which TP+SP factorization is which: the model gives T=4,Σ=2 ≈ 87 GB and T=2,Σ=4 ≈ 136 GB
+  // (more T shards more model state, which dominates); the reverse mapping would be off by >35%.
+  const Case cases[] = {{{"tsp", 8, 1, 1}, 38.8},
+                        {{"tp", 8, 8, 1}, 70.0},
+                        {{"tp-sp", 8, 4, 1}, 85.0},
+                        {{"tp-sp", 8, 2, 1}, 140.0}};
+  for (const Case& c : cases) {
+    const double gb = total_gb(w, c.l);
+    std::printf("%-16s model %6.1f GB  published %6.1f GB  (%+.1f%%)\n", c.l.label().c_str(), gb,
+                c.published_gb, 100 * (gb / c.published_gb - 1));
+    EXPECT_NEAR(gb, c.published_gb, 0.10 * c.published_gb) << c.l.label();
+  }
+  EXPECT_GT(std::abs(total_gb(w, {"tp-sp", 8, 4, 1}) / 140.0 - 1), 0.10);
+  EXPECT_GT(std::abs(total_gb(w, {"tp-sp", 8, 2, 1}) / 85.0 - 1), 0.10);
+}
+
+// 1,024 MI300X, 128K, D=8: TSP (8 GPUs of a node, R=128) against matched TP+SP (the same per-GPU
+// sharding of weights and tokens, 1/8 each: T=8 in a node x Σ=8 across nodes, R=16). The
+// published ratio (173M/66.3M = 2.6; Zyphra also quotes >2x) is read as forward throughput
+// (brief §11), i.e. our prefill.
+TEST(CostModelPaper, ThroughputRatioMatchedTpSp) {
+  const Hardware hw = hardware_profile("mi300x");
+  const Workload w = paper(Mode::Prefill);
+  const Estimate tsp = estimate(w, {"tsp", 8, 1, 128}, hw);
+  const Estimate tpsp = estimate(w, {"tp-sp", 64, 8, 16}, hw);
+  const double ratio = tsp.tokens_per_s / tpsp.tokens_per_s;
+  std::printf("prefill tokens/s: tsp %.3g, tp-sp T=8 S=8 %.3g, ratio %.2f\n", tsp.tokens_per_s,
+              tpsp.tokens_per_s, ratio);
+  EXPECT_GE(ratio, 2.0);
+  EXPECT_LE(ratio, 2.6);
+  // Where the gain comes from: TSP's transfers hide behind its compute; TP+SP's K/V all-gather
+  // over the NIC and its TP all-reduces are exposed.
+  EXPECT_LT(tsp.exposed_comm_s, 0.05 * tsp.compute_s);
+  EXPECT_GT(tpsp.exposed_comm_s, 0.8 * tpsp.compute_s);
+  EXPECT_GT(tpsp.comm_inter_bytes, 0);
+  EXPECT_EQ(tsp.comm_inter_bytes, 0);  // prefill: no gradient all-reduce across nodes
+  // Same per-GPU work: a TSP rank computes for 1/8 of a replica, a TP+SP rank for 1/64 of one.
+  EXPECT_NEAR(tsp.compute_s / tpsp.compute_s, 8.0, 1e-9);
+}
+
+// Brief §9: with g=1 and F=4, TSP's forward block communication is below TP's iff N > 8h.
+TEST(CostModelComm, CrossoverAtEightH) {
+  LlamaConfig m = llama_preset("7b");
+  const int64_t h = m.hidden_size;
+  ASSERT_EQ(m.intermediate_size, 4 * h);
+  ASSERT_EQ(m.gqa_group(), 1);
+  for (int D : {2, 4, 8}) {
+    const int64_t step = 2 * D * D;  // keeps every block integral
+    auto fwd = [&](const char* name, int64_t N) {
+      return block_comm(m, {name, D, std::string(name) == "tp" ? D : 1, 1}, N, 2).forward.received;
+    };
+    EXPECT_EQ(fwd("tsp", 8 * h), fwd("tp", 8 * h)) << "D=" << D;
+    EXPECT_LT(fwd("tsp", 8 * h + step), fwd("tp", 8 * h + step)) << "D=" << D;
+    EXPECT_GT(fwd("tsp", 8 * h - step), fwd("tp", 8 * h - step)) << "D=" << D;
+  }
+}
+
+// Exact per-rank bytes for a small shape, worked by hand from the counting convention
+// (broadcast: others receive B; all_gather/reduce_scatter (D-1)·B; all_reduce 2(D-1)B/D;
+// reduce: root receives B, others send B).
+TEST(CostModelComm, ExactSmallShape) {
+  LlamaConfig m;
+  m.hidden_size = 16;
+  m.num_attention_heads = 4;
+  m.num_key_value_heads = 2;  // kv_dim = 8, g = 2
+  m.intermediate_size = 32;
+  const int64_t N = 32, D = 2, e = 4;
+  // attention shard (2·16·16 + 2·8·16)/2 = 384 elements; MLP shard 3·32·16/2 = 768;
+  // K (or V) block of a head group: (32/2)·(8/2) = 64.
+  const BlockComm t = block_comm(m, {"tsp", 2, 1, 1}, N, e);
+  const int64_t attn = 384 * e, mlp = 768 * e, kvb = 64 * e;
+  EXPECT_EQ(t.forward.received, (D - 1) * attn + (D - 1) * mlp + D * 2 * (D - 1) * kvb);
+  EXPECT_EQ(t.forward.sent, attn + (D - 1) * mlp + D * 2 * (D - 1) * kvb);
+  EXPECT_EQ(t.backward.received,
+            (D - 1) * attn + 2 * D * 2 * (D - 1) * kvb + attn + 2 * (D - 1) * mlp);
+  EXPECT_EQ(t.backward.sent, attn + 2 * D * 2 * (D - 1) * kvb + (D - 1) * attn + 2 * (D - 1) * mlp);
+  // tp: two all-reduces of [32, 16] fp32 = 2048 bytes each: 2·(2·1·2048/2) = 4096 per pass.
+  const BlockComm p = block_comm(m, {"tp", 2, 2, 1}, N, e);
+  EXPECT_EQ(p.forward, (Traffic{4096, 4096}));
+  EXPECT_EQ(p.backward, (Traffic{4096, 4096}));
+  // sp: K and V all-gather of 16 rows x 8 = 512 bytes each; backward dK/dV reduce-scatter
+  // (same) and the all-reduce of the block gradients: (512 + 256 + 1536) params · 4 B · 2(D-1)/D.
+  const BlockComm s = block_comm(m, {"sp", 2, 1, 1}, N, e);
+  EXPECT_EQ(s.forward, (Traffic{1024, 1024}));
+  EXPECT_EQ(s.backward, (Traffic{1024 + 9216, 1024 + 9216}));
+  // tp-sp with T=D: identical to tp; with T=1: sp's K/V traffic.
+  LlamaConfig m4 = m;
+  m4.num_key_value_heads = 4;
+  EXPECT_EQ(block_comm(m4, {"tp-sp", 4, 4, 1}, N, e).forward,
+            block_comm(m4, {"tp", 4, 4, 1}, N, e).forward);
+  EXPECT_EQ(block_comm(m4, {"tp-sp", 4, 1, 1}, N, e).forward,
+            block_comm(m4, {"sp", 4, 1, 1}, N, e).forward);
+  EXPECT_EQ(block_comm(m, {"single", 1, 1, 1}, N, e).forward, Traffic{});
+}
+
+// Model state and activations shrink 1/D under tsp; model state only under tp; activations only
+// under sp.
+TEST(CostModelMemory, ShrinksAsTheLayoutSays) {
+  Workload w = paper(Mode::Train);
+  w.S = 16384;
+  const Hardware hw = hardware_profile("mi300x");
+  using C = MemCategory;
+  auto mem = [&](const LayoutSpec& l) { return estimate(w, l, hw).memory; };
+  // Matrices are split D ways; the RMSNorm weights (2hL + h) stay replicated.
+  const double matrices = static_cast<double>(w.model.num_parameters()) - (2 * 4096 * 32 + 4096);
+  const MemoryBreakdown t2 = mem({"tsp", 2, 1, 1}), t4 = mem({"tsp", 4, 1, 1});
+  // relative 1e-12: the same doubles summed in a different order
+  EXPECT_NEAR(t2[C::Optimizer] - t4[C::Optimizer], 12 * matrices / 4, 1e-12 * 12 * matrices);
+  EXPECT_NEAR(t2[C::Activations] / t4[C::Activations], 2.0, 1e-12);
+  const MemoryBreakdown p2 = mem({"tp", 2, 2, 1}), p4 = mem({"tp", 4, 4, 1});
+  EXPECT_NEAR(p2[C::Weights] - p4[C::Weights], 2 * matrices / 4, 1e-12 * 2 * matrices);
+  // TP's layer inputs stay replicated: its activations shrink far less than 1/D.
+  EXPECT_LT(p2[C::Activations] / p4[C::Activations], 1.6);
+  const MemoryBreakdown s2 = mem({"sp", 2, 1, 1}), s4 = mem({"sp", 4, 1, 1});
+  EXPECT_DOUBLE_EQ(s2[C::Weights], s4[C::Weights]);
+  EXPECT_GT(s2[C::Activations], s4[C::Activations]);
+  // TSP below every other layout of the same D.
+  for (const LayoutSpec& l : enumerate_layouts(w, 8, 8))
+    if (l.name != "tsp") EXPECT_LT(mem({"tsp", 8, 1, 1}).total(), mem(l).total()) << l.label();
+}
+
+// Inference: no gradients or optimizer state; the K/V cache is split 1/D under sp and tsp.
+TEST(CostModelMemory, Inference) {
+  Workload w = paper(Mode::Decode);
+  w.B = 4;
+  const Hardware hw = hardware_profile("mi300x");
+  using C = MemCategory;
+  const Estimate single = estimate(w, {"single", 1, 1, 1}, hw);
+  EXPECT_EQ(single.memory[C::Grads], 0);
+  EXPECT_EQ(single.memory[C::Optimizer], 0);
+  // 2 (K,V) · L · B · S · kv_dim · 2 bytes
+  EXPECT_DOUBLE_EQ(single.memory[C::Activations], 2.0 * 32 * 4 * 131072 * 4096 * 2);
+  for (const char* n : {"sp", "tsp"})
+    EXPECT_DOUBLE_EQ(estimate(w, {n, 8, 1, 1}, hw).memory[C::Activations],
+                     single.memory[C::Activations] / 8)
+        << n;
+  // Weight-stationary TSP decode moves activations only: far less than a layer of weights.
+  const Estimate t = estimate(w, {"tsp", 8, 1, 1}, hw);
+  EXPECT_LT(t.comm_intra_bytes, 1e-3 * 16.0 * 4096 * 4096 * 2 * 32);
+  EXPECT_GT(estimate(w, {"fsdp-cp", 8, 1, 1}, hw).comm_intra_bytes, 100 * t.comm_intra_bytes);
+}
+
+TEST(CostModelLayouts, EveryFactorizationListed) {
+  const Workload w = paper(Mode::Train);
+  std::set<std::string> labels;
+  for (const LayoutSpec& l : enumerate_layouts(w, 8)) labels.insert(l.label());
+  for (const char* want :
+       {"single D=1 R=8", "tp D=8", "sp D=8", "tsp D=8", "fsdp-cp D=8", "tp-sp T=2 S=4",
+        "tp-sp T=4 S=2", "tp D=4 R=2", "tsp D=2 R=4", "tp-sp T=2 S=2 R=2"})
+    EXPECT_TRUE(labels.count(want)) << want;
+  // D=8 layouts: tp, sp, tsp, fsdp-cp and the two proper factorizations of 8.
+  EXPECT_EQ(enumerate_layouts(w, 8, 8).size(), 6u);
+}
+
+TEST(CostModelLayouts, NonDividingConfigurationsRejected) {
+  Workload w = paper(Mode::Train);
+  auto message = [&](const LayoutSpec& l) -> std::string {
+    try {
+      check_layout(w.model, l, w);
+    } catch (const Error& e) {
+      return e.message();
+    }
+    return "";
+  };
+  LlamaConfig gqa = w.model;
+  gqa.num_key_value_heads = 8;
+  w.model = gqa;
+  EXPECT_NE(message({"tsp", 16, 1, 1}).find("use a degree in {1,2,4,8}"), std::string::npos);
+  EXPECT_NE(message({"tp-sp", 8, 3, 1}).find("does not divide"), std::string::npos);
+  w.S = 1000;  // not a multiple of 2·8
+  EXPECT_NE(message({"sp", 8, 1, 1}).find("multiple of 16"), std::string::npos);
+  EXPECT_NE(message({"zz", 2, 1, 1}).find("unknown layout"), std::string::npos);
+  EXPECT_THROW(enumerate_layouts(w, 8, 3), Error);
+  EXPECT_THROW(hardware_profile("tpu"), Error);
+}
+
+TEST(CostModelPlan, RecommendsFastestThatFits) {
+  const Hardware hw = hardware_profile("mi300x");
+  const Workload w = paper(Mode::Train);
+  std::vector<Estimate> all;
+  for (const LayoutSpec& l : enumerate_layouts(w, 8)) all.push_back(estimate(w, l, hw));
+  std::string reason;
+  const int best = recommend(all, &reason);
+  ASSERT_GE(best, 0);
+  EXPECT_EQ(all[best].layout.name, "tsp");
+  EXPECT_NE(reason.find("highest predicted tokens/s among layouts that fit"), std::string::npos);
+  for (const Estimate& e : all)
+    if (e.fits) EXPECT_LE(e.tokens_per_s, all[best].tokens_per_s * (1 + 1e-12));
+}
+
+}  // namespace
+}  // namespace tsp::plan
