@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 
 #include <fmt/format.h>
 
@@ -13,7 +15,16 @@ Progress::Progress(int64_t first_step, int64_t total_steps, int64_t every, bool 
     : first_(first_step), total_(total_steps), every_(every > 0 ? every : 1), tty_(tty) {}
 
 bool Progress::stdout_is_tty() {
-  return ::isatty(STDOUT_FILENO) == 1;
+  if (::isatty(STDOUT_FILENO) != 1) return false;
+  // Under OpenMPI every rank's stdout is a pseudo-terminal that the launcher forwards, whatever
+  // mpiexec's own stdout is. Ask the launcher (the parent process of a local rank) instead.
+  if (std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr) return true;
+  const std::string link = "/proc/" + std::to_string(::getppid()) + "/fd/1";
+  char target[256] = {};
+  const ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+  if (n <= 0) return false;
+  const std::string t(target, static_cast<size_t>(n));
+  return t.rfind("/dev/pts/", 0) == 0 || t.rfind("/dev/tty", 0) == 0;
 }
 
 std::string Progress::format_duration(double seconds) {
