@@ -110,14 +110,14 @@ void init_param_rows(const ParamSpec& spec, uint64_t seed, int64_t row_begin, in
             spec.name, row_begin, row_end, shape_str(want), shape_str(dst.shape()));
   TSP_CHECK(dst.dtype() == DType::F32 || dst.dtype() == DType::BF16,
             "init {}: destination must be f32 or bf16, not {}", spec.name, dtype_name(dst.dtype()));
-  const double std = init_std(spec);
-  const int64_t row_elems = shape_numel(spec.shape) / spec.shape[0];
+  const double sigma = init_std(spec);
+  const int64_t row_elems = spec.shape[0] ? shape_numel(spec.shape) / spec.shape[0] : 0;
   const int64_t first = row_begin * row_elems, n = dst.numel();
   const uint64_t key = splitmix64(seed ^ splitmix64(fnv1a(spec.name)));
   float* f = dst.dtype() == DType::F32 ? dst.f32() : nullptr;
   bf16* b = dst.dtype() == DType::BF16 ? dst.data_as<bf16>() : nullptr;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = std == 0.0 ? 1.0f : static_cast<float>(std * normal_at(key, first + i));
+    const float v = sigma == 0.0 ? 1.0f : static_cast<float>(sigma * normal_at(key, first + i));
     if (f) {
       f[i] = v;
     } else {
