@@ -64,16 +64,17 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
-// Standard normal sample for element `index` of the stream `key`.
-double normal_at(uint64_t key, int64_t index) {
-  const uint64_t pair = static_cast<uint64_t>(index) >> 1;
+// The two standard normal samples of Box-Muller pair `pair` of the stream `key`: elements 2·pair
+// (cosine branch) and 2·pair + 1 (sine branch).
+void normal_pair(uint64_t key, uint64_t pair, double* even, double* odd) {
   const uint64_t a = splitmix64(key ^ splitmix64(2 * pair));
   const uint64_t b = splitmix64(key ^ splitmix64(2 * pair + 1));
   const double u1 = static_cast<double>((a >> 11) + 1) * 0x1.0p-53;  // (0, 1]: log is finite
   const double u2 = static_cast<double>(b >> 11) * 0x1.0p-53;        // [0, 1)
   const double r = std::sqrt(-2.0 * std::log(u1));
   const double theta = 2.0 * std::numbers::pi * u2;
-  return (index & 1) ? r * std::sin(theta) : r * std::cos(theta);
+  *even = r * std::cos(theta);
+  *odd = r * std::sin(theta);
 }
 
 // Standard deviation of a parameter's init; 0 means "all ones" (norm weights).
@@ -116,13 +117,23 @@ void init_param_rows(const ParamSpec& spec, uint64_t seed, int64_t row_begin, in
   const uint64_t key = splitmix64(seed ^ splitmix64(fnv1a(spec.name)));
   float* f = dst.dtype() == DType::F32 ? dst.f32() : nullptr;
   bf16* b = dst.dtype() == DType::BF16 ? dst.data_as<bf16>() : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = sigma == 0.0 ? 1.0f : static_cast<float>(sigma * normal_at(key, first + i));
+  auto store = [&](int64_t i, double z) {  // i: index into dst
+    const float v = sigma == 0.0 ? 1.0f : static_cast<float>(sigma * z);
     if (f) {
       f[i] = v;
     } else {
       b[i] = bf16(v);
     }
+  };
+  // Loop over the Box-Muller pairs touching [first, first + n); a pair cut by the range's ends
+  // stores only its element inside. Every element is independent, so threads cannot change bits.
+  const int64_t pair_begin = first / 2, pair_end = (first + n + 1) / 2;
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t p = pair_begin; p < pair_end; ++p) {
+    double even = 1.0, odd = 1.0;
+    if (sigma != 0.0) normal_pair(key, static_cast<uint64_t>(p), &even, &odd);
+    if (2 * p >= first) store(2 * p - first, even);
+    if (2 * p + 1 < first + n) store(2 * p + 1 - first, odd);
   }
 }
 
