@@ -242,15 +242,17 @@ int run_train(TrainOptions o, Communicator& world) {
       // Loss and norm are identical on every rank, so every rank stops here
       // together.
       progress.finish();
-      say(
-          fmt::format("error: training stopped at step {}: the loss is {} and the gradient "
-                      "norm {}. "
-                      "Nothing was updated or saved at this step; {}. Try a lower --lr or "
-                      "--clip.",
-                      step + 1, loss, norm,
-                      last_saved >= 0 ? fmt::format("the last good checkpoint is {} (step {})",
-                                                    o.save.empty() ? o.resume : o.save, last_saved)
-                                      : std::string("no checkpoint was written")));
+      if (root) {
+        const std::string kept = last_saved >= 0
+                                     ? fmt::format("the last good checkpoint is {} (step {})",
+                                                   o.save.empty() ? o.resume : o.save, last_saved)
+                                     : std::string("no checkpoint was written");
+        std::fprintf(stderr,
+                     "error: training stopped at step %lld: non-finite loss or gradient (loss %g, "
+                     "gradient norm %g). Nothing was updated or saved at this step; %s. Try a "
+                     "lower --lr, or --clip.\n",
+                     static_cast<long long>(step + 1), loss, norm, kept.c_str());
+      }
       return 2;
     }
     const double lr = sched.at(step);

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `tsp train` rejects bad inputs up front with messages a user can act on, and stops on a
+# non-finite loss or gradient keeping the last good checkpoint.
+# Usage: bash train_errors_test.sh <build-dir> <source-dir>
+set -euo pipefail
+build=$(cd "$1" && pwd)
+src=$(cd "$2" && pwd)
+source "$src/scripts/env.sh"
+tsp="$build/tsp"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+cd "$tmp"
+
+for i in $(seq 1 1500); do
+  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
+done > corpus.txt
+common=(--preset tiny --layout single --batch 4 --seq 32 --warmup 1 --val-every 0
+  --progress lines)
+# expect_error "what" "message fragment" train-args...: the run must fail and say the fragment.
+expect_error() {
+  local what=$1 fragment=$2
+  shift 2
+  local out
+  if out=$(mpiexec -n 1 "$tsp" train "${common[@]}" "$@" 2>&1); then
+    fail "$what: the run succeeded"
+  fi
+  grep -qF -- "$fragment" <<< "$out" || { echo "$out" | head -20; fail "$what: no '$fragment'"; }
+  echo "ok: $what"
+}
+
+expect_error "missing data" "cannot open data file missing.txt" --data missing.txt
+head -c 200 corpus.txt > small.txt
+expect_error "corpus too small" "use a larger corpus or a smaller --seq" --data small.txt
+# llm.c header (magic 20240520, version 1) announcing 1000 uint16 tokens, holding 10.
+/usr/bin/env python3 -c '
+import struct, sys
+h = [0] * 256; h[0], h[1], h[2] = 20240520, 1, 1000
+sys.stdout.buffer.write(struct.pack("<256i", *h) + struct.pack("<10H", *range(10)))' > bad.bin
+expect_error "truncated token file" "bad.bin" --data bad.bin
+/usr/bin/env python3 -c '
+import struct, sys
+h = [0] * 256; h[0], h[1], h[2] = 20240520, 1, 5000
+sys.stdout.buffer.write(struct.pack("<256i", *h) + struct.pack("<5000H", *[(i * 7) % 300 for i in range(5000)]))' > big_vocab.bin
+expect_error "token ids beyond the vocabulary" "vocab_size >= 300" --data big_vocab.bin
+
+mpiexec -n 1 "$tsp" train "${common[@]}" --steps 4 --data corpus.txt --save ck > /dev/null
+sed 's/"hidden_size": *64/"hidden_size": 128/' ck/config.json > wider.json
+grep -q '"hidden_size": *128' wider.json || fail "could not derive another config"
+expect_error "checkpoint of another model" "another model" --data corpus.txt --resume ck --config wider.json
+expect_error "no checkpoint" "no checkpoint at nowhere" --data corpus.txt --resume nowhere
+mkdir notes && echo "important" > notes/todo.txt
+expect_error "--save over a foreign directory" "is not a tsp checkpoint" --data corpus.txt --save notes
+[ -f notes/todo.txt ] || fail "the foreign directory was touched"
+# A model directory whose config.json does not match its weights.
+mkdir mismatch && cp ck/model.safetensors mismatch/
+sed 's/"intermediate_size": *160/"intermediate_size": 96/' ck/config.json > mismatch/config.json
+expect_error "model directory not matching its config" "config.json says intermediate_size=96" --data corpus.txt --model mismatch
+
+# Divergence: a huge learning rate without clipping gives a non-finite gradient within a few
+# steps; training stops with exit code 2 and the checkpoint of the last good step stays.
+if mpiexec -n 1 "$tsp" train "${common[@]}" --data corpus.txt --steps 20 --lr 1e4 --clip 0 \
+  --save div --save-every 1 > div.out 2> div.err; then
+  fail "a diverging run succeeded"
+fi
+grep -q "training stopped at step" div.err || { cat div.err; fail "no divergence message"; }
+step=$(sed -n 's/.*training stopped at step \([0-9]*\).*/\1/p' div.err)
+grep -q "\"step\": $((step - 1))" div/trainer_state.json || fail "the last good checkpoint is not step $((step - 1))"
+echo "ok: divergence at step $step stopped with the step-$((step - 1)) checkpoint kept"
+echo "PASS"
