@@ -219,6 +219,41 @@ TEST(TpSp, ReplicatedGradientsAreBitIdentical) {
   }
 }
 
+TEST(TpSp, GradientsAccumulateAcrossCalls) {
+  // Two calls accumulate the sum of the two calls' gradients: the Σ all-reduce works on a staging
+  // buffer of the new partials only, so what is already accumulated is not summed Σ times.
+  const int W = test::world().size();
+  for (const Config& cf : configs_for(W)) {
+    const LlamaConfig c = test::tiny_config(8, 4, 2, true);
+    ParallelConfig pc;
+    pc.layout = cf.layout;
+    pc.tp = cf.layout == "tp-sp" ? cf.T : 1;
+    pc.dp = cf.dp;
+    std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
+    layout->load(RandomWeights(8));
+    const Batch b1 = test::random_batch(4, 16, c.vocab_size, 1);
+    const Batch b2 = test::random_batch(4, 16, c.vocab_size, 2);
+    layout->forward_backward(b1);
+    const test::GradMap g1 = test::gather_grads(*layout);
+    layout->zero_grads();
+    layout->forward_backward(b2);
+    const test::GradMap g2 = test::gather_grads(*layout);
+    layout->zero_grads();
+    layout->forward_backward(b1);
+    layout->forward_backward(b2);
+    const test::GradMap g12 = test::gather_grads(*layout);
+    if (test::world().rank() != 0) continue;
+    for (const auto& [name, a] : g1) {
+      std::vector<float> sum(a.size());
+      for (size_t i = 0; i < a.size(); ++i) sum[i] = a[i] + g2.at(name)[i];
+      // One extra rounding per addition (and the framework's 1/R rescale): 1e-6 norm-wise is
+      // ~10 ulps; summing an accumulated gradient Σ times would be off by O(1).
+      EXPECT_LE(test::norm_rel_err(g12.at(name).data(), sum.data(), sum.size()), 1e-6)
+          << cf.label() << " " << name;
+    }
+  }
+}
+
 // ---- exact traffic -----------------------------------------------------------------------------
 // The closed forms of docs/communication.md (sections tp, sp, tp-sp), in the Communicator's
 // byte convention, for one layer and one rank; e = 4 (f32), n = B/R·S/Σ local tokens.
