@@ -1,0 +1,429 @@
+// `tsp bench`: every requested layout on the same model and tokens in one MPI job, one after the
+// other with fresh state, at each sequence length; a fixed-column table (or JSON lines) of memory
+// per rank by category, communication per step (forward / backward), step time, tokens/s, time
+// blocked in communication, the loss difference against `single`, and the local predictions of
+// include/tsp/plan/measure.h (memory) and the cost model (time) next to the measurements.
+//
+// How each figure is taken (docs/benchmarks.md):
+//  - memory: MemoryTracker peaks reset once the layout, its weights and the AdamW moments exist
+//    (the previous layout freed), then one training step (forward_backward + AdamW); the bytes
+//    by category at the moment the total peaked, for the rank with the largest peak.
+//  - communication: the Layout interface has no split point inside forward_backward(), so the
+//    forward is one forward() call (loss only) and the backward is forward_backward() minus it
+//    (plan::measure_call_traffic: world + group + replica communicators). MB received per rank,
+//    averaged over ranks.
+//  - step time: median over --repeats of (barrier, forward_backward, AdamW step at lr 0, so every
+//    repeat sees the same weights), the slowest rank of each repeat; blocked time is
+//    CommStats::blocked_seconds of the same steps, averaged over ranks.
+//  - single runs on world rank 0 alone (a one-rank communicator): the whole model on one rank is
+//    the reference the loss difference is taken against.
+#include <unistd.h>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/command.h"
+#include "parallel/registry.h"
+#include "tsp/core/error.h"
+#include "tsp/core/memory.h"
+#include "tsp/model/params.h"
+#include "tsp/model/tokens.h"
+#include "tsp/ops/gemm.h"
+#include "tsp/parallel/layout.h"
+#include "tsp/plan/cost_model.h"
+#include "tsp/plan/measure.h"
+#include "tsp/train/optimizer.h"
+
+namespace tsp::cli {
+namespace {
+
+struct BenchOptions {
+  std::string model, config_file, tokens;
+  std::string layouts = "single,tp,sp,tp-sp,tsp,fsdp-cp";
+  std::string seqs = "256";
+  int64_t batch = 1;
+  int dp = 1;
+  int tp = 0;  // T for tp-sp; 0: the largest divisor of D not above sqrt(D)
+  int repeats = 3;
+  uint64_t seed = 1234;
+  bool json = false;
+  bool no_overlap = false;
+};
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown cpu";
+}
+
+std::string git_rev() {
+  FILE* f = popen("git rev-parse --short HEAD 2>/dev/null", "r");
+  if (!f) return "unknown";
+  char buf[64] = {0};
+  const bool ok = fgets(buf, sizeof buf, f) != nullptr;
+  pclose(f);
+  std::string s = ok ? buf : "unknown";
+  s.erase(s.find_last_not_of(" \n") + 1);
+  return s.empty() ? "unknown" : s;
+}
+
+// The batch: B rows of S+1 tokens, from --tokens (its first B·(S+1)) or drawn uniformly from the
+// vocabulary with --seed. Identical on every rank.
+Batch make_batch(const BenchOptions& o, const LlamaConfig& c, int64_t S) {
+  Batch b;
+  b.B = o.batch;
+  b.S = S;
+  const int64_t need = o.batch * (S + 1);
+  if (!o.tokens.empty()) {
+    const TokenFileInfo info = read_token_file_info(o.tokens);
+    TSP_CHECK(info.num_tokens >= need,
+              "bench: {} holds {} tokens, --batch {} --seq {} needs {}; use a shorter --seq",
+              o.tokens, info.num_tokens, o.batch, S, need);
+    b.tokens = read_tokens(o.tokens, 0, need);
+    for (int64_t i = 0; i < need; ++i)
+      TSP_CHECK(b.tokens[i] < c.vocab_size,
+                "bench: token id {} in {} is not below vocab_size={}; the file was made for "
+                "another vocabulary",
+                b.tokens[i], o.tokens, c.vocab_size);
+  } else {
+    std::mt19937_64 rng(o.seed);
+    std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(c.vocab_size - 1));
+    b.tokens.resize(need);
+    for (int32_t& t : b.tokens) t = id(rng);
+  }
+  return b;
+}
+
+int default_tp(int D) {
+  int best = 1;
+  for (int t = 1; t * t <= D; ++t)
+    if (D % t == 0) best = t;
+  return best;
+}
+
+struct Row {
+  std::string layout, degrees, status;  // status: "ok", or why the layout did not run
+  int D = 1, T = 1, R = 1;
+  int64_t S = 0;
+  MemorySnapshot mem;          // of the rank with the largest peak
+  plan::MemoryBreakdown pred;  // predicted, same rank
+  bool have_pred = false;
+  double fwd_mb = 0, bwd_mb = 0;  // received per rank, averaged over ranks
+  double step_ms = 0, tokens_s = 0, blocked_ms = 0, pred_step_ms = -1;
+  double loss = 0, loss_diff = 0;
+  bool have_ref = false;
+};
+
+double max_over(Communicator& c, double v) {
+  std::vector<double> all(c.size());
+  c.all_gather(&v, all.data(), 1, DType::I64);  // 8 bytes moved as they are
+  return *std::max_element(all.begin(), all.end());
+}
+double mean_over(Communicator& c, double v) {
+  std::vector<double> all(c.size());
+  c.all_gather(&v, all.data(), 1, DType::I64);  // 8 bytes moved as they are
+  double s = 0;
+  for (double x : all) s += x;
+  return s / c.size();
+}
+
+// Runs one layout on `comm` (the world, or rank 0 alone for single). Collective over comm.
+Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& weights,
+               const std::string& name, const Batch& batch, Communicator& comm) {
+  Row row;
+  row.layout = name;
+  row.S = batch.S;
+  ParallelConfig pc;
+  pc.layout = name;
+  pc.dp = name == "single" ? 1 : o.dp;
+  pc.overlap = !o.no_overlap;
+  const int D = comm.size() / pc.dp;
+  if (name == "tp-sp") pc.tp = o.tp > 0 ? o.tp : default_tp(D);
+  std::unique_ptr<Layout> layout = make_layout(c, pc, comm);
+  layout->load(weights);
+  AdamW opt(layout->parameters(), AdamWConfig{});
+  plan::LayoutSpec spec = plan::layout_spec_of(*layout, comm.size());
+  row.D = spec.D;
+  row.T = spec.T;
+  row.R = spec.R;
+  row.degrees = name == "tp-sp" ? fmt::format("T={} S={}", spec.T, spec.D / spec.T)
+                                : fmt::format("D={}", spec.D);
+  if (spec.R > 1) row.degrees += fmt::format(" R={}", spec.R);
+
+  // Memory: peaks of one training step from here (weights, grads and moments are allocated).
+  MemoryTracker::instance().reset_peaks();
+  comm.barrier();
+  const CommStats fwd = plan::measure_call_traffic(*layout, comm, [&] { layout->forward(batch); });
+  layout->zero_grads();
+  const CommStats fb = plan::measure_call_traffic(
+      *layout, comm, [&] { row.loss = layout->forward_backward(batch); });
+  opt.step(0.0, 1.0);
+  const MemorySnapshot mine = MemoryTracker::instance().snapshot();
+  // The rank with the largest peak reports its breakdown.
+  const double worst = max_over(comm, static_cast<double>(mine.peak_total));
+  int owner = mine.peak_total == static_cast<int64_t>(worst) ? comm.rank() : comm.size();
+  {
+    std::vector<int> all(comm.size());
+    comm.all_gather(&owner, all.data(), 1, DType::I32);
+    owner = *std::min_element(all.begin(), all.end());
+  }
+  std::vector<int64_t> snap(2 * kNumMemCategories + 1);
+  for (int i = 0; i < kNumMemCategories; ++i) snap[i] = mine.at_peak[i], snap[6 + i] = mine.peak[i];
+  snap[12] = mine.peak_total;
+  comm.broadcast(snap.data(), static_cast<int64_t>(snap.size()), DType::I64, owner);
+  for (int i = 0; i < kNumMemCategories; ++i)
+    row.mem.at_peak[i] = snap[i], row.mem.peak[i] = snap[6 + i];
+  row.mem.peak_total = snap[12];
+  try {
+    row.pred = plan::predict_local_memory(c, spec, batch.B, batch.S, /*optimizer=*/true);
+    row.have_pred = true;
+  } catch (const Error&) {
+    row.have_pred = false;  // no local model of this layout: the column says "-"
+  }
+  row.fwd_mb = mean_over(comm, static_cast<double>(fwd.total_received())) / 1e6;
+  row.bwd_mb =
+      mean_over(comm, static_cast<double>(fb.total_received() - fwd.total_received())) / 1e6;
+
+  // Timing.
+  std::vector<double> times, blocked;
+  for (int r = 0; r < o.repeats; ++r) {
+    layout->zero_grads();
+    comm.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    const CommStats st =
+        plan::measure_call_traffic(*layout, comm, [&] { layout->forward_backward(batch); });
+    opt.step(0.0, 1.0);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    times.push_back(max_over(comm, dt));
+    blocked.push_back(mean_over(comm, st.blocked_seconds));
+  }
+  std::sort(times.begin(), times.end());
+  std::sort(blocked.begin(), blocked.end());
+  row.step_ms = times[times.size() / 2] * 1e3;
+  row.blocked_ms = blocked[blocked.size() / 2] * 1e3;
+  row.tokens_s = static_cast<double>(batch.B * batch.S) / (row.step_ms / 1e3);
+
+  // Predicted step time (cost model, local hardware profile): reported, never gated.
+  try {
+    plan::Workload w;
+    w.model = c;
+    w.B = batch.B / spec.R;
+    w.S = batch.S;
+    row.pred_step_ms = plan::estimate(w, spec, plan::hardware_profile("local")).step_s * 1e3;
+  } catch (const Error&) {
+    row.pred_step_ms = -1;
+  }
+  row.status = "ok";
+  return row;
+}
+
+void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  std::printf(
+      "# tsp bench  git=%s  machine=%s (%ld cores, host %s)  world=%d  threads/rank=%d  dtype=f32\n"
+      "# model h=%lld L=%lld heads=%lld/%lld ffn=%lld V=%lld  B=%lld  repeats=%d  overlap=%s\n"
+      "# peak_MB: max over ranks; weights..workspace: that rank's MB by category at its peak;\n"
+      "# pred_MB/err%%: src/plan/measure.cpp's model of this implementation; comm MB received per\n"
+      "# rank per step (fwd = forward(), bwd = forward_backward() - forward()); step_ms median;\n"
+      "# blocked_ms in wait()/blocking calls; pred_ms: cost model, --hw local; dloss vs single\n",
+      git_rev().c_str(), cpu_model().c_str(), sysconf(_SC_NPROCESSORS_ONLN), host, world,
+      compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
+      (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
+      (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.batch, o.repeats,
+      o.no_overlap ? "off" : "on");
+  std::printf("#%-7s %-9s %6s %9s %8s %7s %7s %7s %7s %7s %8s %6s %8s %8s %9s %10s %9s %8s %10s\n",
+              "layout", "degrees", "S", "peak_MB", "weights", "grads", "optim", "activ", "comm",
+              "wkspace", "pred_MB", "err%", "fwd_MB", "bwd_MB", "step_ms", "tokens/s", "blocked",
+              "pred_ms", "dloss");
+}
+
+void print_row(const Row& r) {
+  if (r.status != "ok") {
+    std::printf(" %-7s %-9s %6lld  skipped: %s\n", r.layout.c_str(), "-", (long long)r.S,
+                r.status.c_str());
+    return;
+  }
+  std::printf(" %-7s %-9s %6lld %9.2f", r.layout.c_str(), r.degrees.c_str(), (long long)r.S,
+              to_mb(r.mem.peak_total));
+  for (int i = 0; i < kNumMemCategories; ++i) std::printf(" %7.2f", to_mb(r.mem.at_peak[i]));
+  if (r.have_pred)
+    std::printf(" %8.2f %+6.1f", r.pred.total() / 1e6,
+                100.0 * (static_cast<double>(r.mem.peak_total) - r.pred.total()) / r.pred.total());
+  else
+    std::printf(" %8s %6s", "-", "-");
+  std::printf(" %8.3f %8.3f %9.2f %10.1f %9.2f", r.fwd_mb, r.bwd_mb, r.step_ms, r.tokens_s,
+              r.blocked_ms);
+  if (r.pred_step_ms >= 0)
+    std::printf(" %8.2f", r.pred_step_ms);
+  else
+    std::printf(" %8s", "-");
+  if (r.have_ref)
+    std::printf(" %+10.2e\n", r.loss_diff);
+  else
+    std::printf(" %10s\n", "-");
+}
+
+nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world) {
+  nlohmann::json j;
+  j["layout"] = r.layout;
+  j["S"] = r.S;
+  j["world"] = world;
+  j["model"] = {{"h", c.hidden_size},
+                {"L", c.num_hidden_layers},
+                {"heads", c.num_attention_heads},
+                {"kv_heads", c.num_key_value_heads},
+                {"ffn", c.intermediate_size},
+                {"vocab", c.vocab_size}};
+  j["status"] = r.status;
+  if (r.status != "ok") return j;
+  j["degrees"] = r.degrees;
+  j["D"] = r.D;
+  j["T"] = r.T;
+  j["R"] = r.R;
+  j["peak_mb"] = to_mb(r.mem.peak_total);
+  nlohmann::json at, pk, pr;
+  for (int i = 0; i < kNumMemCategories; ++i) {
+    const std::string n(mem_category_name(static_cast<MemCategory>(i)));
+    at[n] = to_mb(r.mem.at_peak[i]);
+    pk[n] = to_mb(r.mem.peak[i]);
+    if (r.have_pred) pr[n] = r.pred.bytes[i] / 1e6;
+  }
+  j["at_peak_mb"] = at;
+  j["category_peak_mb"] = pk;
+  if (r.have_pred) {
+    pr["total"] = r.pred.total() / 1e6;
+    j["predicted_mb"] = pr;
+  }
+  j["comm_mb"] = {{"forward", r.fwd_mb}, {"backward", r.bwd_mb}};
+  j["step_ms"] = r.step_ms;
+  j["tokens_per_s"] = r.tokens_s;
+  j["blocked_ms"] = r.blocked_ms;
+  if (r.pred_step_ms >= 0) j["predicted_step_ms"] = r.pred_step_ms;
+  j["loss"] = r.loss;
+  if (r.have_ref) j["loss_diff"] = r.loss_diff;
+  return j;
+}
+
+int run_bench(const BenchOptions& o, Communicator& world) {
+  TSP_CHECK(o.model.empty() != o.config_file.empty(),
+            "bench: give exactly one of --model DIR (weights from model.safetensors) or --config "
+            "FILE (config.json; random weights from --seed)");
+  TSP_CHECK(o.batch >= 1 && o.repeats >= 1 && o.dp >= 1,
+            "bench: --batch, --repeats and --dp must be positive");
+  std::unique_ptr<ModelDir> dir;
+  LlamaConfig c;
+  if (!o.model.empty()) {
+    dir = std::make_unique<ModelDir>(open_model_dir(o.model));
+    c = dir->config;
+  } else {
+    c = LlamaConfig::from_file(o.config_file);
+  }
+  c.validate();
+  std::unique_ptr<WeightSource> weights;
+  if (dir)
+    weights = std::make_unique<ModelDirWeights>(*dir);
+  else
+    weights = std::make_unique<RandomWeights>(o.seed);
+
+  const std::vector<std::string> layouts = split_list(o.layouts);
+  std::vector<int64_t> seqs;
+  for (const std::string& s : split_list(o.seqs)) seqs.push_back(std::stoll(s));
+  TSP_CHECK(!layouts.empty() && !seqs.empty(),
+            "bench: --layouts and --seq need at least one value");
+  // single runs on world rank 0 alone: the whole model on one rank.
+  std::unique_ptr<Communicator> solo = world.split(world.rank() == 0 ? 0 : 1, world.rank());
+
+  const bool print = world.rank() == 0;
+  if (print && !o.json) print_header(o, c, world.size());
+  for (int64_t S : seqs) {
+    const Batch batch = make_batch(o, c, S);
+    double ref_loss = 0;
+    bool have_ref = false;
+    for (const std::string& name : layouts) {
+      Row row;
+      row.layout = name;
+      row.S = S;
+      if (!find_layout(name)) {
+        row.status = fmt::format("layout '{}' is not available in this build (registered: {})",
+                                 name, layout_names_str());
+      } else {
+        try {
+          if (name == "single") {
+            if (world.rank() == 0) row = run_layout(o, c, *weights, name, batch, *solo);
+            world.barrier();
+          } else {
+            row = run_layout(o, c, *weights, name, batch, world);
+          }
+        } catch (const Error& e) {
+          // Configuration errors (degrees that do not divide heads, FFN, vocabulary, zigzag
+          // chunks) are raised identically on every rank before any collective: skip the row.
+          row = Row();
+          row.layout = name;
+          row.S = S;
+          row.status = e.what();
+        }
+      }
+      if (name == "single" && row.status == "ok") ref_loss = row.loss, have_ref = true;
+      if (have_ref && row.status == "ok") {
+        row.have_ref = true;
+        row.loss_diff = row.loss - ref_loss;
+      }
+      if (print) {
+        if (o.json)
+          std::printf("%s\n", row_json(row, c, world.size()).dump().c_str());
+        else
+          print_row(row);
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}
+
+const CommandRegistration kBench{Command{
+    "bench",
+    "Run layouts side by side on the same model and tokens: memory per rank by category, "
+    "communication per step, step time, tokens/s, blocked time, loss difference vs single",
+    /*needs_mpi=*/true, [](CLI::App& sub) {
+      auto o = std::make_shared<BenchOptions>();
+      sub.add_option("--model", o->model, "model directory (config.json + model.safetensors)")
+          ->check(CLI::ExistingDirectory);
+      sub.add_option("--config", o->config_file, "config.json only: random weights from --seed")
+          ->check(CLI::ExistingFile);
+      sub.add_option("--layouts", o->layouts, "comma-separated layouts to run")
+          ->capture_default_str();
+      sub.add_option("--seq", o->seqs, "comma-separated sequence lengths S")->capture_default_str();
+      sub.add_option("--batch", o->batch, "rows B per step (whole job)")->capture_default_str();
+      sub.add_option("--dp", o->dp, "data-parallel replicas R for every layout but single")
+          ->capture_default_str();
+      sub.add_option("--tp", o->tp, "T for tp-sp (0: largest divisor of D <= sqrt(D))")
+          ->capture_default_str();
+      sub.add_option("--repeats", o->repeats, "timed steps per row (median reported)")
+          ->capture_default_str();
+      sub.add_option("--tokens", o->tokens, "llm.c token file (default: random tokens from --seed)")
+          ->check(CLI::ExistingFile);
+      sub.add_option("--seed", o->seed, "seed of random weights and tokens")->capture_default_str();
+      sub.add_flag("--json", o->json, "one JSON object per row instead of the table");
+      sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
+      return [o](Communicator* world) { return run_bench(*o, *world); };
+    }}};
+
+}  // namespace
+}  // namespace tsp::cli
