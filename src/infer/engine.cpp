@@ -1,0 +1,90 @@
+// The engine factory, request validation and the generation loop shared by every layout.
+#include <chrono>
+
+#include "infer/common.h"
+#include "tsp/parallel/sharding.h"
+
+namespace tsp::infer {
+
+std::string supported_layouts() {
+  return "single, tp, sp, tsp";
+}
+
+std::unique_ptr<Engine> make_engine(const LlamaConfig& config, const std::string& layout,
+                                    Communicator& world) {
+  if (layout == "single") return make_tensor_parallel_engine(config, world, /*single=*/true);
+  if (layout == "tp") return make_tensor_parallel_engine(config, world, /*single=*/false);
+  if (layout == "sp") return make_sp_engine(config, world);
+  if (layout == "tsp") return make_tsp_engine(config, world);
+  TSP_FAIL("generate: layout '{}' has no inference engine; supported layouts: {}", layout,
+           supported_layouts());
+}
+
+void validate_request(const LlamaConfig& c, const std::vector<int32_t>& prompt, int64_t max_new) {
+  TSP_CHECK(!prompt.empty(), "generate: the prompt is empty; give at least one token");
+  TSP_CHECK(max_new >= 1, "generate: --max-new {} must be at least 1", max_new);
+  const int64_t P = static_cast<int64_t>(prompt.size());
+  TSP_CHECK(P <= c.max_position_embeddings,
+            "generate: the prompt has {} tokens, more than max_position_embeddings={} of the "
+            "model; shorten the prompt to at most {} tokens",
+            P, c.max_position_embeddings, c.max_position_embeddings);
+  TSP_CHECK(P + max_new <= c.max_position_embeddings,
+            "generate: prompt ({} tokens) + --max-new {} = {} positions exceed "
+            "max_position_embeddings={}; use --max-new <= {}",
+            P, max_new, P + max_new, c.max_position_embeddings, c.max_position_embeddings - P);
+  for (int64_t i = 0; i < P; ++i)
+    TSP_CHECK(prompt[i] >= 0 && prompt[i] < c.vocab_size,
+              "generate: prompt token {} at index {} is outside the vocabulary [0, {})", prompt[i],
+              i, c.vocab_size);
+}
+
+double GenerateResult::prefill_tokens_per_s() const {
+  return prefill_seconds > 0 ? prompt_tokens / prefill_seconds : 0;
+}
+double GenerateResult::decode_tokens_per_s() const {
+  return decode_seconds > 0 ? decode_steps / decode_seconds : 0;
+}
+
+GenerateResult generate(Engine& engine, const std::vector<int32_t>& prompt,
+                        const GenerateOptions& opt) {
+  validate_request(engine.config(), prompt, opt.max_new);
+  validate_sampling(opt.sampling);
+  Communicator& g = engine.group();
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  };
+  // Group rank 0 chooses, everyone continues with its choice (4 bytes per token).
+  auto choose = [&](const std::vector<float>& logits, int64_t step) {
+    int32_t t = g.rank() == 0 ? sample_token(logits, opt.sampling, step) : 0;
+    g.broadcast(&t, 1, DType::I32, 0);
+    if (opt.on_token) opt.on_token(t);
+    return t;
+  };
+
+  GenerateResult r;
+  r.prompt_tokens = static_cast<int64_t>(prompt.size());
+  r.decode_steps = opt.max_new - 1;
+  g.barrier();
+  CommStats c0 = g.stats();
+  auto t0 = Clock::now();
+  int32_t tok = choose(engine.prefill(prompt, r.decode_steps), 0);
+  r.tokens.push_back(tok);
+  g.barrier();
+  auto t1 = Clock::now();
+  CommStats c1 = g.stats();
+  for (int64_t step = 1; step < opt.max_new; ++step) {
+    tok = choose(engine.decode(tok), step);
+    r.tokens.push_back(tok);
+  }
+  g.barrier();
+  auto t2 = Clock::now();
+  r.prefill_seconds = seconds(t0, t1);
+  r.decode_seconds = seconds(t1, t2);
+  r.prefill_comm = c1 - c0;
+  r.decode_comm = g.stats() - c1;
+  r.kv_cache_bytes = engine.kv_cache_bytes();
+  return r;
+}
+
+}  // namespace tsp::infer
