@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "tsp/model/tokens.h"
+#include "tsp/parallel/sharding.h"
 
 namespace tsp {
 
@@ -117,6 +118,27 @@ void Corpus::read(int64_t begin, int64_t count, int32_t* out) const {
       out[i] = static_cast<int32_t>(raw[i]);
     }
   }
+}
+
+TokenNeed zigzag_token_need(int64_t B, int64_t S, int D, int p, int R, int replica) {
+  TSP_CHECK(R >= 1 && B % R == 0 && 0 <= replica && replica < R,
+            "batch of {} rows cannot be split over {} replicas", B, R);
+  TSP_CHECK(D >= 1 && 0 <= p && p < D, "rank {} outside a group of {}", p, D);
+  TokenNeed need;
+  need.row_begin = replica * (B / R);
+  need.row_end = (replica + 1) * (B / R);
+  if (D == 1) return need;
+  // zigzag_positions validates S against D and lists the rank's positions in order; merge runs
+  // of consecutive positions into ranges (two chunks, or one when they touch).
+  const std::vector<int64_t> pos = zigzag_positions(S, D, p);
+  for (size_t i = 0; i < pos.size(); ++i) {
+    if (!need.input_ranges.empty() && need.input_ranges.back().second == pos[i]) {
+      ++need.input_ranges.back().second;
+    } else {
+      need.input_ranges.push_back({pos[i], pos[i] + 1});
+    }
+  }
+  return need;
 }
 
 DataLoader::DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options)

@@ -174,5 +174,22 @@ TEST_F(DataTest, EachRankReadsOnlyItsRowsAndZigzagChunks) {
   for (int64_t k = 0; k < B * (S + 1); ++k) EXPECT_GE(covered[k], 1) << k;
 }
 
+TEST(ZigzagNeed, MatchesTheZigzagMapAndRows) {
+  // S = 16, D = 4: chunks of 2; rank 1 holds chunks 1 and 6 -> positions 2,3 and 12,13.
+  const TokenNeed n = zigzag_token_need(8, 16, 4, 1, 2, 1);
+  EXPECT_EQ(n.row_begin, 4);
+  EXPECT_EQ(n.row_end, 8);
+  ASSERT_EQ(n.input_ranges.size(), 2u);
+  EXPECT_EQ(n.input_ranges[0], (std::pair<int64_t, int64_t>{2, 4}));
+  EXPECT_EQ(n.input_ranges[1], (std::pair<int64_t, int64_t>{12, 14}));
+  // The middle ranks' chunks touch: rank D-1 holds chunks D-1 and D, one range.
+  const TokenNeed mid = zigzag_token_need(2, 16, 4, 3, 1, 0);
+  ASSERT_EQ(mid.input_ranges.size(), 1u);
+  EXPECT_EQ(mid.input_ranges[0], (std::pair<int64_t, int64_t>{6, 10}));
+  EXPECT_TRUE(zigzag_token_need(2, 16, 1, 0, 1, 0).input_ranges.empty());  // D = 1: whole rows
+  EXPECT_THROW(zigzag_token_need(2, 12, 4, 0, 1, 0), Error);  // 12 tokens do not cut into 8 chunks
+  EXPECT_THROW(zigzag_token_need(3, 16, 2, 0, 2, 0), Error);  // 3 rows over 2 replicas
+}
+
 }  // namespace
 }  // namespace tsp

@@ -68,6 +68,11 @@ struct TokenNeed {
 };
 inline constexpr int32_t kTokenNotRead = -1;
 
+// The need of rank p of a zigzag-sharded layout group of D ranks in replica `replica` of R:
+// its replica's rows of a batch of B, and in each row chunks p and 2D-1-p of S/(2D) tokens
+// (tsp/parallel/sharding.h zigzag_positions). D = 1 reads whole rows.
+TokenNeed zigzag_token_need(int64_t B, int64_t S, int D, int p, int R, int replica);
+
 class DataLoader {
  public:
   // Validates the options against the corpus (enough tokens for a training and a validation
