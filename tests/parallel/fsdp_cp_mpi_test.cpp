@@ -21,18 +21,18 @@
 namespace tsp {
 namespace {
 
-template <typename F> std::string error_of(F &&f) {
+template <typename F>
+std::string error_of(F&& f) {
   try {
     f();
-  } catch (const Error &e) {
+  } catch (const Error& e) {
     return e.message();
   }
   return "(no error)";
 }
 
-std::unique_ptr<Layout> make_fsdp(const LlamaConfig &c, int dp,
-                                  bool overlap = true,
-                                  Communicator &world = test::world()) {
+std::unique_ptr<Layout> make_fsdp(const LlamaConfig& c, int dp, bool overlap = true,
+                                  Communicator& world = test::world()) {
   ParallelConfig pc;
   pc.layout = "fsdp-cp";
   pc.dp = dp;
@@ -45,13 +45,12 @@ std::unique_ptr<Layout> make_fsdp(const LlamaConfig &c, int dp,
 std::vector<int> dp_choices() {
   const int W = test::world().size();
   std::vector<int> out{1};
-  if (W % 2 == 0)
-    out.push_back(2);
+  if (W % 2 == 0) out.push_back(2);
   return out;
 }
 
 struct ModelCase {
-  const char *name;
+  const char* name;
   int64_t heads, kv_heads, layers;
   bool tie;
 };
@@ -60,11 +59,11 @@ struct ModelCase {
 const ModelCase kModels[] = {
     {"mha_untied", 8, 8, 2, false},
     {"mha_tied", 8, 8, 2, true},
-    {"gqa4_tied", 8, 2, 2, true},      // g = 4
-    {"mqa_untied_L3", 8, 1, 3, false}, // g = 8, three layers
+    {"gqa4_tied", 8, 2, 2, true},       // g = 4
+    {"mqa_untied_L3", 8, 1, 3, false},  // g = 8, three layers
 };
 
-LlamaConfig model_of(const ModelCase &m) {
+LlamaConfig model_of(const ModelCase& m) {
   return test::tiny_config(m.heads, m.kv_heads, m.layers, m.tie);
 }
 
@@ -72,21 +71,21 @@ LlamaConfig model_of(const ModelCase &m) {
 // -----------------------------------------------------------------
 
 TEST(FsdpCp, MatchesSingle) {
-  for (const ModelCase &m : kModels) {
+  for (const ModelCase& m : kModels) {
     for (int dp : dp_choices()) {
       test::LayoutCase lc;
       lc.layout = "fsdp-cp";
       lc.dp = dp;
       lc.config = model_of(m);
-      lc.B = 2;  // divisible by dp
-      lc.S = 16; // 2D chunks for D <= 8
-      const test::LayoutCaseResult r =
-          test::check_layout_against_single(test::world(), lc);
+      lc.B = 2;   // divisible by dp
+      lc.S = 16;  // 2D chunks for D <= 8
+      const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
       if (test::world().rank() == 0)
-        std::printf("# fsdp-cp %s D=%d R=%d: loss %.9f (ref %.9f), max rel err "
-                    "%.2e (%s)\n",
-                    m.name, test::world().size() / dp, dp, r.loss, r.ref_loss,
-                    r.max_rel_err, r.worst_param.c_str());
+        std::printf(
+            "# fsdp-cp %s D=%d R=%d: loss %.9f (ref %.9f), max rel err "
+            "%.2e (%s)\n",
+            m.name, test::world().size() / dp, dp, r.loss, r.ref_loss, r.max_rel_err,
+            r.worst_param.c_str());
     }
   }
 }
@@ -94,9 +93,8 @@ TEST(FsdpCp, MatchesSingle) {
 TEST(FsdpCp, BitwiseEqualToSingleAtDegreeOne) {
   // Every rank on its own (D = 1, R = 1): the harness then requires bit-for-bit
   // equality of the loss and of every gradient, whatever the world size.
-  std::unique_ptr<Communicator> self =
-      test::world().split(test::world().rank(), 0);
-  for (const ModelCase &m : kModels) {
+  std::unique_ptr<Communicator> self = test::world().split(test::world().rank(), 0);
+  for (const ModelCase& m : kModels) {
     for (bool overlap : {true, false}) {
       test::LayoutCase lc;
       lc.layout = "fsdp-cp";
@@ -138,14 +136,12 @@ TEST(FsdpCp, OverlapOffIsBitIdentical) {
   EXPECT_EQ(loss[0], loss[1]);
   EXPECT_EQ(units[0], 2) << "overlap: the unit in use and the prefetched one";
   EXPECT_EQ(units[1], 1) << "no overlap: one unit at a time";
-  if (test::world().rank() != 0)
-    return;
+  if (test::world().rank() != 0) return;
   ASSERT_EQ(grads[0].size(), grads[1].size());
-  for (const auto &[name, g] : grads[0]) {
-    const std::vector<float> &h = grads[1].at(name);
+  for (const auto& [name, g] : grads[0]) {
+    const std::vector<float>& h = grads[1].at(name);
     ASSERT_EQ(g.size(), h.size()) << name;
-    EXPECT_EQ(0, std::memcmp(g.data(), h.data(), g.size() * sizeof(float)))
-        << name;
+    EXPECT_EQ(0, std::memcmp(g.data(), h.data(), g.size() * sizeof(float))) << name;
   }
 }
 
@@ -165,18 +161,14 @@ TEST(FsdpCp, GradientsAccumulateAcrossCalls) {
   layout->forward_backward(b1);
   layout->forward_backward(b2);
   const test::GradMap g12 = test::gather_grads(*layout);
-  if (test::world().rank() != 0)
-    return;
-  for (const auto &[name, a] : g1) {
+  if (test::world().rank() != 0) return;
+  for (const auto& [name, a] : g1) {
     std::vector<float> sum(a.size());
-    for (size_t i = 0; i < a.size(); ++i)
-      sum[i] = a[i] + g2.at(name)[i];
+    for (size_t i = 0; i < a.size(); ++i) sum[i] = a[i] + g2.at(name)[i];
     // The second call adds its reduce-scattered piece to the first's: one extra
     // rounding per element (plus the framework's 1/R rescale), ~1e-7; 1e-6
     // norm-wise is ~10 ulps.
-    EXPECT_LE(test::norm_rel_err(g12.at(name).data(), sum.data(), sum.size()),
-              1e-6)
-        << name;
+    EXPECT_LE(test::norm_rel_err(g12.at(name).data(), sum.data(), sum.size()), 1e-6) << name;
   }
 }
 
@@ -189,27 +181,23 @@ float coord_hash(int param, int64_t row, int64_t col) {
   return static_cast<float>((param * 7919 + row * 131 + col * 17) % 65521);
 }
 class CoordinateWeights : public WeightSource {
-public:
-  explicit CoordinateWeights(const std::vector<ParamSpec> &specs)
-      : specs_(specs) {}
-  void read_rows(const ParamSpec &s, int64_t r0, int64_t r1,
-                 TensorView dst) const override {
+ public:
+  explicit CoordinateWeights(const std::vector<ParamSpec>& specs) : specs_(specs) {}
+  void read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const override {
     const int param = index_of(s);
     const int64_t cols = s.shape.size() > 1 ? s.shape[1] : 1;
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = 0; j < cols; ++j)
-        dst.f32()[(r - r0) * cols + j] = coord_hash(param, r, j);
+      for (int64_t j = 0; j < cols; ++j) dst.f32()[(r - r0) * cols + j] = coord_hash(param, r, j);
   }
-  int index_of(const ParamSpec &s) const {
+  int index_of(const ParamSpec& s) const {
     for (size_t i = 0; i < specs_.size(); ++i)
-      if (specs_[i].name == s.name)
-        return static_cast<int>(i);
+      if (specs_[i].name == s.name) return static_cast<int>(i);
     ADD_FAILURE() << "unknown parameter " << s.name;
     return -1;
   }
 
-private:
-  const std::vector<ParamSpec> &specs_;
+ private:
+  const std::vector<ParamSpec>& specs_;
 };
 
 TEST(FsdpCp, ShardsAreEqualRowPiecesOfEveryParameter) {
@@ -222,34 +210,29 @@ TEST(FsdpCp, ShardsAreEqualRowPiecesOfEveryParameter) {
       layout->load(src);
       const int D = layout->group().size(), p = layout->group().rank();
       const std::vector<ParamShard> shards = layout->parameters();
-      ASSERT_EQ(shards.size(), specs.size())
-          << "a piece of every parameter on every rank";
+      ASSERT_EQ(shards.size(), specs.size()) << "a piece of every parameter on every rank";
       int64_t held = 0;
-      for (const ParamShard &sh : shards) {
-        const ParamSpec &s = *sh.spec;
+      for (const ParamShard& sh : shards) {
+        const ParamSpec& s = *sh.spec;
         const int param = src.index_of(s);
-        const int64_t rows = s.shape[0],
-                      cols = s.shape.size() > 1 ? s.shape[1] : 1;
+        const int64_t rows = s.shape[0], cols = s.shape.size() > 1 ? s.shape[1] : 1;
         EXPECT_FALSE(sh.replicated_in_group) << s.name;
         ASSERT_EQ(sh.value.numel(), rows * cols / D) << s.name;
         // Piece p of the row-major flattening = rows [p·rows/D, (p+1)·rows/D).
         const int64_t r0 = p * rows / D;
         for (int64_t i = 0; i < sh.value.numel(); ++i)
-          ASSERT_EQ(sh.value.f32()[i],
-                    coord_hash(param, r0 + i / cols, i % cols))
+          ASSERT_EQ(sh.value.f32()[i], coord_hash(param, r0 + i / cols, i % cols))
               << s.name << " element " << i << " of piece " << p << "/" << D;
         held += sh.value.numel();
       }
-      EXPECT_EQ(held * D, c.num_parameters())
-          << "exactly 1/D of the model at rest";
+      EXPECT_EQ(held * D, c.num_parameters()) << "exactly 1/D of the model at rest";
       // gather() puts the pieces back in order.
       int seen = 0;
-      layout->gather(false, [&](const ParamSpec &s, TensorView t) {
+      layout->gather(false, [&](const ParamSpec& s, TensorView t) {
         const int param = src.index_of(s);
         const int64_t cols = s.shape.size() > 1 ? s.shape[1] : 1;
         for (int64_t i = 0; i < t.numel(); ++i)
-          ASSERT_EQ(t.f32()[i], coord_hash(param, i / cols, i % cols))
-              << s.name << " " << i;
+          ASSERT_EQ(t.f32()[i], coord_hash(param, i / cols, i % cols)) << s.name << " " << i;
         ++seen;
       });
       if (test::world().rank() == 0) {
@@ -267,20 +250,15 @@ TEST(FsdpCp, ShardsAreEqualRowPiecesOfEveryParameter) {
 struct Expect {
   int64_t ag_bytes = 0, ag_calls = 0, rs_bytes = 0, rs_calls = 0;
 };
-void expect_traffic(const CommStats &got, const Expect &e,
-                    const std::string &what) {
+void expect_traffic(const CommStats& got, const Expect& e, const std::string& what) {
   for (int i = 0; i < kNumCommOps; ++i) {
     const CommOp op = static_cast<CommOp>(i);
-    const CommOpStats &s = got[op];
+    const CommOpStats& s = got[op];
     int64_t bytes = 0, calls = 0;
-    if (op == CommOp::AllGather)
-      bytes = e.ag_bytes, calls = e.ag_calls;
-    if (op == CommOp::ReduceScatter)
-      bytes = e.rs_bytes, calls = e.rs_calls;
-    EXPECT_EQ(s.bytes_sent, bytes)
-        << what << ": " << comm_op_name(op) << " bytes sent";
-    EXPECT_EQ(s.bytes_received, bytes)
-        << what << ": " << comm_op_name(op) << " bytes received";
+    if (op == CommOp::AllGather) bytes = e.ag_bytes, calls = e.ag_calls;
+    if (op == CommOp::ReduceScatter) bytes = e.rs_bytes, calls = e.rs_calls;
+    EXPECT_EQ(s.bytes_sent, bytes) << what << ": " << comm_op_name(op) << " bytes sent";
+    EXPECT_EQ(s.bytes_received, bytes) << what << ": " << comm_op_name(op) << " bytes received";
     EXPECT_EQ(s.calls, calls) << what << ": " << comm_op_name(op) << " calls";
   }
 }
@@ -294,27 +272,24 @@ struct Formulas {
   bool tie;
   int64_t k() const { return D - 1; }
   int64_t w_layer() const { return 2 * h + 2 * h * h + 2 * kv * h + 3 * F * h; }
-  int64_t kv_elems() const {
-    return 2 * N * kv;
-  }                              // K and V of the whole micro-batch
-  Expect layer_forward() const { // gather the layer + all-gather K, V
+  int64_t kv_elems() const { return 2 * N * kv; }  // K and V of the whole micro-batch
+  Expect layer_forward() const {                   // gather the layer + all-gather K, V
     return {4 * k() * (w_layer() / D + kv_elems() / D), 9 + 2, 0, 0};
   }
-  Expect layer_backward() const { // re-gather both, reduce-scatter dW, dK, dV
+  Expect layer_backward() const {  // re-gather both, reduce-scatter dW, dK, dV
     const int64_t b = 4 * k() * (w_layer() / D + kv_elems() / D);
     return {b, 9 + 2, b, 9 + 2};
   }
   Expect embedding_forward() const { return {4 * k() * V * h / D, 1, 0, 0}; }
   Expect head_forward() const { return {4 * k() * (h + V * h) / D, 2, 0, 0}; }
   Expect head_backward() const {
-    return tie ? Expect{0, 0, 4 * k() * h / D, 1}
-               : Expect{0, 0, 4 * k() * (h + V * h) / D, 2};
+    return tie ? Expect{0, 0, 4 * k() * h / D, 1} : Expect{0, 0, 4 * k() * (h + V * h) / D, 2};
   }
   Expect embedding_backward() const { return {0, 0, 4 * k() * V * h / D, 1}; }
 };
 
 TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
-  for (const ModelCase &m : kModels) {
+  for (const ModelCase& m : kModels) {
     for (int dp : dp_choices()) {
       const LlamaConfig c = model_of(m);
       const int64_t B = 4, S = 32;
@@ -334,11 +309,9 @@ TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
       const CommStats g0 = layout->group().stats();
       layout->forward_backward(batch);
       const CommStats step = layout->group().stats() - g0;
-      const FsdpCpTraffic &t = *fsdp_cp_traffic(*layout);
-      ASSERT_EQ(t.layer_forward.size(),
-                static_cast<size_t>(c.num_hidden_layers));
-      ASSERT_EQ(t.layer_backward.size(),
-                static_cast<size_t>(c.num_hidden_layers));
+      const FsdpCpTraffic& t = *fsdp_cp_traffic(*layout);
+      ASSERT_EQ(t.layer_forward.size(), static_cast<size_t>(c.num_hidden_layers));
+      ASSERT_EQ(t.layer_backward.size(), static_cast<size_t>(c.num_hidden_layers));
       CommStats sum;
       for (int l = 0; l < c.num_hidden_layers; ++l) {
         expect_traffic(t.layer_forward[l], f.layer_forward(),
@@ -348,22 +321,18 @@ TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
         sum += t.layer_forward[l];
         sum += t.layer_backward[l];
       }
-      expect_traffic(t.embedding_forward, f.embedding_forward(),
-                     tag + " embedding fwd");
+      expect_traffic(t.embedding_forward, f.embedding_forward(), tag + " embedding fwd");
       expect_traffic(t.head_forward, f.head_forward(), tag + " head fwd");
       expect_traffic(t.head_backward, f.head_backward(), tag + " head bwd");
-      expect_traffic(t.embedding_backward, f.embedding_backward(),
-                     tag + " embedding bwd");
-      for (const CommStats *s : {&t.embedding_forward, &t.head_forward,
-                                 &t.head_backward, &t.embedding_backward})
+      expect_traffic(t.embedding_backward, f.embedding_backward(), tag + " embedding bwd");
+      for (const CommStats* s :
+           {&t.embedding_forward, &t.head_forward, &t.head_backward, &t.embedding_backward})
         sum += *s;
       // The records account for every byte the group moved in the step: nothing
       // unattributed.
       for (int i = 0; i < kNumCommOps; ++i) {
-        EXPECT_EQ(sum.ops[i].bytes_sent, step.ops[i].bytes_sent)
-            << tag << " op " << i;
-        EXPECT_EQ(sum.ops[i].bytes_received, step.ops[i].bytes_received)
-            << tag << " op " << i;
+        EXPECT_EQ(sum.ops[i].bytes_sent, step.ops[i].bytes_sent) << tag << " op " << i;
+        EXPECT_EQ(sum.ops[i].bytes_received, step.ops[i].bytes_received) << tag << " op " << i;
         EXPECT_EQ(sum.ops[i].calls, step.ops[i].calls) << tag << " op " << i;
       }
 
@@ -371,34 +340,24 @@ TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
       // matrices; fsdp-cp also gathers the two norm weights with the layer (and
       // reduce-scatters their gradients), 2·h elements more each way. With
       // backward re-gathering K/V (our saving policy) the rest agrees.
-      const plan::BlockComm pc =
-          plan::block_comm(c, plan::LayoutSpec{"fsdp-cp", D, 1, dp}, f.N, 4,
-                           /*regather_kv=*/true);
+      const plan::BlockComm pc = plan::block_comm(c, plan::LayoutSpec{"fsdp-cp", D, 1, dp}, f.N, 4,
+                                                  /*regather_kv=*/true);
       const int64_t norms = 4 * f.k() * 2 * c.hidden_size / D;
-      EXPECT_EQ(t.layer_forward[0].total_sent(), pc.forward.sent + norms)
-          << tag;
-      EXPECT_EQ(t.layer_forward[0].total_received(),
-                pc.forward.received + norms)
-          << tag;
-      EXPECT_EQ(t.layer_backward[0].total_sent(), pc.backward.sent + 2 * norms)
-          << tag;
-      EXPECT_EQ(t.layer_backward[0].total_received(),
-                pc.backward.received + 2 * norms)
-          << tag;
+      EXPECT_EQ(t.layer_forward[0].total_sent(), pc.forward.sent + norms) << tag;
+      EXPECT_EQ(t.layer_forward[0].total_received(), pc.forward.received + norms) << tag;
+      EXPECT_EQ(t.layer_backward[0].total_sent(), pc.backward.sent + 2 * norms) << tag;
+      EXPECT_EQ(t.layer_backward[0].total_received(), pc.backward.received + 2 * norms) << tag;
 
       // forward() alone: the same forward records, no backward traffic.
       layout->forward(batch);
-      const FsdpCpTraffic &tf = *fsdp_cp_traffic(*layout);
+      const FsdpCpTraffic& tf = *fsdp_cp_traffic(*layout);
       for (int l = 0; l < c.num_hidden_layers; ++l) {
-        expect_traffic(tf.layer_forward[l], f.layer_forward(),
-                       tag + " forward() fwd");
+        expect_traffic(tf.layer_forward[l], f.layer_forward(), tag + " forward() fwd");
         expect_traffic(tf.layer_backward[l], Expect{}, tag + " forward() bwd");
       }
-      expect_traffic(tf.head_forward, f.head_forward(),
-                     tag + " forward() head");
+      expect_traffic(tf.head_forward, f.head_forward(), tag + " forward() head");
       expect_traffic(tf.head_backward, Expect{}, tag + " forward() head bwd");
-      expect_traffic(tf.embedding_backward, Expect{},
-                     tag + " forward() embedding bwd");
+      expect_traffic(tf.embedding_backward, Expect{}, tag + " forward() embedding bwd");
     }
   }
 }
@@ -415,48 +374,39 @@ TEST(FsdpCp, GathersAtMostTwoUnitsAndFreesThemAfterUse) {
     const LlamaConfig c = test::tiny_config(8, 8, Li == 0 ? 3 : 5, false);
     const int64_t h = c.hidden_size, F = c.intermediate_size, kv = c.kv_dim();
     const int64_t layer = 2 * h + 2 * h * h + 2 * kv * h + 3 * F * h;
-    const int64_t pad =
-        9 * 15; // each full tensor starts 64-byte aligned in a unit buffer
+    const int64_t pad = 9 * 15;  // each full tensor starts 64-byte aligned in a unit buffer
     const Batch batch = test::random_batch(B, S, c.vocab_size, 2);
     for (bool overlap : {true, false}) {
-      MemoryTracker &mt = MemoryTracker::instance();
-      const int64_t w0 =
-          mt.snapshot().current[static_cast<int>(MemCategory::Weights)];
+      MemoryTracker& mt = MemoryTracker::instance();
+      const int64_t w0 = mt.snapshot().current[static_cast<int>(MemCategory::Weights)];
       std::unique_ptr<Layout> layout = make_fsdp(c, 1, overlap);
       const int D = layout->group().size();
       // At rest: 1/D of every parameter (plus at most 15 floats of alignment
       // per shard).
-      const int64_t at_rest =
-          mt.snapshot().current[static_cast<int>(MemCategory::Weights)] - w0;
+      const int64_t at_rest = mt.snapshot().current[static_cast<int>(MemCategory::Weights)] - w0;
       const int64_t nparams = static_cast<int64_t>(llama_param_specs(c).size());
       EXPECT_GE(at_rest, 4 * c.num_parameters() / D);
       EXPECT_LE(at_rest, 4 * (c.num_parameters() / D + 15 * nparams));
       layout->load(RandomWeights(1));
 
-      const int64_t comm0 =
-          mt.snapshot().current[static_cast<int>(MemCategory::Comm)];
+      const int64_t comm0 = mt.snapshot().current[static_cast<int>(MemCategory::Comm)];
       mt.reset_peaks();
       layout->forward(batch);
       const MemorySnapshot m = mt.snapshot();
       const int64_t peak = m.peak[static_cast<int>(MemCategory::Comm)] - comm0;
-      EXPECT_EQ(m.current[static_cast<int>(MemCategory::Comm)], comm0)
-          << "all freed after use";
+      EXPECT_EQ(m.current[static_cast<int>(MemCategory::Comm)], comm0) << "all freed after use";
       // Gathered units (two with prefetch, one without) plus the K/V receive
       // buffers [D, B, S/D, kv].
       const int units = overlap ? 2 : 1;
-      EXPECT_LE(peak, 4 * (units * (layer + pad) + 2 * B * S * kv))
-          << "overlap=" << overlap;
+      EXPECT_LE(peak, 4 * (units * (layer + pad) + 2 * B * S * kv)) << "overlap=" << overlap;
       EXPECT_GE(peak, 4 * units * layer) << "overlap=" << overlap;
       EXPECT_EQ(fsdp_cp_traffic(*layout)->max_gathered_units, units);
 
       mt.reset_peaks();
       layout->forward_backward(batch);
-      EXPECT_EQ(mt.snapshot().current[static_cast<int>(MemCategory::Comm)],
-                comm0);
+      EXPECT_EQ(mt.snapshot().current[static_cast<int>(MemCategory::Comm)], comm0);
       EXPECT_EQ(fsdp_cp_traffic(*layout)->max_gathered_units, units);
-      if (overlap)
-        peak_fb[Li] =
-            mt.snapshot().peak[static_cast<int>(MemCategory::Comm)] - comm0;
+      if (overlap) peak_fb[Li] = mt.snapshot().peak[static_cast<int>(MemCategory::Comm)] - comm0;
     }
   }
   // Gathered weights and full-size gradients live per layer: the peak does not
@@ -470,20 +420,17 @@ TEST(FsdpCp, GathersAtMostTwoUnitsAndFreesThemAfterUse) {
 
 TEST(FsdpCp, RejectsShapesThatDoNotSplit) {
   const int W = test::world().size();
-  if (W == 1)
-    GTEST_SKIP() << "every shape splits into one piece";
+  if (W == 1) GTEST_SKIP() << "every shape splits into one piece";
   // vocab 125 is odd: no D >= 2 cuts the embedding into equal row pieces; the
   // common divisor of every parameter's rows (64, 64, 128, 125) is 1.
   const LlamaConfig odd_vocab = test::tiny_config(8, 8, 2, false, 64, 128, 125);
-  EXPECT_EQ(
-      error_of([&] { make_fsdp(odd_vocab, 1); }),
-      fmt::format(
-          "fsdp-cp cuts every parameter into D={} equal pieces of rows, but "
-          "model.embed_tokens.weight has 125 rows; use D in {{1}} (the common "
-          "divisors of hidden_size, num_key_value_heads·head_dim, "
-          "intermediate_size "
-          "and vocab_size)",
-          W));
+  EXPECT_EQ(error_of([&] { make_fsdp(odd_vocab, 1); }),
+            fmt::format("fsdp-cp cuts every parameter into D={} equal pieces of rows, but "
+                        "model.embed_tokens.weight has 125 rows; use D in {{1}} (the common "
+                        "divisors of hidden_size, num_key_value_heads·head_dim, "
+                        "intermediate_size "
+                        "and vocab_size)",
+                        W));
   // FFN 100 (common divisor of 64, 64, 100, 128 is 4): fine at D = 4, rejected
   // at D = 8 with the degrees that work.
   if (W >= 4) {
@@ -503,14 +450,12 @@ TEST(FsdpCp, RejectsShapesThatDoNotSplit) {
   std::unique_ptr<Layout> layout = make_fsdp(c, 1);
   layout->load(RandomWeights(1));
   const Batch bad = test::random_batch(2, 2 * W + W, c.vocab_size,
-                                       1); // 3W: not a multiple of 2W
+                                       1);  // 3W: not a multiple of 2W
   const std::string e = error_of([&] { layout->forward(bad); });
-  EXPECT_NE(e.find(fmt::format("cannot be cut into 2D={} equal zigzag chunks",
-                               2 * W)),
+  EXPECT_NE(e.find(fmt::format("cannot be cut into 2D={} equal zigzag chunks", 2 * W)),
             std::string::npos)
       << e;
-  EXPECT_TRUE(std::isfinite(
-      layout->forward(test::random_batch(2, 16, c.vocab_size, 1))));
+  EXPECT_TRUE(std::isfinite(layout->forward(test::random_batch(2, 16, c.vocab_size, 1))));
 }
 
 TEST(FsdpCp, IsRegisteredAndReportsTraffic) {
@@ -524,5 +469,5 @@ TEST(FsdpCp, IsRegisteredAndReportsTraffic) {
   EXPECT_EQ(fsdp_cp_traffic(*single), nullptr);
 }
 
-} // namespace
-} // namespace tsp
+}  // namespace
+}  // namespace tsp
