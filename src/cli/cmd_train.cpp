@@ -161,10 +161,12 @@ int run_train(TrainOptions o, Communicator& world) {
   }
   AdamW opt(layout->parameters(), AdamWConfig{o.beta1, o.beta2, o.eps, o.wd});
   int64_t start_step = 0;
+  int64_t sample_base = 0;  // training windows consumed before start_step (the data position)
   double last_val = -1;
   if (!resume_dir.empty()) {
     const TrainerState st = load_checkpoint(resume_dir, *layout, opt);
     start_step = st.step;
+    sample_base = st.samples;
     last_val = st.last_val_loss;
     say(fmt::format("resumed from {} at step {} (written by layout {} at world {})", resume_dir,
                     st.step, st.layout, st.world));
@@ -191,14 +193,14 @@ int run_train(TrainOptions o, Communicator& world) {
 
   std::unique_ptr<MetricsWriter> metrics;
   if (root && !o.metrics.empty())
-    metrics = std::make_unique<MetricsWriter>(o.metrics, start_step > 0);
+    metrics = std::make_unique<MetricsWriter>(o.metrics, saved ? start_step : -1);
   const bool bar = o.progress == "bar" || (o.progress == "auto" && Progress::stdout_is_tty());
   Progress progress(start_step, o.steps, o.log_every, bar);
 
   auto state_at = [&](int64_t step, double loss) {
     TrainerState s;
     s.step = step;
-    s.samples = step * o.accum * o.batch;
+    s.samples = sample_base + (step - start_step) * o.accum * o.batch;
     s.seed = o.seed;
     s.batch = o.batch;
     s.seq = o.seq;
@@ -231,7 +233,8 @@ int run_train(TrainOptions o, Communicator& world) {
     layout->zero_grads();
     double loss_sum = 0;
     for (int64_t micro = 0; micro < o.accum; ++micro) {
-      loss_sum += layout->forward_backward(loader.train_batch(step, micro));
+      loss_sum += layout->forward_backward(
+          loader.train_rows(sample_base + ((step - start_step) * o.accum + micro) * o.batch));
     }
     loss = loss_sum / static_cast<double>(o.accum);
     // Each micro-batch's gradient is that of its mean loss: 1/accum makes the

@@ -179,10 +179,14 @@ int64_t DataLoader::train_window_start(int64_t n) const {
 Batch DataLoader::train_batch(int64_t step, int64_t micro) const {
   TSP_CHECK(step >= 0 && micro >= 0 && micro < options_.accum, "bad batch index ({}, {})", step,
             micro);
+  return train_rows((step * options_.accum + micro) * options_.batch);
+}
+
+Batch DataLoader::train_rows(int64_t first_sample) const {
+  TSP_CHECK(first_sample >= 0, "negative data position {}", first_sample);
   const int64_t B = options_.batch;
-  const int64_t first = (step * options_.accum + micro) * B;
   std::vector<int64_t> starts(B);
-  for (int64_t r = 0; r < B; ++r) starts[r] = train_window_start(first + r);
+  for (int64_t r = 0; r < B; ++r) starts[r] = train_window_start(first_sample + r);
   return make_batch(starts);
 }
 

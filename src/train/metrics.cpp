@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -48,9 +49,23 @@ std::string metrics_json(const StepMetrics& m) {
   return j.dump();
 }
 
-MetricsWriter::MetricsWriter(const std::string& path, bool append) {
-  f_ = std::fopen(path.c_str(), append ? "a" : "w");
+MetricsWriter::MetricsWriter(const std::string& path, int64_t keep_up_to_step) {
+  std::string kept;
+  if (keep_up_to_step >= 0) {
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+      const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+          j["step"].get<int64_t>() <= keep_up_to_step) {
+        kept += line + "\n";
+      }
+    }
+  }
+  f_ = std::fopen(path.c_str(), "w");
   TSP_CHECK(f_ != nullptr, "cannot open metrics file {}: {}", path, std::strerror(errno));
+  std::fputs(kept.c_str(), f_);
+  std::fflush(f_);
 }
 
 MetricsWriter::~MetricsWriter() {

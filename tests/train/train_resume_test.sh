@@ -30,9 +30,9 @@ train() {  # ranks, extra args...
 }
 losses() { grep -o '"step":[0-9]*,"loss":[^,]*' "$1"; }  # "step":N,"loss":X per line
 # Wait for the paused rank 0 of a background job, kill it with SIGKILL, let mpiexec end.
-kill_during_save() {  # stage, checkpoint dir
+kill_during_save() {  # stage, checkpoint dir, metrics file
   TSP_TEST_PAUSE_IN_SAVE=$1 mpiexec -n 2 "$tsp" train "${common[@]}" --layout single --dp 2 \
-    --resume "$2" --save "$2" --save-every 2 > "kill_$1.out" 2> "kill_$1.err" &
+    --resume "$2" --save "$2" --save-every 2 --metrics "$3" > "kill_$1.out" 2> "kill_$1.err" &
   local job=$! pid=""
   for _ in $(seq 1 600); do
     pid=$(sed -n 's/.*paused at stage .*, pid \([0-9]*\).*/\1/p' "kill_$1.err")
@@ -75,17 +75,19 @@ paste -d' ' <(losses A.jsonl | tail -4) <(losses C.jsonl) | sed 's/"step":[0-9]*
 
 # D: SIGKILL while writing the step-6 checkpoint: ck stays the complete step-4 one.
 cp -r ck4 ckd
-kill_during_save write ckd
+kill_during_save write ckd D.jsonl
+[ "$(losses D.jsonl | wc -l)" -eq 2 ] || fail "the killed run should have logged steps 5 and 6"
 grep -q '"step": 4' ckd/trainer_state.json || fail "killed save damaged the previous checkpoint"
 ls -d ckd.tmp-* > /dev/null 2>&1 || fail "expected the killed save's temporary directory"
 train 2 --layout single --dp 2 --resume ckd --save ckd --metrics D.jsonl > D.out
+# The resumed run drops the killed run's lines past its checkpoint (steps 5, 6) and rewrites them.
 diff <(losses A.jsonl | tail -4) <(losses D.jsonl) || fail "resume after a killed save differs"
 ! ls -d ckd.tmp-* > /dev/null 2>&1 || fail "the next save did not clean the stale temporary directory"
 echo "kill -9 during a save (write stage): previous checkpoint intact, resume bit for bit"
 
 # E: SIGKILL between the renames: only ckd.old is complete, and resume must find it.
 cp -r ck4 cke
-kill_during_save swap cke
+kill_during_save swap cke E.jsonl
 [ ! -e cke ] && [ -f cke.old/trainer_state.json ] || fail "expected only cke.old after the kill"
 train 2 --layout single --dp 2 --resume cke --save cke --metrics E.jsonl > E.out
 grep -q "resumed from cke.old" E.out || fail "resume did not use cke.old"

@@ -89,6 +89,10 @@ class DataLoader {
   int64_t train_window_start(int64_t n) const;
   // Micro-batch `micro` of optimizer step `step`: B rows of S+1 tokens.
   Batch train_batch(int64_t step, int64_t micro) const;
+  // B rows starting at training window `first_sample` (train_batch(step, micro) is
+  // train_rows((step·accum + micro)·B)): a resumed run continues from the saved data position
+  // even when it changes the batch shape.
+  Batch train_rows(int64_t first_sample) const;
   // The held-out windows, in micro-batches of B rows (the last one padded with repeated
   // windows is avoided: val_windows is rounded up to a multiple of B at construction).
   int64_t num_val_batches() const {

@@ -32,11 +32,13 @@ void max_memory_peaks(Communicator& world, StepMetrics& m);
 // The JSON object of one step, on one line.
 std::string metrics_json(const StepMetrics& m);
 
-// Appends JSON lines to a file (created or truncated at open; append when resuming), flushed
-// after every line so a killed run keeps its metrics.
+// Writes JSON lines to a file, flushed after every line so a killed run keeps its metrics.
 class MetricsWriter {
  public:
-  MetricsWriter(const std::string& path, bool append);
+  // keep_up_to_step < 0: start a new file. Otherwise (resuming at that step) keep the existing
+  // lines of steps <= keep_up_to_step and drop later ones, which a run killed after its last
+  // checkpoint wrote and the resumed run is about to write again.
+  MetricsWriter(const std::string& path, int64_t keep_up_to_step);
   ~MetricsWriter();
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
