@@ -21,12 +21,13 @@ struct GenerateCliOptions {
   int64_t max_new = 64;
   infer::SamplingParams sampling;
   bool quiet = false;
+  bool text = false;  // --prompt was given (possibly empty): byte-level text in and out
 };
 
 std::vector<int32_t> read_prompt(const GenerateCliOptions& o, const LlamaConfig& c) {
-  TSP_CHECK(o.prompt.empty() != o.prompt_tokens.empty(),
+  TSP_CHECK(o.text != !o.prompt_tokens.empty(),
             "generate: give exactly one of --prompt TEXT and --prompt-tokens FILE");
-  if (!o.prompt_tokens.empty()) return read_all_tokens(o.prompt_tokens);
+  if (!o.text) return read_all_tokens(o.prompt_tokens);
   TSP_CHECK(c.vocab_size >= 256,
             "generate: --prompt encodes text as bytes (ids 0..255) but the model in {} has "
             "vocab_size={}; give token ids with --prompt-tokens FILE",
@@ -45,7 +46,7 @@ int run_generate(const GenerateCliOptions& o, Communicator& world) {
   engine->load(ModelDirWeights(dir));
 
   const bool root = world.rank() == 0;
-  const bool text = !o.prompt.empty();
+  const bool text = o.text;
   infer::GenerateOptions g;
   g.max_new = o.max_new;
   g.sampling = o.sampling;
@@ -107,7 +108,7 @@ const CommandRegistration kGenerate{Command{
           ->required();
       sub.add_option("--layout", o->layout, "layout: " + infer::supported_layouts())
           ->capture_default_str();
-      sub.add_option("--prompt", o->prompt, "prompt text (byte-level ids)");
+      CLI::Option* text = sub.add_option("--prompt", o->prompt, "prompt text (byte-level ids)");
       sub.add_option("--prompt-tokens", o->prompt_tokens, "prompt as an llm.c token file")
           ->check(CLI::ExistingFile);
       sub.add_option("--max-new", o->max_new, "tokens to generate")->capture_default_str();
@@ -119,7 +120,10 @@ const CommandRegistration kGenerate{Command{
       sub.add_option("--seed", o->sampling.seed, "sampling seed")->capture_default_str();
       sub.add_option("--out", o->out, "write prompt + generated ids to this token file");
       sub.add_flag("--quiet", o->quiet, "do not stream the tokens (report only)");
-      return [o](Communicator* world) { return run_generate(*o, *world); };
+      return [o, text](Communicator* world) {
+        o->text = text->count() > 0;  // an empty --prompt "" is given, and an error
+        return run_generate(*o, *world);
+      };
     }}};
 
 }  // namespace
