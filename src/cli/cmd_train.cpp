@@ -33,7 +33,7 @@ struct TrainOptions {
   std::string layout = "tsp";
   int tp = 1, dp = 1;
   bool no_overlap = false;
-  int64_t steps = 800, stop_at = -1, batch = 8, seq = 256, accum = 1, warmup = 50;
+  int64_t steps = 500, stop_at = -1, batch = 8, seq = 256, accum = 1, warmup = 50;
   double lr = 3e-3, min_lr_ratio = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, wd = 0.1, clip = 1.0;
   uint64_t seed = 1337;
   int64_t val_every = 100, val_windows = 32;
