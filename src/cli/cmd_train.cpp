@@ -1,12 +1,10 @@
-// `tsp train`: trains the Llama model with any layout on a text or llm.c token
-// corpus.
+// `tsp train`: trains the Llama model with any layout on a text or llm.c token corpus.
 //
-//   mpiexec -n 4 tsp train --data data/kjv.txt --layout tsp --steps 800 --save
-//   out/kjv
+//   mpiexec -n 4 tsp train --data data/kjv.txt --layout tsp --save out/kjv
 //
-// Every rank runs the same loop (the loss, the gradient norm and hence every
-// decision are identical on all ranks, so they stop together); world rank 0
-// prints, writes the metrics and the checkpoint files.
+// Every rank runs the same loop (the loss, the gradient norm and hence every decision are
+// identical on all ranks, so they stop together); world rank 0 prints, writes the metrics and
+// the checkpoint files.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
