@@ -104,8 +104,14 @@ TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
       const MemorySnapshot snap = MemoryTracker::instance().snapshot();
 
       plan::MemoryBreakdown pred;
-      ASSERT_NO_THROW(pred = plan::predict_local_memory(k.config, spec, k.B, k.S, true))
-          << "layout " << info.name << " is registered but src/plan/measure.cpp has no model";
+      try {
+        pred = plan::predict_local_memory(k.config, spec, k.B, k.S, true);
+      } catch (const Error& e) {
+        // Registered but not modelled: a failure (the model must follow the layouts), and the
+        // other layouts are still checked.
+        ADD_FAILURE() << e.what();
+        continue;
+      }
       const double measured = static_cast<double>(snap.peak_total);
       std::string cats;
       for (int c = 0; c < kNumMemCategories; ++c)
