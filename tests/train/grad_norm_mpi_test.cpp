@@ -1,7 +1,8 @@
 // The global gradient norm of every layout equals the norm of the full gradient
 // gathered on one rank (each parameter counted once, whatever is replicated),
 // and an AdamW step keeps replicated shards bit-identical across the ranks
-// holding them. tsp-test-ranks: 1 2 4
+// holding them.
+// tsp-test-ranks: 1 2 4
 #include <gtest/gtest.h>
 
 #include <cmath>
