@@ -1,12 +1,16 @@
 // The `tsp` command line: subcommands (train, generate, grad, bench, plan, ...) register in
 // command_registry(). A tsp::Error on any rank prints once with its rank and aborts the whole
 // MPI job, so no rank is left hanging in a collective.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
+#include <thread>
 
 #include "cli/command.h"
 #include "tsp/comm/mpi.h"
 #include "tsp/core/error.h"
+#include "tsp/ops/gemm.h"
 
 namespace tsp::cli {
 std::vector<Command>& command_registry() {
@@ -15,11 +19,38 @@ std::vector<Command>& command_registry() {
 }
 }  // namespace tsp::cli
 
+namespace {
+// Compute threads per rank when --threads is not given: OMP_NUM_THREADS if set, else the cores
+// shared evenly by the ranks on this node (one thread per rank once ranks >= cores: more
+// threads than cores lost 6-15% here).
+int default_threads() {
+  if (const char* env = std::getenv("OMP_NUM_THREADS"); env && std::atoi(env) > 0) {
+    return std::atoi(env);
+  }
+  int local_ranks = 1;
+  for (const char* var :
+       {"OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "MPI_LOCALNRANKS"}) {
+    if (const char* env = std::getenv(var); env && std::atoi(env) > 0) {
+      local_ranks = std::atoi(env);
+      break;
+    }
+  }
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, cores / std::max(1, local_ranks));
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace tsp::cli;
-  CLI::App app{"tsp: Tensor and Sequence Parallel training and serving of long-context transformers"};
+  CLI::App app{
+      "tsp: Tensor and Sequence Parallel training and serving of long-context transformers"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "tsp 0.1.0");
+  int threads = 0;
+  app.add_option("--threads", threads,
+                 "compute threads per rank (GEMMs, attention); default: OMP_NUM_THREADS, else "
+                 "cores / ranks on this node, at least 1")
+      ->check(CLI::NonNegativeNumber);
   std::function<int(tsp::Communicator*)> run;
   bool needs_mpi = true;
   for (Command& c : command_registry()) {
@@ -31,6 +62,7 @@ int main(int argc, char** argv) {
     });
   }
   CLI11_PARSE(app, argc, argv);
+  tsp::set_compute_threads(threads > 0 ? threads : default_threads());
 
   if (!needs_mpi) {
     try {
