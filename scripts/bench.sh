@@ -21,5 +21,7 @@ if [ "${1:-}" = "--all" ]; then
     mpiexec -n 4 "$b/bench/bench_generate"
   fi
   echo "### layouts side by side, 4 ranks"
-  mpiexec -n 4 "$b/tsp" bench --preset demo --layouts single,tp,sp,tp-sp,tsp,fsdp-cp --seq 256,1024
+  "$b/tsp" init --preset demo --seed 1 --out out/bench-demo >/dev/null
+  mpiexec -n 4 "$b/tsp" bench --model out/bench-demo --layouts single,tp,sp,tp-sp,tsp,fsdp-cp \
+    --seq 256,1024
 fi
