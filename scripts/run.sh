@@ -16,8 +16,6 @@ echo "== training: tsp layout on $ranks ranks (checkpoint in $out/checkpoint, me
 mpiexec -n "$ranks" "$build/tsp" train --preset demo --data data/kjv.txt --layout tsp \
   --save "$out/checkpoint" --metrics "$out/metrics.jsonl" "$@"
 
-if [ -x "$build/tsp" ] && "$build/tsp" generate --help >/dev/null 2>&1; then
-  echo "== sample (greedy continuation of a prompt, tsp layout, $ranks ranks)"
-  mpiexec -n "$ranks" "$build/tsp" generate --model "$out/checkpoint" --layout tsp \
-    --prompt "And God said, " --max-new 200 --temperature 0
-fi
+echo "== sample from the trained model (tsp layout, $ranks ranks, temperature 0.8)"
+mpiexec -n "$ranks" "$build/tsp" generate --model "$out/checkpoint" --layout tsp \
+  --prompt "And God said, " --max-new 200 --temperature 0.8 --seed 1
