@@ -20,30 +20,13 @@
 #include <fmt/format.h>
 
 #include "ops/cpu/attention_internal.h"
+#include "tsp/core/machine.h"
 #include "tsp/ops/attention.h"
 #include "tsp/ops/gemm.h"
 
 namespace {
 
 constexpr double kPeakGflopsPerThread = 116.0;
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown cpu";
-}
-
-std::string git_rev() {
-  FILE* f = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-  if (!f) return "unknown";
-  char buf[64] = {0};
-  const bool ok = fgets(buf, sizeof buf, f) != nullptr;
-  pclose(f);
-  std::string s = ok ? buf : "unknown";
-  s.erase(s.find_last_not_of(" \n") + 1);
-  return s.empty() ? "unknown" : s;
-}
 
 // Wall and process CPU time. On a shared machine the CPU time is the load-insensitive figure
 // (time the process was descheduled is not in it); the wall time is what a user waits.
@@ -171,7 +154,8 @@ int main(int argc, char** argv) {
     fmt::print(
         "# tsp bench_attention  git={}  machine={} ({} cores)  threads={}  dtype=f32  "
         "peak={:.0f} GFLOP/s  repeats={} (median)\n",
-        git_rev(), cpu_model(), std::thread::hardware_concurrency(), threads, peak, repeats);
+        tsp::git_revision(), tsp::cpu_description(), std::thread::hardware_concurrency(), threads,
+        peak, repeats);
     fmt::print(
         "# causal, positions 0..S-1; FLOPs: forward 2*S^2*d*heads, backward 5*S^2*d*heads\n");
     fmt::print(

@@ -29,6 +29,7 @@
 #include <fmt/format.h>
 
 #include "tsp/core/error.h"
+#include "tsp/core/machine.h"
 #include "tsp/core/tensor.h"
 #include "tsp/model/block.h"
 #include "tsp/model/config.h"
@@ -43,13 +44,6 @@ struct Options {
   int threads = 2, repeats = 5;
   bool json = false;
 };
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown cpu";
-}
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -231,7 +225,7 @@ int main(int argc, char** argv) try {
         tok_s, finite ? "true" : "false");
   } else {
     std::printf("# bench_block  machine=%s  threads=%d  repeats=%d  dtype=f32\n",
-                cpu_model().c_str(), o.threads, o.repeats);
+                tsp::cpu_description().c_str(), o.threads, o.repeats);
     std::printf("# %-5s %5s %6s %3s %5s %6s %5s %11s %9s %8s %9s %10s %3s\n", "impl", "h", "heads",
                 "kv", "ffn", "seq", "batch", "median_ms", "min_ms", "GFLOP", "GFLOP/s", "tokens/s",
                 "ok");

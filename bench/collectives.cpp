@@ -22,6 +22,7 @@
 
 #include "tsp/comm/mpi.h"
 #include "tsp/core/error.h"
+#include "tsp/core/machine.h"
 
 namespace tsp {
 namespace {
@@ -62,15 +63,6 @@ Options parse(int argc, char** argv) {
   }
   TSP_CHECK(o.iters > 0, "--iters must be > 0");
   return o;
-}
-
-std::string cpu_model() {
-  std::ifstream f("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  }
-  return "unknown cpu";
 }
 
 // Integer-valued data, exact in f32 sums over up to 64 ranks.
@@ -186,7 +178,7 @@ int bench(Communicator& c, int argc, char** argv) {
     std::printf(
         "# tsp bench collectives  machine=%s, %u cores  world=%d  dtype=f32  iters=%d "
         "warmup=%d\n",
-        cpu_model().c_str(), std::thread::hardware_concurrency(), D, o.iters, o.warmup);
+        tsp::cpu_description().c_str(), std::thread::hardware_concurrency(), D, o.iters, o.warmup);
     std::printf("# time = median over iters of the slowest rank; busbw as nccl-tests\n");
     if (!o.json) {
       std::printf("#%15s %10s %10s %10s %11s %11s %7s\n", "op", "size_B", "count", "time_us",

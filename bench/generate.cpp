@@ -13,6 +13,7 @@
 
 #include "tsp/comm/mpi.h"
 #include "tsp/core/error.h"
+#include "tsp/core/machine.h"
 #include "tsp/infer/engine.h"
 #include "tsp/ops/ops.h"
 
@@ -61,24 +62,6 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown cpu";
-}
-
-std::string git_rev() {
-  FILE* f = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-  if (!f) return "unknown";
-  char buf[64] = {0};
-  const bool ok = fgets(buf, sizeof buf, f) != nullptr;
-  pclose(f);
-  std::string s = ok ? buf : "unknown";
-  s.erase(s.find_last_not_of(" \n") + 1);
-  return s.empty() ? "unknown" : s;
-}
-
 // Random weights ×20 (std 0.4): at init's 0.02 the logits are nearly uniform and the greedy
 // comparison with single would be decided by rounding; norms stay 1.
 class ScaledWeights : public WeightSource {
@@ -120,8 +103,9 @@ int bench(Communicator& world, int argc, char** argv) {
     std::printf(
         "# tsp bench generate  git=%s  machine=%s, %u cores  world=%d  dtype=f32  h=%lld "
         "L=%lld heads=%lld F=%lld V=%lld  prompt=%lld  new=%lld  greedy\n",
-        git_rev().c_str(), cpu_model().c_str(), std::thread::hardware_concurrency(), world.size(),
-        (long long)c.hidden_size, (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
+        tsp::git_revision().c_str(), tsp::cpu_description().c_str(),
+        std::thread::hardware_concurrency(), world.size(), (long long)c.hidden_size,
+        (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
         (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.prompt,
         (long long)o.max_new);
     if (!o.json)

@@ -16,6 +16,7 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include "tsp/core/machine.h"
 #include "tsp/core/tensor.h"
 #include "tsp/ops/gemm.h"
 
@@ -31,28 +32,6 @@ struct Shape3 {
 
 // "AMD EPYC (family 26 model 2)": the family matters here (Zen 4 = 25 has half-width AVX-512
 // FMA, Zen 5 = 26 full width, so fp32 peaks differ by 2x).
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line, name = "unknown", family = "?", model = "?";
-  auto value = [&line] {
-    const auto colon = line.find(':');
-    const auto start = colon == std::string::npos ? colon : line.find_first_not_of(' ', colon + 1);
-    return start == std::string::npos ? std::string() : line.substr(start);
-  };
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      name = value();
-    } else if (line.rfind("cpu family", 0) == 0) {
-      family = value();
-    } else if (line.rfind("model", 0) == 0 && line.find("name") == std::string::npos) {
-      model = value();
-    } else if (line.empty() && name != "unknown") {
-      break;  // first processor only
-    }
-  }
-  return name + " (family " + family + " model " + model + ")";
-}
-
 struct Result {
   double median_ms, min_ms, gflops, max_rel_err;
   bool ok;
@@ -174,8 +153,8 @@ int main(int argc, char** argv) {
   std::printf(
       "# tsp bench matmul  machine=\"%s\" hw_threads=%u  threads=%d  oneDNN=%d.%d.%d  "
       "repeats=%d (median)\n",
-      cpu_model().c_str(), std::thread::hardware_concurrency(), threads, v->major, v->minor,
-      v->patch, repeats);
+      tsp::cpu_description().c_str(), std::thread::hardware_concurrency(), threads, v->major,
+      v->minor, v->patch, repeats);
   std::printf(
       "# C[M,N] = op(A)[M,K]·op(B)[K,N], fp32 output; bf16 = bf16 inputs, fp32 "
       "accumulation. max_rel_err over 64 sampled entries, relative to sum|a||b|\n");

@@ -32,6 +32,7 @@
 #include "cli/command.h"
 #include "parallel/registry.h"
 #include "tsp/core/error.h"
+#include "tsp/core/machine.h"
 #include "tsp/core/memory.h"
 #include "tsp/model/params.h"
 #include "tsp/model/tokens.h"
@@ -63,24 +64,6 @@ std::vector<std::string> split_list(const std::string& s) {
   for (std::string item; std::getline(in, item, ',');)
     if (!item.empty()) out.push_back(item);
   return out;
-}
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown cpu";
-}
-
-std::string git_rev() {
-  FILE* f = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-  if (!f) return "unknown";
-  char buf[64] = {0};
-  const bool ok = fgets(buf, sizeof buf, f) != nullptr;
-  pclose(f);
-  std::string s = ok ? buf : "unknown";
-  s.erase(s.find_last_not_of(" \n") + 1);
-  return s.empty() ? "unknown" : s;
 }
 
 // The batch: B rows of S+1 tokens, from --tokens (its first B·(S+1)) or drawn uniformly from the
@@ -243,8 +226,8 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
       "# pred_MB/err%%: src/plan/measure.cpp's model of this implementation; comm MB received per\n"
       "# rank per step (fwd = forward(), bwd = forward_backward() - forward()); step_ms median;\n"
       "# blocked_ms in wait()/blocking calls; pred_ms: cost model, --hw local; dloss vs single\n",
-      git_rev().c_str(), cpu_model().c_str(), sysconf(_SC_NPROCESSORS_ONLN), host, world,
-      compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
+      tsp::git_revision().c_str(), tsp::cpu_description().c_str(), sysconf(_SC_NPROCESSORS_ONLN),
+      host, world, compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
       (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
       (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.batch, o.repeats,
       o.no_overlap ? "off" : "on");
