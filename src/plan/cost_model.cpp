@@ -59,6 +59,12 @@ struct Shape {
   int64_t attn_params() const { return 2 * h * h + 2 * kv * h; }  // q, k, v, o
   int64_t mlp_params() const { return 3 * I * h; }                // gate, up, down
   int64_t block_matrix_params() const { return attn_params() + mlp_params(); }
+  int64_t norm_params() const { return 2 * h; }  // input and post-attention RMSNorm weights
+  // Elements of one rank's row pieces of a whole block (fsdp-cp cuts every parameter, norms
+  // included, into D pieces; D divides every parameter's rows, so this is the sum of the pieces).
+  int64_t block_params_per_piece(int64_t D) const {
+    return (block_matrix_params() + norm_params()) / D;
+  }
 };
 Shape shape_of(const LlamaConfig& m) {
   return {m.hidden_size,         m.kv_dim(),   m.intermediate_size,
@@ -110,18 +116,24 @@ BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int e
     for (int i = 0; i < 2; ++i) c.forward += all_reduce(D, N * s.h * e);
     c.backward = c.forward;
   } else if (l.name == "sp" || l.name == "fsdp-cp") {
+    const bool fsdp = l.name == "fsdp-cp";
     const int64_t kv_block = (N / D) * s.kv * e;  // this rank's k (or v) rows
     c.forward += all_gather(D, kv_block);
     c.forward += all_gather(D, kv_block);
-    if (regather_kv) c.backward = c.forward;
+    // fsdp-cp saves only the local k, v (like tsp) and always re-gathers; sp keeps the gathered
+    // K/V unless asked (MemoryAssumptions::sp_keeps_gathered_kv).
+    if (regather_kv || fsdp) c.backward = c.forward;
     c.backward += reduce_scatter(D, kv_block);  // dK
     c.backward += reduce_scatter(D, kv_block);  // dV
-    const int64_t w_block = s.block_matrix_params() / D * e;
-    if (l.name == "sp") {
-      // every rank holds the whole block: its weight gradients are all-reduced over the group
-      c.backward += all_reduce(D, s.block_matrix_params() * e);
+    if (!fsdp) {
+      // every rank holds the whole block: its weight gradients — the matrices and the two
+      // RMSNorm vectors, replicated too — are all-reduced over the group in one call
+      c.backward += all_reduce(D, (s.block_matrix_params() + s.norm_params()) * e);
     } else {
-      // FSDP: gather the layer before use (forward, and again in backward), reduce-scatter grads
+      // FSDP: gather the whole layer (matrices and norms, one all-gather per parameter of
+      // numel/D elements) before use, in forward and again in backward; reduce-scatter its
+      // gradients back to the pieces
+      const int64_t w_block = s.block_params_per_piece(D) * e;
       c.forward += all_gather(D, w_block);
       c.backward += all_gather(D, w_block);
       c.backward += reduce_scatter(D, w_block);
@@ -143,8 +155,9 @@ BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int e
       }
       c.backward += reduce_scatter(Sg, kv_block);
       c.backward += reduce_scatter(Sg, kv_block);
-      // weights are replicated over Σ: their gradient shards are all-reduced over it
-      c.backward += all_reduce(Sg, s.block_matrix_params() / T * e);
+      // weights are replicated over Σ: their gradient shards (M/T matrix elements and the two
+      // RMSNorm vectors) are all-reduced over it in one call
+      c.backward += all_reduce(Sg, (s.block_matrix_params() / T + s.norm_params()) * e);
     } else {
       c.backward += tp_bwd;
     }
@@ -208,7 +221,7 @@ void check_layout(const LlamaConfig& m, const LayoutSpec& l, const Workload& w) 
             "{{{}}}",
             l.label(), nkv, heads_split, divisors_list(nkv, nkv));
   TSP_CHECK(m.intermediate_size % heads_split == 0 && m.vocab_size % l.weight_shards() == 0 &&
-                (l.name != "tsp" && l.name != "fsdp-cp" || m.hidden_size % l.D == 0),
+                ((l.name != "tsp" && l.name != "fsdp-cp") || m.hidden_size % l.D == 0),
             "{}: intermediate_size={}, vocab_size={} or hidden_size={} is not divisible by the "
             "weight split {}",
             l.label(), m.intermediate_size, m.vocab_size, m.hidden_size, l.weight_shards());

@@ -5,9 +5,12 @@
 #include "tsp/plan/measure.h"
 
 #include <algorithm>
+#include <vector>
 
+#include "ops/cpu/attention_internal.h"
 #include "parallel/tp_sp.h"
 #include "tsp/core/error.h"
+#include "tsp/ops/gemm.h"
 #include "tsp/parallel/layout.h"
 
 namespace tsp::plan {
@@ -15,6 +18,17 @@ namespace {
 
 constexpr int64_t kF32 = 4;
 constexpr int64_t kChunk = 512;  // block::kTokenChunk (MLP and loss-head rows at once)
+
+// The fast attention backward's per-thread scratch (src/ops/cpu/attention_fast.cpp,
+// backward_scratch_floats with kBq = kBk = 64: dO·V and P/dS tiles, row statistics), one per
+// thread for min(compute threads, kv heads of the call); none on the reference path. At test
+// shapes it is several percent of a rank's peak, so it is modelled.
+int64_t attention_backward_scratch(int64_t d, int64_t kv_heads) {
+  if (!attn::fast_path_available(d)) return 0;
+  constexpr int64_t kBq = 64, kBk = 64;
+  const int64_t threads = std::min<int64_t>(compute_threads(), kv_heads);
+  return threads * (2 * d * kBq + 2 * kBk * kBq + 2 * kBq);
+}
 
 // Communicator counting convention (include/tsp/comm/communicator.h), bytes.
 Traffic ag(int64_t k, int64_t block) {
@@ -65,13 +79,44 @@ MemoryBreakdown pick_peak(const MemoryBreakdown& state, const std::vector<Moment
   return best;
 }
 
-// Parameters held by this rank, floats: matrices split `w` ways (embedding and LM head by
-// vocabulary rows), RMSNorm weights whole.
-int64_t params_held(const Dims& s, int w) {
-  const int64_t kv = s.nkv * s.d;
-  const int64_t block = (2 * s.h * s.h + 2 * kv * s.h + 3 * s.F * s.h) / w;
-  const int64_t vocab = s.V / w * s.h * (s.tied ? 1 : 2);
-  return s.L * (block + 2 * s.h) + vocab + s.h;
+// ShardStore lays every shard 64-byte aligned (16 floats): src/parallel/layout_common.cpp.
+int64_t aligned(int64_t n) {
+  return (n + 15) / 16 * 16;
+}
+
+// The parameters of one block, elements: input norm, q, k, v, o, post norm, gate, up, down (the
+// order of fsdp-cp's layer unit).
+std::vector<int64_t> block_param_numels(const Dims& s) {
+  const int64_t q = s.nh * s.d, kv = s.nkv * s.d;
+  return {s.h, q * s.h, kv * s.h, kv * s.h, s.h * q, s.h, s.F * s.h, s.F * s.h, s.h * s.F};
+}
+
+// Parameters held by this rank, floats, as ShardStore allocates them (each shard aligned):
+// matrices split `w` ways (embedding and LM head by vocabulary rows); RMSNorm weights whole, or
+// split too when `split_norms` (fsdp-cp cuts every parameter).
+int64_t params_held(const Dims& s, int w, bool split_norms = false) {
+  const int64_t norm = split_norms ? s.h / w : s.h;
+  int64_t block = 0;
+  for (size_t i = 0; i < block_param_numels(s).size(); ++i) {
+    const bool is_norm = i == 0 || i == 5;
+    block += aligned(is_norm ? norm : block_param_numels(s)[i] / w);
+  }
+  const int64_t vocab = aligned(s.V / w * s.h) * (s.tied ? 1 : 2);
+  return s.L * block + vocab + aligned(norm);
+}
+
+// A unit of fsdp-cp (src/parallel/fsdp_cp.cpp, struct Unit): its full tensors one after another,
+// each aligned, and this rank's pieces likewise.
+struct UnitSize {
+  int64_t full = 0, piece = 0;
+};
+UnitSize unit_size(const std::vector<int64_t>& numels, int64_t D) {
+  UnitSize u;
+  for (int64_t e : numels) {
+    u.full += aligned(e);
+    u.piece += aligned(e / D);
+  }
+  return u;
 }
 
 }  // namespace
@@ -83,8 +128,9 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
             l.R);
   const int64_t Br = B / l.R, h = s.h, d = s.d;
   const int64_t w = l.name == "single" || l.name == "sp" ? 1 : (l.name == "tp-sp" ? l.T : l.D);
+  const bool fsdp = l.name == "fsdp-cp";
   MemoryBreakdown state;
-  const int64_t held = params_held(s, static_cast<int>(w));
+  const int64_t held = params_held(s, static_cast<int>(w), fsdp);
   state[MemCategory::Weights] = kF32 * held;
   state[MemCategory::Grads] = kF32 * held;
   if (optimizer) state[MemCategory::Optimizer] = 2 * kF32 * held;  // AdamW m and v, fp32
@@ -100,6 +146,7 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
     moments.push_back({act, 0, base + 5 * r * s.F});   // mlp_backward chunk buffers
     moments.push_back({act, 0, base + n * h});         // rmsnorm_backward_add temp
     moments.push_back({act, 0, 3 * n * h + r * s.V});  // loss head: logits chunk
+    moments.push_back({act, 0, base + attention_backward_scratch(d, s.nkv)});
   } else if (l.name == "tp" || l.name == "sp" || l.name == "tp-sp") {
     // src/parallel/tp_sp.cpp with T tensor and Σ sequence ranks.
     const int64_t T = l.name == "tp" ? l.D : (l.name == "sp" ? 1 : l.T);
@@ -120,7 +167,8 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
     moments.push_back({act, outer_stage + layer_stage + (T > 1 ? 0 : 0), base + 2 * n * h});
     // attention backward: dxn, d_o, dq, dk and dv of every key
     moments.push_back(
-        {act, outer_stage + layer_stage, base + n * h + 2 * n * qw + 2 * kv_rows * kw});
+        {act, outer_stage + layer_stage,
+         base + n * h + 2 * n * qw + 2 * kv_rows * kw + attention_backward_scratch(d, hkv)});
     if (Sg > 1)  // reduce-scatter of dV: dq, full dK/dV, dk_local, dv_local, the send buffer
       moments.push_back({act, outer_stage + layer_stage + all * kw,
                          base + n * h + n * qw + 2 * all * kw + 2 * n * kw});
@@ -145,7 +193,9 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
       // K and V (all tokens of head group r), their swapped dK/dV send buffers; workspace d_o,
       // dq, dK, dV (all tokens), dk, dv (own tokens), K/V in row order.
       moments.push_back({act, 2 * attn_shard + 2 * attn_shard + 2 * all * kw + 2 * all * kw,
-                         base + 2 * n * qw + 2 * all * kw + 2 * n * kw + 2 * all * kw, norm_grads});
+                         base + 2 * n * qw + 2 * all * kw + 2 * n * kw + 2 * all * kw +
+                             attention_backward_scratch(d, hkv),
+                         norm_grads});
       // loss head backward ring: shard in hand + next, accumulators (+ part), logits, dlogits,
       // running statistics; x, xn, dxn of run().
       moments.push_back(
@@ -153,12 +203,59 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
     } else {
       moments.push_back({act, 0, base + 5 * r * s.F});
       moments.push_back({act, 0, base + 2 * n * qw + 4 * n * kw + n * h});
+      moments.push_back(
+          {act, 0, base + 2 * n * qw + 2 * n * kw + attention_backward_scratch(d, s.nkv)});
       moments.push_back({act, 0, 3 * n * h + r * s.V});
+    }
+  } else if (fsdp) {
+    // src/parallel/fsdp_cp.cpp (overlap on, the default), D ranks: all heads of n = B·S/D
+    // tokens saved (local k, v only); units gathered whole into Comm buffers.
+    const int64_t D = l.D, n = Br * S / D, all = Br * S, qw = s.nh * d, kw = s.nkv * d;
+    const int64_t r = std::min(n, kChunk);
+    const int64_t saved = saved_floats(s, n, s.nh, s.nkv, n);
+    const UnitSize layer = unit_size(block_param_numels(s), D);
+    const UnitSize head_grads =
+        unit_size(s.tied ? std::vector<int64_t>{h} : std::vector<int64_t>{h, s.V * h},
+                  D);                                          // final norm (+ LM head)
+    const UnitSize head_unit = unit_size({h, s.V * h}, D);     // final norm + head matrix
+    const int64_t embed_full = s.tied ? aligned(s.V * h) : 0;  // tied: kept through backward
+    const int64_t kv_all = all * kw;                           // K or V of the whole rows
+    const int64_t next = s.L > 0 ? layer.full : 0;             // layer L-1 prefetched
+    // The head (forward and backward fused): all L layers saved; the head unit and the
+    // prefetched layer L-1 gathered; the head's full gradients (and, tied, the embedding's).
+    const int64_t act_all = s.L * saved + n;  // + rstd of the final norm
+    const int64_t head_comm = head_unit.full + next + head_grads.full + embed_full;
+    moments.push_back({act_all, head_comm, 3 * n * h + r * s.V});  // x, xn, dxn, logits chunk
+    moments.push_back({act_all, head_comm, 5 * n * h});            // + dx, norm-backward temp
+    moments.push_back({act_all, head_comm + head_grads.piece, 4 * n * h});  // reduce-scatter
+    // The last layer's forward: it and the head unit gathered, K/V received and laid out.
+    moments.push_back({act_all, layer.full + head_unit.full + 2 * kv_all, 2 * n * h + 2 * kv_all});
+    // Backward of layer l (all saved activations up to l): its weights, the prefetch of l-1, its
+    // full-size gradients being accumulated, the previous unit's gradients still in their
+    // reduce-scatter (full + pieces: the head's for l = L-1, a layer's after that).
+    for (int64_t l = s.L - 1; l >= std::max<int64_t>(0, s.L - 2); --l) {
+      const int64_t act = (l + 1) * saved + n;
+      const int64_t prev =
+          l == s.L - 1 ? head_grads.full + head_grads.piece : layer.full + layer.piece;
+      const int64_t outer = layer.full + (l > 0 ? layer.full : 0) + layer.full + prev + embed_full;
+      const int64_t base = 4 * n * h;  // run(): x, xn, dx, dxn
+      // MLP backward while K/V are re-gathered into their receive buffers
+      moments.push_back({act, outer + 2 * kv_all, base + 5 * r * s.F});
+      moments.push_back({act, outer + 2 * kv_all, base + n * h});  // norm-backward temp
+      // K/V laid out [B, S, kv] while still in the receive buffers; d_o
+      moments.push_back({act, outer + 2 * kv_all, base + n * qw + 2 * kv_all});
+      // attention backward: d_o, dq, K, V, dK, dV of every key
+      moments.push_back(
+          {act, outer, base + 2 * n * qw + 4 * kv_all + attention_backward_scratch(d, s.nkv)});
+      // dK/dV reduce-scatter: send buffer, dK, dV, local dk, dv
+      moments.push_back({act, outer + kv_all, base + 2 * n * qw + 2 * kv_all + 2 * n * kw});
+      // q/k/v backward and the input norm's backward temp
+      moments.push_back({act, outer, base + 2 * n * qw + 2 * n * kw + n * h});
     }
   } else {
     TSP_FAIL(
         "predict_local_memory: no model of layout '{}' yet; add its allocations to "
-        "src/plan/measure.cpp (single, tp, sp, tp-sp and tsp are modelled)",
+        "src/plan/measure.cpp (single, tp, sp, tp-sp, tsp and fsdp-cp are modelled)",
         l.name);
   }
   return pick_peak(state, moments);
@@ -172,6 +269,8 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
   StepTraffic t;
   // The loss: one int64 per rank all-gathered over the world, in forward() and forward_backward().
   t.forward += ag(world, 8);
+  // One source of truth for the blocks: block_comm (sp and tp-sp keep the gathered K/V, as
+  // tp_sp.cpp does; tsp and fsdp-cp re-gather whatever regather_kv says).
   const BlockComm blk = block_comm(m, l, N, static_cast<int>(e), /*regather_kv=*/false);
   for (int64_t i = 0; i < s.L; ++i) {
     t.forward += blk.forward;
@@ -186,17 +285,8 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
       t.forward += ag(T, 3 * n * e);   // loss statistics (max, sum-exp, target)
       t.backward += ar(T, n * h * e);  // loss head's dxn
     }
-    if (Sg > 1) {
-      // Each layer's staged gradient all-reduce over Σ carries the two RMSNorm weights with the
-      // matrices; block_comm counts the matrices only (one call: rounding per call).
-      const int64_t mats = (2 * h * h + 2 * s.nkv * s.d * h + 3 * s.F * h) / T;
-      const Traffic with = ar(Sg, (mats + 2 * h) * e), without = ar(Sg, mats * e);
-      for (int64_t i = 0; i < s.L; ++i) {
-        t.backward.sent += with.sent - without.sent;
-        t.backward.received += with.received - without.received;
-      }
+    if (Sg > 1)
       t.backward += ar(Sg, (s.V / T * h * vocab_mats + h) * e);  // embedding, final norm, head
-    }
   } else if (l.name == "tsp" && l.D > 1) {
     const int64_t D = l.D, shard = s.V / D * h * e;
     t.forward += hops(D - 1, shard);  // embedding ring
@@ -207,13 +297,23 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
     t.backward += hops(D - 1, shard);
     t.backward += hops(D - 1, shard);
     t.backward += ar(D, (2 * s.L + 1) * h * e);  // replicated RMSNorm gradients
-  } else if (l.name != "single" && l.name != "tsp") {
+  } else if (l.name == "fsdp-cp" && l.D > 1) {
+    // Units outside the blocks, gathered per parameter (blocks of numel/D) and their gradients
+    // reduce-scattered back (docs/communication.md, fsdp-cp).
+    const int64_t D = l.D, table = s.V / D * h * e, norm = h / D * e;
+    t.forward += ag(D, table);                // embedding, for the lookup
+    t.forward += ag(D, norm);                 // head: final norm ...
+    t.forward += ag(D, table);                // ... and LM head (the embedding again when tied)
+    t.backward += ag(D, norm);                // final-norm gradient (reduce-scatter: same count)
+    if (!s.tied) t.backward += ag(D, table);  // LM-head gradient
+    t.backward += ag(D, table);               // embedding gradient (tied: + the head's part)
+  } else if (l.name != "single" && l.name != "tsp" && l.name != "fsdp-cp") {
     TSP_FAIL("predict_local_traffic: no model of layout '{}' yet (src/plan/measure.cpp)", l.name);
   }
   if (l.R > 1) {
     // LayoutCommon: the whole gradient slab all-reduced over the replicas.
     const int64_t w = l.name == "single" || l.name == "sp" ? 1 : (l.name == "tp-sp" ? l.T : l.D);
-    t.backward += ar(l.R, params_held(s, static_cast<int>(w)) * e);
+    t.backward += ar(l.R, params_held(s, static_cast<int>(w), l.name == "fsdp-cp") * e);
   }
   (void)group_rank;  // broadcast roots: every rank is root once per round set, so totals agree
   return t;

@@ -336,17 +336,13 @@ TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
         EXPECT_EQ(sum.ops[i].calls, step.ops[i].calls) << tag << " op " << i;
       }
 
-      // The planner's block_comm (include/tsp/plan) counts only the layer's
-      // matrices; fsdp-cp also gathers the two norm weights with the layer (and
-      // reduce-scatters their gradients), 2·h elements more each way. With
-      // backward re-gathering K/V (our saving policy) the rest agrees.
-      const plan::BlockComm pc = plan::block_comm(c, plan::LayoutSpec{"fsdp-cp", D, 1, dp}, f.N, 4,
-                                                  /*regather_kv=*/true);
-      const int64_t norms = 4 * f.k() * 2 * c.hidden_size / D;
-      EXPECT_EQ(t.layer_forward[0].total_sent(), pc.forward.sent + norms) << tag;
-      EXPECT_EQ(t.layer_forward[0].total_received(), pc.forward.received + norms) << tag;
-      EXPECT_EQ(t.layer_backward[0].total_sent(), pc.backward.sent + 2 * norms) << tag;
-      EXPECT_EQ(t.layer_backward[0].total_received(), pc.backward.received + 2 * norms) << tag;
+      // The planner's block_comm (include/tsp/plan) is the same count: the whole layer (its
+      // matrices and two norms) gathered twice and reduce-scattered, K/V re-gathered.
+      const plan::BlockComm pc = plan::block_comm(c, plan::LayoutSpec{"fsdp-cp", D, 1, dp}, f.N, 4);
+      EXPECT_EQ(t.layer_forward[0].total_sent(), pc.forward.sent) << tag;
+      EXPECT_EQ(t.layer_forward[0].total_received(), pc.forward.received) << tag;
+      EXPECT_EQ(t.layer_backward[0].total_sent(), pc.backward.sent) << tag;
+      EXPECT_EQ(t.layer_backward[0].total_received(), pc.backward.received) << tag;
 
       // forward() alone: the same forward records, no backward traffic.
       layout->forward(batch);

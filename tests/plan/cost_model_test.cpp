@@ -117,10 +117,24 @@ TEST(CostModelComm, ExactSmallShape) {
   EXPECT_EQ(p.forward, (Traffic{4096, 4096}));
   EXPECT_EQ(p.backward, (Traffic{4096, 4096}));
   // sp: K and V all-gather of 16 rows x 8 = 512 bytes each; backward dK/dV reduce-scatter
-  // (same) and the all-reduce of the block gradients: (512 + 256 + 1536) params · 4 B · 2(D-1)/D.
+  // (same) and the all-reduce of the block gradients, matrices and the two RMSNorm vectors in one
+  // call, as src/parallel/tp_sp.cpp does: (512 + 256 + 1536 + 32) params · 4 B · 2(D-1)/D.
   const BlockComm s = block_comm(m, {"sp", 2, 1, 1}, N, e);
   EXPECT_EQ(s.forward, (Traffic{1024, 1024}));
-  EXPECT_EQ(s.backward, (Traffic{1024 + 9216, 1024 + 9216}));
+  EXPECT_EQ(s.backward, (Traffic{1024 + 9344, 1024 + 9344}));
+  // tp-sp T=2, Σ=2: two all-reduces of [16, 16] over T (1024 B each); K/V all-gathers over Σ of
+  // [16, 4] (256 B each). Backward: the dual all-reduces, dK/dV reduce-scatters, and the Σ
+  // all-reduce of the gradient shard (2304/2 matrix + 32 norm elements) · 4 B · 2(Σ-1)/Σ = 4736.
+  const BlockComm ts = block_comm(m, {"tp-sp", 4, 2, 1}, N, e);
+  EXPECT_EQ(ts.forward, (Traffic{2048 + 512, 2048 + 512}));
+  EXPECT_EQ(ts.backward, (Traffic{2048 + 512 + 4736, 2048 + 512 + 4736}));
+  // fsdp-cp: the whole layer gathered, matrices and norms cut in D pieces: (2304 + 32)/2 = 1168
+  // elements per rank, 4672 B; K/V as sp. Backward: the layer and K/V gathered again (only local
+  // k, v are saved), dK/dV and the layer's gradients reduce-scattered.
+  const BlockComm f = block_comm(m, {"fsdp-cp", 2, 1, 1}, N, e);
+  EXPECT_EQ(f.forward, (Traffic{1024 + 4672, 1024 + 4672}));
+  EXPECT_EQ(f.backward, (Traffic{2 * 1024 + 2 * 4672, 2 * 1024 + 2 * 4672}));
+  EXPECT_EQ(block_comm(m, {"fsdp-cp", 2, 1, 1}, N, e, /*regather_kv=*/true).backward, f.backward);
   // tp-sp with T=D: identical to tp; with T=1: sp's K/V traffic.
   LlamaConfig m4 = m;
   m4.num_key_value_heads = 4;

@@ -64,9 +64,10 @@ Batch random_batch(const LlamaConfig& c, int64_t B, int64_t S) {
   return b;
 }
 
-// Peak memory: the model is of our own allocations, so the bar is tight. The 5% covers what it
-// leaves out on purpose: the attention kernel's per-thread scratch and small index vectors
-// (< 1% at these shapes) and the exact ordering of short-lived buffers inside a kernel.
+// Peak memory: the bar (within 5%). The model is of our own tracked allocations (the
+// attention kernel's scratch included) and at these shapes it lands on the measured peak to the
+// printed precision; what it leaves out — untracked index vectors and the ordering of
+// short-lived buffers inside a kernel — is far below 5%.
 constexpr double kMemoryRtol = 0.05;
 
 TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
@@ -117,6 +118,11 @@ TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
       for (int c = 0; c < kNumMemCategories; ++c)
         cats += fmt::format(" {} {:.3f}/{:.3f}", mem_category_name(static_cast<MemCategory>(c)),
                             to_mb(snap.at_peak[c]), pred.bytes[c] / 1e6);
+      // The figures behind docs/benchmarks.md's measured-vs-predicted paragraph (rank 0).
+      if (world.rank() == 0)
+        std::printf("[ mem  ] %-10s %-7s world=%d  peak %.3f MB  predicted %.3f MB  ratio %.4f\n",
+                    k.name, info.name.c_str(), W, to_mb(snap.peak_total), pred.total() / 1e6,
+                    measured / pred.total());
       EXPECT_NEAR(measured / pred.total(), 1.0, kMemoryRtol)
           << "rank " << world.rank() << " peak " << to_mb(snap.peak_total) << " MB, predicted "
           << pred.total() / 1e6 << " MB; measured/predicted MB by category:" << cats;

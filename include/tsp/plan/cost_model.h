@@ -87,8 +87,9 @@ struct MemoryAssumptions {
   double grad_bytes = 2;        // bf16 gradients
   double optimizer_bytes = 12;  // fp32 master copy + two fp32 AdamW moments
   int act_bytes = 2;            // activations and communication buffers (bf16)
-  // Layouts that all-gather K/V (sp, tp-sp, fsdp-cp) keep the gathered K/V for backward, as
-  // autograd does with the input of the attention kernel. TSP re-gathers per head group by design.
+  // sp and tp-sp keep the gathered K/V for backward, as autograd does with the input of the
+  // attention kernel (and as src/parallel/tp_sp.cpp does). tsp (per head group) and fsdp-cp save
+  // only the local k, v and re-gather in backward, as their implementations do, whatever this says.
   bool sp_keeps_gathered_kv = true;
   // A rank whose weight gradients must be all-reduced (weights replicated inside the group, as
   // under sp and tp-sp's Σ axis, or across R > 1 replicas) holds a flat bucket copy of its gradient
@@ -118,8 +119,13 @@ struct Traffic {
 
 // Communication of one transformer block per rank, forward and backward, for a micro-batch of
 // N tokens per replica, elements of `elem_bytes` bytes. Exact integers for shapes that divide.
-// `regather_kv`: whether backward re-gathers K/V (false for sp-family layouts that keep them, see
-// MemoryAssumptions; TSP always re-gathers). Weight gradients travel in the same element size.
+// It is the single source of truth for the per-block counts: with elem_bytes = 4 it equals, byte
+// for byte, what src/parallel/{tp_sp,tsp,fsdp_cp}.cpp record per layer (their tests assert it),
+// including the two RMSNorm vectors of the block (reduced with the matrices over sp/tp-sp's Σ,
+// gathered and reduce-scattered with the layer by fsdp-cp).
+// `regather_kv`: whether sp and tp-sp re-gather K/V in backward (false: they keep them, as
+// src/parallel/tp_sp.cpp does, see MemoryAssumptions); tsp and fsdp-cp always re-gather.
+// Weight gradients travel in the same element size.
 struct BlockComm {
   Traffic forward;
   Traffic backward;
