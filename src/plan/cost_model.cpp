@@ -314,7 +314,8 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
     double per_layer = N * s.h / sp.t * ab                  // x_in
                        + 2 * N * s.h / (sp.t * sp.hd) * ab  // q, o
                        + N * s.nh / (sp.t * sp.hd) * 4.0;   // lse, fp32
-    if (tsp || (is_sp_family(l.name) && !a.sp_keeps_gathered_kv))
+    // tsp and fsdp-cp save only the local k, v (their implementations re-gather in backward).
+    if (tsp || fsdp || (is_sp_family(l.name) && !a.sp_keeps_gathered_kv))
       per_layer += 2 * N * s.kv / (sp.t * sp.hd) * ab;  // local k, v only
     else
       per_layer += 2 * N * s.kv / sp.hd * ab;  // all tokens of the group, own heads
@@ -327,19 +328,47 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
                       + 4 * N * mlp_cols / sp.t * ab;      // gate, up, act, one gradient
     double layer_comm = 0;
     if (tsp) {
-      layer_comm = 2 * kv_group + 2 * kv_group  // K, V of head group r and their gradients
-                   + 2.0 * s.attn_params() / l.D * a.weight_bytes +
-                   2.0 * s.mlp_params() / l.D * a.weight_bytes  // shards in hand + prefetched
-                   + 1.0 * s.attn_params() / l.D * a.grad_bytes +
-                   2.0 * s.mlp_params() / l.D * a.grad_bytes;  // travelling gradient shards
+      // src/parallel/tsp.cpp runs a layer's backward in two phases that never overlap, each with
+      // its own buffers (freed when it ends); the busier one counts.
+      //  - MLP ring: the shard in hand and the next (2 weight shards); the travelling gradient
+      //    accumulator double-buffered plus the step's own part (3 gradient shards; 2 at D = 2).
+      //  - attention rounds: the broadcast shard in use and the prefetched one (2), the partial
+      //    gradient being reduced to its owner and the next round's (2); K, V of head group r
+      //    and their gradients (all tokens); d_o, dq of the rank's tokens for head group r.
+      const double base_ws = 2 * N * s.h / sp.t * ab;  // recomputed norm output, dx
+      const double mlp_ws = base_ws + 4 * N * mlp_cols / sp.t * ab;
+      const double mlp_comm = l.D > 1
+                                  ? 2.0 * s.mlp_params() / l.D * a.weight_bytes +
+                                        (l.D > 2 ? 3.0 : 2.0) * s.mlp_params() / l.D * a.grad_bytes
+                                  : 0;
+      const double attn_ws = base_ws + 2 * N / l.D * (static_cast<double>(s.h) / l.D) * ab;
+      const double attn_comm = l.D > 1
+                                   ? 4 * kv_group + 2.0 * s.attn_params() / l.D * a.weight_bytes +
+                                         2.0 * s.attn_params() / l.D * a.grad_bytes
+                                   : 0;
+      if (mlp_ws + mlp_comm >= attn_ws + attn_comm) {
+        layer_ws = mlp_ws;
+        layer_comm = mlp_comm;
+      } else {
+        layer_ws = attn_ws;
+        layer_comm = attn_comm;
+      }
     } else {
       if (l.name == "tp" || l.name == "tp-sp")
         layer_comm += N * s.h / sp.t * ab;  // all-reduce buffer of the residual branch
       if (is_sp_family(l.name) && l.D > 1)
         layer_comm += 2 * N * s.kv / sp.hd * ab;  // full dK, dV before the reduce-scatter
-      if (fsdp)
-        layer_comm += 2.0 * s.block_matrix_params() * a.weight_bytes   // gathered + prefetched
-                      + 1.0 * s.block_matrix_params() * a.grad_bytes;  // before reduce-scatter
+      if (fsdp) {
+        // src/parallel/fsdp_cp.cpp, a layer's backward: the layer gathered whole (matrices and
+        // norms) and the next one prefetched; its full-size gradients and the previous layer's
+        // still in their reduce-scatter (full + pieces); K, V re-gathered for every key; tied
+        // embeddings: the full [V, h] gradient waits through the backward for the lookup's part.
+        const double layer_params = static_cast<double>(s.block_matrix_params() + 2 * s.h);
+        layer_comm += 2.0 * layer_params * a.weight_bytes +
+                      (2.0 + 1.0 / l.D) * layer_params * a.grad_bytes + 2 * N * s.kv * ab;
+        if (w.model.tie_word_embeddings)
+          layer_comm += static_cast<double>(s.V) * s.h * a.grad_bytes;
+      }
     }
     // Loss: fp32 logits and their gradient for this rank's tokens and vocabulary columns. TSP
     // never forms full logits: one [N/D, V/D] block at a time (online cross-entropy).
@@ -500,12 +529,12 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
       const double rs = ag;  // dK, dV reduce-scatter: overlaps the input projections' backward
       exposed += std::max(0.0, rs - in_proj_bwd);
       bytes.add(ax, 2.0 * (ax.k - 1) * kv_block);
-      if (!a.sp_keeps_gathered_kv) {
+      if (!a.sp_keeps_gathered_kv || l.name == "fsdp-cp") {  // fsdp-cp always re-gathers
         exposed += std::max(0.0, ag - q_proj);
         bytes.add(ax, 2.0 * (ax.k - 1) * kv_block);
       }
       if (l.name != "fsdp-cp") {
-        const double wb = Pm / T * ge;
+        const double wb = (Pm / T + 2.0 * s.h) * ge;  // the shard's matrices and the two norms
         grad_sync += t_all_reduce(ax, wb);
         bytes.add(ax, 2.0 * (ax.k - 1) / ax.k * wb);
       }
@@ -514,14 +543,15 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   if (l.name == "fsdp-cp") {
     // gather the layer (prefetched during the previous layer: hides behind its compute);
     // backward gathers again and reduce-scatters the gradients, hidden behind backward compute
-    const double block = Pm / D * we;
+    const double layer_params = Pm + 2.0 * s.h;  // the matrices and the two norms
+    const double block = layer_params / D * we;
     const double ag = t_all_gather(group, block);
     exposed += std::max(0.0, ag - t_fwd);
     bytes.add(group, (D - 1) * block);
     if (train) {
-      const double rs = t_all_gather(group, Pm / D * ge);
+      const double rs = t_all_gather(group, layer_params / D * ge);
       exposed += std::max(0.0, ag + rs - t_bwd);
-      bytes.add(group, (D - 1) * block + (D - 1) * Pm / D * ge);
+      bytes.add(group, (D - 1) * block + (D - 1) * layer_params / D * ge);
     }
   }
   if (l.name == "tsp" && !decode) {
