@@ -200,6 +200,10 @@ class FsdpCpLayout final : public LayoutCommon {
 
  protected:
   void check_batch(const ReplicaBatch& rb) const override { check_zigzag(rb.S, D()); }
+  // take_tokens reads the zigzag chunks (zigzag_take) and nothing else.
+  std::vector<Range> input_ranges(int64_t S) const override {
+    return zigzag_ranges(S, D(), group_rank());
+  }
   double run(const ReplicaBatch& rb, bool backward) override;
 
  private:

@@ -334,7 +334,7 @@ void LayoutCommon::gather(bool grads,
 }
 
 ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
-  const int64_t B = batch.B, S = batch.S, V = config_.vocab_size;
+  const int64_t B = batch.B, S = batch.S;
   TSP_CHECK(B >= 1 && S >= 1, "a batch needs B >= 1 rows of S >= 1 tokens (got B={}, S={})", B, S);
   TSP_CHECK(static_cast<int64_t>(batch.tokens.size()) == B * (S + 1),
             "a batch of B={} rows of S+1={} tokens needs {} tokens, got {}", B, S + 1, B * (S + 1),
@@ -345,11 +345,6 @@ ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
   TSP_CHECK(B % R_ == 0,
             "batch of B={} rows cannot be split evenly over dp={} replicas; use B a multiple of {}",
             B, R_, R_);
-  for (int64_t i = 0; i < B * (S + 1); ++i) {
-    const int32_t t = batch.tokens[i];
-    TSP_CHECK(0 <= t && t < V, "token id {} at row {}, column {} is outside the vocabulary [0, {})",
-              t, i / (S + 1), i % (S + 1), V);
-  }
   // Every rank must run the same step; a mismatch would hang or silently mix batches.
   world_.check_same(B, "batch rows B");
   world_.check_same(S, "sequence length S");
@@ -369,6 +364,83 @@ ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
   return rb;
 }
 
+TokenNeed LayoutCommon::token_need(int64_t B, int64_t S) const {
+  TSP_CHECK(B >= 1 && S >= 1, "a batch needs B >= 1 rows of S >= 1 tokens (got B={}, S={})", B, S);
+  TSP_CHECK(B % R_ == 0,
+            "batch of B={} rows cannot be split evenly over dp={} replicas; use B a multiple of {}",
+            B, R_, R_);
+  ReplicaBatch shape;  // the layout's own checks of B and S (zigzag chunks, ...); no tokens
+  shape.B = B / R_;
+  shape.S = S;
+  shape.row0 = replica_ * shape.B;
+  check_batch(shape);
+  TokenNeed need;
+  need.row_begin = shape.row0;
+  need.row_end = shape.row0 + shape.B;
+  const std::vector<Range> ranges = input_ranges(S);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const Range& r = ranges[i];
+    TSP_CHECK(
+        0 <= r.begin && r.begin < r.end && r.end <= S && (i == 0 || ranges[i - 1].end < r.begin),
+        "layout {}: input range [{}, {}) is empty, outside [0, {}) or not after the previous "
+        "one (a bug in the layout)",
+        name_, r.begin, r.end, S);
+    need.input_ranges.push_back({r.begin, r.end});
+  }
+  return need;
+}
+
+void LayoutCommon::check_tokens(const Batch& batch) const {
+  const int64_t S = batch.S, W = S + 1, V = config_.vocab_size;
+  const TokenNeed need = token_need(batch.B, S);
+  std::vector<std::pair<int64_t, int64_t>> ranges = need.input_ranges;
+  if (ranges.empty()) ranges.push_back({0, S});
+  std::string error;  // this rank's first bad token, if any
+  for (int64_t r = need.row_begin; r < need.row_end && error.empty(); ++r) {
+    for (auto [p0, p1] : ranges) {
+      for (int64_t i = p0; i <= p1 && error.empty(); ++i) {  // inputs p0..p1-1, labels p0+1..p1
+        const int32_t t = batch.tokens[r * W + i];
+        if (0 <= t && t < V) continue;
+        error = t == kTokenNotRead
+                    ? fmt::format(
+                          "token at row {}, column {} of the batch was not read (it holds "
+                          "kTokenNotRead), but layout {} on group rank {} of replica {} reads it; "
+                          "read the tokens that Layout::token_need({}, {}) names "
+                          "(DataLoader::set_need)",
+                          r, i, name_, group_rank_, replica_, batch.B, S)
+                    : fmt::format(
+                          "token id {} at row {}, column {} is outside the vocabulary "
+                          "[0, {})",
+                          t, r, i, V);
+      }
+    }
+  }
+  // Ranks read different tokens, so a bad one may be seen by some ranks only. Agree before
+  // anything else is computed: every rank throws the error of the lowest rank that found one (a
+  // rank throwing alone would leave the others waiting in run()'s collectives). The common case
+  // costs one check_same, which is validation traffic and not counted in the layout's traffic
+  // (communicator.h), so measured traffic still equals the model of src/plan/measure.cpp.
+  int64_t bad = error.empty() ? 0 : 1;
+  bool agree = true;
+  try {
+    world_.check_same(bad, "whether the batch holds a bad token");
+  } catch (const Error&) {
+    agree = false;  // some ranks found one, others did not: find out who below
+  }
+  if (agree && bad == 0) return;
+  std::vector<int64_t> all(world_.size());
+  world_.all_gather(&bad, all.data(), 1, DType::I64);
+  const auto first = std::find(all.begin(), all.end(), 1);
+  if (first == all.end()) return;
+  const int root = static_cast<int>(first - all.begin());
+  int64_t length = static_cast<int64_t>(error.size());
+  world_.broadcast(&length, 1, DType::I64, root);
+  std::vector<int32_t> text((length + 3) / 4, 0);  // the message's bytes in 4-byte words
+  if (world_.rank() == root) std::memcpy(text.data(), error.data(), error.size());
+  world_.broadcast(text.data(), static_cast<int64_t>(text.size()), DType::I32, root);
+  throw Error(std::string(reinterpret_cast<const char*>(text.data()), length));
+}
+
 double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
   // Gather every rank's contribution (doubles travel as their 64-bit patterns) and add them in
   // world-rank order on every rank: the loss is bit-identical everywhere, whatever MPI's
@@ -384,6 +456,7 @@ double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
 double LayoutCommon::step(const Batch& batch, bool backward) {
   const ReplicaBatch rb = replica_batch(batch);
   check_batch(rb);
+  check_tokens(batch);
   TensorView g = store_.grad_slab();
   // The replica all-reduce below sums the whole gradient slab, including what earlier calls
   // accumulated (identical on every replica after their own all-reduce). Pre-scaling it by 1/R

@@ -136,6 +136,8 @@ class LayoutCommon : public Layout {
   // Validate, take this replica's rows, run(), all-reduce gradients over replicas, reduce loss.
   double forward_backward(const Batch& batch) override;
   double forward(const Batch& batch) override;
+  // This replica's rows, and in each row input_ranges(S) (after check_batch on B and S).
+  TokenNeed token_need(int64_t B, int64_t S) const override;
 
  protected:
   LayoutCommon(std::string name, const LlamaConfig& config, const ParallelConfig& parallel,
@@ -145,8 +147,15 @@ class LayoutCommon : public Layout {
   // (accumulating into store_ gradients, scaled by rb.grad_scale). Returns the SUM of token
   // losses counted by this rank; see loss_partial_.
   virtual double run(const ReplicaBatch& rb, bool backward) = 0;
-  // Layout-specific batch checks (e.g. check_zigzag(S, D)), called before run().
+  // Layout-specific batch checks (e.g. check_zigzag(S, D)), called before run() and by
+  // token_need (there on a ReplicaBatch holding B and S only, no tokens).
   virtual void check_batch(const ReplicaBatch& rb) const {}
+  // The input positions of each of its replica's rows this rank's run() reads (rb.inputs, and
+  // rb.labels at the same places), as increasing half-open ranges of [0, S); empty: all of them.
+  // Only these positions are validated; the others may hold kTokenNotRead, so run() must never
+  // read them (tests/parallel/token_need_mpi_test.cpp checks every layout). Called after
+  // check_batch.
+  virtual std::vector<Range> input_ranges(int64_t /*S*/) const { return {}; }
 
   // True (default): the group's ranks return disjoint partial loss sums from run() (their sum is
   // the replica's loss sum). False: every group rank returns the replica's whole sum (e.g. tp).
@@ -167,6 +176,8 @@ class LayoutCommon : public Layout {
 
  private:
   ReplicaBatch replica_batch(const Batch& batch) const;
+  // Ids in [0, V) at every position token_need(B, S) names; a clear error otherwise.
+  void check_tokens(const Batch& batch) const;
   double reduce_loss(double local_sum, int64_t tokens);
   double step(const Batch& batch, bool backward);
 

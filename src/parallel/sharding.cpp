@@ -115,6 +115,15 @@ std::vector<int64_t> zigzag_positions(int64_t S, int D, int p) {
   return pos;
 }
 
+std::vector<Range> zigzag_ranges(int64_t S, int D, int p) {
+  check_zigzag(S, D);
+  TSP_CHECK(0 <= p && p < D, "rank {} is outside a group of {}", p, D);
+  const int64_t c = S / (2 * D);
+  const Range first{p * c, (p + 1) * c}, second{(2 * D - 1 - p) * c, (2 * D - p) * c};
+  if (first.end == second.begin) return {{first.begin, second.end}};
+  return {first, second};
+}
+
 std::vector<int64_t> zigzag_gathered_positions(int64_t S, int D) {
   std::vector<int64_t> all;
   all.reserve(S);

@@ -202,6 +202,11 @@ class TpSpLayout final : public LayoutCommon {
         "fewer sequence shards",
         rb.S, 2 * sigma_, D(), T_, sigma_, 2 * sigma_);
   }
+  // take_tokens reads every token under tp (Σ = 1), else the zigzag chunks of sequence shard s.
+  std::vector<Range> input_ranges(int64_t S) const override {
+    if (sigma_ == 1) return {};
+    return zigzag_ranges(S, sigma_, s_);
+  }
 
   double run(const ReplicaBatch& rb, bool backward) override;
 

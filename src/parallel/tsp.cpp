@@ -129,6 +129,10 @@ class TspLayout final : public LayoutCommon, public TspTrafficReport {
 
  protected:
   void check_batch(const ReplicaBatch& rb) const override { check_zigzag(rb.S, D()); }
+  // run() takes the zigzag chunks' tokens (Tokens::ids / labels at q_pos) and nothing else.
+  std::vector<Range> input_ranges(int64_t S) const override {
+    return zigzag_ranges(S, D(), group_rank());
+  }
 
   double run(const ReplicaBatch& rb, bool backward) override;
 

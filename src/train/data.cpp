@@ -128,16 +128,7 @@ TokenNeed zigzag_token_need(int64_t B, int64_t S, int D, int p, int R, int repli
   need.row_begin = replica * (B / R);
   need.row_end = (replica + 1) * (B / R);
   if (D == 1) return need;
-  // zigzag_positions validates S against D and lists the rank's positions in order; merge runs
-  // of consecutive positions into ranges (two chunks, or one when they touch).
-  const std::vector<int64_t> pos = zigzag_positions(S, D, p);
-  for (size_t i = 0; i < pos.size(); ++i) {
-    if (!need.input_ranges.empty() && need.input_ranges.back().second == pos[i]) {
-      ++need.input_ranges.back().second;
-    } else {
-      need.input_ranges.push_back({pos[i], pos[i] + 1});
-    }
-  }
+  for (const Range& r : zigzag_ranges(S, D, p)) need.input_ranges.push_back({r.begin, r.end});
   return need;
 }
 
@@ -213,7 +204,10 @@ Batch DataLoader::make_batch(const std::vector<int64_t>& starts) const {
       TSP_CHECK(0 <= p0 && p0 <= p1 && p1 <= S, "token need positions [{}, {}) outside [0, {})", p0,
                 p1, S);
       // Inputs p0..p1-1 and their labels p0+1..p1: tokens [p0, p1] of the window.
-      if (p1 > p0) corpus_->read(starts[r] + p0, p1 - p0 + 1, &batch.tokens[r * W + p0]);
+      if (p1 > p0) {
+        corpus_->read(starts[r] + p0, p1 - p0 + 1, &batch.tokens[r * W + p0]);
+        tokens_read_ += p1 - p0 + 1;
+      }
     }
   }
   return batch;

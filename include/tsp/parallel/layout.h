@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tsp/comm/communicator.h"
@@ -26,9 +27,33 @@ struct ParallelConfig {
 
 // One micro-batch: B rows of S+1 tokens; inputs are the first S of each row, labels the last S.
 // With R replicas, replica i takes rows [i·B/R, (i+1)·B/R).
+//
+// A rank need not hold the whole batch: the positions its layout reads are named by
+// Layout::token_need(B, S) (its replica's rows; under sp, tp-sp, tsp and fsdp-cp only its zigzag
+// chunks' inputs and their labels). Every other position may hold anything, conventionally
+// kTokenNotRead: the layout neither validates nor reads it. The positions it reads must hold ids
+// in [0, V), else forward / forward_backward throw tsp::Error (so a wrong need fails loudly).
 struct Batch {
   int64_t B = 0, S = 0;
   std::vector<int32_t> tokens;  // [B, S+1], row-major
+};
+inline constexpr int32_t kTokenNotRead = -1;
+
+// The tokens of a [B, S+1] batch a rank reads: rows [row_begin, row_end) and, within each row,
+// the input positions as half-open ranges of [0, S) in increasing order; the label of input p
+// (token p+1) is read with it, so a range [p0, p1) reads tokens p0..p1 of the row.
+struct TokenNeed {
+  int64_t row_begin = 0, row_end = -1;                    // -1: up to B
+  std::vector<std::pair<int64_t, int64_t>> input_ranges;  // empty: all of [0, S)
+  // Tokens of a [B, S+1] batch this need reads (inputs and labels, each token once when the
+  // ranges do not touch, as token_need's ranges never do).
+  int64_t tokens(int64_t B, int64_t S) const {
+    const int64_t rows = (row_end < 0 ? B : row_end) - row_begin;
+    if (input_ranges.empty()) return rows * (S + 1);
+    int64_t per_row = 0;
+    for (auto [p0, p1] : input_ranges) per_row += p1 > p0 ? p1 - p0 + 1 : 0;
+    return rows * per_row;
+  }
 };
 
 // Where a layout reads the weights it owns: rows [row_begin, row_end) of a full parameter.
@@ -42,6 +67,7 @@ class ModelDirWeights : public WeightSource {  // model.safetensors of a model d
  public:
   explicit ModelDirWeights(const ModelDir& dir) : dir_(dir) {}
   void read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const override;
+
  private:
   const ModelDir& dir_;
 };
@@ -49,6 +75,7 @@ class RandomWeights : public WeightSource {  // init_param_rows with a seed
  public:
   explicit RandomWeights(uint64_t seed) : seed_(seed) {}
   void read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const override;
+
  private:
   uint64_t seed_;
 };
@@ -56,8 +83,8 @@ class RandomWeights : public WeightSource {  // init_param_rows with a seed
 // This rank's piece of one parameter and its gradient (same shape), for the optimizer.
 struct ParamShard {
   const ParamSpec* spec = nullptr;
-  TensorView value;   // f32
-  TensorView grad;    // f32, accumulated by forward_backward
+  TensorView value;  // f32
+  TensorView grad;   // f32, accumulated by forward_backward
   // True when every rank of the layout group holds an identical copy (e.g. norm weights under
   // tsp, every weight under sp): count it once in global norms, update it identically everywhere.
   bool replicated_in_group = false;
@@ -81,11 +108,16 @@ class Layout {
   virtual double forward_backward(const Batch& batch) = 0;
   // Loss only (validation), identical on every rank.
   virtual double forward(const Batch& batch) = 0;
+  // The tokens of a batch of B rows of S this rank reads in forward / forward_backward (see
+  // Batch); a data loader reads only these (DataLoader::set_need). Validates B and S as a step
+  // would (rows per replica, zigzag chunks), with the same errors. Default: everything.
+  virtual TokenNeed token_need(int64_t /*B*/, int64_t /*S*/) const { return {}; }
   virtual void zero_grads() = 0;
   virtual std::vector<ParamShard> parameters() = 0;
   // Reassemble full tensors on world rank 0, one parameter at a time in canonical order:
   // sink(spec, full) is called on world rank 0 only (the view lives until sink returns).
-  virtual void gather(bool grads, const std::function<void(const ParamSpec&, TensorView)>& sink) = 0;
+  virtual void gather(bool grads,
+                      const std::function<void(const ParamSpec&, TensorView)>& sink) = 0;
   // The communicators: the layout group (D ranks) and the replica group (R ranks).
   virtual Communicator& group() = 0;
   virtual Communicator& replicas() = 0;

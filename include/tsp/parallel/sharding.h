@@ -57,6 +57,9 @@ HeadGroup head_group(const LlamaConfig& c, int D, int r);  // validates (check_h
 // that order, so every rank does the same causal attention work. Every row of a batch is cut the
 // same way: a rank's local tokens are [B, S/D] (row-major: row b, then local index).
 std::vector<int64_t> zigzag_positions(int64_t S, int D, int p);  // [S/D] global positions
+// The same positions as increasing half-open ranges: chunks p and 2D-1-p, merged into one range
+// when they touch (p = D-1). Validates like zigzag_positions.
+std::vector<Range> zigzag_ranges(int64_t S, int D, int p);
 // Positions of the concatenation of every rank's local tokens in rank order (what an all-gather
 // of per-rank [S/D] blocks produces): [S], a permutation of 0..S-1.
 std::vector<int64_t> zigzag_gathered_positions(int64_t S, int D);

@@ -58,15 +58,9 @@ struct DataOptions {
   int64_t val_windows = 32;    // evaluated windows, evenly spaced over the held-out part
 };
 
-// Which tokens of a batch this rank reads: rows [row_begin, row_end) (its replica's rows) and,
-// within each row, the input positions of its sequence shard as half-open ranges of [0, S)
-// (e.g. the two zigzag chunks); the label of input position p is token p+1 and is read too.
-// The default reads everything. Positions not read hold kTokenNotRead.
-struct TokenNeed {
-  int64_t row_begin = 0, row_end = -1;                    // -1: up to B
-  std::vector<std::pair<int64_t, int64_t>> input_ranges;  // empty: all of [0, S)
-};
-inline constexpr int32_t kTokenNotRead = -1;
+// Which tokens of a batch this rank reads: TokenNeed and kTokenNotRead (tsp/parallel/layout.h).
+// A training run takes them from Layout::token_need, so the layout that reads the batch is the one
+// that says what to read. Positions not read hold kTokenNotRead.
 
 // The need of rank p of a zigzag-sharded layout group of D ranks in replica `replica` of R:
 // its replica's rows of a batch of B, and in each row chunks p and 2D-1-p of S/(2D) tokens
@@ -84,6 +78,10 @@ class DataLoader {
   int64_t train_tokens() const { return train_tokens_; }  // tokens [0, train_tokens)
   int64_t val_tokens() const { return corpus_->num_tokens() - train_tokens_; }
   void set_need(TokenNeed need) { need_ = std::move(need); }
+  const TokenNeed& need() const { return need_; }
+  // Tokens read from the corpus so far by this loader (training and validation batches), so a
+  // run can report what each rank reads per step.
+  int64_t tokens_read() const { return tokens_read_; }
 
   // Start (in the corpus) of the n-th training window.
   int64_t train_window_start(int64_t n) const;
@@ -106,6 +104,7 @@ class DataLoader {
   std::shared_ptr<const Corpus> corpus_;
   DataOptions options_;
   TokenNeed need_;
+  mutable int64_t tokens_read_ = 0;
   int64_t train_tokens_ = 0;
   std::vector<int64_t> val_starts_;
 };
