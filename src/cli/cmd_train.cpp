@@ -4,12 +4,16 @@
 //
 // Every rank runs the same loop (the loss, the gradient norm and hence every decision are
 // identical on all ranks, so they stop together); world rank 0 prints, writes the metrics and
-// the checkpoint files.
+// the checkpoint files. Each rank reads from the corpus only the tokens its layout reads
+// (Layout::token_need: under tsp its replica's rows, its two zigzag chunks and their labels) and
+// reports what it read per step.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -43,6 +47,13 @@ struct TrainOptions {
   // checkpoint).
   bool seed_set = false, batch_set = false, seq_set = false, accum_set = false;
 };
+
+// Every rank's value of a count, in world-rank order (collective).
+std::vector<int64_t> all_gather_counts(Communicator& world, int64_t mine) {
+  std::vector<int64_t> all(world.size());
+  world.all_gather(&mine, all.data(), 1, DType::I64);
+  return all;
+}
 
 // Mean validation loss over the held-out windows (every rank gets the same
 // value).
@@ -134,9 +145,6 @@ int run_train(TrainOptions o, Communicator& world) {
   dopt.val_fraction = o.val_fraction;
   dopt.val_windows = o.val_windows;
   DataLoader loader(corpus, dopt);
-  // Every rank reads the whole batch: the layouts validate every token of a
-  // Batch, so a partial read (DataLoader::set_need) waits for them to accept
-  // unread positions.
 
   // ---- Layout, weights, optimizer
   // ----------------------------------------------------------
@@ -146,6 +154,10 @@ int run_train(TrainOptions o, Communicator& world) {
   par.dp = o.dp;
   par.overlap = !o.no_overlap;
   std::unique_ptr<Layout> layout = make_layout(*config, par, world);
+  // Each rank reads only the tokens its layout reads: its replica's rows and, under sp, tp-sp,
+  // tsp and fsdp-cp, its zigzag chunks and their labels (training and validation batches alike).
+  const TokenNeed need = layout->token_need(o.batch, o.seq);
+  loader.set_need(need);
   LrSchedule sched{o.lr, o.min_lr_ratio, o.warmup, o.steps};
   sched.validate();
   TSP_CHECK(o.clip >= 0, "--clip must be >= 0 (0 turns clipping off), got {}", o.clip);
@@ -188,6 +200,17 @@ int run_train(TrainOptions o, Communicator& world) {
                   corpus->format() == CorpusFormat::Text ? "text, byte tokens" : "llm.c tokens",
                   loader.train_tokens(), loader.val_tokens(), loader.num_val_batches() * o.batch,
                   tokens_per_step, o.batch, o.seq, o.accum, start_step, stop));
+  {
+    // What each rank reads of a micro-batch of B·(S+1) tokens (ranks differ: zigzag chunks that
+    // touch share a label).
+    const std::vector<int64_t> reads = all_gather_counts(world, need.tokens(o.batch, o.seq));
+    const auto [lo, hi] = std::minmax_element(reads.begin(), reads.end());
+    say(fmt::format("each rank reads {} of the {} tokens of a micro-batch ({})",
+                    *lo == *hi ? fmt::format("{}", *hi) : fmt::format("{}-{}", *lo, *hi),
+                    o.batch * (o.seq + 1),
+                    need.input_ranges.empty() ? "its replica's rows"
+                                              : "its replica's rows, zigzag chunks and labels"));
+  }
 
   std::unique_ptr<MetricsWriter> metrics;
   if (root && !o.metrics.empty())
@@ -230,11 +253,13 @@ int run_train(TrainOptions o, Communicator& world) {
     const auto t0 = clock::now();
     layout->zero_grads();
     double loss_sum = 0;
+    const int64_t read_before = loader.tokens_read();
     for (int64_t micro = 0; micro < o.accum; ++micro) {
       loss_sum += layout->forward_backward(
           loader.train_rows(sample_base + ((step - start_step) * o.accum + micro) * o.batch));
     }
     loss = loss_sum / static_cast<double>(o.accum);
+    const int64_t read_this_step = loader.tokens_read() - read_before;
     // Each micro-batch's gradient is that of its mean loss: 1/accum makes the
     // sum a mean.
     const double accum_scale = 1.0 / static_cast<double>(o.accum);
@@ -273,6 +298,12 @@ int run_train(TrainOptions o, Communicator& world) {
       last_val = m.val_loss = validate(*layout, loader);
     }
     max_memory_peaks(world, m);
+    {
+      const std::vector<int64_t> reads = all_gather_counts(world, read_this_step);
+      const auto [lo, hi] = std::minmax_element(reads.begin(), reads.end());
+      m.tokens_read_min = *lo;
+      m.tokens_read_max = *hi;
+    }
     if (root) {
       if (metrics) metrics->write(m);
       progress.update(m);

@@ -39,6 +39,9 @@ std::string metrics_json(const StepMetrics& m) {
   j["step_s"] = m.step_seconds;
   j["elapsed_s"] = m.elapsed_s;
   if (m.val_loss >= 0) j["val_loss"] = m.val_loss;
+  if (m.tokens_read_max >= 0) {
+    j["tokens_read_per_rank"] = {{"min", m.tokens_read_min}, {"max", m.tokens_read_max}};
+  }
   nlohmann::ordered_json peak;
   for (int i = 0; i < kNumMemCategories; ++i) {
     peak[std::string(mem_category_name(static_cast<MemCategory>(i)))] = to_mb(m.peak_bytes[i]);

@@ -38,9 +38,14 @@ void Progress::update(const StepMetrics& m) {
   // ETA from the average pace of this run (steps done since it started or resumed).
   const int64_t done = m.step - first_;
   const double eta = done > 0 ? m.elapsed_s / done * static_cast<double>(total_ - m.step) : NAN;
-  const std::string stats =
-      fmt::format("step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s  ETA {}", m.step, total_,
-                  m.loss, m.lr, m.tokens_per_s, format_duration(eta));
+  std::string stats = fmt::format("step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s", m.step,
+                                  total_, m.loss, m.lr, m.tokens_per_s);
+  if (m.tokens_read_max >= 0) {  // what one rank read from the corpus this step
+    stats += m.tokens_read_min == m.tokens_read_max
+                 ? fmt::format("  read {} tok/rank", m.tokens_read_max)
+                 : fmt::format("  read {}-{} tok/rank", m.tokens_read_min, m.tokens_read_max);
+  }
+  stats += "  ETA " + format_duration(eta);
   if (tty_) {
     constexpr int kWidth = 24;
     const double frac = total_ > 0 ? static_cast<double>(m.step) / static_cast<double>(total_) : 1;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # 20 training steps under every layout at 4 ranks give the losses of the single-rank reference to
-# fp32 rounding, and a checkpoint written under one layout resumes under another.
+# fp32 rounding while each rank reads only the tokens its layout reads (counted per step), and a
+# checkpoint written under one layout resumes under another.
 # Usage: bash train_layouts_test.sh <build-dir> <source-dir>
 set -euo pipefail
 build=$(cd "$1" && pwd)
@@ -58,6 +59,25 @@ train 4 --layout tp-sp --tp 2 --metrics tp_sp.jsonl
 compare single.jsonl tp_sp.jsonl "tp-sp T=2 x S=2"
 train 4 --layout fsdp-cp --metrics fsdp_cp.jsonl
 compare single.jsonl fsdp_cp.jsonl "fsdp-cp D=4"
+
+# The runs above read only what each rank's layout reads (Layout::token_need), so the equal
+# losses also show that partial reads change nothing. What a rank reads per step (B=4, S=32):
+# tsp D=4: its replica's 4 rows x (chunks p and 7-p of 4 inputs + the label after each chunk,
+# one label for rank 3 whose chunks touch) = 4 x 10 or 4 x 9; tsp D=2 x dp 2: 2 rows x (16 + 2
+# or 1); fsdp-cp and sp split the sequence like tsp; tp reads whole rows (4 x 33); single --dp 4
+# reads its one row (33).
+reads() { grep -o '"tokens_read_per_rank":{[^}]*}' "$1" | sort -u | tr -d '\n'; }
+expect_reads() {  # metrics, min, max, label
+  local want="\"tokens_read_per_rank\":{\"min\":$2,\"max\":$3}"
+  [ "$(reads "$1")" = "$want" ] || fail "$4: tokens read per rank per step: '$(reads "$1")', want '$want'"
+  printf '%-28s reads %s-%s tokens per rank per step\n' "$4" "$2" "$3"
+}
+expect_reads tsp.jsonl 36 40 "tsp D=4"
+expect_reads tsp_dp2.jsonl 34 36 "tsp D=2 x dp 2"
+expect_reads fsdp_cp.jsonl 36 40 "fsdp-cp D=4"
+expect_reads sp.jsonl 36 40 "sp D=4"
+expect_reads tp.jsonl 132 132 "tp D=4"
+expect_reads single_dp4.jsonl 33 33 "single --dp 4"
 
 # Cross-layout resume: ck_single and ck_tsp hold step 20 now; cut both runs at step 10 instead.
 train 1 --layout single --stop-at 10 --save ck_single

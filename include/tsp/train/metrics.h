@@ -21,6 +21,9 @@ struct StepMetrics {
   double step_seconds = 0;
   double elapsed_s = 0;
   double val_loss = -1;  // < 0: not evaluated at this step
+  // Training tokens read from the corpus by one rank in this step (inputs and labels of all its
+  // micro-batches), the minimum and maximum over ranks; < 0: not reported.
+  int64_t tokens_read_min = -1, tokens_read_max = -1;
   // Peak bytes per memory category, the maximum over ranks (MemoryTracker peaks).
   std::array<int64_t, kNumMemCategories> peak_bytes{};
   int64_t peak_total_bytes = 0;
