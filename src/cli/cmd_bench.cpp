@@ -347,20 +347,32 @@ int run_bench(const BenchOptions& o, Communicator& world) {
         row.status = fmt::format("layout '{}' is not available in this build (registered: {})",
                                  name, layout_names_str());
       } else {
-        try {
-          if (name == "single") {
-            if (world.rank() == 0) row = run_layout(o, c, *weights, name, batch, *solo);
-            world.barrier();
-          } else {
-            row = run_layout(o, c, *weights, name, batch, world);
+        // Configuration errors (degrees that do not divide heads, FFN, vocabulary, zigzag
+        // chunks, S beyond max_position_embeddings) are raised identically on every rank of the
+        // communicator running the layout, before any collective: skip the row.
+        auto skipped = [&](const Error& e) {
+          Row r;
+          r.layout = name;
+          r.S = S;
+          r.status = e.what();
+          return r;
+        };
+        if (name == "single") {
+          // Only rank 0 runs it; the others must meet it at the barrier whatever happens there.
+          if (world.rank() == 0) {
+            try {
+              row = run_layout(o, c, *weights, name, batch, *solo);
+            } catch (const Error& e) {
+              row = skipped(e);
+            }
           }
-        } catch (const Error& e) {
-          // Configuration errors (degrees that do not divide heads, FFN, vocabulary, zigzag
-          // chunks) are raised identically on every rank before any collective: skip the row.
-          row = Row();
-          row.layout = name;
-          row.S = S;
-          row.status = e.what();
+          world.barrier();
+        } else {
+          try {
+            row = run_layout(o, c, *weights, name, batch, world);
+          } catch (const Error& e) {
+            row = skipped(e);
+          }
         }
       }
       if (name == "single" && row.status == "ok") ref_loss = row.loss, have_ref = true;
