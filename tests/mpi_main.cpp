@@ -10,7 +10,9 @@ namespace tsp::test {
 namespace {
 Communicator* g_world = nullptr;
 }
-Communicator& world() { return *g_world; }
+Communicator& world() {
+  return *g_world;
+}
 }  // namespace tsp::test
 
 int main(int argc, char** argv) {
@@ -26,8 +28,8 @@ int main(int argc, char** argv) {
       explicit FailurePrinter(int r) : rank(r) {}
       void OnTestPartResult(const ::testing::TestPartResult& r) override {
         if (r.failed()) {
-          fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank, r.file_name() ? r.file_name() : "?",
-                  r.line_number(), r.summary());
+          fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank,
+                  r.file_name() ? r.file_name() : "?", r.line_number(), r.summary());
         }
       }
     };

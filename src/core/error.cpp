@@ -21,8 +21,12 @@ std::string decorate(const std::string& message, int rank, const std::source_loc
 }
 }  // namespace
 
-void set_error_rank(int rank) { g_rank = rank; }
-int error_rank() { return g_rank; }
+void set_error_rank(int rank) {
+  g_rank = rank;
+}
+int error_rank() {
+  return g_rank;
+}
 
 Error::Error(std::string message, std::source_location where)
     : std::runtime_error(decorate(message, g_rank.load(), where)),

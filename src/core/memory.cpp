@@ -8,12 +8,18 @@ namespace tsp {
 
 std::string_view mem_category_name(MemCategory c) {
   switch (c) {
-    case MemCategory::Weights: return "weights";
-    case MemCategory::Grads: return "grads";
-    case MemCategory::Optimizer: return "optimizer";
-    case MemCategory::Activations: return "activations";
-    case MemCategory::Comm: return "comm";
-    case MemCategory::Workspace: return "workspace";
+    case MemCategory::Weights:
+      return "weights";
+    case MemCategory::Grads:
+      return "grads";
+    case MemCategory::Optimizer:
+      return "optimizer";
+    case MemCategory::Activations:
+      return "activations";
+    case MemCategory::Comm:
+      return "comm";
+    case MemCategory::Workspace:
+      return "workspace";
   }
   return "?";
 }
@@ -57,10 +63,12 @@ std::string MemoryTracker::report() const {
   const MemorySnapshot s = snapshot();
   std::string out;
   for (int i = 0; i < kNumMemCategories; ++i) {
-    out += fmt::format("{} {:.2f} MB (peak {:.2f} MB), ", mem_category_name(static_cast<MemCategory>(i)),
-                       to_mb(s.current[i]), to_mb(s.peak[i]));
+    out += fmt::format("{} {:.2f} MB (peak {:.2f} MB), ",
+                       mem_category_name(static_cast<MemCategory>(i)), to_mb(s.current[i]),
+                       to_mb(s.peak[i]));
   }
-  out += fmt::format("total {:.2f} MB (peak {:.2f} MB)", to_mb(s.current_total), to_mb(s.peak_total));
+  out +=
+      fmt::format("total {:.2f} MB (peak {:.2f} MB)", to_mb(s.current_total), to_mb(s.peak_total));
   return out;
 }
 

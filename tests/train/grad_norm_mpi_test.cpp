@@ -40,15 +40,15 @@ Batch test_batch(int64_t B, int64_t S) {
 }
 
 struct Case {
-  const char *layout;
-  int dp; // 0: all ranks are replicas (D = 1)
+  const char* layout;
+  int dp;  // 0: all ranks are replicas (D = 1)
   int tp;
 };
 
 class GradNormLayouts : public ::testing::TestWithParam<Case> {};
 
 TEST_P(GradNormLayouts, GlobalNormEqualsNormOfGatheredGradient) {
-  Communicator &world = test::world();
+  Communicator& world = test::world();
   const Case c = GetParam();
   if (find_layout(c.layout) == nullptr)
     GTEST_SKIP() << "layout " << c.layout << " is not built yet";
@@ -67,10 +67,9 @@ TEST_P(GradNormLayouts, GlobalNormEqualsNormOfGatheredGradient) {
   const double norm = global_grad_norm(shards, *layout, world);
 
   double ref_sumsq = 0;
-  layout->gather(true, [&](const ParamSpec &, TensorView full) {
-    const float *g = full.f32();
-    for (int64_t i = 0; i < full.numel(); ++i)
-      ref_sumsq += static_cast<double>(g[i]) * g[i];
+  layout->gather(true, [&](const ParamSpec&, TensorView full) {
+    const float* g = full.f32();
+    for (int64_t i = 0; i < full.numel(); ++i) ref_sumsq += static_cast<double>(g[i]) * g[i];
   });
   int64_t bits;
   double ref = std::sqrt(ref_sumsq);
@@ -83,20 +82,17 @@ TEST_P(GradNormLayouts, GlobalNormEqualsNormOfGatheredGradient) {
   // one) changes the norm by > 1e-4.
   EXPECT_NEAR(norm, ref, 1e-12 * ref) << c.layout;
   // The scale argument scales the norm.
-  EXPECT_NEAR(global_grad_norm(shards, *layout, world, 0.5), 0.5 * ref,
-              1e-12 * ref);
+  EXPECT_NEAR(global_grad_norm(shards, *layout, world, 0.5), 0.5 * ref, 1e-12 * ref);
 
   // One AdamW step: replicated shards stay bit-identical across the group.
   AdamW opt(shards, AdamWConfig{});
   opt.step(1e-2, clip_factor(norm, 1.0));
-  for (const ParamShard &s : shards) {
-    if (!s.replicated_in_group)
-      continue;
-    uint64_t h = 1469598103934665603ull; // FNV-1a of the bytes
-    const auto *p = static_cast<const unsigned char *>(s.value.data());
-    for (size_t i = 0; i < s.value.nbytes(); ++i)
-      h = (h ^ p[i]) * 1099511628211ull;
-    Communicator &g = layout->group();
+  for (const ParamShard& s : shards) {
+    if (!s.replicated_in_group) continue;
+    uint64_t h = 1469598103934665603ull;  // FNV-1a of the bytes
+    const auto* p = static_cast<const unsigned char*>(s.value.data());
+    for (size_t i = 0; i < s.value.nbytes(); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    Communicator& g = layout->group();
     std::vector<int64_t> all(g.size());
     const int64_t mine = static_cast<int64_t>(h);
     g.all_gather(&mine, all.data(), 1, DType::I64);
@@ -105,20 +101,18 @@ TEST_P(GradNormLayouts, GlobalNormEqualsNormOfGatheredGradient) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Layouts, GradNormLayouts,
-    ::testing::Values(Case{"single", 0, 1}, Case{"tsp", 1, 1},
-                      Case{"tsp", 2, 1}, Case{"tp", 1, 1}, Case{"sp", 1, 1},
-                      Case{"tp-sp", 1, 2}, Case{"fsdp-cp", 1, 1}),
-    [](const auto &info) {
-      std::string n = std::string(info.param.layout) + "_dp" +
-                      std::to_string(info.param.dp) + "_tp" +
-                      std::to_string(info.param.tp);
-      for (char &ch : n)
-        if (ch == '-')
-          ch = '_';
-      return n;
-    });
+INSTANTIATE_TEST_SUITE_P(Layouts, GradNormLayouts,
+                         ::testing::Values(Case{"single", 0, 1}, Case{"tsp", 1, 1},
+                                           Case{"tsp", 2, 1}, Case{"tp", 1, 1}, Case{"sp", 1, 1},
+                                           Case{"tp-sp", 1, 2}, Case{"fsdp-cp", 1, 1}),
+                         [](const auto& info) {
+                           std::string n = std::string(info.param.layout) + "_dp" +
+                                           std::to_string(info.param.dp) + "_tp" +
+                                           std::to_string(info.param.tp);
+                           for (char& ch : n)
+                             if (ch == '-') ch = '_';
+                           return n;
+                         });
 
-} // namespace
-} // namespace tsp
+}  // namespace
+}  // namespace tsp

@@ -27,7 +27,14 @@
 namespace tsp {
 
 enum class CommOp : int {
-  Send, Recv, Broadcast, Reduce, AllGather, ReduceScatter, AllReduce, Barrier
+  Send,
+  Recv,
+  Broadcast,
+  Reduce,
+  AllGather,
+  ReduceScatter,
+  AllReduce,
+  Barrier
 };
 inline constexpr int kNumCommOps = 8;
 std::string_view comm_op_name(CommOp op);  // "send", "all_gather", ...
@@ -81,7 +88,8 @@ class Communicator {
   virtual void barrier() = 0;
 
   virtual RequestPtr ibroadcast(void* buf, int64_t count, DType dt, int root) = 0;
-  virtual RequestPtr iall_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) = 0;
+  virtual RequestPtr iall_gather(const void* send, void* recv, int64_t count_per_rank,
+                                 DType dt) = 0;
   virtual RequestPtr ireduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) = 0;
   virtual RequestPtr iall_reduce(void* buf, int64_t count, DType dt) = 0;
   virtual RequestPtr ireduce(const void* send, void* recv, int64_t count, DType dt, int root) = 0;
@@ -110,6 +118,8 @@ class Communicator {
 inline void broadcast(Communicator& c, TensorView t, int root) {
   c.broadcast(t.data(), t.numel(), t.dtype(), root);
 }
-inline void all_reduce(Communicator& c, TensorView t) { c.all_reduce(t.data(), t.numel(), t.dtype()); }
+inline void all_reduce(Communicator& c, TensorView t) {
+  c.all_reduce(t.data(), t.numel(), t.dtype());
+}
 
 }  // namespace tsp

@@ -34,11 +34,11 @@ class Error : public std::runtime_error {
 }  // namespace tsp
 
 // TSP_CHECK(cond, "fmt {}", args...): throw tsp::Error with a formatted message when cond is false.
-#define TSP_CHECK(cond, ...)                                     \
-  do {                                                           \
-    if (!(cond)) [[unlikely]] {                                  \
-      throw ::tsp::Error(::fmt::format(__VA_ARGS__));            \
-    }                                                            \
+#define TSP_CHECK(cond, ...)                          \
+  do {                                                \
+    if (!(cond)) [[unlikely]] {                       \
+      throw ::tsp::Error(::fmt::format(__VA_ARGS__)); \
+    }                                                 \
   } while (0)
 
 #define TSP_FAIL(...) throw ::tsp::Error(::fmt::format(__VA_ARGS__))

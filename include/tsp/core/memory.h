@@ -44,6 +44,8 @@ class MemoryTracker {
   MemorySnapshot s_;
 };
 
-inline double to_mb(int64_t bytes) { return static_cast<double>(bytes) / 1.0e6; }
+inline double to_mb(int64_t bytes) {
+  return static_cast<double>(bytes) / 1.0e6;
+}
 
 }  // namespace tsp

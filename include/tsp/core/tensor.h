@@ -17,11 +17,24 @@ namespace tsp {
 enum class DType : int { F32, BF16, I32, I64 };
 size_t dtype_size(DType t);
 std::string_view dtype_name(DType t);  // "f32", "bf16", "i32", "i64"
-template <typename T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::F32; }
-template <> constexpr DType dtype_of<bf16>() { return DType::BF16; }
-template <> constexpr DType dtype_of<int32_t>() { return DType::I32; }
-template <> constexpr DType dtype_of<int64_t>() { return DType::I64; }
+template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() {
+  return DType::F32;
+}
+template <>
+constexpr DType dtype_of<bf16>() {
+  return DType::BF16;
+}
+template <>
+constexpr DType dtype_of<int32_t>() {
+  return DType::I32;
+}
+template <>
+constexpr DType dtype_of<int64_t>() {
+  return DType::I64;
+}
 
 using Shape = std::vector<int64_t>;
 int64_t shape_numel(const Shape& s);
@@ -31,10 +44,12 @@ std::string shape_str(const Shape& s);  // "[4, 256]"
 class TensorView {
  public:
   TensorView() = default;
-  TensorView(void* data, Shape shape, DType dtype) : data_(data), shape_(std::move(shape)), dtype_(dtype) {}
+  TensorView(void* data, Shape shape, DType dtype)
+      : data_(data), shape_(std::move(shape)), dtype_(dtype) {}
 
   void* data() const { return data_; }
-  template <typename T> T* data_as() const {
+  template <typename T>
+  T* data_as() const {
     TSP_CHECK(dtype_of<T>() == dtype_, "tensor holds {}, asked for {}", dtype_name(dtype_),
               dtype_name(dtype_of<T>()));
     return static_cast<T*>(data_);
@@ -69,13 +84,18 @@ class Tensor {
   Tensor(const Tensor&) = delete;
   Tensor& operator=(const Tensor&) = delete;
 
-  static Tensor f32(Shape shape, MemCategory category) { return Tensor(std::move(shape), DType::F32, category); }
+  static Tensor f32(Shape shape, MemCategory category) {
+    return Tensor(std::move(shape), DType::F32, category);
+  }
   Tensor clone(MemCategory category) const;
   Tensor clone() const { return clone(category_); }
 
   bool empty() const { return data_ == nullptr; }
   void* data() const { return data_; }
-  template <typename T> T* data_as() const { return view().data_as<T>(); }
+  template <typename T>
+  T* data_as() const {
+    return view().data_as<T>();
+  }
   float* f32() const { return data_as<float>(); }
   const Shape& shape() const { return shape_; }
   int64_t dim(int i) const { return shape_.at(i < 0 ? shape_.size() + i : i); }

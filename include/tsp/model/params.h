@@ -13,13 +13,26 @@
 
 namespace tsp {
 
-enum class ParamKind { Embedding, InputNorm, Wq, Wk, Wv, Wo, PostNorm, Wgate, Wup, Wdown, FinalNorm, LmHead };
+enum class ParamKind {
+  Embedding,
+  InputNorm,
+  Wq,
+  Wk,
+  Wv,
+  Wo,
+  PostNorm,
+  Wgate,
+  Wup,
+  Wdown,
+  FinalNorm,
+  LmHead
+};
 
 struct ParamSpec {
   std::string name;  // "model.layers.3.self_attn.q_proj.weight"
   ParamKind kind;
-  int layer = -1;    // -1 for embedding, final norm, LM head
-  Shape shape;       // [out, in] for projections, [h] for norms, [V, h] for embedding / LM head
+  int layer = -1;  // -1 for embedding, final norm, LM head
+  Shape shape;     // [out, in] for projections, [h] for norms, [V, h] for embedding / LM head
   // L of the model (set by llama_param_specs): init scales o_proj and down_proj by 1/sqrt(2L).
   int num_layers = 0;
 };

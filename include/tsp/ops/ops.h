@@ -22,8 +22,8 @@ void linear_backward(const float* dy, const float* x, const float* w, float* dx,
 void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int64_t N, int64_t h,
                      float eps);
 // dy [N, h] -> dx [N, h] (=), dw [h] (+=)
-void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd,
-                      float* dx, float* dw, int64_t N, int64_t h);
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
+                      float* dw, int64_t N, int64_t h);
 
 // ---- RoPE, Hugging Face Llama convention (rotate_half), in place ----------------------------
 // x [N, n_heads, d]; pos [N] global position ids; inv_freq[i] = theta^(-2i/d), i < d/2.
@@ -65,7 +65,8 @@ double cross_entropy_forward_backward(const float* logits, const int32_t* labels
 void online_softmax_update(const float* logits, const int32_t* labels, float* running_max,
                            float* running_sum, float* target_logit, int64_t N, int64_t V_shard,
                            int64_t v0);
-// Merge statistics of disjoint vocabulary sets (e.g. from another rank): (max_a,sum_a) ⊕ (max_b,sum_b)
+// Merge statistics of disjoint vocabulary sets (e.g. from another rank): (max_a,sum_a) ⊕
+// (max_b,sum_b)
 void online_softmax_merge(float* max_a, float* sum_a, const float* max_b, const float* sum_b,
                           int64_t N);
 // Given final per-row max and sum, write dlogits [N, V_shard] = grad_scale·(softmax - onehot),
