@@ -152,24 +152,7 @@ TEST(FsdpCp, GradientsAccumulateAcrossCalls) {
   layout->load(RandomWeights(8));
   const Batch b1 = test::random_batch(2, 16, c.vocab_size, 1);
   const Batch b2 = test::random_batch(2, 16, c.vocab_size, 2);
-  layout->forward_backward(b1);
-  const test::GradMap g1 = test::gather_grads(*layout);
-  layout->zero_grads();
-  layout->forward_backward(b2);
-  const test::GradMap g2 = test::gather_grads(*layout);
-  layout->zero_grads();
-  layout->forward_backward(b1);
-  layout->forward_backward(b2);
-  const test::GradMap g12 = test::gather_grads(*layout);
-  if (test::world().rank() != 0) return;
-  for (const auto& [name, a] : g1) {
-    std::vector<float> sum(a.size());
-    for (size_t i = 0; i < a.size(); ++i) sum[i] = a[i] + g2.at(name)[i];
-    // The second call adds its reduce-scattered piece to the first's: one extra
-    // rounding per element (plus the framework's 1/R rescale), ~1e-7; 1e-6
-    // norm-wise is ~10 ulps.
-    EXPECT_LE(test::norm_rel_err(g12.at(name).data(), sum.data(), sum.size()), 1e-6) << name;
-  }
+  test::check_gradient_accumulation(*layout, b1, b2, "fsdp-cp");
 }
 
 // ---- the shard map

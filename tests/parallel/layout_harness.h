@@ -207,4 +207,31 @@ inline LayoutCaseResult check_layout_against_single(Communicator& world, const L
   return res;
 }
 
+// Gradient accumulation: forward_backward(b1) then forward_backward(b2) without zero_grads must
+// give the sum of the two separate gradients (the trainer's accumulation is repeated calls).
+// Tolerance: one extra rounding per element (the second call adds onto the first's sums, in
+// another order, plus the framework's 1/R rescale): 1e-6 norm-wise is ~10 ulps, while a gradient
+// overwritten instead of accumulated (or an accumulator summed Σ times) is off by O(1).
+// Collective: every rank calls it; rank 0 checks.
+inline void check_gradient_accumulation(Layout& layout, const Batch& b1, const Batch& b2,
+                                        const std::string& label) {
+  layout.zero_grads();
+  layout.forward_backward(b1);
+  const GradMap g1 = gather_grads(layout);
+  layout.zero_grads();
+  layout.forward_backward(b2);
+  const GradMap g2 = gather_grads(layout);
+  layout.zero_grads();
+  layout.forward_backward(b1);
+  layout.forward_backward(b2);
+  const GradMap g12 = gather_grads(layout);
+  if (layout.group().rank() != 0 || layout.replicas().rank() != 0) return;
+  for (const auto& [name, a] : g1) {
+    std::vector<float> sum(a.size());
+    for (size_t i = 0; i < a.size(); ++i) sum[i] = a[i] + g2.at(name)[i];
+    EXPECT_LE(norm_rel_err(g12.at(name).data(), sum.data(), static_cast<int64_t>(sum.size())), 1e-6)
+        << label << " " << name;
+  }
+}
+
 }  // namespace tsp::test
