@@ -4,14 +4,7 @@
 # "skipped" row for every layout — never a hang (single runs on rank 0 alone, so an error there
 # must not leave the other ranks waiting).
 # Usage: bash bench_test.sh <build-dir> <source-dir>
-set -euo pipefail
-build=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$build/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$(dirname "$0")/../shell_common.sh"
 
 "$tsp" init --preset tiny --seed 1 --out "$tmp/model" >/dev/null  # max_position_embeddings 512
 timeout 120 mpiexec -n 2 "$tsp" bench --model "$tmp/model" --layouts single,tp,sp,tsp,fsdp-cp \

@@ -3,14 +3,7 @@
 # the gradient file of single at 1 rank against single at 2 ranks with --dp 2 (tsp compare), a
 # repeat run bit for bit, a different model that compare must reject, and the input errors.
 # Usage: bash grad_test.sh <build-dir> <source-dir>
-set -euo pipefail
-build=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$build/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$(dirname "$0")/../shell_common.sh"
 
 "$tsp" init --preset tiny --seed 1 --out "$tmp/model" >/dev/null
 "$tsp" init --preset tiny --seed 2 --out "$tmp/other" >/dev/null

@@ -4,14 +4,7 @@
 # single, tp, sp, tsp at D = 1, 2, 4; seeded sampling identical run to run and across layouts;
 # the streamed text, the report lines, KV bytes 1/D under tsp; and the input errors.
 # Usage: bash generate_test.sh <build-dir> <source-dir>
-set -euo pipefail
-build=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$build/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
 for i in $(seq 1 400); do

@@ -2,14 +2,7 @@
 # `tsp train` rejects bad inputs up front with messages a user can act on, and stops on a
 # non-finite loss or gradient keeping the last good checkpoint.
 # Usage: bash train_errors_test.sh <build-dir> <source-dir>
-set -euo pipefail
-build=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$build/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
 for i in $(seq 1 1500); do

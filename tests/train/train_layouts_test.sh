@@ -3,14 +3,7 @@
 # fp32 rounding while each rank reads only the tokens its layout reads (counted per step), and a
 # checkpoint written under one layout resumes under another.
 # Usage: bash train_layouts_test.sh <build-dir> <source-dir>
-set -euo pipefail
-build=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$build/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
 for i in $(seq 1 1500); do

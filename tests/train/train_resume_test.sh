@@ -8,14 +8,7 @@
 #     leaves a checkpoint that resumes, again bit for bit;
 #   - the checkpoint is a Hugging Face model directory PyTorch reads (when torch is installed).
 # Usage: bash train_resume_test.sh <build-dir> <source-dir>
-set -euo pipefail
-build=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$build/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
 for i in $(seq 1 1500); do
