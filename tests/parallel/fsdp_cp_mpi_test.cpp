@@ -14,6 +14,7 @@
 #include "mpi_test_util.h"
 #include "parallel/fsdp_cp.h"
 #include "parallel/layout_harness.h"
+#include "test_util.h"
 #include "tsp/core/memory.h"
 #include "tsp/parallel/sharding.h"
 #include "tsp/plan/cost_model.h"
@@ -21,15 +22,7 @@
 namespace tsp {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.message();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 std::unique_ptr<Layout> make_fsdp(const LlamaConfig& c, int dp, bool overlap = true,
                                   Communicator& world = test::world()) {

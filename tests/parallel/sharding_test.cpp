@@ -6,6 +6,7 @@
 #include <numeric>
 #include <set>
 
+#include "test_util.h"
 #include "tsp/parallel/sharding.h"
 
 namespace tsp {
@@ -16,15 +17,7 @@ float coord(int64_t b, int64_t s, int64_t c) {
   return static_cast<float>(b * 100000 + s * 100 + c);
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.message();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 TEST(Zigzag, PositionsOfSmallCase) {
   // S=8, D=2: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 holds chunks 1 and 2.

@@ -10,19 +10,12 @@
 #include "mpi_test_util.h"
 #include "parallel/layout_harness.h"
 #include "parallel/registry.h"
+#include "test_util.h"
 
 namespace tsp {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.message();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 struct RefCase {
   const char* name;

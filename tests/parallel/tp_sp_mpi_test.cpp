@@ -14,20 +14,13 @@
 #include "parallel/layout_harness.h"
 #include "parallel/registry.h"
 #include "parallel/tp_sp.h"
+#include "test_util.h"
 #include "tsp/plan/cost_model.h"
 
 namespace tsp {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.message();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 struct Model {
   const char* name;

@@ -11,6 +11,7 @@
 #include "mpi_test_util.h"
 #include "parallel/layout_harness.h"
 #include "parallel/tsp.h"
+#include "test_util.h"
 #include "tsp/core/memory.h"
 #include "tsp/parallel/sharding.h"
 #include "tsp/plan/cost_model.h"
@@ -18,15 +19,7 @@
 namespace tsp {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.message();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 std::unique_ptr<Layout> make_tsp(const LlamaConfig& c, int dp, bool overlap = true) {
   ParallelConfig pc;
