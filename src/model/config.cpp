@@ -96,7 +96,8 @@ LlamaConfig LlamaConfig::from_json_string(const std::string& text) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // Not only parse_error: a number beyond double's range (1e400) is an out_of_range.
     TSP_FAIL("config.json is not valid JSON: {}", e.what());
   }
   TSP_CHECK(j.is_object(), "config.json must hold a JSON object, got {}", j.type_name());
