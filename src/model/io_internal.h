@@ -14,7 +14,10 @@ namespace tsp::io {
 
 // A file written under a temporary name "<path>.tmp.<pid>" in the same directory and renamed over
 // `path` by commit() after fsync, so readers see either the old file or the complete new one. If
-// the object dies without commit() (an exception), the temporary file is removed.
+// the object dies without commit() (an exception), the temporary file is removed. Every write,
+// the fsync, the close and the rename are checked (a full disk is an error naming the file).
+// A path that exists and is not a regular file (/dev/null, /dev/stdout, a FIFO) is written in
+// place: renaming over a device would replace it.
 class AtomicFile {
  public:
   explicit AtomicFile(std::string path);
@@ -31,6 +34,7 @@ class AtomicFile {
   std::string path_, tmp_;
   int fd_ = -1;
   bool committed_ = false;
+  bool in_place_ = false;  // path is a device or FIFO: written directly, never renamed or removed
 };
 
 // Safetensors dtype string of one of our dtypes ("F32", "BF16", "I32", "I64").

@@ -1,11 +1,14 @@
 // Llama parameter specs with Hugging Face names, counter-based random initialisation, and model
-// directories (config.json + model.safetensors).
+// directories (config.json + model.safetensors, or shards listed by model.safetensors.index.json).
 #include "tsp/model/params.h"
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <numbers>
 #include <set>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -143,6 +146,201 @@ void init_param(const ParamSpec& spec, uint64_t seed, TensorView dst) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Non-finite values.
+
+NonFinite find_non_finite(TensorView t) {
+  NonFinite r;
+  const int64_t n = t.numel();
+  // An IEEE value is NaN or ±Inf exactly when its exponent bits are all ones: a branch-free
+  // count over the bits vectorises, and the first index is searched only when there is one.
+  if (t.dtype() == DType::F32) {
+    const uint32_t* u = static_cast<const uint32_t*>(t.data());
+    for (int64_t i = 0; i < n; ++i) r.count += (u[i] & 0x7f800000u) == 0x7f800000u;
+    if (r.count == 0) return r;
+    for (r.first = 0; (u[r.first] & 0x7f800000u) != 0x7f800000u; ++r.first) {
+    }
+    std::memcpy(&r.value, &u[r.first], 4);
+  } else if (t.dtype() == DType::BF16) {
+    const uint16_t* u = static_cast<const uint16_t*>(t.data());
+    for (int64_t i = 0; i < n; ++i) r.count += (u[i] & 0x7f80u) == 0x7f80u;
+    if (r.count == 0) return r;
+    for (r.first = 0; (u[r.first] & 0x7f80u) != 0x7f80u; ++r.first) {
+    }
+    r.value = bf16::to_float(u[r.first]);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model weights: one file, or shards with an index.
+
+namespace {
+
+constexpr const char* kSingleFile = "model.safetensors";
+constexpr const char* kIndexFile = "model.safetensors.index.json";
+
+// "[3, 17]" for flat index 209 of shape [8, 64]: where a user would look in PyTorch.
+std::string unravel(int64_t flat, const Shape& shape) {
+  std::vector<int64_t> idx(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    idx[d] = shape[d] ? flat % shape[d] : 0;
+    flat = shape[d] ? flat / shape[d] : 0;
+  }
+  return shape_str(idx);
+}
+
+}  // namespace
+
+ModelWeights::ModelWeights(const std::string& dir) {
+  const fs::path d(dir);
+  const fs::path single = d / kSingleFile, index_path = d / kIndexFile;
+  if (fs::exists(single) || !fs::exists(index_path)) {
+    source_ = kSingleFile;
+    files_.push_back(std::make_unique<SafetensorsReader>(single.string()));
+    for (const SafetensorInfo& t : files_[0]->tensors()) where_[t.name] = files_[0].get();
+    return;
+  }
+  sharded_ = true;
+  source_ = kIndexFile;
+  const std::string ip = index_path.string();
+
+  std::ifstream in(ip, std::ios::binary);
+  TSP_CHECK(in.good(), "cannot open {}", ip);
+  std::stringstream text;
+  text << in.rdbuf();
+  TSP_CHECK(!in.bad(), "{}: read failed", ip);
+  // Duplicate names in "weight_map" would otherwise be merged silently (the last one wins), so
+  // the parser's key events are watched; depth 1 is the top-level object, 2 the weight map's.
+  nlohmann::json j;
+  std::string top_key, duplicate;
+  std::set<std::string> seen;
+  try {
+    j = nlohmann::json::parse(
+        text.str(), [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
+          if (ev != nlohmann::json::parse_event_t::key) return true;
+          if (depth == 1) top_key = parsed.get<std::string>();
+          if (depth == 2 && top_key == "weight_map" &&
+              !seen.insert(parsed.get<std::string>()).second && duplicate.empty()) {
+            duplicate = parsed.get<std::string>();
+          }
+          return true;
+        });
+  } catch (const nlohmann::json::exception& e) {
+    TSP_FAIL("{}: not valid JSON: {}", ip, e.what());
+  }
+  TSP_CHECK(duplicate.empty(),
+            "{}: \"weight_map\" lists tensor \"{}\" twice; the index is damaged (save the model "
+            "again, e.g. with save_pretrained)",
+            ip, duplicate);
+  const auto wm = j.is_object() ? j.find("weight_map") : j.end();
+  TSP_CHECK(j.is_object() && wm != j.end() && wm->is_object(),
+            "{}: needs a \"weight_map\" object mapping each tensor name to its shard file, as "
+            "save_pretrained writes it",
+            ip);
+  TSP_CHECK(!wm->empty(), "{}: \"weight_map\" lists no tensors", ip);
+
+  // Shard files in name order (model-00001-of-000NN first), with the tensors mapped to each.
+  std::map<std::string, std::vector<std::string>> mapped;
+  for (const auto& [name, file] : wm->items()) {
+    TSP_CHECK(file.is_string(), "{}: \"weight_map\"[\"{}\"] must be a file name, got {}", ip, name,
+              file.dump());
+    const std::string f = file.get<std::string>();
+    // Shards live next to the index: a path elsewhere would read files outside the model.
+    TSP_CHECK(!f.empty() && f.find('/') == std::string::npos && f.find('\\') == std::string::npos &&
+                  f != "." && f != "..",
+              "{}: tensor \"{}\" is mapped to \"{}\", which is not a file name in {} (shards "
+              "must lie next to the index)",
+              ip, name, f, dir);
+    mapped[f].push_back(name);
+  }
+  for (const auto& [f, names] : mapped) {
+    const fs::path fp = d / f;
+    TSP_CHECK(fs::is_regular_file(fp),
+              "{}: maps {} tensors (\"{}\"{}) to {}, which is missing from {}; copy every shard "
+              "the index lists",
+              ip, names.size(), names[0], names.size() > 1 ? ", ..." : "", f, dir);
+    files_.push_back(std::make_unique<SafetensorsReader>(fp.string()));
+    const SafetensorsReader* r = files_.back().get();
+    for (const std::string& name : names) {
+      TSP_CHECK(r->find(name) != nullptr,
+                "{}: maps tensor \"{}\" to {}, but that file holds no such tensor ({} tensors "
+                "in it); the index and the shards come from different saves",
+                ip, name, fp.string(), r->tensors().size());
+      where_[name] = r;
+    }
+  }
+  // Every tensor a shard holds must be the one the index maps there: a second copy elsewhere or
+  // a tensor the index does not know would make the model's meaning depend on the reader.
+  for (const auto& file : files_) {
+    for (const SafetensorInfo& t : file->tensors()) {
+      auto it = where_.find(t.name);
+      TSP_CHECK(it != where_.end(),
+                "{} holds tensor \"{}\", which {} does not list; the index and the shards come "
+                "from different saves",
+                file->path(), t.name, ip);
+      TSP_CHECK(it->second == file.get(),
+                "tensor \"{}\" is stored twice: in {} and in {} (the index maps it to the "
+                "first); remove the stale shard or save the model again",
+                t.name, it->second->path(), file->path());
+    }
+  }
+}
+
+ModelWeights::~ModelWeights() = default;
+
+std::vector<const SafetensorInfo*> ModelWeights::tensors() const {
+  std::vector<const SafetensorInfo*> all;
+  for (const auto& f : files_) {
+    for (const SafetensorInfo& t : f->tensors()) all.push_back(&t);
+  }
+  return all;
+}
+
+const SafetensorsReader* ModelWeights::file_of(const std::string& name) const {
+  auto it = where_.find(name);
+  return it == where_.end() ? nullptr : it->second;
+}
+
+const SafetensorInfo* ModelWeights::find(const std::string& name) const {
+  const SafetensorsReader* f = file_of(name);
+  return f ? f->find(name) : nullptr;
+}
+
+const std::map<std::string, std::string>& ModelWeights::metadata() const {
+  return files_.front()->metadata();
+}
+
+void ModelWeights::read(const std::string& name, TensorView dst) const {
+  const SafetensorInfo* info = find(name);
+  TSP_CHECK(info != nullptr, "{}: no tensor named \"{}\"", source_, name);
+  TSP_CHECK(dst.shape() == info->shape,
+            "{}: tensor \"{}\" has shape {} but the destination has shape {}",
+            file_of(name)->path(), name, shape_str(info->shape), shape_str(dst.shape()));
+  read_rows(name, 0, info->shape.empty() ? 1 : info->shape[0],
+            info->shape.empty() ? dst.reshape({1}) : dst);
+}
+
+void ModelWeights::read_rows(const std::string& name, int64_t row_begin, int64_t row_end,
+                             TensorView dst) const {
+  const SafetensorsReader* f = file_of(name);
+  TSP_CHECK(f != nullptr, "{}: no tensor named \"{}\"", source_, name);
+  f->read_rows(name, row_begin, row_end, dst);
+  // Loaded weights must be finite: a NaN would otherwise give NaN gradients or garbage tokens
+  // with exit 0. Checking the rows just read costs one pass over memory already in cache.
+  const NonFinite bad = find_non_finite(dst);
+  if (bad.count == 0) return;
+  const Shape& shape = f->find(name)->shape;
+  const int64_t row_elems = shape.empty() || shape[0] == 0 ? 1 : shape_numel(shape) / shape[0];
+  const int64_t flat = row_begin * row_elems + bad.first;
+  TSP_FAIL(
+      "{}: tensor \"{}\" holds {} non-finite value{} (NaN or Inf) in rows [{}, {}); the first "
+      "is {} at element {} {}: the weights are damaged (a diverged training run or a corrupt "
+      "file); load an earlier checkpoint",
+      f->path(), name, bad.count, bad.count == 1 ? "" : "s", row_begin, row_end, bad.value, flat,
+      unravel(flat, shape.empty() ? Shape{1} : shape));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model directories.
 
 namespace {
@@ -150,13 +348,15 @@ namespace {
 // Fields that decide the tensors' meaning. Shapes alone cannot tell 4 heads of 16 from 8 of 8,
 // nor whether lm_head is tied, so a save records its config in the safetensors metadata and a
 // reader compares these with config.json (files written by other tools lack the key: skipped).
-void check_same_structure(const std::string& dir, const LlamaConfig& a, const LlamaConfig& b) {
+void check_same_structure(const std::string& dir, const std::string& weights, const LlamaConfig& a,
+                          const LlamaConfig& b) {
+  const std::string file = fs::path(weights).filename().string();
   auto same = [&](const char* key, int64_t x, int64_t y) {
     TSP_CHECK(x == y,
-              "{}: config.json says {}={} but model.safetensors was saved with {}={}: the two "
-              "files come from different saves (an interrupted save, or a copied config.json); "
-              "save the model again",
-              dir, key, x, key, y);
+              "{}: config.json says {}={} but {} was saved with {}={}: the two files come from "
+              "different saves (an interrupted save, or a copied config.json); save the model "
+              "again",
+              dir, key, x, file, key, y);
   };
   same("hidden_size", a.hidden_size, b.hidden_size);
   same("intermediate_size", a.intermediate_size, b.intermediate_size);
@@ -184,10 +384,11 @@ ModelDir open_model_dir(const std::string& path) {
             "--preset tiny --seed 1 --out {}`)",
             path, path);
   const fs::path dir(path);
-  const fs::path config_path = dir / "config.json", weights_path = dir / "model.safetensors";
+  const fs::path config_path = dir / "config.json", weights_path = dir / kSingleFile;
   TSP_CHECK(fs::is_regular_file(config_path),
-            "{}: no config.json; a model directory holds config.json and model.safetensors, as "
-            "Hugging Face's save_pretrained writes them",
+            "{}: no config.json; a model directory holds config.json and model.safetensors (or "
+            "safetensors shards with model.safetensors.index.json), as Hugging Face's "
+            "save_pretrained writes them",
             path);
   ModelDir m;
   m.path = path;
@@ -197,29 +398,29 @@ ModelDir open_model_dir(const std::string& path) {
   } catch (const Error& e) {
     TSP_FAIL("{}: {}", config_path.string(), e.message());
   }
-  if (!fs::is_regular_file(weights_path)) {
-    TSP_CHECK(!fs::exists(dir / "model.safetensors.index.json"),
-              "{}: sharded checkpoints (model.safetensors.index.json) are not supported; merge "
-              "the shards into one model.safetensors",
-              path);
-    TSP_CHECK(!fs::exists(dir / "pytorch_model.bin"),
-              "{}: only safetensors weights are supported, found pytorch_model.bin; convert it "
-              "(e.g. save_pretrained(..., safe_serialization=True))",
-              path);
-    TSP_FAIL("{}: no model.safetensors next to config.json", path);
+  if (!fs::exists(weights_path) && !fs::exists(dir / kIndexFile)) {
+    TSP_CHECK(
+        !fs::exists(dir / "pytorch_model.bin") && !fs::exists(dir / "pytorch_model.bin.index.json"),
+        "{}: only safetensors weights are supported, found pytorch_model.bin; convert it "
+        "(e.g. save_pretrained(..., safe_serialization=True))",
+        path);
+    TSP_FAIL("{}: no model.safetensors (nor sharded weights with {}) next to config.json", path,
+             kIndexFile);
   }
-  m.weights = std::make_unique<SafetensorsReader>(weights_path.string());
-  const SafetensorsReader& w = *m.weights;
+  m.weights = std::make_unique<ModelWeights>(path);
+  const ModelWeights& w = *m.weights;
 
-  if (auto it = w.metadata().find(kConfigMetadataKey); it != w.metadata().end()) {
+  for (const auto& file : w.files()) {
+    auto it = file->metadata().find(kConfigMetadataKey);
+    if (it == file->metadata().end()) continue;
     LlamaConfig saved;
     try {
       saved = LlamaConfig::from_json_string(it->second);
     } catch (const Error& e) {
-      TSP_FAIL("{}: metadata \"{}\" is not a valid config: {}", weights_path.string(),
-               kConfigMetadataKey, e.message());
+      TSP_FAIL("{}: metadata \"{}\" is not a valid config: {}", file->path(), kConfigMetadataKey,
+               e.message());
     }
-    check_same_structure(path, m.config, saved);
+    check_same_structure(path, file->path(), m.config, saved);
   }
 
   std::vector<std::string> missing, wrong_shape, wrong_dtype, extra;
@@ -236,7 +437,8 @@ ModelDir open_model_dir(const std::string& path) {
       wrong_dtype.push_back(spec.name + " (" + info->dtype + ")");
     }
   }
-  for (const SafetensorInfo& t : w.tensors()) {
+  for (const SafetensorInfo* tp : w.tensors()) {
+    const SafetensorInfo& t = *tp;
     if (expected.count(t.name)) continue;
     // Tolerated extras, both ignored exactly as transformers ignores them: a tied model's
     // lm_head (some exporters write the copy; with tying the embedding is used), and the
@@ -245,18 +447,20 @@ ModelDir open_model_dir(const std::string& path) {
     if (t.name.ends_with(".rotary_emb.inv_freq")) continue;
     extra.push_back(t.name);
   }
+  const std::string what = w.sharded() ? "the shards of " + w.source() : w.source();
   TSP_CHECK(missing.empty(),
-            "{}: model.safetensors lacks {} of the {} tensors config.json implies: {} (does "
-            "config.json belong to these weights?)",
-            path, missing.size(), expected.size(), first_few(missing));
+            "{}: {} lack{} {} of the {} tensors config.json implies: {} (does config.json belong "
+            "to these weights?)",
+            path, what, w.sharded() ? "" : "s", missing.size(), expected.size(),
+            first_few(missing));
   TSP_CHECK(wrong_shape.empty(), "{}: {} tensors have the wrong shape for config.json: {}", path,
             wrong_shape.size(), first_few(wrong_shape));
   TSP_CHECK(wrong_dtype.empty(), "{}: unsupported weight dtypes (F32, BF16 or F16 are read): {}",
             path, first_few(wrong_dtype));
   TSP_CHECK(extra.empty(),
-            "{}: model.safetensors has {} tensors config.json does not describe: {} (is "
-            "num_hidden_layers or tie_word_embeddings right?)",
-            path, extra.size(), first_few(extra));
+            "{}: {} ha{} {} tensors config.json does not describe: {} (is num_hidden_layers or "
+            "tie_word_embeddings right?)",
+            path, what, w.sharded() ? "ve" : "s", extra.size(), first_few(extra));
   return m;
 }
 
@@ -295,6 +499,12 @@ void save_model_dir(const std::string& path, const LlamaConfig& config,
     TSP_CHECK(v.dtype() == DType::F32 || v.dtype() == DType::BF16,
               "save {}: parameter {} is {}; expected f32 (or bf16)", path, s.name,
               dtype_name(v.dtype()));
+    // A checkpoint of NaN/Inf weights would replace a good one with one nothing can use.
+    const NonFinite bad = find_non_finite(v);
+    TSP_CHECK(bad.count == 0,
+              "save {}: parameter {} holds {} non-finite value{} (the first is {} at element {}); "
+              "refusing to write it, the previous files in {} are unchanged",
+              path, s.name, bad.count, bad.count == 1 ? "" : "s", bad.value, bad.first, path);
     weights.write_converted(v.data(), v.dtype(), store, v.numel());
   }
   weights.commit();

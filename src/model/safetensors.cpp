@@ -362,6 +362,17 @@ std::string safetensors_header(const std::vector<HeaderEntry>& entries,
 }
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  struct stat st;
+  if (::stat(path_.c_str(), &st) == 0) {
+    TSP_CHECK(!S_ISDIR(st.st_mode), "cannot write {}: it is a directory; give a file name", path_);
+    in_place_ = !S_ISREG(st.st_mode);
+  }
+  if (in_place_) {
+    tmp_ = path_;
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC);
+    TSP_CHECK(fd_ >= 0, "cannot open {} for writing: {}", path_, std::strerror(errno));
+    return;
+  }
   tmp_ = path_ + ".tmp." + std::to_string(::getpid());
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   TSP_CHECK(fd_ >= 0, "cannot create {}: {} (does the directory exist and is it writable?)", tmp_,
@@ -370,7 +381,7 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
 
 AtomicFile::~AtomicFile() {
   if (fd_ >= 0) ::close(fd_);
-  if (!committed_) ::unlink(tmp_.c_str());
+  if (!committed_ && !in_place_) ::unlink(tmp_.c_str());
 }
 
 void AtomicFile::write(const void* data, size_t bytes) {
@@ -378,8 +389,14 @@ void AtomicFile::write(const void* data, size_t bytes) {
   const char* p = static_cast<const char*>(data);
   while (bytes > 0) {
     const ssize_t put = ::write(fd_, p, bytes);
-    if (put < 0 && errno == EINTR) continue;
-    TSP_CHECK(put > 0, "writing {} failed: {} (disk full?)", tmp_, std::strerror(errno));
+    const int err = errno;
+    if (put < 0 && err == EINTR) continue;
+    // On failure the destructor removes the temporary file, so a previous file at path_ stays
+    // as it was.
+    TSP_CHECK(
+        put > 0, "cannot write {}: {}{}", path_,
+        put < 0 ? std::strerror(err) : "the write made no progress",
+        in_place_ ? "" : fmt::format(" (writing {}; a previous {} is unchanged)", tmp_, path_));
     p += put;
     bytes -= static_cast<size_t>(put);
   }
@@ -412,10 +429,28 @@ void AtomicFile::write_converted(const void* src, DType from, DType to, int64_t 
 
 void AtomicFile::commit() {
   TSP_CHECK(fd_ >= 0 && !committed_, "{}: committed twice", path_);
-  TSP_CHECK(::fsync(fd_) == 0, "fsync {} failed: {}", tmp_, std::strerror(errno));
+  if (in_place_) {
+    // A device or FIFO may not support fsync (EINVAL, ENOTSUP, EROFS): that is not an error;
+    // any other failure is (it can report a write the device lost).
+    if (::fsync(fd_) != 0 && errno != EINVAL && errno != ENOTSUP && errno != EROFS) {
+      TSP_FAIL("cannot write {}: fsync failed: {}", path_, std::strerror(errno));
+    }
+    const int rc = ::close(fd_);
+    fd_ = -1;
+    TSP_CHECK(rc == 0, "cannot write {}: close failed: {}", path_, std::strerror(errno));
+    committed_ = true;
+    return;
+  }
+  // fsync and close report write-back failures (a full disk on NFS, a failing device) that the
+  // writes themselves did not; either leaves the previous file in place.
+  TSP_CHECK(::fsync(fd_) == 0,
+            "cannot write {}: fsync of {} failed: {} (a previous {} is "
+            "unchanged)",
+            path_, tmp_, std::strerror(errno), path_);
   const int rc = ::close(fd_);
   fd_ = -1;
-  TSP_CHECK(rc == 0, "closing {} failed: {}", tmp_, std::strerror(errno));
+  TSP_CHECK(rc == 0, "cannot write {}: closing {} failed: {} (a previous {} is unchanged)", path_,
+            tmp_, std::strerror(errno), path_);
   TSP_CHECK(::rename(tmp_.c_str(), path_.c_str()) == 0, "renaming {} to {} failed: {}", tmp_, path_,
             std::strerror(errno));
   committed_ = true;

@@ -1,7 +1,11 @@
-// Model I/O: config.json, safetensors, llm.c token files, parameter specs / init, model dirs.
+// Model I/O: config.json, safetensors, llm.c token files, parameter specs / init, model dirs
+// (one file or sharded), non-finite weights, checked writes.
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -823,4 +827,372 @@ TEST(ModelDir, DetectsConfigFromAnotherSave) {
   other.rope_theta = 500000;
   write_bytes(path + "/config.json", other.to_json_string());
   EXPECT_EQ(open_model_dir(path).config.rope_theta, 500000);
+}
+
+// ----------------------------------------------------------------------------- sharded weights
+
+namespace {
+
+// Splits dir/model.safetensors into shards as save_pretrained(max_shard_size=...) writes them:
+// model-0000i-of-0000n.safetensors holding consecutive tensors, and model.safetensors.index.json
+// mapping every tensor to its shard. Returns the index JSON (to be edited by tests).
+nlohmann::json shard_model(const std::string& dir, int shards) {
+  const std::string single = dir + "/model.safetensors";
+  std::vector<Tensor> keep;
+  std::vector<std::string> names;
+  {
+    SafetensorsReader r(single);
+    for (const SafetensorInfo& t : r.tensors()) {
+      keep.emplace_back(t.shape, DType::F32, MemCategory::Workspace);
+      r.read(t.name, keep.back());
+      names.push_back(t.name);
+    }
+  }
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}},
+                          {"weight_map", nlohmann::json::object()}};
+  const size_t per = (names.size() + shards - 1) / shards;
+  for (int k = 0; k < shards; ++k) {
+    const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", k + 1, shards);
+    SafetensorsWriter w;
+    w.set_metadata("format", "pt");
+    for (size_t i = k * per; i < std::min(names.size(), (k + 1) * per); ++i) {
+      w.add(names[i], keep[i]);
+      index["weight_map"][names[i]] = file;
+    }
+    w.write(dir + "/" + file);
+  }
+  fs::remove(single);
+  write_bytes(dir + "/model.safetensors.index.json", index.dump(2));
+  return index;
+}
+
+std::string shard_name(int k, int n) {
+  return fmt::format("model-{:05d}-of-{:05d}.safetensors", k, n);
+}
+
+}  // namespace
+
+TEST(ShardedModelDir, ReadsEveryTensorFromItsShard) {
+  TempDir dir;
+  const LlamaConfig c = llama_preset("tiny");
+  const std::string path = dir.file("m");
+  save_random(path, c, 3);
+  shard_model(path, 3);
+  const ModelDir m = open_model_dir(path);
+  EXPECT_TRUE(m.weights->sharded());
+  EXPECT_EQ(m.weights->files().size(), 3u);
+  EXPECT_EQ(m.weights->file_of("model.norm.weight")->path(), path + "/" + shard_name(3, 3));
+  for (const ParamSpec& s : llama_param_specs(c)) {
+    Tensor want(s.shape, DType::F32, MemCategory::Workspace), got = want.clone();
+    init_param(s, 3, want);
+    m.weights->read(s.name, got);
+    ASSERT_EQ(std::memcmp(want.data(), got.data(), want.nbytes()), 0) << s.name;
+    // Row ranges (a layout's shard) come from the same file.
+    if (s.shape[0] >= 4) {
+      Shape rows = s.shape;
+      rows[0] = 2;
+      Tensor part(rows, DType::F32, MemCategory::Workspace);
+      m.weights->read_rows(s.name, 1, 3, part);
+      ASSERT_EQ(
+          std::memcmp(part.data(), want.f32() + shape_numel(s.shape) / s.shape[0], part.nbytes()),
+          0)
+          << s.name;
+    }
+  }
+  // model.safetensors takes precedence over an index, as in transformers.
+  save_random(path, c, 4);
+  const ModelDir single = open_model_dir(path);
+  EXPECT_FALSE(single.weights->sharded());
+}
+
+TEST(ShardedModelDir, IndexErrorsNameTheFile) {
+  TempDir dir;
+  const LlamaConfig c = llama_preset("tiny");
+  const std::string path = dir.file("m");
+  save_random(path, c, 3);
+  const nlohmann::json good = shard_model(path, 3);
+  const std::string index = path + "/model.safetensors.index.json";
+  auto with_index = [&](const nlohmann::json& j) { write_bytes(index, j.dump()); };
+  ASSERT_NO_THROW(open_model_dir(path));
+
+  // A missing shard.
+  fs::rename(path + "/" + shard_name(2, 3), dir.file("moved"));
+  expect_error([&] { open_model_dir(path); },
+               "model.safetensors.index.json: maps 7 tensors (\"model.layers.0.mlp.down_proj."
+               "weight\", ...) to model-00002-of-00003.safetensors, which is missing");
+  fs::rename(dir.file("moved"), path + "/" + shard_name(2, 3));
+
+  // A tensor mapped to a shard that does not hold it.
+  nlohmann::json j = good;
+  j["weight_map"]["model.norm.weight"] = shard_name(1, 3);
+  with_index(j);
+  expect_error([&] { open_model_dir(path); }, "maps tensor \"model.norm.weight\" to " + path + "/" +
+                                                  shard_name(1, 3) +
+                                                  ", but that file holds no such tensor");
+
+  // A tensor listed twice in the weight map (JSON would keep the last silently).
+  std::string text = good.dump();
+  text.insert(text.find("\"weight_map\":{") + 14,
+              "\"model.norm.weight\":\"" + shard_name(3, 3) + "\",");
+  write_bytes(index, text);
+  expect_error([&] { open_model_dir(path); }, "lists tensor \"model.norm.weight\" twice");
+
+  // A tensor stored in two shards.
+  {
+    SafetensorsReader r1(path + "/" + shard_name(1, 3)), r3(path + "/" + shard_name(3, 3));
+    std::vector<Tensor> keep;
+    SafetensorsWriter w;
+    for (const SafetensorInfo& t : r1.tensors()) {
+      keep.emplace_back(t.shape, DType::F32, MemCategory::Workspace);
+      r1.read(t.name, keep.back());
+      w.add(t.name, keep.back());
+    }
+    keep.emplace_back(Shape{64}, DType::F32, MemCategory::Workspace);
+    r3.read("model.norm.weight", keep.back());
+    w.add("model.norm.weight", keep.back());
+    w.write(dir.file("dup.safetensors"));
+  }
+  fs::rename(path + "/" + shard_name(1, 3), dir.file("shard1"));
+  fs::copy_file(dir.file("dup.safetensors"), path + "/" + shard_name(1, 3));
+  with_index(good);
+  expect_error([&] { open_model_dir(path); }, "tensor \"model.norm.weight\" is stored twice");
+  // ... or a shard holding a tensor the index does not list.
+  j = good;
+  j["weight_map"].erase("model.norm.weight");
+  with_index(j);
+  expect_error(
+      [&] { open_model_dir(path); },
+      shard_name(1, 3) + " holds tensor \"model.norm.weight\", which " + index + " does not list");
+  fs::remove(path + "/" + shard_name(1, 3));
+  fs::rename(dir.file("shard1"), path + "/" + shard_name(1, 3));
+
+  // Consistent shards that lack a tensor the config needs.
+  SafetensorsReader r3(path + "/" + shard_name(3, 3));
+  {
+    std::vector<Tensor> keep;
+    SafetensorsWriter w;
+    for (const SafetensorInfo& t : r3.tensors()) {
+      if (t.name == "model.norm.weight") continue;
+      keep.emplace_back(t.shape, DType::F32, MemCategory::Workspace);
+      r3.read(t.name, keep.back());
+      w.add(t.name, keep.back());
+    }
+    w.write(dir.file("short.safetensors"));
+  }
+  fs::rename(path + "/" + shard_name(3, 3), dir.file("shard3"));
+  fs::copy_file(dir.file("short.safetensors"), path + "/" + shard_name(3, 3));
+  with_index(j);  // without model.norm.weight
+  expect_error([&] { open_model_dir(path); },
+               "the shards of model.safetensors.index.json lack 1 of the 21 tensors config.json "
+               "implies: model.norm.weight");
+  fs::remove(path + "/" + shard_name(3, 3));
+  fs::rename(dir.file("shard3"), path + "/" + shard_name(3, 3));
+
+  // Malformed indexes.
+  j = good;
+  j["weight_map"]["model.norm.weight"] = "../" + shard_name(3, 3);
+  with_index(j);
+  expect_error([&] { open_model_dir(path); }, "which is not a file name in");
+  j = good;
+  j["weight_map"]["model.norm.weight"] = 3;
+  with_index(j);
+  expect_error([&] { open_model_dir(path); }, "[\"model.norm.weight\"] must be a file name");
+  with_index({{"metadata", {}}});
+  expect_error([&] { open_model_dir(path); }, "needs a \"weight_map\" object");
+  with_index({{"weight_map", nlohmann::json::object()}});
+  expect_error([&] { open_model_dir(path); }, "\"weight_map\" lists no tensors");
+  write_bytes(index, "{\"weight_map\": ");
+  expect_error([&] { open_model_dir(path); }, index + ": not valid JSON");
+  // A damaged shard is reported by the safetensors reader, naming the shard.
+  with_index(good);
+  write_bytes(path + "/" + shard_name(2, 3), "garbage");
+  expect_error([&] { open_model_dir(path); }, shard_name(2, 3));
+}
+
+// ----------------------------------------------------------------------------- non-finite weights
+
+namespace {
+
+// Rewrites one tensor of dir/model.safetensors with `value` at flat index `at` (stored as dtype).
+void poison(const std::string& dir, const std::string& name, int64_t at, float value,
+            DType dtype = DType::F32) {
+  const std::string file = dir + "/model.safetensors";
+  std::vector<Tensor> keep;
+  SafetensorsWriter w;
+  {
+    SafetensorsReader r(file);
+    for (auto k : r.metadata()) w.set_metadata(k.first, k.second);
+    for (const SafetensorInfo& t : r.tensors()) {
+      keep.emplace_back(t.shape, dtype, MemCategory::Workspace);
+      r.read(t.name, keep.back());
+      if (t.name == name) {
+        if (dtype == DType::F32) {
+          keep.back().f32()[at] = value;
+        } else {
+          keep.back().data_as<bf16>()[at] = bf16(value);
+        }
+      }
+      w.add(t.name, keep.back());
+    }
+  }
+  w.write(file);
+}
+
+}  // namespace
+
+TEST(NonFiniteWeights, ReadNamesFileTensorAndElement) {
+  TempDir dir;
+  const LlamaConfig c = llama_preset("tiny");
+  const std::string path = dir.file("m");
+  save_random(path, c, 1);
+  // q_proj is [64, 64]: element 3·64 + 17 = 209 is [3, 17].
+  const std::string q = "model.layers.1.self_attn.q_proj.weight";
+  poison(path, q, 209, std::nanf(""));
+  const ModelDir m = open_model_dir(path);
+  Tensor t({64, 64}, DType::F32, MemCategory::Workspace);
+  expect_error([&] { m.weights->read(q, t); },
+               path + "/model.safetensors: tensor \"" + q +
+                   "\" holds 1 non-finite value (NaN or Inf) in rows [0, 64); the first is nan at "
+                   "element 209 [3, 17]");
+  // Rows without the bad value read fine; rows with it report the element in the full tensor.
+  Tensor rows({2, 64}, DType::F32, MemCategory::Workspace);
+  EXPECT_NO_THROW(m.weights->read_rows(q, 0, 2, rows));
+  expect_error([&] { m.weights->read_rows(q, 2, 4, rows); }, "at element 209 [3, 17]");
+  // Into bf16 as well (a layout keeping bf16 weights).
+  Tensor b({64, 64}, DType::BF16, MemCategory::Workspace);
+  expect_error([&] { m.weights->read(q, b); }, "the first is nan at element 209");
+
+  // Inf in a bf16 file, counted.
+  poison(path, q, 209, std::nanf(""));
+  poison(path, "model.norm.weight", 5, INFINITY, DType::BF16);
+  poison(path, "model.norm.weight", 7, -INFINITY, DType::BF16);
+  const ModelDir mb = open_model_dir(path);
+  Tensor n({64}, DType::F32, MemCategory::Workspace);
+  expect_error([&] { mb.weights->read("model.norm.weight", n); },
+               "tensor \"model.norm.weight\" holds 2 non-finite values (NaN or Inf) in rows [0, "
+               "64); the first is inf at element 5 [5]");
+}
+
+TEST(NonFiniteWeights, FindNonFinite) {
+  Tensor t({3, 5}, DType::F32, MemCategory::Workspace);
+  for (int i = 0; i < 15; ++i) t.f32()[i] = 2e37f * static_cast<float>(i);  // large but finite
+  EXPECT_EQ(find_non_finite(t).count, 0);
+  t.f32()[14] = -INFINITY;
+  t.f32()[6] = std::nanf("");
+  const NonFinite r = find_non_finite(t);
+  EXPECT_EQ(r.count, 2);
+  EXPECT_EQ(r.first, 6);
+  EXPECT_TRUE(std::isnan(r.value));
+  Tensor i32({4}, DType::I32, MemCategory::Workspace);
+  for (int i = 0; i < 4; ++i) i32.data_as<int32_t>()[i] = -1;  // all bits set: not a float
+  EXPECT_EQ(find_non_finite(i32).count, 0);
+}
+
+TEST(NonFiniteWeights, SaveRefusesAndKeepsThePreviousModel) {
+  TempDir dir;
+  const LlamaConfig c = llama_preset("tiny");
+  const std::string path = dir.file("m");
+  save_random(path, c, 1);
+  const std::string before = read_bytes(path + "/model.safetensors");
+  Tensor buf;
+  expect_error(
+      [&] {
+        save_model_dir(path, c, [&](const ParamSpec& s) {
+          buf = Tensor(s.shape, DType::F32, MemCategory::Workspace);
+          init_param(s, 2, buf);
+          if (s.name == "model.layers.0.mlp.up_proj.weight") buf.f32()[100] = INFINITY;
+          return buf.view();
+        });
+      },
+      "parameter model.layers.0.mlp.up_proj.weight holds 1 non-finite value (the first is inf at "
+      "element 100)");
+  EXPECT_EQ(read_bytes(path + "/model.safetensors"), before);
+  int files = 0;
+  for (auto& e : fs::directory_iterator(path)) files += e.is_regular_file();
+  EXPECT_EQ(files, 2);
+}
+
+// ----------------------------------------------------------------------------- checked writes
+
+namespace {
+
+// Limits the size of files this process may write (RLIMIT_FSIZE) for the scope, with SIGXFSZ
+// ignored so that a write past it fails with EFBIG: a disk that fills up mid-write, without
+// needing a small filesystem.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit lim = old_;
+    lim.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    std::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  rlimit old_{};
+  void (*old_handler_)(int) = nullptr;
+};
+
+int regular_files(const fs::path& dir) {
+  int n = 0;
+  for (auto& e : fs::directory_iterator(dir)) n += e.is_regular_file();
+  return n;
+}
+
+}  // namespace
+
+TEST(CheckedWrites, FullDiskKeepsThePreviousFile) {
+  TempDir dir;
+  Tensor big({64, 1024}, DType::F32, MemCategory::Workspace);
+  for (int64_t i = 0; i < big.numel(); ++i) big.f32()[i] = static_cast<float>(i);
+  const std::string file = dir.file("g.safetensors");
+  SafetensorsWriter small;
+  Tensor one({4}, DType::F32, MemCategory::Workspace);
+  small.add("x", one);
+  small.write(file);
+  const std::string before = read_bytes(file);
+
+  SafetensorsWriter w;
+  w.add("big", big);
+  {
+    FileSizeLimit limit(64 * 1024);  // the 256 KiB file cannot be written
+    expect_error([&] { w.write(file); },
+                 "cannot write " + file + ": File too large (writing " + file + ".tmp.");
+  }
+  EXPECT_EQ(read_bytes(file), before);
+  EXPECT_EQ(regular_files(dir.path()), 1);  // no temporary file left behind
+
+  // A model directory: the previous model stays readable.
+  const LlamaConfig c = llama_preset("tiny");
+  const std::string model = dir.file("m");
+  save_random(model, c, 1);
+  const std::string weights = read_bytes(model + "/model.safetensors");
+  {
+    FileSizeLimit limit(16 * 1024);
+    expect_error([&] { save_random(model, c, 2); }, "File too large");
+  }
+  EXPECT_EQ(read_bytes(model + "/model.safetensors"), weights);
+  EXPECT_EQ(regular_files(model), 2);
+  EXPECT_NO_THROW(open_model_dir(model));
+}
+
+TEST(CheckedWrites, DevicesAreWrittenInPlace) {
+  Tensor t({1024}, DType::F32, MemCategory::Workspace);
+  SafetensorsWriter w;
+  w.add("t", t);
+  // /dev/full fails every write with ENOSPC: the error names it, and it is still the device
+  // (renaming a temporary file over it would have replaced it).
+  if (fs::exists("/dev/full")) {
+    expect_error([&] { w.write("/dev/full"); }, "cannot write /dev/full: No space left on device");
+    EXPECT_TRUE(fs::is_character_file("/dev/full"));
+  }
+  EXPECT_NO_THROW(w.write("/dev/null"));
+  EXPECT_TRUE(fs::is_character_file("/dev/null"));
+  TempDir dir;
+  expect_error([&] { w.write(dir.path().string()); }, "is a directory; give a file name");
 }

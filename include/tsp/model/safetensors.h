@@ -51,6 +51,9 @@ class SafetensorsWriter {
   void add(const std::string& name, TensorView t);
   void set_metadata(const std::string& key, const std::string& value);
   // Writes to "<path>.tmp.<pid>", fsyncs, then renames over path: a reader never sees a torn file.
+  // Every write, the fsync, close and rename are checked: a full disk throws tsp::Error naming
+  // path and leaves a previous file there unchanged. A device or FIFO (/dev/stdout) is written
+  // in place.
   void write(const std::string& path) const;
 
  private:
