@@ -19,6 +19,7 @@
 //    the reference the loss difference is taken against.
 #include <unistd.h>
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -32,6 +33,7 @@
 #include "cli/command.h"
 #include "parallel/registry.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/core/machine.h"
 #include "tsp/core/memory.h"
 #include "tsp/model/params.h"
@@ -72,7 +74,12 @@ Batch make_batch(const BenchOptions& o, const LlamaConfig& c, int64_t S) {
   Batch b;
   b.B = o.batch;
   b.S = S;
-  const int64_t need = o.batch * (S + 1);
+  // Checked before anything is allocated: every rank holds the B·(S+1) ids of the batch.
+  const int64_t need = checked_mul(o.batch, checked_add(S, 1, "bench: --seq + 1"),
+                                   "bench: --batch × (--seq + 1) tokens");
+  require_memory(checked_mul(need, 4, "bench: bytes of the batch"),
+                 fmt::format("bench: a batch of --batch {} × (--seq {} + 1) tokens", o.batch, S),
+                 "use a smaller --batch or --seq");
   if (!o.tokens.empty()) {
     const TokenFileInfo info = read_token_file_info(o.tokens);
     TSP_CHECK(info.num_tokens >= need,
@@ -139,6 +146,31 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   const int D = comm.size() / pc.dp;
   if (name == "tp-sp") pc.tp = o.tp > 0 ? o.tp : default_tp(D);
   std::unique_ptr<Layout> layout = make_layout(c, pc, comm);
+  {
+    // The step's memory on this rank (the model of our allocations the table reports next to the
+    // measurement), before the weights are read: a row too large for this machine is skipped
+    // with the reason instead of exhausting memory. The smallest machine of the job decides, so
+    // every rank skips the row alike (a rank skipping alone would leave the others hanging).
+    int64_t have = physical_memory_bytes();
+    {
+      std::vector<int64_t> all(comm.size());
+      comm.all_gather(&have, all.data(), 1, DType::I64);
+      have = *std::min_element(all.begin(), all.end());
+    }
+    double predicted = 0;
+    try {
+      predicted = plan::predict_local_memory(c, plan::layout_spec_of(*layout, comm.size()), batch.B,
+                                             batch.S, /*optimizer=*/true)
+                      .total();
+    } catch (const Error&) {
+      predicted = 0;  // no local model of this layout
+    }
+    TSP_CHECK(predicted <= static_cast<double>(have),
+              "bench: layout {} at --batch {} --seq {} needs {} per rank, more than the {} the "
+              "smallest machine of the job has; use a smaller --batch or --seq, or more ranks",
+              name, batch.B, batch.S, format_bytes(predicted),
+              format_bytes(static_cast<double>(have)));
+  }
   layout->load(weights);
   AdamW opt(layout->parameters(), AdamWConfig{});
   plan::LayoutSpec spec = plan::layout_spec_of(*layout, comm.size());
@@ -308,8 +340,11 @@ int run_bench(const BenchOptions& o, Communicator& world) {
   TSP_CHECK(o.model.empty() != o.config_file.empty(),
             "bench: give exactly one of --model DIR (weights from model.safetensors) or --config "
             "FILE (config.json; random weights from --seed)");
-  TSP_CHECK(o.batch >= 1 && o.repeats >= 1 && o.dp >= 1,
-            "bench: --batch, --repeats and --dp must be positive");
+  TSP_CHECK(o.batch >= 1, "bench: --batch must be at least 1 row, got {}", o.batch);
+  TSP_CHECK(o.repeats >= 1, "bench: --repeats must be at least 1, got {}", o.repeats);
+  TSP_CHECK(o.dp >= 1, "bench: --dp must be at least 1, got {}", o.dp);
+  TSP_CHECK(o.tp >= 0, "bench: --tp must be >= 0 (0: the largest divisor of D <= sqrt(D)), got {}",
+            o.tp);
   std::unique_ptr<ModelDir> dir;
   LlamaConfig c;
   if (!o.model.empty()) {
@@ -327,7 +362,15 @@ int run_bench(const BenchOptions& o, Communicator& world) {
 
   const std::vector<std::string> layouts = split_list(o.layouts);
   std::vector<int64_t> seqs;
-  for (const std::string& s : split_list(o.seqs)) seqs.push_back(std::stoll(s));
+  for (const std::string& s : split_list(o.seqs)) {
+    int64_t v = 0;
+    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    TSP_CHECK(ec == std::errc() && end == s.data() + s.size() && v >= 1,
+              "bench: --seq \"{}\": \"{}\" is not a positive integer; give comma-separated "
+              "sequence lengths such as 256,1024",
+              o.seqs, s);
+    seqs.push_back(v);
+  }
   TSP_CHECK(!layouts.empty() && !seqs.empty(),
             "bench: --layouts and --seq need at least one value");
   // single runs on world rank 0 alone: the whole model on one rank.

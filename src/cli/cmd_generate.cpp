@@ -5,10 +5,12 @@
 // token file (`tsp grad` reads it). See docs/inference.md.
 #include <cinttypes>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 
 #include "cli/command.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/infer/engine.h"
 #include "tsp/model/params.h"
 #include "tsp/model/tokens.h"
@@ -37,12 +39,47 @@ std::vector<int32_t> read_prompt(const GenerateCliOptions& o, const LlamaConfig&
   return ids;
 }
 
+// The model directory to read. A checkpoint save swaps directories (<dir> renamed to <dir>.old,
+// the new one renamed to <dir>, then <dir>.old removed: include/tsp/train/checkpoint.h); a crash
+// between the two renames leaves only <dir>.old, complete. Like `tsp train --resume`, read it
+// then, and say so.
+std::string model_path(const std::string& model, bool root) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const std::string old = model + ".old";
+  if (fs::exists(model, ec) || !fs::is_directory(old, ec)) return model;
+  if (root) {
+    std::fprintf(stderr,
+                 "note: %s does not exist but %s does (a checkpoint save was interrupted between "
+                 "its renames); reading the model from %s\n",
+                 model.c_str(), old.c_str(), old.c_str());
+  }
+  return old;
+}
+
 int run_generate(const GenerateCliOptions& o, Communicator& world) {
-  const ModelDir dir = open_model_dir(o.model);
+  // Options that need no file first.
+  infer::validate_sampling(o.sampling);
+  TSP_CHECK(o.max_new >= 1, "generate: --max-new {} must be at least 1", o.max_new);
+  // --out is written after the whole generation: check now that it can be.
+  if (!o.out.empty() && world.rank() == 0) check_output_path(o.out, "generate: --out");
+  const ModelDir dir = open_model_dir(model_path(o.model, world.rank() == 0));
   const std::vector<int32_t> prompt = read_prompt(o, dir.config);
   infer::validate_request(dir.config, prompt, o.max_new);  // before any weight is read
-  infer::validate_sampling(o.sampling);
   auto engine = infer::make_engine(dir.config, o.layout, world);
+  {
+    // The K/V cache of the whole sequence, shared by the engine's D ranks (every rank holds all
+    // of it under single), before the weights are read (KvCache::reset checks each rank's again).
+    const LlamaConfig& c = dir.config;
+    const int64_t positions = static_cast<int64_t>(prompt.size()) + o.max_new;  // validated
+    const int64_t share = o.layout == "single" ? 1 : engine->degree();
+    require_memory(checked_product({2, c.num_hidden_layers, positions, c.kv_dim(), 4},
+                                   "generate: K/V cache bytes") /
+                       share,
+                   fmt::format("generate: the K/V cache of prompt ({} tokens) + --max-new {}",
+                               prompt.size(), o.max_new),
+                   "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)");
+  }
   engine->load(ModelDirWeights(dir));
 
   const bool root = world.rank() == 0;

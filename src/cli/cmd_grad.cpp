@@ -2,16 +2,19 @@
 // token file, with any layout; rank 0 writes every parameter's full gradient (f32, Hugging Face
 // names) and the mean loss (tensor "loss", shape [] = a scalar, f32; the exact double is also in
 // the metadata) into one safetensors file, atomically. Compare two such files with `tsp compare`.
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <memory>
 
 #include "cli/command.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/model/params.h"
 #include "tsp/model/safetensors.h"
 #include "tsp/model/tokens.h"
 #include "tsp/parallel/layout.h"
+#include "tsp/plan/measure.h"
 
 namespace tsp::cli {
 namespace {
@@ -32,7 +35,9 @@ Batch read_batch(const GradOptions& o, const LlamaConfig& c) {
             "grad: --seq {} exceeds max_position_embeddings={} of the model in {}; use --seq <= {}",
             o.seq, c.max_position_embeddings, o.model, c.max_position_embeddings);
   const TokenFileInfo info = read_token_file_info(o.tokens);
-  const int64_t need = o.batch * (o.seq + 1);
+  // Checked before the product is used: a huge --batch must not wrap into a negative count.
+  const int64_t need = checked_mul(o.batch, checked_add(o.seq, 1, "grad: --seq + 1"),
+                                   "grad: --batch × (--seq + 1) tokens");
   TSP_CHECK(info.num_tokens >= need,
             "grad: {} holds {} tokens, but --batch {} --seq {} needs B·(S+1) = {}; use a smaller "
             "batch or sequence, or a longer token file",
@@ -51,11 +56,27 @@ Batch read_batch(const GradOptions& o, const LlamaConfig& c) {
 }
 
 int run_grad(const GradOptions& o, Communicator& world) {
+  // --out is written after the whole computation: check now that it can be.
+  if (world.rank() == 0) check_output_path(o.out, "grad: --out");
   const ModelDir dir = open_model_dir(o.model);
   const Batch batch = read_batch(o, dir.config);
   ParallelConfig pc = o.parallel;
   pc.overlap = !o.no_overlap;
   std::unique_ptr<Layout> layout = make_layout(dir.config, pc, world);
+  // The step's memory on this rank (the project's model of its own allocations, without AdamW
+  // moments) before the weights are read: a batch too large for this machine is an error here.
+  double predicted = 0;
+  try {
+    predicted = plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
+                                           batch.B, batch.S, /*optimizer=*/false)
+                    .total();
+  } catch (const Error&) {
+    predicted = 0;  // a layout without a memory model: nothing to check against
+  }
+  require_memory(static_cast<int64_t>(std::min(predicted, 9e18)),
+                 fmt::format("grad: --batch {} --seq {} (layout {}, {} ranks)", batch.B, batch.S,
+                             pc.layout, world.size()),
+                 "use a smaller --batch or --seq, or more ranks");
   layout->load(ModelDirWeights(dir));
   const double loss = layout->forward_backward(batch);
 

@@ -4,6 +4,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -14,6 +15,7 @@
 
 #include "cli/command.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/core/tensor.h"
 #include "tsp/model/config.h"
 #include "tsp/model/params.h"
@@ -53,13 +55,46 @@ LlamaConfig apply_sets(const LlamaConfig& base, const std::vector<std::string>& 
   return LlamaConfig::from_json_string(j.dump());
 }
 
+// Before writing anything: the one f32 parameter init holds at a time must fit in memory, and
+// model.safetensors must fit on the disk of --out, so an impossible size is an error up front,
+// never a half-written directory.
+void check_init_fits(const LlamaConfig& c, const std::string& out) {
+  const int64_t elem_bytes = c.torch_dtype == "bfloat16" ? 2 : 4;
+  int64_t file_bytes = 0;
+  const ParamSpec* largest = nullptr;
+  const std::vector<ParamSpec> specs = llama_param_specs(c);
+  for (const ParamSpec& s : specs) {
+    if (!largest || shape_numel(s.shape) > shape_numel(largest->shape)) largest = &s;
+    file_bytes += shape_numel(s.shape) * elem_bytes;  // no overflow: validate() bounded 4·params
+  }
+  require_memory(
+      checked_mul(shape_numel(largest->shape), 4, "init: bytes of one parameter"),
+      fmt::format("init: parameter {} {} in float32", largest->name, shape_str(largest->shape)),
+      "use smaller sizes (--set) or a smaller --preset");
+  // The nearest existing directory at or above --out tells which filesystem receives the file.
+  std::filesystem::path dir = std::filesystem::absolute(out);
+  std::error_code ec;
+  while (!std::filesystem::is_directory(dir, ec) && dir.has_parent_path() &&
+         dir != dir.parent_path())
+    dir = dir.parent_path();
+  const std::filesystem::space_info space = std::filesystem::space(dir, ec);
+  if (!ec) {
+    TSP_CHECK(static_cast<uintmax_t>(file_bytes) <= space.available,
+              "init: model.safetensors would take {}, more than the {} free on {}; use smaller "
+              "sizes (--set) or another --out",
+              format_bytes(static_cast<double>(file_bytes)),
+              format_bytes(static_cast<double>(space.available)), dir.string());
+  }
+}
+
 int run_init(const InitOptions& o) {
   TSP_CHECK(o.config_file.empty() != o.preset.empty(),
             "init: give exactly one of --config FILE or --preset NAME (tiny, demo, 7b)");
   LlamaConfig c = o.preset.empty() ? LlamaConfig::from_file(o.config_file) : llama_preset(o.preset);
   c = apply_sets(c, o.sets);
   if (!o.dtype.empty()) c.torch_dtype = o.dtype;
-  c.validate();
+  c.validate();  // sizes whose products overflow are refused here, naming the keys
+  check_init_fits(c, o.out);
 
   const auto t0 = std::chrono::steady_clock::now();
   Tensor buf;  // one parameter in memory at a time

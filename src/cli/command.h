@@ -26,4 +26,9 @@ struct CommandRegistration {
   explicit CommandRegistration(Command c) { command_registry().push_back(std::move(c)); }
 };
 
+// For an output file written at the end of a long command (`--out`): throws tsp::Error now,
+// naming the option, when it cannot be written there (a directory, or a missing or read-only
+// parent directory). An existing device or pipe (/dev/stdout) is accepted: it is written in place.
+void check_output_path(const std::string& path, const std::string& option);
+
 }  // namespace tsp::cli

@@ -1,9 +1,14 @@
 // The `tsp` command line: subcommands (train, generate, grad, bench, plan, ...) register in
 // command_registry(). A tsp::Error on any rank prints once with its rank and aborts the whole
 // MPI job, so no rank is left hanging in a collective.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <memory>
 #include <thread>
 
@@ -16,6 +21,20 @@ namespace tsp::cli {
 std::vector<Command>& command_registry() {
   static std::vector<Command> commands;
   return commands;
+}
+
+void check_output_path(const std::string& path, const std::string& option) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  TSP_CHECK(!fs::is_directory(st), "{} {} is a directory; give a file path", option, path);
+  if (fs::exists(st) && !fs::is_regular_file(st)) return;  // a device or pipe
+  fs::path dir = fs::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  TSP_CHECK(fs::is_directory(dir, ec) && ::access(dir.c_str(), W_OK) == 0,
+            "{} {}: directory {} does not exist or is not writable; give a path in a writable "
+            "directory",
+            option, path, dir.string());
 }
 }  // namespace tsp::cli
 
@@ -37,6 +56,15 @@ int default_threads() {
   }
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   return std::max(1, cores / std::max(1, local_ranks));
+}
+
+// What a command printed (a table, JSON lines, generated text) is its output: a full disk or a
+// closed pipe behind stdout must fail the command, not exit 0 with a truncated result.
+int checked_stdout(int rc) {
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    throw tsp::Error(fmt::format("writing to standard output failed: {}", std::strerror(errno)));
+  }
+  return rc;
 }
 }  // namespace
 
@@ -66,7 +94,7 @@ int main(int argc, char** argv) {
 
   if (!needs_mpi) {
     try {
-      return run(nullptr);
+      return checked_stdout(run(nullptr));
     } catch (const std::exception& e) {
       std::fprintf(stderr, "error: %s\n", e.what());
       return 1;
@@ -74,7 +102,7 @@ int main(int argc, char** argv) {
   }
   tsp::MpiRuntime mpi(&argc, &argv);
   try {
-    return run(&mpi.world());
+    return checked_stdout(run(&mpi.world()));
   } catch (const std::exception& e) {
     tsp::abort_job(e.what());
   }

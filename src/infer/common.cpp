@@ -4,6 +4,7 @@
 #include <cassert>
 #include <cstring>
 
+#include "tsp/core/limits.h"
 #include "tsp/ops/attention.h"
 #include "tsp/ops/ops.h"
 
@@ -55,6 +56,11 @@ int64_t WeightShards::bytes() const {
 // ---- KvCache -----------------------------------------------------------------------------------
 
 void KvCache::reset(int64_t layers, int64_t capacity, int64_t heads, int64_t d) {
+  // K and V of every layer, f32: checked before anything is allocated (capacity grows with
+  // --max-new).
+  require_memory(checked_product({2, layers, capacity, heads, d, 4}, "generate: K/V cache bytes"),
+                 fmt::format("generate: a K/V cache of {} positions", capacity),
+                 "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)");
   k_.clear();
   v_.clear();
   pos_.clear();

@@ -28,10 +28,15 @@ void validate_request(const LlamaConfig& c, const std::vector<int32_t>& prompt, 
             "generate: the prompt has {} tokens, more than max_position_embeddings={} of the "
             "model; shorten the prompt to at most {} tokens",
             P, c.max_position_embeddings, c.max_position_embeddings);
-  TSP_CHECK(P + max_new <= c.max_position_embeddings,
+  // max_new <= limit - P, not P + max_new <= limit: a huge --max-new must not wrap around.
+  TSP_CHECK(max_new <= c.max_position_embeddings - P,
             "generate: prompt ({} tokens) + --max-new {} = {} positions exceed "
             "max_position_embeddings={}; use --max-new <= {}",
-            P, max_new, P + max_new, c.max_position_embeddings, c.max_position_embeddings - P);
+            P, max_new, static_cast<uint64_t>(P) + static_cast<uint64_t>(max_new),
+            c.max_position_embeddings,
+            P < c.max_position_embeddings ? fmt::format("{}", c.max_position_embeddings - P)
+                                          : fmt::format("1 and a prompt of at most {} tokens",
+                                                        c.max_position_embeddings - 1));
   for (int64_t i = 0; i < P; ++i)
     TSP_CHECK(prompt[i] >= 0 && prompt[i] < c.vocab_size,
               "generate: prompt token {} at index {} is outside the vocabulary [0, {})", prompt[i],

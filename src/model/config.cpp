@@ -5,6 +5,7 @@
 #include "tsp/model/config.h"
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 
 namespace tsp {
 
@@ -52,14 +54,29 @@ bool get_bool_or(const json& j, const char* key, bool fallback) {
 }  // namespace
 
 int64_t LlamaConfig::num_parameters() const {
+  // Every product is checked: a size typed by hand (--set intermediate_size=2^58) must be an
+  // error naming the keys, never a wrapped-around count that looks plausible.
   const int64_t h = hidden_size, d = head_dim();
-  const int64_t attn = h * num_attention_heads * d        // q_proj
-                       + 2 * h * num_key_value_heads * d  // k_proj, v_proj
-                       + num_attention_heads * d * h;     // o_proj
-  const int64_t mlp = 3 * intermediate_size * h;          // gate, up, down
-  const int64_t block = attn + mlp + 2 * h;               // + two RMSNorm weights
-  const int64_t embed = vocab_size * h;
-  return embed + num_hidden_layers * block + h + (tie_word_embeddings ? 0 : embed);
+  const int64_t q = checked_product(
+      {h, num_attention_heads, d}, "config: hidden_size × num_attention_heads × head_dim (q_proj)");
+  const int64_t kv =
+      checked_product({h, num_key_value_heads, d, 2},
+                      "config: hidden_size × num_key_value_heads × head_dim (k_proj, v_proj)");
+  const int64_t o = q;  // o_proj has q_proj's shape, transposed
+  const int64_t mlp = checked_product(
+      {intermediate_size, h, 3}, "config: intermediate_size × hidden_size (gate, up, down_proj)");
+  const char* what = "config: parameters per layer";
+  const int64_t block =
+      checked_add(checked_add(checked_add(q, kv, what), o, what), checked_add(mlp, 2 * h, what),
+                  what);  // + two RMSNorm weights
+  const int64_t embed =
+      checked_mul(vocab_size, h, "config: vocab_size × hidden_size (embed_tokens, lm_head)");
+  const char* total = "config: number of parameters (num_hidden_layers × per-layer + embeddings)";
+  int64_t n = checked_mul(num_hidden_layers, block, total);
+  n = checked_add(n, embed, total);
+  n = checked_add(n, h, total);  // final norm
+  if (!tie_word_embeddings) n = checked_add(n, embed, total);
+  return n;
 }
 
 void LlamaConfig::validate() const {
@@ -85,8 +102,22 @@ void LlamaConfig::validate() const {
             "config: head_dim = hidden_size / num_attention_heads = {} is odd; RoPE rotates pairs "
             "of dimensions, so it must be even",
             head_dim());
-  TSP_CHECK(rms_norm_eps > 0, "config: rms_norm_eps must be positive, got {}", rms_norm_eps);
-  TSP_CHECK(rope_theta > 0, "config: rope_theta must be positive, got {}", rope_theta);
+  TSP_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0,
+            "config: rms_norm_eps must be a positive finite number, got {}", rms_norm_eps);
+  TSP_CHECK(std::isfinite(rope_theta) && rope_theta > 0,
+            "config: rope_theta must be a positive finite number, got {}", rope_theta);
+  // Every layer is a set of objects (parameter specs, shards, caches): a count beyond any real
+  // model (Llama 3 405B has 126) is a typo that would otherwise exhaust memory before any check.
+  constexpr int64_t kMaxLayers = int64_t{1} << 16;
+  TSP_CHECK(num_hidden_layers <= kMaxLayers,
+            "config: num_hidden_layers={} is beyond the supported {}; check the value",
+            num_hidden_layers, kMaxLayers);
+  // Token ids are int32 everywhere (batches, token files, sampling).
+  TSP_CHECK(vocab_size <= int64_t{1} << 31,
+            "config: vocab_size={} exceeds the 2^31 ids a 32-bit token id can name", vocab_size);
+  // Sizes whose products overflow (the parameter count, or its bytes in f32, beyond 64 bits)
+  // cannot be allocated, written or read back: refuse them here, naming the keys (checked_*).
+  checked_mul(num_parameters(), 4, "config: bytes of the parameters in float32");
   TSP_CHECK(torch_dtype == "float32" || torch_dtype == "bfloat16",
             "config: torch_dtype \"{}\" is not supported; use \"float32\" or \"bfloat16\"",
             torch_dtype);

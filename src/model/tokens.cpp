@@ -134,6 +134,8 @@ void write_token_file(const std::string& path, const std::vector<int32_t>& ids, 
   header[0] = fits16 ? kMagic16 : kMagic32;
   header[1] = fits16 ? kVersion16 : kVersion32;
   header[2] = static_cast<int32_t>(ids.size());
+  // AtomicFile checks every write, the fsync, the close and the rename (a full disk is an error
+  // naming the file), and writes a device or pipe (/dev/stdout) in place.
   io::AtomicFile out(path);
   out.write(header, sizeof header);
   constexpr size_t kChunk = 1 << 16;

@@ -8,7 +8,10 @@
 #include <cerrno>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 
+#include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/model/tokens.h"
 #include "tsp/parallel/sharding.h"
 
@@ -32,6 +35,52 @@ void pread_all(int fd, void* dst, size_t count, int64_t offset, const std::strin
     offset += got;
     count -= static_cast<size_t>(got);
   }
+}
+
+// A file without an llm.c magic number is read as text with the byte-level tokenizer, but only
+// when it is text: a token file whose magic number was damaged (or any other binary file) would
+// otherwise be trained on as raw bytes, silently. The rule needs no option:
+//  - a header whose version and token count are llm.c's and match the file size, or a ".bin"
+//    name (llm.c's convention for token files), is a token file with a bad magic number;
+//  - text has no NUL byte and almost no other control characters (all but tab, newline, \v, \f,
+//    \r and escape) in its first 64 kB, in UTF-8 or any 8-bit encoding; an llm.c header is
+//    mostly zero bytes, and ids below 256 stored in uint16 are every other byte zero.
+// Raw bytes of a binary file remain trainable: `tsp encode` turns any file into a token file.
+void reject_non_text(int fd, const std::string& path, int64_t size, int32_t magic) {
+  const std::string expect = fmt::format(
+      "an llm.c token file starts with magic number {} (uint16 ids) or {} (uint32 ids); write "
+      "one with `tsp encode`",
+      kLlmcMagicU16, kLlmcMagicU32);
+  if (size >= kLlmcHeaderBytes) {
+    int32_t h[3];
+    pread_all(fd, h, sizeof h, 0, path);
+    const int64_t bytes_per_token = h[1] == 1 ? 2 : h[1] == 7 ? 4 : 0;
+    TSP_CHECK(bytes_per_token == 0 || h[2] < 0 ||
+                  size != kLlmcHeaderBytes + int64_t{h[2]} * bytes_per_token,
+              "data file {} looks like an llm.c token file with a damaged magic number: its "
+              "header says version {} and {} tokens, which match its size, but the magic number "
+              "is {}; {}",
+              path, h[1], h[2], magic, expect);
+  }
+  const std::string name = std::filesystem::path(path).extension().string();
+  TSP_CHECK(name != ".bin",
+            "data file {} has a .bin name, so it is read as an llm.c token file, but its magic "
+            "number is {}: the file is damaged or not a token file; {}. If it really is text, "
+            "give it another extension (e.g. .txt)",
+            path, magic, expect);
+  std::vector<unsigned char> head(static_cast<size_t>(std::min<int64_t>(size, 64 << 10)));
+  pread_all(fd, head.data(), head.size(), 0, path);
+  int64_t nul = 0, control = 0;
+  for (unsigned char c : head) {
+    nul += c == 0;
+    control += (c < 0x20 && !(c >= '\t' && c <= '\r') && c != 0x1b) || c == 0x7f;
+  }
+  TSP_CHECK(nul == 0 && control * 100 <= static_cast<int64_t>(head.size()),
+            "data file {} is neither text nor an llm.c token file: {} of its first {} bytes are "
+            "control characters ({} NUL). If it is a token file, its magic number ({}) is damaged; "
+            "{}. To train on the raw bytes of a binary file, convert it first: `tsp encode --text "
+            "{} --out FILE.bin`",
+            path, control, head.size(), nul, magic, expect, path);
 }
 
 }  // namespace
@@ -72,6 +121,7 @@ Corpus::Corpus(const std::string& path) : path_(path) {
   TSP_CHECK(size > 0, "data file {} is empty", path);
   int32_t magic = 0;
   if (size >= 4) pread_all(fd_, &magic, sizeof magic, 0, path);
+  if (magic != kLlmcMagicU16 && magic != kLlmcMagicU32) reject_non_text(fd_, path, size, magic);
   if (magic == kLlmcMagicU16 || magic == kLlmcMagicU32) {
     // read_token_file_info validates the header (version, announced count against the size).
     const TokenFileInfo info = read_token_file_info(path);
@@ -154,8 +204,16 @@ DataLoader::DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options
   TSP_CHECK(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1), got {}",
             o.val_fraction);
   TSP_CHECK(o.val_windows >= 0, "--val-windows must be >= 0, got {}", o.val_windows);
+  // Sizes are checked before anything is allocated: a batch holds B·(S+1) int32 tokens (plus B
+  // window starts) on every rank, so an impossible --batch or --seq fails here with the option's
+  // name instead of growing until the kernel kills the job.
   const int64_t n = corpus_->num_tokens();
-  const int64_t window = o.seq + 1;
+  const int64_t window = checked_add(o.seq, 1, "--seq + 1 (a window with its last label)");
+  const int64_t batch_tokens = checked_mul(o.batch, window, "--batch × (--seq + 1) tokens a batch");
+  require_memory(checked_add(checked_mul(batch_tokens, 4, "bytes of a batch"),
+                             checked_mul(o.batch, 8, "bytes of a batch"), "bytes of a batch"),
+                 fmt::format("a batch of --batch {} × (--seq {} + 1) tokens", o.batch, o.seq),
+                 "use a smaller --batch or --seq (--accum N keeps the tokens per step)");
   const int64_t val = static_cast<int64_t>(static_cast<double>(n) * o.val_fraction);
   train_tokens_ = n - val;
   // A training window must fit strictly inside the training part so windows can start in more
@@ -166,11 +224,28 @@ DataLoader::DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options
             corpus_->path(), n, o.seq, 100 * o.val_fraction,
             static_cast<int64_t>(static_cast<double>(window) / o.val_fraction) + window + 2);
   // Validation windows: evenly spaced over the held-out tail (overlapping when the tail is
-  // short), rounded up to whole micro-batches.
-  const int64_t windows = (o.val_windows + o.batch - 1) / o.batch * o.batch;
+  // short), rounded up to whole micro-batches. More windows than the tail has distinct start
+  // positions only repeats windows, so a larger --val-windows is refused; the default stays
+  // valid whatever the corpus (a few repeats in a tiny tail are harmless).
   const int64_t span = val - window;  // >= 0
+  const int64_t distinct = span + 1;
+  TSP_CHECK(o.val_windows <= std::max(distinct, DataOptions{}.val_windows),
+            "--val-windows {} asks for more windows than the held-out tail of {} holds: its {} "
+            "tokens give {} distinct windows of --seq {} (+1); use --val-windows <= {} or a "
+            "larger --val-fraction",
+            o.val_windows, corpus_->path(), val, distinct, o.seq, distinct);
+  const int64_t windows = o.val_windows == 0
+                              ? 0
+                              : checked_mul((o.val_windows - 1) / o.batch + 1, o.batch,
+                                            "--val-windows rounded up to whole batches");
+  require_memory(
+      checked_mul(windows, 8, "bytes of the validation window starts"),
+      fmt::format("--val-windows {} (rounded up to whole batches of {})", o.val_windows, o.batch),
+      "use a smaller --val-windows");
+  val_starts_.reserve(static_cast<size_t>(windows));
   for (int64_t i = 0; i < windows; ++i) {
-    const int64_t off = windows > 1 ? span * i / (windows - 1) : 0;
+    const int64_t off =
+        windows > 1 ? static_cast<int64_t>(static_cast<__int128>(span) * i / (windows - 1)) : 0;
     val_starts_.push_back(train_tokens_ + off);
   }
 }
@@ -183,12 +258,15 @@ int64_t DataLoader::train_window_start(int64_t n) const {
 Batch DataLoader::train_batch(int64_t step, int64_t micro) const {
   TSP_CHECK(step >= 0 && micro >= 0 && micro < options_.accum, "bad batch index ({}, {})", step,
             micro);
-  return train_rows((step * options_.accum + micro) * options_.batch);
+  const char* what = "training data position (step × --accum + micro) × --batch";
+  return train_rows(checked_mul(checked_add(checked_mul(step, options_.accum, what), micro, what),
+                                options_.batch, what));
 }
 
 Batch DataLoader::train_rows(int64_t first_sample) const {
   TSP_CHECK(first_sample >= 0, "negative data position {}", first_sample);
   const int64_t B = options_.batch;
+  checked_add(first_sample, B, "training data position + --batch");
   std::vector<int64_t> starts(B);
   for (int64_t r = 0; r < B; ++r) starts[r] = train_window_start(first_sample + r);
   return make_batch(starts);

@@ -8,7 +8,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
+#include <string>
 
 #include "tsp/train/data.h"
 
@@ -25,13 +27,23 @@ class DataTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
-  // n pseudo-random bytes: every window is distinguishable.
+  // Byte i of write_text's files: pseudo-random printable ASCII, so every window is
+  // distinguishable and the file is text (a corpus that is not text is refused).
+  static int32_t text_byte(int64_t i) { return 32 + static_cast<int32_t>(window_hash(7, i) % 95); }
   std::string write_text(const std::string& name, int64_t n) {
     std::string bytes(n, '\0');
-    for (int64_t i = 0; i < n; ++i) bytes[i] = static_cast<char>(window_hash(7, i) & 0xff);
+    for (int64_t i = 0; i < n; ++i) bytes[i] = static_cast<char>(text_byte(i));
+    return write_bytes(name, bytes);
+  }
+  std::string write_bytes(const std::string& name, const std::string& bytes) {
     const fs::path p = dir_ / name;
-    std::ofstream(p, std::ios::binary).write(bytes.data(), n);
+    std::ofstream(p, std::ios::binary)
+        .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     return p.string();
+  }
+  static std::string read_bytes(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return {std::istreambuf_iterator<char>(in), {}};
   }
   // llm.c format written by hand (header of 256 int32: magic, version, count), so this test
   // does not lean on the writer it would be checking.
@@ -58,8 +70,7 @@ TEST_F(DataTest, TextIsReadAsBytes) {
   EXPECT_EQ(c.min_vocab_size(), 256);
   std::vector<int32_t> t(10);
   c.read(990, 10, t.data());
-  for (int i = 0; i < 10; ++i)
-    EXPECT_EQ(t[i], static_cast<int32_t>(window_hash(7, 990 + i) & 0xff));
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(t[i], text_byte(990 + i));
   EXPECT_THROW(c.read(995, 10, t.data()), Error);
 }
 
@@ -88,6 +99,83 @@ TEST_F(DataTest, MissingEmptyCorruptOrTooSmallDataIsRejected) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("--seq"), std::string::npos) << e.what();
   }
+}
+
+// Expects `make` to throw a tsp::Error whose message holds `fragment`.
+template <class F>
+void expect_error(F make, const std::string& fragment) {
+  try {
+    make();
+    ADD_FAILURE() << "no error; expected one containing \"" << fragment << "\"";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(DataTest, TextInAnyEncodingIsText) {
+  // UTF-8 with tabs, CRLF and an escape sequence, and Latin-1 (bytes >= 0x80 that are not UTF-8).
+  const std::string utf8 =
+      "In the beginning\tGod created \xc3\xa9\xe2\x80\x94 the heaven\r\n\x1b[0m";
+  const std::string latin1 = "caf\xe9 na\xefve \xe0 la carte\n";
+  std::string a, b;
+  for (int i = 0; i < 200; ++i) a += utf8, b += latin1;
+  EXPECT_EQ(Corpus(write_bytes("utf8.txt", a)).format(), CorpusFormat::Text);
+  EXPECT_EQ(Corpus(write_bytes("latin1.txt", b)).format(), CorpusFormat::Text);
+  EXPECT_EQ(Corpus(write_bytes("noext", a)).format(), CorpusFormat::Text);
+}
+
+TEST_F(DataTest, DamagedTokenFilesAreNotReadAsText) {
+  std::vector<uint16_t> ids(3000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<uint16_t>(i % 200);
+  const std::string good = read_bytes(write_llmc("good.bin", ids, ids.size()));
+  // Magic overwritten, version and count intact: recognised whatever the name.
+  std::string bad = good;
+  bad.replace(0, 4, "XXXX");
+  expect_error([&] { Corpus c(write_bytes("magic.dat", bad)); },
+               "looks like an llm.c token file with a damaged magic number");
+  // The whole first 12 bytes damaged, named .bin (llm.c's convention for token files).
+  bad.replace(0, 12, "garbagegarba");
+  expect_error([&] { Corpus c(write_bytes("header.bin", bad)); }, "has a .bin name");
+  // Text named .bin is refused too, saying how to use it.
+  expect_error([&] { Corpus c(write_bytes("text.bin", std::string(5000, 'a'))); },
+               "give it another extension");
+  // Any other name: the zero bytes of the header and of the uint16 ids are not text.
+  expect_error([&] { Corpus c(write_bytes("header.dat", bad)); },
+               "is neither text nor an llm.c token file");
+  std::string binary(5000, '\x01');
+  expect_error([&] { Corpus c(write_bytes("ctrl.txt", binary)); }, "tsp encode --text");
+}
+
+TEST_F(DataTest, ImpossibleSizesAreRefusedUpFront) {
+  auto corpus = std::make_shared<Corpus>(write_text("s.txt", 20000));
+  // B·(S+1) beyond 64 bits, and a batch beyond this machine's memory: errors naming the options
+  // before anything is allocated.
+  expect_error(
+      [&] {
+        DataLoader l(corpus, DataOptions{int64_t{1} << 62, 1, 1, 1, 0.05, 8});
+      },
+      "--batch × (--seq + 1)");
+  expect_error(
+      [&] {
+        DataLoader l(corpus, DataOptions{int64_t{1} << 40, 1, 1, 1, 0.05, 8});
+      },
+      "a batch of --batch 1099511627776");
+  expect_error([&] { DataLoader l(corpus, DataOptions{8, INT64_MAX, 1, 1, 0.05, 8}); }, "--seq");
+  // More validation windows than the held-out 1000 tokens hold (968 of --seq 32).
+  expect_error(
+      [&] {
+        DataLoader l(corpus, DataOptions{8, 32, 1, 1, 0.05, 1000000000000});
+      },
+      "use --val-windows <= 968");
+  const DataLoader all(corpus, DataOptions{8, 32, 1, 1, 0.05, 968});
+  EXPECT_EQ(all.num_val_batches(), 121);
+  // The default stays valid on a tail too short for 32 distinct windows (6 here).
+  auto tiny = std::make_shared<Corpus>(write_text("t.txt", 800));
+  const DataLoader dflt(tiny, DataOptions{8, 34, 1, 1, 0.05, DataOptions{}.val_windows});
+  EXPECT_EQ(dflt.num_val_batches(), 4);
+  // A data position beyond 64 bits.
+  const DataLoader l(corpus, DataOptions{8, 32, 1, 1, 0.05, 8});
+  expect_error([&] { l.train_batch(INT64_MAX / 4, 0); }, "training data position");
 }
 
 TEST_F(DataTest, WindowsDependOnlyOnSeedAndSampleIndex) {

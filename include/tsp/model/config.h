@@ -23,11 +23,13 @@ struct LlamaConfig {
   int64_t head_dim() const { return hidden_size / num_attention_heads; }
   int64_t gqa_group() const { return num_attention_heads / num_key_value_heads; }  // g
   int64_t kv_dim() const { return num_key_value_heads * head_dim(); }
-  // Number of parameters (embedding, blocks, final norm, LM head unless tied).
+  // Number of parameters (embedding, blocks, final norm, LM head unless tied). Every product is
+  // checked: throws tsp::Error naming the keys when it does not fit in 64 bits.
   int64_t num_parameters() const;
 
   // Throws tsp::Error naming the offending key when the configuration is impossible
-  // (non-positive sizes, h not divisible by n_h, n_h not divisible by n_kv, odd head_dim).
+  // (non-positive sizes, h not divisible by n_h, n_h not divisible by n_kv, odd head_dim,
+  // vocab_size beyond 32-bit ids, a parameter count or its f32 bytes beyond 64 bits).
   void validate() const;
 
   static LlamaConfig from_json_string(const std::string& text);  // unknown keys are ignored

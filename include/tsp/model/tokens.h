@@ -21,7 +21,9 @@ TokenFileInfo read_token_file_info(const std::string& path);
 std::vector<int32_t> read_tokens(const std::string& path, int64_t begin, int64_t count);
 std::vector<int32_t> read_all_tokens(const std::string& path);
 // Writes the uint16 format when every id < 65536 and !force_uint32, else the uint32 one.
-// Atomic (temporary file + rename).
+// Atomic (temporary file + rename) for a regular file; a device or pipe that exists at `path`
+// (/dev/stdout) is written in place. Every write, fsync and close is checked: a full disk is a
+// tsp::Error naming the file.
 void write_token_file(const std::string& path, const std::vector<int32_t>& ids,
                       bool force_uint32 = false);
 

@@ -1,4 +1,4 @@
-// Training data: a corpus of token ids (an llm.c token file, or any other file read as raw bytes
+// Training data: a corpus of token ids (an llm.c token file, or a text file read as raw bytes
 // with the byte-level tokenizer, ids 0-255), split into a training part and a held-out validation
 // tail, and batches of random windows drawn by a counter-based RNG.
 //
@@ -22,9 +22,11 @@ enum class CorpusFormat { Text, LlmcTokens };
 // Random-access reader (pread; nothing is loaded up front, memory stays small).
 class Corpus {
  public:
-  // Detects the format by the llm.c magic in the first 4 bytes. Missing, unreadable, empty or
-  // corrupt files (a token-file header that does not match the size) raise a tsp::Error naming
-  // the file and what to do.
+  // Detects the format by the llm.c magic in the first 4 bytes; anything else must be text.
+  // Missing, unreadable, empty or corrupt files (a token-file header that does not match the
+  // size), and files that look like a token file with a damaged magic number (a .bin name, or an
+  // llm.c version and count matching the size) or are not text (NUL or many control bytes)
+  // raise a tsp::Error naming the file and what to do.
   explicit Corpus(const std::string& path);
   ~Corpus();
   Corpus(const Corpus&) = delete;
@@ -70,7 +72,10 @@ TokenNeed zigzag_token_need(int64_t B, int64_t S, int D, int p, int R, int repli
 class DataLoader {
  public:
   // Validates the options against the corpus (enough tokens for a training and a validation
-  // window) with errors saying which option to change.
+  // window, no more --val-windows than the held-out tail has distinct windows unless it is the
+  // default) and against memory (a batch of B·(S+1) tokens, checked for 64-bit overflow, and
+  // the validation window list must fit on this machine), before allocating anything, with
+  // errors saying which option to change.
   DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options);
 
   const DataOptions& options() const { return options_; }
