@@ -12,11 +12,18 @@ by other code. Run with Debian's /usr/bin/python3 (python3-numpy).
                                                  (re-implemented here, bit for bit)
   check_safetensors.py --write-sample FILE       write a sample file (F32, BF16, F16, I32, I64,
                                                  metadata, HF ordering) and print its checksums
+  check_safetensors.py --shard DIR --shards N    split DIR/model.safetensors into N shards and
+                                                 model.safetensors.index.json, as transformers'
+                                                 save_pretrained(max_shard_size=...) writes them
+  check_safetensors.py FILE --poison NAME:INDEX:VALUE
+                                                 set element INDEX (flat) of tensor NAME (F32 or
+                                                 BF16) to VALUE (nan, inf, -inf or a number)
 Exit status 0 when every check passes, 1 otherwise.
 """
 import argparse
 import json
 import math
+import os
 import struct
 import sys
 
@@ -210,6 +217,59 @@ def check_init(tensors, config_path, seed):
 
 # ---- a sample file written here, read by tsp ---------------------------------------------------
 
+def write_file(path, meta, items):
+    """Writes (name, dtype, array) items in the given order, header keys sorted as the HF writer."""
+    header, blobs, off = ({"__metadata__": meta} if meta else {}), [], 0
+    for name, dtype, arr in items:
+        raw = arr.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    text = json.dumps(header, sort_keys=True).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def shard(model_dir, shards):
+    """model.safetensors -> model-0000i-of-0000n.safetensors (consecutive tensors) and the index."""
+    single = os.path.join(model_dir, "model.safetensors")
+    meta, tensors = load(single)
+    per = -(-len(tensors) // shards)
+    weight_map = {}
+    for k in range(shards):
+        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = tensors[k * per:(k + 1) * per]
+        write_file(os.path.join(model_dir, name), {"format": "pt"},
+                   [(n, d, a.copy()) for n, d, _, a in part])
+        weight_map.update({n: name for n, _, _, _ in part})
+    total = sum(a.nbytes for _, _, _, a in tensors)
+    with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    os.remove(single)
+    print(f"check_safetensors: {single} -> {shards} shards and model.safetensors.index.json")
+
+
+def poison(path, spec):
+    name, index, value = spec.split(":")
+    meta, tensors = load(path)
+    items = []
+    for n, dtype, _, arr in tensors:
+        arr = arr.copy()
+        if n == name:
+            v = np.float32(float(value))
+            if dtype == "F32":
+                arr.reshape(-1)[int(index)] = v
+            elif dtype == "BF16":
+                arr.reshape(-1)[int(index)] = np.array(v).view(np.uint32) >> 16
+            else:
+                fail(f"{path}: {name} is {dtype}, not F32 or BF16")
+        items.append((n, dtype, arr))
+    if name not in [n for n, _, _ in items]:
+        fail(f"{path}: no tensor {name}")
+    write_file(path, meta, items)
+
+
 def write_sample(path):
     rng = np.random.default_rng(3)
     f32 = rng.standard_normal((5, 7)).astype("<f4")
@@ -223,16 +283,7 @@ def write_sample(path):
     items = [("w.i64", "I64", i64), ("a.f32", "F32", f32), ("z.i32", "I32", i32),
              ("s.scalar", "F32", scalar), ("m.bf16", "BF16", bf), ("b.f16", "F16", f16)]
     items.sort(key=lambda t: (-t[2].dtype.itemsize, t[0]))
-    header, blobs, off = {"__metadata__": {"format": "pt", "origin": "numpy"}}, [], 0
-    for name, dtype, arr in items:
-        raw = arr.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    text = json.dumps(header, sort_keys=True).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    write_file(path, {"format": "pt", "origin": "numpy"}, items)
 
 
 def main():
@@ -242,7 +293,18 @@ def main():
     ap.add_argument("--init-seed", type=int, help="check values equal tsp init_param(seed)")
     ap.add_argument("--config", help="config.json for --init-seed")
     ap.add_argument("--write-sample", metavar="FILE", help="write a sample file and summarise it")
+    ap.add_argument("--shard", metavar="DIR", help="split DIR/model.safetensors into shards")
+    ap.add_argument("--shards", type=int, default=3, help="number of shards for --shard")
+    ap.add_argument("--poison", metavar="NAME:INDEX:VALUE", help="overwrite one element of FILE")
     args = ap.parse_args()
+    if args.shard:
+        shard(args.shard, args.shards)
+        return
+    if args.poison:
+        if not args.file:
+            ap.error("--poison needs FILE")
+        poison(args.file, args.poison)
+        return
     path = args.write_sample or args.file
     if not path:
         ap.error("give FILE or --write-sample FILE")

@@ -396,7 +396,7 @@ void AtomicFile::write(const void* data, size_t bytes) {
     TSP_CHECK(
         put > 0, "cannot write {}: {}{}", path_,
         put < 0 ? std::strerror(err) : "the write made no progress",
-        in_place_ ? "" : fmt::format(" (writing {}; a previous {} is unchanged)", tmp_, path_));
+        in_place_ ? "" : fmt::format(" (writing {}; any previous {} is unchanged)", tmp_, path_));
     p += put;
     bytes -= static_cast<size_t>(put);
   }
@@ -444,12 +444,12 @@ void AtomicFile::commit() {
   // fsync and close report write-back failures (a full disk on NFS, a failing device) that the
   // writes themselves did not; either leaves the previous file in place.
   TSP_CHECK(::fsync(fd_) == 0,
-            "cannot write {}: fsync of {} failed: {} (a previous {} is "
+            "cannot write {}: fsync of {} failed: {} (any previous {} is "
             "unchanged)",
             path_, tmp_, std::strerror(errno), path_);
   const int rc = ::close(fd_);
   fd_ = -1;
-  TSP_CHECK(rc == 0, "cannot write {}: closing {} failed: {} (a previous {} is unchanged)", path_,
+  TSP_CHECK(rc == 0, "cannot write {}: closing {} failed: {} (any previous {} is unchanged)", path_,
             tmp_, std::strerror(errno), path_);
   TSP_CHECK(::rename(tmp_.c_str(), path_.c_str()) == 0, "renaming {} to {} failed: {}", tmp_, path_,
             std::strerror(errno));
