@@ -36,6 +36,17 @@ for m in single sharded; do
 done
 [ "$(sums "$tmp/g_single.safetensors")" == "$(sums "$tmp/g_sharded.safetensors")" ] ||
   fail "grad differs between the single file and the shards"
+# Shards as symbolic links into a blob store, as in the Hugging Face cache.
+mkdir "$tmp/blobs" "$tmp/linked"
+cp "$tmp/sharded"/*.json "$tmp/linked/"
+for f in "$tmp/sharded"/model-*.safetensors; do
+  cp "$f" "$tmp/blobs/$(basename "$f").blob"
+  ln -s "../blobs/$(basename "$f").blob" "$tmp/linked/$(basename "$f")"
+done
+"$tsp" grad --model "$tmp/linked" --tokens "$tmp/tokens.bin" --batch 2 --seq 32 \
+  --out "$tmp/g_linked.safetensors" >/dev/null
+[ "$(sums "$tmp/g_single.safetensors")" == "$(sums "$tmp/g_linked.safetensors")" ] ||
+  fail "grad differs on symlinked shards"
 [ "$(sums "$tmp/g2_single.safetensors")" == "$(sums "$tmp/g2_sharded.safetensors")" ] ||
   fail "grad at 2 ranks (tsp) differs between the single file and the shards"
 cmp -s "$tmp/gen_single.bin" "$tmp/gen_sharded.bin" || fail "generate differs on the shards"
