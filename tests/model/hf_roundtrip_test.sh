@@ -16,8 +16,9 @@ rt="$src/tests/model/hf_roundtrip.py"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 
 "$py" "$rt" make "$tmp"
-shards=$(ls "$tmp/sharded"/model-*-of-*.safetensors | wc -l)
-[ -f "$tmp/sharded/model.safetensors.index.json" ] && [ "$shards" -ge 3 ] && [ ! -e "$tmp/sharded/model.safetensors" ] ||
+shards=$(find "$tmp/sharded" -name 'model-*-of-*.safetensors' | wc -l)
+[ -f "$tmp/sharded/model.safetensors.index.json" ] && [ "$shards" -ge 3 ] &&
+  [ ! -e "$tmp/sharded/model.safetensors" ] ||
   fail "transformers did not shard the model (found $shards shard files)"
 
 grad() {  # ranks, model dir, output, extra args...
