@@ -269,6 +269,10 @@ int run_inspect(const InspectOptions& o) {
   int32_t magic = 0;
   in.read(reinterpret_cast<char*>(&magic), 4);
   if (in.gcount() == 4 && (magic == 20240520 || magic == 20240801)) return inspect_tokens(o.file);
+  // A token file with a damaged magic number (llm.c's header layout, or llm.c's .bin name) is
+  // reported as such by the token reader, not as a corrupt safetensors header.
+  if (std::filesystem::path(o.file).extension() == ".bin" || has_llmc_layout(o.file))
+    return inspect_tokens(o.file);
   return inspect_safetensors(o.file, o.checksums);
 }
 

@@ -10,7 +10,7 @@ namespace tsp::infer {
 
 void validate_sampling(const SamplingParams& s) {
   TSP_CHECK(std::isfinite(s.temperature) && s.temperature >= 0.f,
-            "--temperature {} must be >= 0 (0 = greedy)", s.temperature);
+            "--temperature {} must be a finite number >= 0 (0 = greedy)", s.temperature);
   TSP_CHECK(s.top_k >= 0, "--top-k {} must be >= 0 (0 = no limit)", s.top_k);
   TSP_CHECK(s.top_p > 0.f && s.top_p <= 1.f, "--top-p {} must be in (0, 1] (1 = no limit)",
             s.top_p);

@@ -46,6 +46,13 @@ void pread_all(int fd, void* dst, size_t bytes, int64_t offset, const std::strin
   }
 }
 
+// header = the first three int32 (magic, version, count) of a file of `size` bytes.
+bool layout_matches(const int32_t* header, int64_t size) {
+  const int64_t bytes_per_token = header[1] == kVersion16 ? 2 : header[1] == kVersion32 ? 4 : 0;
+  return bytes_per_token > 0 && header[2] >= 0 &&
+         size == kHeaderBytes + int64_t{header[2]} * bytes_per_token;
+}
+
 TokenFileInfo read_info(int fd, const std::string& path) {
   struct stat st;
   TSP_CHECK(::fstat(fd, &st) == 0, "{}: fstat failed: {}", path, std::strerror(errno));
@@ -70,9 +77,13 @@ TokenFileInfo read_info(int fd, const std::string& path) {
     info.bytes_per_token = 4;
   } else {
     TSP_FAIL(
-        "{}: bad magic number {}; an llm.c token file starts with {} (uint16 ids) or {} "
+        "{}: bad magic number {}{}; an llm.c token file starts with {} (uint16 ids) or {} "
         "(uint32 ids). Write one with `tsp encode`",
-        path, info.magic, kMagic16, kMagic32);
+        path, info.magic,
+        layout_matches(header, st.st_size)
+            ? " (its version and token count are llm.c's: the magic number is damaged)"
+            : "",
+        kMagic16, kMagic32);
   }
   TSP_CHECK(header[2] >= 0, "{}: negative token count {} in the header", path, header[2]);
   info.num_tokens = header[2];
@@ -89,6 +100,16 @@ TokenFileInfo read_info(int fd, const std::string& path) {
 TokenFileInfo read_token_file_info(const std::string& path) {
   Fd fd(path);
   return read_info(fd.get(), path);
+}
+
+bool has_llmc_layout(const std::string& path) {
+  Fd fd(path);
+  struct stat st;
+  TSP_CHECK(::fstat(fd.get(), &st) == 0, "{}: fstat failed: {}", path, std::strerror(errno));
+  if (st.st_size < kHeaderBytes) return false;
+  int32_t header[3];
+  pread_all(fd.get(), header, sizeof header, 0, path);
+  return layout_matches(header, st.st_size);
 }
 
 std::vector<int32_t> read_tokens(const std::string& path, int64_t begin, int64_t count) {

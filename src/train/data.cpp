@@ -51,17 +51,11 @@ void reject_non_text(int fd, const std::string& path, int64_t size, int32_t magi
       "an llm.c token file starts with magic number {} (uint16 ids) or {} (uint32 ids); write "
       "one with `tsp encode`",
       kLlmcMagicU16, kLlmcMagicU32);
-  if (size >= kLlmcHeaderBytes) {
-    int32_t h[3];
-    pread_all(fd, h, sizeof h, 0, path);
-    const int64_t bytes_per_token = h[1] == 1 ? 2 : h[1] == 7 ? 4 : 0;
-    TSP_CHECK(bytes_per_token == 0 || h[2] < 0 ||
-                  size != kLlmcHeaderBytes + int64_t{h[2]} * bytes_per_token,
-              "data file {} looks like an llm.c token file with a damaged magic number: its "
-              "header says version {} and {} tokens, which match its size, but the magic number "
-              "is {}; {}",
-              path, h[1], h[2], magic, expect);
-  }
+  TSP_CHECK(!has_llmc_layout(path),
+            "data file {} looks like an llm.c token file with a damaged magic number: its header's "
+            "version and token count are llm.c's and match its size, but the magic number is {}; "
+            "{}",
+            path, magic, expect);
   const std::string name = std::filesystem::path(path).extension().string();
   TSP_CHECK(name != ".bin",
             "data file {} has a .bin name, so it is read as an llm.c token file, but its magic "

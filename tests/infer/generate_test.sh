@@ -58,6 +58,15 @@ mpiexec -n 2 "$tsp" generate --model ck --layout tsp --prompt-tokens ref.bin --m
   --temperature 0 > ids.txt 2> /dev/null
 grep -q "|" ids.txt || fail "token-id mode prints no separator: $(cat ids.txt)"
 
+# A checkpoint save killed between its renames leaves only ck.old: generate reads it, saying so,
+# and produces what the checkpoint itself does.
+cp -r ck swapped.old
+mpiexec -n 1 "$tsp" generate --model swapped --layout single --prompt "$prompt" --max-new 24 \
+  --temperature 0 --out old.bin > /dev/null 2> old.err || { cat old.err; fail "no fallback to .old"; }
+grep -q "note: swapped does not exist but swapped.old does" old.err || fail "no note: $(cat old.err)"
+cmp -s ref.bin old.bin || fail "generate from swapped.old differs from ck"
+echo "ok: generate falls back to CKPT.old"
+
 expect_error() {  # what fragment args...
   local what=$1 fragment=$2
   shift 2

@@ -17,6 +17,10 @@ struct TokenFileInfo {
 
 // Validates magic, version and that the file holds the announced number of tokens.
 TokenFileInfo read_token_file_info(const std::string& path);
+// True when the file has an llm.c header whatever its magic number: a version of 1 (uint16 ids)
+// or 7 (uint32 ids) and a token count that matches the file size. A file for which this holds but
+// whose magic number is wrong is a token file with a damaged magic number, not text.
+bool has_llmc_layout(const std::string& path);
 // Tokens [begin, begin + count) (random access: a rank reads only what it needs).
 std::vector<int32_t> read_tokens(const std::string& path, int64_t begin, int64_t count);
 std::vector<int32_t> read_all_tokens(const std::string& path);
