@@ -155,15 +155,19 @@ NonFinite find_non_finite(TensorView t) {
   // count over the bits vectorises, and the first index is searched only when there is one.
   if (t.dtype() == DType::F32) {
     const uint32_t* u = static_cast<const uint32_t*>(t.data());
-    for (int64_t i = 0; i < n; ++i) r.count += (u[i] & 0x7f800000u) == 0x7f800000u;
-    if (r.count == 0) return r;
+    int64_t bad = 0;  // a local accumulator, so the loop vectorises
+    for (int64_t i = 0; i < n; ++i) bad += (u[i] & 0x7f800000u) == 0x7f800000u;
+    r.count = bad;
+    if (bad == 0) return r;
     for (r.first = 0; (u[r.first] & 0x7f800000u) != 0x7f800000u; ++r.first) {
     }
     std::memcpy(&r.value, &u[r.first], 4);
   } else if (t.dtype() == DType::BF16) {
     const uint16_t* u = static_cast<const uint16_t*>(t.data());
-    for (int64_t i = 0; i < n; ++i) r.count += (u[i] & 0x7f80u) == 0x7f80u;
-    if (r.count == 0) return r;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad += (u[i] & 0x7f80u) == 0x7f80u;
+    r.count = bad;
+    if (bad == 0) return r;
     for (r.first = 0; (u[r.first] & 0x7f80u) != 0x7f80u; ++r.first) {
     }
     r.value = bf16::to_float(u[r.first]);
