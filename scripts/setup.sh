@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(cmake g++ make pkg-config openmpi-bin libopenmpi-dev libdnnl-dev ocl-icd-opencl-dev
   libgtest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev libfmt-dev bible-kjv
-  python3-numpy python3-matplotlib)
+  python3-numpy python3-matplotlib libssl-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

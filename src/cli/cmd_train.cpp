@@ -18,9 +18,13 @@
 #include <fmt/format.h>
 
 #include "cli/command.h"
+#include "parallel/registry.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/model/params.h"
 #include "tsp/parallel/layout.h"
+#include "tsp/parallel/sharding.h"
+#include "tsp/plan/measure.h"
 #include "tsp/train/checkpoint.h"
 #include "tsp/train/data.h"
 #include "tsp/train/metrics.h"
@@ -65,6 +69,76 @@ double validate(Layout& layout, const DataLoader& loader) {
   return sum / static_cast<double>(n);
 }
 
+bool finite_in(double v, double lo, double hi) {
+  return std::isfinite(v) && v >= lo && v <= hi;
+}
+
+// Every numeric option, before anything is read or built: a value that cannot mean anything is
+// an error naming the option and what it accepts, never silently taken.
+void validate_options(const TrainOptions& o) {
+  TSP_CHECK(o.steps >= 1, "--steps must be at least 1, got {}", o.steps);
+  TSP_CHECK(o.stop_at == -1 || o.stop_at >= 1,
+            "--stop-at must be a step count >= 1 (or -1: run to --steps), got {}", o.stop_at);
+  TSP_CHECK(o.batch >= 1, "--batch must be at least 1 row, got {}", o.batch);
+  TSP_CHECK(o.seq >= 1, "--seq must be at least 1 token, got {}", o.seq);
+  TSP_CHECK(o.accum >= 1, "--accum must be at least 1 micro-batch, got {}", o.accum);
+  TSP_CHECK(o.warmup >= 0, "--warmup must be >= 0 steps (0: no warm-up), got {}", o.warmup);
+  TSP_CHECK(o.tp >= 1, "--tp must be at least 1, got {}", o.tp);
+  TSP_CHECK(o.dp >= 1, "--dp must be at least 1, got {}", o.dp);
+  TSP_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number, got {}", o.lr);
+  TSP_CHECK(finite_in(o.min_lr_ratio, 0, 1), "--min-lr-ratio must lie in [0, 1], got {}",
+            o.min_lr_ratio);
+  TSP_CHECK(finite_in(o.beta1, 0, 1) && o.beta1 < 1, "--beta1 must lie in [0, 1), got {}", o.beta1);
+  TSP_CHECK(finite_in(o.beta2, 0, 1) && o.beta2 < 1, "--beta2 must lie in [0, 1), got {}", o.beta2);
+  TSP_CHECK(std::isfinite(o.eps) && o.eps > 0, "--eps must be a positive number, got {}", o.eps);
+  TSP_CHECK(std::isfinite(o.wd) && o.wd >= 0, "--wd must be >= 0, got {}", o.wd);
+  TSP_CHECK(std::isfinite(o.clip) && o.clip >= 0,
+            "--clip must be >= 0 (0 turns clipping off), got {}", o.clip);
+  TSP_CHECK(o.val_every >= 0, "--val-every must be >= 0 steps (0: never), got {}", o.val_every);
+  TSP_CHECK(o.val_windows >= 0, "--val-windows must be >= 0, got {}", o.val_windows);
+  TSP_CHECK(finite_in(o.val_fraction, 0, 1) && o.val_fraction < 1,
+            "--val-fraction must lie in [0, 1) (the held-out share of the corpus), got {}",
+            o.val_fraction);
+  TSP_CHECK(o.save_every >= 0, "--save-every must be >= 0 steps (0: only at the end), got {}",
+            o.save_every);
+  TSP_CHECK(o.save_every == 0 || !o.save.empty(),
+            "--save-every {} needs --save DIR (where to write the checkpoints)", o.save_every);
+  TSP_CHECK(o.log_every >= 1, "--log-every must be at least 1 step, got {}", o.log_every);
+}
+
+// The whole run's memory on this rank, predicted by the project's own model of its allocations
+// (plan::predict_local_memory, which tests/plan and `tsp bench` compare with measurement), checked
+// against this machine before anything is allocated: an impossible --batch or --seq fails here
+// with a message instead of growing until the kernel kills the job. Every product of sizes is
+// checked for overflow first.
+void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_size) {
+  checked_product({o.batch, o.seq, o.accum}, "tokens per step (--batch × --seq × --accum)");
+  checked_product({o.batch, o.seq + 1}, "tokens per micro-batch (--batch × (--seq + 1))");
+  checked_product({o.steps, o.accum, o.batch},
+                  "training windows of the run (--steps × --accum × --batch)");
+  const int D = check_world(world_size, o.dp, o.tp);
+  TSP_CHECK(o.batch % o.dp == 0, "--batch {} must be a multiple of --dp {}", o.batch, o.dp);
+  if (find_layout(o.layout) == nullptr) return;  // make_layout names the layouts there are
+  const std::string what = fmt::format("training with --batch {} --seq {} (layout {}, {} ranks)",
+                                       o.batch, o.seq, o.layout, world_size);
+  const std::string hint =
+      "use a smaller --batch or --seq (--accum keeps the tokens per step), or more ranks";
+  // A lower bound in checked arithmetic first: whatever the layout, a rank keeps for backward at
+  // least the input of every layer (h floats) for each token it holds, and holds at least 1/D of
+  // its replica's tokens. Passing it keeps the model's own arithmetic below within 64 bits.
+  const int64_t tokens = checked_mul(o.batch / o.dp, o.seq, "tokens per replica");
+  const int64_t floor_bytes = checked_product(
+      {tokens / D + 1, c.num_hidden_layers, c.hidden_size, 4}, "activation memory per rank");
+  require_memory(floor_bytes, what, hint);
+  plan::LayoutSpec spec;
+  spec.name = o.layout;
+  spec.D = D;
+  spec.R = o.dp;
+  spec.T = o.layout == "tp" ? D : (o.layout == "tp-sp" ? o.tp : 1);
+  const double predicted = plan::predict_local_memory(c, spec, o.batch, o.seq, true).total();
+  require_memory(static_cast<int64_t>(predicted), what, hint);
+}
+
 int run_train(TrainOptions o, Communicator& world) {
   const bool root = world.rank() == 0;
   auto say = [&](const std::string& line) {
@@ -73,9 +147,14 @@ int run_train(TrainOptions o, Communicator& world) {
       std::fflush(stdout);
     }
   };
+  validate_options(o);
 
-  // ---- Model configuration, checked against a checkpoint before anything is
-  // built ----------
+  // ---- The checkpoint directory: locked for the whole run (world rank 0 holds it) and checked
+  // to be writable now, not at the first save, which may come after the whole run -------------
+  std::optional<CheckpointLock> save_lock;
+  if (root && !o.save.empty()) save_lock.emplace(o.save);
+
+  // ---- Model configuration, checked against a checkpoint before anything is built ----------
   TSP_CHECK(o.model_dir.empty() || o.config_path.empty(),
             "give either --model DIR or --config FILE, not both");
   std::optional<ModelDir> model;
@@ -90,20 +169,29 @@ int run_train(TrainOptions o, Communicator& world) {
   std::optional<TrainerState> saved;
   if (!o.resume.empty()) {
     resume_dir = resolve_checkpoint(o.resume);
+    // Every file against the checksums its trainer state records (rank 0 reads them once; a
+    // mismatch aborts the job with the file's name).
+    if (root && !verify_checkpoint_files(resume_dir)) {
+      say(fmt::format(
+          "warning: {} was written by an older tsp that recorded no checksums; its files cannot "
+          "be verified (the next save records them)",
+          resume_dir));
+    }
     const LlamaConfig ckpt_config = read_checkpoint_config(resume_dir);
     saved = read_trainer_state(resume_dir);
     if (config) {
-      TSP_CHECK(config_fingerprint(*config) == config_fingerprint(ckpt_config),
-                "--resume {}: the checkpoint holds another model than {} (h={} "
-                "L={} V={} there, "
-                "h={} L={} V={} here); omit --model/--config to resume with "
-                "the checkpoint's own",
-                resume_dir, o.model_dir.empty() ? o.config_path : o.model_dir,
-                ckpt_config.hidden_size, ckpt_config.num_hidden_layers, ckpt_config.vocab_size,
-                config->hidden_size, config->num_hidden_layers, config->vocab_size);
+      const std::string diff = config_differences(ckpt_config, *config);
+      TSP_CHECK(diff.empty(),
+                "--resume {}: the checkpoint holds another model than {} ({}); omit "
+                "--model/--config to resume with the checkpoint's own",
+                resume_dir, o.model_dir.empty() ? o.config_path : o.model_dir, diff);
     } else {
       config = ckpt_config;
     }
+    TSP_CHECK(saved->step <= o.steps,
+              "--resume {}: the checkpoint is at step {}, beyond --steps {} (the length of the "
+              "schedule); give --steps {} or more to continue it",
+              resume_dir, saved->step, o.steps, saved->step + 1);
     // Continue the same data stream unless told otherwise.
     if (!o.seed_set) o.seed = saved->seed;
     if (!o.batch_set) o.batch = saved->batch;
@@ -112,29 +200,35 @@ int run_train(TrainOptions o, Communicator& world) {
     if (o.seed != saved->seed || o.batch != saved->batch || o.seq != saved->seq ||
         o.accum != saved->accum) {
       say(fmt::format(
-          "warning: resuming with seed/batch/seq/accum {}/{}/{}/{} instead of "
-          "the "
+          "warning: resuming with seed/batch/seq/accum {}/{}/{}/{} instead of the "
           "checkpoint's {}/{}/{}/{}: training continues, but not exactly",
           o.seed, o.batch, o.seq, o.accum, saved->seed, saved->batch, saved->seq, saved->accum));
     }
   }
+  const int64_t start_step = saved ? saved->step : 0;
+  const int64_t stop = o.stop_at >= 0 ? std::min(o.stop_at, o.steps) : o.steps;
+  TSP_CHECK(stop > start_step,
+            "nothing to train: {} is at step {} and this run would stop at step {} (--steps {}{}); "
+            "raise {} to train further",
+            resume_dir, start_step, stop, o.steps,
+            o.stop_at >= 0 ? fmt::format(", --stop-at {}", o.stop_at) : "",
+            o.stop_at >= 0 && o.stop_at < o.steps ? "--stop-at" : "--steps");
   if (!config) config = llama_preset(o.preset);
   config->validate();
   TSP_CHECK(o.seq <= config->max_position_embeddings,
-            "--seq {} exceeds the model's max_position_embeddings {}; use "
-            "--seq <= {}",
-            o.seq, config->max_position_embeddings, config->max_position_embeddings);
+            "--seq {} exceeds the model's max_position_embeddings {}; use --seq <= {}", o.seq,
+            config->max_position_embeddings, config->max_position_embeddings);
+  check_run_memory(o, *config, world.size());
+  if (root && !o.save.empty()) check_checkpoint_target(o.save, checkpoint_bytes(*config));
 
-  // ---- Data
-  // --------------------------------------------------------------------------------
+  // ---- Data ---------------------------------------------------------------------------------
   TSP_CHECK(!o.data.empty(), "--data FILE is required (text, or an llm.c token file)");
   auto corpus = std::make_shared<const Corpus>(o.data);
   // The vocabulary check scans a token file once, on rank 0 only.
   int64_t need_vocab = root ? corpus->min_vocab_size() : 0;
   world.broadcast(&need_vocab, 1, DType::I64, 0);
   TSP_CHECK(need_vocab <= config->vocab_size,
-            "{} holds token ids up to {}, but the model's vocabulary has {} "
-            "entries; use a model "
+            "{} holds token ids up to {}, but the model's vocabulary has {} entries; use a model "
             "with vocab_size >= {}",
             o.data, need_vocab - 1, config->vocab_size, need_vocab);
   DataOptions dopt;
@@ -146,8 +240,7 @@ int run_train(TrainOptions o, Communicator& world) {
   dopt.val_windows = o.val_windows;
   DataLoader loader(corpus, dopt);
 
-  // ---- Layout, weights, optimizer
-  // ----------------------------------------------------------
+  // ---- Layout, weights, optimizer -------------------------------------------------------------
   ParallelConfig par;
   par.layout = o.layout;
   par.tp = o.tp;
@@ -160,8 +253,6 @@ int run_train(TrainOptions o, Communicator& world) {
   loader.set_need(need);
   LrSchedule sched{o.lr, o.min_lr_ratio, o.warmup, o.steps};
   sched.validate();
-  TSP_CHECK(o.clip >= 0, "--clip must be >= 0 (0 turns clipping off), got {}", o.clip);
-  TSP_CHECK(o.batch % o.dp == 0, "--batch {} must be a multiple of --dp {}", o.batch, o.dp);
   if (!resume_dir.empty()) {
     // Weights come from the checkpoint below.
   } else if (model) {
@@ -170,36 +261,46 @@ int run_train(TrainOptions o, Communicator& world) {
     layout->load(RandomWeights(o.seed));
   }
   AdamW opt(layout->parameters(), AdamWConfig{o.beta1, o.beta2, o.eps, o.wd});
-  int64_t start_step = 0;
   int64_t sample_base = 0;  // training windows consumed before start_step (the data position)
   double last_val = -1;
+  // The newest checkpoint known to be good, for the messages of a run that stops.
+  std::string good_dir;
+  int64_t good_step = -1;
   if (!resume_dir.empty()) {
     const TrainerState st = load_checkpoint(resume_dir, *layout, opt);
-    start_step = st.step;
     sample_base = st.samples;
     last_val = st.last_val_loss;
+    good_dir = resume_dir;
+    good_step = st.step;
     say(fmt::format("resumed from {} at step {} (written by layout {} at world {})", resume_dir,
                     st.step, st.layout, st.world));
   }
-  const int64_t stop = o.stop_at >= 0 ? std::min(o.stop_at, o.steps) : o.steps;
+  {
+    // What training starts from must be finite (a checkpoint written before checksums, or a
+    // model directory, is not verified otherwise). Collective: every rank stops together.
+    const StateHealth health = check_state_health(opt, *layout, world);
+    TSP_CHECK(health.ok(), "{} holds {}; training cannot start from it",
+              !resume_dir.empty() ? "checkpoint " + resume_dir
+              : model             ? "model directory " + o.model_dir
+                                  : std::string("the random initialisation"),
+              health.describe());
+  }
 
-  const int64_t tokens_per_step = o.batch * o.seq * o.accum;
-  say(
-      fmt::format("tsp train: {} parameters (h={} L={} heads={}/{} ffn={} "
-                  "V={}), layout {} D={} "
-                  "R={} on {} ranks",
-                  config->num_parameters(), config->hidden_size, config->num_hidden_layers,
-                  config->num_attention_heads, config->num_key_value_heads,
-                  config->intermediate_size, config->vocab_size, layout->name(),
-                  layout->group().size(), layout->replicas().size(), world.size()));
-  say(
-      fmt::format("data {}: {} tokens ({}), {} for training, {} held out ({} "
-                  "windows); {} tokens "
-                  "per step (batch {} x seq {} x accum {}), steps {} -> {}",
-                  o.data, corpus->num_tokens(),
-                  corpus->format() == CorpusFormat::Text ? "text, byte tokens" : "llm.c tokens",
-                  loader.train_tokens(), loader.val_tokens(), loader.num_val_batches() * o.batch,
-                  tokens_per_step, o.batch, o.seq, o.accum, start_step, stop));
+  const int64_t tokens_per_step = checked_product({o.batch, o.seq, o.accum}, "tokens per step");
+  say(fmt::format(
+      "tsp train: {} parameters (h={} L={} heads={}/{} ffn={} V={}), layout {} D={} R={} on {} "
+      "ranks",
+      config->num_parameters(), config->hidden_size, config->num_hidden_layers,
+      config->num_attention_heads, config->num_key_value_heads, config->intermediate_size,
+      config->vocab_size, layout->name(), layout->group().size(), layout->replicas().size(),
+      world.size()));
+  say(fmt::format(
+      "data {}: {} tokens ({}), {} for training, {} held out ({} windows); {} tokens per step "
+      "(batch {} x seq {} x accum {}), steps {} -> {}",
+      o.data, corpus->num_tokens(),
+      corpus->format() == CorpusFormat::Text ? "text, byte tokens" : "llm.c tokens",
+      loader.train_tokens(), loader.val_tokens(), loader.num_val_batches() * o.batch,
+      tokens_per_step, o.batch, o.seq, o.accum, start_step, stop));
   {
     // What each rank reads of a micro-batch of B·(S+1) tokens (ranks differ: zigzag chunks that
     // touch share a label).
@@ -218,10 +319,17 @@ int run_train(TrainOptions o, Communicator& world) {
   const bool bar = o.progress == "bar" || (o.progress == "auto" && Progress::stdout_is_tty());
   Progress progress(start_step, o.steps, o.log_every, bar);
 
+  auto kept = [&] {
+    return good_step >= 0
+               ? fmt::format("the last good checkpoint is {} (step {})", good_dir, good_step)
+               : std::string("no checkpoint was written");
+  };
   auto state_at = [&](int64_t step, double loss) {
     TrainerState s;
     s.step = step;
-    s.samples = sample_base + (step - start_step) * o.accum * o.batch;
+    s.samples = checked_add(sample_base,
+                            checked_product({step - start_step, o.accum, o.batch}, "data position"),
+                            "data position");
     s.seed = o.seed;
     s.batch = o.batch;
     s.seq = o.seq;
@@ -242,12 +350,23 @@ int run_train(TrainOptions o, Communicator& world) {
     if (root)
       progress.note(fmt::format("saved checkpoint {} at step {} ({:.1f} s)", o.save, step, dt));
   };
+  // A run that cannot go on: every rank gets here together (the values tested are identical on
+  // every rank), rank 0 says why, and the exit code is 2.
+  auto stop_training = [&](int64_t step, const std::string& why) {
+    progress.finish();
+    if (root) {
+      std::fflush(stdout);
+      std::fprintf(stderr,
+                   "error: training stopped at step %lld: %s; %s. Try a lower --lr, or --clip.\n",
+                   static_cast<long long>(step), why.c_str(), kept().c_str());
+      std::fflush(stderr);
+    }
+    return 2;
+  };
 
-  // ---- The loop
-  // --------------------------------------------------------------------------
+  // ---- The loop -------------------------------------------------------------------------------
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
-  int64_t last_saved = o.resume.empty() ? -1 : start_step;
   double loss = 0;
   for (int64_t step = start_step; step < stop; ++step) {
     const auto t0 = clock::now();
@@ -260,29 +379,27 @@ int run_train(TrainOptions o, Communicator& world) {
     }
     loss = loss_sum / static_cast<double>(o.accum);
     const int64_t read_this_step = loader.tokens_read() - read_before;
-    // Each micro-batch's gradient is that of its mean loss: 1/accum makes the
-    // sum a mean.
+    // Each micro-batch's gradient is that of its mean loss: 1/accum makes the sum a mean.
     const double accum_scale = 1.0 / static_cast<double>(o.accum);
     const double norm = global_grad_norm(opt.shards(), *layout, world, accum_scale);
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
-      // Loss and norm are identical on every rank, so every rank stops here
-      // together.
-      progress.finish();
-      if (root) {
-        const std::string kept = last_saved >= 0
-                                     ? fmt::format("the last good checkpoint is {} (step {})",
-                                                   o.save.empty() ? o.resume : o.save, last_saved)
-                                     : std::string("no checkpoint was written");
-        std::fprintf(stderr,
-                     "error: training stopped at step %lld: non-finite loss or gradient (loss %g, "
-                     "gradient norm %g). Nothing was updated or saved at this step; %s. Try a "
-                     "lower --lr, or --clip.\n",
-                     static_cast<long long>(step + 1), loss, norm, kept.c_str());
-      }
-      return 2;
+      // Loss and norm are identical on every rank, so every rank stops here together.
+      return stop_training(step + 1, fmt::format("non-finite loss or gradient (loss {}, gradient "
+                                                 "norm {}). Nothing was updated or saved at this "
+                                                 "step",
+                                                 loss, norm));
     }
     const double lr = sched.at(step);
     opt.step(lr, accum_scale * clip_factor(norm, o.clip));
+    // A finite gradient can still overflow the update (a huge --lr): the weights and moments of
+    // every rank are checked before anything can save them.
+    const StateHealth health = check_state_health(opt, *layout, world);
+    if (!health.ok()) {
+      return stop_training(step + 1,
+                           fmt::format("the update at learning rate {} left {} (loss {}, gradient "
+                                       "norm {}). Nothing was saved at this step",
+                                       lr, health.describe(), loss, norm));
+    }
     const double step_s = std::chrono::duration<double>(clock::now() - t0).count();
 
     StepMetrics m;
@@ -305,7 +422,14 @@ int run_train(TrainOptions o, Communicator& world) {
       m.tokens_read_max = *hi;
     }
     if (root) {
-      if (metrics) metrics->write(m);
+      if (metrics) {
+        try {
+          metrics->write(m);
+        } catch (const Error& e) {
+          // Rank 0 alone fails here; the job is aborted, and no save has begun.
+          TSP_FAIL("{}; training stopped at step {}, {}", e.message(), m.step, kept());
+        }
+      }
       progress.update(m);
       if (m.val_loss >= 0) {
         progress.note(
@@ -314,11 +438,13 @@ int run_train(TrainOptions o, Communicator& world) {
     }
     if (!o.save.empty() && (last || (o.save_every > 0 && (step + 1) % o.save_every == 0))) {
       save(step + 1, loss);
-      last_saved = step + 1;
+      good_dir = o.save;
+      good_step = step + 1;
     }
   }
   progress.finish();
   if (root) {
+    if (metrics) metrics->close();
     say(fmt::format("done: {} steps, final loss {:.4f}{}, {:.0f} s", stop - start_step, loss,
                     last_val >= 0 ? fmt::format(", validation loss {:.4f}", last_val) : "",
                     std::chrono::duration<double>(clock::now() - t_start).count()));

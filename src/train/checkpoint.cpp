@@ -1,21 +1,35 @@
 #include "tsp/train/checkpoint.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+
+#include <array>
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "tsp/core/limits.h"
 #include "tsp/model/params.h"
 #include "tsp/model/safetensors.h"
 
@@ -26,8 +40,11 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kStateFile = "trainer_state.json";
+constexpr const char* kConfigFile = "config.json";
+constexpr const char* kModelFile = "model.safetensors";
 constexpr const char* kExpAvgFile = "optimizer.exp_avg.safetensors";
 constexpr const char* kExpAvgSqFile = "optimizer.exp_avg_sq.safetensors";
+constexpr int kFormat = 2;  // trainer_state.json with "files" and its own "sha256"
 
 bool is_complete(const fs::path& dir) {
   std::error_code ec;
@@ -43,14 +60,19 @@ void fsync_path(const fs::path& p, bool directory) {
   TSP_CHECK(rc == 0, "fsync of {} failed: {}", p.string(), std::strerror(err));
 }
 
+// Every step checked: a full disk shows up in fwrite, fflush, fsync or (on network filesystems)
+// only in fclose.
 void write_text_file(const fs::path& p, const std::string& text) {
   std::FILE* f = std::fopen(p.c_str(), "wb");
   TSP_CHECK(f != nullptr, "cannot create {}: {}", p.string(), std::strerror(errno));
-  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() &&
-                  std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
-  const int err = errno;
-  std::fclose(f);
-  TSP_CHECK(ok, "writing {} failed: {}", p.string(), std::strerror(err));
+  bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 &&
+            ::fsync(::fileno(f)) == 0;
+  int err = errno;
+  if (std::fclose(f) != 0 && ok) {
+    ok = false;
+    err = errno;
+  }
+  TSP_CHECK(ok, "writing {} failed: {} (disk full?)", p.string(), std::strerror(err));
 }
 
 std::string read_text_file(const fs::path& p) {
@@ -58,20 +80,59 @@ std::string read_text_file(const fs::path& p) {
   TSP_CHECK(in.good(), "cannot read {}: {}", p.string(), std::strerror(errno));
   std::ostringstream ss;
   ss << in.rdbuf();
+  TSP_CHECK(!in.bad(), "reading {} failed: {}", p.string(), std::strerror(errno));
   return ss.str();
+}
+
+// SHA-256 through OpenSSL's EVP interface (the one OpenSSL 3 keeps supported).
+class Sha256 {
+ public:
+  Sha256() : ctx_(EVP_MD_CTX_new()) {
+    TSP_CHECK(ctx_ != nullptr && EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr) == 1,
+              "OpenSSL: cannot initialise SHA-256");
+  }
+  ~Sha256() { EVP_MD_CTX_free(ctx_); }
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+  void update(const void* data, size_t n) {
+    TSP_CHECK(EVP_DigestUpdate(ctx_, data, n) == 1, "OpenSSL: SHA-256 update failed");
+  }
+  std::string hex() {
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    TSP_CHECK(EVP_DigestFinal_ex(ctx_, md, &n) == 1, "OpenSSL: SHA-256 final failed");
+    std::string out;
+    for (unsigned int i = 0; i < n; ++i) out += fmt::format("{:02x}", md[i]);
+    return out;
+  }
+
+ private:
+  EVP_MD_CTX* ctx_;
+};
+
+std::string sha256_of(const std::string& text) {
+  Sha256 h;
+  h.update(text.data(), text.size());
+  return h.hex();
+}
+
+bool is_hex(const std::string& s, size_t n) {
+  return s.size() == n && s.find_first_not_of("0123456789abcdef") == std::string::npos;
 }
 
 // Test hook for the kill-during-save test: TSP_TEST_PAUSE_IN_SAVE=<stage> makes world rank 0
 // announce itself on stderr and sleep at that stage, so a test can kill -9 it there.
 // Stages: "write" (half the files written into the temporary directory), "swap" (the previous
-// checkpoint renamed to <dir>.old, the new one not yet in place).
+// checkpoint renamed to <dir>.old, the new one not yet in place). TSP_TEST_PAUSE_SECONDS sets
+// the pause (default 120 s), so a test can also let the save go on (the lock test does).
 void maybe_pause(const char* stage) {
   const char* want = std::getenv("TSP_TEST_PAUSE_IN_SAVE");
   if (want == nullptr || std::strcmp(want, stage) != 0) return;
+  const char* secs = std::getenv("TSP_TEST_PAUSE_SECONDS");
   std::fprintf(stderr, "checkpoint: paused at stage %s, pid %d\n", stage,
                static_cast<int>(::getpid()));
   std::fflush(stderr);
-  std::this_thread::sleep_for(std::chrono::seconds(120));
+  std::this_thread::sleep_for(std::chrono::seconds(secs ? std::atoi(secs) : 120));
 }
 
 // Full tensors arriving from Layout::gather on world rank 0, kept in canonical order.
@@ -102,10 +163,24 @@ void gather_moment(Layout& layout, const AdamW& opt, bool second, Gathered& out)
   layout.gather(true, out.sink());
 }
 
-// A WeightSource over one safetensors file whose tensors carry the parameter names.
-class SafetensorsSource : public WeightSource {
+// A WeightSource over one optimizer-moment file whose tensors carry the parameter names. Its
+// metadata says which moment it holds and at which step: a swapped or stale file is refused even
+// in a checkpoint without checksums.
+class MomentSource : public WeightSource {
  public:
-  SafetensorsSource(const std::string& path, const LlamaConfig& config) : reader_(path) {
+  MomentSource(const std::string& path, const LlamaConfig& config, const std::string& content,
+               int64_t step)
+      : reader_(path) {
+    const auto& meta = reader_.metadata();
+    const auto c = meta.find("content");
+    TSP_CHECK(c == meta.end() || c->second == content,
+              "{} holds \"{}\", not \"{}\": the optimizer files were swapped or replaced", path,
+              c->second, content);
+    const auto s = meta.find("step");
+    TSP_CHECK(s == meta.end() || s->second == std::to_string(step),
+              "{} was written at step {}, but the trainer state is at step {}: the file belongs "
+              "to another checkpoint",
+              path, s->second, step);
     for (const ParamSpec& spec : llama_param_specs(config)) {
       const SafetensorInfo* info = reader_.find(spec.name);
       TSP_CHECK(info != nullptr,
@@ -123,13 +198,23 @@ class SafetensorsSource : public WeightSource {
   SafetensorsReader reader_;
 };
 
-}  // namespace
+// Values that are not finite: the exponent bits all set (Inf or NaN). Integer arithmetic on the
+// bits vectorises, unlike std::isfinite, and this runs over every weight after every step.
+int64_t count_non_finite(const float* p, int64_t n, bool also_negative) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, 4);
+    // Negative (sign bit) values other than -0 count when asked: a second moment is a mean of
+    // squares and is never below zero.
+    const bool non_finite = (u & 0x7f800000u) == 0x7f800000u;
+    const bool negative = also_negative && u > 0x80000000u;
+    bad += (non_finite || negative) ? 1 : 0;
+  }
+  return bad;
+}
 
-std::string config_fingerprint(const LlamaConfig& c) {
-  const std::string key = fmt::format(
-      "h={} ffn={} nh={} nkv={} L={} V={} eps={:.17g} theta={:.17g} tie={}", c.hidden_size,
-      c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers,
-      c.vocab_size, c.rms_norm_eps, c.rope_theta, c.tie_word_embeddings ? 1 : 0);
+std::string fingerprint_of(const std::string& key) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a 64
   for (unsigned char ch : key) {
     h ^= ch;
@@ -138,8 +223,91 @@ std::string config_fingerprint(const LlamaConfig& c) {
   return fmt::format("{:016x}", h);
 }
 
+std::string legacy_fingerprint_key(const LlamaConfig& c) {
+  return fmt::format("h={} ffn={} nh={} nkv={} L={} V={} eps={:.17g} theta={:.17g} tie={}",
+                     c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                     c.num_key_value_heads, c.num_hidden_layers, c.vocab_size, c.rms_norm_eps,
+                     c.rope_theta, c.tie_word_embeddings ? 1 : 0);
+}
+
+// The directory a checkpoint path names, without a trailing slash ("ck/" and "ck" are one
+// checkpoint, whose siblings are "ck.old", "ck.lock", "ck.tmp-<pid>").
+fs::path normalized(const std::string& dir) {
+  fs::path p = fs::path(dir).lexically_normal();
+  if (p.has_relative_path() && p.filename().empty()) p = p.parent_path();
+  return p;
+}
+
+fs::path parent_of(const fs::path& p) {
+  return p.parent_path().empty() ? fs::path(".") : p.parent_path();
+}
+
+std::set<std::string>& held_locks() {
+  static std::set<std::string> held;
+  return held;
+}
+
+std::string lock_key(const std::string& dir) {
+  std::error_code ec;
+  const fs::path abs = fs::absolute(normalized(dir), ec);
+  return (ec ? normalized(dir) : abs.lexically_normal()).string();
+}
+
+}  // namespace
+
+FileDigest digest_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  TSP_CHECK(fd >= 0, "cannot read {}: {}", path, std::strerror(errno));
+  Sha256 h;
+  FileDigest d;
+  std::vector<char> buf(1 << 20);
+  while (true) {
+    const ssize_t got = ::read(fd, buf.data(), buf.size());
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      const int err = errno;
+      ::close(fd);
+      TSP_FAIL("reading {} failed: {}", path, std::strerror(err));
+    }
+    if (got == 0) break;
+    h.update(buf.data(), static_cast<size_t>(got));
+    d.bytes += got;
+  }
+  ::close(fd);
+  d.sha256 = h.hex();
+  return d;
+}
+
+std::string config_fingerprint(const LlamaConfig& c) {
+  return fingerprint_of(legacy_fingerprint_key(c) +
+                        fmt::format(" pos={}", c.max_position_embeddings));
+}
+
+std::string legacy_config_fingerprint(const LlamaConfig& c) {
+  return fingerprint_of(legacy_fingerprint_key(c));
+}
+
+std::string config_differences(const LlamaConfig& there, const LlamaConfig& here) {
+  std::vector<std::string> diffs;
+  auto field = [&](const char* key, const auto& a, const auto& b) {
+    if (a != b) diffs.push_back(fmt::format("{} {} there, {} here", key, a, b));
+  };
+  field("hidden_size", there.hidden_size, here.hidden_size);
+  field("intermediate_size", there.intermediate_size, here.intermediate_size);
+  field("num_attention_heads", there.num_attention_heads, here.num_attention_heads);
+  field("num_key_value_heads", there.num_key_value_heads, here.num_key_value_heads);
+  field("num_hidden_layers", there.num_hidden_layers, here.num_hidden_layers);
+  field("vocab_size", there.vocab_size, here.vocab_size);
+  field("rms_norm_eps", there.rms_norm_eps, here.rms_norm_eps);
+  field("rope_theta", there.rope_theta, here.rope_theta);
+  field("max_position_embeddings", there.max_position_embeddings, here.max_position_embeddings);
+  field("tie_word_embeddings", there.tie_word_embeddings, here.tie_word_embeddings);
+  return fmt::format("{}", fmt::join(diffs, "; "));
+}
+
 std::string TrainerState::to_json_string() const {
   nlohmann::ordered_json j;
+  j["format"] = kFormat;
   j["step"] = step;
   j["samples"] = samples;
   j["seed"] = seed;
@@ -153,13 +321,52 @@ std::string TrainerState::to_json_string() const {
   j["world"] = world;
   j["last_loss"] = last_loss;
   j["last_val_loss"] = last_val_loss;
+  nlohmann::ordered_json f = nlohmann::ordered_json::object();
+  for (const auto& [name, d] : files) f[name] = {{"bytes", d.bytes}, {"sha256", d.sha256}};
+  j["files"] = f;
+  // The state's own checksum covers every key above (their compact dump, which a parse and dump
+  // reproduces exactly): a damaged step or data position is caught like a damaged tensor file.
+  j["sha256"] = sha256_of(j.dump());
   return j.dump(2) + "\n";
 }
 
 TrainerState TrainerState::from_json_string(const std::string& text, const std::string& where) {
   TrainerState s;
+  int64_t tp = 0, dp = 0, world = 0;
   try {
-    const nlohmann::json j = nlohmann::json::parse(text);
+    nlohmann::ordered_json j = nlohmann::ordered_json::parse(text);
+    TSP_CHECK(j.is_object(), "{} is not a JSON object; the checkpoint is corrupt", where);
+    const bool has_new_keys = j.contains("format") || j.contains("files") || j.contains("sha256");
+    if (!has_new_keys) {
+      s.format = 1;  // written by a tsp that recorded no checksums
+    } else {
+      TSP_CHECK(j.contains("format") && j.contains("files") && j.contains("sha256"),
+                "{} lacks one of \"format\", \"files\", \"sha256\"; the checkpoint is corrupt",
+                where);
+      s.format = j.at("format").get<int>();
+      TSP_CHECK(s.format == kFormat,
+                "{} has format {}, which this tsp does not know (format {}); it was written by "
+                "another version of tsp, or is corrupt",
+                where, j.at("format").dump(), kFormat);
+      const std::string recorded = j.at("sha256").get<std::string>();
+      j.erase("sha256");
+      TSP_CHECK(recorded == sha256_of(j.dump()),
+                "{} does not match its own SHA-256: its content changed after it was written "
+                "(damaged storage, an interrupted copy or a hand edit); the checkpoint cannot be "
+                "trusted. Resume from an intact copy",
+                where);
+      for (const auto& [name, v] : j.at("files").items()) {
+        FileDigest d{v.at("bytes").get<int64_t>(), v.at("sha256").get<std::string>()};
+        TSP_CHECK(!name.empty() && name.find('/') == std::string::npos && name != "." &&
+                      name != ".." && d.bytes >= 0 && is_hex(d.sha256, 64),
+                  "{}: invalid entry \"{}\" in \"files\"; the checkpoint is corrupt", where, name);
+        s.files[name] = d;
+      }
+      for (const char* need : {kConfigFile, kModelFile, kExpAvgFile, kExpAvgSqFile}) {
+        TSP_CHECK(s.files.count(need), "{} records no checksum for {}; the checkpoint is corrupt",
+                  where, need);
+      }
+    }
     s.step = j.at("step").get<int64_t>();
     s.samples = j.at("samples").get<int64_t>();
     s.seed = j.at("seed").get<uint64_t>();
@@ -168,22 +375,51 @@ TrainerState TrainerState::from_json_string(const std::string& text, const std::
     s.accum = j.at("accum").get<int64_t>();
     s.config_hash = j.at("config_hash").get<std::string>();
     s.layout = j.at("layout").get<std::string>();
-    s.tp = j.at("tp").get<int>();
-    s.dp = j.at("dp").get<int>();
-    s.world = j.at("world").get<int>();
+    tp = j.at("tp").get<int64_t>();
+    dp = j.at("dp").get<int64_t>();
+    world = j.at("world").get<int64_t>();
     s.last_loss = j.value("last_loss", 0.0);
     s.last_val_loss = j.value("last_val_loss", -1.0);
   } catch (const nlohmann::json::exception& e) {
     TSP_FAIL("{} is not a valid trainer state ({}); the checkpoint is corrupt", where, e.what());
   }
-  TSP_CHECK(s.step >= 0 && s.samples >= 0, "{}: negative step or data position", where);
+  // The values themselves (a state can be well-formed and still impossible).
+  auto bad = [&](const std::string& what) {
+    return fmt::format("{}: {}; the checkpoint is corrupt", where, what);
+  };
+  TSP_CHECK(s.step >= 0, "{}", bad(fmt::format("negative step {}", s.step)));
+  TSP_CHECK(s.samples >= 0, "{}", bad(fmt::format("negative data position {}", s.samples)));
+  // Every step consumes batch·accum >= 1 windows (a resumed run may change batch and accum, so
+  // only this bound holds across runs).
+  TSP_CHECK(s.samples >= s.step, "{}",
+            bad(fmt::format("data position {} is below the step {} (every step reads at "
+                            "least one window)",
+                            s.samples, s.step)));
+  TSP_CHECK(s.batch > 0 && s.seq > 0 && s.accum > 0, "{}",
+            bad(fmt::format("batch {}, seq {}, accum {} (each must be positive)", s.batch, s.seq,
+                            s.accum)));
+  constexpr int64_t kMaxRanks = 1 << 24;
+  TSP_CHECK(world >= 1 && world <= kMaxRanks && dp >= 1 && tp >= 1 && world % dp == 0 &&
+                (world / dp) % tp == 0,
+            "{}",
+            bad(fmt::format("world {}, dp {}, tp {} do not describe a layout (dp must divide "
+                            "world and tp world/dp)",
+                            world, dp, tp)));
+  s.tp = static_cast<int>(tp);
+  s.dp = static_cast<int>(dp);
+  s.world = static_cast<int>(world);
+  TSP_CHECK(is_hex(s.config_hash, 16), "{}",
+            bad(fmt::format("config_hash \"{}\" is not 16 hex digits", s.config_hash)));
+  TSP_CHECK(std::isfinite(s.last_loss) && std::isfinite(s.last_val_loss), "{}",
+            bad(fmt::format("non-finite last_loss {} or last_val_loss {}", s.last_loss,
+                            s.last_val_loss)));
   return s;
 }
 
 std::string resolve_checkpoint(const std::string& dir) {
   const fs::path p(dir);
   if (is_complete(p)) return dir;
-  const fs::path old = dir + ".old";
+  const fs::path old = normalized(dir).string() + ".old";
   if (is_complete(old)) return old.string();
   std::error_code ec;
   if (fs::exists(p, ec)) {
@@ -195,8 +431,172 @@ std::string resolve_checkpoint(const std::string& dir) {
   TSP_FAIL("no checkpoint at {} (nor {}.old)", dir, dir);
 }
 
+bool verify_checkpoint_files(const std::string& dir, const std::vector<std::string>& only) {
+  const fs::path state_path = fs::path(dir) / kStateFile;
+  std::error_code ec;
+  if (!fs::exists(state_path, ec)) return false;
+  const TrainerState state = read_trainer_state(dir);
+  if (state.format < kFormat) return false;
+  std::vector<std::string> names = only;
+  if (names.empty()) {
+    for (const auto& [name, d] : state.files) names.push_back(name);
+  }
+  for (const std::string& name : names) {
+    const auto it = state.files.find(name);
+    TSP_CHECK(it != state.files.end(), "{} records no checksum for {}; the checkpoint is corrupt",
+              state_path.string(), name);
+    const fs::path p = fs::path(dir) / name;
+    struct stat st {};
+    TSP_CHECK(::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode),
+              "{} is missing (or not a file), but {} records it: the checkpoint is incomplete",
+              p.string(), kStateFile);
+    // The size first: a truncated or extended file is found without reading it.
+    TSP_CHECK(static_cast<int64_t>(st.st_size) == it->second.bytes,
+              "{} has {} bytes, but {} records {}: the file was truncated, extended or replaced; "
+              "the checkpoint cannot be trusted",
+              p.string(), static_cast<int64_t>(st.st_size), kStateFile, it->second.bytes);
+    const FileDigest got = digest_file(p.string());
+    TSP_CHECK(got.sha256 == it->second.sha256,
+              "{} does not match the SHA-256 recorded in {} (content changed after the checkpoint "
+              "was written: damaged storage, an interrupted copy or an edit); the checkpoint "
+              "cannot be trusted. Resume from an intact copy",
+              p.string(), kStateFile);
+  }
+  return true;
+}
+
+CheckpointLock::CheckpointLock(const std::string& dir) : dir_(lock_key(dir)) {
+  const fs::path d = normalized(dir);
+  const fs::path parent = parent_of(d);
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  TSP_CHECK(!ec,
+            "--save {}: cannot create the directory {} ({}); choose a --save path under a "
+            "writable directory",
+            dir, parent.string(), ec.message());
+  const std::string lock_path = d.string() + ".lock";
+  fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  TSP_CHECK(fd_ >= 0,
+            "--save {}: cannot create the lock file {} ({}); choose a --save path in a "
+            "directory you can write",
+            dir, lock_path, std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    std::string holder;
+    if (err == EWOULDBLOCK) {
+      char buf[512] = {};
+      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+      if (n > 0) holder = std::string(buf, static_cast<size_t>(n));
+      while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    }
+    ::close(fd_);
+    fd_ = -1;
+    TSP_CHECK(err != EWOULDBLOCK,
+              "--save {} is in use by another training run ({}): two runs saving to one "
+              "directory would replace each other's checkpoints. Wait for that run to end, or give "
+              "this one another --save directory. (The lock is {}; the kernel releases it when "
+              "that process exits, so a crashed run never leaves it held.)",
+              dir, holder.empty() ? "a process that is just starting" : holder, lock_path);
+    TSP_FAIL("--save {}: cannot lock {} ({}); use a --save directory on a local filesystem", dir,
+             lock_path, std::strerror(err));
+  }
+  // Who holds it, for the message of a run that is refused. A failure here (a full disk) is
+  // the first sign that checkpoints cannot be written.
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  const std::time_t now = std::time(nullptr);
+  char when[64] = {};
+  std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&now));
+  const std::string info =
+      fmt::format("pid {} on host {}, since {}\n", static_cast<int>(::getpid()), host, when);
+  const bool wrote =
+      ::ftruncate(fd_, 0) == 0 &&
+      ::pwrite(fd_, info.data(), info.size(), 0) == static_cast<ssize_t>(info.size()) &&
+      ::fsync(fd_) == 0;
+  if (!wrote) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    TSP_FAIL("--save {}: cannot write the lock file {} ({}); is the disk full?", dir, lock_path,
+             std::strerror(err));
+  }
+  held_locks().insert(dir_);
+}
+
+CheckpointLock::~CheckpointLock() {
+  held_locks().erase(dir_);
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+bool CheckpointLock::held(const std::string& dir) {
+  return held_locks().count(lock_key(dir)) > 0;
+}
+
+int64_t checkpoint_bytes(const LlamaConfig& config) {
+  // Weights and two moments in fp32, plus headers and the small JSON files (generously).
+  return checked_add(checked_product({3, config.num_parameters(), 4}, "checkpoint size"), 1 << 20,
+                     "checkpoint size");
+}
+
+void check_checkpoint_target(const std::string& dir, int64_t bytes) {
+  const fs::path d = normalized(dir);
+  std::error_code ec;
+  if (fs::exists(d, ec)) {
+    TSP_CHECK(fs::is_directory(d, ec),
+              "--save {} exists and is not a directory; choose another --save path", dir);
+    // The save replaces what is there: refuse a directory that is not ours.
+    TSP_CHECK(is_complete(d) || fs::is_empty(d, ec),
+              "--save {}: the directory exists and is not a tsp checkpoint; choose another "
+              "directory or remove it",
+              dir);
+  }
+  struct statvfs vfs {};
+  if (::statvfs(parent_of(d).c_str(), &vfs) == 0 && vfs.f_blocks > 0) {
+    const double free_bytes = static_cast<double>(vfs.f_bavail) * static_cast<double>(vfs.f_frsize);
+    TSP_CHECK(free_bytes >= static_cast<double>(bytes),
+              "--save {}: a checkpoint of this model takes {}, but only {} is free there (the new "
+              "checkpoint is written before the previous one is removed); free some space or "
+              "choose another --save",
+              dir, format_bytes(static_cast<double>(bytes)), format_bytes(free_bytes));
+  }
+}
+
+std::string StateHealth::describe() const {
+  std::vector<std::string> parts;
+  if (weights) parts.push_back(fmt::format("{} non-finite weights", weights));
+  if (exp_avg) parts.push_back(fmt::format("{} non-finite first-moment (exp_avg) values", exp_avg));
+  if (exp_avg_sq) {
+    parts.push_back(
+        fmt::format("{} non-finite or negative second-moment (exp_avg_sq) values", exp_avg_sq));
+  }
+  return parts.empty() ? "all values finite" : fmt::format("{}", fmt::join(parts, ", "));
+}
+
+StateHealth check_state_health(const AdamW& opt, Layout& layout, Communicator& world) {
+  const int group_rank = layout.group().rank(), replica_rank = layout.replicas().rank();
+  std::array<int64_t, 3> mine{};
+  const auto& shards = opt.shards();
+  for (size_t i = 0; i < shards.size(); ++i) {
+    // Each value once: a replicated copy is counted on the rank that counts it in norms.
+    if (!counts_in_global_sum(shards[i], group_rank, replica_rank)) continue;
+    const int64_t n = shards[i].value.numel();
+    mine[0] += count_non_finite(shards[i].value.f32(), n, false);
+    mine[1] += count_non_finite(opt.exp_avg(i).f32(), n, false);
+    mine[2] += count_non_finite(opt.exp_avg_sq(i).f32(), n, true);
+  }
+  std::vector<int64_t> all(3 * static_cast<size_t>(world.size()));
+  world.all_gather(mine.data(), all.data(), 3, DType::I64);
+  StateHealth h;
+  for (int r = 0; r < world.size(); ++r) {
+    h.weights += all[3 * r];
+    h.exp_avg += all[3 * r + 1];
+    h.exp_avg_sq += all[3 * r + 2];
+  }
+  return h;
+}
+
 LlamaConfig read_checkpoint_config(const std::string& dir) {
-  return LlamaConfig::from_file((fs::path(dir) / "config.json").string());
+  return LlamaConfig::from_file((fs::path(dir) / kConfigFile).string());
 }
 
 TrainerState read_trainer_state(const std::string& dir) {
@@ -206,23 +606,24 @@ TrainerState read_trainer_state(const std::string& dir) {
 
 void save_checkpoint(const std::string& dir, Layout& layout, const AdamW& opt,
                      const TrainerState& state, Communicator& world) {
+  // Nothing non-finite is ever written (every rank agrees, so every rank stops here together).
+  const StateHealth health = check_state_health(opt, layout, world);
+  TSP_CHECK(health.ok(),
+            "refusing to save checkpoint {} at step {}: the optimizer state has {}; the previous "
+            "checkpoint is left as it was",
+            dir, state.step, health.describe());
+
   const bool root = world.rank() == 0;
-  const fs::path final_dir(dir);
-  const fs::path tmp = dir + ".tmp-" + std::to_string(::getpid());
-  const fs::path old = dir + ".old";
+  const fs::path final_dir = normalized(dir);
+  const fs::path parent = parent_of(final_dir);
+  const fs::path tmp = final_dir.string() + ".tmp-" + std::to_string(::getpid());
+  const fs::path old = final_dir.string() + ".old";
+  std::optional<CheckpointLock> own_lock;  // when the caller does not hold the run's lock
   if (root) {
-    std::error_code ec;
-    // Refuse to replace a directory that is not ours: the swap below deletes what was there.
-    if (fs::exists(final_dir, ec) && !is_complete(final_dir) && !fs::is_empty(final_dir, ec)) {
-      TSP_FAIL(
-          "--save {}: the directory exists and is not a tsp checkpoint; choose another "
-          "directory or remove it",
-          dir);
-    }
-    // Leftovers of saves killed earlier (any pid) are incomplete by construction.
-    const fs::path parent =
-        final_dir.parent_path().empty() ? fs::path(".") : final_dir.parent_path();
-    fs::create_directories(parent);
+    if (!CheckpointLock::held(dir)) own_lock.emplace(dir);
+    check_checkpoint_target(dir, 0);
+    // Leftovers of saves killed earlier (any pid) are incomplete by construction; no other live
+    // process writes here, since we hold the lock.
     const std::string stale_prefix = final_dir.filename().string() + ".tmp-";
     for (const auto& e : fs::directory_iterator(parent)) {
       if (e.path().filename().string().rfind(stale_prefix, 0) == 0) fs::remove_all(e.path());
@@ -257,9 +658,17 @@ void save_checkpoint(const std::string& dir, Layout& layout, const AdamW& opt,
   layout.zero_grads();  // the staging leaves no stale values behind
 
   if (root) {
-    // The state file goes last: its presence marks a complete checkpoint.
-    for (const auto& e : fs::directory_iterator(tmp)) fsync_path(e.path(), false);
-    write_text_file(tmp / kStateFile, state.to_json_string());
+    // Sizes and checksums of what is on disk now (read back, so they describe the bytes a resume
+    // will read), recorded in the state file, which goes last: its presence marks a complete
+    // checkpoint.
+    TrainerState st = state;
+    st.format = kFormat;
+    st.files.clear();
+    for (const auto& e : fs::directory_iterator(tmp)) {
+      fsync_path(e.path(), false);
+      st.files[e.path().filename().string()] = digest_file(e.path().string());
+    }
+    write_text_file(tmp / kStateFile, st.to_json_string());
     fsync_path(tmp, true);
     std::error_code ec;
     if (fs::exists(final_dir, ec)) {
@@ -269,7 +678,7 @@ void save_checkpoint(const std::string& dir, Layout& layout, const AdamW& opt,
     }
     maybe_pause("swap");
     fs::rename(tmp, final_dir);
-    fsync_path(final_dir.parent_path().empty() ? fs::path(".") : final_dir.parent_path(), true);
+    fsync_path(parent, true);
     fs::remove_all(old);
   }
   world.barrier();  // every rank returns once the checkpoint is in place
@@ -278,26 +687,24 @@ void save_checkpoint(const std::string& dir, Layout& layout, const AdamW& opt,
 TrainerState load_checkpoint(const std::string& dir, Layout& layout, AdamW& opt) {
   const LlamaConfig& config = layout.config();
   const LlamaConfig saved = read_checkpoint_config(dir);
-  const std::string want = config_fingerprint(config), have = config_fingerprint(saved);
-  TSP_CHECK(want == have,
-            "checkpoint {} is for another model (h={} L={} heads={}/{} ffn={} V={}) than the one "
-            "being trained (h={} L={} heads={}/{} ffn={} V={}); resume with the checkpoint's own "
-            "config (omit --model/--config)",
-            dir, saved.hidden_size, saved.num_hidden_layers, saved.num_attention_heads,
-            saved.num_key_value_heads, saved.intermediate_size, saved.vocab_size,
-            config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-            config.num_key_value_heads, config.intermediate_size, config.vocab_size);
+  const std::string diff = config_differences(saved, config);
+  TSP_CHECK(diff.empty(),
+            "checkpoint {} is for another model than the one being trained ({}); resume with the "
+            "checkpoint's own config (omit --model/--config)",
+            dir, diff);
   const TrainerState state = read_trainer_state(dir);
-  TSP_CHECK(state.config_hash == want,
-            "{}: trainer state config hash {} does not match its config.json ({})", dir,
-            state.config_hash, want);
+  TSP_CHECK(state.config_hash == config_fingerprint(saved) ||
+                state.config_hash == legacy_config_fingerprint(saved),
+            "{}: trainer state config hash {} does not match its config.json ({}); the "
+            "checkpoint is corrupt",
+            dir, state.config_hash, config_fingerprint(saved));
 
   // Moments first, staged through the weights (Layout::load fills exactly this rank's shards),
   // then the weights themselves.
   const auto& shards = opt.shards();
   for (bool second : {false, true}) {
-    const SafetensorsSource src((fs::path(dir) / (second ? kExpAvgSqFile : kExpAvgFile)).string(),
-                                config);
+    const MomentSource src((fs::path(dir) / (second ? kExpAvgSqFile : kExpAvgFile)).string(),
+                           config, second ? "AdamW exp_avg_sq" : "AdamW exp_avg", state.step);
     layout.load(src);
     for (size_t i = 0; i < shards.size(); ++i) {
       copy(shards[i].value, second ? opt.exp_avg_sq(i) : opt.exp_avg(i));

@@ -1,8 +1,11 @@
 #include "tsp/train/metrics.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 
 #include <fmt/format.h>
@@ -52,9 +55,13 @@ std::string metrics_json(const StepMetrics& m) {
   return j.dump();
 }
 
-MetricsWriter::MetricsWriter(const std::string& path, int64_t keep_up_to_step) {
+MetricsWriter::MetricsWriter(const std::string& path, int64_t keep_up_to_step) : path_(path) {
   std::string kept;
-  if (keep_up_to_step >= 0) {
+  std::error_code ec;
+  // Only a regular file is read back: a device (/dev/full reads endless zeros) or a FIFO holds
+  // no earlier lines.
+  const bool regular = std::filesystem::is_regular_file(path, ec);
+  if (keep_up_to_step >= 0 && regular) {
     std::ifstream in(path);
     std::string line;
     while (std::getline(in, line)) {
@@ -65,20 +72,59 @@ MetricsWriter::MetricsWriter(const std::string& path, int64_t keep_up_to_step) {
       }
     }
   }
+  if (!kept.empty()) {
+    // Rewrite the kept lines beside the file and rename: the old file stays whole until the new
+    // one is complete.
+    const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+    std::FILE* t = std::fopen(tmp.c_str(), "w");
+    TSP_CHECK(t != nullptr, "cannot create {} (to rewrite the metrics file): {}", tmp,
+              std::strerror(errno));
+    bool ok = std::fputs(kept.c_str(), t) >= 0 && std::fflush(t) == 0;
+    int err = errno;
+    if (std::fclose(t) != 0 && ok) {
+      ok = false;
+      err = errno;
+    }
+    if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) {
+      ok = false;
+      err = errno;
+    }
+    if (!ok) {
+      std::remove(tmp.c_str());
+      TSP_FAIL("writing metrics file {} failed: {}; its previous content is kept", path,
+               std::strerror(err));
+    }
+    f_ = std::fopen(path.c_str(), "a");
+    TSP_CHECK(f_ != nullptr, "cannot open metrics file {}: {}", path, std::strerror(errno));
+    return;
+  }
   f_ = std::fopen(path.c_str(), "w");
   TSP_CHECK(f_ != nullptr, "cannot open metrics file {}: {}", path, std::strerror(errno));
-  std::fputs(kept.c_str(), f_);
-  std::fflush(f_);
+  put(kept);
 }
 
 MetricsWriter::~MetricsWriter() {
   if (f_) std::fclose(f_);
 }
 
+void MetricsWriter::put(const std::string& text) {
+  TSP_CHECK(f_ != nullptr, "metrics file {} is closed", path_);
+  if (text.empty()) return;
+  const bool ok =
+      std::fwrite(text.data(), 1, text.size(), f_) == text.size() && std::fflush(f_) == 0;
+  TSP_CHECK(ok, "writing metrics file {} failed: {} (disk full, or not a writable file?)", path_,
+            std::strerror(errno));
+}
+
 void MetricsWriter::write(const StepMetrics& m) {
-  const std::string line = metrics_json(m) + "\n";
-  std::fputs(line.c_str(), f_);
-  std::fflush(f_);
+  put(metrics_json(m) + "\n");
+}
+
+void MetricsWriter::close() {
+  if (f_ == nullptr) return;
+  const int rc = std::fclose(f_);
+  f_ = nullptr;
+  TSP_CHECK(rc == 0, "closing metrics file {} failed: {}", path_, std::strerror(errno));
 }
 
 }  // namespace tsp

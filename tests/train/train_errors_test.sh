@@ -40,7 +40,11 @@ expect_error "token ids beyond the vocabulary" "vocab_size >= 300" --data big_vo
 mpiexec -n 1 "$tsp" train "${common[@]}" --steps 4 --data corpus.txt --save ck > /dev/null
 sed 's/"hidden_size": *64/"hidden_size": 128/' ck/config.json > wider.json
 grep -q '"hidden_size": *128' wider.json || fail "could not derive another config"
-expect_error "checkpoint of another model" "another model" --data corpus.txt --resume ck --config wider.json
+expect_error "checkpoint of another model" "hidden_size 64 there, 128 here" --data corpus.txt --resume ck --config wider.json
+sed 's/"max_position_embeddings": *[0-9]*/"max_position_embeddings": 4096/' ck/config.json > longer.json
+grep -q '"max_position_embeddings": *4096' longer.json || fail "could not derive a longer config"
+expect_error "checkpoint of another max_position_embeddings" \
+  "max_position_embeddings 512 there, 4096 here" --data corpus.txt --resume ck --config longer.json
 expect_error "no checkpoint" "no checkpoint at nowhere" --data corpus.txt --resume nowhere
 mkdir notes && echo "important" > notes/todo.txt
 expect_error "--save over a foreign directory" "is not a tsp checkpoint" --data corpus.txt --save notes
@@ -49,6 +53,44 @@ expect_error "--save over a foreign directory" "is not a tsp checkpoint" --data 
 mkdir mismatch && cp ck/model.safetensors mismatch/
 sed 's/"intermediate_size": *160/"intermediate_size": 96/' ck/config.json > mismatch/config.json
 expect_error "model directory not matching its config" "config.json says intermediate_size=96" --data corpus.txt --model mismatch
+
+# Numeric options that cannot mean anything are refused, naming the option (the default batch
+# shape here: these runs fail before anything is read).
+saved_common=("${common[@]}")
+common=(--preset tiny --layout single --progress lines)
+while IFS='|' read -r -u 3 args fragment; do
+  # shellcheck disable=SC2086  # the arguments are split on purpose
+  expect_error "$args" "$fragment" --data corpus.txt $args
+done 3<< 'EOF'
+--steps 0|--steps must be at least 1, got 0
+--stop-at -5|--stop-at must be a step count >= 1 (or -1: run to --steps), got -5
+--stop-at 0|--stop-at must be a step count >= 1
+--batch 0|--batch must be at least 1 row, got 0
+--seq 0|--seq must be at least 1 token, got 0
+--accum -1|--accum must be at least 1 micro-batch, got -1
+--warmup -3|--warmup must be >= 0 steps
+--tp 0|--tp must be at least 1, got 0
+--dp -2|--dp must be at least 1, got -2
+--lr 0|--lr must be a positive number, got 0
+--lr nan|--lr must be a positive number, got nan
+--lr -1e-3|--lr must be a positive number
+--beta1 1|--beta1 must lie in [0, 1), got 1
+--beta2 -0.5|--beta2 must lie in [0, 1), got -0.5
+--eps 0|--eps must be a positive number
+--wd -1|--wd must be >= 0
+--clip nan|--clip must be >= 0
+--min-lr-ratio 2|--min-lr-ratio must lie in [0, 1]
+--val-every -1|--val-every must be >= 0 steps (0: never), got -1
+--val-fraction 1|--val-fraction must lie in [0, 1)
+--val-fraction -0.1|--val-fraction must lie in [0, 1)
+--save-every -1 --save x|--save-every must be >= 0 steps (0: only at the end), got -1
+--save-every 2|--save-every 2 needs --save DIR
+--log-every 0|--log-every must be at least 1 step, got 0
+EOF
+# Sizes beyond what 64 bits or this machine can hold fail at once (they used to hang).
+expect_error "--batch 2^62" "does not fit in 64 bits" --data corpus.txt --batch 4611686018427387904 --seq 1
+expect_error "--batch beyond memory" "more than the" --data corpus.txt --batch 2000000 --seq 32
+common=("${saved_common[@]}")
 
 # Divergence: a huge learning rate without clipping gives a non-finite gradient within a few
 # steps; training stops with exit code 2 and the checkpoint of the last good step stays.

@@ -28,7 +28,8 @@ kill_during_save() {  # stage, checkpoint dir, metrics file
     --resume "$2" --save "$2" --save-every 2 --metrics "$3" > "kill_$1.out" 2> "kill_$1.err" &
   local job=$! pid=""
   for _ in $(seq 1 600); do
-    pid=$(sed -n 's/.*paused at stage .*, pid \([0-9]*\).*/\1/p' "kill_$1.err")
+    # (the background job may not have created its stderr file yet)
+    pid=$(sed -n 's/.*paused at stage .*, pid \([0-9]*\).*/\1/p' "kill_$1.err" 2> /dev/null || true)
     [ -n "$pid" ] && break
     sleep 0.1
   done

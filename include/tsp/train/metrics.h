@@ -35,19 +35,26 @@ void max_memory_peaks(Communicator& world, StepMetrics& m);
 // The JSON object of one step, on one line.
 std::string metrics_json(const StepMetrics& m);
 
-// Writes JSON lines to a file, flushed after every line so a killed run keeps its metrics.
+// Writes JSON lines to a file, flushed after every line so a killed run keeps its metrics. Every
+// write and flush is checked: a failure (a full disk, /dev/full) is a tsp::Error naming the file,
+// never metrics silently lost.
 class MetricsWriter {
  public:
   // keep_up_to_step < 0: start a new file. Otherwise (resuming at that step) keep the existing
   // lines of steps <= keep_up_to_step and drop later ones, which a run killed after its last
-  // checkpoint wrote and the resumed run is about to write again.
+  // checkpoint wrote and the resumed run is about to write again. The kept lines are written to a
+  // temporary file renamed over a regular file, so a failure leaves the previous file whole.
   MetricsWriter(const std::string& path, int64_t keep_up_to_step);
   ~MetricsWriter();
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
   void write(const StepMetrics& m);
+  // Closes the file, checking that everything reached it (the destructor closes silently).
+  void close();
 
  private:
+  void put(const std::string& text);
+  std::string path_;
   std::FILE* f_ = nullptr;
 };
 
