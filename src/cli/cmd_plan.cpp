@@ -7,6 +7,7 @@
 
 #include "cli/command.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/plan/cost_model.h"
 
 namespace tsp::cli {
@@ -45,6 +46,8 @@ int run_plan(const PlanOptions& o) {
   w.mode = o.prefill ? Mode::Prefill : o.decode ? Mode::Decode : Mode::Train;
   TSP_CHECK(w.B >= 1 && w.S >= 1 && w.micro_batches >= 1,
             "--batch, --seq and --micro-batches must be positive");
+  // The cost model multiplies B·S in 64-bit integers: refuse what would wrap around.
+  checked_mul(w.B, w.S, "plan: --batch × --seq tokens");
   if (o.calibrate)
     TSP_CHECK(o.hw == "local", "--calibrate measures this machine: use it with --hw local");
   Hardware hw = o.calibrate ? calibrate_local() : hardware_profile(o.hw);
