@@ -1,5 +1,6 @@
 // Core: tensors and views, bf16 rounding (ties to even, NaN, inf, denormals, bulk == scalar),
-// the memory tracker's current/peak/at_peak per category, and tsp::Error's rank and location.
+// the memory tracker's current/peak/at_peak per category, tsp::Error's rank and location, and the
+// checked size arithmetic and memory requirement of tsp/core/limits.h.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 
 #include "tsp/core/bf16.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/core/memory.h"
 #include "tsp/core/tensor.h"
 
@@ -219,6 +221,50 @@ TEST(Error, CarriesRankAndFileLine) {
     EXPECT_EQ(std::string(e.what()).find("[rank"), std::string::npos) << e.what();
     EXPECT_EQ(e.rank(), -1);
   }
+}
+
+// ---- Size limits -----------------------------------------------------------------------------
+
+// The message of the tsp::Error that f throws ("" when it throws none).
+template <class F>
+std::string message_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.message();
+  }
+  return "";
+}
+
+TEST(Limits, CheckedArithmeticRefusesOverflowAndNegatives) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(checked_mul(int64_t{1} << 31, int64_t{1} << 31, "x"), int64_t{1} << 62);
+  EXPECT_EQ(checked_add(kMax - 1, 1, "x"), kMax);
+  EXPECT_EQ(checked_product({2, 3, 7}, "x"), 42);
+  EXPECT_EQ(checked_product({}, "x"), 1);
+  EXPECT_EQ(message_of([] { checked_mul(int64_t{1} << 62, 2, "--batch × (--seq + 1)"); }),
+            "--batch × (--seq + 1): 4611686018427387904 × 2 does not fit in 64 bits");
+  EXPECT_NE(message_of([] { checked_add(kMax, 1, "sum"); }).find("does not fit"),
+            std::string::npos);
+  EXPECT_NE(message_of([] {
+              checked_product({4, int64_t{1} << 61, 2}, "tensor");
+            }).find("tensor"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { checked_mul(-1, 2, "rows"); }).find("negative"), std::string::npos);
+  EXPECT_NE(message_of([] { checked_add(1, -2, "rows"); }).find("negative"), std::string::npos);
+}
+
+TEST(Limits, MemoryRequirementNamesWhatAndHint) {
+  const int64_t have = physical_memory_bytes();
+  ASSERT_GT(have, 0);
+  EXPECT_NO_THROW(require_memory(1 << 20, "a small buffer", "hint"));
+  const std::string m = message_of(
+      [&] { require_memory(have + 1, "a batch of --batch 9", "use a smaller --batch"); });
+  EXPECT_NE(m.find("a batch of --batch 9 needs"), std::string::npos) << m;
+  EXPECT_NE(m.find("use a smaller --batch"), std::string::npos) << m;
+  EXPECT_EQ(format_bytes(512), "512 B");
+  EXPECT_EQ(format_bytes(1.5e9), "1.5 GB");
+  EXPECT_EQ(format_bytes(2.81e14), "281.0 TB");
 }
 
 }  // namespace
