@@ -29,7 +29,16 @@ struct GenerateCliOptions {
 std::vector<int32_t> read_prompt(const GenerateCliOptions& o, const LlamaConfig& c) {
   TSP_CHECK(o.text != !o.prompt_tokens.empty(),
             "generate: give exactly one of --prompt TEXT and --prompt-tokens FILE");
-  if (!o.text) return read_all_tokens(o.prompt_tokens);
+  if (!o.text) {
+    // The length first: a token file far longer than the model's context is not read at all.
+    const int64_t n = read_token_file_info(o.prompt_tokens).num_tokens;
+    TSP_CHECK(n <= c.max_position_embeddings,
+              "generate: --prompt-tokens {} holds {} tokens, more than max_position_embeddings={} "
+              "of the model in {}; give a prompt of at most {} tokens",
+              o.prompt_tokens, n, c.max_position_embeddings, o.model,
+              c.max_position_embeddings - 1);
+    return read_all_tokens(o.prompt_tokens);
+  }
   TSP_CHECK(c.vocab_size >= 256,
             "generate: --prompt encodes text as bytes (ids 0..255) but the model in {} has "
             "vocab_size={}; give token ids with --prompt-tokens FILE",

@@ -109,6 +109,8 @@ expect_error "grad: --batch 0" "must be positive" \
   tsp1 grad --model model --tokens tokens.bin --batch 0 --seq 16 --out g.st
 expect_error "generate: --max-new 2^63-1" "use --max-new <= 510" \
   tsp1 generate --model model --prompt hi --max-new 9223372036854775807
+expect_error "generate: prompt file beyond the context" "holds 5000 tokens, more than" \
+  tsp1 generate --model model --prompt-tokens good.bin --max-new 1
 expect_error "generate: --max-new 0" "--max-new 0 must be at least 1" \
   tsp1 generate --model model --prompt hi --max-new 0
 expect_error "generate: --max-new -1" "--max-new -1 must be at least 1" \
