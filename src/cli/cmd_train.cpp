@@ -169,9 +169,25 @@ int run_train(TrainOptions o, Communicator& world) {
   std::optional<TrainerState> saved;
   if (!o.resume.empty()) {
     resume_dir = resolve_checkpoint(o.resume);
-    // Every file against the checksums its trainer state records (rank 0 reads them once; a
-    // mismatch aborts the job with the file's name).
-    if (root && !verify_checkpoint_files(resume_dir)) {
+    // Every file against the checksums its trainer state records, before any rank reads it:
+    // rank 0 reads them once; on a mismatch it aborts the job with the file's name while the
+    // other ranks wait (so theirs is not the message a user sees).
+    int64_t verified = 1;  // 1: verified, 0: no checksums recorded, -1: damaged
+    std::string damage;
+    if (root) {
+      try {
+        verified = verify_checkpoint_files(resume_dir) ? 1 : 0;
+      } catch (const Error& e) {
+        verified = -1;
+        damage = e.message();
+      }
+    }
+    world.broadcast(&verified, 1, DType::I64, 0);
+    if (verified < 0) {
+      if (root) throw Error(damage);
+      world.barrier();  // never completes: rank 0's error ends the job
+    }
+    if (verified == 0) {
       say(fmt::format(
           "warning: {} was written by an older tsp that recorded no checksums; its files cannot "
           "be verified (the next save records them)",
@@ -219,7 +235,15 @@ int run_train(TrainOptions o, Communicator& world) {
             "--seq {} exceeds the model's max_position_embeddings {}; use --seq <= {}", o.seq,
             config->max_position_embeddings, config->max_position_embeddings);
   check_run_memory(o, *config, world.size());
-  if (root && !o.save.empty()) check_checkpoint_target(o.save, checkpoint_bytes(*config));
+  if (root && !o.save.empty()) {
+    check_checkpoint_target(o.save, checkpoint_bytes(*config));
+    std::string base = o.save;
+    while (base.size() > 1 && base.back() == '/') base.pop_back();
+    say(fmt::format("checkpoints go to {} ({}); this run holds {}.lock until it ends", base,
+                    o.save_every > 0 ? fmt::format("every {} steps and at the end", o.save_every)
+                                     : std::string("at the end"),
+                    base));
+  }
 
   // ---- Data ---------------------------------------------------------------------------------
   TSP_CHECK(!o.data.empty(), "--data FILE is required (text, or an llm.c token file)");

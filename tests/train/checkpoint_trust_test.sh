@@ -91,6 +91,12 @@ for f in config.json model.safetensors optimizer.exp_avg.safetensors \
   flip "bad/$f"
   expect_error "one flipped byte in $f" "bad/$f" --steps 6 --resume bad
 done
+# On 2 ranks, rank 0's verification is the message (the other rank waits for it).
+rm -rf bad && cp -r pristine bad && flip bad/trainer_state.json
+out=$(mpiexec -n 2 "$tsp" train "${common[@]}" --dp 2 --steps 6 --resume bad 2>&1) &&
+  fail "2 ranks resumed from a damaged trainer state"
+grep -q "error: \[rank 0\] bad/trainer_state.json" <<< "$out" || { echo "$out"; fail "2 ranks: no rank-0 message"; }
+echo "ok: 2 ranks: a damaged trainer state, reported by rank 0"
 rm -rf bad && cp -r pristine bad && poke bad/optimizer.exp_avg.safetensors 400 nan
 expect_error "a NaN in exp_avg" "bad/optimizer.exp_avg.safetensors does not match the SHA-256" \
   --steps 6 --resume bad
