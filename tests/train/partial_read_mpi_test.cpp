@@ -36,8 +36,8 @@ LlamaConfig test_config() {
   return c;
 }
 
-// A per-process corpus of pseudo-random bytes (each rank writes its own copy: no shared file
-// to race on).
+// A per-process corpus of pseudo-random printable bytes (text: a corpus that is not text is
+// refused; each rank writes its own copy: no shared file to race on).
 class PartialRead : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -45,7 +45,7 @@ class PartialRead : public ::testing::Test {
         (fs::temp_directory_path() / ("tsp_partial_read_" + std::to_string(::getpid()))).string();
     std::string bytes(40000, '\0');
     for (size_t i = 0; i < bytes.size(); ++i)
-      bytes[i] = static_cast<char>(window_hash(11, i) & 0xff);
+      bytes[i] = static_cast<char>(32 + window_hash(11, i) % 95);
     std::ofstream(path_, std::ios::binary).write(bytes.data(), bytes.size());
     corpus_ = std::make_shared<Corpus>(path_);
   }
