@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <limits>
 #include <memory>
 #include <sstream>
 
@@ -154,6 +155,17 @@ int run_encode(const EncodeOptions& o) {
   if (o.from_stdin) {
     text.assign(std::istreambuf_iterator<char>(std::cin), {});
   } else {
+    // Sizes first: one id per byte, and an llm.c header counts tokens in an int32.
+    std::error_code ec;
+    const auto bytes = static_cast<int64_t>(std::filesystem::file_size(o.text_file, ec));
+    TSP_CHECK(!ec, "encode: cannot read the size of {}: {}", o.text_file, ec.message());
+    TSP_CHECK(bytes <= std::numeric_limits<int32_t>::max(),
+              "encode: {} has {} bytes, more than the 2^31 - 1 tokens an llm.c token file can "
+              "count; split it into smaller files",
+              o.text_file, bytes);
+    require_memory(checked_mul(bytes, 5, "encode: bytes of the text and its ids"),
+                   fmt::format("encode: {} (its bytes and their int32 ids)", o.text_file),
+                   "split the text into smaller files");
     std::ifstream in(o.text_file, std::ios::binary);
     TSP_CHECK(in.good(), "encode: cannot open {}", o.text_file);
     text.assign(std::istreambuf_iterator<char>(in), {});

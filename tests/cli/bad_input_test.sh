@@ -99,6 +99,10 @@ cp corpus.txt corpus.bin
 expect_error "data: text named .bin" "give it another extension" train1 corpus.bin
 
 # ---- sizes beyond 64 bits, the data, the model or memory ----------------------------------------
+truncate -s 3G huge.txt  # sparse: takes no disk space
+expect_error "encode: text beyond an llm.c count" "more than the 2^31 - 1 tokens" \
+  "$tsp" encode --text huge.txt --out huge.bin
+rm huge.txt
 expect_error "train: --batch 2^62" "does not fit in 64 bits" \
   train_with corpus.txt --batch 4611686018427387904 --seq 1
 expect_error "train: --val-windows 10^12" "use --val-windows <=" \
