@@ -457,7 +457,9 @@ const CommandRegistration kBench{Command{
           ->capture_default_str();
       sub.add_option("--tokens", o->tokens, "llm.c token file (default: random tokens from --seed)")
           ->check(CLI::ExistingFile);
-      sub.add_option("--seed", o->seed, "seed of random weights and tokens")->capture_default_str();
+      sub.add_option("--seed", o->seed, "seed of random weights and tokens")
+          ->capture_default_str()
+          ->check(kNotNegative);  // a negative one would wrap around
       sub.add_flag("--json", o->json, "one JSON object per row instead of the table");
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
       return [o](Communicator* world) { return run_bench(*o, *world); };

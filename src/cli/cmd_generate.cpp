@@ -163,7 +163,10 @@ const CommandRegistration kGenerate{Command{
           ->capture_default_str();
       sub.add_option("--top-p", o->sampling.top_p, "nucleus probability (1 = all)")
           ->capture_default_str();
-      sub.add_option("--seed", o->sampling.seed, "sampling seed")->capture_default_str();
+      // A negative seed would wrap around to a huge unsigned one: refuse it.
+      sub.add_option("--seed", o->sampling.seed, "sampling seed")
+          ->capture_default_str()
+          ->check(kNotNegative);
       sub.add_option("--out", o->out, "write prompt + generated ids to this token file");
       sub.add_flag("--quiet", o->quiet, "do not stream the tokens (report only)");
       return [o, text](Communicator* world) {

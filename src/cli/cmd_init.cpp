@@ -132,7 +132,8 @@ const CommandRegistration kInit{Command{
                      "override a config.json key, repeatable; the value is JSON "
                      "(e.g. --set num_hidden_layers=8 --set tie_word_embeddings=true)");
       sub.add_option("--seed", o->seed, "random seed (weights depend only on seed and name)")
-          ->capture_default_str();
+          ->capture_default_str()
+          ->check(kNotNegative);  // a negative one would wrap around
       sub.add_option("--out", o->out, "output directory (created; existing files replaced)")
           ->required();
       sub.add_option("--dtype", o->dtype,

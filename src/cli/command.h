@@ -26,6 +26,13 @@ struct CommandRegistration {
   explicit CommandRegistration(Command c) { command_registry().push_back(std::move(c)); }
 };
 
+// For unsigned options (seeds): CLI11 converts "-1" to 2^64 - 1 without a word; refuse it.
+inline const CLI::Validator kNotNegative(
+    [](std::string& value) {
+      return !value.empty() && value[0] == '-' ? "must be >= 0, got " + value : std::string();
+    },
+    "");
+
 // For an output file written at the end of a long command (`--out`): throws tsp::Error now,
 // naming the option, when it cannot be written there (a directory, or a missing or read-only
 // parent directory). An existing device or pipe (/dev/stdout) is accepted: it is written in place.

@@ -51,6 +51,8 @@ expect_error "config: vocabulary beyond 32-bit ids" "32-bit token id" \
   "$tsp" init --preset tiny --set vocab_size=4294967296 --out x
 expect_error "config: absurd layer count" "num_hidden_layers=1000000000 is beyond" \
   "$tsp" init --preset tiny --set num_hidden_layers=1000000000 --out x
+expect_error "init: negative --seed" "--seed: must be >= 0, got -1" \
+  "$tsp" init --preset tiny --seed -1 --out x
 [ ! -e x ] || fail "a refused init wrote its output directory"
 # A model directory with an unreadable config.json, as grad and generate open it.
 mkdir badmodel && cp model/model.safetensors badmodel/ && cp broken.json badmodel/config.json
@@ -123,6 +125,8 @@ expect_error "generate: --temperature nan" "--temperature nan must be a finite n
   tsp1 generate --model model --prompt hi --temperature nan
 expect_error "generate: --top-k -1" "--top-k -1 must be >= 0" \
   tsp1 generate --model model --prompt hi --top-k -1
+expect_error "generate: negative --seed" "--seed: must be >= 0, got -5" \
+  tsp1 generate --model model --prompt hi --seed -5
 expect_error "generate: --top-p 0" "--top-p 0 must be in (0, 1]" \
   tsp1 generate --model model --prompt hi --top-p 0
 bench1() { tsp1 bench --model model --layouts single "$@"; }
