@@ -91,6 +91,9 @@ for f in config.json model.safetensors optimizer.exp_avg.safetensors \
   flip "bad/$f"
   expect_error "one flipped byte in $f" "bad/$f" --steps 6 --resume bad
 done
+rm -rf bad && cp -r pristine bad && flip bad/model.safetensors
+expect_error "a damaged checkpoint as --model" "bad/model.safetensors does not match" --steps 2 \
+  --model bad
 # On 2 ranks, rank 0's verification is the message (the other rank waits for it).
 rm -rf bad && cp -r pristine bad && flip bad/trainer_state.json
 out=$(mpiexec -n 2 "$tsp" train "${common[@]}" --dp 2 --steps 6 --resume bad 2>&1) &&
