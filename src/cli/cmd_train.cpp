@@ -156,6 +156,13 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   const int64_t floor_bytes = checked_product(
       {tokens / D + 1, c.num_hidden_layers, c.hidden_size, 4}, "activation memory per rank");
   require_memory(floor_bytes, what, hint);
+  // Likewise for the model: weights, gradients and two AdamW moments (16 bytes per parameter), at
+  // least 1/D of them on each rank.
+  require_memory(checked_mul(c.num_parameters() / D + 1, 16, "model state per rank"),
+                 fmt::format("the model state (weights, gradients, AdamW moments) of {} "
+                             "parameters over {} ranks",
+                             c.num_parameters(), D),
+                 "use a smaller model or more ranks (a larger layout degree)");
   plan::LayoutSpec spec;
   spec.name = o.layout;
   spec.D = D;

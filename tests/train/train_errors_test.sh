@@ -90,6 +90,9 @@ EOF
 # Sizes beyond what 64 bits or this machine can hold fail at once (they used to hang).
 expect_error "--batch 2^62" "does not fit in 64 bits" --data corpus.txt --batch 4611686018427387904 --seq 1
 expect_error "--batch beyond memory" "more than the" --data corpus.txt --batch 2000000 --seq 32
+sed 's/"intermediate_size": *[0-9]*/"intermediate_size": 40000000000/' ck/config.json > huge.json
+expect_error "a model beyond memory" "the model state (weights, gradients, AdamW moments)" \
+  --data corpus.txt --config huge.json --batch 2 --seq 32
 common=("${saved_common[@]}")
 
 # Divergence: a huge learning rate without clipping gives a non-finite gradient within a few
