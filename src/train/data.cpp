@@ -203,7 +203,8 @@ DataLoader::DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options
   // name instead of growing until the kernel kills the job.
   const int64_t n = corpus_->num_tokens();
   const int64_t window = checked_add(o.seq, 1, "--seq + 1 (a window with its last label)");
-  const int64_t batch_tokens = checked_mul(o.batch, window, "--batch × (--seq + 1) tokens a batch");
+  const int64_t batch_tokens =
+      checked_mul(o.batch, window, "--batch × (--seq + 1), the tokens of a batch");
   require_memory(checked_add(checked_mul(batch_tokens, 4, "bytes of a batch"),
                              checked_mul(o.batch, 8, "bytes of a batch"), "bytes of a batch"),
                  fmt::format("a batch of --batch {} × (--seq {} + 1) tokens", o.batch, o.seq),
