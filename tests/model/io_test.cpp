@@ -252,7 +252,9 @@ struct Sample {
 };
 
 bool same_bytes(TensorView a, TensorView b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+  // memcmp's pointers must not be null even for 0 bytes (UBSan): an empty tensor has no data.
+  return a.nbytes() == b.nbytes() &&
+         (a.nbytes() == 0 || std::memcmp(a.data(), b.data(), a.nbytes()) == 0);
 }
 
 }  // namespace
