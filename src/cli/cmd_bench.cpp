@@ -348,7 +348,7 @@ int run_bench(const BenchOptions& o, Communicator& world) {
   std::unique_ptr<ModelDir> dir;
   LlamaConfig c;
   if (!o.model.empty()) {
-    dir = std::make_unique<ModelDir>(open_model_dir(o.model));
+    dir = std::make_unique<ModelDir>(open_model_arg(o.model, world));
     c = dir->config;
   } else {
     c = LlamaConfig::from_file(o.config_file);

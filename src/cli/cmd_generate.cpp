@@ -48,31 +48,13 @@ std::vector<int32_t> read_prompt(const GenerateCliOptions& o, const LlamaConfig&
   return ids;
 }
 
-// The model directory to read. A checkpoint save swaps directories (<dir> renamed to <dir>.old,
-// the new one renamed to <dir>, then <dir>.old removed: include/tsp/train/checkpoint.h); a crash
-// between the two renames leaves only <dir>.old, complete. Like `tsp train --resume`, read it
-// then, and say so.
-std::string model_path(const std::string& model, bool root) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const std::string old = model + ".old";
-  if (fs::exists(model, ec) || !fs::is_directory(old, ec)) return model;
-  if (root) {
-    std::fprintf(stderr,
-                 "note: %s does not exist but %s does (a checkpoint save was interrupted between "
-                 "its renames); reading the model from %s\n",
-                 model.c_str(), old.c_str(), old.c_str());
-  }
-  return old;
-}
-
 int run_generate(const GenerateCliOptions& o, Communicator& world) {
   // Options that need no file first.
   infer::validate_sampling(o.sampling);
   TSP_CHECK(o.max_new >= 1, "generate: --max-new {} must be at least 1", o.max_new);
   // --out is written after the whole generation: check now that it can be.
   if (!o.out.empty() && world.rank() == 0) check_output_path(o.out, "generate: --out");
-  const ModelDir dir = open_model_dir(model_path(o.model, world.rank() == 0));
+  const ModelDir dir = open_model_arg(o.model, world);
   const std::vector<int32_t> prompt = read_prompt(o, dir.config);
   infer::validate_request(dir.config, prompt, o.max_new);  // before any weight is read
   auto engine = infer::make_engine(dir.config, o.layout, world);

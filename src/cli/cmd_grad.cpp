@@ -58,7 +58,7 @@ Batch read_batch(const GradOptions& o, const LlamaConfig& c) {
 int run_grad(const GradOptions& o, Communicator& world) {
   // --out is written after the whole computation: check now that it can be.
   if (world.rank() == 0) check_output_path(o.out, "grad: --out");
-  const ModelDir dir = open_model_dir(o.model);
+  const ModelDir dir = open_model_arg(o.model, world);
   const Batch batch = read_batch(o, dir.config);
   ParallelConfig pc = o.parallel;
   pc.overlap = !o.no_overlap;

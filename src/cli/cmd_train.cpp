@@ -74,31 +74,6 @@ bool finite_in(double v, double lo, double hi) {
   return std::isfinite(v) && v >= lo && v <= hi;
 }
 
-// Collective: checks the files of a checkpoint against the checksums its trainer state records
-// (verify_checkpoint_files), before any rank reads them. Rank 0 reads each file once; on a
-// mismatch it ends the job with the file's name while the other ranks wait, so theirs is not the
-// message a user sees. Returns false when there was nothing to verify (a plain model directory,
-// or a checkpoint written before checksums).
-bool verify_on_rank0(Communicator& world, const std::string& dir,
-                     const std::vector<std::string>& only) {
-  int64_t verified = 1;  // 1: verified, 0: nothing to verify, -1: damaged
-  std::string damage;
-  if (world.rank() == 0) {
-    try {
-      verified = verify_checkpoint_files(dir, only) ? 1 : 0;
-    } catch (const Error& e) {
-      verified = -1;
-      damage = e.message();
-    }
-  }
-  world.broadcast(&verified, 1, DType::I64, 0);
-  if (verified < 0) {
-    if (world.rank() == 0) throw Error(damage);
-    world.barrier();  // never completes: rank 0's error ends the job
-  }
-  return verified > 0;
-}
-
 // Every numeric option, before anything is read or built: a value that cannot mean anything is
 // an error naming the option and what it accepts, never silently taken.
 void validate_options(const TrainOptions& o) {
@@ -194,8 +169,7 @@ int run_train(TrainOptions o, Communicator& world) {
   std::optional<LlamaConfig> config;
   if (!o.model_dir.empty()) {
     // A checkpoint given as --model: its model files against their recorded checksums.
-    verify_on_rank0(world, o.model_dir, {"config.json", "model.safetensors"});
-    model = open_model_dir(o.model_dir);
+    model = open_model_arg(o.model_dir, world);
     config = model->config;
   } else if (!o.config_path.empty()) {
     config = LlamaConfig::from_file(o.config_path);

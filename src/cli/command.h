@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 
 #include "tsp/comm/communicator.h"
+#include "tsp/model/params.h"
 
 namespace tsp::cli {
 
@@ -37,5 +38,23 @@ inline const CLI::Validator kNotNegative(
 // naming the option, when it cannot be written there (a directory, or a missing or read-only
 // parent directory). An existing device or pipe (/dev/stdout) is accepted: it is written in place.
 void check_output_path(const std::string& path, const std::string& option);
+
+// The directory a `--model DIR` names, or DIR.old when only that exists (a checkpoint save was
+// interrupted between its renames, include/tsp/train/checkpoint.h), with a note on stderr when
+// `say`.
+std::string model_dir_or_old(const std::string& model, bool say);
+
+// Collective: checks the files of a checkpoint against the checksums its trainer state records
+// (verify_checkpoint_files; `only` limits it to those files, empty = all), before any rank reads
+// them. Rank 0 reads each file once; on a mismatch it ends the job with the file's name while the
+// other ranks wait, so theirs is not the message a user sees. Returns false when there was
+// nothing to verify (a plain model directory, or a checkpoint written before checksums).
+bool verify_on_rank0(Communicator& world, const std::string& dir,
+                     const std::vector<std::string>& only);
+
+// Collective: `--model DIR` as every command opens it: model_dir_or_old, the checkpoint's
+// checksums of config.json and model.safetensors verified (when it records them), then
+// open_model_dir.
+ModelDir open_model_arg(const std::string& model, Communicator& world);
 
 }  // namespace tsp::cli

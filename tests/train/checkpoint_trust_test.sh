@@ -94,6 +94,20 @@ done
 rm -rf bad && cp -r pristine bad && flip bad/model.safetensors
 expect_error "a damaged checkpoint as --model" "bad/model.safetensors does not match" --steps 2 \
   --model bad
+# Every command that reads a model directory verifies a checkpoint's recorded checksums first.
+"$tsp" encode --text corpus.txt --out corpus.bin > /dev/null
+for cmd in "grad --tokens corpus.bin --batch 1 --seq 16 --out g.safetensors" \
+  "generate --prompt abc --max-new 4" "bench --seq 32 --repeats 1"; do
+  # shellcheck disable=SC2086
+  if out=$(mpiexec -n 1 "$tsp" ${cmd%% *} --model bad ${cmd#* } 2>&1); then
+    fail "${cmd%% *} read a damaged checkpoint"
+  fi
+  grep -qF "bad/model.safetensors does not match" <<< "$out" || {
+    echo "$out" | head
+    fail "${cmd%% *}: no checksum message"
+  }
+  echo "ok: ${cmd%% *} verifies a checkpoint given as --model"
+done
 # On 2 ranks, rank 0's verification is the message (the other rank waits for it).
 rm -rf bad && cp -r pristine bad && flip bad/trainer_state.json
 out=$(mpiexec -n 2 "$tsp" train "${common[@]}" --dp 2 --steps 6 --resume bad 2>&1) &&
