@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <string>
@@ -57,11 +59,36 @@ std::string format_bytes(double bytes) {
   return u == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.1f} {}", bytes, units[u]);
 }
 
+int local_ranks() {
+  // OpenMPI's launchers (mpirun, mpiexec, srun with PMIx) tell each process how many ranks share
+  // its node; without them the process is alone.
+  const char* n = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  if (n == nullptr) return 1;
+  try {
+    return std::max(1, std::stoi(n));
+  } catch (...) {
+    return 1;
+  }
+}
+
 void require_memory(int64_t bytes, std::string_view what, std::string_view hint) {
   const int64_t have = physical_memory_bytes();
-  TSP_CHECK(bytes <= have, "{} needs {} per rank, more than the {} this machine has; {}", what,
-            format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(have)),
-            hint);
+  const int ranks = local_ranks();
+  // Every rank on this machine holds its own share, so the node needs ranks × bytes.
+  int64_t node = 0;
+  const bool overflow = __builtin_mul_overflow(bytes, static_cast<int64_t>(ranks), &node);
+  if (ranks == 1 || overflow) {
+    TSP_CHECK(bytes <= have && !overflow,
+              "{} needs {} per rank, more than the {} this machine has; {}", what,
+              format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(have)),
+              hint);
+    return;
+  }
+  TSP_CHECK(node <= have,
+            "{} needs {} per rank, {} for the {} ranks on this machine, more than the {} this "
+            "machine has; {}",
+            what, format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(node)),
+            ranks, format_bytes(static_cast<double>(have)), hint);
 }
 
 }  // namespace tsp

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -265,6 +266,26 @@ TEST(Limits, MemoryRequirementNamesWhatAndHint) {
   EXPECT_EQ(format_bytes(512), "512 B");
   EXPECT_EQ(format_bytes(1.5e9), "1.5 GB");
   EXPECT_EQ(format_bytes(2.81e14), "281.0 TB");
+}
+
+// Ranks sharing a machine each hold their share: what fits one rank may not fit four.
+TEST(Limits, MemoryRequirementCountsTheRanksOnThisMachine) {
+  const int64_t have = physical_memory_bytes();
+  const char* saved = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const std::string restore = saved ? saved : "";
+  ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1", 1);
+  EXPECT_EQ(local_ranks(), 1);
+  EXPECT_NO_THROW(require_memory(have / 2, "half the machine", "hint"));
+  ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4", 1);
+  EXPECT_EQ(local_ranks(), 4);
+  EXPECT_NO_THROW(require_memory(have / 5, "a fifth of the machine", "hint"));
+  const std::string m = message_of([&] { require_memory(have / 2, "half the machine", "hint"); });
+  EXPECT_NE(m.find("for the 4 ranks on this machine"), std::string::npos) << m;
+  if (saved) {
+    ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", restore.c_str(), 1);
+  } else {
+    ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  }
 }
 
 }  // namespace

@@ -22,9 +22,14 @@ int64_t checked_product(std::initializer_list<int64_t> sizes, std::string_view w
 // Physical memory of this machine in bytes (sysconf), or of the cgroup limit when one is lower.
 int64_t physical_memory_bytes();
 
-// Throws tsp::Error when `bytes` (what this process is about to hold for `what`) exceeds this
-// machine's physical memory: "<what> needs 1.2 TB per rank, more than the 24.0 GB this machine
-// has; <hint>".
+// Ranks of this job on this machine (OMPI_COMM_WORLD_LOCAL_SIZE, set by OpenMPI's launchers; 1
+// without one).
+int local_ranks();
+
+// Throws tsp::Error when `bytes` (what this process is about to hold for `what`), times the ranks
+// on this machine that each hold as much (local_ranks), exceeds this machine's physical memory:
+// "<what> needs 1.2 TB per rank, more than the 24.0 GB this machine has; <hint>" (with
+// "..., 4.8 TB for the 4 ranks on this machine, ..." when several ranks share it).
 void require_memory(int64_t bytes, std::string_view what, std::string_view hint);
 
 // "1.2 TB", "24.0 GB", "512 kB": decimal units, for messages.
