@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set-up (apt + build), the demo corpus, then train a small Llama on the King James
-# Bible with the TSP layout on 4 local ranks, and print a short sample from the trained model.
+# The main job: set-up (apt, then a build of the tsp executable alone), the demo corpus, then train
+# a small Llama on the King James Bible with the TSP layout on 4 local ranks, and print a short
+# sample from the trained model.
 # Extra arguments are passed to `tsp train` (e.g. --steps 100, --layout tp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh tsp  # only the executable: the tests and benchmarks are scripts/test.sh's
 scripts/prepare_data.sh data/kjv.txt
 source scripts/env.sh
 build="${TSP_BUILD_DIR:-build}"

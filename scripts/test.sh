@@ -1,8 +1,136 @@
 #!/usr/bin/env bash
-# Set-up, build, then every test (single-rank and multi-rank under mpiexec at 1, 2, 4 and 8 ranks).
-set -euo pipefail
+# The test command (CI runs it through .ci/run), in stages; docs/testing.md says what each runs:
+#   build     set-up (apt) and the Release build of everything (scripts/setup.sh)
+#   tests     the ctest suite in ${TSP_BUILD_DIR:-build}: unit, multi-rank (mpiexec at 1, 2, 4
+#             and 8 ranks), shell, fuzz-corpus replays and the Hugging Face round trip
+#   sanitize  AddressSanitizer + UndefinedBehaviorSanitizer build of the library, the CLI and the
+#             tests (build-asan), then the whole suite again under it
+#   fuzz      the libFuzzer targets (build-fuzz, clang), each for TSP_FUZZ_SECONDS (default 45)
+# Prints each stage's time and result, and exits non-zero when any stage failed (a failing stage
+# does not stop the later ones, so one run reports everything; a failed build does).
+# For a quicker local run: TSP_TEST_SKIP=sanitize,fuzz scripts/test.sh (CI skips nothing).
+# Extra arguments go to both ctest runs, e.g. scripts/test.sh -R safetensors.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
 source scripts/env.sh
-cd "${TSP_BUILD_DIR:-build}"
-ctest --output-on-failure -j 2 --timeout 600 "$@"
+
+build="${TSP_BUILD_DIR:-build}"
+asan_build="${TSP_ASAN_BUILD_DIR:-build-asan}"
+fuzz_build="${TSP_FUZZ_BUILD_DIR:-build-fuzz}"
+fuzz_seconds="${TSP_FUZZ_SECONDS:-45}"
+fuzz_cxx="${TSP_FUZZ_CXX:-clang++-14}"
+skip=",${TSP_TEST_SKIP:-},"
+ctest_args=("$@")
+summary=()
+fuzz_notes=()
+failed=0
+
+# run_stage GROUP NAME COMMAND...: runs COMMAND unless GROUP is in TSP_TEST_SKIP, and records
+# its time and result for the summary (stage_rc holds the result; a skipped stage counts as 0).
+run_stage() {
+  local group=$1 name=$2
+  shift 2
+  stage_rc=0
+  if [[ $skip == *",$group,"* ]]; then
+    summary+=("$(printf '%-16s %7s  skipped (TSP_TEST_SKIP)' "$name" "")")
+    return 0
+  fi
+  echo "== $name"
+  local t0=$SECONDS
+  "$@"
+  stage_rc=$?
+  local dt=$((SECONDS - t0))
+  summary+=("$(printf '%-16s %4dm%02ds  %s' "$name" $((dt / 60)) $((dt % 60)) \
+    "$([ $stage_rc -eq 0 ] && echo ok || echo "FAILED (exit $stage_rc)")")")
+  [ $stage_rc -eq 0 ] || failed=1
+}
+
+print_summary() {
+  echo "== summary"
+  printf '  %s\n' "${summary[@]}" "${fuzz_notes[@]}"
+  [ $failed -eq 0 ] && echo "all stages passed" || echo "FAILED: see the stages above"
+}
+
+build_all() { scripts/setup.sh; }
+
+run_tests() { ctest --test-dir "$build" --output-on-failure -j 2 --timeout 600 "${ctest_args[@]}"; }
+
+build_sanitized() {
+  TSP_BUILD_DIR="$asan_build" \
+    TSP_CMAKE_ARGS="-DTSP_SANITIZE=address,undefined -DTSP_BUILD_BENCH=OFF" scripts/setup.sh
+}
+
+# The whole suite, multi-rank tests at every rank count: it fits the CI budget (docs/testing.md).
+# Each instrumented process writes its report, if any, to $asan_build/sanitizer-reports (see
+# tests/CMakeLists.txt): any report fails the stage, even from a process whose test expected it
+# to fail.
+run_sanitized_tests() {
+  local reports="$asan_build/sanitizer-reports" rc f
+  rm -rf "$reports" && mkdir -p "$reports" || return
+  ctest --test-dir "$asan_build" --output-on-failure -j 2 --timeout 900 "${ctest_args[@]}"
+  rc=$?
+  if compgen -G "$reports/*" >/dev/null; then
+    echo "sanitizer reports from $(ls "$reports" | wc -l) processes (in $reports):"
+    for f in "$reports"/*; do
+      echo "--- $f"
+      head -n 80 "$f"
+    done
+    rc=1
+  fi
+  return $rc
+}
+
+build_fuzzers() {
+  local launcher=()
+  command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  cmake -S tests/fuzz -B "$fuzz_build" -DCMAKE_CXX_COMPILER="$fuzz_cxx" "${launcher[@]}" \
+    >/dev/null || return
+  cmake --build "$fuzz_build" -j "$(env -u OMP_NUM_THREADS nproc)" 2>&1 | grep -vE '^\[ *[0-9]+%\]'
+  return "${PIPESTATUS[0]}"
+}
+
+# Each target starts from its seed corpus (tests/fuzz/corpus/<target>, read-only) plus what
+# earlier local runs found ($fuzz_build/corpus/<target>); a crash, sanitizer report, leak,
+# timeout or out-of-memory is saved under $fuzz_build/artifacts and fails the stage.
+run_fuzzers() {
+  local rc=0 src t log
+  mkdir -p "$fuzz_build/artifacts" "$fuzz_build/logs"
+  for src in tests/fuzz/*_fuzz.cpp; do
+    t=$(basename "$src" .cpp)
+    log="$fuzz_build/logs/$t.log"
+    mkdir -p "$fuzz_build/corpus/$t" || return
+    local dict=()
+    [ -f "tests/fuzz/$t.dict" ] && dict=(-dict="tests/fuzz/$t.dict")
+    if "$fuzz_build/$t" -max_total_time="$fuzz_seconds" -timeout=10 "${dict[@]}" \
+      -artifact_prefix="$fuzz_build/artifacts/$t-" -print_final_stats=1 \
+      "$fuzz_build/corpus/$t" "tests/fuzz/corpus/$t" >"$log" 2>&1; then
+      local runs corpus
+      runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+      corpus=$(grep -oE 'corp: [0-9]+/[0-9]+[bKM]?b?' "$log" | tail -1 | sed 's/corp: //')
+      printf '  %-18s ok: %s executions in %ss, corpus %s (inputs/bytes)\n' "$t" "${runs:-?}" \
+        "$fuzz_seconds" "${corpus:-?}"
+      fuzz_notes+=("$(printf '  %-16s %s executions, corpus %s' "$t" "${runs:-?}" "${corpus:-?}")")
+    else
+      rc=1
+      echo "  $t: FINDING (log $log):"
+      grep -vE '^(#[0-9]+|INFO:)' "$log" | tail -40
+      echo "  reproduce: $fuzz_build/$t $fuzz_build/artifacts/$t-*; once fixed, add the input to" \
+        "tests/fuzz/corpus/$t/ so the replay test keeps it fixed"
+      fuzz_notes+=("$(printf '  %-16s FINDING (see above)' "$t")")
+    fi
+  done
+  return $rc
+}
+
+run_stage build "build" build_all
+if [ $stage_rc -ne 0 ]; then
+  print_summary
+  exit 1
+fi
+run_stage tests "tests" run_tests
+run_stage sanitize "sanitize: build" build_sanitized
+[ $stage_rc -ne 0 ] || run_stage sanitize "sanitize: tests" run_sanitized_tests
+run_stage fuzz "fuzz: build" build_fuzzers
+[ $stage_rc -ne 0 ] || run_stage fuzz "fuzz: run" run_fuzzers
+print_summary
+exit $failed

@@ -4,6 +4,7 @@
 // Rules in tests/fuzz/fuzz_util.h; run it as docs/testing.md says.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "fuzz_util.h"
@@ -16,23 +17,48 @@ namespace {
 // hostile file attacks, and big reads only slow the fuzzer down.
 constexpr int64_t kMaxReadElements = 1 << 16;
 
+// The file's dtype when it is stored as is in a tsp tensor of this dtype (no conversion).
+const char* stored_as(tsp::DType dtype) {
+  switch (dtype) {
+    case tsp::DType::F32:
+      return "F32";
+    case tsp::DType::BF16:
+      return "BF16";
+    case tsp::DType::I32:
+      return "I32";
+    case tsp::DType::I64:
+      return "I64";
+  }
+  return "";
+}
+
+// Reads the tensor whole, then its second half of rows (as a layout's shard is read). Without a
+// conversion the bytes read must be the file's bytes at the tensor's offsets (`buffer` is the
+// data buffer of the input).
 void read_into(const tsp::SafetensorsReader& reader, const tsp::SafetensorInfo& info,
-               tsp::DType dtype) {
+               tsp::DType dtype, const uint8_t* buffer) {
   const int64_t n = std::max<int64_t>(tsp::shape_numel(info.shape), 1);
   std::vector<int64_t> storage(static_cast<size_t>(n));  // 8 bytes an element: any dtype fits
+  const bool as_is = info.dtype == stored_as(dtype);
+  const int64_t nbytes = info.end - info.begin;
   try {
     reader.read(info.name, tsp::TensorView(storage.data(), info.shape, dtype));
+    fuzz_require(!as_is || std::memcmp(storage.data(), buffer + info.begin, nbytes) == 0,
+                 "a tensor read without conversion holds the file's bytes");
   } catch (const tsp::Error&) {
     // A dtype that cannot convert (e.g. U8 into F32) is an error by design.
   }
   if (!info.shape.empty() && info.shape[0] > 1) {
-    // The second half of the rows, as a layout's shard is read.
     tsp::Shape rows = info.shape;
     const int64_t begin = rows[0] / 2;
     rows[0] -= begin;
+    const int64_t skipped = nbytes / info.shape[0] * begin;
     try {
       reader.read_rows(info.name, begin, info.shape[0],
                        tsp::TensorView(storage.data(), rows, dtype));
+      fuzz_require(!as_is || std::memcmp(storage.data(), buffer + info.begin + skipped,
+                                         nbytes - skipped) == 0,
+                   "rows read without conversion hold the file's bytes");
     } catch (const tsp::Error&) {
     }
   }
@@ -41,6 +67,10 @@ void read_into(const tsp::SafetensorsReader& reader, const tsp::SafetensorInfo& 
 void run(const uint8_t* data, size_t size) {
   tsp_fuzz::MemFile file(data, size);
   tsp::SafetensorsReader reader(file.path());
+  // Accepted, so the file holds the 8-byte header size and the header: the rest is the buffer.
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, data, 8);
+  const uint8_t* buffer = data + 8 + header_size;
   int64_t previous_end = 0;
   for (const tsp::SafetensorInfo& info : reader.tensors()) {
     // What the reader promises once the header is accepted: tensors tile the data buffer.
@@ -49,7 +79,7 @@ void run(const uint8_t* data, size_t size) {
     fuzz_require(reader.find(info.name) == &info, "find() returns the listed tensor");
     if (tsp::shape_numel(info.shape) > kMaxReadElements) continue;
     for (tsp::DType dtype : {tsp::DType::F32, tsp::DType::BF16, tsp::DType::I32, tsp::DType::I64}) {
-      read_into(reader, info, dtype);
+      read_into(reader, info, dtype, buffer);
     }
   }
   try {

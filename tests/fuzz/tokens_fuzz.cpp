@@ -32,7 +32,7 @@ void token_file(const std::string& path, std::vector<int32_t>* tokens) {
   }
 }
 
-void corpus(const std::string& path, const std::vector<int32_t>& tokens) {
+void corpus(const std::string& path, const std::vector<int32_t>& tokens, const uint8_t* data) {
   auto c = std::make_shared<const tsp::Corpus>(path);
   fuzz_require(c->num_tokens() >= 0, "token count is non-negative");
   const int64_t vocab = c->min_vocab_size();
@@ -43,6 +43,9 @@ void corpus(const std::string& path, const std::vector<int32_t>& tokens) {
   if (c->format() == tsp::CorpusFormat::LlmcTokens && !tokens.empty()) {
     fuzz_require(std::equal(tokens.begin(), tokens.end(), ids.begin()),
                  "Corpus and read_tokens agree");
+  }
+  if (c->format() == tsp::CorpusFormat::Text) {
+    fuzz_require(std::equal(ids.begin(), ids.end(), data), "text tokens are the file's bytes");
   }
   // A small training set-up on the corpus, as `tsp train` builds one.
   tsp::DataOptions options;
@@ -64,7 +67,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<int32_t> tokens;
     token_file(file.path(), &tokens);
     try {
-      corpus(file.path(), tokens);
+      corpus(file.path(), tokens, data);
     } catch (const tsp::Error&) {
       // Bad input, reported as it should be.
     }
