@@ -114,8 +114,9 @@ run_fuzzers() {
       rc=1
       echo "  $t: FINDING (log $log):"
       grep -vE '^(#[0-9]+|INFO:)' "$log" | tail -40
-      echo "  reproduce: $fuzz_build/$t $fuzz_build/artifacts/$t-*; once fixed, add the input to" \
-        "tests/fuzz/corpus/$t/ so the replay test keeps it fixed"
+      echo "  reproduce: $fuzz_build/$t $fuzz_build/artifacts/$t-*; once fixed, add the input" \
+        "to tests/fuzz/corpus/$t/ (a regress_* entry of tests/fuzz/make_corpus.py) so the" \
+        "replay test keeps it fixed"
       fuzz_notes+=("$(printf '  %-16s FINDING (see above)' "$t")")
     fi
   done
