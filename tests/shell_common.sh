@@ -9,3 +9,15 @@ tsp="$build/tsp"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
+# expect_failure "what" "message fragment" COMMAND...: COMMAND must exit non-zero and its output
+# (stdout and stderr) must contain the fragment.
+expect_failure() {
+  local what=$1 fragment=$2
+  shift 2
+  local out
+  if out=$("$@" 2>&1); then
+    fail "$what: the command succeeded: $*"
+  fi
+  grep -qF -- "$fragment" <<< "$out" || { echo "$out" | head -20; fail "$what: no '$fragment'"; }
+  echo "ok: $what"
+}
