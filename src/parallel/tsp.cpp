@@ -1,5 +1,5 @@
-// The "tsp" layout: Tensor and Sequence Parallelism folded onto one axis of D ranks (brief
-// /work/shared/docs/tsp.md §4-§7, §12; schedule in docs/tsp-schedule.md). Every rank p owns
+// The "tsp" layout: Tensor and Sequence Parallelism folded onto one axis of D ranks (the
+// algorithm and its schedule as implemented: docs/tsp-schedule.md). Every rank p owns
 //
 //   tokens   : zigzag chunks p and 2D-1-p of every row (n = B·S/D local tokens)
 //   attention: head group p, packed for travel as P_p = [Wq_p; Wk_p; Wv_p; Wo_p]
@@ -192,10 +192,11 @@ struct TspLayout::Tokens {
 
 // ---- schedules ------------------------------------------------------------------------------
 
-// Forward ring (brief §6): step k handles shard s = (p - k) mod D, starting with the own shard
-// (read from the store). The shard in hand is sent to p+1 while the step computes, and the next
-// one arrives from p-1 into the other buffer: D-1 hops of one shard. With keep_last the buffer
-// holding the last shard handled (s = p+1) is returned, so a backward ring can start with it.
+// Forward ring (docs/tsp-schedule.md, "Forward, one block"): step k handles shard s = (p - k) mod
+// D, starting with the own shard (read from the store). The shard in hand is sent to p+1 while the
+// step computes, and the next one arrives from p-1 into the other buffer: D-1 hops of one shard.
+// With keep_last the buffer holding the last shard handled (s = p+1) is returned, so a backward
+// ring can start with it.
 Tensor TspLayout::ring_forward(const Packing& pk, const Pieces& own, bool keep_last,
                                const FwdBody& body) {
   const int D = this->D(), p = group_rank();
@@ -306,9 +307,10 @@ void TspLayout::ring_backward(const Packing& wpk, const Pieces& own_w, Tensor fi
     if (r) r->wait();
 }
 
-// Attention rounds (brief §5): round r computes with head group r's packed shard P_r, broadcast
-// by its owner; the broadcast of P_{r+1} is started before round r computes (two buffers, the
-// one of round r-1 is free by then). The owner computes from its store (the same values).
+// Attention rounds (docs/tsp-schedule.md, "Forward, one block"): round r computes with head group
+// r's packed shard P_r, broadcast by its owner; the broadcast of P_{r+1} is started before round r
+// computes (two buffers, the one of round r-1 is free by then). The owner computes from its store
+// (the same values).
 void TspLayout::attention_rounds(const Pieces& own, const RoundBody& body) {
   const int D = this->D(), p = group_rank();
   if (D == 1) {

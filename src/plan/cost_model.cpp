@@ -173,9 +173,9 @@ BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int e
     c.forward += broadcast_rounds(D, attn_shard);
     c.forward += ring(D, mlp_shard);
     c.forward += kv_gathers;
-    // backward (brief §5-6): shards again, K/V re-gathered, dK/dV reduce-scattered per group,
-    // attention-shard gradients reduced to their owner, MLP gradients travel the ring with the
-    // shard (a fused ring reduce-scatter: D-1 hops of the gradient block).
+    // backward (docs/tsp-schedule.md): shards again, K/V re-gathered, dK/dV reduce-scattered per
+    // group, attention-shard gradients reduced to their owner, MLP gradients travel the ring with
+    // the shard (a fused ring reduce-scatter: D-1 hops of the gradient block).
     c.backward += broadcast_rounds(D, attn_shard);
     c.backward += kv_gathers;
     for (int64_t r = 0; r < D; ++r) {

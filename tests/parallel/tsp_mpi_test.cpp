@@ -221,11 +221,11 @@ TEST(Tsp, CommunicationEqualsFormulas) {
         EXPECT_EQ(bytes_of(t.layer_forward[l]).received, planned.forward.received) << tag;
         EXPECT_EQ(bytes_of(t.layer_backward[l]).sent, planned.backward.sent) << tag << " planner";
         EXPECT_EQ(bytes_of(t.layer_backward[l]).received, planned.backward.received) << tag;
-        // The brief's §9 forward figure is what a rank receives.
+        // The paper's per-block forward figure (docs/communication.md) is what a rank receives.
         const int64_t g = c.gqa_group(), h = c.hidden_size, F_h2 = c.intermediate_size * h;
         EXPECT_EQ(t.layer_forward[l].total_received() * D,
                   4 * (D - 1) * ((2 * h * h + 2 * h * h / g) + 3 * F_h2 + 2 * f.N * h / g))
-            << tag << ": brief §9 (2 + 2/g)·h² + 3·F·h² + 2·N·h/g, × (D-1)/D";
+            << tag << ": per-block traffic (2 + 2/g)·h² + 3·F·h² + 2·N·h/g, × (D-1)/D";
       }
       expect_bytes(t.embedding_forward, f.embedding_forward(), tag + " embedding forward");
       expect_bytes(t.head_forward, f.head_forward(), tag + " head forward");

@@ -55,7 +55,7 @@ TEST(CostModelPaper, PeakMemoryPerGpu) {
 // 1,024 MI300X, 128K, D=8: TSP (8 GPUs of a node, R=128) against matched TP+SP (the same per-GPU
 // sharding of weights and tokens, 1/8 each: T=8 in a node x Σ=8 across nodes, R=16). The
 // published ratio (173M/66.3M = 2.6; Zyphra also quotes >2x) is read as forward throughput
-// (brief §11), i.e. our prefill.
+// (docs/cost-model.md §4.3), i.e. our prefill.
 TEST(CostModelPaper, ThroughputRatioMatchedTpSp) {
   const Hardware hw = hardware_profile("mi300x");
   const Workload w = paper(Mode::Prefill);
