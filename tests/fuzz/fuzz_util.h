@@ -18,6 +18,8 @@
 #include <cstring>
 #include <string>
 
+#include "tsp/core/error.h"
+
 namespace tsp_fuzz {
 
 // A property that must hold for every input (not just "no crash"); abort() makes libFuzzer save
@@ -70,5 +72,19 @@ class MemFile {
   int fd_ = -1;
   std::string path_;
 };
+
+// The body of a target's LLVMFuzzerTestOneInput: run(data, size) on the input, where a
+// tsp::Error is bad input reported as it should be, and no file descriptor may stay open.
+template <class Run>
+int fuzz_one(Run run, const uint8_t* data, size_t size) {
+  const auto fds_before = open_fds();
+  try {
+    run(data, size);
+  } catch (const tsp::Error&) {
+    // Bad input, reported as it should be.
+  }
+  fuzz_require(open_fds() == fds_before, "no file descriptor leaked");
+  return 0;
+}
 
 }  // namespace tsp_fuzz

@@ -92,12 +92,5 @@ void run(const uint8_t* data, size_t size) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const auto fds_before = tsp_fuzz::open_fds();
-  try {
-    run(data, size);
-  } catch (const tsp::Error&) {
-    // Bad input, reported as it should be.
-  }
-  fuzz_require(tsp_fuzz::open_fds() == fds_before, "no file descriptor leaked");
-  return 0;
+  return tsp_fuzz::fuzz_one(run, data, size);
 }
