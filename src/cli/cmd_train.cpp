@@ -495,9 +495,8 @@ const CommandRegistration registration{Command{
       sub.add_option("--steps", o->steps, "optimizer steps in total (the schedule ends here)")
           ->capture_default_str();
       sub.add_option("--stop-at", o->stop_at,
-                     "stop (and save) once this many steps are done, keeping "
-                     "the schedule of --steps "
-                     "(split a run into jobs; -1: run to --steps)")
+                     "stop (and save) once this many steps are done, keeping the schedule of "
+                     "--steps (split a run into jobs; -1: run to --steps)")
           ->capture_default_str();
       auto* batch =
           sub.add_option("--batch", o->batch, "rows per micro-batch, all replicas together")

@@ -144,8 +144,7 @@ void mlp_backward(const MlpWeights& w, const MlpGrads& gr, int64_t h, const floa
   }
 }
 
-// ---- norms
-// ----------------------------------------------------------------------------------------
+// ---- norms --------------------------------------------------------------------------------------
 
 void rmsnorm_apply(const float* x, const float* w, const float* rstd, float* y, int64_t n,
                    int64_t h) {

@@ -8,8 +8,7 @@
 
 namespace tsp {
 
-// ---- registry and factory
-// ------------------------------------------------------------------------
+// ---- registry and factory -----------------------------------------------------------------------
 
 namespace {
 std::vector<LayoutInfo>& layout_registry() {
@@ -57,8 +56,7 @@ std::unique_ptr<Layout> make_layout(const LlamaConfig& config, const ParallelCon
   return info->make(config, parallel, world);
 }
 
-// ---- weight sources
-// ------------------------------------------------------------------------------
+// ---- weight sources -----------------------------------------------------------------------------
 
 void ModelDirWeights::read_rows(const ParamSpec& s, int64_t r0, int64_t r1, TensorView dst) const {
   TSP_CHECK(dir_.weights, "model directory {} has no open model.safetensors", dir_.path);
@@ -119,8 +117,7 @@ ParamIndex::ParamIndex(const std::vector<ParamSpec>& specs) {
   }
 }
 
-// ---- shard maps
-// ------------------------------------------------------------------------------------
+// ---- shard maps ---------------------------------------------------------------------------------
 
 Shape ShardMap::shard_shape(const Shape& full) const {
   Shape s = full;
@@ -165,8 +162,7 @@ void load_shard(const WeightSource& src, const ParamSpec& spec, const ShardMap& 
   }
 }
 
-// ---- shard store
-// -----------------------------------------------------------------------------------
+// ---- shard store --------------------------------------------------------------------------------
 
 int ShardStore::add(int param, ShardMap map, bool replicated_in_group) {
   TSP_CHECK(!allocated_, "ShardStore::add after allocate()");
@@ -304,8 +300,7 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
   }
 }
 
-// ---- the base class
-// ----------------------------------------------------------------------------------
+// ---- the base class -----------------------------------------------------------------------------
 
 LayoutCommon::LayoutCommon(std::string name, const LlamaConfig& config,
                            const ParallelConfig& parallel, Communicator& world)

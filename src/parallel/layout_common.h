@@ -24,9 +24,8 @@
 
 namespace tsp {
 
-// ---- Parameter indices
-// --------------------------------------------------------------------------- Positions in
-// llama_param_specs(config) (the canonical order). lm_head is -1 when tied.
+// ---- Parameter indices --------------------------------------------------------------------------
+// Positions in llama_param_specs(config) (the canonical order). lm_head is -1 when tied.
 struct ParamIndex {
   struct Layer {
     int input_norm, wq, wk, wv, wo, post_norm, wg, wu, wd;
@@ -37,11 +36,10 @@ struct ParamIndex {
   ParamIndex() = default;
 };
 
-// ---- Shards
-// -------------------------------------------------------------------------------------- Where this
-// rank's shard sits in the full [rows, cols] parameter (1-D norms are [rows]): the whole tensor, or
-// piece `piece` of `parts` equal pieces by rows (output features, vocabulary) or by columns (input
-// features: o_proj and down_proj under tp/tsp).
+// ---- Shards -------------------------------------------------------------------------------------
+// Where this rank's shard sits in the full [rows, cols] parameter (1-D norms are [rows]): the whole
+// tensor, or piece `piece` of `parts` equal pieces by rows (output features, vocabulary) or by
+// columns (input features: o_proj and down_proj under tp/tsp).
 struct ShardMap {
   enum class Kind { Whole, Rows, Cols };
   Kind kind = Kind::Whole;
@@ -109,9 +107,8 @@ class ShardStore {
   bool allocated_ = false;
 };
 
-// ---- The base class
-// ------------------------------------------------------------------------------ This replica's
-// rows of a Batch, split into inputs and labels.
+// ---- The base class -----------------------------------------------------------------------------
+// This replica's rows of a Batch, split into inputs and labels.
 struct ReplicaBatch {
   int64_t B = 0;                // rows of this replica (= batch.B / R)
   int64_t S = 0;                // tokens per row

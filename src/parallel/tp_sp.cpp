@@ -3,34 +3,30 @@
 // sequence parallelism (zigzag tokens, K/V all-gathered) across the Σ TP
 // groups:
 //
-//   tp    = T = D, Σ = 1   every rank holds all tokens and 1/D of every weight
-//   matrix sp    = T = 1, Σ = D   every rank holds every weight and 1/D of the
-//   tokens tp-sp = T = --tp, Σ = D/T
+//   tp    = T = D,    Σ = 1     every rank holds all tokens and 1/D of every weight matrix
+//   sp    = T = 1,    Σ = D     every rank holds every weight and 1/D of the tokens
+//   tp-sp = T = --tp, Σ = D/T
 //
 // Rank map (tp_sp.h): group rank g has tensor index t = g mod T and sequence
 // index s = g / T, the cost model's numbering (T fastest). Rank (t, s) holds
-//   weights  q, k, v, gate, up: rows of piece t of T (q/k/v by head group t:
-//   n_kv/T kv heads and
-//            the g·n_kv/T query heads that read them, so GQA groups stay
-//            together); o, down: columns of piece t; embedding and LM head:
-//            vocabulary rows [t·V/T, (t+1)·V/T); RMSNorm weights whole. Every
-//            weight is replicated over the Σ ranks with the same t.
-//   tokens   zigzag chunks s and 2Σ-1-s of every row of its replica's batch, n
-//   = B·S/Σ tokens,
+//   weights  q, k, v, gate, up: rows of piece t of T (q/k/v by head group t: n_kv/T kv heads and
+//            the g·n_kv/T query heads that read them, so GQA groups stay together); o, down:
+//            columns of piece t; embedding and LM head: vocabulary rows [t·V/T, (t+1)·V/T);
+//            RMSNorm weights whole. Every weight is replicated over the Σ ranks with the same t.
+//   tokens   zigzag chunks s and 2Σ-1-s of every row of its replica's batch, n = B·S/Σ tokens,
 //            replicated over the T ranks with the same s.
 //
 // One block, forward | backward (n local tokens; every collective is over T or
 // over Σ ranks):
 //
-//   xn = norm1(x)                                       | dxn all-reduced over
-//   T, then norm1 bwd q,k,v = xn·W{q,k,v}_tᵀ, RoPE at global positions    | K,V
-//   = all-gather k, v over Σ    [B, S, hkv/T, d]   | dK, dV reduce-scattered
-//   over Σ o    = causal attention(q; K, V) at global positions| x2   = x +
-//   all-reduce_T(o·Wo_tᵀ)                    | identity (dx is replicated over
-//   T) xn   = norm2(x2)                                    | dxn all-reduced
-//   over T, then norm2 bwd x'   = x2 + all-reduce_T(mlp_t(xn)) | identity
-//   weight gradients of the block                       | all-reduced over Σ
-//   (one call)
+//   xn    = norm1(x)                                      | dxn all-reduced over T, then norm1 bwd
+//   q,k,v = xn·W{q,k,v}_tᵀ, RoPE at global positions      |
+//   K,V   = all-gather k, v over Σ  [B, S, hkv/T, d]      | dK, dV reduce-scattered over Σ
+//   o     = causal attention(q; K, V) at global positions |
+//   x2    = x + all-reduce_T(o·Wo_tᵀ)                     | identity (dx is replicated over T)
+//   xn    = norm2(x2)                                     | dxn all-reduced over T, then norm2 bwd
+//   x'    = x2 + all-reduce_T(mlp_t(xn))                  | identity
+//   weight gradients of the block                         | all-reduced over Σ (one call)
 //
 // The all-reduces are Megatron's g (all-reduce forward, identity backward)
 // after the row-parallel o / down projections and its dual f (identity forward,
@@ -196,9 +192,8 @@ class TpSpLayout final : public LayoutCommon {
     if (sigma_ == 1 || rb.S % (2 * sigma_) == 0) return;
     if (name() == "sp") check_zigzag(rb.S, sigma_);  // its message speaks of D = Σ
     TSP_FAIL(
-        "tp-sp: sequence length S={} cannot be cut into 2Σ={} equal "
-        "zigzag chunks (Σ = D/T = {}/{} = {} sequence shards); use S a multiple of {}, or a --tp "
-        "that leaves "
+        "tp-sp: sequence length S={} cannot be cut into 2Σ={} equal zigzag chunks "
+        "(Σ = D/T = {}/{} = {} sequence shards); use S a multiple of {}, or a --tp that leaves "
         "fewer sequence shards",
         rb.S, 2 * sigma_, D(), T_, sigma_, 2 * sigma_);
   }
@@ -268,17 +263,15 @@ void TpSpLayout::check_tensor_split(const std::string& name) const {
   }
   const std::string ok = workable_tp(c, D());
   TSP_CHECK(c.num_key_value_heads % T_ == 0,
-            "tp-sp: --tp {} does not divide num_key_value_heads={} (each TP "
-            "rank takes whole kv "
-            "heads with their query heads); use --tp in {}",
+            "tp-sp: --tp {} does not divide num_key_value_heads={} (each TP rank takes whole "
+            "kv heads with their query heads); use --tp in {}",
             T_, c.num_key_value_heads, ok);
   TSP_CHECK(c.intermediate_size % T_ == 0,
             "tp-sp: --tp {} does not divide intermediate_size={}; use --tp in {}", T_,
             c.intermediate_size, ok);
   TSP_CHECK(c.vocab_size % T_ == 0,
-            "tp-sp: --tp {} does not divide vocab_size={} (the embedding and LM head "
-            "are split by "
-            "vocabulary); use --tp in {} or pad the vocabulary to a multiple of {}",
+            "tp-sp: --tp {} does not divide vocab_size={} (the embedding and LM head are split "
+            "by vocabulary); use --tp in {} or pad the vocabulary to a multiple of {}",
             T_, c.vocab_size, ok, T_);
 }
 
@@ -580,8 +573,7 @@ std::unique_ptr<Layout> make(const std::string& name, const LlamaConfig& c, cons
 
 const LayoutRegistration kRegisterTp(
     "tp",
-    "Megatron tensor parallelism over D ranks: q,k,v,gate,up by rows, o,down "
-    "by columns, "
+    "Megatron tensor parallelism over D ranks: q,k,v,gate,up by rows, o,down by columns, "
     "vocabulary-parallel embedding and cross-entropy; tokens replicated",
     [](const LlamaConfig& c, const ParallelConfig& p, Communicator& w) {
       return make("tp", c, p, w);

@@ -60,8 +60,7 @@ LlamaConfig model_of(const ModelCase& m) {
   return test::tiny_config(m.heads, m.kv_heads, m.layers, m.tie);
 }
 
-// ---- correctness against single
-// -----------------------------------------------------------------
+// ---- correctness against single -----------------------------------------------------------------
 
 TEST(FsdpCp, MatchesSingle) {
   for (const ModelCase& m : kModels) {
@@ -148,8 +147,7 @@ TEST(FsdpCp, GradientsAccumulateAcrossCalls) {
   test::check_gradient_accumulation(*layout, b1, b2, "fsdp-cp");
 }
 
-// ---- the shard map
-// ------------------------------------------------------------------------------
+// ---- the shard map ------------------------------------------------------------------------------
 
 // Every element of every parameter a distinct small integer (exact in f32) that
 // names its parameter, row and column, so a misplaced piece cannot hide.
@@ -218,8 +216,7 @@ TEST(FsdpCp, ShardsAreEqualRowPiecesOfEveryParameter) {
   }
 }
 
-// ---- communication, per layer, exactly
-// ----------------------------------------------------------
+// ---- communication, per layer, exactly ----------------------------------------------------------
 
 // What one record must hold: all-gather and reduce-scatter bytes (sent =
 // received for both) and calls; every other operation nothing.
@@ -334,8 +331,7 @@ TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
   }
 }
 
-// ---- memory
-// ---------------------------------------------------------------------------------------
+// ---- memory -------------------------------------------------------------------------------------
 
 TEST(FsdpCp, GathersAtMostTwoUnitsAndFreesThemAfterUse) {
   // MHA, h=64, F=128, V=128: a layer (41,088 floats) is the largest unit (head
@@ -387,8 +383,7 @@ TEST(FsdpCp, GathersAtMostTwoUnitsAndFreesThemAfterUse) {
   EXPECT_EQ(peak_fb[0], peak_fb[1]) << "L=3 vs L=5";
 }
 
-// ---- errors
-// ---------------------------------------------------------------------------------------
+// ---- errors -------------------------------------------------------------------------------------
 
 TEST(FsdpCp, RejectsShapesThatDoNotSplit) {
   const int W = test::world().size();
@@ -400,8 +395,7 @@ TEST(FsdpCp, RejectsShapesThatDoNotSplit) {
             fmt::format("fsdp-cp cuts every parameter into D={} equal pieces of rows, but "
                         "model.embed_tokens.weight has 125 rows; use D in {{1}} (the common "
                         "divisors of hidden_size, num_key_value_heads·head_dim, "
-                        "intermediate_size "
-                        "and vocab_size)",
+                        "intermediate_size and vocab_size)",
                         W));
   // FFN 100 (common divisor of 64, 64, 100, 128 is 4): fine at D = 4, rejected
   // at D = 8 with the degrees that work.

@@ -29,8 +29,7 @@ namespace tsp::block {
 // at equal n the GEMM shapes (and results) are identical.
 inline constexpr int64_t kTokenChunk = 512;
 
-// ---- Attention of one head group
-// -----------------------------------------------------------------
+// ---- Attention of one head group ----------------------------------------------------------------
 struct AttnDims {
   int64_t h = 0;    // hidden size (columns of wq/wk/wv, rows of wo)
   int64_t hq = 0;   // query heads of the group
