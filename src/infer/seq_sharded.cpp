@@ -8,7 +8,7 @@
 //                 attention over the cache is the one sharded step: partial (o, lse) per rank,
 //                 merged exactly over the group.
 //   tsp  rank p holds head group p, FFN slice p and vocabulary shard p (embedding and head).
-//        prefill: the tsp forward (docs/tsp.md §5-7): per layer, for r in 0..D-1 the packed
+//        prefill: the tsp forward (docs/tsp-schedule.md): per layer, for r in 0..D-1 the packed
 //                 attention shard P_r = [Wq_r; Wk_r; Wv_r; Wo_r] is broadcast by its owner, the
 //                 local tokens' k,v of head group r are all-gathered, y += attn·Wo_rᵀ; the MLP
 //                 and the embedding use rings of their shards. Only the last position's logits

@@ -76,7 +76,7 @@ TEST(CostModelPaper, ThroughputRatioMatchedTpSp) {
   EXPECT_NEAR(tsp.compute_s / tpsp.compute_s, 8.0, 1e-9);
 }
 
-// Brief §9: with g=1 and F=4, TSP's forward block communication is below TP's iff N > 8h.
+// docs/cost-model.md §2: with g=1 and F=4, TSP's forward block traffic is below TP's iff N > 8h.
 TEST(CostModelComm, CrossoverAtEightH) {
   LlamaConfig m = llama_preset("7b");
   const int64_t h = m.hidden_size;
