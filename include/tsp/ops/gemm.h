@@ -19,6 +19,13 @@ void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, cons
 void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
                int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// bf16 inputs, fp32 accumulation, bf16 output: C = bf16(alpha · op(A) · op(B) + beta · C). With
+// beta = 1 the old C is widened to fp32, added to the fp32 product and the sum rounded ONCE
+// (oneDNN's sum post-op on a bf16 destination), so an accumulated result carries one bf16
+// rounding, not two.
+void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+               int64_t lda, const bf16* B, int64_t ldb, float beta, bf16* C, int64_t ldc);
+
 // Compute threads used by the GEMMs and vectorised loops of this process (default: 1 when
 // OMP_NUM_THREADS is unset, which is right once ranks >= cores).
 void set_compute_threads(int n);

@@ -67,7 +67,8 @@ void apply_threads_to_this_thread(int n) {
 // ---- Primitive cache ---------------------------------------------------------------------------
 
 struct GemmKey {
-  dnnl::memory::data_type dtype;
+  dnnl::memory::data_type dtype;    // of A and B
+  dnnl::memory::data_type c_dtype;  // of C: f32, or bf16 (accumulated in fp32, rounded once)
   Trans ta, tb;
   int64_t M, N, K, lda, ldb, ldc;
   uint32_t alpha_bits;  // alpha compared bitwise: -0.f and 0.f are different primitives, fine
@@ -85,6 +86,7 @@ struct GemmKeyHash {
       h *= 1099511628211ull;
     };
     mix(static_cast<uint64_t>(k.dtype));
+    mix(static_cast<uint64_t>(k.c_dtype));
     mix(static_cast<uint64_t>(k.ta) * 2 + static_cast<uint64_t>(k.tb));
     for (int64_t v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc}) mix(static_cast<uint64_t>(v));
     mix(k.alpha_bits);
@@ -137,7 +139,7 @@ class PrimitiveCache {
     const dims b_strides = k.tb == Trans::N ? dims{k.ldb, 1} : dims{1, k.ldb};
     dnnl::memory::desc a_md({k.M, k.K}, k.dtype, a_strides);
     dnnl::memory::desc b_md({k.K, k.N}, k.dtype, b_strides);
-    dnnl::memory::desc c_md({k.M, k.N}, dnnl::memory::data_type::f32, dims{k.ldc, 1});
+    dnnl::memory::desc c_md({k.M, k.N}, k.c_dtype, dims{k.ldc, 1});
     dnnl::primitive_attr attr;
     float alpha;
     std::memcpy(&alpha, &k.alpha_bits, sizeof alpha);
@@ -173,7 +175,7 @@ const char* trans_name(Trans t) {
 
 void check_arguments(const char* name, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
                      const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
-                     const float* C, int64_t ldc) {
+                     const void* C, int64_t ldc) {
   TSP_CHECK(M >= 0 && N >= 0 && K >= 0, "{}: sizes must be non-negative, got M={} N={} K={}", name,
             M, N, K);
   TSP_CHECK(beta == 0.f || beta == 1.f,
@@ -194,19 +196,23 @@ void check_arguments(const char* name, Trans ta, Trans tb, int64_t M, int64_t N,
             N, K);
 }
 
-void run_gemm(dnnl::memory::data_type dtype, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
-              float alpha, const void* A, int64_t lda, const void* B, int64_t ldb, float beta,
-              float* C, int64_t ldc) {
+// C is float* for c_dtype f32 and bf16* for bf16.
+void run_gemm(dnnl::memory::data_type dtype, dnnl::memory::data_type c_dtype, Trans ta, Trans tb,
+              int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
+              const void* B, int64_t ldb, float beta, void* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     // An empty sum: C = beta·C. oneDNN rejects zero-sized reduction dimensions, so do it here.
+    // (All-zero bits are +0 in fp32 and in bf16 alike.)
     if (beta == 0.f) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+      const size_t elem = c_dtype == dnnl::memory::data_type::bf16 ? 2 : 4;
+      for (int64_t i = 0; i < M; ++i)
+        std::memset(static_cast<char*>(C) + i * ldc * elem, 0, N * elem);
     }
     return;
   }
   const int threads = compute_threads();
-  GemmKey key{dtype, ta, tb, M, N, K, lda, ldb, ldc, 0, beta == 1.f, threads};
+  GemmKey key{dtype, c_dtype, ta, tb, M, N, K, lda, ldb, ldc, 0, beta == 1.f, threads};
   std::memcpy(&key.alpha_bits, &alpha, sizeof alpha);
   const std::shared_ptr<const GemmPrimitive> p = primitive_cache().get(key);
 
@@ -227,13 +233,22 @@ void run_gemm(dnnl::memory::data_type dtype, Trans ta, Trans tb, int64_t M, int6
 void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_arguments("gemm", ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
-  run_gemm(dnnl::memory::data_type::f32, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  run_gemm(dnnl::memory::data_type::f32, dnnl::memory::data_type::f32, ta, tb, M, N, K, alpha, A,
+           lda, B, ldb, beta, C, ldc);
 }
 
 void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
                int64_t lda, const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_arguments("gemm_bf16", ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
-  run_gemm(dnnl::memory::data_type::bf16, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  run_gemm(dnnl::memory::data_type::bf16, dnnl::memory::data_type::f32, ta, tb, M, N, K, alpha, A,
+           lda, B, ldb, beta, C, ldc);
+}
+
+void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A,
+               int64_t lda, const bf16* B, int64_t ldb, float beta, bf16* C, int64_t ldc) {
+  check_arguments("gemm_bf16", ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  run_gemm(dnnl::memory::data_type::bf16, dnnl::memory::data_type::bf16, ta, tb, M, N, K, alpha, A,
+           lda, B, ldb, beta, C, ldc);
 }
 
 void set_compute_threads(int n) {
