@@ -79,6 +79,8 @@ MPI_Datatype mpi_type(DType dt) {
       return MPI_INT32_T;
     case DType::I64:
       return MPI_INT64_T;
+    case DType::F64:
+      return MPI_DOUBLE;
   }
   TSP_FAIL("unknown DType {}", static_cast<int>(dt));
 }

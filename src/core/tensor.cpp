@@ -16,6 +16,8 @@ size_t dtype_size(DType t) {
       return 4;
     case DType::I64:
       return 8;
+    case DType::F64:
+      return 8;
   }
   return 0;
 }
@@ -30,8 +32,16 @@ std::string_view dtype_name(DType t) {
       return "i32";
     case DType::I64:
       return "i64";
+    case DType::F64:
+      return "f64";
   }
   return "?";
+}
+
+DType parse_compute_dtype(std::string_view text) {
+  if (text == "fp32" || text == "f32") return DType::F32;
+  if (text == "bf16") return DType::BF16;
+  TSP_FAIL("unknown dtype '{}': use fp32 or bf16", text);
 }
 
 int64_t shape_numel(const Shape& s) {
@@ -52,28 +62,45 @@ TensorView TensorView::slice(int64_t begin, int64_t end) const {
   Shape s = shape_;
   s[0] = end - begin;
   const int64_t row = shape_[0] ? numel() / shape_[0] : 0;
-  return TensorView(static_cast<char*>(data_) + begin * row * dtype_size(dtype_), s, dtype_);
+  return TensorView(static_cast<char*>(data_) + begin * row * dtype_size(dtype_), s, dtype_,
+                    device_);
 }
 
 TensorView TensorView::reshape(Shape shape) const {
   TSP_CHECK(shape_numel(shape) == numel(), "cannot reshape {} into {}", shape_str(shape_),
             shape_str(shape));
-  return TensorView(data_, std::move(shape), dtype_);
+  return TensorView(data_, std::move(shape), dtype_, device_);
 }
 
-Tensor::Tensor(Shape shape, DType dtype, MemCategory category)
-    : shape_(std::move(shape)), dtype_(dtype), category_(category) {
+TensorView TensorView::window(int64_t offset, Shape shape) const {
+  const int64_t n = shape_numel(shape);
+  TSP_CHECK(offset >= 0 && n >= 0 && offset + n <= numel(),
+            "window of {} elements at offset {} is outside a tensor of shape {}", n, offset,
+            shape_str(shape_));
+  return TensorView(static_cast<char*>(data_) + offset * dtype_size(dtype_), std::move(shape),
+                    dtype_, device_);
+}
+
+Tensor::Tensor(Shape shape, DType dtype, MemCategory category, Device device)
+    : shape_(std::move(shape)), dtype_(dtype), category_(category), device_(device) {
   for (int64_t d : shape_) TSP_CHECK(d >= 0, "negative dimension in shape {}", shape_str(shape_));
   const size_t bytes = nbytes();
   if (bytes == 0) return;
-  const size_t padded = (bytes + 63) / 64 * 64;
-  data_ = std::aligned_alloc(64, padded);
-  if (!data_) {
-    TSP_FAIL("out of memory allocating {:.1f} MB for a {} tensor {} ({})", to_mb(bytes),
-             dtype_name(dtype), shape_str(shape_), mem_category_name(category));
+  try {
+    data_ = allocator_for(device_).allocate(bytes);
+  } catch (const Error& e) {
+    TSP_FAIL("out of memory allocating {:.1f} MB for a {} tensor {} ({}) on {}: {}", to_mb(bytes),
+             dtype_name(dtype), shape_str(shape_), mem_category_name(category), device_.str(),
+             e.what());
   }
-  std::memset(data_, 0, bytes);
+  if (device_.is_cpu() && poison_allocations()) std::memset(data_, 0xFF, bytes);
   MemoryTracker::instance().on_alloc(category_, static_cast<int64_t>(bytes));
+}
+
+Tensor Tensor::zeros(Shape shape, DType dtype, MemCategory category, Device device) {
+  Tensor t(std::move(shape), dtype, category, device);
+  t.zero();
+  return t;
 }
 
 Tensor::~Tensor() {
@@ -83,13 +110,17 @@ Tensor::~Tensor() {
 void Tensor::release() {
   if (data_) {
     MemoryTracker::instance().on_free(category_, static_cast<int64_t>(nbytes()));
-    std::free(data_);
+    allocator_for(device_).deallocate(data_, nbytes());
     data_ = nullptr;
   }
 }
 
 Tensor::Tensor(Tensor&& o) noexcept
-    : data_(o.data_), shape_(std::move(o.shape_)), dtype_(o.dtype_), category_(o.category_) {
+    : data_(o.data_),
+      shape_(std::move(o.shape_)),
+      dtype_(o.dtype_),
+      category_(o.category_),
+      device_(o.device_) {
   o.data_ = nullptr;
   o.shape_.clear();
 }
@@ -101,6 +132,7 @@ Tensor& Tensor::operator=(Tensor&& o) noexcept {
     shape_ = std::move(o.shape_);
     dtype_ = o.dtype_;
     category_ = o.category_;
+    device_ = o.device_;
     o.data_ = nullptr;
     o.shape_.clear();
   }
@@ -108,13 +140,13 @@ Tensor& Tensor::operator=(Tensor&& o) noexcept {
 }
 
 Tensor Tensor::clone(MemCategory category) const {
-  Tensor t(shape_, dtype_, category);
-  if (nbytes()) std::memcpy(t.data_, data_, nbytes());
+  Tensor t(shape_, dtype_, category, device_);
+  if (nbytes()) allocator_for(device_).copy(t.data_, data_, nbytes());
   return t;
 }
 
 void Tensor::zero() {
-  if (data_) std::memset(data_, 0, nbytes());
+  if (data_) allocator_for(device_).zero(data_, nbytes());
 }
 
 void Tensor::recategorize(MemCategory category) {
@@ -127,6 +159,9 @@ void Tensor::recategorize(MemCategory category) {
 
 void copy(TensorView src, TensorView dst) {
   TSP_CHECK(src.numel() == dst.numel(), "copy: {} elements into {}", src.numel(), dst.numel());
+  TSP_CHECK(src.device().is_cpu() && dst.device().is_cpu(),
+            "copy: host copy of {} memory into {} memory (use Backend::copy)", src.device().str(),
+            dst.device().str());
   if (src.dtype() == dst.dtype()) {
     std::memcpy(dst.data(), src.data(), src.nbytes());
   } else if (src.dtype() == DType::F32 && dst.dtype() == DType::BF16) {

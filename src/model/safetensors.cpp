@@ -332,6 +332,8 @@ const char* safetensors_dtype(DType t) {
       return "I32";
     case DType::I64:
       return "I64";
+    case DType::F64:
+      return "F64";
   }
   TSP_FAIL("unknown dtype {}", static_cast<int>(t));
 }

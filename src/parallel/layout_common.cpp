@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 
 #include "parallel/registry.h"
-#include "tsp/ops/ops.h"
 
 namespace tsp {
 
@@ -172,7 +172,8 @@ int ShardStore::add(int param, ShardMap map, bool replicated_in_group) {
   return static_cast<int>(entries_.size()) - 1;
 }
 
-void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& group) {
+void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& group,
+                          Backend& backend, DType compute) {
   TSP_CHECK(!allocated_, "ShardStore::allocate called twice");
   const int n = static_cast<int>(specs.size());
   entry_of_param_.assign(n, -1);
@@ -185,8 +186,14 @@ void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& gro
     total += (shape_numel(e.shape) + 15) / 16 * 16;  // each shard starts 64-byte aligned
     entry_of_param_[e.param] = i;
   }
-  values_ = Tensor::f32({total}, MemCategory::Weights);
-  grads_ = Tensor::f32({total}, MemCategory::Grads);
+  TSP_CHECK(compute == DType::F32 || compute == DType::BF16,
+            "the compute dtype must be f32 or bf16, not {}", dtype_name(compute));
+  backend_ = &backend;
+  compute_dtype_ = compute;
+  const Device dev = backend.device();
+  values_ = Tensor::zeros({total}, DType::F32, MemCategory::Weights, dev);  // padding included
+  grads_ = Tensor::zeros({total}, DType::F32, MemCategory::Grads, dev);
+  if (compute != DType::F32) compute_ = Tensor::zeros({total}, compute, MemCategory::Weights, dev);
   allocated_ = true;
 
   // Learn which piece (of how many, by rows or columns) every group rank holds, for gather().
@@ -226,12 +233,25 @@ int ShardStore::entry_of_checked(int param) const {
 
 TensorView ShardStore::value(int entry) const {
   const Entry& e = entries_.at(entry);
-  return TensorView(values_.f32() + e.offset, e.shape, DType::F32);
+  return values_.window(e.offset, e.shape);
 }
 
 TensorView ShardStore::grad(int entry) const {
   const Entry& e = entries_.at(entry);
-  return TensorView(grads_.f32() + e.offset, e.shape, DType::F32);
+  return grads_.window(e.offset, e.shape);
+}
+
+TensorView ShardStore::compute(int entry) const {
+  const Entry& e = entries_.at(entry);
+  return (compute_.empty() ? values_ : compute_).window(e.offset, e.shape);
+}
+
+void ShardStore::zero_grads() {
+  backend_->zero(grads_.view());
+}
+
+void ShardStore::refresh_compute() {
+  if (!compute_.empty()) backend_->copy(values_.view(), compute_.view());
 }
 
 std::vector<ParamShard> ShardStore::shards(const std::vector<ParamSpec>& specs) const {
@@ -243,8 +263,17 @@ std::vector<ParamShard> ShardStore::shards(const std::vector<ParamSpec>& specs) 
 
 void ShardStore::load(const WeightSource& src, const std::vector<ParamSpec>& specs) {
   TSP_CHECK(allocated_, "ShardStore::load before allocate()");
-  for (int i = 0; i < size(); ++i)
-    load_shard(src, specs[entries_[i].param], entries_[i].map, value(i));
+  for (int i = 0; i < size(); ++i) {
+    const TensorView dst = value(i);
+    if (dst.device().is_cpu()) {
+      load_shard(src, specs[entries_[i].param], entries_[i].map, dst);
+    } else {  // read on the host, then one upload
+      Tensor host(dst.shape(), DType::F32, MemCategory::Workspace);
+      load_shard(src, specs[entries_[i].param], entries_[i].map, host.view());
+      backend_->upload(host.data(), dst);
+    }
+  }
+  refresh_compute();
 }
 
 namespace {
@@ -277,11 +306,21 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
     for (int i = 0; i < parts_[p]; ++i)
       TSP_CHECK(holder[i] >= 0, "piece {} of {} of {} is held by no rank", i, parts_[p], spec.name);
     const int e = entry_of(p);
+    // The piece this rank holds, on the host (a download from a device; the slab itself on CPU).
+    Tensor staged;
+    auto host_piece = [&]() {
+      TensorView t = grads ? grad(e) : value(e);
+      if (t.device().is_cpu()) return t;
+      staged = Tensor(t.shape(), DType::F32, MemCategory::Comm);
+      backend_->download(t, staged.data());
+      return staged.view();
+    };
     if (me != 0) {
       for (int i = 0; i < parts_[p]; ++i) {
         if (holder[i] != me) continue;
-        TensorView t = grads ? grad(e) : value(e);
-        group.send(t.data(), t.numel(), DType::F32, 0, /*tag=*/p);
+        TensorView t = host_piece();
+        // Untagged: each sender sends in (parameter, piece) order, the order rank 0 receives.
+        group.send(t.data(), t.numel(), DType::F32, 0);
       }
       continue;
     }
@@ -289,10 +328,10 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
     for (int i = 0; i < parts_[p]; ++i) {
       const ShardMap map{kinds_[p], parts_[p], i};
       if (holder[i] == 0) {
-        place_shard(map, spec.shape, (grads ? grad(e) : value(e)).f32(), full.f32());
+        place_shard(map, spec.shape, host_piece().f32(), full.f32());
       } else {
         Tensor tmp = Tensor::f32(map.shard_shape(spec.shape), MemCategory::Comm);
-        group.recv(tmp.data(), tmp.numel(), DType::F32, holder[i], /*tag=*/p);
+        group.recv(tmp.data(), tmp.numel(), DType::F32, holder[i]);
         place_shard(map, spec.shape, tmp.f32(), full.f32());
       }
     }
@@ -306,6 +345,7 @@ LayoutCommon::LayoutCommon(std::string name, const LlamaConfig& config,
                            const ParallelConfig& parallel, Communicator& world)
     : config_(config),
       parallel_(parallel),
+      be_(backend_for(parallel.device)),
       specs_(llama_param_specs(config)),
       idx_(specs_),
       name_(std::move(name)),
@@ -440,7 +480,7 @@ double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
   // Gather every rank's contribution (doubles travel as their 64-bit patterns) and add them in
   // world-rank order on every rank: the loss is bit-identical everywhere, whatever MPI's
   // reduction order would have been.
-  const double mine = loss_partial_ || group_rank_ == 0 ? local_sum : 0.0;
+  const double mine = counts_loss() ? local_sum : 0.0;
   std::vector<double> all(world_.size());
   world_.all_gather(&mine, all.data(), 1, DType::I64);
   double sum = 0;
@@ -452,16 +492,156 @@ double LayoutCommon::step(const Batch& batch, bool backward) {
   const ReplicaBatch rb = replica_batch(batch);
   check_batch(rb);
   check_tokens(batch);
+  // The optimizer updated the fp32 master weights since the last step: round them into the compute
+  // copy (nothing to do under f32).
+  store_.refresh_compute();
   TensorView g = store_.grad_slab();
   // The replica all-reduce below sums the whole gradient slab, including what earlier calls
   // accumulated (identical on every replica after their own all-reduce). Pre-scaling it by 1/R
   // makes the sum come back to the old value plus the new contributions of every replica, without
   // a second gradient buffer. (The 1/R scaling is exact for R a power of two; the sums round as any
   // all-reduce does.)
-  if (backward && R_ > 1) scale_inplace(g.f32(), 1.0f / static_cast<float>(R_), g.numel());
-  const double local = run(rb, backward);
+  if (backward && R_ > 1) be_.scale(g, 1.0f / static_cast<float>(R_));
+  Tensor loss = Tensor::zeros({1}, DType::F64, MemCategory::Workspace, device());
+  run(rb, backward, loss.view());
   if (backward && R_ > 1) replicas_->all_reduce(g.data(), g.numel(), DType::F32);
-  return reduce_loss(local, batch.B * batch.S);
+  // The step's one host synchronisation: this rank's loss sum.
+  return reduce_loss(be_.host_f64(loss.view()), batch.B * batch.S);
+}
+
+// ---- the layer recipe (layout_common.h) ------------------------------------------------------
+
+void LayoutCommon::allocate_saved(block::LayerSaved& s, const LocalTokens& t) const {
+  s.allocate(t.n, config_.hidden_size, config_.num_attention_heads, config_.num_key_value_heads,
+             config_.head_dim(), act_dtype(), device());
+}
+
+void LayoutCommon::layer_forward(int l, const LocalTokens& t, block::LayerSaved& s, TensorView x,
+                                 TensorView xn) {
+  const ParamIndex::Layer& P = idx_.layers[l];
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  be_.copy(x, s.x.view());
+  be_.rmsnorm_forward(s.x.view(), store_.w(P.input_norm), xn, s.rstd1.view(), eps);
+  be_.copy(s.x.view(), s.x2.view());  // x2 = x + attention(norm1(x))·Woᵀ
+  attention_forward(l, t, xn, s);
+  be_.rmsnorm_forward(s.x2.view(), store_.w(P.post_norm), xn, s.rstd2.view(), eps);
+  be_.copy(s.x2.view(), x);  // x = x2 + mlp(norm2(x2))
+  mlp_forward(l, t, xn, x);
+}
+
+// dx F32 [n, h]: d(layer output) in, d(layer input) out.
+void LayoutCommon::layer_backward(int l, const LocalTokens& t, const block::LayerSaved& s,
+                                  TensorView dx, TensorView xn, TensorView dxn) {
+  const ParamIndex::Layer& P = idx_.layers[l];
+  begin_layer_backward(l);
+  // MLP sub-block: x_out = x2 + mlp(norm2(x2)); dx = d x_out becomes d x2.
+  be_.rmsnorm_apply(s.x2.view(), store_.w(P.post_norm), s.rstd2.view(), xn);
+  be_.zero(dxn);
+  mlp_backward(l, t, xn, dx, dxn);
+  block::rmsnorm_backward_add(be_, dxn, s.x2.view(), store_.w(P.post_norm), s.rstd2.view(), dx,
+                              grad_target(P.post_norm));
+  // Attention sub-block: x2 = x + attention(norm1(x))·Woᵀ; dx becomes d x.
+  be_.rmsnorm_apply(s.x.view(), store_.w(P.input_norm), s.rstd1.view(), xn);
+  be_.zero(dxn);
+  attention_backward(l, t, xn, s, dx, dxn);
+  block::rmsnorm_backward_add(be_, dxn, s.x.view(), store_.w(P.input_norm), s.rstd1.view(), dx,
+                              grad_target(P.input_norm));
+  end_layer_backward(l);
+}
+
+void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
+  const LlamaConfig& c = config_;
+  const int L = static_cast<int>(c.num_hidden_layers);
+  const int64_t h = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const LocalTokens t = take_tokens(be_, rb, token_parts(), token_index());
+  const int64_t n = t.n;
+  const Device dev = device();
+  constexpr MemCategory kWork = MemCategory::Workspace;
+
+  Tensor x({n, h}, act_dtype(), kWork, dev);   // residual stream of the local tokens
+  Tensor xn({n, h}, act_dtype(), kWork, dev);  // normed input of a sub-block
+  embed_forward(t, x.view());
+  part_done(Part::EmbeddingForward, -1);
+
+  // Forward-only keeps one layer's activations at a time; backward keeps all L.
+  std::vector<block::LayerSaved> saved(backward ? L : 1);
+  for (int l = 0; l < L; ++l) {
+    block::LayerSaved& s = saved[backward ? l : 0];
+    if (s.x.empty()) allocate_saved(s, t);
+    layer_forward(l, t, s, x.view(), xn.view());
+    part_done(Part::LayerForward, l);
+  }
+
+  // Final norm and loss head (forward and backward fused; logits never stored whole).
+  Tensor rstd_f = Tensor::f32({n}, MemCategory::Activations, dev);
+  be_.rmsnorm_forward(x.view(), store_.w(idx_.final_norm), xn.view(), rstd_f.view(), eps);
+  Tensor dxn = backward ? Tensor::f32({n, h}, kWork, dev) : Tensor();
+  head_loss(t, xn.view(), rb.grad_scale, loss, dxn.view());
+  part_done(Part::HeadForward, -1);
+  if (!backward) return;
+
+  Tensor dx = Tensor::zeros({n, h}, DType::F32, kWork, dev);  // gradient of the residual stream
+  block::rmsnorm_backward_add(be_, dxn.view(), x.view(), store_.w(idx_.final_norm), rstd_f.view(),
+                              dx.view(), grad_target(idx_.final_norm));
+  part_done(Part::HeadBackward, -1);
+  for (int l = L - 1; l >= 0; --l) {
+    layer_backward(l, t, saved[l], dx.view(), xn.view(), dxn.view());
+    saved[l] = block::LayerSaved();  // this layer's activations are no longer needed
+    part_done(Part::LayerBackward, l);
+  }
+  embed_backward(t, dx.view());
+  part_done(Part::EmbeddingBackward, -1);
+  end_backward(t);
+  part_done(Part::End, -1);
+}
+
+// ---- tokens and batch checks -----------------------------------------------------------------
+
+LocalTokens take_tokens(Backend& be, const ReplicaBatch& rb, int parts, int index) {
+  LocalTokens t;
+  t.B = rb.B;
+  t.S = rb.S;
+  t.parts = parts;
+  t.index = index;
+  std::vector<int64_t> q_pos, k_pos;
+  if (parts == 1) {  // every token in its order (no zigzag: S need not be even)
+    q_pos.resize(t.S);
+    std::iota(q_pos.begin(), q_pos.end(), int64_t{0});
+    k_pos = q_pos;
+  } else {
+    check_zigzag(t.S, parts);
+    q_pos = zigzag_positions(t.S, parts, index);
+    k_pos = zigzag_gathered_positions(t.S, parts);
+  }
+  t.nl = static_cast<int64_t>(q_pos.size());
+  t.n = t.B * t.nl;
+  std::vector<int32_t> ids(t.n), labels(t.n);
+  std::vector<int64_t> tok_pos(t.n);
+  for (int64_t b = 0; b < t.B; ++b) {
+    for (int64_t i = 0; i < t.nl; ++i) {
+      const int64_t j = b * t.nl + i, src = b * t.S + q_pos[i];
+      tok_pos[j] = q_pos[i];
+      ids[j] = rb.inputs[src];
+      labels[j] = rb.labels[src];
+    }
+  }
+  constexpr MemCategory kWork = MemCategory::Workspace;
+  t.ids = be.device_copy(ids, kWork);
+  t.labels = be.device_copy(labels, kWork);
+  t.q_pos = be.device_copy(q_pos, kWork);
+  t.k_pos = be.device_copy(k_pos, kWork);
+  t.tok_pos = be.device_copy(tok_pos, kWork);
+  return t;
+}
+
+void LayoutCommon::check_batch(const ReplicaBatch& rb) const {
+  if (token_parts() > 1) check_zigzag(rb.S, token_parts());
+}
+
+std::vector<Range> LayoutCommon::input_ranges(int64_t S) const {
+  if (token_parts() == 1) return {};
+  return zigzag_ranges(S, token_parts(), token_index());
 }
 
 double LayoutCommon::forward_backward(const Batch& batch) {

@@ -5,12 +5,16 @@
 //     the batch; scales and all-reduces gradients across replicas so a step on the whole batch
 //     gives the gradient of the mean loss; reduces the loss so every rank returns the same value;
 //     implements load / zero_grads / parameters / gather from a ShardStore.
-//   * ShardStore: this rank's shard of every parameter, values in one Weights slab and gradients
-//     in one Grads slab, each with a ShardMap saying where the shard sits in the full tensor.
+//     runs the LAYER RECIPE (below) that every layout shares.
+//   * ShardStore: this rank's shard of every parameter: fp32 master values in one Weights slab,
+//     gradients in one Grads slab, and (under bf16) the compute copy in a third; each shard has a
+//     ShardMap saying where it sits in the full tensor.
+//   * LocalTokens: this rank's tokens of its replica's rows (all of them, or zigzag chunks).
 //   * ParamIndex: where each parameter sits in llama_param_specs order.
 //
 // A layout derives from LayoutCommon, declares its shards in the constructor (store_.add(...),
-// then store_.allocate()), and implements run(): forward (and backward) of this replica's rows.
+// then store_.allocate()), and implements the hooks of the recipe: how the embedding, attention,
+// MLP and loss head of THIS layout compute on this rank's tokens, with their communication.
 #pragma once
 
 #include <functional>
@@ -19,6 +23,7 @@
 #include <vector>
 
 #include "tsp/comm/communicator.h"
+#include "tsp/model/block.h"
 #include "tsp/parallel/layout.h"
 #include "tsp/parallel/sharding.h"
 
@@ -59,32 +64,42 @@ struct ShardMap {
 void load_shard(const WeightSource& src, const ParamSpec& spec, const ShardMap& map,
                 TensorView dst);
 
-// This rank's shards: one Weights slab, one Grads slab (so replica all-reduce is one call).
+// This rank's shards: fp32 master values in one Weights slab, fp32 gradients in one Grads slab (so
+// the replica all-reduce is one call), and with a BF16 compute dtype a bf16 copy of the values in
+// a third slab (Weights) that every forward reads and every weight transfer moves.
 class ShardStore {
  public:
   // Declare a shard of specs[param] before allocate(); returns its entry index. A parameter may be
   // declared at most once per rank.
   int add(int param, ShardMap map, bool replicated_in_group);
-  // Allocates the slabs (grads zeroed) and learns, over `group`, which piece every group rank
-  // holds (for gather). Collective over the group.
-  void allocate(const std::vector<ParamSpec>& specs, Communicator& group);
+  // Allocates the slabs on the backend's device (gradients zeroed) and learns, over `group`,
+  // which piece every group rank holds (for gather). Collective over the group.
+  void allocate(const std::vector<ParamSpec>& specs, Communicator& group, Backend& backend,
+                DType compute);
 
   int size() const { return static_cast<int>(entries_.size()); }
   int entry_of(int param) const;  // -1 when this rank holds no shard of it
-  TensorView value(int entry) const;
-  TensorView grad(int entry) const;
-  // Shorthands by parameter index (throws if not held).
-  float* w(int param) const { return value(entry_of_checked(param)).f32(); }
-  float* g(int param) const { return grad(entry_of_checked(param)).f32(); }
+  TensorView value(int entry) const;  // fp32 master
+  TensorView grad(int entry) const;   // fp32
+  TensorView compute(int entry) const;  // the compute-dtype copy (the master itself under F32)
+  // Shorthands by parameter index (throw if not held): the weights to compute with, and the
+  // gradient to accumulate into.
+  TensorView w(int param) const { return compute(entry_of_checked(param)); }
+  TensorView g(int param) const { return grad(entry_of_checked(param)); }
   const ShardMap& map(int entry) const { return entries_[entry].map; }
   TensorView grad_slab() const { return grads_.view(); }
   TensorView value_slab() const { return values_.view(); }
+  DType compute_dtype() const { return compute_dtype_; }
 
-  void zero_grads() { grads_.zero(); }
+  void zero_grads();
+  // Round the master values into the compute copy (no-op under F32). LayoutCommon calls it before
+  // every step, so an optimizer update is always seen.
+  void refresh_compute();
   std::vector<ParamShard> shards(const std::vector<ParamSpec>& specs) const;
   void load(const WeightSource& src, const std::vector<ParamSpec>& specs);
-  // Reassemble each full parameter on group rank 0, in canonical order, and pass it to sink there.
-  // Collective over the group. Each piece comes from the lowest group rank holding it.
+  // Reassemble each full parameter (fp32 master values or gradients) on group rank 0, in
+  // canonical order, and pass it to sink there as host memory. Collective over the group. Each
+  // piece comes from the lowest group rank holding it.
   void gather(const std::vector<ParamSpec>& specs, Communicator& group, bool grads,
               const std::function<void(const ParamSpec&, TensorView)>& sink) const;
 
@@ -103,12 +118,15 @@ class ShardStore {
   std::vector<std::vector<int>> held_;
   std::vector<int> parts_;  // by parameter index
   std::vector<ShardMap::Kind> kinds_;
-  Tensor values_, grads_;
+  Tensor values_, grads_, compute_;
+  Backend* backend_ = nullptr;
+  DType compute_dtype_ = DType::F32;
   bool allocated_ = false;
 };
 
-// ---- The base class -----------------------------------------------------------------------------
-// This replica's rows of a Batch, split into inputs and labels.
+// ---- Tokens ---------------------------------------------------------------------------------
+
+// This replica's rows of a Batch, split into inputs and labels (host memory, from the loader).
 struct ReplicaBatch {
   int64_t B = 0;                // rows of this replica (= batch.B / R)
   int64_t S = 0;                // tokens per row
@@ -120,17 +138,59 @@ struct ReplicaBatch {
   float grad_scale = 0;
 };
 
+// This rank's tokens of its replica's rows, on the device: every token of each row (parts = 1),
+// or zigzag chunks `index` and 2·parts-1-index of each row (parts > 1; docs/layouts.md). Local
+// token j of row b is row-major [B, nl]: its position is q_pos[j mod nl].
+struct LocalTokens {
+  int64_t B = 0, S = 0;  // rows and sequence length
+  int64_t nl = 0;        // tokens of each row held here (S / parts)
+  int64_t n = 0;         // tokens held here, B·nl
+  int parts = 1, index = 0;
+  Tensor ids, labels;  // I32 [n]
+  Tensor q_pos;        // I64 [nl] global positions of a row's local tokens
+  // I64 [S] positions of a row's keys after gather_sequence (the parts' chunks in rank order);
+  // equal to q_pos when parts = 1.
+  Tensor k_pos;
+  Tensor tok_pos;  // I64 [n] position of every local token (RoPE)
+};
+// Takes the tokens of part `index` of `parts` from the replica's rows (after check_zigzag when
+// parts > 1) and uploads them.
+LocalTokens take_tokens(Backend& be, const ReplicaBatch& rb, int parts, int index);
+
+// ---- The base class -------------------------------------------------------------------------
+//
+// The LAYER RECIPE, the same for every layout (single runs it with no communication, so at D = 1
+// every layout runs exactly single's operations). On this rank's n local tokens, with x the
+// residual stream [n, h] in the compute dtype:
+//
+//   forward                                      | backward (dx, dxn: fp32)
+//   x = embed(ids)                    [hook]     | embed_backward(dx)                   [hook]
+//   per layer l:                                 | per layer l, in reverse:
+//     s.x = x; xn = norm1(x) -> s.rstd1          |   xn = norm2(s.x2) (recomputed from rstd2)
+//     s.x2 = x; attention(l, xn, s)   [hook]     |   dxn = 0; mlp_backward(l, xn, dx, dxn) [hook]
+//       (s.x2 += attn(xn)·Woᵀ; fills s.q..lse)  |   dx += norm2ᵀ(dxn)
+//     xn = norm2(s.x2) -> s.rstd2                |   xn = norm1(s.x); dxn = 0
+//     x = s.x2; mlp(l, xn, x)         [hook]     |   attention_backward(l, xn, s, dx, dxn) [hook]
+//       (x += mlp(xn))                           |   dx += norm1ᵀ(dxn)
+//   xn = final_norm(x)                           | dx = final_normᵀ(dxn)
+//   loss += head(xn) [hook]; dxn with backward   |
+//
+// Norm gradients go to grad_target(param): the store by default; a layout whose group ranks hold
+// different tokens of replicated norms collects them elsewhere and reduces them in a hook.
 class LayoutCommon : public Layout {
  public:
   std::string name() const override { return name_; }
   const LlamaConfig& config() const override { return config_; }
   Communicator& group() override { return *group_; }
   Communicator& replicas() override { return *replicas_; }
+  Backend& backend() const override { return be_; }
+  DType compute_dtype() const override { return parallel_.dtype; }
   void load(const WeightSource& src) override { store_.load(src, specs_); }
   void zero_grads() override { store_.zero_grads(); }
   std::vector<ParamShard> parameters() override { return store_.shards(specs_); }
   void gather(bool grads, const std::function<void(const ParamSpec&, TensorView)>& sink) override;
-  // Validate, take this replica's rows, run(), all-reduce gradients over replicas, reduce loss.
+  // Validate, take this replica's rows, run the recipe, all-reduce gradients over replicas,
+  // reduce the loss.
   double forward_backward(const Batch& batch) override;
   double forward(const Batch& batch) override;
   // This replica's rows, and in each row input_ranges(S) (after check_batch on B and S).
@@ -140,23 +200,57 @@ class LayoutCommon : public Layout {
   LayoutCommon(std::string name, const LlamaConfig& config, const ParallelConfig& parallel,
                Communicator& world);
 
-  // The layout's algorithm on this replica's rows: forward, and backward when `backward`
-  // (accumulating into store_ gradients, scaled by rb.grad_scale). Returns the SUM of token
-  // losses counted by this rank; see loss_partial_.
-  virtual double run(const ReplicaBatch& rb, bool backward) = 0;
-  // Layout-specific batch checks (e.g. check_zigzag(S, D)), called before run() and by
-  // token_need (there on a ReplicaBatch holding B and S only, no tokens).
-  virtual void check_batch(const ReplicaBatch& rb) const {}
-  // The input positions of each of its replica's rows this rank's run() reads (rb.inputs, and
-  // rb.labels at the same places), as increasing half-open ranges of [0, S); empty: all of them.
-  // Only these positions are validated; the others may hold kTokenNotRead, so run() must never
-  // read them (tests/parallel/token_need_mpi_test.cpp checks every layout). Called after
-  // check_batch.
-  virtual std::vector<Range> input_ranges(int64_t /*S*/) const { return {}; }
+  // ---- hooks of the recipe (all on this rank's local tokens t) -------------------------------
+  // x [n, h] (=) the embedding of t.ids.
+  virtual void embed_forward(const LocalTokens& t, TensorView x) = 0;
+  // dx F32 [n, h] -> the embedding's gradient.
+  virtual void embed_backward(const LocalTokens& t, TensorView dx) = 0;
+  // Fills s.q, s.k, s.v, s.o, s.lse from xn and adds the attention output projection into s.x2.
+  virtual void attention_forward(int l, const LocalTokens& t, TensorView xn,
+                                 block::LayerSaved& s) = 0;
+  // dx F32 [n, h] = d s.x2 -> dxn F32 [n, h] (+=) d xn, and the attention weights' gradients.
+  virtual void attention_backward(int l, const LocalTokens& t, TensorView xn,
+                                  const block::LayerSaved& s, TensorView dx, TensorView dxn) = 0;
+  // x [n, h] (+=) mlp(xn).
+  virtual void mlp_forward(int l, const LocalTokens& t, TensorView xn, TensorView x) = 0;
+  // dy F32 [n, h] -> dxn F32 [n, h] (+=), and the MLP weights' gradients.
+  virtual void mlp_backward(int l, const LocalTokens& t, TensorView xn, TensorView dy,
+                            TensorView dxn) = 0;
+  // loss F64 [1] (+=) the sum of t's token losses (this rank's share: see counts_loss); with a
+  // non-empty dxn F32 [n, h] (=) also its gradient for the loss scaled by grad_scale, and the
+  // head's weight gradients.
+  virtual void head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
+                         TensorView dxn) = 0;
+  // Optional hooks, default no-ops: around each layer's backward (e.g. staging and reducing its
+  // gradients), after the whole backward (e.g. one all-reduce of replicated norms' gradients),
+  // and at the end of each part of the step (traffic records).
+  virtual void begin_layer_backward(int l) {}
+  virtual void end_layer_backward(int l) {}
+  virtual void end_backward(const LocalTokens& t) {}
+  enum class Part { EmbeddingForward, LayerForward, HeadForward, HeadBackward, LayerBackward,
+                    EmbeddingBackward, End };
+  virtual void part_done(Part part, int layer) {}
+  // Where backward accumulates a norm weight's gradient (default: the store).
+  virtual TensorView grad_target(int param) { return store_.g(param); }
+  // Saved activations of one layer for n local tokens (default: block::LayerSaved of every head).
+  virtual void allocate_saved(block::LayerSaved& s, const LocalTokens& t) const;
+  // How this rank's tokens are cut: parts and index for take_tokens (default: all tokens).
+  virtual int token_parts() const { return 1; }
+  virtual int token_index() const { return 0; }
+  // Whether this rank's loss sum counts in the replica's loss (false on ranks that compute the same
+  // tokens' loss as another rank, e.g. every TP rank but the first).
+  virtual bool counts_loss() const { return true; }
 
-  // True (default): the group's ranks return disjoint partial loss sums from run() (their sum is
-  // the replica's loss sum). False: every group rank returns the replica's whole sum (e.g. tp).
-  bool loss_partial_ = true;
+  // Layout-specific batch checks (e.g. check_zigzag(S, D)), called before running and by
+  // token_need (there on a ReplicaBatch holding B and S only, no tokens). Default: the zigzag
+  // check when token_parts() > 1.
+  virtual void check_batch(const ReplicaBatch& rb) const;
+  // The input positions of each of its replica's rows this rank reads (rb.inputs, and rb.labels
+  // at the same places), as increasing half-open ranges of [0, S); empty: all of them. Only these
+  // positions are validated; the others may hold kTokenNotRead, so the layout must never read
+  // them (tests/parallel/token_need_mpi_test.cpp checks every layout). Called after check_batch.
+  // Default: the zigzag chunks of take_tokens.
+  virtual std::vector<Range> input_ranges(int64_t S) const;
 
   const std::vector<ParamSpec>& specs() const { return specs_; }
   int D() const { return D_; }
@@ -164,14 +258,23 @@ class LayoutCommon : public Layout {
   int group_rank() const { return group_rank_; }
   int replica() const { return replica_; }
   const ParallelConfig& parallel() const { return parallel_; }
+  DType act_dtype() const { return parallel_.dtype; }
+  Device device() const { return be_.device(); }
+  int head_param() const { return config_.tie_word_embeddings ? idx_.embed : idx_.lm_head; }
 
   LlamaConfig config_;
   ParallelConfig parallel_;
+  Backend& be_;
   std::vector<ParamSpec> specs_;  // canonical order; never resized (ParamShard points into it)
   ParamIndex idx_;
   ShardStore store_;
 
  private:
+  void run(const ReplicaBatch& rb, bool backward, TensorView loss);
+  void layer_forward(int l, const LocalTokens& t, block::LayerSaved& s, TensorView x,
+                     TensorView xn);
+  void layer_backward(int l, const LocalTokens& t, const block::LayerSaved& s, TensorView dx,
+                      TensorView xn, TensorView dxn);
   ReplicaBatch replica_batch(const Batch& batch) const;
   // Ids in [0, V) at every position token_need(B, S) names; a clear error otherwise.
   void check_tokens(const Batch& batch) const;

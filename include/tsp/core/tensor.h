@@ -1,5 +1,6 @@
 // Tensors: an owning, tracked buffer (Tensor) and non-owning views (TensorView). Row-major,
-// contiguous. Kernels take raw pointers with shapes in comments; tensors own and account memory.
+// contiguous, on one Device (device.h). Operations on tensor memory go through a Backend
+// (tsp/backend/backend.h), which dispatches on device and dtype; tensors own and account memory.
 #pragma once
 
 #include <cstddef>
@@ -9,14 +10,17 @@
 #include <vector>
 
 #include "tsp/core/bf16.h"
+#include "tsp/core/device.h"
 #include "tsp/core/error.h"
 #include "tsp/core/memory.h"
 
 namespace tsp {
 
-enum class DType : int { F32, BF16, I32, I64 };
+enum class DType : int { F32, BF16, I32, I64, F64 };
 size_t dtype_size(DType t);
-std::string_view dtype_name(DType t);  // "f32", "bf16", "i32", "i64"
+std::string_view dtype_name(DType t);  // "f32", "bf16", "i32", "i64", "f64"
+// "fp32"/"f32" or "bf16" (the compute dtypes a user may choose); tsp::Error otherwise.
+DType parse_compute_dtype(std::string_view text);
 template <typename T>
 constexpr DType dtype_of();
 template <>
@@ -35,6 +39,10 @@ template <>
 constexpr DType dtype_of<int64_t>() {
   return DType::I64;
 }
+template <>
+constexpr DType dtype_of<double>() {
+  return DType::F64;
+}
 
 using Shape = std::vector<int64_t>;
 int64_t shape_numel(const Shape& s);
@@ -44,8 +52,8 @@ std::string shape_str(const Shape& s);  // "[4, 256]"
 class TensorView {
  public:
   TensorView() = default;
-  TensorView(void* data, Shape shape, DType dtype)
-      : data_(data), shape_(std::move(shape)), dtype_(dtype) {}
+  TensorView(void* data, Shape shape, DType dtype, Device device = Device::cpu())
+      : data_(data), shape_(std::move(shape)), dtype_(dtype), device_(device) {}
 
   void* data() const { return data_; }
   template <typename T>
@@ -61,32 +69,42 @@ class TensorView {
   int64_t numel() const { return shape_numel(shape_); }
   size_t nbytes() const { return numel() * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+  bool empty() const { return data_ == nullptr; }
   // Rows [begin, end) along the first dimension.
   TensorView slice(int64_t begin, int64_t end) const;
   // Same memory, another shape with the same number of elements.
   TensorView reshape(Shape shape) const;
+  // The contiguous window of `shape` starting `offset` elements in (bounds checked): how a packed
+  // buffer is cut into its pieces, or one block of a [blocks, ...] array is addressed.
+  TensorView window(int64_t offset, Shape shape) const;
 
  private:
   void* data_ = nullptr;
   Shape shape_;
   DType dtype_ = DType::F32;
+  Device device_;
 };
 
-// An owning buffer, 64-byte aligned, zero-initialised, accounted in the MemoryTracker under its
-// category for its whole lifetime. Move-only: copies are explicit (clone).
+// An owning buffer on one device, 64-byte aligned, accounted in the MemoryTracker under its
+// category for its whole lifetime. NOT initialised (zeros() or zero() where zeros are needed; see
+// poison_allocations in device.h). Move-only: copies are explicit (clone).
 class Tensor {
  public:
   Tensor() = default;
-  Tensor(Shape shape, DType dtype, MemCategory category);
+  Tensor(Shape shape, DType dtype, MemCategory category, Device device = Device::cpu());
   ~Tensor();
   Tensor(Tensor&& other) noexcept;
   Tensor& operator=(Tensor&& other) noexcept;
   Tensor(const Tensor&) = delete;
   Tensor& operator=(const Tensor&) = delete;
 
-  static Tensor f32(Shape shape, MemCategory category) {
-    return Tensor(std::move(shape), DType::F32, category);
+  static Tensor f32(Shape shape, MemCategory category, Device device = Device::cpu()) {
+    return Tensor(std::move(shape), DType::F32, category, device);
   }
+  // Allocated and explicitly zeroed.
+  static Tensor zeros(Shape shape, DType dtype, MemCategory category,
+                      Device device = Device::cpu());
   Tensor clone(MemCategory category) const;
   Tensor clone() const { return clone(category_); }
 
@@ -104,9 +122,13 @@ class Tensor {
   size_t nbytes() const { return numel() * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
   MemCategory category() const { return category_; }
-  TensorView view() const { return TensorView(data_, shape_, dtype_); }
+  Device device() const { return device_; }
+  TensorView view() const { return TensorView(data_, shape_, dtype_, device_); }
   operator TensorView() const { return view(); }
   TensorView slice(int64_t begin, int64_t end) const { return view().slice(begin, end); }
+  TensorView window(int64_t offset, Shape shape) const {
+    return view().window(offset, std::move(shape));
+  }
   void zero();
   // Change the accounting category (e.g. a workspace buffer that becomes a saved activation).
   void recategorize(MemCategory category);
@@ -117,9 +139,11 @@ class Tensor {
   Shape shape_;
   DType dtype_ = DType::F32;
   MemCategory category_ = MemCategory::Workspace;
+  Device device_;
 };
 
-// Copy src into dst (same numel and dtype, or f32<->bf16 conversion).
+// Copy src into dst on the host (same numel and dtype, or f32<->bf16 conversion). Both views must
+// be host memory; engine code uses Backend::copy, which works on any device.
 void copy(TensorView src, TensorView dst);
 
 }  // namespace tsp

@@ -7,9 +7,14 @@
 // arithmetic is here, so layouts differ only where the algorithm differs, and at D=1 every layout
 // runs exactly the single layout's operations.
 //
-// Conventions: raw f32 pointers, row-major, weights [out, in] as in Hugging Face; shapes in the
-// comments; "(+=)" means accumulated into (the caller zeroes first), "(=)" overwritten. Transient
-// buffers are Tensors in MemCategory::Workspace allocated inside; nothing here communicates.
+// Conventions: tensor views on the backend's device, row-major, weights [out, in] as in Hugging
+// Face; shapes in the comments; "(+=)" means accumulated into (the caller zeroes first), "(=)"
+// overwritten. Every operation goes through the Backend; nothing here touches tensor memory or
+// communicates. Transient buffers are Tensors in MemCategory::Workspace.
+//
+// Precision: weights, the residual stream, normed inputs and the saved q, k, v, o are in the
+// compute dtype (F32 or BF16); rstd, lse, every gradient and every accumulation are F32
+// (docs/design.md, "Mixed precision").
 //
 // What a layer saves for backward (the same policy for every layout; docs/layouts.md):
 //   x [n, h] block input, rstd1 [n], q [n, hq, d] and k, v [n, hkv, d] after RoPE (local tokens),
@@ -19,6 +24,7 @@
 
 #include <cstdint>
 
+#include "tsp/backend/backend.h"
 #include "tsp/core/tensor.h"
 #include "tsp/model/config.h"
 
@@ -29,7 +35,8 @@ namespace tsp::block {
 // at equal n the GEMM shapes (and results) are identical.
 inline constexpr int64_t kTokenChunk = 512;
 
-// ---- Attention of one head group ----------------------------------------------------------------
+// ---- Attention of one head group -------------------------------------------------------------
+
 struct AttnDims {
   int64_t h = 0;    // hidden size (columns of wq/wk/wv, rows of wo)
   int64_t hq = 0;   // query heads of the group
@@ -38,89 +45,88 @@ struct AttnDims {
   float theta = 10000.f;
   int64_t q_width() const { return hq * d; }
   int64_t kv_width() const { return hkv * d; }
+  float scale() const;  // 1 / sqrt(d)
 };
 AttnDims attn_dims(const LlamaConfig& c, int64_t hq, int64_t hkv);
 inline AttnDims attn_dims(const LlamaConfig& c) {
   return attn_dims(c, c.num_attention_heads, c.num_key_value_heads);
 }
 
-struct AttnWeights {
-  const float* wq = nullptr;  // [hq·d, h]
-  const float* wk = nullptr;  // [hkv·d, h]
-  const float* wv = nullptr;  // [hkv·d, h]
-  const float* wo = nullptr;  // [h, hq·d] (the columns of the full wo that read the group's heads)
+struct AttnWeights {  // compute dtype
+  TensorView wq;      // [hq·d, h]
+  TensorView wk;      // [hkv·d, h]
+  TensorView wv;      // [hkv·d, h]
+  TensorView wo;      // [h, hq·d] (the columns of the full wo that read the group's heads)
 };
-struct AttnGrads {  // same shapes as AttnWeights; null pointers skip that gradient
-  float* dwq = nullptr;
-  float* dwk = nullptr;
-  float* dwv = nullptr;
-  float* dwo = nullptr;
+struct AttnGrads {  // F32, same shapes as AttnWeights; an empty view skips that gradient
+  TensorView dwq, dwk, dwv, dwo;
 };
 
-// xn [n, h] normed input, pos [n] -> q [n, hq, d], k [n, hkv, d], v [n, hkv, d] (=), with RoPE
-// applied to q and k at the global positions.
-void qkv_forward(const AttnDims& a, const AttnWeights& w, const float* xn, const int64_t* pos,
-                 int64_t n, float* q, float* k, float* v);
-// dq [n, hq, d], dk [n, hkv, d] (gradients w.r.t. the ROTATED q, k; un-rotated in place, so they
-// are consumed), dv [n, hkv, d] -> dxn [n, h] (+=), dwq/dwk/dwv (+=).
-void qkv_backward(const AttnDims& a, const AttnWeights& w, const AttnGrads& g, const float* xn,
-                  const int64_t* pos, int64_t n, float* dq, float* dk, const float* dv, float* dxn);
+// xn [n, h] normed input, pos I64 [n] -> q [n, hq, d], k [n, hkv, d], v [n, hkv, d] (=), with
+// RoPE applied to q and k at the global positions.
+void qkv_forward(Backend& be, const AttnDims& a, const AttnWeights& w, TensorView xn,
+                 TensorView pos, TensorView q, TensorView k, TensorView v);
+// dq [n, hq, d], dk [n, hkv, d] F32 (gradients w.r.t. the ROTATED q, k; un-rotated in place, so
+// they are consumed), dv [n, hkv, d] F32 -> dxn F32 [n, h] (+=), dwq/dwk/dwv (+=).
+void qkv_backward(Backend& be, const AttnDims& a, const AttnWeights& w, const AttnGrads& g,
+                  TensorView xn, TensorView pos, TensorView dq, TensorView dk, TensorView dv,
+                  TensorView dxn);
 
-// Causal attention of B independent rows. q [B, nq, hq, d] at q_pos [nq], k, v [B, nk, hkv, d]
-// at k_pos [nk] (the same positions in every row: the zigzag map cuts every row alike)
-// -> o [B, nq, hq, d] (=), lse [B, nq, hq] (=).
-void attention_forward(const AttnDims& a, int64_t B, int64_t nq, int64_t nk, const float* q,
-                       const float* k, const float* v, const int64_t* q_pos, const int64_t* k_pos,
-                       float* o, float* lse);
-// dout [B, nq, hq, d] -> dq [B, nq, hq, d] (+=), dk, dv [B, nk, hkv, d] (+=). o, lse from forward.
-void attention_backward(const AttnDims& a, int64_t B, int64_t nq, int64_t nk, const float* q,
-                        const float* k, const float* v, const int64_t* q_pos, const int64_t* k_pos,
-                        const float* o, const float* lse, const float* dout, float* dq, float* dk,
-                        float* dv);
+// Causal attention of B independent rows. q [B·nq, hq, d] at q_pos I64 [nq], k, v [B·nk, hkv, d]
+// at k_pos I64 [nk] (the same positions in every row: the zigzag map cuts every row alike)
+// -> o [B·nq, hq, d] (=), lse F32 [B·nq, hq] (=).
+void attention_forward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
+                       TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
+                       TensorView lse);
+// dout F32 [B·nq, hq, d] -> dq F32 [B·nq, hq, d] (+=), dk, dv F32 [B·nk, hkv, d] (+=).
+void attention_backward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
+                        TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
+                        TensorView lse, TensorView dout, TensorView dq, TensorView dk,
+                        TensorView dv);
 
 // o [n, hq·d], wo [h, hq·d] -> y [n, h] (+=): a head group's share of the output projection.
-void out_proj_forward(const AttnDims& a, const float* wo, const float* o, int64_t n, float* y);
-// dy [n, h] -> dout [n, hq·d] (=), dwo [h, hq·d] (+=, skipped when null).
-void out_proj_backward(const AttnDims& a, const float* wo, const float* o, const float* dy,
-                       int64_t n, float* dout, float* dwo);
+void out_proj_forward(Backend& be, TensorView wo, TensorView o, TensorView y);
+// dy F32 [n, h] -> dout F32 [n, hq·d] (=), dwo [h, hq·d] (+=, skipped when empty).
+void out_proj_backward(Backend& be, TensorView wo, TensorView o, TensorView dy, TensorView dout,
+                       TensorView dwo);
 
-// ---- SwiGLU MLP slice --------------------------------------------------------------------------
-struct MlpWeights {
-  const float* wg = nullptr;  // [f, h]
-  const float* wu = nullptr;  // [f, h]
-  const float* wd = nullptr;  // [h, f]
-  int64_t f = 0;              // rows of the slice (intermediate_size for the whole MLP)
+// ---- SwiGLU MLP slice ------------------------------------------------------------------------
+
+struct MlpWeights {  // compute dtype
+  TensorView wg;     // [f, h]
+  TensorView wu;     // [f, h]
+  TensorView wd;     // [h, f]
 };
-struct MlpGrads {  // same shapes; null pointers skip that gradient
-  float* dwg = nullptr;
-  float* dwu = nullptr;
-  float* dwd = nullptr;
+struct MlpGrads {  // F32, same shapes; an empty view skips that gradient
+  TensorView dwg, dwu, dwd;
 };
 // xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of kTokenChunk rows.
-void mlp_forward(const MlpWeights& w, int64_t h, const float* xn, int64_t n, float* y);
-// dy [n, h] -> dxn [n, h] (+=), dwg, dwu, dwd (+=). Recomputes gate/up from xn (not saved).
-void mlp_backward(const MlpWeights& w, const MlpGrads& g, int64_t h, const float* xn,
-                  const float* dy, int64_t n, float* dxn);
+void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y);
+// dy F32 [n, h] -> dxn F32 [n, h] (+=), dwg, dwu, dwd (+=). Recomputes gate/up from xn.
+void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& g, TensorView xn,
+                  TensorView dy, TensorView dxn);
 
-// ---- RMSNorm helpers ---------------------------------------------------------------------------
-// Recompute a normed input from the saved rstd: y [n, h] (=) = x · rstd · w.
-void rmsnorm_apply(const float* x, const float* w, const float* rstd, float* y, int64_t n,
-                   int64_t h);
-// The norm's backward added to a residual gradient: dx [n, h] (+=) ∂/∂x of dy·norm(x), dw (+=).
-void rmsnorm_backward_add(const float* dy, const float* x, const float* w, const float* rstd,
-                          float* dx, float* dw, int64_t n, int64_t h);
+// ---- RMSNorm helper --------------------------------------------------------------------------
 
-// ---- Loss head over the whole vocabulary -------------------------------------------------------
-// xn [n, h] final-normed, w [V, h] (LM head, or the embedding when tied), labels [n]. Returns the
-// SUM of the token losses; when dxn is non-null also writes dxn [n, h] (=) and dw [V, h] (+=, if
-// non-null) for the loss scaled by grad_scale (1 / tokens of the whole batch for a mean). Logits
-// live only as a [kTokenChunk, V] workspace: forward and backward of the head are fused.
-double lm_head_loss(const float* xn, const float* w, const int32_t* labels, int64_t n, int64_t h,
-                    int64_t V, float grad_scale, float* dxn, float* dw);
+// The norm's backward added to a residual gradient: dx F32 [n, h] (+=) ∂/∂x of dy·norm(x),
+// dw F32 [h] (+=).
+void rmsnorm_backward_add(Backend& be, TensorView dy, TensorView x, TensorView w, TensorView rstd,
+                          TensorView dx, TensorView dw);
 
-// ---- Saved activations of one layer ------------------------------------------------------------
+// ---- Loss head over the whole vocabulary -----------------------------------------------------
+
+// xn [n, h] final-normed, w [V, h] (LM head, or the embedding when tied), labels I32 [n].
+// loss F64 [1] (+=) the SUM of the token losses; when dxn is non-empty also dxn F32 [n, h] (=) and
+// dw F32 [V, h] (+=, if non-empty) for the loss scaled by grad_scale (1 / tokens of the whole batch
+// for a mean). Logits live only as a [kTokenChunk, V] workspace: forward and backward are fused.
+void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, float grad_scale,
+                  TensorView loss, TensorView dxn, TensorView dw);
+
+// ---- Saved activations of one layer ----------------------------------------------------------
+
 // n tokens held by this rank, hq / hkv heads whose q, k, v this rank keeps (all heads under
-// sp/tsp/single, the group's heads under tp). All in MemCategory::Activations.
+// sp/tsp/single, the group's heads under tp). All in MemCategory::Activations; x, q, k, v, o, x2
+// in the compute dtype `act`, rstd and lse in F32.
 struct LayerSaved {
   Tensor x;      // [n, h]     block input (residual stream)
   Tensor rstd1;  // [n]        input_layernorm's 1/rms
@@ -131,7 +137,8 @@ struct LayerSaved {
   Tensor lse;    // [n, hq]
   Tensor x2;     // [n, h]     residual after attention = MLP block input
   Tensor rstd2;  // [n]        post_attention_layernorm's 1/rms
-  void allocate(int64_t n, int64_t h, int64_t hq, int64_t hkv, int64_t d);
+  void allocate(int64_t n, int64_t h, int64_t hq, int64_t hkv, int64_t d, DType act,
+                Device device);
   int64_t bytes() const;
 };
 

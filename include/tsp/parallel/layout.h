@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "tsp/backend/backend.h"
 #include "tsp/comm/communicator.h"
 #include "tsp/core/tensor.h"
 #include "tsp/model/config.h"
@@ -23,6 +24,10 @@ struct ParallelConfig {
   int tp = 1;                     // T for tp-sp (Σ = D / T)
   int dp = 1;                     // R data-parallel replicas; D = world / R
   bool overlap = true;            // tsp: prefetch / double-buffer transfers (false: blocking)
+  Device device;                  // where weights, activations and compute live (Backend)
+  // Compute dtype: F32, or BF16 mixed precision (bf16 weight copies, activations and transfers;
+  // fp32 master weights, gradients, statistics and accumulation; docs/design.md).
+  DType dtype = DType::F32;
 };
 
 // One micro-batch: B rows of S+1 tokens; inputs are the first S of each row, labels the last S.
@@ -83,7 +88,7 @@ class RandomWeights : public WeightSource {  // init_param_rows with a seed
 // This rank's piece of one parameter and its gradient (same shape), for the optimizer.
 struct ParamShard {
   const ParamSpec* spec = nullptr;
-  TensorView value;  // f32
+  TensorView value;  // f32 master weights (the layout computes with a copy in its compute dtype)
   TensorView grad;   // f32, accumulated by forward_backward
   // True when every rank of the layout group holds an identical copy (e.g. norm weights under
   // tsp, every weight under sp): count it once in global norms, update it identically everywhere.
@@ -108,6 +113,9 @@ class Layout {
   virtual double forward_backward(const Batch& batch) = 0;
   // Loss only (validation), identical on every rank.
   virtual double forward(const Batch& batch) = 0;
+  // The backend every operation of this layout runs on, and its compute dtype.
+  virtual Backend& backend() const = 0;
+  virtual DType compute_dtype() const = 0;
   // The tokens of a batch of B rows of S this rank reads in forward / forward_backward (see
   // Batch); a data loader reads only these (DataLoader::set_need). Validates B and S as a step
   // would (rows per replica, zigzag chunks), with the same errors. Default: everything.

@@ -1,0 +1,625 @@
+// The CPU backend: oneDNN GEMMs (fp32, and bf16 inputs with fp32 accumulation) and our AVX-512
+// kernels (src/ops/cpu/), behind the Backend interface. Every entry checks that its views are host
+// memory and have the shapes and dtypes the interface names, then calls the raw-pointer kernel.
+//
+// Mixed precision: where a kernel has a native bf16 variant it is called directly; otherwise the
+// bf16 operands are widened to fp32 in a transient workspace, the fp32 kernel runs, and a bf16
+// output is rounded once (the same result a native kernel with fp32 arithmetic gives).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+
+#include "tsp/backend/backend.h"
+#include "tsp/core/error.h"
+#include "tsp/ops/attention.h"
+#include "tsp/ops/gemm.h"
+#include "tsp/ops/ops.h"
+
+namespace tsp {
+namespace {
+
+constexpr MemCategory kWork = MemCategory::Workspace;
+
+void check_host(std::initializer_list<const TensorView*> views, const char* op) {
+  for (const TensorView* v : views)
+    TSP_CHECK(v->empty() || v->device().is_cpu(), "{}: a tensor on {} was given to the CPU backend",
+              op, v->device().str());
+}
+void check_dtype(const TensorView& t, DType want, const char* op, const char* what) {
+  TSP_CHECK(t.dtype() == want, "{}: {} must be {}, got {} {}", op, what, dtype_name(want),
+            dtype_name(t.dtype()), shape_str(t.shape()));
+}
+void check_float(const TensorView& t, const char* op, const char* what) {
+  TSP_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16,
+            "{}: {} must be f32 or bf16, got {}", op, what, dtype_name(t.dtype()));
+}
+void check_numel(const TensorView& t, int64_t want, const char* op, const char* what) {
+  TSP_CHECK(t.numel() == want, "{}: {} has {} elements ({}), expected {}", op, what, t.numel(),
+            shape_str(t.shape()), want);
+}
+// Rows of a [rows, cols] view given its element count (views carry shapes; kernels want N, h).
+int64_t rows_of(const TensorView& t, int64_t cols, const char* op, const char* what) {
+  TSP_CHECK(cols > 0 && t.numel() % cols == 0, "{}: {} {} is not a multiple of {} columns", op,
+            what, shape_str(t.shape()), cols);
+  return t.numel() / cols;
+}
+int64_t last_dim(const TensorView& t) {
+  return t.rank() == 0 ? 1 : t.dim(-1);
+}
+
+// An fp32 view of t: t itself when it is f32, else a widened copy held by `hold`.
+TensorView as_f32(TensorView t, Tensor& hold) {
+  if (t.empty() || t.dtype() == DType::F32) return t;
+  hold = Tensor(t.shape(), DType::F32, kWork);
+  copy(t, hold.view());
+  return hold.view();
+}
+// A bf16 view of t: t itself when it is bf16, else a rounded copy held by `hold`.
+TensorView as_bf16(TensorView t, Tensor& hold) {
+  if (t.empty() || t.dtype() == DType::BF16) return t;
+  hold = Tensor(t.shape(), DType::BF16, kWork);
+  copy(t, hold.view());
+  return hold.view();
+}
+// An fp32 output: out itself when f32, else an fp32 workspace (holding out's values when the
+// operation accumulates); finish() rounds it back into out.
+struct F32Out {
+  TensorView out, f32;
+  Tensor hold;
+  F32Out(TensorView o, bool load) : out(o) {
+    if (o.empty() || o.dtype() == DType::F32) {
+      f32 = o;
+      return;
+    }
+    hold = Tensor(o.shape(), DType::F32, kWork);
+    if (load) copy(o, hold.view());
+    f32 = hold.view();
+  }
+  void finish() {
+    if (!hold.empty()) copy(hold.view(), out);
+  }
+};
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::cpu(); }
+  std::string name() const override {
+#if defined(__AVX512BF16__)
+    return "cpu (oneDNN GEMMs, AVX-512 BF16 kernels)";
+#elif defined(__AVX512F__)
+    return "cpu (oneDNN GEMMs, AVX-512 kernels)";
+#else
+    return "cpu (oneDNN GEMMs, portable kernels)";
+#endif
+  }
+  bool native_bf16() const override {
+#if defined(__AVX512BF16__)
+    return true;
+#else
+    return false;
+#endif
+  }
+
+  // ---- memory -------------------------------------------------------------------------------
+  void zero(TensorView t) override {
+    check_host({&t}, "zero");
+    if (t.nbytes()) std::memset(t.data(), 0, t.nbytes());
+  }
+  void fill(TensorView t, float value) override {
+    check_host({&t}, "fill");
+    if (t.dtype() == DType::F32) {
+      std::fill(t.f32(), t.f32() + t.numel(), value);
+    } else {
+      check_dtype(t, DType::BF16, "fill", "the tensor");
+      std::fill(t.data_as<bf16>(), t.data_as<bf16>() + t.numel(), bf16(value));
+    }
+  }
+  void copy(TensorView src, TensorView dst) override {
+    check_host({&src, &dst}, "copy");
+    tsp::copy(src, dst);
+  }
+  void copy_2d(TensorView src, int64_t src_stride, TensorView dst, int64_t dst_stride, int64_t rows,
+               int64_t cols) override {
+    check_host({&src, &dst}, "copy_2d");
+    TSP_CHECK(src.dtype() == dst.dtype(), "copy_2d: {} into {}", dtype_name(src.dtype()),
+              dtype_name(dst.dtype()));
+    TSP_CHECK(rows >= 0 && cols >= 0 && cols <= src_stride && cols <= dst_stride,
+              "copy_2d: {} rows of {} with strides {} and {}", rows, cols, src_stride, dst_stride);
+    if (rows == 0 || cols == 0) return;
+    TSP_CHECK((rows - 1) * src_stride + cols <= src.numel() &&
+                  (rows - 1) * dst_stride + cols <= dst.numel(),
+              "copy_2d: {} rows of {} (strides {}, {}) overrun {} or {}", rows, cols, src_stride,
+              dst_stride, shape_str(src.shape()), shape_str(dst.shape()));
+    const size_t es = dtype_size(src.dtype());
+    const auto* s = static_cast<const char*>(src.data());
+    auto* d = static_cast<char*>(dst.data());
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(d + r * dst_stride * es, s + r * src_stride * es, cols * es);
+  }
+  void swap_leading_dims(TensorView src, TensorView dst) override {
+    check_host({&src, &dst}, "swap_leading_dims");
+    TSP_CHECK(src.rank() >= 2 && dst.rank() == src.rank() && src.dtype() == dst.dtype(),
+              "swap_leading_dims: {} and {} must have the same rank (>= 2) and dtype",
+              shape_str(src.shape()), shape_str(dst.shape()));
+    Shape want = src.shape();
+    std::swap(want[0], want[1]);
+    TSP_CHECK(dst.shape() == want, "swap_leading_dims: destination is {}, expected {}",
+              shape_str(dst.shape()), shape_str(want));
+    const int64_t a = src.dim(0), b = src.dim(1);
+    const size_t inner = (a * b != 0) ? src.nbytes() / (a * b) : 0;
+    const auto* s = static_cast<const char*>(src.data());
+    auto* d = static_cast<char*>(dst.data());
+    for (int64_t i = 0; i < a; ++i)
+      for (int64_t j = 0; j < b; ++j)
+        std::memcpy(d + (j * a + i) * inner, s + (i * b + j) * inner, inner);
+  }
+  void upload(const void* host, TensorView dst) override {
+    check_host({&dst}, "upload");
+    if (dst.nbytes()) std::memcpy(dst.data(), host, dst.nbytes());
+  }
+  void download(TensorView src, void* host) override {
+    check_host({&src}, "download");
+    if (src.nbytes()) std::memcpy(host, src.data(), src.nbytes());
+  }
+  void synchronize() override {}  // every CPU operation has finished when its call returns
+
+  // ---- element-wise and reductions -----------------------------------------------------------
+  void add(TensorView y, TensorView x) override {
+    check_host({&y, &x}, "add");
+    check_numel(x, y.numel(), "add", "x");
+    Tensor hx;
+    TensorView xf = as_f32(x, hx);
+    F32Out out(y, /*load=*/true);
+    add_inplace(out.f32.f32(), xf.f32(), y.numel());
+    out.finish();
+  }
+  void scale(TensorView y, float factor) override {
+    check_host({&y}, "scale");
+    F32Out out(y, true);
+    scale_inplace(out.f32.f32(), factor, y.numel());
+    out.finish();
+  }
+  void sum_squares(TensorView x, TensorView out) override {
+    check_host({&x, &out}, "sum_squares");
+    check_dtype(x, DType::F32, "sum_squares", "x");
+    check_dtype(out, DType::F64, "sum_squares", "out");
+    const float* g = x.f32();
+    double acc = 0;
+    for (int64_t j = 0; j < x.numel(); ++j) acc += static_cast<double>(g[j]) * g[j];
+    out.data_as<double>()[0] += acc;
+  }
+  void count_non_finite(TensorView x, TensorView out) override {
+    check_host({&x, &out}, "count_non_finite");
+    check_dtype(out, DType::I64, "count_non_finite", "out");
+    int64_t bad = 0;
+    if (x.dtype() == DType::F32) {
+      const float* p = x.f32();
+      for (int64_t i = 0; i < x.numel(); ++i) bad += !std::isfinite(p[i]);
+    } else {
+      check_dtype(x, DType::BF16, "count_non_finite", "x");
+      const bf16* p = x.data_as<bf16>();
+      // Exponent all ones: Inf or NaN.
+      for (int64_t i = 0; i < x.numel(); ++i) bad += (p[i].bits & 0x7f80u) == 0x7f80u;
+    }
+    out.data_as<int64_t>()[0] += bad;
+  }
+
+  // ---- linear -------------------------------------------------------------------------------
+  void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate) override {
+    const char* op = "linear_forward";
+    check_host({&x, &w, &y}, op);
+    TSP_CHECK(w.rank() == 2, "{}: weight must be [out, in], got {}", op, shape_str(w.shape()));
+    const int64_t out = w.dim(0), in = w.dim(1), N = rows_of(x, in, op, "x");
+    check_numel(y, N * out, op, "y");
+    check_float(x, op, "x");
+    check_float(w, op, "w");
+    check_float(y, op, "y");
+    if (x.dtype() == DType::F32 && w.dtype() == DType::F32 && y.dtype() == DType::F32) {
+      tsp::linear_forward(x.f32(), w.f32(), y.f32(), N, in, out, accumulate);
+      return;
+    }
+    Tensor hx, hw;
+    TensorView xb = as_bf16(x, hx), wb = as_bf16(w, hw);
+    F32Out yo(y, accumulate);
+    gemm_bf16(Trans::N, Trans::T, N, out, in, 1.f, xb.data_as<bf16>(), std::max<int64_t>(in, 1),
+              wb.data_as<bf16>(), std::max<int64_t>(in, 1), accumulate ? 1.f : 0.f, yo.f32.f32(),
+              std::max<int64_t>(out, 1));
+    yo.finish();
+  }
+  void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx,
+                       TensorView dw) override {
+    const char* op = "linear_backward";
+    check_host({&dy, &x, &w, &dx, &dw}, op);
+    TSP_CHECK(w.rank() == 2, "{}: weight must be [out, in], got {}", op, shape_str(w.shape()));
+    const int64_t out = w.dim(0), in = w.dim(1), N = rows_of(dy, out, op, "dy");
+    check_numel(x, N * in, op, "x");
+    if (!dx.empty()) check_numel(dx, N * in, op, "dx"), check_dtype(dx, DType::F32, op, "dx");
+    if (!dw.empty()) check_numel(dw, out * in, op, "dw"), check_dtype(dw, DType::F32, op, "dw");
+    if (dy.dtype() == DType::F32 && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+      tsp::linear_backward(dy.f32(), x.f32(), w.f32(), dx.empty() ? nullptr : dx.f32(),
+                           dw.empty() ? nullptr : dw.f32(), N, in, out);
+      return;
+    }
+    Tensor hdy, hx, hw;
+    const TensorView dyb = as_bf16(dy, hdy);
+    const int64_t ld_in = std::max<int64_t>(in, 1), ld_out = std::max<int64_t>(out, 1);
+    if (!dx.empty()) {
+      const TensorView wb = as_bf16(w, hw);
+      gemm_bf16(Trans::N, Trans::N, N, in, out, 1.f, dyb.data_as<bf16>(), ld_out,
+                wb.data_as<bf16>(), ld_in, 1.f, dx.f32(), ld_in);
+    }
+    if (!dw.empty()) {
+      const TensorView xb = as_bf16(x, hx);
+      gemm_bf16(Trans::T, Trans::N, out, in, N, 1.f, dyb.data_as<bf16>(), ld_out,
+                xb.data_as<bf16>(), ld_in, 1.f, dw.f32(), ld_in);
+    }
+  }
+
+  // ---- RMSNorm ------------------------------------------------------------------------------
+  void rmsnorm_forward(TensorView x, TensorView w, TensorView y, TensorView rstd,
+                       float eps) override {
+    const char* op = "rmsnorm_forward";
+    check_host({&x, &w, &y, &rstd}, op);
+    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
+    check_numel(y, N * h, op, "y");
+    check_numel(rstd, N, op, "rstd");
+    check_dtype(rstd, DType::F32, op, "rstd");
+    Tensor hx, hw;
+    const TensorView xf = as_f32(x, hx), wf = as_f32(w, hw);
+    F32Out yo(y, false);
+    tsp::rmsnorm_forward(xf.f32(), wf.f32(), yo.f32.f32(), rstd.f32(), N, h, eps);
+    yo.finish();
+  }
+  void rmsnorm_apply(TensorView x, TensorView w, TensorView rstd, TensorView y) override {
+    const char* op = "rmsnorm_apply";
+    check_host({&x, &w, &y, &rstd}, op);
+    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
+    check_numel(y, N * h, op, "y");
+    check_numel(rstd, N, op, "rstd");
+    Tensor hx, hw;
+    const TensorView xf = as_f32(x, hx), wf = as_f32(w, hw);
+    F32Out yo(y, false);
+    const float *xp = xf.f32(), *wp = wf.f32(), *rp = rstd.f32();
+    float* yp = yo.f32.f32();
+    for (int64_t i = 0; i < N; ++i) {
+      const float r = rp[i];
+      for (int64_t j = 0; j < h; ++j) yp[i * h + j] = xp[i * h + j] * r * wp[j];
+    }
+    yo.finish();
+  }
+  void rmsnorm_backward(TensorView dy, TensorView x, TensorView w, TensorView rstd, TensorView dx,
+                        TensorView dw) override {
+    const char* op = "rmsnorm_backward";
+    check_host({&dy, &x, &w, &rstd, &dx, &dw}, op);
+    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
+    check_numel(dy, N * h, op, "dy");
+    check_numel(dx, N * h, op, "dx");
+    check_dtype(dy, DType::F32, op, "dy");
+    check_dtype(dx, DType::F32, op, "dx");
+    check_dtype(dw, DType::F32, op, "dw");
+    Tensor hx, hw;
+    const TensorView xf = as_f32(x, hx), wf = as_f32(w, hw);
+    tsp::rmsnorm_backward(dy.f32(), xf.f32(), wf.f32(), rstd.f32(), dx.f32(), dw.f32(), N, h);
+  }
+
+  // ---- RoPE ---------------------------------------------------------------------------------
+  void rope(TensorView x, TensorView pos, float theta, bool forward) {
+    const char* op = forward ? "rope_forward" : "rope_backward";
+    check_host({&x, &pos}, op);
+    TSP_CHECK(x.rank() == 3, "{}: x must be [N, heads, d], got {}", op, shape_str(x.shape()));
+    check_dtype(pos, DType::I64, op, "positions");
+    check_numel(pos, x.dim(0), op, "positions");
+    F32Out xo(x, true);
+    if (forward)
+      tsp::rope_forward(xo.f32.f32(), pos.data_as<int64_t>(), x.dim(0), x.dim(1), x.dim(2), theta);
+    else
+      tsp::rope_backward(xo.f32.f32(), pos.data_as<int64_t>(), x.dim(0), x.dim(1), x.dim(2), theta);
+    xo.finish();
+  }
+  void rope_forward(TensorView x, TensorView pos, float theta) override {
+    rope(x, pos, theta, true);
+  }
+  void rope_backward(TensorView dx, TensorView pos, float theta) override {
+    rope(dx, pos, theta, false);
+  }
+
+  // ---- SwiGLU -------------------------------------------------------------------------------
+  void swiglu_forward(TensorView g, TensorView u, TensorView a) override {
+    const char* op = "swiglu_forward";
+    check_host({&g, &u, &a}, op);
+    check_dtype(g, DType::F32, op, "g");
+    check_dtype(u, DType::F32, op, "u");
+    check_numel(u, g.numel(), op, "u");
+    check_numel(a, g.numel(), op, "a");
+    const int64_t F = last_dim(g);
+    F32Out ao(a, false);
+    tsp::swiglu_forward(g.f32(), u.f32(), ao.f32.f32(), rows_of(g, F, op, "g"), F);
+    ao.finish();
+  }
+  void swiglu_backward(TensorView da, TensorView g, TensorView u, TensorView dg,
+                       TensorView du) override {
+    const char* op = "swiglu_backward";
+    check_host({&da, &g, &u, &dg, &du}, op);
+    for (const TensorView* t : {&da, &g, &u, &dg, &du}) {
+      check_dtype(*t, DType::F32, op, "every operand");
+      check_numel(*t, g.numel(), op, "an operand");
+    }
+    const int64_t F = last_dim(g);
+    tsp::swiglu_backward(da.f32(), g.f32(), u.f32(), dg.f32(), du.f32(), rows_of(g, F, op, "g"), F);
+  }
+
+  // ---- embedding ----------------------------------------------------------------------------
+  void embedding_forward(TensorView ids, TensorView table, TensorView out, int64_t v0) override {
+    const char* op = "embedding_forward";
+    check_host({&ids, &table, &out}, op);
+    check_dtype(ids, DType::I32, op, "ids");
+    TSP_CHECK(table.rank() == 2, "{}: table must be [V_shard, h], got {}", op,
+              shape_str(table.shape()));
+    const int64_t N = ids.numel(), h = table.dim(1);
+    check_numel(out, N * h, op, "out");
+    if (table.dtype() == out.dtype() && table.dtype() == DType::F32) {
+      tsp::embedding_forward(ids.data_as<int32_t>(), table.f32(), out.f32(), N, h, v0,
+                             table.dim(0));
+      return;
+    }
+    // Row copies: the rows in range are copied (any dtype pair), the others left untouched.
+    TSP_CHECK(v0 >= 0, "{}: v0={} must be >= 0", op, v0);
+    const int32_t* id = ids.data_as<int32_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t r = static_cast<int64_t>(id[i]) - v0;
+      if (r >= 0 && r < table.dim(0)) tsp::copy(table.window(r * h, {h}), out.window(i * h, {h}));
+    }
+  }
+  void embedding_backward(TensorView ids, TensorView dout, TensorView dtable, int64_t v0) override {
+    const char* op = "embedding_backward";
+    check_host({&ids, &dout, &dtable}, op);
+    check_dtype(ids, DType::I32, op, "ids");
+    check_dtype(dout, DType::F32, op, "dout");
+    check_dtype(dtable, DType::F32, op, "dtable");
+    TSP_CHECK(dtable.rank() == 2, "{}: dtable must be [V_shard, h], got {}", op,
+              shape_str(dtable.shape()));
+    const int64_t N = ids.numel(), h = dtable.dim(1);
+    check_numel(dout, N * h, op, "dout");
+    tsp::embedding_backward(ids.data_as<int32_t>(), dout.f32(), dtable.f32(), N, h, v0,
+                            dtable.dim(0));
+  }
+
+  // ---- cross-entropy ------------------------------------------------------------------------
+  void cross_entropy(TensorView logits, TensorView labels, TensorView dlogits, float grad_scale,
+                     TensorView loss, int32_t ignore_index) override {
+    const char* op = "cross_entropy";
+    check_host({&logits, &labels, &dlogits, &loss}, op);
+    check_dtype(logits, DType::F32, op, "logits");
+    check_dtype(labels, DType::I32, op, "labels");
+    check_dtype(loss, DType::F64, op, "loss");
+    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
+    check_numel(logits, N * V, op, "logits");
+    Tensor scratch;
+    float* dl = nullptr;
+    if (dlogits.empty()) {
+      scratch = Tensor::f32({N, V}, kWork);  // the kernel always writes gradients
+      dl = scratch.f32();
+    } else {
+      check_dtype(dlogits, DType::F32, op, "dlogits");
+      check_numel(dlogits, N * V, op, "dlogits");
+      dl = dlogits.f32();
+    }
+    loss.data_as<double>()[0] += tsp::cross_entropy_forward_backward(
+        logits.f32(), labels.data_as<int32_t>(), dl, N, V, grad_scale, ignore_index);
+  }
+  void online_softmax_update(TensorView logits, TensorView labels, TensorView row_max,
+                             TensorView row_sum, TensorView target, int64_t v0) override {
+    const char* op = "online_softmax_update";
+    check_host({&logits, &labels, &row_max, &row_sum, &target}, op);
+    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
+    check_dtype(logits, DType::F32, op, "logits");
+    check_numel(logits, N * V, op, "logits");
+    for (const TensorView* t : {&row_max, &row_sum, &target}) check_numel(*t, N, op, "a statistic");
+    tsp::online_softmax_update(logits.f32(), labels.data_as<int32_t>(), row_max.f32(),
+                               row_sum.f32(), target.f32(), N, V, v0);
+  }
+  void online_softmax_merge(TensorView max_a, TensorView sum_a, TensorView max_b,
+                            TensorView sum_b) override {
+    const char* op = "online_softmax_merge";
+    check_host({&max_a, &sum_a, &max_b, &sum_b}, op);
+    const int64_t N = max_a.numel();
+    for (const TensorView* t : {&sum_a, &max_b, &sum_b}) check_numel(*t, N, op, "a statistic");
+    tsp::online_softmax_merge(max_a.f32(), sum_a.f32(), max_b.f32(), sum_b.f32(), N);
+  }
+  void online_softmax_backward(TensorView logits, TensorView labels, TensorView row_max,
+                               TensorView row_sum, TensorView dlogits, int64_t v0, float grad_scale,
+                               int32_t ignore_index) override {
+    const char* op = "online_softmax_backward";
+    check_host({&logits, &labels, &row_max, &row_sum, &dlogits}, op);
+    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
+    check_numel(logits, N * V, op, "logits");
+    check_numel(dlogits, N * V, op, "dlogits");
+    tsp::online_softmax_backward(logits.f32(), labels.data_as<int32_t>(), row_max.f32(),
+                                 row_sum.f32(), dlogits.f32(), N, V, v0, grad_scale, ignore_index);
+  }
+  void online_softmax_loss(TensorView row_max, TensorView row_sum, TensorView target,
+                           TensorView labels, TensorView loss, int32_t ignore_index) override {
+    const char* op = "online_softmax_loss";
+    check_host({&row_max, &row_sum, &target, &labels, &loss}, op);
+    const int64_t N = labels.numel();
+    for (const TensorView* t : {&row_max, &row_sum, &target}) check_numel(*t, N, op, "a statistic");
+    check_dtype(loss, DType::F64, op, "loss");
+    const float *m = row_max.f32(), *s = row_sum.f32(), *t = target.f32();
+    const int32_t* l = labels.data_as<int32_t>();
+    double acc = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      if (l[i] == ignore_index) continue;
+      acc += static_cast<double>(m[i]) + std::log(static_cast<double>(s[i])) -
+             static_cast<double>(t[i]);
+    }
+    loss.data_as<double>()[0] += acc;
+  }
+
+  // ---- attention ----------------------------------------------------------------------------
+  static AttentionParams params(const TensorView& q, const TensorView& k, const TensorView& q_pos,
+                                const TensorView& k_pos, float scale, const char* op) {
+    TSP_CHECK(q.rank() == 3 && k.rank() == 3 && q.dim(2) == k.dim(2),
+              "{}: q must be [nq, hq, d] and k, v [nk, hkv, d], got {} and {}", op,
+              shape_str(q.shape()), shape_str(k.shape()));
+    check_dtype(q_pos, DType::I64, op, "q_pos");
+    check_dtype(k_pos, DType::I64, op, "k_pos");
+    check_numel(q_pos, q.dim(0), op, "q_pos");
+    check_numel(k_pos, k.dim(0), op, "k_pos");
+    AttentionParams p;
+    p.n_q = q.dim(0);
+    p.n_k = k.dim(0);
+    p.n_heads = q.dim(1);
+    p.n_kv_heads = k.dim(1);
+    p.head_dim = q.dim(2);
+    p.scale = scale;
+    p.q_pos = q_pos.data_as<int64_t>();
+    p.k_pos = k_pos.data_as<int64_t>();
+    return p;
+  }
+  void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                         TensorView k_pos, TensorView o, TensorView lse, float scale) override {
+    const char* op = "attention_forward";
+    check_host({&q, &k, &v, &q_pos, &k_pos, &o, &lse}, op);
+    AttentionParams p = params(q, k, q_pos, k_pos, scale, op);
+    check_numel(v, k.numel(), op, "v");
+    check_numel(o, q.numel(), op, "o");
+    check_numel(lse, p.n_q * p.n_heads, op, "lse");
+    check_dtype(lse, DType::F32, op, "lse");
+    Tensor hq, hk, hv;
+    const TensorView qf = as_f32(q, hq), kf = as_f32(k, hk), vf = as_f32(v, hv);
+    F32Out oo(o, false);
+    p.q = qf.f32();
+    p.k = kf.f32();
+    p.v = vf.f32();
+    p.o = oo.f32.f32();
+    p.lse = lse.f32();
+    tsp::attention_forward(p);
+    oo.finish();
+  }
+  void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                          TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
+                          TensorView dq, TensorView dk, TensorView dv, float scale) override {
+    const char* op = "attention_backward";
+    check_host({&q, &k, &v, &q_pos, &k_pos, &o, &lse, &dout, &dq, &dk, &dv}, op);
+    AttentionBackwardParams p;
+    static_cast<AttentionParams&>(p) = params(q, k, q_pos, k_pos, scale, op);
+    check_numel(v, k.numel(), op, "v");
+    check_numel(o, q.numel(), op, "o");
+    check_numel(dout, q.numel(), op, "dout");
+    check_numel(dq, q.numel(), op, "dq");
+    check_numel(dk, k.numel(), op, "dk");
+    check_numel(dv, k.numel(), op, "dv");
+    for (const TensorView* t : {&lse, &dout, &dq, &dk, &dv})
+      check_dtype(*t, DType::F32, op, "lse and gradients");
+    Tensor hq, hk, hv, ho;
+    const TensorView qf = as_f32(q, hq), kf = as_f32(k, hk), vf = as_f32(v, hv), of = as_f32(o, ho);
+    p.q = qf.f32();
+    p.k = kf.f32();
+    p.v = vf.f32();
+    p.o = of.f32();
+    p.lse = lse.f32();
+    p.dout = dout.f32();
+    p.dq = dq.f32();
+    p.dk = dk.f32();
+    p.dv = dv.f32();
+    tsp::attention_backward(p);
+  }
+  void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b,
+                       TensorView lse_b) override {
+    const char* op = "attention_merge";
+    check_host({&o_a, &lse_a, &o_b, &lse_b}, op);
+    TSP_CHECK(o_a.rank() == 3, "{}: o must be [nq, hq, d], got {}", op, shape_str(o_a.shape()));
+    check_numel(o_b, o_a.numel(), op, "o_b");
+    check_numel(lse_a, o_a.dim(0) * o_a.dim(1), op, "lse_a");
+    check_numel(lse_b, lse_a.numel(), op, "lse_b");
+    Tensor hb;
+    const TensorView bf = as_f32(o_b, hb);
+    F32Out ao(o_a, true);
+    tsp::attention_merge(ao.f32.f32(), lse_a.f32(), bf.f32(), lse_b.f32(), o_a.dim(0), o_a.dim(1),
+                         o_a.dim(2));
+    ao.finish();
+  }
+
+  // ---- optimizer ----------------------------------------------------------------------------
+  void adamw(TensorView w_, TensorView g_, TensorView m_, TensorView v_,
+             const AdamWStep& st) override {
+    const char* op = "adamw";
+    check_host({&w_, &g_, &m_, &v_}, op);
+    for (const TensorView* t : {&w_, &g_, &m_, &v_}) {
+      check_dtype(*t, DType::F32, op, "weights, gradients and moments");
+      check_numel(*t, w_.numel(), op, "an operand");
+    }
+    float* __restrict w = w_.f32();
+    const float* __restrict g = g_.f32();
+    float* __restrict m = m_.f32();
+    float* __restrict v = v_.f32();
+    const int64_t n = w_.numel();
+    // Pure f32, the same expression order as torch.optim.AdamW's single-tensor path (see
+    // train/optimizer.h); it vectorises and gives the same bits on every rank.
+    for (int64_t j = 0; j < n; ++j) {
+      const float gj = g[j] * st.grad_scale;
+      m[j] = st.beta1 * m[j] + st.one_minus_beta1 * gj;
+      v[j] = st.beta2 * v[j] + st.one_minus_beta2 * gj * gj;
+      const float denom = std::sqrt(v[j]) * st.inv_sqrt_bias2 + st.eps;
+      w[j] = w[j] * st.decay - st.step_size * (m[j] / denom);
+    }
+  }
+};
+
+}  // namespace
+
+double Backend::host_f64(TensorView scalar) {
+  TSP_CHECK(scalar.dtype() == DType::F64 && scalar.numel() == 1, "host_f64: {} {}",
+            dtype_name(scalar.dtype()), shape_str(scalar.shape()));
+  double v = 0;
+  download(scalar, &v);
+  return v;
+}
+
+int64_t Backend::host_i64(TensorView scalar) {
+  TSP_CHECK(scalar.dtype() == DType::I64 && scalar.numel() == 1, "host_i64: {} {}",
+            dtype_name(scalar.dtype()), shape_str(scalar.shape()));
+  int64_t v = 0;
+  download(scalar, &v);
+  return v;
+}
+
+namespace {
+struct BackendRegistry {
+  std::mutex mutex;
+  std::map<std::pair<int, int>, std::unique_ptr<Backend>> devices;
+};
+BackendRegistry& backends() {
+  static BackendRegistry r;
+  return r;
+}
+}  // namespace
+
+Backend& backend_for(Device device) {
+  static CpuBackend cpu;
+  if (device.is_cpu()) return cpu;
+  BackendRegistry& r = backends();
+  std::lock_guard lock(r.mutex);
+  auto it = r.devices.find({static_cast<int>(device.kind), device.index});
+  TSP_CHECK(it != r.devices.end(),
+            "no backend for device {}: this build has no CUDA backend or the device is absent "
+            "(use --device cpu)",
+            device.str());
+  return *it->second;
+}
+
+void register_backend(Device device, std::unique_ptr<Backend> backend) {
+  TSP_CHECK(!device.is_cpu(), "the CPU backend is built in");
+  BackendRegistry& r = backends();
+  std::lock_guard lock(r.mutex);
+  r.devices[{static_cast<int>(device.kind), device.index}] = std::move(backend);
+}
+
+DType default_compute_dtype(const Backend& backend) {
+  return backend.native_bf16() ? DType::BF16 : DType::F32;
+}
+
+}  // namespace tsp

@@ -1,0 +1,92 @@
+#include "tsp/core/device.h"
+
+#include <array>
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include "tsp/core/error.h"
+
+namespace tsp {
+
+std::string Device::str() const {
+  return kind == DeviceKind::CPU ? std::string("cpu") : "cuda:" + std::to_string(index);
+}
+
+Device parse_device(std::string_view text) {
+  if (text == "cpu") return Device::cpu();
+  if (text == "cuda") return Device::cuda(0);
+  if (text.starts_with("cuda:")) {
+    std::string_view n = text.substr(5);
+    int index = -1;
+    auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), index);
+    if (ec == std::errc() && end == n.data() + n.size() && index >= 0) return Device::cuda(index);
+  }
+  TSP_FAIL("unknown device '{}': use cpu, cuda or cuda:N", text);
+}
+
+namespace {
+
+// Host memory: 64-byte aligned (one cache line, one AVX-512 vector) so kernels may use aligned
+// loads on tensor starts. Sizes are padded to the alignment as aligned_alloc requires.
+class CpuAllocator final : public Allocator {
+ public:
+  Device device() const override { return Device::cpu(); }
+  void* allocate(size_t bytes) override {
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) TSP_FAIL("the host allocator returned no memory for {} bytes", bytes);
+    return p;
+  }
+  void deallocate(void* p, size_t) override { std::free(p); }
+  void zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+  void copy_from_host(void* dst, const void* host, size_t bytes) override {
+    std::memmove(dst, host, bytes);
+  }
+  void copy_to_host(void* host, const void* src, size_t bytes) override {
+    std::memmove(host, src, bytes);
+  }
+};
+
+struct Registry {
+  std::mutex mutex;
+  std::map<std::pair<int, int>, std::unique_ptr<Allocator>> devices;
+};
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+}  // namespace
+
+Allocator& allocator_for(Device device) {
+  static CpuAllocator cpu;
+  if (device.is_cpu()) return cpu;
+  Registry& r = registry();
+  std::lock_guard lock(r.mutex);
+  auto it = r.devices.find({static_cast<int>(device.kind), device.index});
+  TSP_CHECK(it != r.devices.end(),
+            "no allocator for device {}: this build has no backend for it, or the device was not "
+            "initialised (use --device cpu)",
+            device.str());
+  return *it->second;
+}
+
+void register_allocator(DeviceKind kind, int index, std::unique_ptr<Allocator> allocator) {
+  TSP_CHECK(kind != DeviceKind::CPU, "the CPU allocator is built in");
+  Registry& r = registry();
+  std::lock_guard lock(r.mutex);
+  r.devices[{static_cast<int>(kind), index}] = std::move(allocator);
+}
+
+bool poison_allocations() {
+  static const bool on = [] {
+    const char* v = std::getenv("TSP_POISON_ALLOCATIONS");
+    return v && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+}  // namespace tsp
