@@ -281,7 +281,8 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
       for (int i = 0; i < parts_[p]; ++i) {
         if (holder[i] != me) continue;
         TensorView t = grads ? grad(e) : value(e);
-        group.send(t.data(), t.numel(), DType::F32, 0, /*tag=*/p);
+        // Untagged: each sender sends in (parameter, piece) order, the order rank 0 receives.
+        group.send(t.data(), t.numel(), DType::F32, 0);
       }
       continue;
     }
@@ -292,7 +293,7 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
         place_shard(map, spec.shape, (grads ? grad(e) : value(e)).f32(), full.f32());
       } else {
         Tensor tmp = Tensor::f32(map.shard_shape(spec.shape), MemCategory::Comm);
-        group.recv(tmp.data(), tmp.numel(), DType::F32, holder[i], /*tag=*/p);
+        group.recv(tmp.data(), tmp.numel(), DType::F32, holder[i]);
         place_shard(map, spec.shape, tmp.f32(), full.f32());
       }
     }
