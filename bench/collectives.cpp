@@ -158,10 +158,8 @@ std::vector<Case> make_cases(Communicator& c, int64_t count, std::vector<float>&
                      for (int64_t i = 0; i < count; ++i) a[i] = value(me, i);
                    },
                    [&, count, D] {
-                     RequestPtr r = c.irecv(b.data(), count, DType::F32, (me - 1 + D) % D);
-                     RequestPtr s = c.isend(a.data(), count, DType::F32, (me + 1) % D);
-                     s->wait();
-                     r->wait();
+                     c.sendrecv(a.data(), count, DType::F32, (me + 1) % D, b.data(), count,
+                                (me - 1 + D) % D);
                    },
                    [&, count, D] {
                      int64_t w = 0;

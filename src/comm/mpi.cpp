@@ -257,6 +257,19 @@ class MpiRequest final : public Request {
   std::shared_ptr<PendingOp> op_;
 };
 
+class PairRequest final : public Request {
+ public:
+  PairRequest(RequestPtr a, RequestPtr b) : a_(std::move(a)), b_(std::move(b)) {}
+  bool test() override { return a_->test() & b_->test(); }
+  void wait() override {
+    a_->wait();
+    b_->wait();
+  }
+
+ private:
+  RequestPtr a_, b_;
+};
+
 class MpiCommunicator final : public Communicator {
  public:
   // Takes ownership of `comm` (freed in the destructor).
@@ -338,7 +351,8 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  void send(const void* buf, int64_t count, DType dt, int dst, int tag) override {
+  void send(const void* buf, int64_t count, DType dt, int dst) override {
+    const int tag = 0;
     check_p2p(buf, count, dst, tag, CommOp::Send);
     const int64_t bytes = count * static_cast<int64_t>(dtype_size(dt));
     count_traffic(CommOp::Send, {bytes, 0});
@@ -347,7 +361,8 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  void recv(void* buf, int64_t count, DType dt, int src, int tag) override {
+  void recv(void* buf, int64_t count, DType dt, int src) override {
+    const int tag = 0;
     check_p2p(buf, count, src, tag, CommOp::Recv);
     const int64_t bytes = count * static_cast<int64_t>(dtype_size(dt));
     count_traffic(CommOp::Recv, {0, bytes});
@@ -423,7 +438,8 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  RequestPtr isend(const void* buf, int64_t count, DType dt, int dst, int tag) override {
+  RequestPtr isend(const void* buf, int64_t count, DType dt, int dst) override {
+    const int tag = 0;
     check_p2p(buf, count, dst, tag, CommOp::Send);
     count_traffic(CommOp::Send, {count * static_cast<int64_t>(dtype_size(dt)), 0});
     return start(CommOp::Send, [&](PendingOp& p) {
@@ -432,7 +448,8 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  RequestPtr irecv(void* buf, int64_t count, DType dt, int src, int tag) override {
+  RequestPtr irecv(void* buf, int64_t count, DType dt, int src) override {
+    const int tag = 0;
     check_p2p(buf, count, src, tag, CommOp::Recv);
     count_traffic(CommOp::Recv, {0, count * static_cast<int64_t>(dtype_size(dt))});
     return start(CommOp::Recv, [&](PendingOp& p) {
@@ -441,6 +458,19 @@ class MpiCommunicator final : public Communicator {
       p.peer = src;
       check_mpi(MPI_Irecv(buf, static_cast<int>(count), p.type, src, tag, comm_, &p.req), "Irecv");
     });
+  }
+
+  RequestPtr isendrecv(const void* send, int64_t send_count, DType dt, int dst, void* recv,
+                       int64_t recv_count, int src) override {
+    // Receive first, so a self-pair (dst == src == rank) never waits on itself.
+    RequestPtr r = irecv(recv, recv_count, dt, src);
+    RequestPtr s = isend(send, send_count, dt, dst);
+    return std::make_unique<PairRequest>(std::move(s), std::move(r));
+  }
+
+  void sendrecv(const void* send, int64_t send_count, DType dt, int dst, void* recv,
+                int64_t recv_count, int src) override {
+    isendrecv(send, send_count, dt, dst, recv, recv_count, src)->wait();
   }
 
   void progress() override {

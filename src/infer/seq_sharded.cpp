@@ -29,8 +29,6 @@
 namespace tsp::infer {
 namespace {
 
-constexpr int kTagRing = 501;  // point-to-point ring of weight shards (prefill only)
-
 class SeqShardedEngine final : public EngineBase {
  public:
   SeqShardedEngine(const LlamaConfig& c, Communicator& world, bool tsp)
@@ -254,13 +252,13 @@ class SeqShardedEngine final : public EngineBase {
     std::memcpy(buf[0].f32(), own, sizeof(float) * count);
     for (int k = 0; k < D_; ++k) {
       const int cur = k % 2, s = ((p_ - k) % D_ + D_) % D_;
-      RequestPtr sent, recvd;
+      RequestPtr hop;
       if (k + 1 < D_) {
-        sent = group_->isend(buf[cur].data(), count, DType::F32, (p_ + 1) % D_, kTagRing);
-        recvd = group_->irecv(buf[1 - cur].data(), count, DType::F32, (p_ + D_ - 1) % D_, kTagRing);
+        hop = group_->isendrecv(buf[cur].data(), count, DType::F32, (p_ + 1) % D_,
+                                buf[1 - cur].data(), count, (p_ + D_ - 1) % D_);
       }
       body(s, buf[cur].f32());
-      if (sent) sent->wait(), recvd->wait();
+      if (hop) hop->wait();
     }
   }
 

@@ -44,11 +44,6 @@ namespace {
 constexpr MemCategory kComm = MemCategory::Comm;
 constexpr MemCategory kWork = MemCategory::Workspace;
 
-// Message tags of the point-to-point rings (collectives need none).
-constexpr int kTagRing = 301;     // forward rings: the shard in hand, p -> p+1
-constexpr int kTagBwdW = 302;     // backward rings: the shard in hand, p -> p-1
-constexpr int kTagBwdGrad = 303;  // backward rings: the travelling gradient accumulator
-
 // A shard made of several store tensors that travels as ONE contiguous buffer: the pieces are
 // concatenated in order (e.g. [W_gate rows; W_up rows; W_down columns]).
 struct Packing {
@@ -210,16 +205,15 @@ Tensor TspLayout::ring_forward(const Packing& pk, const Pieces& own, bool keep_l
   pk.pack(own, buf[0].f32());
   int cur = 0;
   for (int k = 0; k < D; ++k) {
-    RequestPtr sent, received;
+    RequestPtr hop;  // the shard in hand to p+1, the next one from p-1
     if (k < D - 1) {
-      sent = c.isend(buf[cur].data(), total, DType::F32, mod(p + 1), kTagRing);
-      received = c.irecv(buf[1 - cur].data(), total, DType::F32, mod(p - 1), kTagRing);
-      if (!parallel().overlap) sent->wait(), received->wait();
+      hop = c.isendrecv(buf[cur].data(), total, DType::F32, mod(p + 1), buf[1 - cur].data(), total,
+                        mod(p - 1));
+      if (!parallel().overlap) hop->wait();
     }
     body(mod(p - k), k == 0 ? own : pk.split(buf[cur].f32()));
-    if (sent) {
-      sent->wait();
-      received->wait();
+    if (hop) {
+      hop->wait();
       cur = 1 - cur;
     }
   }
@@ -254,10 +248,7 @@ void TspLayout::ring_backward(const Packing& wpk, const Pieces& own_w, Tensor fi
       wbuf[0] = Tensor::f32({wn}, kComm);
       wbuf[1] = Tensor::f32({wn}, kComm);
       wpk.pack(own_w, wbuf[1].f32());
-      RequestPtr s = c.isend(wbuf[1].data(), wn, DType::F32, left, kTagBwdW);
-      RequestPtr r = c.irecv(wbuf[0].data(), wn, DType::F32, right, kTagBwdW);
-      s->wait();
-      r->wait();
+      c.sendrecv(wbuf[1].data(), wn, DType::F32, left, wbuf[0].data(), wn, right);
     } else {
       TSP_CHECK(first.numel() == wn, "tsp: shard in hand has {} elements, expected {}",
                 first.numel(), wn);
@@ -269,42 +260,39 @@ void TspLayout::ring_backward(const Packing& wpk, const Pieces& own_w, Tensor fi
   // while the accumulator it will be added to is still arriving.
   Tensor acc[2] = {Tensor::f32({gn}, kComm), Tensor::f32({gn}, kComm)};
   Tensor part = D > 2 ? Tensor::f32({gn}, kComm) : Tensor();
-  RequestPtr acc_sent[2], acc_received;
+  // Every rank posts its pairs in the same order (the weight hop of step k, then the accumulator
+  // hop of step k), which is how pairs between two ranks match (communicator.h).
+  RequestPtr acc_hop;  // acc[k % 2] to p-1, the next accumulator from p+1 into acc[(k + 1) % 2]
   for (int k = 0; k < D; ++k) {
     const int s = mod(p + 1 + k);
-    RequestPtr w_sent, w_received;
+    RequestPtr w_hop;
     if (has_w && k + 1 <= D - 2) {  // the shard of step k+1 (not the own one) travels meanwhile
-      w_sent = c.isend(wbuf[cur].data(), wn, DType::F32, left, kTagBwdW);
-      w_received = c.irecv(wbuf[1 - cur].data(), wn, DType::F32, right, kTagBwdW);
-      if (!overlap) w_sent->wait(), w_received->wait();
+      w_hop = c.isendrecv(wbuf[cur].data(), wn, DType::F32, left, wbuf[1 - cur].data(), wn, right);
+      if (!overlap) w_hop->wait();
     }
     if (k == D - 1) {
       // The owner: its contribution straight into its gradients, then the others' sum.
       body(p, own_w, own_g);
-      acc_received->wait();
+      acc_hop->wait();
       gpk.add_into(own_g, acc[k % 2].f32());
     } else {
       Tensor& target = k == 0 ? acc[0] : part;
       target.zero();
       body(s, has_w ? wpk.split(wbuf[cur].f32()) : Pieces{}, gpk.split(target.f32()));
       if (k > 0) {
-        acc_received->wait();
+        // The previous hop brought this step's accumulator and freed the other buffer.
+        acc_hop->wait();
         add_inplace(acc[k % 2].f32(), part.f32(), gn);
       }
-      acc_sent[k % 2] = c.isend(acc[k % 2].data(), gn, DType::F32, left, kTagBwdGrad);
-      // The next accumulator lands in the other buffer once its previous send is done.
-      if (acc_sent[(k + 1) % 2]) acc_sent[(k + 1) % 2]->wait();
-      acc_received = c.irecv(acc[(k + 1) % 2].data(), gn, DType::F32, right, kTagBwdGrad);
-      if (!overlap) acc_sent[k % 2]->wait(), acc_received->wait();
+      acc_hop =
+          c.isendrecv(acc[k % 2].data(), gn, DType::F32, left, acc[(k + 1) % 2].data(), gn, right);
+      if (!overlap) acc_hop->wait();
     }
-    if (w_sent) {
-      w_sent->wait();
-      w_received->wait();
+    if (w_hop) {
+      w_hop->wait();
       cur = 1 - cur;
     }
   }
-  for (RequestPtr& r : acc_sent)
-    if (r) r->wait();
 }
 
 // Attention rounds (docs/tsp-schedule.md, "Forward, one block"): round r computes with head group

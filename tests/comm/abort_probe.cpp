@@ -32,9 +32,9 @@ int body(tsp::Communicator& world, int argc, char** argv) {
     std::vector<float> never(1 << 20);
     tsp::RequestPtr pending;
     if (mode == "pending") {
-      // Nobody sends this message (tag 77).
+      // Nobody sends this message.
       pending = world.irecv(never.data(), static_cast<int64_t>(never.size()), tsp::DType::F32,
-                            (thrower + 1) % world.size(), 77);
+                            (thrower + 1) % world.size());
     }
     if (mode == "std") throw std::runtime_error("probe std failure on purpose");
     TSP_FAIL("probe failure on purpose (mode {})", mode);

@@ -356,8 +356,8 @@ void check_send_recv(Communicator& c, bool nb, int salt, bool big) {
         out.fill(me, salt + k);
         const CommStats before = c.stats();
         if (nb) {
-          RequestPtr r = c.irecv(in.data(), n, dt, src, 5);
-          RequestPtr s = c.isend(out.data(), n, dt, dst, 5);
+          RequestPtr r = c.irecv(in.data(), n, dt, src);
+          RequestPtr s = c.isend(out.data(), n, dt, dst);
           const CommStats at_start = c.stats() - before;
           EXPECT_EQ(at_start[CommOp::Send].bytes_sent, static_cast<int64_t>(n * dtype_size(dt)));
           EXPECT_EQ(at_start[CommOp::Recv].bytes_received,
@@ -365,11 +365,11 @@ void check_send_recv(Communicator& c, bool nb, int salt, bool big) {
           s->wait();
           r->wait();
         } else if (me < std::gcd(D, k)) {
-          c.send(out.data(), n, dt, dst, 5);
-          c.recv(in.data(), n, dt, src, 5);
+          c.send(out.data(), n, dt, dst);
+          c.recv(in.data(), n, dt, src);
         } else {
-          c.recv(in.data(), n, dt, src, 5);
-          c.send(out.data(), n, dt, dst, 5);
+          c.recv(in.data(), n, dt, src);
+          c.send(out.data(), n, dt, dst);
         }
         const CommStats d = c.stats() - before;
         expect_buf(
@@ -638,20 +638,20 @@ TEST(PointToPoint, MismatchedMessageSizesRaiseClearErrors) {
   if (D == 1) {
     // Self-messages: shorter than expected, via irecv/isend.
     std::vector<float> out(7, 1.0f), in(8, 0.0f);
-    RequestPtr r = w.irecv(in.data(), 8, DType::F32, 0, 1);
-    RequestPtr s = w.isend(out.data(), 7, DType::F32, 0, 1);
+    RequestPtr r = w.irecv(in.data(), 8, DType::F32, 0);
+    RequestPtr s = w.isend(out.data(), 7, DType::F32, 0);
     s->wait();
     EXPECT_THROW(r->wait(), Error);
     return;
   }
   std::vector<float> buf(16, 3.0f);
   if (me == 0) {
-    w.send(buf.data(), 7, DType::F32, 1, 1);  // receiver expects 8
-    w.send(buf.data(), 9, DType::F32, 1, 2);  // receiver has room for 8 only
-    w.send(buf.data(), 5, DType::F32, 1, 3);  // non-blocking receiver expects 6
+    w.send(buf.data(), 7, DType::F32, 1);  // receiver expects 8
+    w.send(buf.data(), 9, DType::F32, 1);  // receiver has room for 8 only
+    w.send(buf.data(), 5, DType::F32, 1);  // non-blocking receiver expects 6
   } else if (me == 1) {
     try {
-      w.recv(buf.data(), 8, DType::F32, 0, 1);
+      w.recv(buf.data(), 8, DType::F32, 0);
       ADD_FAILURE() << "short message accepted";
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.message()).find("got 7 elements but 8 were expected"),
@@ -659,12 +659,12 @@ TEST(PointToPoint, MismatchedMessageSizesRaiseClearErrors) {
           << e.what();
     }
     try {
-      w.recv(buf.data(), 8, DType::F32, 0, 2);
+      w.recv(buf.data(), 8, DType::F32, 0);
       ADD_FAILURE() << "long message accepted";
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.message()).find("Recv"), std::string::npos) << e.what();
     }
-    RequestPtr r = w.irecv(buf.data(), 6, DType::F32, 0, 3);
+    RequestPtr r = w.irecv(buf.data(), 6, DType::F32, 0);
     EXPECT_THROW(r->wait(), Error);
   }
   w.barrier();
@@ -745,8 +745,8 @@ struct Exchange {
     const int me = w.rank();
     peer = (me ^ 1) < w.size() ? me ^ 1 : me;
     out.fill(me, 42);
-    r = w.irecv(in.data(), kCount, DType::F32, peer, 9);
-    s = w.isend(out.data(), kCount, DType::F32, peer, 9);
+    r = w.irecv(in.data(), kCount, DType::F32, peer);
+    s = w.isend(out.data(), kCount, DType::F32, peer);
   }
   void check() {
     EXPECT_TRUE(r->test());

@@ -83,8 +83,10 @@ class Communicator {
   virtual void all_reduce(void* buf, int64_t count, DType dt) = 0;
   // recv is only written on root (may be null elsewhere); send may equal recv on root.
   virtual void reduce(const void* send, void* recv, int64_t count, DType dt, int root) = 0;
-  virtual void send(const void* buf, int64_t count, DType dt, int dst, int tag = 0) = 0;
-  virtual void recv(void* buf, int64_t count, DType dt, int src, int tag = 0) = 0;
+  virtual void send(const void* buf, int64_t count, DType dt, int dst) = 0;
+  virtual void recv(void* buf, int64_t count, DType dt, int src) = 0;
+  virtual void sendrecv(const void* send, int64_t send_count, DType dt, int dst, void* recv,
+                        int64_t recv_count, int src) = 0;
   virtual void barrier() = 0;
 
   virtual RequestPtr ibroadcast(void* buf, int64_t count, DType dt, int root) = 0;
@@ -93,8 +95,10 @@ class Communicator {
   virtual RequestPtr ireduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) = 0;
   virtual RequestPtr iall_reduce(void* buf, int64_t count, DType dt) = 0;
   virtual RequestPtr ireduce(const void* send, void* recv, int64_t count, DType dt, int root) = 0;
-  virtual RequestPtr isend(const void* buf, int64_t count, DType dt, int dst, int tag = 0) = 0;
-  virtual RequestPtr irecv(void* buf, int64_t count, DType dt, int src, int tag = 0) = 0;
+  virtual RequestPtr isend(const void* buf, int64_t count, DType dt, int dst) = 0;
+  virtual RequestPtr irecv(void* buf, int64_t count, DType dt, int src) = 0;
+  virtual RequestPtr isendrecv(const void* send, int64_t send_count, DType dt, int dst, void* recv,
+                               int64_t recv_count, int src) = 0;
 
   // Let pending non-blocking transfers of this communicator advance. MPI (Debian's OpenMPI) has no
   // asynchronous progress: a transfer above the eager limit only moves inside MPI calls. Compute

@@ -17,6 +17,7 @@
 #include <omp.h>
 #endif
 
+#include "ops/cpu/kernels_internal.h"
 #include "ops/cpu/vec_math.h"
 #include "tsp/core/error.h"
 #include "tsp/ops/ops.h"
@@ -26,38 +27,9 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Below this many elements of work a parallel region costs more (a few us) than it saves.
-constexpr int64_t kMinParallelWork = 1 << 15;
-
-// Calls body(begin, end, chunk) over a contiguous partition of [0, n) into at most
-// compute_threads() chunks; chunk < kMaxChunks indexes per-chunk partial results.
-constexpr int kMaxChunks = 256;
-template <class Body>
-void for_row_chunks(int64_t n, int64_t work_per_row, Body&& body) {
-  const int threads = std::min(compute_threads(), kMaxChunks);
-  if (threads <= 1 || n < 2 || n * work_per_row < kMinParallelWork) {
-    body(int64_t{0}, n, 0);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    body(n * t / nt, n * (t + 1) / nt, static_cast<int>(t));
-  }
-#else
-  body(int64_t{0}, n, 0);
-#endif
-}
-
-int chunk_count(int64_t n, int64_t work_per_row) {
-  const int threads = std::min(compute_threads(), kMaxChunks);
-  return (threads <= 1 || n < 2 || n * work_per_row < kMinParallelWork) ? 1 : threads;
-}
-
-void check_sizes(const char* name, std::initializer_list<int64_t> sizes) {
-  for (int64_t s : sizes) TSP_CHECK(s >= 0, "{}: negative size {}", name, s);
-}
+using cpu::check_sizes;
+using cpu::chunk_count;
+using cpu::for_row_chunks;
 
 float row_max(const float* row, int64_t n) {
   float m = kNegInf;
@@ -87,48 +59,21 @@ void check_labels(const char* name, const int32_t* labels, int64_t N, int64_t V,
   }
 }
 
-// HF Llama: inv_freq = 1 / base^(arange(0, d, 2).float() / d), every step in fp32.
-std::vector<float> rope_inv_freq(int64_t d, float theta) {
-  std::vector<float> inv(d / 2);
-  for (int64_t i = 0; i < d / 2; ++i) {
-    const float e = static_cast<float>(2 * i) / static_cast<float>(d);
-    inv[i] = 1.f / std::pow(theta, e);
-  }
-  return inv;
-}
-
 // sign = +1 rotates by +angle (forward), -1 by -angle (backward: the transpose).
 void rope_apply(float* x, const int64_t* pos, int64_t N, int64_t n_heads, int64_t d, float theta,
                 float sign, const char* name) {
-  check_sizes(name, {N, n_heads, d});
-  TSP_CHECK(d % 2 == 0, "{}: head dim {} must be even (RoPE rotates pairs (i, i + d/2))", name, d);
-  TSP_CHECK(theta > 0.f, "{}: rope theta must be positive, got {}", name, theta);
+  cpu::check_rope(name, N, n_heads, d, theta);
   if (N == 0 || n_heads == 0 || d == 0) return;
   TSP_CHECK(x && pos, "{}: null x or position ids", name);
   const int64_t half = d / 2;
-  const std::vector<float> inv_freq = rope_inv_freq(d, theta);
+  const std::vector<float> inv_freq = cpu::rope_inv_freq(d, theta);
   for_row_chunks(N, n_heads * d, [&](int64_t begin, int64_t end, int) {
     std::vector<float> cos_t(half), sin_t(half);
     for (int64_t n = begin; n < end; ++n) {
-      // HF: freqs = inv_freq · position_ids.float() (one fp32 product), then fp32 cos/sin of
-      // that angle. glibc's cosf/sinf are correctly rounded in practice, which is what torch's
-      // fp32 cos/sin approximate to within an ulp; the angle's fp32 rounding (up to ~0.004 rad
-      // at position 1e5) is HF's too, and the model was trained with it, so keep it.
-      const float p = static_cast<float>(pos[n]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = p * inv_freq[i];
-        cos_t[i] = std::cos(angle);
-        sin_t[i] = sign * std::sin(angle);
-      }
+      cpu::rope_angles(pos[n], inv_freq.data(), half, sign, cos_t.data(), sin_t.data());
       for (int64_t hd = 0; hd < n_heads; ++hd) {
         float* lo = x + (n * n_heads + hd) * d;
-        float* hi = lo + half;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = lo[i], b = hi[i];
-          lo[i] = a * cos_t[i] - b * sin_t[i];
-          hi[i] = b * cos_t[i] + a * sin_t[i];
-        }
+        cpu::rope_rotate(lo, lo + half, cos_t.data(), sin_t.data(), half);
       }
     }
   });
@@ -164,17 +109,18 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int6
   TSP_CHECK(h > 0 || N == 0, "rmsnorm_forward: hidden size must be positive");
   TSP_CHECK(eps >= 0.f, "rmsnorm_forward: eps must be non-negative, got {}", eps);
   for_row_chunks(N, h, [&](int64_t begin, int64_t end, int) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* xr = x + n * h;
-      float* yr = y + n * h;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
-      rstd[n] = r;
-#pragma omp simd
-      for (int64_t i = 0; i < h; ++i) yr[i] = xr[i] * r * w[i];
-    }
+    for (int64_t n = begin; n < end; ++n)
+      rstd[n] = cpu::rmsnorm_row_forward(x + n * h, w, y + n * h, h, eps);
+  });
+}
+
+// y = x · rstd · w per row from a saved rstd (recomputing the normed input in backward).
+void rmsnorm_apply(const float* x, const float* w, const float* rstd, float* y, int64_t N,
+                   int64_t h) {
+  check_sizes("rmsnorm_apply", {N, h});
+  for_row_chunks(N, h, [&](int64_t begin, int64_t end, int) {
+    for (int64_t n = begin; n < end; ++n)
+      cpu::rmsnorm_row_apply(x + n * h, w, rstd[n], y + n * h, h);
   });
 }
 
@@ -186,30 +132,16 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
   check_sizes("rmsnorm_backward", {N, h});
   if (dx) {
     for_row_chunks(N, h, [&](int64_t begin, int64_t end, int) {
-      for (int64_t n = begin; n < end; ++n) {
-        const float* xr = x + n * h;
-        const float* dyr = dy + n * h;
-        float* dxr = dx + n * h;
-        const float r = rstd[n];
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < h; ++i) dot += dyr[i] * w[i] * xr[i];
-        const float c = dot * r * r * r / static_cast<float>(h);
-#pragma omp simd
-        for (int64_t i = 0; i < h; ++i) dxr[i] = r * w[i] * dyr[i] - c * xr[i];
-      }
+      for (int64_t n = begin; n < end; ++n)
+        cpu::rmsnorm_row_dx(dy + n * h, x + n * h, w, rstd[n], dx + n * h, h);
     });
   }
   if (dw) {
     // Columns are independent: split them (not the rows) so no two threads add to one dw_i.
     for_row_chunks(h, N, [&](int64_t begin, int64_t end, int) {
-      for (int64_t n = 0; n < N; ++n) {
-        const float* xr = x + n * h;
-        const float* dyr = dy + n * h;
-        const float r = rstd[n];
-#pragma omp simd
-        for (int64_t i = begin; i < end; ++i) dw[i] += dyr[i] * xr[i] * r;
-      }
+      for (int64_t n = 0; n < N; ++n)
+        cpu::rmsnorm_row_dw(dy + n * h + begin, x + n * h + begin, rstd[n], dw + begin,
+                            end - begin);
     });
   }
 }
