@@ -254,22 +254,19 @@ Tensor pack_keys(const bf16* x, int64_t n_k, int64_t n_kv_heads, int64_t d) {
   return t;
 }
 
-// Sᵀ [nk][bq] ← scale·log2(e)·Sᵀ, and -inf where key j is after query i. Scaling here (not in
-// the packed Q, which would round q·scale to bf16 again) keeps the scores fp32-exact.
-void scale_and_mask(float* st, int64_t nk, int64_t bq, float mult, bool mask, const int64_t* k_pos,
+// Sᵀ [nk][bq] ← mult·Sᵀ, and -inf where key j is after query i (k_pos[j] > q_pos[i]). Scaling
+// here (not in the packed Q, which would round q·scale to bf16 again) keeps the scores fp32-exact.
+void scale_and_mask(float* st, int64_t nk, int64_t bq, float mult, const int64_t* k_pos,
                     const int64_t* q_lanes) {
   const __m512 c = _mm512_set1_ps(mult), neg_inf = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < nk; ++j) {
-    const __m512i kp = _mm512_set1_epi64(mask ? k_pos[j] : 0);
+    const __m512i kp = _mm512_set1_epi64(k_pos[j]);
     for (int64_t v = 0; v < bq; v += 16) {
       float* s = st + j * bq + v;
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), c);
-      if (mask) {
-        const __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
-        const __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
-        x = _mm512_mask_mov_ps(x, static_cast<__mmask16>(lo | (hi << 8)), neg_inf);
-      }
-      _mm512_storeu_ps(s, x);
+      const __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
+      const __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
+      _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_mul_ps(_mm512_loadu_ps(s), c),
+                                             static_cast<__mmask16>(lo | (hi << 8)), neg_inf));
     }
   }
 }
@@ -324,14 +321,18 @@ void forward_query_tile(const AttentionBf16Params& p, const Geometry& G,
     // Sᵀ [nk][bq] = K [nk, d] · Qᵀ [d, bq]: A = K rows (pairs along d), B = Q pairs along d.
     tile_gemm(nk, bq, d / 2, p.k + j0 * G.kv_stride + kv_off, G.kv_stride, 2, S.qp, 2 * bq, S.st,
               bq, false);
-    scale_and_mask(S.st, nk, bq, mult, kr.max > qr.min, p.k_pos + j0, q_lanes);
+    // Scores in base-2 units are cs·Sᵀ: a tile under the mask is scaled and masked in place (then
+    // cs = 1); any other tile is scaled on the fly (max of c·s, exponent c·s - m by one FMA).
+    const bool masked = kr.max > qr.min;
+    if (masked) scale_and_mask(S.st, nk, bq, mult, p.k_pos + j0, q_lanes);
+    const __m512 cs = _mm512_set1_ps(masked ? 1.f : mult);
 
     // Online softmax, 16 queries at a time; P is written as bf16 pairs along keys.
     for (int64_t vq = 0; vq < bq; vq += 16) {
       const __m512 m_old = _mm512_loadu_ps(S.m + vq);
       __m512 m_new = m_old;
       for (int64_t j = 0; j < nk; ++j)
-        m_new = _mm512_max_ps(m_new, _mm512_loadu_ps(S.st + j * bq + vq));
+        m_new = _mm512_max_ps(m_new, _mm512_mul_ps(cs, _mm512_loadu_ps(S.st + j * bq + vq)));
       // A query that has still seen no key keeps m = -inf; subtracting 0 instead makes its
       // probabilities 2^-inf = 0 rather than NaN.
       const __m512 m_use =
@@ -340,11 +341,12 @@ void forward_query_tile(const AttentionBf16Params& p, const Geometry& G,
       const __m512 a = exp2_ps(_mm512_sub_ps(m_old, m_use));
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j2 = 0; j2 < nk2; ++j2) {
-        const __m512 pe = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(S.st + 2 * j2 * bq + vq), m_use));
-        const __m512 po =
-            2 * j2 + 1 < nk
-                ? exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(S.st + (2 * j2 + 1) * bq + vq), m_use))
-                : _mm512_setzero_ps();
+        const __m512 pe =
+            exp2_ps(_mm512_fmsub_ps(cs, _mm512_loadu_ps(S.st + 2 * j2 * bq + vq), m_use));
+        const __m512 po = 2 * j2 + 1 < nk
+                              ? exp2_ps(_mm512_fmsub_ps(
+                                    cs, _mm512_loadu_ps(S.st + (2 * j2 + 1) * bq + vq), m_use))
+                              : _mm512_setzero_ps();
         sum = _mm512_add_ps(sum, _mm512_add_ps(pe, po));
         _mm512_storeu_si512(S.pp + 2 * (j2 * bq + vq), round_interleave(pe, po));
       }
@@ -451,11 +453,14 @@ void backward_query_tile(const AttentionBf16BackwardParams& p, const Geometry& G
 
     // Pᵀ [nk][bq] = 2^(scale·log2e·K·Qᵀ - lse2), masked entries 0; also as bf16 rows.
     tile_gemm(nk, bq, d / 2, k, G.kv_stride, 2, S.qp, 2 * bq, S.st, bq, false);
-    scale_and_mask(S.st, nk, bq, mult, kr.max > qr.min, p.k_pos + j0, q_lanes);
+    const bool masked = kr.max > qr.min;  // as in the forward: scaled in place or on the fly
+    if (masked) scale_and_mask(S.st, nk, bq, mult, p.k_pos + j0, q_lanes);
+    const __m512 cs = _mm512_set1_ps(masked ? 1.f : mult);
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t vq = 0; vq < bq; vq += 16) {
         float* s = S.st + j * bq + vq;
-        const __m512 P = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(S.lse2 + vq)));
+        const __m512 P =
+            exp2_ps(_mm512_fmsub_ps(cs, _mm512_loadu_ps(s), _mm512_loadu_ps(S.lse2 + vq)));
         _mm512_storeu_ps(s, P);
         store_rounded(S.pq + j * bq + vq, P);
       }
