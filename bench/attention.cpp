@@ -1,5 +1,9 @@
-// Causal attention forward/backward throughput (fast path), one row per (pass, S, heads, kv heads).
-//   bench_attention [--repeats N] [--sizes 1024,4096] [--json]
+// Causal attention forward/backward throughput (fast path), one row per (dtype, pass, S, heads,
+// kv heads, head dim).
+//   bench_attention [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] [--dtype f32|bf16|both]
+//                   [--json]
+// bf16: q, k, v, o in bf16 (lse, dout and gradients fp32), the native AVX512_BF16 path where the
+// CPU has it; the sampled rows are checked against the bf16 reference path.
 // FLOPs counted: forward 2·S²·d per query head, backward 5·S²·d (the causal halves of the
 // full-square 4·S²·d and 10·S²·d). %peak is against 116 GFLOP/s per compute thread (measured fp32
 // FMA peak of one Zen 4 core, docs/platform-notes.md). Each row also checks a sample of 16 query
@@ -54,9 +58,18 @@ struct Row {
   int64_t S, H, Hkv, d;
   double ms, cpu_ms, max_err;
   bool ok;
+  const char* dtype = "f32";
 };
 
+std::vector<tsp::bf16> to_bf16(const std::vector<float>& x) {
+  std::vector<tsp::bf16> out(x.size());
+  tsp::convert_f32_to_bf16(x.data(), out.data(), static_cast<int64_t>(x.size()));
+  return out;
+}
+
 // One configuration: times forward and backward, checks sampled rows against the reference.
+void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<Row>& rows);
+
 void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<Row>& rows) {
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -128,23 +141,121 @@ void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<
       {"backward", S, H, Hkv, d, 1e3 * median(t_bwd), 1e3 * median(c_bwd), err_dq, err_dq <= 2e-5});
 }
 
+// The same with bf16 q, k, v, o. Checks: the sampled rows against the bf16 reference path (fp32
+// reference on the widened inputs, o rounded once). The native path rounds P (and dO, dS in
+// backward) to bf16: |Δo| <= 2^-8·(|o| + max|v|) <= 2^-7 here (inputs in (-1, 1)); for dq the
+// bound is relative to Σ|terms| (tests/ops/attention_bf16_test.cpp checks it per element), so the
+// bench's sanity threshold is 1e-2 of the largest dq of the sample.
+void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<Row>& rows) {
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  auto rnd = [&](int64_t n) {
+    std::vector<float> x(n);
+    for (float& e : x) e = u(rng);
+    return x;
+  };
+  const std::vector<tsp::bf16> q = to_bf16(rnd(S * H * d)), k = to_bf16(rnd(S * Hkv * d)),
+                               v = to_bf16(rnd(S * Hkv * d));
+  const std::vector<float> dout = rnd(S * H * d);
+  std::vector<int64_t> pos(S);
+  std::iota(pos.begin(), pos.end(), 0);
+  std::vector<tsp::bf16> o(S * H * d);
+  std::vector<float> lse(S * H), dq(S * H * d), dk(S * Hkv * d), dv(S * Hkv * d);
+
+  tsp::AttentionBf16BackwardParams p;
+  p.n_q = p.n_k = S, p.n_heads = H, p.n_kv_heads = Hkv, p.head_dim = d;
+  p.scale = 1.f / std::sqrt(static_cast<float>(d));
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.q_pos = pos.data(), p.k_pos = pos.data();
+  p.o = o.data(), p.lse = lse.data(), p.dout = dout.data();
+  p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+
+  std::vector<double> t_fwd, t_bwd, c_fwd, c_bwd;
+  for (int r = 0; r <= repeats; ++r) {  // r = 0 is a warm-up
+    const Clock f;
+    tsp::attention_forward(p);
+    const double tf = f.wall_s(), cf = f.cpu_s();
+    std::fill(dq.begin(), dq.end(), 0.f);
+    std::fill(dk.begin(), dk.end(), 0.f);
+    std::fill(dv.begin(), dv.end(), 0.f);
+    const Clock b;
+    tsp::attention_backward(p);
+    const double tb = b.wall_s(), cb = b.cpu_s();
+    if (r > 0) t_fwd.push_back(tf), t_bwd.push_back(tb), c_fwd.push_back(cf), c_bwd.push_back(cb);
+  }
+
+  const int64_t ns = 16;
+  std::vector<int64_t> idx(ns), ps;
+  for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % S;
+  std::vector<tsp::bf16> qs, os;
+  std::vector<float> dos;
+  for (int64_t i : idx) {
+    qs.insert(qs.end(), q.begin() + i * H * d, q.begin() + (i + 1) * H * d);
+    os.insert(os.end(), o.begin() + i * H * d, o.begin() + (i + 1) * H * d);
+    dos.insert(dos.end(), dout.begin() + i * H * d, dout.begin() + (i + 1) * H * d);
+    ps.push_back(pos[i]);
+  }
+  std::vector<tsp::bf16> o_ref(ns * H * d);
+  std::vector<float> lse_ref(ns * H), dq_ref(ns * H * d, 0.f), dk_ref(S * Hkv * d, 0.f),
+      dv_ref(S * Hkv * d, 0.f);
+  tsp::AttentionBf16BackwardParams r = p;
+  r.n_q = ns, r.q = qs.data(), r.q_pos = ps.data(), r.o = o_ref.data(), r.lse = lse_ref.data();
+  r.dout = dos.data(), r.dq = dq_ref.data(), r.dk = dk_ref.data(), r.dv = dv_ref.data();
+  tsp::attn::forward_reference_bf16(r);
+  r.o = os.data();  // backward from the o the fast path produced, as the timed backward did
+  tsp::attn::backward_reference_bf16(r);
+  double err_o = 0, err_dq = 0, max_dq = 0;
+  for (int64_t s = 0; s < ns; ++s)
+    for (int64_t e = 0; e < H * d; ++e) {
+      const int64_t i = idx[s];
+      err_o =
+          std::max(err_o, double(std::abs(float(o[i * H * d + e]) - float(o_ref[s * H * d + e]))));
+      err_dq = std::max(err_dq, double(std::abs(dq[i * H * d + e] - dq_ref[s * H * d + e])));
+      max_dq = std::max(max_dq, double(std::abs(dq_ref[s * H * d + e])));
+    }
+  err_dq /= std::max(max_dq, 1e-30);
+  rows.push_back({"forward", S, H, Hkv, d, 1e3 * median(t_fwd), 1e3 * median(c_fwd), err_o,
+                  err_o <= 0x1p-7, "bf16"});
+  rows.push_back({"backward", S, H, Hkv, d, 1e3 * median(t_bwd), 1e3 * median(c_bwd), err_dq,
+                  err_dq <= 1e-2, "bf16"});
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int repeats = 5;
   bool json = false;
-  std::vector<int64_t> sizes = {1024, 4096};
+  std::vector<int64_t> sizes = {1024, 4096}, head_dims = {64};
+  std::string dtype = "f32";
+  auto list = [](char* arg) {
+    std::vector<int64_t> out;
+    for (char* t = std::strtok(arg, ","); t; t = std::strtok(nullptr, ","))
+      out.push_back(std::atoll(t));
+    return out;
+  };
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--json")) {
       json = true;
     } else if (!std::strcmp(argv[a], "--repeats") && a + 1 < argc) {
       repeats = std::max(1, std::atoi(argv[++a]));
     } else if (!std::strcmp(argv[a], "--sizes") && a + 1 < argc) {
-      sizes.clear();
-      for (char* t = std::strtok(argv[++a], ","); t; t = std::strtok(nullptr, ","))
-        sizes.push_back(std::atoll(t));
+      sizes = list(argv[++a]);
+    } else if (!std::strcmp(argv[a], "--head-dims") && a + 1 < argc) {
+      head_dims = list(argv[++a]);
+    } else if (!std::strcmp(argv[a], "--dtype") && a + 1 < argc &&
+               (!std::strcmp(argv[a + 1], "f32") || !std::strcmp(argv[a + 1], "bf16") ||
+                !std::strcmp(argv[a + 1], "both"))) {
+      dtype = argv[++a];
     } else {
-      std::fprintf(stderr, "usage: %s [--repeats N] [--sizes 1024,4096] [--json]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] "
+                   "[--dtype f32|bf16|both] [--json]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  for (int64_t d : head_dims) {
+    if (d < 1 || d > 1024) {
+      std::fprintf(stderr, "bench_attention: head dim %lld must be in [1, 1024]\n", (long long)d);
       return 2;
     }
   }
@@ -152,45 +263,47 @@ int main(int argc, char** argv) {
   const double peak = kPeakGflopsPerThread * threads;
   if (!json) {
     fmt::print(
-        "# tsp bench_attention  git={}  machine={} ({} cores)  threads={}  dtype=f32  "
+        "# tsp bench_attention  git={}  machine={} ({} cores)  threads={}  dtype={}  "
         "peak={:.0f} GFLOP/s  repeats={} (median)\n",
         tsp::git_revision(), tsp::cpu_description(), std::thread::hardware_concurrency(), threads,
-        peak, repeats);
+        dtype, peak, repeats);
     fmt::print(
         "# causal, positions 0..S-1; FLOPs: forward 2*S^2*d*heads, backward 5*S^2*d*heads\n");
     fmt::print(
         "# ms, tok/s, GFLOP/s, %peak: wall-clock medians; cpu_ms, cpu_GF/s: process CPU time "
         "(insensitive to other load on the machine)\n");
     fmt::print(
-        "# {:>8} {:>6} {:>5} {:>3} {:>4} {:>10} {:>10} {:>9} {:>8} {:>6} {:>9} {:>9} {:>3}\n",
-        "pass", "S", "heads", "kv", "d", "ms", "cpu_ms", "tok/s", "GFLOP/s", "%peak", "cpu_GF/s",
-        "max_err", "ok");
+        "# {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10} {:>10} {:>9} {:>8} {:>6} {:>9} {:>9} {:>3}\n",
+        "dtype", "pass", "S", "heads", "kv", "d", "ms", "cpu_ms", "tok/s", "GFLOP/s", "%peak",
+        "cpu_GF/s", "max_err", "ok");
   }
   for (int64_t S : sizes)
-    for (int64_t Hkv : {int64_t{8}, int64_t{2}}) {  // MHA, then GQA g = 4
-      std::vector<Row> rows;
-      run(S, 8, Hkv, 64, repeats, rows);
-      for (const Row& r : rows) {
-        const double flops = (r.pass[0] == 'f' ? 2.0 : 5.0) * r.S * r.S * r.d * r.H;
-        const double gflops = flops / (r.ms * 1e-3) / 1e9;
-        const double tok_s = r.S / (r.ms * 1e-3);
-        const double gflops_cpu = flops / (r.cpu_ms * 1e-3 / threads) / 1e9;
-        if (json)
-          fmt::print(
-              "{{\"bench\":\"attention\",\"pass\":\"{}\",\"S\":{},\"heads\":{},\"kv_heads\":{},"
-              "\"head_dim\":{},\"threads\":{},\"ms\":{:.3f},\"cpu_ms\":{:.3f},"
-              "\"tokens_per_s\":{:.1f},\"gflops\":{:.2f},\"pct_peak\":{:.1f},"
-              "\"gflops_cpu\":{:.2f},\"max_err\":{:.3e},\"ok\":{}}}\n",
-              r.pass, r.S, r.H, r.Hkv, r.d, threads, r.ms, r.cpu_ms, tok_s, gflops,
-              100 * gflops / peak, gflops_cpu, r.max_err, r.ok);
-        else
-          fmt::print(
-              "  {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.2f} {:>10.2f} {:>9.0f} {:>8.1f} {:>6.1f} "
-              "{:>9.1f} {:>9.2e} {:>3}\n",
-              r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.cpu_ms, tok_s, gflops, 100 * gflops / peak,
-              gflops_cpu, r.max_err, r.ok ? "yes" : "NO");
-        std::fflush(stdout);
+    for (int64_t d : head_dims)
+      for (int64_t Hkv : {int64_t{8}, int64_t{2}}) {  // MHA, then GQA g = 4
+        std::vector<Row> rows;
+        if (dtype != "bf16") run(S, 8, Hkv, d, repeats, rows);
+        if (dtype != "f32") run_bf16(S, 8, Hkv, d, repeats, rows);
+        for (const Row& r : rows) {
+          const double flops = (r.pass[0] == 'f' ? 2.0 : 5.0) * r.S * r.S * r.d * r.H;
+          const double gflops = flops / (r.ms * 1e-3) / 1e9;
+          const double tok_s = r.S / (r.ms * 1e-3);
+          const double gflops_cpu = flops / (r.cpu_ms * 1e-3 / threads) / 1e9;
+          if (json)
+            fmt::print(
+                "{{\"bench\":\"attention\",\"dtype\":\"{}\",\"pass\":\"{}\",\"S\":{},\"heads\":{},\"kv_heads\":{},"
+                "\"head_dim\":{},\"threads\":{},\"ms\":{:.3f},\"cpu_ms\":{:.3f},"
+                "\"tokens_per_s\":{:.1f},\"gflops\":{:.2f},\"pct_peak\":{:.1f},"
+                "\"gflops_cpu\":{:.2f},\"max_err\":{:.3e},\"ok\":{}}}\n",
+                r.dtype, r.pass, r.S, r.H, r.Hkv, r.d, threads, r.ms, r.cpu_ms, tok_s, gflops,
+                100 * gflops / peak, gflops_cpu, r.max_err, r.ok);
+          else
+            fmt::print(
+                "  {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.2f} {:>10.2f} {:>9.0f} {:>8.1f} {:>6.1f} "
+                "{:>9.1f} {:>9.2e} {:>3}\n",
+                r.dtype, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.cpu_ms, tok_s, gflops,
+                100 * gflops / peak, gflops_cpu, r.max_err, r.ok ? "yes" : "NO");
+          std::fflush(stdout);
+        }
       }
-    }
   return 0;
 }

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "tsp/core/bf16.h"
+
 namespace tsp {
 
 struct AttentionParams {
@@ -41,6 +43,44 @@ void attention_backward(const AttentionBackwardParams& p);
 // (o_a, lse_a) ← (o_a·e^{lse_a} + o_b·e^{lse_b}) / (e^{lse_a} + e^{lse_b}), lse_a ← log(sum).
 // o [n_q, n_heads, d], lse [n_q, n_heads]. Handles -inf on either side.
 void attention_merge(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n_q,
+                     int64_t n_heads, int64_t head_dim);
+
+// ---- bf16 (mixed precision) ---------------------------------------------------------------------
+// Same semantics and layouts as above with q, k, v and o in bf16; lse, the softmax statistics,
+// dout and the gradients stay fp32. Scores are accumulated in fp32 from the exact bf16 products.
+// Where the CPU has AVX512_BF16 the products P·V (forward) and the four backward products run on
+// bf16 operands with fp32 accumulation: the probabilities P, the scaled dS and dout are rounded to
+// bf16 on the way in (as flash-attention does on GPUs), each adding a relative error <= 2^-8 to
+// its term (bounds derived in src/ops/cpu/attention_bf16.cpp); o is rounded to bf16 once.
+
+struct AttentionBf16Params {
+  int64_t n_q = 0, n_k = 0;
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;               // usually 1/sqrt(head_dim)
+  const bf16* q = nullptr;         // [n_q, n_heads, d]
+  const bf16* k = nullptr;         // [n_k, n_kv_heads, d]
+  const bf16* v = nullptr;         // [n_k, n_kv_heads, d]
+  const int64_t* q_pos = nullptr;  // [n_q]
+  const int64_t* k_pos = nullptr;  // [n_k]
+  bf16* o = nullptr;               // [n_q, n_heads, d] (=); 0 for a query that sees no key
+  float* lse = nullptr;            // [n_q, n_heads] fp32; -inf for a query that sees no key
+};
+
+void attention_forward(const AttentionBf16Params& p);
+
+struct AttentionBf16BackwardParams : AttentionBf16Params {
+  const float* dout = nullptr;  // [n_q, n_heads, d] fp32
+  // o (bf16) and lse are the forward outputs (inputs here). dq, dk, dv are fp32, ACCUMULATED (+=).
+  float* dq = nullptr;
+  float* dk = nullptr;
+  float* dv = nullptr;
+};
+
+void attention_backward(const AttentionBf16BackwardParams& p);
+
+// attention_merge for bf16 outputs: the merge is computed in fp32 from the widened o_a, o_b and
+// rounded once into o_a; lse fp32. An empty side (lse = -inf) leaves the other side's o bit for bit.
+void attention_merge(bf16* o_a, float* lse_a, const bf16* o_b, const float* lse_b, int64_t n_q,
                      int64_t n_heads, int64_t head_dim);
 
 }  // namespace tsp

@@ -12,7 +12,10 @@
 namespace tsp {
 namespace attn {
 
-void validate(const AttentionParams& p, const char* who) {
+namespace {
+
+template <class Params>
+void validate_shapes(const Params& p, const char* who) {
   TSP_CHECK(p.n_q >= 0 && p.n_k >= 0, "{}: n_q={} and n_k={} must be >= 0", who, p.n_q, p.n_k);
   TSP_CHECK(p.n_heads >= 1 && p.n_kv_heads >= 1 && p.head_dim >= 1,
             "{}: n_heads={}, n_kv_heads={}, head_dim={} must all be >= 1", who, p.n_heads,
@@ -31,13 +34,29 @@ void validate(const AttentionParams& p, const char* who) {
   }
 }
 
-void validate_backward(const AttentionBackwardParams& p) {
-  validate(p, "attention_backward");
+template <class Params>
+void validate_backward_buffers(const Params& p) {
+  validate_shapes(p, "attention_backward");
   if (p.n_q > 0) {
     TSP_CHECK(p.dout && p.dq, "attention_backward: dout and dq must be set when n_q={}", p.n_q);
     if (p.n_k > 0)
       TSP_CHECK(p.dk && p.dv, "attention_backward: dk and dv must be set when n_k={}", p.n_k);
   }
+}
+
+}  // namespace
+
+void validate(const AttentionParams& p, const char* who) {
+  validate_shapes(p, who);
+}
+void validate_backward(const AttentionBackwardParams& p) {
+  validate_backward_buffers(p);
+}
+void validate(const AttentionBf16Params& p, const char* who) {
+  validate_shapes(p, who);
+}
+void validate_backward(const AttentionBf16BackwardParams& p) {
+  validate_backward_buffers(p);
 }
 
 }  // namespace attn

@@ -25,6 +25,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
+
+#include "ops/cpu/attention_avx512.h"
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -40,34 +42,10 @@ namespace tsp::attn {
 
 namespace {
 
-constexpr int64_t kBq = 64;  // queries per tile (4 vectors of 16 lanes)
-constexpr int64_t kBk = 64;  // keys per tile
+using namespace avx512;  // NOLINT: the shared tile helpers
+
 constexpr int kMr = 6;       // micro-kernel rows: 6 × 4 accumulators + 4 B vectors + 1 broadcast
 constexpr int kNr = 4;       // micro-kernel columns, in vectors of 16
-constexpr float kLog2e = 1.44269504088896340736f;
-constexpr float kLn2 = 0.69314718055994530942f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kPosInf = std::numeric_limits<float>::infinity();
-
-// 2^x. Range reduction x = n + f, n = round(x), |f| <= 1/2, then e^{r}, r = f·ln2 in
-// [-ln2/2, ln2/2] by the Cephes expf minimax polynomial, and 2^n applied exactly by vscalefps.
-// Relative error <= 2e-7 (measured in attention_test against std::exp2). Lanes with x < -126
-// (including -inf) return exactly 0: the largest term of a softmax row is 2^0 = 1, so they weigh
-// < 2^-126 of it, and no denormal is ever produced.
-inline __m512 exp2_ps(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  // e^r ≈ 1 + r + r²·p(r)
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}
 
 // C[R][16·NC] (+)= Σ_k A(r, k) · B[k][16·NC],  A(r, k) = A[r·a_rs + k·a_ks], B rows ldb apart.
 // The accumulators stay in registers for the whole reduction.
@@ -116,65 +94,12 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, in
   }
 }
 
-struct PosRange {
-  int64_t min = std::numeric_limits<int64_t>::max();
-  int64_t max = std::numeric_limits<int64_t>::min();
-};
-
-// [ceil(n / block)] min and max position of each block: decides skip / no-mask / mask per tile.
-std::vector<PosRange> block_ranges(const int64_t* pos, int64_t n, int64_t block) {
-  std::vector<PosRange> out((n + block - 1) / block);
-  for (int64_t i = 0; i < n; ++i) {
-    PosRange& r = out[i / block];
-    r.min = std::min(r.min, pos[i]);
-    r.max = std::max(r.max, pos[i]);
-  }
-  return out;
-}
-
-// Shapes shared by every tile of one call.
-struct Geometry {
-  int64_t d, n_heads, group, q_stride, kv_stride;
-  explicit Geometry(const AttentionParams& p)
-      : d(p.head_dim),
-        n_heads(p.n_heads),
-        group(p.n_heads / p.n_kv_heads),
-        q_stride(p.n_heads * p.head_dim),
-        kv_stride(p.n_kv_heads * p.head_dim) {}
-};
-
-// The query tile's positions as lanes (pads: INT64_MIN sees no key), and its real min / max.
-PosRange load_query_positions(const int64_t* q_pos, int64_t nq, int64_t bq, int64_t* lanes) {
-  PosRange r;
-  for (int64_t i = 0; i < bq; ++i) {
-    lanes[i] = i < nq ? q_pos[i] : std::numeric_limits<int64_t>::min();
-    if (i < nq) r.min = std::min(r.min, lanes[i]), r.max = std::max(r.max, lanes[i]);
-  }
-  return r;
-}
-
 // Xᵀ [d][bq] = mult · X[nq rows, x_stride apart][d], zero in the pad lanes nq..bq.
 void pack_transposed(const float* x, int64_t x_stride, int64_t nq, int64_t bq, int64_t d,
                      float mult, float* xt) {
   for (int64_t c = 0; c < d; ++c) std::fill(xt + c * bq + nq, xt + (c + 1) * bq, 0.f);
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t c = 0; c < d; ++c) xt[c * bq + i] = mult * x[i * x_stride + c];
-}
-
-// Sᵀ[j][i] = -inf where key j is after query i (k_pos[j] > q_pos[i]). Sᵀ [nk][bq].
-void apply_causal_mask(float* st, int64_t nk, int64_t bq, const int64_t* k_pos,
-                       const int64_t* q_lanes) {
-  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-  for (int64_t j = 0; j < nk; ++j) {
-    const __m512i kp = _mm512_set1_epi64(k_pos[j]);
-    for (int64_t v = 0; v < bq; v += 16) {
-      const __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
-      const __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
-      const __mmask16 hidden = static_cast<__mmask16>(lo | (hi << 8));
-      float* s = st + j * bq + v;
-      _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_loadu_ps(s), hidden, neg_inf));
-    }
-  }
 }
 
 // ---- Forward ------------------------------------------------------------------------------------
@@ -333,14 +258,6 @@ void backward_query_tile(const AttentionBackwardParams& p, const Geometry& G,
     // dQ [nq, d] += dSᵀᵀ [nq, nk] · K [nk, d]
     tile_gemm(nq, d, nk, dpt, 1, bq, k, G.kv_stride, dq, G.q_stride, true);
   }
-}
-
-int thread_index() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
 }
 
 }  // namespace

@@ -1,0 +1,111 @@
+// Pieces shared by the AVX-512 attention paths, fp32 (attention_fast.cpp) and bf16
+// (attention_bf16.cpp): tile sizes, the exp2 polynomial, position ranges of tiles, the causal mask
+// on a transposed score tile. Only included where __AVX512F__ is defined.
+#pragma once
+
+#if !defined(__AVX512F__)
+#error "attention_avx512.h needs AVX-512F"
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace tsp::attn::avx512 {
+
+inline constexpr int64_t kBq = 64;  // queries per tile (4 vectors of 16 lanes)
+inline constexpr int64_t kBk = 64;  // keys per tile
+inline constexpr float kLog2e = 1.44269504088896340736f;
+inline constexpr float kLn2 = 0.69314718055994530942f;
+inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+inline constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// 2^x. Range reduction x = n + f, n = round(x), |f| <= 1/2, then e^{r}, r = f·ln2 in
+// [-ln2/2, ln2/2] by the Cephes expf minimax polynomial, and 2^n applied exactly by vscalefps.
+// Relative error <= 2e-7 (measured in attention_test against std::exp2). Lanes with x < -126
+// (including -inf) return exactly 0: the largest term of a softmax row is 2^0 = 1, so they weigh
+// < 2^-126 of it, and no denormal is ever produced.
+inline __m512 exp2_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  // e^r ≈ 1 + r + r²·p(r)
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+struct PosRange {
+  int64_t min = std::numeric_limits<int64_t>::max();
+  int64_t max = std::numeric_limits<int64_t>::min();
+};
+
+// [ceil(n / block)] min and max position of each block: decides skip / no-mask / mask per tile.
+inline std::vector<PosRange> block_ranges(const int64_t* pos, int64_t n, int64_t block) {
+  std::vector<PosRange> out((n + block - 1) / block);
+  for (int64_t i = 0; i < n; ++i) {
+    PosRange& r = out[i / block];
+    r.min = std::min(r.min, pos[i]);
+    r.max = std::max(r.max, pos[i]);
+  }
+  return out;
+}
+
+// Shapes shared by every tile of one call.
+struct Geometry {
+  int64_t d, n_heads, group, q_stride, kv_stride;
+  template <class Params>  // AttentionParams or AttentionBf16Params
+  explicit Geometry(const Params& p)
+      : d(p.head_dim),
+        n_heads(p.n_heads),
+        group(p.n_heads / p.n_kv_heads),
+        q_stride(p.n_heads * p.head_dim),
+        kv_stride(p.n_kv_heads * p.head_dim) {}
+};
+
+// The query tile's positions as lanes (pads: INT64_MIN sees no key), and its real min / max.
+inline PosRange load_query_positions(const int64_t* q_pos, int64_t nq, int64_t bq, int64_t* lanes) {
+  PosRange r;
+  for (int64_t i = 0; i < bq; ++i) {
+    lanes[i] = i < nq ? q_pos[i] : std::numeric_limits<int64_t>::min();
+    if (i < nq) r.min = std::min(r.min, lanes[i]), r.max = std::max(r.max, lanes[i]);
+  }
+  return r;
+}
+
+// Sᵀ[j][i] = -inf where key j is after query i (k_pos[j] > q_pos[i]). Sᵀ [nk][bq].
+inline void apply_causal_mask(float* st, int64_t nk, int64_t bq, const int64_t* k_pos,
+                              const int64_t* q_lanes) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m512i kp = _mm512_set1_epi64(k_pos[j]);
+    for (int64_t v = 0; v < bq; v += 16) {
+      const __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
+      const __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
+      const __mmask16 hidden = static_cast<__mmask16>(lo | (hi << 8));
+      float* s = st + j * bq + v;
+      _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_loadu_ps(s), hidden, neg_inf));
+    }
+  }
+}
+
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace tsp::attn::avx512
