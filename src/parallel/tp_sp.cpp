@@ -50,20 +50,26 @@
 // keys, the cost model's sp_keeps_gathered_kv) so backward needs no second
 // all-gather.
 //
-// At D = 1 this runs exactly the single layout's operations (no staging, no
-// communication): bitwise equal. Communication per block and per rank in closed
-// form: docs/communication.md.
+// Mixed precision (bf16 compute dtype): the activations (x, xn, q, k, v, o)
+// and the K/V all-gathers are bf16; the softmax statistics and their gather,
+// every gradient and every reduction are fp32. A row-parallel projection's
+// partial sum is produced in an fp32 buffer, all-reduced in fp32 and added into
+// the bf16 residual once, so each sub-block output is rounded once, as in
+// single.
+//
+// The order of the pieces is the layer recipe of layout_common.h; this file
+// implements its hooks. At D = 1 it runs exactly the single layout's operations
+// (no staging, no communication): bitwise equal, in fp32 and in bf16.
+// Communication per block and per rank in closed form: docs/communication.md.
 #include "parallel/tp_sp.h"
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
-#include <numeric>
 
 #include "parallel/layout_common.h"
+#include "parallel/mappings.h"
 #include "parallel/registry.h"
 #include "tsp/model/block.h"
-#include "tsp/ops/ops.h"
 
 namespace tsp {
 
@@ -75,47 +81,57 @@ TpSpCoords tp_sp_coords(int group_rank, int D, int T) {
 
 namespace {
 
-// Where backward writes a set of parameters' gradients. With Σ = 1 that is the
-// store itself. With Σ > 1 each sequence shard computes a partial gradient from
-// its own tokens: the partials go to a packed, zeroed staging buffer, are
-// all-reduced over Σ in one call and then added to the store. Staging, rather
-// than all-reducing the store in place, keeps what earlier calls accumulated
-// out of the sum (it is already identical on every σ), so gradient accumulation
-// stays exact.
+constexpr MemCategory kWork = MemCategory::Workspace;
+constexpr int32_t kIgnoreIndex = -100;  // labels that count neither in the loss nor its gradient
+
+// Where backward writes a set of parameters' gradients when Σ > 1. Each
+// sequence shard computes a partial gradient from its own tokens: the partials
+// go to one packed, zeroed F32 buffer, are all-reduced over Σ in one call and
+// then added to the store. Staging, rather than all-reducing the store in
+// place, keeps what earlier calls accumulated out of the sum (it is already
+// identical on every σ), so gradient accumulation stays exact.
 class GradStage {
  public:
-  GradStage(const ShardStore& store, const std::vector<int>& params, bool staged)
-      : store_(store), params_(params) {
-    if (!staged) return;
+  // Stage `params` (their gradients' shapes, packed in this order), zeroed. The
+  // buffer (MemCategory::Comm) is allocated on first use and reused while the
+  // size is the same (every layer's set is).
+  void stage(Backend& be, const ShardStore& store, const std::vector<int>& params) {
+    params_ = params;
+    views_.clear();
     int64_t total = 0;
+    std::vector<int64_t> offsets;
     for (int p : params_) {
-      offsets_.push_back(total);
-      total += store_.grad(store_.entry_of(p)).numel();
+      offsets.push_back(total);
+      total += store.g(p).numel();
     }
-    buf_ = Tensor::f32({total}, MemCategory::Comm);  // zeroed by allocation
-  }
-  float* g(int param) const {
-    if (buf_.empty()) return store_.g(param);
+    if (buf_.empty() || buf_.numel() != total) {
+      buf_ = Tensor();
+      buf_ = Tensor::f32({total}, MemCategory::Comm, be.device());
+    }
+    be.zero(buf_.view());
     for (size_t i = 0; i < params_.size(); ++i)
-      if (params_[i] == param) return buf_.f32() + offsets_[i];
-    TSP_FAIL("parameter #{} is not staged here", param);
+      views_.push_back(buf_.window(offsets[i], store.g(params_[i]).shape()));
   }
-  // Sum the partials over the SP group and add them to the store (no-op when
-  // not staged).
-  void reduce_into_store(Communicator& sp) {
-    if (buf_.empty()) return;
-    sp.all_reduce(buf_.data(), buf_.numel(), DType::F32);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      TensorView dst = store_.grad(store_.entry_of(params_[i]));
-      add_inplace(dst.f32(), buf_.f32() + offsets_[i], dst.numel());
-    }
+  // The staged gradient of `param`; empty when it is not staged here.
+  TensorView find(int param) const {
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (params_[i] == param) return views_[i];
+    return {};
+  }
+  // Sum the partials over the SP group and add them to the store.
+  void reduce_into_store(Backend& be, Communicator& sp, const ShardStore& store) {
+    all_reduce_sum(be, sp, buf_.view());
+    for (size_t i = 0; i < params_.size(); ++i) be.add(store.g(params_[i]), views_[i]);
+  }
+  void release() {
+    params_.clear();
+    views_.clear();
     buf_ = Tensor();
   }
 
  private:
-  const ShardStore& store_;
   std::vector<int> params_;
-  std::vector<int64_t> offsets_;
+  std::vector<TensorView> views_;
   Tensor buf_;
 };
 
@@ -145,6 +161,7 @@ class TpSpLayout final : public LayoutCommon {
     tp_ = group().split(/*color=*/s_, /*key=*/t_);
     sp_ = group().split(/*color=*/t_, /*key=*/s_);
     hg_ = head_group(config_, T_, t_);
+    ad_ = block::attn_dims(config_, hg_.hq(), hg_.hkv());
     v0_ = vocab_shard(config_.vocab_size, T_, t_).begin;
 
     // Shards in canonical order. Norms are whole on every rank; matrices are
@@ -168,10 +185,7 @@ class TpSpLayout final : public LayoutCommon {
           break;
       }
     }
-    store_.allocate(specs_, group());
-    // Every TP rank returns the loss of its token shard; count it once per
-    // shard.
-    loss_partial_ = true;
+    store_.allocate(specs_, group(), be_, parallel.dtype);
   }
 
   std::vector<ParamShard> parameters() override {
@@ -188,6 +202,9 @@ class TpSpLayout final : public LayoutCommon {
   TpSpDegrees degrees() const { return {T_, sigma_}; }
 
  protected:
+  // ---- tokens: zigzag chunks s and 2Σ-1-s of every row (all of them under tp) ----
+  int token_parts() const override { return sigma_; }
+  int token_index() const override { return s_; }
   void check_batch(const ReplicaBatch& rb) const override {
     if (sigma_ == 1 || rb.S % (2 * sigma_) == 0) return;
     if (name() == "sp") check_zigzag(rb.S, sigma_);  // its message speaks of D = Σ
@@ -197,60 +214,236 @@ class TpSpLayout final : public LayoutCommon {
         "fewer sequence shards",
         rb.S, 2 * sigma_, D(), T_, sigma_, 2 * sigma_);
   }
-  // take_tokens reads every token under tp (Σ = 1), else the zigzag chunks of sequence shard s.
-  std::vector<Range> input_ranges(int64_t S) const override {
-    if (sigma_ == 1) return {};
-    return zigzag_ranges(S, sigma_, s_);
+  // Every TP rank computes the same loss of its token shard: count it once.
+  bool counts_loss() const override { return t_ == 0; }
+
+  // Saving policy of block.h, except that K and V are kept as gathered: every
+  // key of the rows, [B·S, hkv/T, d].
+  void allocate_saved(block::LayerSaved& s, const LocalTokens& t) const override {
+    constexpr MemCategory A = MemCategory::Activations;
+    const int64_t n = t.n, h = config_.hidden_size, d = ad_.d, keys = t.B * t.S;
+    const DType act = act_dtype();
+    const Device dev = device();
+    s.x = Tensor({n, h}, act, A, dev);
+    s.rstd1 = Tensor::f32({n}, A, dev);
+    s.q = Tensor({n, ad_.hq, d}, act, A, dev);
+    s.k = Tensor({keys, ad_.hkv, d}, act, A, dev);
+    s.v = Tensor({keys, ad_.hkv, d}, act, A, dev);
+    s.o = Tensor({n, ad_.hq, d}, act, A, dev);
+    s.lse = Tensor::f32({n, ad_.hq}, A, dev);
+    s.x2 = Tensor({n, h}, act, A, dev);
+    s.rstd2 = Tensor::f32({n}, A, dev);
   }
 
-  double run(const ReplicaBatch& rb, bool backward) override;
+  // ---- embedding ----
+  // x [n, h] (=): vocabulary-parallel lookup (this rank's rows [v0, v0 + V/T),
+  // zeros elsewhere), summed over T. all_reduce_sum sums in fp32 (a bf16 x is
+  // widened into an fp32 buffer and rounded once: one non-zero term per
+  // element, so the lookup is exact).
+  void embed_forward(const LocalTokens& t, TensorView x) override {
+    start_traffic();
+    if (T_ == 1) {
+      be_.embedding_forward(t.ids.view(), store_.w(idx_.embed), x, /*v0=*/0);
+      return;
+    }
+    be_.zero(x);
+    be_.embedding_forward(t.ids.view(), store_.w(idx_.embed), x, v0_);
+    all_reduce_sum(be_, *tp_, x);
+  }
+  // dx F32 [n, h] is replicated over T: each rank adds the rows of its ids.
+  void embed_backward(const LocalTokens& t, TensorView dx) override {
+    be_.embedding_backward(t.ids.view(), dx, grad(idx_.embed), v0_);
+  }
+
+  // ---- attention: q, k, v of head group t; K, V all-gathered over Σ; o·Wo_tᵀ all-reduced over T
+  void attention_forward(int l, const LocalTokens& t, TensorView xn,
+                         block::LayerSaved& s) override {
+    const ParamIndex::Layer& P = idx_.layers[l];
+    if (sigma_ == 1) {
+      block::qkv_forward(be_, ad_, attn_weights(P), xn, t.tok_pos.view(), s.q.view(), s.k.view(),
+                         s.v.view());
+    } else {  // this rank's keys and values, then every row's keys of the Σ ranks
+      Tensor k({t.n, ad_.hkv, ad_.d}, act_dtype(), kWork, device());
+      Tensor v({t.n, ad_.hkv, ad_.d}, act_dtype(), kWork, device());
+      block::qkv_forward(be_, ad_, attn_weights(P), xn, t.tok_pos.view(), s.q.view(), k.view(),
+                         v.view());
+      Tensor staging;
+      gather_sequence(be_, *sp_, t, k.view(), s.k.view(), staging);
+      gather_sequence(be_, *sp_, t, v.view(), s.v.view(), staging);
+    }
+    block::attention_forward(be_, ad_, t.B, s.q.view(), s.k.view(), s.v.view(), t.q_pos.view(),
+                             t.k_pos.view(), s.o.view(), s.lse.view());
+    row_parallel_add(s.x2.view(), [&](TensorView y) {  // Megatron's g
+      block::out_proj_forward(be_, store_.w(P.wo), s.o.view(), y);
+    });
+  }
+  void attention_backward(int l, const LocalTokens& t, TensorView xn, const block::LayerSaved& s,
+                          TensorView dx, TensorView dxn) override {
+    const ParamIndex::Layer& P = idx_.layers[l];
+    const Device dev = device();
+    // g's dual is the identity: dx is the same on every TP rank.
+    Tensor d_o = Tensor::f32(s.q.shape(), kWork, dev);
+    block::out_proj_backward(be_, store_.w(P.wo), s.o.view(), dx, d_o.view(), grad(P.wo));
+    Tensor dq = Tensor::zeros(s.q.shape(), DType::F32, kWork, dev);
+    Tensor dk = Tensor::zeros(s.k.shape(), DType::F32, kWork, dev);  // every key of the rows
+    Tensor dv = Tensor::zeros(s.v.shape(), DType::F32, kWork, dev);
+    block::attention_backward(be_, ad_, t.B, s.q.view(), s.k.view(), s.v.view(), t.q_pos.view(),
+                              t.k_pos.view(), s.o.view(), s.lse.view(), d_o.view(), dq.view(),
+                              dk.view(), dv.view());
+    d_o = Tensor();
+    if (sigma_ > 1) {  // this rank's keys' gradients, summed over every rank's queries
+      Tensor dk_local = Tensor::f32({t.n, ad_.hkv, ad_.d}, kWork, dev);
+      Tensor dv_local = Tensor::f32({t.n, ad_.hkv, ad_.d}, kWork, dev);
+      Tensor staging;
+      reduce_scatter_sequence(be_, *sp_, t, dk.view(), dk_local.view(), staging);
+      reduce_scatter_sequence(be_, *sp_, t, dv.view(), dv_local.view(), staging);
+      dk = std::move(dk_local);
+      dv = std::move(dv_local);
+    }
+    block::qkv_backward(be_, ad_, attn_weights(P), {grad(P.wq), grad(P.wk), grad(P.wv), {}}, xn,
+                        t.tok_pos.view(), dq.view(), dk.view(), dv.view(), dxn);
+    if (T_ > 1) all_reduce_sum(be_, *tp_, dxn);  // f's dual
+  }
+
+  // ---- MLP: FFN slice t, its output all-reduced over T ----
+  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) override {
+    const ParamIndex::Layer& P = idx_.layers[l];
+    row_parallel_add(x, [&](TensorView y) {  // Megatron's g
+      block::mlp_forward(be_, mlp_weights(P), xn, y);
+    });
+  }
+  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
+                    TensorView dxn) override {
+    const ParamIndex::Layer& P = idx_.layers[l];
+    block::mlp_backward(be_, mlp_weights(P), {grad(P.wg), grad(P.wu), grad(P.wd)}, xn, dy, dxn);
+    if (T_ > 1) all_reduce_sum(be_, *tp_, dxn);  // f's dual
+  }
+
+  // ---- loss head ----
+  void head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
+                 TensorView dxn) override {
+    const bool backward = !dxn.empty();
+    if (backward && sigma_ > 1) {  // partial sums over this shard's tokens, reduced in end_backward
+      std::vector<int> outer = {idx_.embed, idx_.final_norm};
+      if (!config_.tie_word_embeddings) outer.push_back(idx_.lm_head);
+      outer_stage_.stage(be_, store_, outer);
+    }
+    const TensorView dw = backward ? grad(head_param()) : TensorView();
+    if (T_ == 1) {
+      block::lm_head_loss(be_, xn, store_.w(head_param()), t.labels.view(), grad_scale, loss, dxn,
+                          dw);
+      return;
+    }
+    vocab_parallel_loss(t, xn, grad_scale, loss, dxn, dw);
+  }
+
+  // ---- gradients: staged and all-reduced over Σ (the store itself when Σ = 1) ----
+  TensorView grad_target(int param) override { return grad(param); }
+  void begin_layer_backward(int l) override {
+    if (sigma_ == 1) return;
+    const ParamIndex::Layer& P = idx_.layers[l];
+    layer_stage_.stage(be_, store_,
+                       {P.input_norm, P.wq, P.wk, P.wv, P.wo, P.post_norm, P.wg, P.wu, P.wd});
+  }
+  void end_layer_backward(int l) override {
+    if (sigma_ == 1) return;
+    layer_stage_.reduce_into_store(be_, *sp_, store_);
+    if (l == 0) layer_stage_.release();
+  }
+  // The embedding's, final norm's and LM head's partial gradients.
+  void end_backward(const LocalTokens&) override {
+    if (sigma_ == 1) return;
+    outer_stage_.reduce_into_store(be_, *sp_, store_);
+    outer_stage_.release();
+  }
+
+  // ---- traffic records: one lap of the TP and SP sub-communicators per part ----
+  void part_done(Part part, int layer) override {
+    const CommStats d = lap();
+    switch (part) {
+      case Part::EmbeddingForward:
+      case Part::HeadForward:
+        traffic_.head_forward += d;
+        break;
+      case Part::LayerForward:
+        traffic_.layer_forward[layer] = d;
+        break;
+      case Part::LayerBackward:
+        traffic_.layer_backward[layer] = d;
+        break;
+      case Part::HeadBackward:
+      case Part::EmbeddingBackward:
+      case Part::End:
+        traffic_.head_backward += d;
+        break;
+    }
+  }
 
  private:
-  // Per-run token data of this rank: [B, S/Σ] ids and labels, positions.
-  struct Tokens {
-    int64_t B = 0, S = 0, nr = 0,
-            n = 0;                     // rows, sequence, tokens per row here, tokens here
-    std::vector<int32_t> ids, labels;  // [B, nr]
-    std::vector<int64_t> q_pos;        // [nr] global positions of this rank's tokens
-    std::vector<int64_t> k_pos;        // [S] positions of the gathered keys
-    std::vector<int64_t> tok_pos;      // [n] position of every local token (RoPE)
-  };
-  Tokens take_tokens(const ReplicaBatch& rb) const;
-
   void check_tensor_split(const std::string& name) const;
+  // Where backward accumulates a parameter's gradient: its staged partial when
+  // staged, else the store.
+  TensorView grad(int param) const {
+    if (TensorView g = layer_stage_.find(param); !g.empty()) return g;
+    if (TensorView g = outer_stage_.find(param); !g.empty()) return g;
+    return store_.g(param);
+  }
+  block::AttnWeights attn_weights(const ParamIndex::Layer& P) const {
+    return {store_.w(P.wq), store_.w(P.wk), store_.w(P.wv), store_.w(P.wo)};
+  }
+  block::MlpWeights mlp_weights(const ParamIndex::Layer& P) const {
+    return {store_.w(P.wg), store_.w(P.wu), store_.w(P.wd)};
+  }
+
+  // y [n, h] (+=) the all-reduced output of a row-parallel projection. At T = 1
+  // the block adds straight into the residual (as single does); at T > 1 the
+  // partial sum is produced in an fp32 buffer, all-reduced in fp32 and added
+  // into y once (one rounding of a bf16 residual).
+  template <typename F>
+  void row_parallel_add(TensorView y, F&& partial) {
+    if (T_ == 1) {
+      partial(y);
+      return;
+    }
+    Tensor part = Tensor::zeros(y.shape(), DType::F32, MemCategory::Comm, device());
+    partial(part.view());
+    all_reduce_sum(be_, *tp_, part.view());
+    be_.add(y, part.view());
+  }
+
+  void vocab_parallel_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
+                           TensorView dxn, TensorView dw);
+
   CommStats snapshot() const {
     CommStats s = tp_->stats();
     s += sp_->stats();
     return s;
   }
-  block::AttnDims attn_dims() const { return block::attn_dims(config_, hg_.hq(), hg_.hkv()); }
-  block::AttnWeights attn_weights(const ParamIndex::Layer& P) const {
-    return {store_.w(P.wq), store_.w(P.wk), store_.w(P.wv), store_.w(P.wo)};
+  void start_traffic() {
+    const size_t L = static_cast<size_t>(config_.num_hidden_layers);
+    traffic_ = TpSpTraffic{};
+    traffic_.layer_forward.resize(L);
+    traffic_.layer_backward.resize(L);
+    mark_ = snapshot();
   }
-  block::MlpWeights mlp_weights(const ParamIndex::Layer& P) const {
-    return {store_.w(P.wg), store_.w(P.wu), store_.w(P.wd), config_.intermediate_size / T_};
+  // Traffic since the previous lap; also counted in the layout group's stats
+  // (the sub-communicators' traffic is the group's traffic).
+  CommStats lap() {
+    const CommStats now = snapshot();
+    const CommStats d = now - mark_;
+    mark_ = now;
+    group().stats() += d;
+    return d;
   }
-  int head_param() const { return config_.tie_word_embeddings ? idx_.embed : idx_.lm_head; }
-
-  void allocate_saved(block::LayerSaved& s, const Tokens& tk) const;
-  // y [n, h] (+=) the all-reduced output of a row-parallel projection. At T = 1
-  // the block adds straight into the residual (as single does); at T > 1 the
-  // partial sum goes through a buffer.
-  template <typename F>
-  void row_parallel_add(float* y, int64_t n, F&& partial);
-  void gather_kv(const float* local, float* gathered, const Tokens& tk, int64_t width);
-  void scatter_dkv(const float* full, float* local, const Tokens& tk, int64_t width);
-
-  void layer_forward(int l, block::LayerSaved& s, Tensor& x, Tensor& xn, const Tokens& tk);
-  void layer_backward(int l, block::LayerSaved& s, Tensor& dx, Tensor& xn, const Tokens& tk);
-  double vocab_parallel_loss(const float* xn, const float* w, const Tokens& tk, float grad_scale,
-                             float* dxn, float* dw);
 
   int T_ = 1, sigma_ = 1, t_ = 0, s_ = 0;
   int64_t v0_ = 0;  // first vocabulary id of this rank's embedding / LM head rows
   HeadGroup hg_;
+  block::AttnDims ad_;
   std::unique_ptr<Communicator> tp_, sp_;
+  GradStage layer_stage_, outer_stage_;
   TpSpTraffic traffic_;
+  CommStats mark_;
 };
 
 void TpSpLayout::check_tensor_split(const std::string& name) const {
@@ -275,295 +468,66 @@ void TpSpLayout::check_tensor_split(const std::string& name) const {
             T_, c.vocab_size, ok, T_);
 }
 
-TpSpLayout::Tokens TpSpLayout::take_tokens(const ReplicaBatch& rb) const {
-  Tokens tk;
-  tk.B = rb.B;
-  tk.S = rb.S;
-  tk.nr = rb.S / sigma_;
-  tk.n = tk.B * tk.nr;
-  tk.ids.resize(tk.n);
-  tk.labels.resize(tk.n);
-  if (sigma_ == 1) {  // all tokens in their order (no zigzag: S need not be even)
-    tk.ids = rb.inputs;
-    tk.labels = rb.labels;
-    tk.q_pos.resize(tk.S);
-    std::iota(tk.q_pos.begin(), tk.q_pos.end(), int64_t{0});
-    tk.k_pos = tk.q_pos;
-  } else {
-    auto view = [&](const std::vector<int32_t>& v, int64_t S) {
-      return TensorView(const_cast<int32_t*>(v.data()), {tk.B, S}, DType::I32);
-    };
-    zigzag_take(view(rb.inputs, tk.S), view(tk.ids, tk.nr), sigma_, s_);
-    zigzag_take(view(rb.labels, tk.S), view(tk.labels, tk.nr), sigma_, s_);
-    tk.q_pos = zigzag_positions(tk.S, sigma_, s_);
-    tk.k_pos = zigzag_gathered_positions(tk.S, sigma_);
-  }
-  tk.tok_pos.resize(tk.n);
-  for (int64_t i = 0; i < tk.n; ++i) tk.tok_pos[i] = tk.q_pos[i % tk.nr];
-  return tk;
-}
-
-void TpSpLayout::allocate_saved(block::LayerSaved& s, const Tokens& tk) const {
-  const auto A = MemCategory::Activations;
-  const int64_t n = tk.n, h = config_.hidden_size, d = hg_.head_dim;
-  s.x = Tensor::f32({n, h}, A);
-  s.rstd1 = Tensor::f32({n}, A);
-  s.q = Tensor::f32({n, hg_.hq(), d}, A);
-  // K and V of every token of the rows (gathered over Σ), kept for backward.
-  s.k = Tensor::f32({tk.B * tk.S, hg_.hkv(), d}, A);
-  s.v = Tensor::f32({tk.B * tk.S, hg_.hkv(), d}, A);
-  s.o = Tensor::f32({n, hg_.hq(), d}, A);
-  s.lse = Tensor::f32({n, hg_.hq()}, A);
-  s.x2 = Tensor::f32({n, h}, A);
-  s.rstd2 = Tensor::f32({n}, A);
-}
-
-template <typename F>
-void TpSpLayout::row_parallel_add(float* y, int64_t n, F&& partial) {
-  const int64_t h = config_.hidden_size;
-  if (T_ == 1) {
-    partial(y);
-    return;
-  }
-  Tensor part = Tensor::f32({n, h}, MemCategory::Comm);  // zeroed by allocation
-  partial(part.f32());
-  tp_->all_reduce(part.data(), part.numel(), DType::F32);
-  add_inplace(y, part.f32(), n * h);
-}
-
-// local [B, nr, width] of this rank -> gathered [B, S, width] (keys in
-// zigzag_gathered_positions order): all-gather gives [Σ, B, nr·width], swapping
-// the leading dims gives [B, Σ·nr, width].
-void TpSpLayout::gather_kv(const float* local, float* gathered, const Tokens& tk, int64_t width) {
-  const int64_t block = tk.n * width;
-  Tensor recv = Tensor::f32({sigma_, tk.B, tk.nr * width}, MemCategory::Comm);
-  sp_->all_gather(local, recv.data(), block, DType::F32);
-  swap_leading_dims(recv.view(), TensorView(gathered, {tk.B, sigma_, tk.nr * width}, DType::F32));
-}
-
-// The dual: full [B, S, width] gradient -> [Σ, B, nr·width] -> reduce-scatter:
-// local [B, nr, width] holds the sum over the Σ ranks of the gradient of this
-// rank's keys.
-void TpSpLayout::scatter_dkv(const float* full, float* local, const Tokens& tk, int64_t width) {
-  Tensor send = Tensor::f32({sigma_, tk.B, tk.nr * width}, MemCategory::Comm);
-  swap_leading_dims(TensorView(const_cast<float*>(full), {tk.B, sigma_, tk.nr * width}, DType::F32),
-                    send.view());
-  sp_->reduce_scatter(send.data(), local, tk.n * width, DType::F32);
-}
-
-void TpSpLayout::layer_forward(int l, block::LayerSaved& s, Tensor& x, Tensor& xn,
-                               const Tokens& tk) {
-  const ParamIndex::Layer& P = idx_.layers[l];
-  const block::AttnDims ad = attn_dims();
-  const int64_t n = tk.n, h = config_.hidden_size;
-  const float eps = static_cast<float>(config_.rms_norm_eps);
-
-  copy(x, s.x);
-  rmsnorm_forward(s.x.f32(), store_.w(P.input_norm), xn.f32(), s.rstd1.f32(), n, h, eps);
-  if (sigma_ == 1) {
-    block::qkv_forward(ad, attn_weights(P), xn.f32(), tk.tok_pos.data(), n, s.q.f32(), s.k.f32(),
-                       s.v.f32());
-  } else {
-    Tensor k = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-    Tensor v = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-    block::qkv_forward(ad, attn_weights(P), xn.f32(), tk.tok_pos.data(), n, s.q.f32(), k.f32(),
-                       v.f32());
-    gather_kv(k.f32(), s.k.f32(), tk, ad.kv_width());
-    gather_kv(v.f32(), s.v.f32(), tk, ad.kv_width());
-  }
-  block::attention_forward(ad, tk.B, tk.nr, tk.S, s.q.f32(), s.k.f32(), s.v.f32(), tk.q_pos.data(),
-                           tk.k_pos.data(), s.o.f32(), s.lse.f32());
-  copy(s.x, s.x2);
-  row_parallel_add(s.x2.f32(), n,
-                   [&](float* y) { block::out_proj_forward(ad, store_.w(P.wo), s.o.f32(), n, y); });
-  rmsnorm_forward(s.x2.f32(), store_.w(P.post_norm), xn.f32(), s.rstd2.f32(), n, h, eps);
-  copy(s.x2, x);
-  row_parallel_add(x.f32(), n,
-                   [&](float* y) { block::mlp_forward(mlp_weights(P), h, xn.f32(), n, y); });
-}
-
-void TpSpLayout::layer_backward(int l, block::LayerSaved& s, Tensor& dx, Tensor& xn,
-                                const Tokens& tk) {
-  const ParamIndex::Layer& P = idx_.layers[l];
-  const block::AttnDims ad = attn_dims();
-  const int64_t n = tk.n, h = config_.hidden_size;
-  GradStage gs(store_, {P.input_norm, P.wq, P.wk, P.wv, P.wo, P.post_norm, P.wg, P.wu, P.wd},
-               /*staged=*/sigma_ > 1);
-  Tensor dxn = Tensor::f32({n, h}, MemCategory::Workspace);
-
-  // MLP sub-block: x' = x2 + mlp(norm2(x2)); dx holds d x', becomes d x2.
-  block::rmsnorm_apply(s.x2.f32(), store_.w(P.post_norm), s.rstd2.f32(), xn.f32(), n, h);
-  dxn.zero();
-  block::mlp_backward(mlp_weights(P), {gs.g(P.wg), gs.g(P.wu), gs.g(P.wd)}, h, xn.f32(), dx.f32(),
-                      n, dxn.f32());
-  if (T_ > 1) tp_->all_reduce(dxn.data(), dxn.numel(), DType::F32);  // f's dual
-  block::rmsnorm_backward_add(dxn.f32(), s.x2.f32(), store_.w(P.post_norm), s.rstd2.f32(), dx.f32(),
-                              gs.g(P.post_norm), n, h);
-
-  // Attention sub-block: x2 = x + attn(norm1(x))·woᵀ; dx becomes d x.
-  Tensor d_o = Tensor::f32({n, ad.hq, ad.d}, MemCategory::Workspace);
-  block::out_proj_backward(ad, store_.w(P.wo), s.o.f32(), dx.f32(), n, d_o.f32(), gs.g(P.wo));
-  // Tensors are zeroed by allocation: dq, dk, dv accumulate from 0.
-  Tensor dq = Tensor::f32({n, ad.hq, ad.d}, MemCategory::Workspace);
-  Tensor dk = Tensor::f32({tk.B * tk.S, ad.hkv, ad.d},
-                          MemCategory::Workspace);  // all keys
-  Tensor dv = Tensor::f32({tk.B * tk.S, ad.hkv, ad.d}, MemCategory::Workspace);
-  block::attention_backward(ad, tk.B, tk.nr, tk.S, s.q.f32(), s.k.f32(), s.v.f32(), tk.q_pos.data(),
-                            tk.k_pos.data(), s.o.f32(), s.lse.f32(), d_o.f32(), dq.f32(), dk.f32(),
-                            dv.f32());
-  d_o = Tensor();
-  if (sigma_ > 1) {  // this rank's keys' gradients, summed over every rank's queries
-    Tensor dk_local = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-    Tensor dv_local = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-    scatter_dkv(dk.f32(), dk_local.f32(), tk, ad.kv_width());
-    scatter_dkv(dv.f32(), dv_local.f32(), tk, ad.kv_width());
-    dk = std::move(dk_local);
-    dv = std::move(dv_local);
-  }
-  block::rmsnorm_apply(s.x.f32(), store_.w(P.input_norm), s.rstd1.f32(), xn.f32(), n, h);
-  dxn.zero();
-  block::qkv_backward(ad, attn_weights(P), {gs.g(P.wq), gs.g(P.wk), gs.g(P.wv), nullptr}, xn.f32(),
-                      tk.tok_pos.data(), n, dq.f32(), dk.f32(), dv.f32(), dxn.f32());
-  if (T_ > 1) tp_->all_reduce(dxn.data(), dxn.numel(), DType::F32);  // f's dual
-  block::rmsnorm_backward_add(dxn.f32(), s.x.f32(), store_.w(P.input_norm), s.rstd1.f32(), dx.f32(),
-                              gs.g(P.input_norm), n, h);
-  gs.reduce_into_store(*sp_);
-}
-
 // Vocabulary-parallel cross-entropy of this rank's n tokens against its rows
-// [v0, v0 + V/T) of the LM head. Logits exist only as a [kTokenChunk, V/T]
-// workspace. Pass 1 folds each chunk into per-token (max, sum-exp, target
-// logit); the T ranks' statistics are all-gathered and merged in rank order, so
-// every TP rank holds the same full-vocabulary softmax statistics and loss.
-// When dxn is non-null, pass 2 recomputes the local logits, turns them into
-// dlogits and writes this shard's part of dxn [n, h] (=; the caller all-reduces
-// it over T) and dw [V/T, h] (+=).
-double TpSpLayout::vocab_parallel_loss(const float* xn, const float* w, const Tokens& tk,
-                                       float grad_scale, float* dxn, float* dw) {
-  const int64_t n = tk.n, h = config_.hidden_size, Vs = config_.vocab_size / T_;
-  const int64_t rows = std::min(n, block::kTokenChunk);
-  Tensor logits = Tensor::f32({rows, Vs}, MemCategory::Workspace);
-  // stats [3, n]: running max, running sum of exp(logit - max), target logit (0
-  // unless the label is in this shard, so the sum over ranks is exactly the
+// [v0, v0 + V/T) of the LM head (T > 1). Logits exist only as a
+// [kTokenChunk, V/T] F32 workspace. Pass 1 folds each chunk into per-token
+// (max, sum-exp, target logit); the T ranks' statistics (F32 in every compute
+// dtype) are all-gathered and merged in rank order, so every TP rank holds the
+// same full-vocabulary softmax statistics and loss (labels equal to
+// kIgnoreIndex count for nothing). When dxn is non-empty, pass 2 recomputes the
+// local logits, turns them into dlogits and writes this shard's part of dxn
+// [n, h] (=), all-reduced over T (f's dual), and dw [V/T, h] (+=).
+void TpSpLayout::vocab_parallel_loss(const LocalTokens& t, TensorView xn, float grad_scale,
+                                     TensorView loss, TensorView dxn, TensorView dw) {
+  const int64_t n = t.n, h = config_.hidden_size, Vs = config_.vocab_size / T_;
+  const TensorView w = store_.w(head_param());
+  const Device dev = device();
+  Tensor logits = Tensor::f32({std::min(n, block::kTokenChunk), Vs}, kWork, dev);
+  // stats [3, n]: running max, running sum of exp(logit - max), target logit
+  // (0 unless the label is in this shard, so the sum over ranks is exactly the
   // target logit).
-  Tensor stats = Tensor::f32({3, n}, MemCategory::Comm);
-  float* run_max = stats.f32();
-  float* run_sum = run_max + n;
-  float* target = run_sum + n;
-  std::fill(run_max, run_max + n, -std::numeric_limits<float>::infinity());
-  std::fill(run_sum, run_sum + 2 * n, 0.f);  // sums and targets
+  Tensor stats = Tensor::f32({3, n}, MemCategory::Comm, dev);
+  const TensorView row_max = stats.window(0, {n}), row_sum = stats.window(n, {n}),
+                   target = stats.window(2 * n, {n});
+  be_.fill(row_max, -std::numeric_limits<float>::infinity());
+  be_.zero(stats.window(n, {2 * n}));  // sums and targets
   for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
     const int64_t m = std::min(block::kTokenChunk, n - t0);
-    linear_forward(xn + t0 * h, w, logits.f32(), m, h, Vs);
-    online_softmax_update(logits.f32(), tk.labels.data() + t0, run_max + t0, run_sum + t0,
-                          target + t0, m, Vs, v0_);
+    const TensorView lv = logits.window(0, {m, Vs});
+    be_.linear_forward(xn.window(t0 * h, {m, h}), w, lv, /*accumulate=*/false);
+    be_.online_softmax_update(lv, t.labels.window(t0, {m}), row_max.window(t0, {m}),
+                              row_sum.window(t0, {m}), target.window(t0, {m}), v0_);
   }
-  Tensor all = Tensor::f32({T_, 3, n}, MemCategory::Comm);
-  tp_->all_gather(stats.data(), all.data(), 3 * n, DType::F32);
-  const float* a0 = all.f32();
-  std::copy(a0, a0 + 3 * n, stats.f32());
-  for (int r = 1; r < T_; ++r) {
-    const float* ar = all.f32() + r * 3 * n;
-    online_softmax_merge(run_max, run_sum, ar, ar + n, n);
-    add_inplace(target, ar + 2 * n, n);
+  {
+    Tensor all = Tensor::f32({T_, 3, n}, MemCategory::Comm, dev);
+    tp_->all_gather(stats.data(), all.data(), 3 * n, DType::F32);
+    be_.copy(all.window(0, {3 * n}), stats.view());
+    for (int r = 1; r < T_; ++r) {
+      const int64_t o = r * 3 * n;
+      be_.online_softmax_merge(row_max, row_sum, all.window(o, {n}), all.window(o + n, {n}));
+      be_.add(target, all.window(o + 2 * n, {n}));
+    }
   }
-  all = Tensor();
-  double loss = 0;
-  for (int64_t i = 0; i < n; ++i)
-    loss += static_cast<double>(run_max[i]) + std::log(static_cast<double>(run_sum[i])) -
-            static_cast<double>(target[i]);
-  if (!dxn) return loss;
+  be_.online_softmax_loss(row_max, row_sum, target, t.labels.view(), loss, kIgnoreIndex);
+  if (dxn.empty()) return;
 
   for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
     const int64_t m = std::min(block::kTokenChunk, n - t0);
-    linear_forward(xn + t0 * h, w, logits.f32(), m, h, Vs);
+    const TensorView lv = logits.window(0, {m, Vs}), x = xn.window(t0 * h, {m, h}),
+                     dx = dxn.window(t0 * h, {m, h});
+    be_.linear_forward(x, w, lv, /*accumulate=*/false);
     // dlogits overwrite the logits in place (each element is read before it is
     // written).
-    online_softmax_backward(logits.f32(), tk.labels.data() + t0, run_max + t0, run_sum + t0,
-                            logits.f32(), m, Vs, v0_, grad_scale);
-    std::fill(dxn + t0 * h, dxn + (t0 + m) * h, 0.f);
-    linear_backward(logits.f32(), xn + t0 * h, w, dxn + t0 * h, dw, m, h, Vs);
+    be_.online_softmax_backward(lv, t.labels.window(t0, {m}), row_max.window(t0, {m}),
+                                row_sum.window(t0, {m}), lv, v0_, grad_scale, kIgnoreIndex);
+    be_.zero(dx);
+    be_.linear_backward(lv, x, w, dx, dw);
   }
-  return loss;
-}
-
-double TpSpLayout::run(const ReplicaBatch& rb, bool backward) {
-  const LlamaConfig& c = config_;
-  const Tokens tk = take_tokens(rb);
-  const int64_t n = tk.n, h = c.hidden_size, Vs = c.vocab_size / T_;
-  const int L = static_cast<int>(c.num_hidden_layers);
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  const CommStats run_start = snapshot();
-  traffic_ = TpSpTraffic{};
-  traffic_.layer_forward.resize(L);
-  traffic_.layer_backward.resize(L);
-  CommStats mark = snapshot();
-  auto lap = [&]() {  // traffic since the previous lap
-    const CommStats now = snapshot();
-    const CommStats d = now - mark;
-    mark = now;
-    return d;
-  };
-
-  // Embedding: vocabulary-parallel lookup (rows outside [v0, v0 + V/T) stay 0),
-  // summed over T.
-  Tensor x = Tensor::f32({n, h}, MemCategory::Workspace);   // residual stream (zeroed)
-  Tensor xn = Tensor::f32({n, h}, MemCategory::Workspace);  // normed input of a sub-block
-  embedding_forward(tk.ids.data(), store_.w(idx_.embed), x.f32(), n, h, v0_, Vs);
-  if (T_ > 1) tp_->all_reduce(x.data(), x.numel(), DType::F32);
+  // The d(xn) all-reduce belongs to the backward in the traffic records, though
+  // the recipe runs it inside the loss head.
   traffic_.head_forward += lap();
-
-  // Forward-only keeps one layer's activations at a time; backward keeps all L.
-  std::vector<block::LayerSaved> saved(backward ? L : 1);
-  for (int l = 0; l < L; ++l) {
-    block::LayerSaved& s = saved[backward ? l : 0];
-    if (s.x.empty()) allocate_saved(s, tk);
-    layer_forward(l, s, x, xn, tk);
-    traffic_.layer_forward[l] = lap();
-  }
-
-  // Final norm and loss head. With Σ > 1 their gradients (and the embedding's,
-  // which the tied head shares) are partial sums over tokens: staged and
-  // all-reduced over Σ at the end.
-  Tensor rstd_f = Tensor::f32({n}, MemCategory::Activations);
-  rmsnorm_forward(x.f32(), store_.w(idx_.final_norm), xn.f32(), rstd_f.f32(), n, h, eps);
-  std::vector<int> outer = {idx_.embed, idx_.final_norm};
-  if (!c.tie_word_embeddings) outer.push_back(idx_.lm_head);
-  GradStage gs(store_, backward ? outer : std::vector<int>{}, backward && sigma_ > 1);
-  Tensor dxn = backward ? Tensor::f32({n, h}, MemCategory::Workspace) : Tensor();
-  float* dw_head = backward ? gs.g(head_param()) : nullptr;
-  const double loss = T_ == 1
-                          ? block::lm_head_loss(xn.f32(), store_.w(head_param()), tk.labels.data(),
-                                                n, h, c.vocab_size, rb.grad_scale,
-                                                backward ? dxn.f32() : nullptr, dw_head)
-                          : vocab_parallel_loss(xn.f32(), store_.w(head_param()), tk, rb.grad_scale,
-                                                backward ? dxn.f32() : nullptr, dw_head);
-  traffic_.head_forward += lap();
-  // Every TP rank computed the same loss of this token shard: count it once.
-  const double local_loss = t_ == 0 ? loss : 0.0;
-  if (!backward) {
-    group().stats() += snapshot() - run_start;
-    return local_loss;
-  }
-
-  Tensor dx = Tensor::f32({n, h}, MemCategory::Workspace);  // d residual stream (zeroed)
-  if (T_ > 1) tp_->all_reduce(dxn.data(), dxn.numel(), DType::F32);
-  block::rmsnorm_backward_add(dxn.f32(), x.f32(), store_.w(idx_.final_norm), rstd_f.f32(), dx.f32(),
-                              gs.g(idx_.final_norm), n, h);
-  dxn = Tensor();
+  all_reduce_sum(be_, *tp_, dxn);  // f's dual
   traffic_.head_backward += lap();
-  for (int l = L - 1; l >= 0; --l) {
-    layer_backward(l, saved[l], dx, xn, tk);
-    saved[l] = block::LayerSaved();  // this layer's activations are no longer needed
-    traffic_.layer_backward[l] = lap();
-  }
-  embedding_backward(tk.ids.data(), dx.f32(), gs.g(idx_.embed), n, h, v0_, Vs);
-  gs.reduce_into_store(*sp_);
-  traffic_.head_backward += lap();
-  // The sub-communicators' traffic is the layout group's traffic (what
-  // group().stats() reports).
-  group().stats() += snapshot() - run_start;
-  return local_loss;
 }
 
 std::unique_ptr<Layout> make(const std::string& name, const LlamaConfig& c, const ParallelConfig& p,

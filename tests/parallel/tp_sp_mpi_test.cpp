@@ -69,8 +69,9 @@ std::vector<Config> configs_for(int W) {
   return out;
 }
 
-test::LayoutCase make_case(const Config& cf, const Model& m) {
+test::LayoutCase make_case(const Config& cf, const Model& m, DType dtype = DType::F32) {
   test::LayoutCase lc;
+  lc.dtype = dtype;
   lc.layout = cf.layout;
   lc.tp = cf.layout == "tp-sp" ? cf.T : 1;
   lc.dp = cf.dp;
@@ -80,7 +81,7 @@ test::LayoutCase make_case(const Config& cf, const Model& m) {
   return lc;
 }
 
-TEST(TpSp, MatchesSingleEveryGradient) {
+void check_every_config_against_single(DType dtype) {
   const int W = test::world().size();
   const std::vector<Config> cfs = configs_for(W);
   ASSERT_FALSE(cfs.empty()) << "no configuration for " << W << " ranks";
@@ -88,13 +89,24 @@ TEST(TpSp, MatchesSingleEveryGradient) {
     for (const Model& m : models()) {
       if (cf.tensor_degree() > m.max_T) continue;
       const test::LayoutCaseResult r =
-          test::check_layout_against_single(test::world(), make_case(cf, m));
+          test::check_layout_against_single(test::world(), make_case(cf, m, dtype));
       if (test::world().rank() == 0)
-        std::printf("# %-18s %-12s loss %.9f (single %.9f)  max rel err %.2e (%s)\n",
-                    cf.label().c_str(), m.name, r.loss, r.ref_loss, r.max_rel_err,
-                    r.worst_param.c_str());
+        std::printf("# %-18s %-12s %s loss %.9f (single %.9f)  max rel err %.2e (%s)\n",
+                    cf.label().c_str(), m.name, std::string(dtype_name(dtype)).c_str(), r.loss,
+                    r.ref_loss, r.max_rel_err, r.worst_param.c_str());
     }
   }
+}
+
+TEST(TpSp, MatchesSingleEveryGradient) {
+  check_every_config_against_single(DType::F32);
+}
+
+// The same in bf16 mixed precision against single in bf16 (the harness's kLayoutRtolBf16, and
+// bitwise at D = 1, R = 1): every row-parallel partial sum and every reduction is fp32, so each
+// sub-block output is rounded to bf16 once, as in single.
+TEST(TpSp, Bf16MatchesSingleEveryGradient) {
+  check_every_config_against_single(DType::BF16);
 }
 
 // ---- exact shard maps --------------------------------------------------------------------------
@@ -251,7 +263,10 @@ void expect_traffic(const CommStats& got, const Expected& want, const std::strin
   EXPECT_EQ(got.total_received(), got.total_sent()) << what << ": sent != received";
 }
 
-TEST(TpSp, PerLayerTrafficEqualsClosedForms) {
+// dtype is the compute dtype. e = 4: every reduction (all-reduce, reduce-scatter) and the softmax
+// statistics' all-gather move fp32 in every compute dtype; ea: the activations' element size, which
+// only the K/V all-gathers move (4 in f32, 2 in bf16: they halve).
+void check_traffic_equals_closed_forms(DType dtype) {
   const int W = test::world().size();
   for (const Config& cf : configs_for(W)) {
     for (const Model& m : models()) {
@@ -261,9 +276,10 @@ TEST(TpSp, PerLayerTrafficEqualsClosedForms) {
       pc.layout = cf.layout;
       pc.tp = cf.layout == "tp-sp" ? cf.T : 1;
       pc.dp = cf.dp;
+      pc.dtype = dtype;
       std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
       layout->load(RandomWeights(3));
-      const int64_t B = 4, S = 16, e = 4;
+      const int64_t B = 4, S = 16, e = 4, ea = static_cast<int64_t>(dtype_size(dtype));
       const CommStats g0 = layout->group().stats();
       layout->forward_backward(test::random_batch(B, S, c.vocab_size, 2));
       const CommStats group_total = layout->group().stats() - g0;
@@ -282,14 +298,15 @@ TEST(TpSp, PerLayerTrafficEqualsClosedForms) {
         head_b.all_reduce = ar(T, n * h * e);   // d(xn) of the loss head
       }
       if (Sg > 1) {
-        const int64_t kv_block = n * (kv / T) * e;  // this rank's k (or v) rows
-        fwd.all_gather = 2 * ag(Sg, kv_block);
-        bwd.reduce_scatter = 2 * ag(Sg, kv_block);
+        // This rank's k (or v) rows: gathered in the compute dtype, their gradients
+        // reduce-scattered in fp32.
+        fwd.all_gather = 2 * ag(Sg, n * (kv / T) * ea);
+        bwd.reduce_scatter = 2 * ag(Sg, n * (kv / T) * e);
         bwd.all_reduce += ar(Sg, (M / T + 2 * h) * e);  // the block's weight gradients
         const int64_t outer = (c.tie_word_embeddings ? 1 : 2) * V * h / T + h;
         head_b.all_reduce += ar(Sg, outer * e);  // embedding, final norm, LM head
       }
-      const std::string what = cf.label() + " " + m.name;
+      const std::string what = cf.label() + " " + m.name + " " + std::string(dtype_name(dtype));
       ASSERT_EQ(tr->layer_forward.size(), static_cast<size_t>(c.num_hidden_layers));
       for (int l = 0; l < c.num_hidden_layers; ++l) {
         expect_traffic(tr->layer_forward[l], fwd, what + fmt::format(" layer {} forward", l));
@@ -305,16 +322,19 @@ TEST(TpSp, PerLayerTrafficEqualsClosedForms) {
 
       // The planner's block_comm (include/tsp/plan/cost_model.h) is the same count, forward and
       // backward (its Σ all-reduce carries the two RMSNorm vectors with the matrices, as here).
-      plan::LayoutSpec ls;
-      ls.name = cf.layout;
-      ls.D = cf.D();
-      ls.T = cf.layout == "tp-sp" ? cf.T : 1;
-      ls.R = cf.dp;
-      const plan::BlockComm pb = plan::block_comm(c, ls, B / cf.dp * S, static_cast<int>(e));
-      EXPECT_EQ(pb.forward.sent, tr->layer_forward[0].total_sent()) << what << " vs planner";
-      EXPECT_EQ(pb.forward.received, tr->layer_forward[0].total_received()) << what;
-      EXPECT_EQ(pb.backward.sent, tr->layer_backward[0].total_sent()) << what << " vs planner";
-      EXPECT_EQ(pb.backward.received, tr->layer_backward[0].total_received()) << what;
+      // It models f32 (one element size for every transfer).
+      if (dtype == DType::F32) {
+        plan::LayoutSpec ls;
+        ls.name = cf.layout;
+        ls.D = cf.D();
+        ls.T = cf.layout == "tp-sp" ? cf.T : 1;
+        ls.R = cf.dp;
+        const plan::BlockComm pb = plan::block_comm(c, ls, B / cf.dp * S, static_cast<int>(e));
+        EXPECT_EQ(pb.forward.sent, tr->layer_forward[0].total_sent()) << what << " vs planner";
+        EXPECT_EQ(pb.forward.received, tr->layer_forward[0].total_received()) << what;
+        EXPECT_EQ(pb.backward.sent, tr->layer_backward[0].total_sent()) << what << " vs planner";
+        EXPECT_EQ(pb.backward.received, tr->layer_backward[0].total_received()) << what;
+      }
 
       // forward() records the forward only.
       layout->forward(test::random_batch(B, S, c.vocab_size, 2));
@@ -324,6 +344,19 @@ TEST(TpSp, PerLayerTrafficEqualsClosedForms) {
       }
     }
   }
+}
+
+TEST(TpSp, PerLayerTrafficEqualsClosedForms) {
+  check_traffic_equals_closed_forms(DType::F32);
+}
+
+// In bf16 the K/V all-gathers move half the bytes (ea = 2); the vocabulary statistics' gather, the
+// embedding's and the row-parallel projections' all-reduces, d(xn)'s all-reduces, the dK/dV
+// reduce-scatters and the weight-gradient all-reduces stay fp32 (e = 4), so their counts are the
+// f32 test's. E.g. sp D=2, mha_untied (n = 32 tokens, kv = 64): a layer's forward all-gathers
+// 2·(2-1)·32·64·2 = 8192 bytes instead of 16384; its backward is unchanged.
+TEST(TpSp, Bf16PerLayerTrafficEqualsClosedForms) {
+  check_traffic_equals_closed_forms(DType::BF16);
 }
 
 // ---- errors ------------------------------------------------------------------------------------
