@@ -3,6 +3,9 @@
 // of the framework is not included). Tests compare these records exactly with the closed forms
 // of docs/communication.md ("tsp"); a Layout built with make_layout(..., "tsp", ...) implements
 // TspTrafficReport, so `dynamic_cast<const TspTrafficReport*>(layout.get())` reaches it.
+// Bytes are counted at each transfer's dtype: under bf16 the weight broadcasts and ring hops and
+// the K/V all-gathers move 2-byte elements; the reductions (partial dP_r, dK/dV, norm gradients)
+// and the travelling gradient accumulators stay fp32. Element counts do not depend on the dtype.
 #pragma once
 
 #include <vector>

@@ -1,6 +1,7 @@
 // The tsp layout: against the single reference (loss and every gradient; MHA and GQA, L=2, tied
-// and untied, with and without data parallelism), overlap on/off bitwise identical, exact
-// per-layer communication against the closed forms of docs/communication.md, the shard map with
+// and untied, with and without data parallelism; in fp32 and in bf16 mixed precision), overlap
+// on/off bitwise identical, exact per-layer communication against the closed forms of
+// docs/communication.md (and bf16's halved compute-dtype transfers), the shard map with
 // coordinate-hash weights, the memory bound (no whole layer in flight) and the start-up errors.
 // tsp-test-ranks: 1 2 4 8
 #include <gtest/gtest.h>
@@ -21,11 +22,13 @@ namespace {
 
 using test::error_of;
 
-std::unique_ptr<Layout> make_tsp(const LlamaConfig& c, int dp, bool overlap = true) {
+std::unique_ptr<Layout> make_tsp(const LlamaConfig& c, int dp, bool overlap = true,
+                                 DType dtype = DType::F32) {
   ParallelConfig pc;
   pc.layout = "tsp";
   pc.dp = dp;
   pc.overlap = overlap;
+  pc.dtype = dtype;
   return make_layout(c, pc, test::world());
 }
 
@@ -78,6 +81,40 @@ TEST(Tsp, MatchesSingle) {
   }
 }
 
+// The same in bf16 mixed precision, against single in bf16: weights, K/V and the residual stream
+// in bf16, gradients and reductions in fp32. The harness's kLayoutRtolBf16 (layout_harness.h:
+// every sub-block output rounded to bf16 once, 6 rounded stages) applies; at D = 1, R = 1 it
+// demands bit-for-bit equality with single in bf16. Overlap off on one MHA and one GQA model
+// (the schedules' blocking variants; that they compute the same is OverlapOffIsBitwiseIdentical).
+TEST(Tsp, Bf16MatchesSingle) {
+  const int W = test::world().size();
+  for (int dp : dp_choices()) {
+    const int D = W / dp;
+    for (const ModelCase& mc : kModels) {
+      if (D > mc.max_D) continue;
+      const std::string name = mc.name;
+      for (bool overlap : {true, false}) {
+        if (!overlap && name != "mha_tied" && name != "gqa2_untied") continue;
+        test::LayoutCase lc;
+        lc.layout = "tsp";
+        lc.dp = dp;
+        lc.overlap = overlap;
+        lc.dtype = DType::BF16;
+        lc.config = test::tiny_config(mc.heads, mc.kv_heads, 2, mc.tie);
+        lc.B = 2 * dp;
+        lc.S = 16;
+        const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+        if (test::world().rank() == 0)
+          std::printf(
+              "# tsp bf16 D=%d R=%d %s overlap=%d: loss %.9f (single %.9f), max rel err "
+              "%.2e (%s)\n",
+              D, dp, mc.name, overlap ? 1 : 0, r.loss, r.ref_loss, r.max_rel_err,
+              r.worst_param.c_str());
+      }
+    }
+  }
+}
+
 // Several rows per replica and a longer sequence, so attention crosses rows and chunks and the
 // MLP / loss work in more than one token chunk at D = 1 (n > kTokenChunk = 512).
 TEST(Tsp, MatchesSingleLongerRows) {
@@ -94,29 +131,31 @@ TEST(Tsp, MatchesSingleLongerRows) {
 }
 
 // Overlap only changes WHEN transfers complete, never the arithmetic: bitwise identical loss
-// and gradients with blocking transfers.
+// and gradients with blocking transfers, in fp32 and in bf16.
 TEST(Tsp, OverlapOffIsBitwiseIdentical) {
-  for (int dp : dp_choices()) {
-    for (bool tie : {false, true}) {
-      const LlamaConfig c = test::tiny_config(16, 8, 2, tie);
-      const Batch batch = test::random_batch(2 * dp, 16, c.vocab_size, 7);
-      double loss[2];
-      test::GradMap grads[2];
-      for (int o = 0; o < 2; ++o) {
-        std::unique_ptr<Layout> layout = make_tsp(c, dp, /*overlap=*/o == 0);
-        layout->load(RandomWeights(11));
-        loss[o] = layout->forward_backward(batch);
-        grads[o] = test::gather_grads(*layout);
-      }
-      EXPECT_EQ(0, std::memcmp(&loss[0], &loss[1], sizeof(double)))
-          << "dp=" << dp << " tie=" << tie << ": " << loss[0] << " vs " << loss[1];
-      ASSERT_EQ(grads[0].size(), grads[1].size());
-      for (const auto& [name, g] : grads[0]) {
-        const std::vector<float>& h = grads[1].at(name);
-        ASSERT_EQ(g.size(), h.size()) << name;
-        EXPECT_EQ(0, std::memcmp(g.data(), h.data(), g.size() * sizeof(float)))
-            << "dp=" << dp << " tie=" << tie << ": gradient of " << name
-            << " differs between overlap on and off";
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    for (int dp : dp_choices()) {
+      for (bool tie : {false, true}) {
+        const LlamaConfig c = test::tiny_config(16, 8, 2, tie);
+        const Batch batch = test::random_batch(2 * dp, 16, c.vocab_size, 7);
+        double loss[2];
+        test::GradMap grads[2];
+        for (int o = 0; o < 2; ++o) {
+          std::unique_ptr<Layout> layout = make_tsp(c, dp, /*overlap=*/o == 0, dtype);
+          layout->load(RandomWeights(11));
+          loss[o] = layout->forward_backward(batch);
+          grads[o] = test::gather_grads(*layout);
+        }
+        const std::string tag = fmt::format("{} dp={} tie={}", dtype_name(dtype), dp, tie);
+        EXPECT_EQ(0, std::memcmp(&loss[0], &loss[1], sizeof(double)))
+            << tag << ": " << loss[0] << " vs " << loss[1];
+        ASSERT_EQ(grads[0].size(), grads[1].size());
+        for (const auto& [name, g] : grads[0]) {
+          const std::vector<float>& h = grads[1].at(name);
+          ASSERT_EQ(g.size(), h.size()) << name;
+          EXPECT_EQ(0, std::memcmp(g.data(), h.data(), g.size() * sizeof(float)))
+              << tag << ": gradient of " << name << " differs between overlap on and off";
+        }
       }
     }
   }
@@ -262,6 +301,75 @@ TEST(Tsp, CommunicationEqualsFormulas) {
       }
       expect_bytes(tf.head_forward, f.head_forward(), tag + " forward() head");
       expect_bytes(tf.head_backward, {0, 0}, tag + " forward() head backward");
+    }
+  }
+}
+
+// Under bf16 the compute-dtype transfers (weight broadcasts and ring hops, K/V all-gathers) move
+// 2-byte elements, the F32 ones (reduce of the partial dP_r, dK/dV reduce-scatters, travelling
+// gradient accumulators, the norm all-reduce) stay 4-byte: every element count is the same. So
+// part by part, the bf16 record equals the f32 record minus half of the f32 bytes of its
+// compute-dtype transfers, which TspFormulas names (in f32 bytes, e = 4):
+//   layer forward     everything: broadcasts of P_r, the MLP ring, the K/V gathers
+//   layer backward    sent: the own broadcast (A_root), the K/V re-gathers, the MLP weight hops
+//                     ((D-1)·M); received: the D-1 others' broadcasts, the K/V re-gathers, the MLP
+//                     weight hops (the reduce's (D-1)·A sent / A received, dK/dV and the MLP
+//                     accumulators are F32)
+//   embedding / head forward: the vocabulary ring (D-1 hops of weights)
+//   head backward     the D-2 weight hops (the accumulator's D-1 hops are F32)
+//   embedding backward, norms: nothing (accumulator and all-reduce are F32)
+TEST(Tsp, Bf16TrafficHalvesComputeDtypeTransfers) {
+  for (int dp : dp_choices()) {
+    for (const ModelCase& mc : kModels) {
+      const int D = test::world().size() / dp;
+      if (D > mc.max_D) continue;
+      const LlamaConfig c = test::tiny_config(mc.heads, mc.kv_heads, 2, mc.tie);
+      const int64_t B = 2 * dp, S = 16;
+      const Batch batch = test::random_batch(B, S, c.vocab_size, 5);
+      TspTraffic rec[2];  // f32, bf16
+      for (int i = 0; i < 2; ++i) {
+        std::unique_ptr<Layout> layout =
+            make_tsp(c, dp, /*overlap=*/true, i == 0 ? DType::F32 : DType::BF16);
+        layout->load(RandomWeights(3));
+        layout->forward_backward(batch);
+        rec[i] = dynamic_cast<const TspTrafficReport&>(*layout).last_traffic();
+      }
+      const TspFormulas f{D,
+                          B / dp * S,
+                          c.hidden_size,
+                          c.kv_dim(),
+                          c.intermediate_size,
+                          c.vocab_size,
+                          c.num_hidden_layers};
+      const int64_t e = f.e, D1 = D - 1;
+      const std::string tag = fmt::format("{} D={} R={} bf16", mc.name, D, dp);
+      // The f32 bytes of a part's compute-dtype transfers -> what bf16 must have recorded.
+      const auto expect_half = [&](const CommStats& f32, const CommStats& bf16, Bytes compute,
+                                   const std::string& part) {
+        expect_bytes(
+            bf16,
+            {f32.total_sent() - compute.sent / 2, f32.total_received() - compute.received / 2},
+            tag + " " + part);
+      };
+      const Bytes layer_bwd_compute{e * (f.A_root() + f.kv_gathers() + D1 * f.M()),
+                                    e * (D1 * f.A() + f.kv_gathers() + D1 * f.M())};
+      for (int l = 0; l < 2; ++l) {
+        expect_half(rec[0].layer_forward[l], rec[1].layer_forward[l], f.layer_forward(),
+                    "layer forward");
+        expect_half(rec[0].layer_backward[l], rec[1].layer_backward[l], layer_bwd_compute,
+                    "layer backward");
+      }
+      expect_half(rec[0].embedding_forward, rec[1].embedding_forward, f.ring(D1),
+                  "embedding forward");
+      expect_half(rec[0].head_forward, rec[1].head_forward, f.ring(D1), "head forward");
+      expect_half(rec[0].head_backward, rec[1].head_backward, f.ring(D > 1 ? D - 2 : 0),
+                  "head backward");
+      expect_half(rec[0].embedding_backward, rec[1].embedding_backward, {0, 0},
+                  "embedding backward");
+      expect_half(rec[0].norms, rec[1].norms, {0, 0}, "norm gradients");
+      // The f32 records themselves are the closed forms (CommunicationEqualsFormulas), so a
+      // transfer that moved in the wrong dtype shows up as a difference here.
+      expect_bytes(rec[0].layer_backward[0], f.layer_backward(), tag + " f32 layer backward");
     }
   }
 }
