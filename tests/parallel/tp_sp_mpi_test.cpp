@@ -187,7 +187,7 @@ TEST(TpSp, ShardsAreExactlyTheDocumentedPieces) {
 
 // ---- replication claims ------------------------------------------------------------------------
 
-TEST(TpSp, ReplicatedGradientsAreBitIdentical) {
+void check_replicated_gradients_bit_identical(DType dtype) {
   // Norm gradients must agree bit for bit over the whole group (TP ranks compute them from
   // identical data; SP ranks receive the same all-reduced sum), matrix-shard gradients over the
   // Σ ranks holding the same piece: otherwise replicated weights would drift apart in training.
@@ -199,6 +199,7 @@ TEST(TpSp, ReplicatedGradientsAreBitIdentical) {
     pc.layout = cf.layout;
     pc.tp = cf.layout == "tp-sp" ? cf.T : 1;
     pc.dp = cf.dp;
+    pc.dtype = dtype;
     std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
     layout->load(RandomWeights(7));
     layout->forward_backward(test::random_batch(4, 16, c.vocab_size, 5));
@@ -217,14 +218,23 @@ TEST(TpSp, ReplicatedGradientsAreBitIdentical) {
         if (root == src) {
           EXPECT_EQ(0, std::memcmp(theirs.data(), p.grad.data(), p.grad.nbytes()))
               << cf.label() << " rank (t=" << me.t << ", s=" << me.s << "): gradient of "
-              << p.spec->name << " differs from its copy on group rank " << src;
+              << p.spec->name << " differs from its copy on group rank " << src << " ("
+              << dtype_name(dtype) << ")";
         }
       }
     }
   }
 }
 
-TEST(TpSp, GradientsAccumulateAcrossCalls) {
+TEST(TpSp, ReplicatedGradientsAreBitIdentical) {
+  check_replicated_gradients_bit_identical(DType::F32);
+}
+// In bf16 too: the TP ranks' bf16 activations are identical (one fp32 all-reduce, one rounding).
+TEST(TpSp, Bf16ReplicatedGradientsAreBitIdentical) {
+  check_replicated_gradients_bit_identical(DType::BF16);
+}
+
+void check_gradients_accumulate(DType dtype) {
   // Two calls accumulate the sum of the two calls' gradients: the Σ all-reduce works on a staging
   // buffer of the new partials only, so what is already accumulated is not summed Σ times.
   const int W = test::world().size();
@@ -234,12 +244,22 @@ TEST(TpSp, GradientsAccumulateAcrossCalls) {
     pc.layout = cf.layout;
     pc.tp = cf.layout == "tp-sp" ? cf.T : 1;
     pc.dp = cf.dp;
+    pc.dtype = dtype;
     std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
     layout->load(RandomWeights(8));
     const Batch b1 = test::random_batch(4, 16, c.vocab_size, 1);
     const Batch b2 = test::random_batch(4, 16, c.vocab_size, 2);
-    test::check_gradient_accumulation(*layout, b1, b2, cf.label());
+    test::check_gradient_accumulation(*layout, b1, b2,
+                                      cf.label() + " " + std::string(dtype_name(dtype)));
   }
+}
+
+TEST(TpSp, GradientsAccumulateAcrossCalls) {
+  check_gradients_accumulate(DType::F32);
+}
+// Gradients are fp32 in bf16 too, so the harness's fp32 bound holds unchanged.
+TEST(TpSp, Bf16GradientsAccumulateAcrossCalls) {
+  check_gradients_accumulate(DType::BF16);
 }
 
 // ---- exact traffic -----------------------------------------------------------------------------
