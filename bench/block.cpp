@@ -4,7 +4,12 @@
 // ratio.
 //
 //   bench_block [--h 1024] [--heads 16] [--kv-heads 16] [--ffn 2816] [--seq 1024] [--batch 1]
-//               [--threads 2] [--repeats 5] [--json]
+//               [--dtype bf16|fp32] [--threads 2] [--repeats 5] [--json]
+//
+// --dtype is the compute dtype (default: the backend's, default_compute_dtype: bf16 where bf16 is
+// native). In bf16 the block runs as a layout runs it in mixed precision: the weights are bf16
+// copies of fp32 masters (rounded once at set-up, as ShardStore::refresh_compute does), the
+// residual stream and the saved activations are bf16, gradients and statistics fp32.
 //
 // FLOPs counted (the same formula in bench/torch_block.py, so the ratio of GFLOP/s equals the ratio
 // of tokens/s): "model FLOPs" of one forward + backward,
@@ -14,27 +19,23 @@
 // Recomputation is not counted: our backward recomputes the MLP's gate/up (2·N·2·h·F more FLOPs
 // really executed), PyTorch's autograd keeps them. Norms, RoPE, SwiGLU and softmax are O(N·h) and
 // not counted on either side.
-#include <time.h>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
-#include <fstream>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
-#include <fmt/format.h>
-
+#include "tsp/backend/backend.h"
 #include "tsp/core/error.h"
 #include "tsp/core/machine.h"
 #include "tsp/core/tensor.h"
 #include "tsp/model/block.h"
 #include "tsp/model/config.h"
-#include "tsp/ops/gemm.h"
-#include "tsp/ops/ops.h"
+#include "tsp/ops/gemm.h"  // set_compute_threads
 
 namespace {
 using namespace tsp;
@@ -42,6 +43,7 @@ using namespace tsp;
 struct Options {
   int64_t h = 1024, heads = 16, kv_heads = 0, ffn = 2816, seq = 1024, batch = 1;
   int threads = 2, repeats = 5;
+  std::string dtype;  // empty: default_compute_dtype of the backend
   bool json = false;
 };
 
@@ -69,6 +71,8 @@ Options parse(int argc, char** argv) {
       o.seq = std::stoll(next());
     else if (a == "--batch")
       o.batch = std::stoll(next());
+    else if (a == "--dtype")
+      o.dtype = next();
     else if (a == "--threads")
       o.threads = std::stoi(next());
     else if (a == "--repeats")
@@ -78,15 +82,19 @@ Options parse(int argc, char** argv) {
     else if (a == "--help" || a == "-h") {
       std::printf(
           "bench_block [--h H] [--heads NH] [--kv-heads NKV] [--ffn F] [--seq S] [--batch B]\n"
-          "            [--threads T] [--repeats R] [--json]\n"
-          "One Llama block forward+backward (fp32) with tsp's block maths; prints GFLOP/s and\n"
-          "tokens/s (median of R timed repeats after one warm-up).\n");
+          "            [--dtype bf16|fp32] [--threads T] [--repeats R] [--json]\n"
+          "One Llama block forward+backward with tsp's block maths, in the compute dtype (default\n"
+          "%s here: the backend's default); prints GFLOP/s and tokens/s (median of R timed\n"
+          "repeats after one warm-up).\n",
+          std::string(dtype_name(default_compute_dtype(backend_for(Device::cpu())))).c_str());
       std::exit(0);
     } else {
       TSP_FAIL("bench_block: unknown argument '{}' (try --help)", a);
     }
   }
   if (o.kv_heads == 0) o.kv_heads = o.heads;
+  TSP_CHECK(o.h >= 1 && o.heads >= 1 && o.kv_heads >= 1 && o.ffn >= 1 && o.seq >= 1 && o.batch >= 1,
+            "bench_block: --h, --heads, --kv-heads, --ffn, --seq and --batch must be >= 1");
   TSP_CHECK(o.h % o.heads == 0 && o.heads % o.kv_heads == 0,
             "bench_block: need heads | h and kv_heads | heads (got h={} heads={} kv_heads={})", o.h,
             o.heads, o.kv_heads);
@@ -94,33 +102,38 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-void fill_normal(Tensor& t, float std, std::mt19937& rng) {
-  std::normal_distribution<float> dist(0.f, std);
-  float* p = t.f32();
-  for (int64_t i = 0; i < t.numel(); ++i) p[i] = dist(rng);
-}
-
-// The block's parameters and gradients, in the Hugging Face [out, in] layout.
+// The block's tensors in the Hugging Face [out, in] layout, one dtype for all.
 struct BlockParams {
   Tensor norm1, wq, wk, wv, wo, norm2, wg, wu, wd;
-  BlockParams(int64_t h, int64_t qw, int64_t kvw, int64_t F, MemCategory c)
-      : norm1(Tensor::f32({h}, c)),
-        wq(Tensor::f32({qw, h}, c)),
-        wk(Tensor::f32({kvw, h}, c)),
-        wv(Tensor::f32({kvw, h}, c)),
-        wo(Tensor::f32({h, qw}, c)),
-        norm2(Tensor::f32({h}, c)),
-        wg(Tensor::f32({F, h}, c)),
-        wu(Tensor::f32({F, h}, c)),
-        wd(Tensor::f32({h, F}, c)) {}
+  BlockParams(int64_t h, int64_t qw, int64_t kvw, int64_t F, DType t, MemCategory c, Device dev)
+      : norm1({h}, t, c, dev),
+        wq({qw, h}, t, c, dev),
+        wk({kvw, h}, t, c, dev),
+        wv({kvw, h}, t, c, dev),
+        wo({h, qw}, t, c, dev),
+        norm2({h}, t, c, dev),
+        wg({F, h}, t, c, dev),
+        wu({F, h}, t, c, dev),
+        wd({h, F}, t, c, dev) {}
   std::vector<Tensor*> all() { return {&norm1, &wq, &wk, &wv, &wo, &norm2, &wg, &wu, &wd}; }
 };
+
+// N(0, std²) values into an F32 tensor on any device (one upload).
+void fill_normal(Backend& be, Tensor& t, float std, std::mt19937& rng) {
+  std::normal_distribution<float> dist(0.f, std);
+  std::vector<float> host(t.numel());
+  for (float& x : host) x = dist(rng);
+  be.upload(host.data(), t.view());
+}
 
 }  // namespace
 
 int main(int argc, char** argv) try {
   const Options o = parse(argc, argv);
   tsp::set_compute_threads(o.threads);
+  Backend& be = backend_for(Device::cpu());
+  const Device dev = be.device();
+  const DType act = o.dtype.empty() ? default_compute_dtype(be) : parse_compute_dtype(o.dtype);
 
   LlamaConfig c;
   c.hidden_size = o.h;
@@ -130,102 +143,130 @@ int main(int argc, char** argv) try {
   const block::AttnDims ad = block::attn_dims(c);
   const int64_t B = o.batch, S = o.seq, n = B * S, h = o.h, F = o.ffn;
   const float eps = 1e-5f;
+  const int64_t qw = ad.q_width(), kvw = ad.kv_width();
 
+  // fp32 master weights (norm weights 1, the rest N(0, 0.02²)), their compute-dtype copy rounded
+  // once (the same tensors under fp32, as ShardStore::compute), fp32 gradients zeroed once.
   std::mt19937 rng(1234);
-  BlockParams w(h, ad.q_width(), ad.kv_width(), F, MemCategory::Weights);
-  BlockParams g(h, ad.q_width(), ad.kv_width(), F, MemCategory::Grads);
-  for (Tensor* t : w.all()) fill_normal(*t, 0.02f, rng);
-  std::fill(w.norm1.f32(), w.norm1.f32() + h, 1.f);
-  std::fill(w.norm2.f32(), w.norm2.f32() + h, 1.f);
-  Tensor x_in = Tensor::f32({n, h}, MemCategory::Workspace);
-  Tensor dy = Tensor::f32({n, h}, MemCategory::Workspace);
-  fill_normal(x_in, 1.f, rng);
-  fill_normal(dy, 1.f, rng);
+  BlockParams master(h, qw, kvw, F, DType::F32, MemCategory::Weights, dev);
+  for (Tensor* t : master.all()) fill_normal(be, *t, 0.02f, rng);
+  be.fill(master.norm1.view(), 1.f);
+  be.fill(master.norm2.view(), 1.f);
+  std::optional<BlockParams> rounded;
+  if (act != DType::F32) {
+    rounded.emplace(h, qw, kvw, F, act, MemCategory::Weights, dev);
+    const std::vector<Tensor*> from = master.all(), to = rounded->all();
+    for (size_t i = 0; i < from.size(); ++i) be.copy(from[i]->view(), to[i]->view());
+  }
+  BlockParams& w = rounded ? *rounded : master;
+  BlockParams g(h, qw, kvw, F, DType::F32, MemCategory::Grads, dev);
+  for (Tensor* t : g.all()) be.zero(t->view());
 
-  std::vector<int64_t> pos(S), tok_pos(n);
-  std::iota(pos.begin(), pos.end(), 0);
-  for (int64_t i = 0; i < n; ++i) tok_pos[i] = i % S;
-  const block::AttnWeights aw{w.wq.f32(), w.wk.f32(), w.wv.f32(), w.wo.f32()};
-  const block::AttnGrads ag{g.wq.f32(), g.wk.f32(), g.wv.f32(), g.wo.f32()};
-  const block::MlpWeights mw{w.wg.f32(), w.wu.f32(), w.wd.f32(), F};
-  const block::MlpGrads mg{g.wg.f32(), g.wu.f32(), g.wd.f32()};
+  // The block input (a residual stream, compute dtype) and the gradient of its output (F32).
+  Tensor x_in({n, h}, act, MemCategory::Workspace, dev);
+  {
+    Tensor x32 = Tensor::f32({n, h}, MemCategory::Workspace, dev);
+    fill_normal(be, x32, 1.f, rng);
+    be.copy(x32.view(), x_in.view());
+  }
+  Tensor dy = Tensor::f32({n, h}, MemCategory::Workspace, dev);
+  fill_normal(be, dy, 1.f, rng);
 
-  Tensor xn = Tensor::f32({n, h}, MemCategory::Workspace);
-  Tensor y = Tensor::f32({n, h}, MemCategory::Workspace);
-  Tensor dx = Tensor::f32({n, h}, MemCategory::Workspace);
-  Tensor dxn = Tensor::f32({n, h}, MemCategory::Workspace);
-  Tensor d_o = Tensor::f32({n, ad.hq, ad.d}, MemCategory::Workspace);
-  Tensor dq = Tensor::f32({n, ad.hq, ad.d}, MemCategory::Workspace);
-  Tensor dk = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-  Tensor dv = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
+  // Positions as the single layout has them (take_tokens with one part): every row 0..S-1.
+  std::vector<int64_t> pos(S), tok_pos_host(n);
+  std::iota(pos.begin(), pos.end(), int64_t{0});
+  for (int64_t i = 0; i < n; ++i) tok_pos_host[i] = i % S;
+  const Tensor q_pos = be.device_copy(pos, MemCategory::Workspace);
+  const Tensor tok_pos = be.device_copy(tok_pos_host, MemCategory::Workspace);
+
+  const block::AttnWeights aw{w.wq.view(), w.wk.view(), w.wv.view(), w.wo.view()};
+  const block::AttnGrads ag{g.wq.view(), g.wk.view(), g.wv.view(), g.wo.view()};
+  const block::MlpWeights mw{w.wg.view(), w.wu.view(), w.wd.view()};
+  const block::MlpGrads mg{g.wg.view(), g.wu.view(), g.wd.view()};
+
+  constexpr MemCategory kWork = MemCategory::Workspace;
+  Tensor x({n, h}, act, kWork, dev);   // residual stream: block output
+  Tensor xn({n, h}, act, kWork, dev);  // normed input of a sub-block
+  Tensor dx = Tensor::f32({n, h}, kWork, dev);
+  Tensor dxn = Tensor::f32({n, h}, kWork, dev);
+  Tensor d_o = Tensor::f32({n, ad.hq, ad.d}, kWork, dev);
+  Tensor dq = Tensor::f32({n, ad.hq, ad.d}, kWork, dev);
+  Tensor dk = Tensor::f32({n, ad.hkv, ad.d}, kWork, dev);
+  Tensor dv = Tensor::f32({n, ad.hkv, ad.d}, kWork, dev);
   block::LayerSaved s;
-  s.allocate(n, h, ad.hq, ad.hkv, ad.d);
+  s.allocate(n, h, ad.hq, ad.hkv, ad.d, act, dev);
 
-  // One forward + backward: the single layout's layer, y = block(x_in), then dx = ∂(dy·y)/∂x_in.
+  // One forward + backward: the layer recipe (LayoutCommon::layer_forward / layer_backward) with
+  // the single layout's attention and MLP, y = block(x_in), then dx = ∂(dy·y)/∂x_in.
   auto step = [&] {
-    // Forward.                                                   x [n, h] -> y [n, h]
-    copy(x_in, s.x);
-    rmsnorm_forward(s.x.f32(), w.norm1.f32(), xn.f32(), s.rstd1.f32(), n, h, eps);
-    block::qkv_forward(ad, aw, xn.f32(), tok_pos.data(), n, s.q.f32(), s.k.f32(), s.v.f32());
-    block::attention_forward(ad, B, S, S, s.q.f32(), s.k.f32(), s.v.f32(), pos.data(), pos.data(),
-                             s.o.f32(), s.lse.f32());
-    copy(s.x, s.x2);
-    block::out_proj_forward(ad, w.wo.f32(), s.o.f32(), n, s.x2.f32());
-    rmsnorm_forward(s.x2.f32(), w.norm2.f32(), xn.f32(), s.rstd2.f32(), n, h, eps);
-    copy(s.x2, y);
-    block::mlp_forward(mw, h, xn.f32(), n, y.f32());
+    // Forward.                                                   x [n, h] -> y = x [n, h]
+    be.copy(x_in.view(), s.x.view());
+    be.rmsnorm_forward(s.x.view(), w.norm1.view(), xn.view(), s.rstd1.view(), eps);
+    be.copy(s.x.view(), s.x2.view());  // x2 = x + attention(norm1(x))·Woᵀ
+    block::qkv_forward(be, ad, aw, xn.view(), tok_pos.view(), s.q.view(), s.k.view(), s.v.view());
+    block::attention_forward(be, ad, B, s.q.view(), s.k.view(), s.v.view(), q_pos.view(),
+                             q_pos.view(), s.o.view(), s.lse.view());
+    block::out_proj_forward(be, w.wo.view(), s.o.view(), s.x2.view());
+    be.rmsnorm_forward(s.x2.view(), w.norm2.view(), xn.view(), s.rstd2.view(), eps);
+    be.copy(s.x2.view(), x.view());  // x = x2 + mlp(norm2(x2))
+    block::mlp_forward(be, mw, xn.view(), x.view());
     // Backward.                                                  dy [n, h] -> dx [n, h]
-    copy(dy, dx);
-    block::rmsnorm_apply(s.x2.f32(), w.norm2.f32(), s.rstd2.f32(), xn.f32(), n, h);
-    dxn.zero();
-    block::mlp_backward(mw, mg, h, xn.f32(), dx.f32(), n, dxn.f32());
-    block::rmsnorm_backward_add(dxn.f32(), s.x2.f32(), w.norm2.f32(), s.rstd2.f32(), dx.f32(),
-                                g.norm2.f32(), n, h);
-    block::out_proj_backward(ad, w.wo.f32(), s.o.f32(), dx.f32(), n, d_o.f32(), g.wo.f32());
-    dq.zero();
-    dk.zero();
-    dv.zero();
-    block::attention_backward(ad, B, S, S, s.q.f32(), s.k.f32(), s.v.f32(), pos.data(), pos.data(),
-                              s.o.f32(), s.lse.f32(), d_o.f32(), dq.f32(), dk.f32(), dv.f32());
-    block::rmsnorm_apply(s.x.f32(), w.norm1.f32(), s.rstd1.f32(), xn.f32(), n, h);
-    dxn.zero();
-    block::qkv_backward(ad, aw, ag, xn.f32(), tok_pos.data(), n, dq.f32(), dk.f32(), dv.f32(),
-                        dxn.f32());
-    block::rmsnorm_backward_add(dxn.f32(), s.x.f32(), w.norm1.f32(), s.rstd1.f32(), dx.f32(),
-                                g.norm1.f32(), n, h);
+    be.copy(dy.view(), dx.view());
+    be.rmsnorm_apply(s.x2.view(), w.norm2.view(), s.rstd2.view(), xn.view());
+    be.zero(dxn.view());
+    block::mlp_backward(be, mw, mg, xn.view(), dx.view(), dxn.view());
+    block::rmsnorm_backward_add(be, dxn.view(), s.x2.view(), w.norm2.view(), s.rstd2.view(),
+                                dx.view(), g.norm2.view());
+    be.rmsnorm_apply(s.x.view(), w.norm1.view(), s.rstd1.view(), xn.view());
+    be.zero(dxn.view());
+    be.zero(dq.view());
+    be.zero(dk.view());
+    be.zero(dv.view());
+    block::out_proj_backward(be, w.wo.view(), s.o.view(), dx.view(), d_o.view(), g.wo.view());
+    block::attention_backward(be, ad, B, s.q.view(), s.k.view(), s.v.view(), q_pos.view(),
+                              q_pos.view(), s.o.view(), s.lse.view(), d_o.view(), dq.view(),
+                              dk.view(), dv.view());
+    block::qkv_backward(be, ad, aw, ag, xn.view(), tok_pos.view(), dq.view(), dk.view(), dv.view(),
+                        dxn.view());
+    block::rmsnorm_backward_add(be, dxn.view(), s.x.view(), w.norm1.view(), s.rstd1.view(),
+                                dx.view(), g.norm1.view());
   };
 
   step();  // warm-up: oneDNN primitive creation, page faults
+  be.synchronize();
   std::vector<double> times;
   for (int r = 0; r < o.repeats; ++r) {
     const double t0 = now_s();
     step();
+    be.synchronize();
     times.push_back(now_s() - t0);
   }
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
 
   // A result that is not finite would make the timing meaningless: say so in the row.
-  bool finite = true;
-  for (int64_t i = 0; i < n * h; ++i) finite = finite && std::isfinite(dx.f32()[i]);
-  for (int64_t i = 0; i < n * h; ++i) finite = finite && std::isfinite(y.f32()[i]);
+  Tensor bad = Tensor::zeros({1}, DType::I64, kWork, dev);
+  be.count_non_finite(dx.view(), bad.view());
+  be.count_non_finite(x.view(), bad.view());
+  const bool finite = be.host_i64(bad.view()) == 0;
 
-  const double P =
-      static_cast<double>(h * ad.q_width() + 2 * h * ad.kv_width() + ad.q_width() * h + 3 * h * F);
+  const double P = static_cast<double>(h * qw + 2 * h * kvw + qw * h + 3 * h * F);
   const double flops = 6.0 * n * P + 7.0 * B * S * S * ad.hq * ad.d;
   const double gflops = flops / med / 1e9, tok_s = n / med;
+  const std::string dt(dtype_name(act));
   if (o.json) {
     std::printf(
-        "{\"impl\": \"tsp\", \"h\": %lld, \"heads\": %lld, \"kv_heads\": %lld, \"ffn\": %lld, "
-        "\"seq\": %lld, \"batch\": %lld, \"threads\": %d, \"repeats\": %d, \"median_ms\": %.3f, "
-        "\"min_ms\": %.3f, \"gflop\": %.4f, \"gflops\": %.2f, \"tokens_per_s\": %.1f, "
-        "\"finite\": %s}\n",
-        (long long)h, (long long)o.heads, (long long)o.kv_heads, (long long)F, (long long)S,
-        (long long)B, o.threads, o.repeats, med * 1e3, times.front() * 1e3, flops / 1e9, gflops,
-        tok_s, finite ? "true" : "false");
+        "{\"impl\": \"tsp\", \"dtype\": \"%s\", \"h\": %lld, \"heads\": %lld, \"kv_heads\": %lld, "
+        "\"ffn\": %lld, \"seq\": %lld, \"batch\": %lld, \"threads\": %d, \"repeats\": %d, "
+        "\"median_ms\": %.3f, \"min_ms\": %.3f, \"gflop\": %.4f, \"gflops\": %.2f, "
+        "\"tokens_per_s\": %.1f, \"finite\": %s}\n",
+        dt.c_str(), (long long)h, (long long)o.heads, (long long)o.kv_heads, (long long)F,
+        (long long)S, (long long)B, o.threads, o.repeats, med * 1e3, times.front() * 1e3,
+        flops / 1e9, gflops, tok_s, finite ? "true" : "false");
   } else {
-    std::printf("# bench_block  machine=%s  threads=%d  repeats=%d  dtype=f32\n",
-                tsp::cpu_description().c_str(), o.threads, o.repeats);
+    std::printf("# bench_block  machine=%s  backend=%s  threads=%d  repeats=%d  dtype=%s\n",
+                tsp::cpu_description().c_str(), be.name().c_str(), o.threads, o.repeats,
+                dt.c_str());
     std::printf("# %-5s %5s %6s %3s %5s %6s %5s %11s %9s %8s %9s %10s %3s\n", "impl", "h", "heads",
                 "kv", "ffn", "seq", "batch", "median_ms", "min_ms", "GFLOP", "GFLOP/s", "tokens/s",
                 "ok");
