@@ -1,23 +1,24 @@
 #include "infer/common.h"
 
 #include <algorithm>
-#include <cassert>
-#include <cstring>
 
 #include "tsp/core/limits.h"
-#include "tsp/ops/attention.h"
-#include "tsp/ops/ops.h"
 
 namespace tsp::infer {
 
 // ---- WeightShards ------------------------------------------------------------------------------
 
-WeightShards::WeightShards(const LlamaConfig& c)
+WeightShards::WeightShards(const LlamaConfig& c, Backend& be, DType dtype)
     : specs_(llama_param_specs(c)),
       idx_(specs_),
+      be_(be),
+      dtype_(dtype),
       maps_(specs_.size()),
       held_(specs_.size(), false),
-      values_(specs_.size()) {}
+      values_(specs_.size()) {
+  TSP_CHECK(dtype == DType::F32 || dtype == DType::BF16,
+            "inference engine: the compute dtype must be f32 or bf16, not {}", dtype_name(dtype));
+}
 
 void WeightShards::hold(int param, ShardMap map) {
   TSP_CHECK(param >= 0 && param < static_cast<int>(specs_.size()), "no parameter {}", param);
@@ -27,20 +28,34 @@ void WeightShards::hold(int param, ShardMap map) {
 }
 
 void WeightShards::load(const WeightSource& src) {
+  const Device dev = be_.device();
   for (size_t i = 0; i < specs_.size(); ++i) {
     if (!held_[i]) continue;
-    if (values_[i].empty())
-      values_[i] = Tensor::f32(maps_[i].shard_shape(specs_[i].shape), MemCategory::Weights);
-    load_shard(src, specs_[i], maps_[i], values_[i]);
+    const Shape shape = maps_[i].shard_shape(specs_[i].shape);
+    if (values_[i].empty()) values_[i] = Tensor(shape, dtype_, MemCategory::Weights, dev);
+    if (dtype_ == DType::F32 && dev.is_cpu()) {  // read in place
+      load_shard(src, specs_[i], maps_[i], values_[i].view());
+      continue;
+    }
+    // Sources give fp32 on the host: read there, move to the device, round once to the dtype.
+    Tensor host = Tensor::f32(shape, MemCategory::Workspace);
+    load_shard(src, specs_[i], maps_[i], host.view());
+    if (dev.is_cpu()) {
+      be_.copy(host.view(), values_[i].view());
+    } else {
+      Tensor staged = Tensor::f32(shape, MemCategory::Workspace, dev);
+      be_.upload(host.data(), staged.view());
+      be_.copy(staged.view(), values_[i].view());
+    }
   }
 }
 
-float* WeightShards::w(int param) const {
+TensorView WeightShards::w(int param) const {
   TSP_CHECK(param >= 0 && param < static_cast<int>(specs_.size()) && held_[param] &&
                 !values_[param].empty(),
             "inference engine: parameter {} is not held or not loaded (call load() first)",
             param >= 0 && param < static_cast<int>(specs_.size()) ? specs_[param].name : "?");
-  return values_[param].f32();
+  return values_[param].view();
 }
 
 Range WeightShards::range(int param) const {
@@ -55,12 +70,15 @@ int64_t WeightShards::bytes() const {
 
 // ---- KvCache -----------------------------------------------------------------------------------
 
-void KvCache::reset(int64_t layers, int64_t capacity, int64_t heads, int64_t d) {
-  // K and V of every layer, f32: checked before anything is allocated (capacity grows with
-  // --max-new).
-  require_memory(checked_product({2, layers, capacity, heads, d, 4}, "generate: K/V cache bytes"),
-                 fmt::format("generate: a K/V cache of {} positions", capacity),
-                 "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)");
+void KvCache::reset(Backend& be, int64_t layers, int64_t capacity, int64_t heads, int64_t d,
+                    DType dtype) {
+  // K and V of every layer: checked before anything is allocated (capacity grows with --max-new).
+  require_memory(
+      checked_product({2, layers, capacity, heads, d, static_cast<int64_t>(dtype_size(dtype))},
+                      "generate: K/V cache bytes"),
+      fmt::format("generate: a K/V cache of {} positions", capacity),
+      "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)");
+  be_ = &be;
   k_.clear();
   v_.clear();
   pos_.clear();
@@ -68,28 +86,37 @@ void KvCache::reset(int64_t layers, int64_t capacity, int64_t heads, int64_t d) 
   capacity_ = capacity;
   heads_ = heads;
   d_ = d;
+  const Device dev = be.device();
   for (int64_t l = 0; l < layers; ++l) {
-    k_.push_back(Tensor::f32({capacity, heads, d}, MemCategory::Activations));
-    v_.push_back(Tensor::f32({capacity, heads, d}, MemCategory::Activations));
+    k_.push_back(Tensor({capacity, heads, d}, dtype, MemCategory::Activations, dev));
+    v_.push_back(Tensor({capacity, heads, d}, dtype, MemCategory::Activations, dev));
   }
+  pos_dev_ = Tensor({std::max<int64_t>(capacity, 1)}, DType::I64, MemCategory::Workspace, dev);
 }
 
-int64_t KvCache::append(int64_t pos) {
-  TSP_CHECK(size() < capacity_,
+int64_t KvCache::append(const std::vector<int64_t>& pos) {
+  const int64_t n = static_cast<int64_t>(pos.size()), slot = size();
+  TSP_CHECK(slot + n <= capacity_,
             "K/V cache full ({} tokens reserved by prefill); decode() was called more often than "
             "the `extra` passed to prefill()",
             capacity_);
-  pos_.push_back(pos);
-  return size() - 1;
+  if (n == 0) return slot;
+  pos_.insert(pos_.end(), pos.begin(), pos.end());
+  be_->upload(pos.data(), pos_dev_.slice(slot, slot + n));
+  return slot;
 }
 
-void KvCache::put(int64_t layer, int64_t slot, int64_t h0, int64_t hn, int64_t n,
-                  const float* k_src, const float* v_src) {
-  assert(slot + n <= capacity_ && h0 + hn <= heads_);
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(k(layer, slot + i) + h0 * d_, k_src + i * hn * d_, sizeof(float) * hn * d_);
-    std::memcpy(v(layer, slot + i) + h0 * d_, v_src + i * hn * d_, sizeof(float) * hn * d_);
-  }
+void KvCache::put(int64_t layer, int64_t slot, int64_t h0, TensorView k_src, TensorView v_src) {
+  const int64_t n = k_src.dim(0), hn = k_src.dim(1);
+  TSP_CHECK(slot >= 0 && slot + n <= capacity_ && h0 >= 0 && h0 + hn <= heads_ &&
+                k_src.shape() == v_src.shape() && k_src.dim(2) == d_,
+            "KvCache::put: {} keys of heads [{}, {}) into slot {} of a [{}, {}, {}] cache",
+            shape_str(k_src.shape()), h0, h0 + hn, slot, capacity_, heads_, d_);
+  if (n == 0) return;
+  // Row i of the source (hn·d) lands at slot + i, heads h0.. of the cache (stride heads·d).
+  const int64_t row = heads_ * d_, off = (slot * heads_ + h0) * d_, span = (n - 1) * row + hn * d_;
+  be_->copy_2d(k_src, hn * d_, k_[layer].window(off, {span}), row, n, hn * d_);
+  be_->copy_2d(v_src, hn * d_, v_[layer].window(off, {span}), row, n, hn * d_);
 }
 
 int64_t KvCache::bytes() const {
@@ -132,56 +159,70 @@ PromptSplit split_prompt(int64_t P, int D, int p) {
 
 // ---- Attention against the cache, merge over the group ----------------------------------------
 
-void attend_cache(const block::AttnDims& a, KvCache& cache, int64_t layer, const float* q,
-                  const int64_t* q_pos, int64_t n, float* o, float* lse) {
+void attend_cache(Backend& be, const block::AttnDims& a, const KvCache& cache, int64_t layer,
+                  TensorView q, TensorView q_pos, TensorView o, TensorView lse) {
   if (cache.size() == 0) {  // no key here: the neutral element of the merge
-    std::fill(o, o + n * a.hq * a.d, 0.f);
-    std::fill(lse, lse + n * a.hq, -std::numeric_limits<float>::infinity());
+    be.zero(o);
+    be.fill(lse, -std::numeric_limits<float>::infinity());
     return;
   }
-  block::attention_forward(a, 1, n, cache.size(), q, cache.k(layer), cache.v(layer), q_pos,
-                           cache.positions(), o, lse);
+  block::attention_forward(be, a, 1, q, cache.k(layer), cache.v(layer), q_pos, cache.positions(), o,
+                           lse);
 }
 
-void merge_over_group(Communicator& c, float* o, float* lse, int64_t n, int64_t hq, int64_t d) {
+GroupMerge::GroupMerge(Backend& be, Communicator& c, int64_t n, int64_t hq, int64_t d, DType dtype)
+    : be_(be), c_(c) {
   const int D = c.size();
   if (D == 1) return;
-  const int64_t no = n * hq * d, nl = n * hq, blk = no + nl;
-  Tensor mine = Tensor::f32({blk}, MemCategory::Comm);
-  Tensor all = Tensor::f32({D, blk}, MemCategory::Comm);
-  std::memcpy(mine.f32(), o, sizeof(float) * no);
-  std::memcpy(mine.f32() + no, lse, sizeof(float) * nl);
-  c.all_gather(mine.data(), all.data(), blk, DType::F32);
-  // Rank order on every rank: the same floating-point operations, the same bits everywhere.
-  std::memcpy(o, all.f32(), sizeof(float) * no);
-  std::memcpy(lse, all.f32() + no, sizeof(float) * nl);
-  for (int r = 1; r < D; ++r) {
-    const float* part = all.f32() + r * blk;
-    attention_merge(o, lse, part, part + no, n, hq, d);
-  }
+  const Device dev = be.device();
+  all_o_ = Tensor({D, n, hq, d}, dtype, MemCategory::Comm, dev);
+  all_lse_ = Tensor::f32({D, n, hq}, MemCategory::Comm, dev);
+  acc_ = Tensor::f32({n, hq, d}, MemCategory::Workspace, dev);
+}
+
+void GroupMerge::merge(TensorView o, TensorView lse) {
+  const int D = c_.size();
+  if (D == 1) return;
+  const int64_t no = o.numel(), nl = lse.numel();
+  TSP_CHECK(all_o_.numel() == D * no && all_lse_.numel() == D * nl && o.dtype() == all_o_.dtype(),
+            "GroupMerge: o {} {} and lse {} do not match the buffers", dtype_name(o.dtype()),
+            shape_str(o.shape()), shape_str(lse.shape()));
+  c_.all_gather(o.data(), all_o_.data(), no, o.dtype());
+  c_.all_gather(lse.data(), all_lse_.data(), nl, DType::F32);
+  const Shape os = o.shape(), ls = lse.shape();
+  // Rank order on every rank, in fp32; o is rounded to its dtype once, at the end.
+  be_.copy(all_o_.window(0, os), acc_.view());
+  be_.copy(all_lse_.window(0, ls), lse);
+  for (int r = 1; r < D; ++r)
+    be_.attention_merge(acc_.view(), lse, all_o_.window(r * no, os), all_lse_.window(r * nl, ls));
+  be_.copy(acc_.view(), o);
 }
 
 // ---- Output head -------------------------------------------------------------------------------
 
-std::vector<float> head_logits(Communicator& c, const float* xn, const float* head, int64_t h,
+std::vector<float> head_logits(Backend& be, Communicator& c, TensorView xn, TensorView head,
                                int64_t V, bool sharded) {
-  std::vector<float> logits(V);
+  const Device dev = be.device();
+  Tensor logits = Tensor::f32({1, V}, MemCategory::Workspace, dev);
   if (!sharded || c.size() == 1) {
-    linear_forward(xn, head, logits.data(), 1, h, V);
-    return logits;
+    be.linear_forward(xn, head, logits.view(), /*accumulate=*/false);
+  } else {
+    Tensor mine = Tensor::f32({1, head.dim(0)}, MemCategory::Comm, dev);
+    be.linear_forward(xn, head, mine.view(), false);
+    c.all_gather(mine.data(), logits.data(), mine.numel(), DType::F32);  // vocabulary order
   }
-  const int64_t Vs = V / c.size();
-  std::vector<float> mine(Vs);
-  linear_forward(xn, head, mine.data(), 1, h, Vs);
-  c.all_gather(mine.data(), logits.data(), Vs, DType::F32);  // shards in vocabulary order
-  return logits;
+  return be.host_vector<float>(logits.view());  // the step's one download
 }
 
 // ---- EngineBase --------------------------------------------------------------------------------
 
 EngineBase::EngineBase(std::string name, const LlamaConfig& config, Communicator& world,
-                       bool one_rank)
-    : name_(std::move(name)), config_(config), w_(config) {
+                       bool one_rank, DType dtype, Device device)
+    : name_(std::move(name)),
+      config_(config),
+      be_(backend_for(device)),
+      dtype_(dtype),
+      w_(config, be_, dtype) {
   config_.validate();
   group_ = world.split(one_rank ? world.rank() : 0, world.rank());
   D_ = group_->size();
@@ -223,7 +264,7 @@ block::AttnWeights EngineBase::attn_weights(int layer) const {
 
 block::MlpWeights EngineBase::mlp_weights(int layer) const {
   const ParamIndex::Layer& l = P(layer);
-  return {w_.w(l.wg), w_.w(l.wu), w_.w(l.wd), w_.range(l.wg).size()};
+  return {w_.w(l.wg), w_.w(l.wu), w_.w(l.wd)};
 }
 
 int EngineBase::head_param() const {

@@ -2,22 +2,23 @@
 #include <chrono>
 
 #include "infer/common.h"
+#include "parallel/registry.h"
 #include "tsp/parallel/sharding.h"
 
 namespace tsp::infer {
 
 std::string supported_layouts() {
-  return "single, tp, sp, tsp";
+  return engine_layout_names_str();
 }
 
 std::unique_ptr<Engine> make_engine(const LlamaConfig& config, const std::string& layout,
-                                    Communicator& world) {
-  if (layout == "single") return make_tensor_parallel_engine(config, world, /*single=*/true);
-  if (layout == "tp") return make_tensor_parallel_engine(config, world, /*single=*/false);
-  if (layout == "sp") return make_sp_engine(config, world);
-  if (layout == "tsp") return make_tsp_engine(config, world);
-  TSP_FAIL("generate: layout '{}' has no inference engine; supported layouts: {}", layout,
-           supported_layouts());
+                                    Communicator& world, DType dtype, Device device) {
+  const EngineFactory* make = find_engine(layout);
+  TSP_CHECK(make, "generate: layout '{}' has no inference engine; supported layouts: {}", layout,
+            supported_layouts());
+  TSP_CHECK(dtype == DType::F32 || dtype == DType::BF16,
+            "generate: the compute dtype must be fp32 or bf16, not {}", dtype_name(dtype));
+  return (*make)(config, world, dtype, device);
 }
 
 void validate_request(const LlamaConfig& c, const std::vector<int32_t>& prompt, int64_t max_new) {

@@ -20,19 +20,21 @@
 //                 rank p projects its head group's output with its Wo_p (all-reduce of h floats),
 //                 applies MLP slice p (all-reduce of h) and scores its vocabulary shard
 //                 (all-gather of V floats). Only activations move; no weight shard leaves its rank.
-#include <cstring>
-
 #include "infer/common.h"
-#include "tsp/ops/ops.h"
+#include "parallel/mappings.h"
+#include "parallel/registry.h"
 #include "tsp/parallel/sharding.h"
 
 namespace tsp::infer {
 namespace {
 
+constexpr MemCategory kWork = MemCategory::Workspace;
+constexpr MemCategory kComm = MemCategory::Comm;
+
 class SeqShardedEngine final : public EngineBase {
  public:
-  SeqShardedEngine(const LlamaConfig& c, Communicator& world, bool tsp)
-      : EngineBase(tsp ? "tsp" : "sp", c, world, /*one_rank=*/false), tsp_(tsp) {
+  SeqShardedEngine(const LlamaConfig& c, Communicator& world, bool tsp, DType dtype, Device device)
+      : EngineBase(tsp ? "tsp" : "sp", c, world, /*one_rank=*/false, dtype, device), tsp_(tsp) {
     const ParamIndex& I = w_.idx();
     if (tsp_) {
       check_heads(config_, D_);
@@ -55,217 +57,269 @@ class SeqShardedEngine final : public EngineBase {
     const LlamaConfig& c = config_;
     const int64_t n_prompt = static_cast<int64_t>(prompt.size()), h = c.hidden_size;
     const float eps = static_cast<float>(c.rms_norm_eps);
+    const Device dev = be_.device();
     const PromptSplit sp = split_prompt(n_prompt, D_, p_);
     const int64_t n = sp.n_max, nl = sp.n_local();  // rows computed (padded), tokens owned
-    cache_.reset(c.num_hidden_layers, nl + decode_share(extra, D_, p_), c.num_key_value_heads,
-                 ad_.d);
-    for (int64_t t : sp.pos) cache_.append(t);
+    cache_.reset(be_, c.num_hidden_layers, nl + decode_share(extra, D_, p_), c.num_key_value_heads,
+                 ad_.d, dtype_);
+    cache_.append(sp.pos);
 
-    std::vector<int32_t> ids(nl);
-    for (int64_t i = 0; i < nl; ++i) ids[i] = prompt[sp.pos[i]];
-    Tensor x = Tensor::f32({n, h}, MemCategory::Workspace);  // padding rows stay 0
-    Tensor xn = Tensor::f32({n, h}, MemCategory::Workspace);
-    Tensor y = Tensor::f32({n, h}, MemCategory::Workspace);
-    Tensor rstd = Tensor::f32({n}, MemCategory::Workspace);
-    embed_prompt(ids, x.f32());
+    std::vector<int32_t> ids_host(nl);
+    for (int64_t i = 0; i < nl; ++i) ids_host[i] = prompt[sp.pos[i]];
+    const Tensor ids = be_.device_copy(ids_host, kWork);
+    Prefill pf(be_, sp, ad_g_, D_, dtype_);
+    Tensor x({n, h}, dtype_, kWork, dev);  // residual stream; padding rows 0
+    Tensor xn({n, h}, dtype_, kWork, dev);
+    Tensor y = Tensor::f32({n, h}, kWork, dev);  // a sub-block's output, summed in fp32
+    Tensor rstd = Tensor::f32({n}, kWork, dev);
+    be_.zero(x.view());
+    embed_prompt(ids.view(), x.slice(0, nl));
 
     for (int l = 0; l < c.num_hidden_layers; ++l) {
-      rmsnorm_forward(x.f32(), w_.w(P(l).input_norm), xn.f32(), rstd.f32(), n, h, eps);
-      y.zero();
+      be_.rmsnorm_forward(x.view(), w_.w(P(l).input_norm), xn.view(), rstd.view(), eps);
+      be_.zero(y.view());
       if (tsp_) {
-        tsp_attention_rounds(l, sp, xn.f32(), y.f32());
+        tsp_attention_rounds(l, pf, xn.view(), y.view());
       } else {
-        attention_gathered(ad_, attn_weights(l), l, 0, sp, xn.f32(), y.f32());
+        attention_gathered(attn_weights(l), l, 0, pf, xn.view(), y.view());
       }
-      add_inplace(x.f32(), y.f32(), n * h);
-      rmsnorm_forward(x.f32(), w_.w(P(l).post_norm), xn.f32(), rstd.f32(), n, h, eps);
-      y.zero();
+      be_.add(x.view(), y.view());
+      be_.rmsnorm_forward(x.view(), w_.w(P(l).post_norm), xn.view(), rstd.view(), eps);
+      be_.zero(y.view());
       if (tsp_) {
-        tsp_mlp_ring(l, xn.f32(), n, y.f32());
+        tsp_mlp_ring(l, xn.view(), y.view());
       } else {
-        block::mlp_forward(mlp_weights(l), h, xn.f32(), n, y.f32());
+        block::mlp_forward(be_, mlp_weights(l), xn.view(), y.view());
       }
-      add_inplace(x.f32(), y.f32(), n * h);
+      be_.add(x.view(), y.view());
     }
     // The last position lives on one rank: it sends its final-normed state to all.
-    std::vector<float> xn_last(h);
+    Tensor xn_last({1, h}, dtype_, kWork, dev);
     if (p_ == sp.last_owner)
-      rmsnorm_forward(x.f32() + sp.last_local * h, w_.w(w_.idx().final_norm), xn_last.data(),
-                      rstd.f32(), 1, h, eps);
-    if (D_ > 1) group_->broadcast(xn_last.data(), h, DType::F32, sp.last_owner);
-    return logits(xn_last.data());
+      be_.rmsnorm_forward(x.slice(sp.last_local, sp.last_local + 1), w_.w(w_.idx().final_norm),
+                          xn_last.view(), rstd.slice(0, 1), eps);
+    if (D_ > 1) broadcast(*group_, xn_last.view(), sp.last_owner);
+    return logits(xn_last.view());
   }
 
   std::vector<float> decode(int32_t token) override {
     const LlamaConfig& c = config_;
     const int64_t h = c.hidden_size, d = ad_.d;
     const float eps = static_cast<float>(c.rms_norm_eps);
-    const int64_t pos = next_decode_position();
+    const Device dev = be_.device();
+    const int64_t pos_host = next_decode_position();
     const bool owner = decode_owner(decoded_, D_) == p_;  // this token's K/V stays here
-    const int64_t slot = owner ? cache_.append(pos) : -1;
+    const int64_t slot = owner ? cache_.append({pos_host}) : -1;
+    const Tensor pos = be_.device_copy(std::vector<int64_t>{pos_host}, kWork);
 
-    Tensor x = Tensor::f32({1, h}, MemCategory::Workspace);
-    Tensor xn = Tensor::f32({1, h}, MemCategory::Workspace);
-    Tensor y = Tensor::f32({1, h}, MemCategory::Workspace);
-    Tensor rstd = Tensor::f32({1}, MemCategory::Workspace);
+    Tensor x({1, h}, dtype_, kWork, dev);
+    Tensor xn({1, h}, dtype_, kWork, dev);
+    Tensor y = Tensor::f32({1, h}, kWork, dev);
+    Tensor rstd = Tensor::f32({1}, kWork, dev);
     // q, k, v of ALL heads (tsp: assembled from the ranks' head groups), o, lse of all heads.
-    Tensor q = Tensor::f32({ad_.hq, d}, MemCategory::Workspace);
-    Tensor k = Tensor::f32({ad_.hkv, d}, MemCategory::Workspace);
-    Tensor v = Tensor::f32({ad_.hkv, d}, MemCategory::Workspace);
-    Tensor o = Tensor::f32({ad_.hq, d}, MemCategory::Workspace);
-    Tensor lse = Tensor::f32({ad_.hq}, MemCategory::Workspace);
-    Tensor qg, kg, vg;  // tsp: this rank's head group
-    if (tsp_) {
-      qg = Tensor::f32({ad_g_.hq, d}, MemCategory::Workspace);
-      kg = Tensor::f32({ad_g_.hkv, d}, MemCategory::Workspace);
-      vg = Tensor::f32({ad_g_.hkv, d}, MemCategory::Workspace);
+    Tensor q({1, ad_.hq, d}, dtype_, kWork, dev);
+    Tensor k({1, ad_.hkv, d}, dtype_, kWork, dev);
+    Tensor v({1, ad_.hkv, d}, dtype_, kWork, dev);
+    Tensor o({1, ad_.hq, d}, dtype_, kWork, dev);
+    Tensor lse = Tensor::f32({1, ad_.hq}, kWork, dev);
+    Tensor qg, kg, vg;  // tsp over D > 1 ranks: this rank's head group
+    const bool groups = tsp_ && D_ > 1;
+    if (groups) {
+      qg = Tensor({1, ad_g_.hq, d}, dtype_, kWork, dev);
+      kg = Tensor({1, ad_g_.hkv, d}, dtype_, kWork, dev);
+      vg = Tensor({1, ad_g_.hkv, d}, dtype_, kWork, dev);
     }
-    embed_token(token, x.f32());
+    GroupMerge merge(be_, *group_, 1, ad_.hq, d, dtype_);
+    embed_token(token, x.view());
 
     for (int l = 0; l < c.num_hidden_layers; ++l) {
-      rmsnorm_forward(x.f32(), w_.w(P(l).input_norm), xn.f32(), rstd.f32(), 1, h, eps);
-      if (tsp_) {
-        block::qkv_forward(ad_g_, attn_weights(l), xn.f32(), &pos, 1, qg.f32(), kg.f32(), vg.f32());
-        if (D_ > 1) {  // head groups are contiguous: rank order = head order
-          group_->all_gather(qg.data(), q.data(), qg.numel(), DType::F32);
-          group_->all_gather(kg.data(), k.data(), kg.numel(), DType::F32);
-          group_->all_gather(vg.data(), v.data(), vg.numel(), DType::F32);
-        } else {
-          copy(qg, q), copy(kg, k), copy(vg, v);
-        }
+      be_.rmsnorm_forward(x.view(), w_.w(P(l).input_norm), xn.view(), rstd.view(), eps);
+      if (groups) {  // head groups are contiguous: rank order = head order
+        block::qkv_forward(be_, ad_g_, attn_weights(l), xn.view(), pos.view(), qg.view(), kg.view(),
+                           vg.view());
+        group_->all_gather(qg.data(), q.data(), qg.numel(), dtype_);
+        group_->all_gather(kg.data(), k.data(), kg.numel(), dtype_);
+        group_->all_gather(vg.data(), v.data(), vg.numel(), dtype_);
       } else {
-        block::qkv_forward(ad_, attn_weights(l), xn.f32(), &pos, 1, q.f32(), k.f32(), v.f32());
+        block::qkv_forward(be_, ad_, attn_weights(l), xn.view(), pos.view(), q.view(), k.view(),
+                           v.view());
       }
-      if (owner) cache_.put(l, slot, 0, ad_.hkv, 1, k.f32(), v.f32());
-      attend_cache(ad_, cache_, l, q.f32(), &pos, 1, o.f32(), lse.f32());
-      merge_over_group(*group_, o.f32(), lse.f32(), 1, ad_.hq, d);
-      y.zero();
+      if (owner) cache_.put(l, slot, 0, k.view(), v.view());
+      attend_cache(be_, ad_, cache_, l, q.view(), pos.view(), o.view(), lse.view());
+      merge.merge(o.view(), lse.view());
+      be_.zero(y.view());
       // o of this rank's head group (all heads under sp) times its columns of Wo.
-      block::out_proj_forward(ad_g_, w_.w(P(l).wo), o.f32() + group_heads_.q.begin * d, 1, y.f32());
-      if (tsp_ && D_ > 1) all_reduce(*group_, y);
-      add_inplace(x.f32(), y.f32(), h);
+      const int64_t o0 = group_heads_.q.begin * d;
+      block::out_proj_forward(be_, w_.w(P(l).wo), o.window(o0, {1, ad_g_.q_width()}), y.view());
+      if (tsp_) all_reduce_sum(be_, *group_, y.view());
+      be_.add(x.view(), y.view());
 
-      rmsnorm_forward(x.f32(), w_.w(P(l).post_norm), xn.f32(), rstd.f32(), 1, h, eps);
-      y.zero();
-      block::mlp_forward(mlp_weights(l), h, xn.f32(), 1, y.f32());
-      if (tsp_ && D_ > 1) all_reduce(*group_, y);
-      add_inplace(x.f32(), y.f32(), h);
+      be_.rmsnorm_forward(x.view(), w_.w(P(l).post_norm), xn.view(), rstd.view(), eps);
+      be_.zero(y.view());
+      block::mlp_forward(be_, mlp_weights(l), xn.view(), y.view());
+      if (tsp_) all_reduce_sum(be_, *group_, y.view());
+      be_.add(x.view(), y.view());
     }
-    rmsnorm_forward(x.f32(), w_.w(w_.idx().final_norm), xn.f32(), rstd.f32(), 1, h, eps);
+    be_.rmsnorm_forward(x.view(), w_.w(w_.idx().final_norm), xn.view(), rstd.view(), eps);
     ++seq_len_;
     ++decoded_;
-    return logits(xn.f32());
+    return logits(xn.view());
   }
 
  private:
+  // The prompt split on the device and the prefill attention's buffers, allocated once per
+  // prefill for one head group (under tsp every group has the same shape).
+  struct Prefill {
+    const PromptSplit& sp;
+    Tensor q_pos;         // I64 [n]
+    Tensor gathered_pos;  // I64 [D·n]
+    Tensor q, k, v, o, lse, kg, vg;
+    Prefill(Backend& be, const PromptSplit& split, const block::AttnDims& a, int D, DType dtype)
+        : sp(split),
+          q_pos(be.device_copy(split.q_pos, kWork)),
+          gathered_pos(be.device_copy(split.gathered_pos, kWork)) {
+      const int64_t n = sp.n_max, d = a.d;
+      const Device dev = be.device();
+      q = Tensor({n, a.hq, d}, dtype, kWork, dev);
+      k = Tensor({n, a.hkv, d}, dtype, kWork, dev);
+      v = Tensor({n, a.hkv, d}, dtype, kWork, dev);
+      o = Tensor({n, a.hq, d}, dtype, kWork, dev);
+      lse = Tensor::f32({n, a.hq}, kWork, dev);
+      if (D > 1) {  // rank-major: every rank's n rows, padding included
+        kg = Tensor({D * n, a.hkv, d}, dtype, kComm, dev);
+        vg = Tensor({D * n, a.hkv, d}, dtype, kComm, dev);
+      }
+    }
+  };
+
   // ---- embedding -------------------------------------------------------------------------------
-  // ids [nl] -> x [nl, h] (=). tsp: ring of vocabulary shards, each rank looking up the ids that
-  // fall in the shard in hand.
-  void embed_prompt(const std::vector<int32_t>& ids, float* x) {
-    const int64_t h = config_.hidden_size, V = config_.vocab_size, nl = ids.size();
+  // ids I32 [nl] -> x [nl, h] (=). tsp: ring of vocabulary shards, each rank looking up the ids
+  // that fall in the shard in hand.
+  void embed_prompt(TensorView ids, TensorView x) {
+    const int64_t V = config_.vocab_size;
+    const TensorView table = w_.w(w_.idx().embed);
     if (!tsp_) {
-      embedding_forward(ids.data(), w_.w(w_.idx().embed), x, nl, h, 0, V);
+      be_.embedding_forward(ids, table, x, 0);
       return;
     }
-    const int64_t Vs = V / D_;
-    ring(w_.w(w_.idx().embed), Vs * h, [&](int s, const float* table) {
-      embedding_forward(ids.data(), table, x, nl, h, vocab_shard(V, D_, s).begin, Vs);
+    ring({table}, [&](int s, const std::vector<TensorView>& shard) {
+      be_.embedding_forward(ids, shard[0], x, vocab_shard(V, D_, s).begin);
     });
   }
-  // token -> x [h] (=). tsp: the owner of the token's vocabulary shard broadcasts its row.
-  void embed_token(int32_t token, float* x) {
-    const int64_t h = config_.hidden_size, V = config_.vocab_size;
+  // token -> x [1, h] (=). tsp: the owner of the token's vocabulary shard broadcasts its row.
+  void embed_token(int32_t token, TensorView x) {
+    const int64_t V = config_.vocab_size;
+    const Tensor id = be_.device_copy(std::vector<int32_t>{token}, kWork);
     if (!tsp_) {
-      embedding_forward(&token, w_.w(w_.idx().embed), x, 1, h, 0, V);
+      be_.embedding_forward(id.view(), w_.w(w_.idx().embed), x, 0);
       return;
     }
     const int owner = static_cast<int>(token / (V / D_));
     if (p_ == owner)
-      std::memcpy(x, w_.w(w_.idx().embed) + (token - vocab_shard(V, D_, p_).begin) * h,
-                  sizeof(float) * h);
-    if (D_ > 1) group_->broadcast(x, h, DType::F32, owner);
+      be_.embedding_forward(id.view(), w_.w(w_.idx().embed), x, vocab_shard(V, D_, p_).begin);
+    if (D_ > 1) broadcast(*group_, x, owner);
   }
 
   // ---- prefill attention -----------------------------------------------------------------------
-  // Attention of the local tokens (n_max rows, xn [n, h]) with one head group (dims a, weights w,
-  // cache heads from kv0): k,v all-gathered over the group, y [n, h] (+=) o·Woᵀ, and the local
-  // tokens' k,v stored in the cache.
-  void attention_gathered(const block::AttnDims& a, const block::AttnWeights& w, int l, int64_t kv0,
-                          const PromptSplit& sp, const float* xn, float* y) {
-    const int64_t n = sp.n_max, d = a.d;
-    Tensor q = Tensor::f32({n, a.hq, d}, MemCategory::Workspace);
-    Tensor k = Tensor::f32({n, a.hkv, d}, MemCategory::Workspace);
-    Tensor v = Tensor::f32({n, a.hkv, d}, MemCategory::Workspace);
-    Tensor o = Tensor::f32({n, a.hq, d}, MemCategory::Workspace);
-    Tensor lse = Tensor::f32({n, a.hq}, MemCategory::Workspace);
-    block::qkv_forward(a, w, xn, sp.q_pos.data(), n, q.f32(), k.f32(), v.f32());
-    cache_.put(l, 0, kv0, a.hkv, sp.n_local(), k.f32(), v.f32());
-    Tensor kg = Tensor::f32({D_ * n, a.hkv, d}, MemCategory::Workspace);  // rank-major
-    Tensor vg = Tensor::f32({D_ * n, a.hkv, d}, MemCategory::Workspace);
-    group_->all_gather(k.data(), kg.data(), k.numel(), DType::F32);
-    group_->all_gather(v.data(), vg.data(), v.numel(), DType::F32);
-    block::attention_forward(a, 1, n, D_ * n, q.f32(), kg.f32(), vg.f32(), sp.q_pos.data(),
-                             sp.gathered_pos.data(), o.f32(), lse.f32());
-    block::out_proj_forward(a, w.wo, o.f32(), n, y);
+  // Attention of the local tokens (n_max rows, xn [n, h]) with one head group (weights w, cache
+  // heads from kv0): k, v all-gathered over the group, y F32 [n, h] (+=) o·Woᵀ, and the local
+  // tokens' k, v stored in the cache.
+  void attention_gathered(const block::AttnWeights& w, int l, int64_t kv0, Prefill& pf,
+                          TensorView xn, TensorView y) {
+    const block::AttnDims& a = tsp_ ? ad_g_ : ad_;
+    const int64_t nl = pf.sp.n_local();
+    block::qkv_forward(be_, a, w, xn, pf.q_pos.view(), pf.q.view(), pf.k.view(), pf.v.view());
+    cache_.put(l, 0, kv0, pf.k.slice(0, nl), pf.v.slice(0, nl));
+    TensorView K = pf.k.view(), V = pf.v.view();  // D = 1: the local rows are all rows
+    if (D_ > 1) {
+      group_->all_gather(pf.k.data(), pf.kg.data(), pf.k.numel(), dtype_);
+      group_->all_gather(pf.v.data(), pf.vg.data(), pf.v.numel(), dtype_);
+      K = pf.kg.view();
+      V = pf.vg.view();
+    }
+    block::attention_forward(be_, a, 1, pf.q.view(), K, V, pf.q_pos.view(), pf.gathered_pos.view(),
+                             pf.o.view(), pf.lse.view());
+    block::out_proj_forward(be_, w.wo, pf.o.view(), y);
   }
 
-  // tsp: for r in 0..D-1, P_r broadcast from owner r, then attention with head group r.
-  void tsp_attention_rounds(int l, const PromptSplit& sp, const float* xn, float* y) {
-    const block::AttnDims& a = ad_g_;  // every group has the same shape
-    const int64_t h = a.h, nq = a.q_width() * h, nkv = a.kv_width() * h;
-    Tensor packed = Tensor::f32({nq + 2 * nkv + nq}, MemCategory::Comm);
-    float* pk = packed.f32();
+  // tsp: for r in 0..D-1, P_r = [Wq_r; Wk_r; Wv_r; Wo_r] broadcast from owner r, then attention
+  // with head group r.
+  void tsp_attention_rounds(int l, Prefill& pf, TensorView xn, TensorView y) {
     const block::AttnWeights own = attn_weights(l);
-    const block::AttnWeights shard{pk, pk + nq, pk + nq + nkv, pk + nq + 2 * nkv};
+    const std::vector<TensorView> pieces = {own.wq, own.wk, own.wv, own.wo};
+    Tensor packed({packed_size(pieces)}, dtype_, kComm, be_.device());
     for (int r = 0; r < D_; ++r) {
-      if (r == p_) {
-        std::memcpy(pk, own.wq, sizeof(float) * nq);
-        std::memcpy(pk + nq, own.wk, sizeof(float) * nkv);
-        std::memcpy(pk + nq + nkv, own.wv, sizeof(float) * nkv);
-        std::memcpy(pk + nq + 2 * nkv, own.wo, sizeof(float) * nq);
+      std::vector<TensorView> shard = pieces;
+      if (D_ > 1) {
+        if (r == p_) pack(pieces, packed.view());
+        broadcast(*group_, packed.view(), r);
+        if (r != p_) shard = unpack(pieces, packed.view());
       }
-      if (D_ > 1) broadcast(*group_, packed, r);
-      attention_gathered(a, shard, l, head_group(config_, D_, r).kv.begin, sp, xn, y);
+      attention_gathered({shard[0], shard[1], shard[2], shard[3]}, l,
+                         head_group(config_, D_, r).kv.begin, pf, xn, y);
     }
   }
 
   // tsp: MLP ring; step k uses slice s = p - k while it travels p -> p+1. xn [n, h], y (+=).
-  void tsp_mlp_ring(int l, const float* xn, int64_t n, float* y) {
-    const int64_t h = config_.hidden_size, f = config_.intermediate_size / D_;
+  void tsp_mlp_ring(int l, TensorView xn, TensorView y) {
     const block::MlpWeights own = mlp_weights(l);
-    Tensor packed = Tensor::f32({3 * f * h}, MemCategory::Comm);
-    float* pk = packed.f32();
-    std::memcpy(pk, own.wg, sizeof(float) * f * h);
-    std::memcpy(pk + f * h, own.wu, sizeof(float) * f * h);
-    std::memcpy(pk + 2 * f * h, own.wd, sizeof(float) * f * h);
-    ring(pk, 3 * f * h, [&](int, const float* w) {
-      block::mlp_forward({w, w + f * h, w + 2 * f * h, f}, h, xn, n, y);
+    ring({own.wg, own.wu, own.wd}, [&](int, const std::vector<TensorView>& w) {
+      block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y);
     });
   }
 
-  // Passes `count` floats (starting with own) around the ring p -> p+1; body(s, shard) runs
-  // once per shard s = p, p-1, ... while the next one is in flight (double buffered).
+  // Passes this rank's shard (`own`, packed into one buffer) around the ring p -> p+1; body(s,
+  // pieces of shard s) runs once per shard s = p, p-1, ... while the next one is in flight
+  // (double buffered). The own shard is used in place.
   template <typename Body>
-  void ring(const float* own, int64_t count, const Body& body) {
-    Tensor buf[2] = {Tensor::f32({count}, MemCategory::Comm),
-                     Tensor::f32({count}, MemCategory::Comm)};
-    std::memcpy(buf[0].f32(), own, sizeof(float) * count);
+  void ring(const std::vector<TensorView>& own, const Body& body) {
+    if (D_ == 1) {
+      body(p_, own);
+      return;
+    }
+    const int64_t count = packed_size(own);
+    Tensor buf[2] = {Tensor({count}, dtype_, kComm, be_.device()),
+                     Tensor({count}, dtype_, kComm, be_.device())};
+    pack(own, buf[0].view());
     for (int k = 0; k < D_; ++k) {
       const int cur = k % 2, s = ((p_ - k) % D_ + D_) % D_;
       RequestPtr hop;
       if (k + 1 < D_) {
-        hop = group_->isendrecv(buf[cur].data(), count, DType::F32, (p_ + 1) % D_,
-                                buf[1 - cur].data(), count, (p_ + D_ - 1) % D_);
+        hop = group_->isendrecv(buf[cur].data(), count, dtype_, (p_ + 1) % D_, buf[1 - cur].data(),
+                                count, (p_ + D_ - 1) % D_);
       }
-      body(s, buf[cur].f32());
+      body(s, k == 0 ? own : unpack(own, buf[cur].view()));
       if (hop) hop->wait();
     }
   }
 
-  // xn [h] final-normed (identical on every rank) -> logits [V] on every rank.
-  std::vector<float> logits(const float* xn) {
-    const int64_t h = config_.hidden_size, V = config_.vocab_size;
-    return head_logits(*group_, xn, w_.w(head_param()), h, V, /*sharded=*/tsp_);
+  static int64_t packed_size(const std::vector<TensorView>& pieces) {
+    int64_t total = 0;
+    for (const TensorView& t : pieces) total += t.numel();
+    return total;
+  }
+  // The pieces one after another in `buf`, and views of them there (the same shapes).
+  void pack(const std::vector<TensorView>& pieces, TensorView buf) {
+    int64_t off = 0;
+    for (const TensorView& t : pieces) {
+      be_.copy(t, buf.window(off, t.shape()));
+      off += t.numel();
+    }
+  }
+  static std::vector<TensorView> unpack(const std::vector<TensorView>& like, TensorView buf) {
+    std::vector<TensorView> out;
+    int64_t off = 0;
+    for (const TensorView& t : like) {
+      out.push_back(buf.window(off, t.shape()));
+      off += t.numel();
+    }
+    return out;
+  }
+
+  // xn [1, h] final-normed (identical on every rank) -> logits [V] on every rank.
+  std::vector<float> logits(TensorView xn) {
+    return head_logits(be_, *group_, xn, w_.w(head_param()), config_.vocab_size,
+                       /*sharded=*/tsp_);
   }
 
   bool tsp_;
@@ -274,13 +328,18 @@ class SeqShardedEngine final : public EngineBase {
   block::AttnDims ad_g_;   // this rank's head group (all heads under sp)
 };
 
+std::unique_ptr<Engine> make_sp(const LlamaConfig& c, Communicator& world, DType dtype,
+                                Device device) {
+  return std::make_unique<SeqShardedEngine>(c, world, /*tsp=*/false, dtype, device);
+}
+std::unique_ptr<Engine> make_tsp(const LlamaConfig& c, Communicator& world, DType dtype,
+                                 Device device) {
+  return std::make_unique<SeqShardedEngine>(c, world, /*tsp=*/true, dtype, device);
+}
+
+// Registered with their layouts' names (parallel/registry.h), beside the engines for now.
+const EngineRegistration kRegisterSp("sp", make_sp);
+const EngineRegistration kRegisterTsp("tsp", make_tsp);
+
 }  // namespace
-
-std::unique_ptr<Engine> make_sp_engine(const LlamaConfig& c, Communicator& world) {
-  return std::make_unique<SeqShardedEngine>(c, world, /*tsp=*/false);
-}
-std::unique_ptr<Engine> make_tsp_engine(const LlamaConfig& c, Communicator& world) {
-  return std::make_unique<SeqShardedEngine>(c, world, /*tsp=*/true);
-}
-
 }  // namespace tsp::infer

@@ -12,7 +12,8 @@
 #include <numeric>
 
 #include "infer/common.h"
-#include "tsp/ops/ops.h"
+#include "parallel/mappings.h"
+#include "parallel/registry.h"
 #include "tsp/parallel/sharding.h"
 
 namespace tsp::infer {
@@ -20,8 +21,9 @@ namespace {
 
 class TensorParallelEngine final : public EngineBase {
  public:
-  TensorParallelEngine(const LlamaConfig& c, Communicator& world, bool single)
-      : EngineBase(single ? "single" : "tp", c, world, /*one_rank=*/single) {
+  TensorParallelEngine(const LlamaConfig& c, Communicator& world, bool single, DType dtype,
+                       Device device)
+      : EngineBase(single ? "single" : "tp", c, world, /*one_rank=*/single, dtype, device) {
     if (D_ > 1) {
       check_heads(config_, D_);
       check_ffn(config_.intermediate_size, D_);
@@ -37,15 +39,14 @@ class TensorParallelEngine final : public EngineBase {
   std::vector<float> prefill(const std::vector<int32_t>& prompt, int64_t extra) override {
     begin(prompt, extra);
     const int64_t P = static_cast<int64_t>(prompt.size());
-    cache_.reset(config_.num_hidden_layers, P + extra, ad_.hkv, ad_.d);
+    cache_.reset(be_, config_.num_hidden_layers, P + extra, ad_.hkv, ad_.d, dtype_);
     std::vector<int64_t> pos(P);
     std::iota(pos.begin(), pos.end(), 0);
-    return forward(prompt.data(), pos.data(), P);
+    return forward(prompt, pos);
   }
 
   std::vector<float> decode(int32_t token) override {
-    const int64_t pos = next_decode_position();
-    std::vector<float> logits = forward(&token, &pos, 1);
+    std::vector<float> logits = forward({token}, {next_decode_position()});
     ++seq_len_;
     ++decoded_;
     return logits;
@@ -53,56 +54,71 @@ class TensorParallelEngine final : public EngineBase {
 
  private:
   // ids [n] at positions pos [n] (the next n positions) -> logits of the last one [V].
-  std::vector<float> forward(const int32_t* ids, const int64_t* pos, int64_t n) {
+  std::vector<float> forward(const std::vector<int32_t>& ids_host,
+                             const std::vector<int64_t>& pos_host) {
     const LlamaConfig& c = config_;
-    const int64_t h = c.hidden_size, V = c.vocab_size;
+    const int64_t n = static_cast<int64_t>(ids_host.size()), h = c.hidden_size, V = c.vocab_size;
     const float eps = static_cast<float>(c.rms_norm_eps);
-    const int64_t slot0 = cache_.size();
-    for (int64_t i = 0; i < n; ++i) cache_.append(pos[i]);
+    const Device dev = be_.device();
+    constexpr MemCategory kWork = MemCategory::Workspace;
+    const int64_t slot0 = cache_.append(pos_host);
+    const Tensor ids = be_.device_copy(ids_host, kWork);
+    const Tensor pos = be_.device_copy(pos_host, kWork);
 
-    Tensor x = Tensor::f32({n, h}, MemCategory::Workspace);  // residual stream
-    Tensor xn = Tensor::f32({n, h}, MemCategory::Workspace);
-    Tensor y = Tensor::f32({n, h}, MemCategory::Workspace);  // a sub-block's (partial) output
-    Tensor rstd = Tensor::f32({n}, MemCategory::Workspace);
-    Tensor q = Tensor::f32({n, ad_.hq, ad_.d}, MemCategory::Workspace);
-    Tensor o = Tensor::f32({n, ad_.hq, ad_.d}, MemCategory::Workspace);
-    Tensor lse = Tensor::f32({n, ad_.hq}, MemCategory::Workspace);
-    embedding_forward(ids, w_.w(w_.idx().embed), x.f32(), n, h, 0, V);
+    Tensor x({n, h}, dtype_, kWork, dev);   // residual stream
+    Tensor xn({n, h}, dtype_, kWork, dev);  // normed input of a sub-block
+    // A sub-block's (partial) output, summed in fp32 over the group and added to x once.
+    Tensor y = Tensor::f32({n, h}, kWork, dev);
+    Tensor rstd = Tensor::f32({n}, kWork, dev);
+    Tensor q({n, ad_.hq, ad_.d}, dtype_, kWork, dev);
+    Tensor o({n, ad_.hq, ad_.d}, dtype_, kWork, dev);
+    Tensor lse = Tensor::f32({n, ad_.hq}, kWork, dev);
+    be_.embedding_forward(ids.view(), w_.w(w_.idx().embed), x.view(), /*v0=*/0);
 
     for (int l = 0; l < c.num_hidden_layers; ++l) {
-      rmsnorm_forward(x.f32(), w_.w(P(l).input_norm), xn.f32(), rstd.f32(), n, h, eps);
-      block::qkv_forward(ad_, attn_weights(l), xn.f32(), pos, n, q.f32(), cache_.k(l, slot0),
-                         cache_.v(l, slot0));
-      block::attention_forward(ad_, 1, n, cache_.size(), q.f32(), cache_.k(l), cache_.v(l), pos,
-                               cache_.positions(), o.f32(), lse.f32());
-      y.zero();
-      block::out_proj_forward(ad_, w_.w(P(l).wo), o.f32(), n, y.f32());
-      if (D_ > 1) all_reduce(*group_, y);
-      add_inplace(x.f32(), y.f32(), n * h);
+      be_.rmsnorm_forward(x.view(), w_.w(P(l).input_norm), xn.view(), rstd.view(), eps);
+      // The new tokens' k, v go straight into their cache slots.
+      block::qkv_forward(be_, ad_, attn_weights(l), xn.view(), pos.view(), q.view(),
+                         cache_.k(l, slot0, n), cache_.v(l, slot0, n));
+      block::attention_forward(be_, ad_, 1, q.view(), cache_.k(l), cache_.v(l), pos.view(),
+                               cache_.positions(), o.view(), lse.view());
+      be_.zero(y.view());
+      block::out_proj_forward(be_, w_.w(P(l).wo), o.view(), y.view());
+      all_reduce_sum(be_, *group_, y.view());
+      be_.add(x.view(), y.view());
 
-      rmsnorm_forward(x.f32(), w_.w(P(l).post_norm), xn.f32(), rstd.f32(), n, h, eps);
-      y.zero();
-      block::mlp_forward(mlp_weights(l), h, xn.f32(), n, y.f32());
-      if (D_ > 1) all_reduce(*group_, y);
-      add_inplace(x.f32(), y.f32(), n * h);
+      be_.rmsnorm_forward(x.view(), w_.w(P(l).post_norm), xn.view(), rstd.view(), eps);
+      be_.zero(y.view());
+      block::mlp_forward(be_, mlp_weights(l), xn.view(), y.view());
+      all_reduce_sum(be_, *group_, y.view());
+      be_.add(x.view(), y.view());
     }
     // Only the last position's logits are needed (the next token).
-    rmsnorm_forward(x.f32() + (n - 1) * h, w_.w(w_.idx().final_norm), xn.f32(), rstd.f32(), 1, h,
-                    eps);
-    const float* head = c.tie_word_embeddings
-                            ? w_.w(w_.idx().embed) + vocab_shard(V, D_, p_).begin * h
-                            : w_.w(w_.idx().lm_head);
-    return head_logits(*group_, xn.f32(), head, h, V, /*sharded=*/true);
+    const TensorView xn_last = xn.slice(0, 1);
+    be_.rmsnorm_forward(x.slice(n - 1, n), w_.w(w_.idx().final_norm), xn_last, rstd.slice(0, 1),
+                        eps);
+    const Range vs = vocab_shard(V, D_, p_);
+    const TensorView head = c.tie_word_embeddings ? w_.w(w_.idx().embed).slice(vs.begin, vs.end)
+                                                  : w_.w(w_.idx().lm_head);
+    return head_logits(be_, *group_, xn_last, head, V, /*sharded=*/true);
   }
 
   block::AttnDims ad_;
 };
 
-}  // namespace
-
-std::unique_ptr<Engine> make_tensor_parallel_engine(const LlamaConfig& c, Communicator& world,
-                                                    bool single) {
-  return std::make_unique<TensorParallelEngine>(c, world, single);
+std::unique_ptr<Engine> make_single(const LlamaConfig& c, Communicator& world, DType dtype,
+                                    Device device) {
+  return std::make_unique<TensorParallelEngine>(c, world, /*single=*/true, dtype, device);
+}
+std::unique_ptr<Engine> make_tp(const LlamaConfig& c, Communicator& world, DType dtype,
+                                Device device) {
+  return std::make_unique<TensorParallelEngine>(c, world, /*single=*/false, dtype, device);
 }
 
+// Each engine registers with its layout's name (parallel/registry.h). The registrations live here,
+// beside the engines, until the layouts' own files register them.
+const EngineRegistration kRegisterSingle("single", make_single);
+const EngineRegistration kRegisterTp("tp", make_tp);
+
+}  // namespace
 }  // namespace tsp::infer

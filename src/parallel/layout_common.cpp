@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <numeric>
 
 #include "parallel/registry.h"
@@ -16,6 +17,38 @@ std::vector<LayoutInfo>& layout_registry() {
   return layouts;
 }
 }  // namespace
+
+// ---- inference engines by layout name (infer/engine.h) ----------------------------------------
+
+namespace {
+std::map<std::string, EngineFactory>& engine_registry() {
+  static std::map<std::string, EngineFactory> engines;
+  return engines;
+}
+void attach_engine(LayoutInfo& layout) {
+  const auto it = engine_registry().find(layout.name);
+  if (it != engine_registry().end()) layout.engine = it->second;
+}
+}  // namespace
+
+EngineRegistration::EngineRegistration(std::string layout, EngineFactory make) {
+  TSP_CHECK(make, "inference engine '{}' registered without a factory", layout);
+  TSP_CHECK(!engine_registry().count(layout), "inference engine '{}' is registered twice", layout);
+  auto& engines = engine_registry();
+  engines.emplace(layout, std::move(make));
+  for (LayoutInfo& l : layout_registry()) attach_engine(l);
+}
+
+const EngineFactory* find_engine(const std::string& layout) {
+  const auto it = engine_registry().find(layout);
+  return it == engine_registry().end() ? nullptr : &it->second;
+}
+
+std::string engine_layout_names_str() {
+  std::string out;
+  for (const auto& [name, make] : engine_registry()) out += (out.empty() ? "" : ", ") + name;
+  return out.empty() ? "(none registered)" : out;
+}
 
 const std::vector<LayoutInfo>& registered_layouts() {
   return layout_registry();
@@ -38,6 +71,7 @@ LayoutRegistration::LayoutRegistration(std::string name, std::string description
   TSP_CHECK(!find_layout(name), "layout '{}' is registered twice", name);
   auto& reg = layout_registry();
   reg.push_back({std::move(name), std::move(description), std::move(make)});
+  attach_engine(reg.back());
   std::sort(reg.begin(), reg.end(),
             [](const LayoutInfo& a, const LayoutInfo& b) { return a.name < b.name; });
 }

@@ -12,6 +12,12 @@
 //           shard p to the new token's activations; partial attention over each rank's cache is
 //           merged exactly with log-sum-exp weights; no weight moves during decode.
 // Under sp and tsp new tokens' K/V go to ranks round-robin, so the cache stays balanced (1/D).
+//
+// Every engine registers itself with its layout's name (parallel/registry.h), and computes in a
+// compute dtype: F32, or BF16 with the weights rounded once at load (no fp32 master copy is
+// needed for inference), bf16 activations and K/V (in flight and in the cache), and fp32
+// attention statistics, log-sum-exp merges, reductions of partial outputs and logits
+// (docs/inference.md, "Precision").
 #pragma once
 
 #include <cstdint>
@@ -21,6 +27,8 @@
 #include <vector>
 
 #include "tsp/comm/communicator.h"
+#include "tsp/core/device.h"
+#include "tsp/core/tensor.h"
 #include "tsp/infer/sampling.h"
 #include "tsp/model/config.h"
 #include "tsp/parallel/layout.h"
@@ -33,6 +41,7 @@ class Engine {
   virtual std::string name() const = 0;
   virtual const LlamaConfig& config() const = 0;
   virtual int degree() const = 0;                  // D, ranks of the engine's group
+  virtual DType compute_dtype() const = 0;         // F32 or BF16
   virtual Communicator& group() = 0;               // the D ranks that serve one sequence
   virtual void load(const WeightSource& src) = 0;  // this rank's shards only
 
@@ -47,13 +56,15 @@ class Engine {
   virtual int64_t kv_cache_bytes() const = 0;  // bytes this rank allocated for its K/V cache
 };
 
-// The layouts with an engine, for messages: "single, tp, sp, tsp".
+// The layouts with a registered engine, for messages: "single, sp, tp, tsp".
 std::string supported_layouts();
-// Builds the engine for `layout` over all ranks of `world` (single: every rank on its own).
-// Throws tsp::Error for an unsupported layout (listing the supported ones) or a model that does
-// not split over world.size() ranks. `world` must outlive the engine.
+// Builds the engine registered for `layout` over all ranks of `world` (single: every rank on its
+// own), computing in `dtype` (F32 or BF16) on `device`. Throws tsp::Error for a layout without an
+// engine (listing the supported ones), another dtype, or a model that does not split over
+// world.size() ranks. `world` must outlive the engine.
 std::unique_ptr<Engine> make_engine(const LlamaConfig& config, const std::string& layout,
-                                    Communicator& world);
+                                    Communicator& world, DType dtype = DType::F32,
+                                    Device device = Device::cpu());
 
 // Throws tsp::Error when the prompt is empty, holds an id outside the vocabulary, or when
 // prompt + max_new positions exceed max_position_embeddings; max_new must be >= 1.
