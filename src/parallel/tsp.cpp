@@ -39,7 +39,6 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
-#include <numeric>
 
 #include "parallel/layout_common.h"
 #include "parallel/mappings.h"
