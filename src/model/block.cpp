@@ -98,7 +98,8 @@ TensorView rows(TensorView t, int64_t t0, int64_t m, int64_t cols) {
 }
 }  // namespace
 
-void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y) {
+void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
+                 const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
   const int64_t chunk = std::min(n, kTokenChunk);
   Tensor g = Tensor::f32({chunk, f}, kWork, be.device());
@@ -113,11 +114,12 @@ void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y) 
     be.linear_forward(x, w.wu, uv, false);
     be.swiglu_forward(gv, uv, av);
     be.linear_forward(av, w.wd, rows(y, t0, m, h), /*accumulate=*/true);
+    if (after_chunk) after_chunk();
   }
 }
 
 void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& gr, TensorView xn,
-                  TensorView dy, TensorView dxn) {
+                  TensorView dy, TensorView dxn, const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
   const int64_t chunk = std::min(n, kTokenChunk);
   const Device dev = be.device();
@@ -141,6 +143,7 @@ void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& gr, TensorVi
     be.swiglu_backward(dav, gv, uv, dav, duv);
     be.linear_backward(dav, x, w.wg, rows(dxn, t0, m, h), gr.dwg);
     be.linear_backward(duv, x, w.wu, rows(dxn, t0, m, h), gr.dwu);
+    if (after_chunk) after_chunk();
   }
 }
 

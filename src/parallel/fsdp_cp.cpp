@@ -27,6 +27,15 @@
 //   next layer's backward) and add the rank's piece into its gradient shard.
 // Last, the embedding's gradient (lookup rows, plus the head's part when tied) is reduce-scattered.
 //
+// The order above is the layer recipe of layout_common.h: this file implements its hooks, and the
+// unit schedule rides on them (part_done: free the unit just used, wait for the next and start
+// the prefetch of the one after; begin/end_layer_backward: the same in backward, plus the K/V
+// re-gather; norm_weight / grad_target: the norms inside the gathered unit and its gradients).
+//
+// Mixed precision: a unit's full weights are gathered from the compute-dtype copies (bf16 moves
+// half the bytes of f32) and K/V travel in the compute dtype; every gradient buffer and every
+// reduce-scatter (weights, dK/dV) is fp32.
+//
 // Memory: at most two units' full weights exist at once (the one computing and the prefetched one;
 // one with --no-overlap), and at most two full-size layer gradients (the one being computed and
 // the previous one in flight). All transfers are non-blocking starts; with overlap off each is
@@ -39,14 +48,15 @@
 #include <utility>
 
 #include "parallel/layout_common.h"
+#include "parallel/mappings.h"
 #include "parallel/registry.h"
 #include "tsp/model/block.h"
-#include "tsp/ops/ops.h"
 
 namespace tsp {
 namespace {
 
-// Offsets inside unit buffers are kept 64-byte aligned (16 floats), like the shard slabs.
+// Offsets inside unit buffers are kept aligned to 16 elements (64 bytes in f32), like the shard
+// slabs.
 int64_t aligned(int64_t n) {
   return (n + 15) / 16 * 16;
 }
@@ -65,9 +75,11 @@ void check_fsdp_rows(const std::vector<ParamSpec>& specs, int D) {
 }
 
 // A set of parameters gathered (and their gradients reduce-scattered) together. Full tensors lie
-// one after another in a buffer of full_size floats; the pieces of this rank in one of piece_size.
+// one after another in a buffer of full_size elements; the pieces of this rank in one of
+// piece_size.
 struct Unit {
   std::vector<int> params;
+  std::vector<Shape> shape;        // full shape of each parameter
   std::vector<int64_t> numel;      // full elements of each parameter
   std::vector<int64_t> full_off;   // offset of each full tensor in the full buffer
   std::vector<int64_t> piece_off;  // offset of each piece in the piece buffer
@@ -77,6 +89,7 @@ struct Unit {
   Unit(const std::vector<ParamSpec>& specs, std::vector<int> ps, int D) : params(std::move(ps)) {
     for (int p : params) {
       const int64_t e = shape_numel(specs[p].shape);
+      shape.push_back(specs[p].shape);
       numel.push_back(e);
       full_off.push_back(full_size);
       piece_off.push_back(piece_size);
@@ -89,6 +102,12 @@ struct Unit {
     TSP_CHECK(it != params.end(), "parameter #{} is not part of this fsdp-cp unit", param);
     return static_cast<int>(it - params.begin());
   }
+  // Parameter k's full tensor [shape] in a full-size buffer.
+  TensorView full(const Tensor& buf, int k) const { return buf.window(full_off[k], shape[k]); }
+  // Parameter k's piece [numel / D] in a piece buffer.
+  TensorView piece(const Tensor& buf, int k, int D) const {
+    return buf.window(piece_off[k], {numel[k] / D});
+  }
 };
 
 // How many units' full weights are alive (allocated), and the most at once.
@@ -97,13 +116,14 @@ struct LiveUnits {
   int max = 0;
 };
 
-// The full weights of one unit, gathered or being gathered (pending non-empty), in
-// MemCategory::Comm. Move-only; freeing it (release() or destruction) waits for its transfers.
+// The full weights of one unit in the compute dtype, gathered or being gathered (pending
+// non-empty), in MemCategory::Comm. Move-only; freeing it (release() or destruction) waits for
+// its transfers.
 class Gathered {
  public:
   Gathered() = default;
-  Gathered(const Unit& u, LiveUnits& live)
-      : unit_(&u), live_(&live), buf_(Tensor::f32({u.full_size}, MemCategory::Comm)) {
+  Gathered(const Unit& u, LiveUnits& live, DType dtype, Device device)
+      : unit_(&u), live_(&live), buf_({u.full_size}, dtype, MemCategory::Comm, device) {
     live.max = std::max(live.max, ++live.live);
   }
   Gathered(Gathered&& o) noexcept { *this = std::move(o); }
@@ -132,8 +152,11 @@ class Gathered {
     pending.clear();
   }
   const Unit* unit() const { return unit_; }
-  float* full(int k) const { return buf_.f32() + unit_->full_off[k]; }
-  const float* w(int param) const { return full(unit_->position(param)); }
+  TensorView full(int k) const { return unit_->full(buf_, k); }
+  TensorView w(int param) const {
+    TSP_CHECK(unit_, "fsdp-cp: weight #{} asked for while no unit is gathered", param);
+    return full(unit_->position(param));
+  }
 
   std::vector<RequestPtr> pending;
 
@@ -143,30 +166,17 @@ class Gathered {
   Tensor buf_;
 };
 
-// Full-size gradients of one unit (zeroed, MemCategory::Comm), then their reduce-scatter into this
-// rank's pieces.
+// Full-size gradients of one unit (F32, zeroed, MemCategory::Comm), then their reduce-scatter into
+// this rank's pieces.
 struct FullGrads {
   const Unit* unit = nullptr;
   Tensor full;    // [full_size]
   Tensor pieces;  // [piece_size], written by the reduce-scatter
   std::vector<RequestPtr> pending;
-  float* g(int param) const { return full.f32() + unit->full_off[unit->position(param)]; }
-};
-
-// This replica's rows cut into this rank's zigzag shard.
-struct Tokens {
-  int64_t B = 0, S = 0, nr = 0, n = 0;  // rows, sequence, local tokens per row, local tokens
-  std::vector<int32_t> ids, labels;     // [B, nr]
-  std::vector<int64_t> q_pos;           // [nr] global positions of the local tokens of a row
-  std::vector<int64_t> k_pos;           // [S] positions of the gathered keys (rank order)
-  std::vector<int64_t> tok_pos;         // [n] position of every local token (for RoPE)
-};
-
-// Non-blocking all-gather of the local k and v of one layer ([B, nr, kv] per rank -> [D, B,
-// nr·kv]).
-struct KvGather {
-  Tensor recv_k, recv_v;  // [D, B, nr·kv] in MemCategory::Comm
-  RequestPtr rk, rv;
+  TensorView g(int param) const {
+    TSP_CHECK(unit, "fsdp-cp: gradient of #{} asked for while no unit is being reduced", param);
+    return unit->full(full, unit->position(param));
+  }
 };
 
 class FsdpCpLayout final : public LayoutCommon {
@@ -176,19 +186,18 @@ class FsdpCpLayout final : public LayoutCommon {
     check_fsdp_rows(specs_, D());
     for (int i = 0; i < static_cast<int>(specs_.size()); ++i)
       store_.add(i, ShardMap::rows(D(), group_rank()), /*replicated_in_group=*/false);
-    store_.allocate(specs_, group());
+    store_.allocate(specs_, group(), be_, parallel.dtype);
+    ad_ = block::attn_dims(config_);
 
-    const int L = static_cast<int>(config_.num_hidden_layers);
-    const int head = config_.tie_word_embeddings ? idx_.embed : idx_.lm_head;
-    for (int l = 0; l < L; ++l) {
+    for (int l = 0; l < L(); ++l) {
       const ParamIndex::Layer& P = idx_.layers[l];
       units_.emplace_back(
           specs_,
           std::vector<int>{P.input_norm, P.wq, P.wk, P.wv, P.wo, P.post_norm, P.wg, P.wu, P.wd},
           D());
     }
-    units_.emplace_back(specs_, std::vector<int>{idx_.embed}, D());             // kEmbed = L
-    units_.emplace_back(specs_, std::vector<int>{idx_.final_norm, head}, D());  // kHead = L + 1
+    units_.emplace_back(specs_, std::vector<int>{idx_.embed}, D());                     // L
+    units_.emplace_back(specs_, std::vector<int>{idx_.final_norm, head_param()}, D());  // L + 1
     // The head's gradients: the final norm and the untied LM head. When tied, the head's part of
     // the embedding gradient waits in the embedding's buffer for the lookup's part (one sum, in
     // single's order), so it is not reduce-scattered with the head.
@@ -199,17 +208,50 @@ class FsdpCpLayout final : public LayoutCommon {
   const FsdpCpTraffic& traffic() const { return traffic_; }
 
  protected:
-  void check_batch(const ReplicaBatch& rb) const override { check_zigzag(rb.S, D()); }
-  // take_tokens reads the zigzag chunks (zigzag_take) and nothing else.
-  std::vector<Range> input_ranges(int64_t S) const override {
-    return zigzag_ranges(S, D(), group_rank());
+  // Zigzag tokens: chunks p and 2D-1-p of every row (check_batch and input_ranges follow).
+  int token_parts() const override { return D(); }
+  int token_index() const override { return group_rank(); }
+
+  // ---- forward: embedding, layers, head, one gathered unit at a time ------------------------
+  void embed_forward(const LocalTokens& t, TensorView x) override;
+  void attention_forward(int l, const LocalTokens& t, TensorView xn, block::LayerSaved& s) override;
+  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) override {
+    const ParamIndex::Layer& P = idx_.layers[l];
+    block::mlp_forward(be_, mlp_w(P), xn, x, [this] { progress(); });
   }
-  double run(const ReplicaBatch& rb, bool backward) override;
+  void head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
+                 TensorView dxn) override;
+  void part_done(Part part, int layer) override;
+  TensorView norm_weight(int param) override { return cur_.w(param); }
+  TensorView grad_target(int param) override { return cur_grads_.g(param); }
+
+  // ---- backward ----------------------------------------------------------------------------
+  void begin_layer_backward(int l) override;
+  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
+                    TensorView dxn) override {
+    const ParamIndex::Layer& P = idx_.layers[l];
+    block::mlp_backward(be_, mlp_w(P), mlp_g(P), xn, dy, dxn, [this] { progress(); });
+  }
+  void attention_backward(int l, const LocalTokens& t, TensorView xn, const block::LayerSaved& s,
+                          TensorView dx, TensorView dxn) override;
+  void end_layer_backward(int) override { cur_.release(); }
+  void embed_backward(const LocalTokens& t, TensorView dx) override;
 
  private:
   int L() const { return static_cast<int>(config_.num_hidden_layers); }
   int embed_unit() const { return L(); }
   int head_unit() const { return L() + 1; }
+  // The unit after u in the forward order embedding, layer 0 … L-1, head; -1 after the head.
+  int next_forward(int u) const {
+    if (u == embed_unit()) return L() > 0 ? 0 : head_unit();
+    if (u < L()) return u + 1 < L() ? u + 1 : head_unit();
+    return -1;
+  }
+  CommStats& forward_rec(int u) {
+    if (u < L()) return traffic_.layer_forward[u];
+    return u == embed_unit() ? traffic_.embedding_forward : traffic_.head_forward;
+  }
+  bool overlap() const { return parallel().overlap; }
   void progress() { group().progress(); }
 
   // Adds the traffic counted while f() runs (starts of transfers) to rec.
@@ -220,102 +262,100 @@ class FsdpCpLayout final : public LayoutCommon {
     rec += group().stats() - before;
   }
 
-  Tokens take_tokens(const ReplicaBatch& rb) const;
   Gathered start_gather(int unit, CommStats& rec);
   // The unit's weights, ready: taken from the prefetch slot when it holds them, else gathered now.
-  Gathered acquire(int unit, Gathered& prefetched, CommStats& rec);
+  Gathered acquire(int unit, CommStats& rec);
+  // Forward: free the unit just used, wait for unit u and start the prefetch of the one after.
+  void enter_forward_unit(int u);
   FullGrads new_grads(const Unit& u) const;
   void start_reduce_scatter(FullGrads& g, CommStats& rec);
   void finish(FullGrads& g);  // wait; add this rank's pieces into its gradient shards; free
 
-  KvGather start_kv_gather(const block::LayerSaved& s, const Tokens& tk, CommStats& rec);
-  // Waits and lays the gathered keys / values out as [B, S, kv] per row (zigzag_gathered order).
-  void finish_kv_gather(KvGather& g, const Tokens& tk, Tensor& K, Tensor& V);
-  // Full-sequence gradient [B, S, kv] -> this rank's tokens' gradient local [B, nr, kv] (=).
-  void scatter_dkv(const Tensor& full, float* local, const Tokens& tk, CommStats& rec);
-
-  void layer_forward(int l, const Gathered& W, block::LayerSaved& s, Tensor& x, Tensor& xn,
-                     const Tokens& tk);
-  void layer_backward(int l, const Gathered& W, const FullGrads& G, const block::LayerSaved& s,
-                      Tensor& dx, Tensor& xn, Tensor& dxn, const Tokens& tk);
-
-  block::AttnWeights attn_w(const Gathered& W, const ParamIndex::Layer& P) const {
-    return {W.w(P.wq), W.w(P.wk), W.w(P.wv), W.w(P.wo)};
+  block::AttnWeights attn_w(const ParamIndex::Layer& P) const {
+    return {cur_.w(P.wq), cur_.w(P.wk), cur_.w(P.wv), cur_.w(P.wo)};
   }
-  block::AttnGrads attn_g(const FullGrads& G, const ParamIndex::Layer& P) const {
-    return {G.g(P.wq), G.g(P.wk), G.g(P.wv), G.g(P.wo)};
+  block::AttnGrads attn_g(const ParamIndex::Layer& P) const {
+    return {cur_grads_.g(P.wq), cur_grads_.g(P.wk), cur_grads_.g(P.wv), cur_grads_.g(P.wo)};
   }
-  block::MlpWeights mlp_w(const Gathered& W, const ParamIndex::Layer& P) const {
-    return {W.w(P.wg), W.w(P.wu), W.w(P.wd), config_.intermediate_size};
+  block::MlpWeights mlp_w(const ParamIndex::Layer& P) const {
+    return {cur_.w(P.wg), cur_.w(P.wu), cur_.w(P.wd)};
   }
-  block::MlpGrads mlp_g(const FullGrads& G, const ParamIndex::Layer& P) const {
-    return {G.g(P.wg), G.g(P.wu), G.g(P.wd)};
+  block::MlpGrads mlp_g(const ParamIndex::Layer& P) const {
+    return {cur_grads_.g(P.wg), cur_grads_.g(P.wu), cur_grads_.g(P.wd)};
   }
 
+  block::AttnDims ad_;
   std::vector<Unit> units_;  // [L] layers, then the embedding, then the head
   Unit head_grads_;
   LiveUnits live_;
   FsdpCpTraffic traffic_;
-};
 
-Tokens FsdpCpLayout::take_tokens(const ReplicaBatch& rb) const {
-  Tokens tk;
-  tk.B = rb.B;
-  tk.S = rb.S;
-  tk.nr = rb.S / D();
-  tk.n = tk.B * tk.nr;
-  tk.ids.resize(tk.n);
-  tk.labels.resize(tk.n);
-  auto view = [&](const std::vector<int32_t>& v, int64_t cols) {
-    return TensorView(const_cast<int32_t*>(v.data()), {tk.B, cols}, DType::I32);
-  };
-  zigzag_take(view(rb.inputs, tk.S), view(tk.ids, tk.nr), D(), group_rank());
-  zigzag_take(view(rb.labels, tk.S), view(tk.labels, tk.nr), D(), group_rank());
-  tk.q_pos = zigzag_positions(tk.S, D(), group_rank());
-  tk.k_pos = zigzag_gathered_positions(tk.S, D());
-  tk.tok_pos.resize(tk.n);
-  for (int64_t i = 0; i < tk.n; ++i) tk.tok_pos[i] = tk.q_pos[i % tk.nr];
-  return tk;
-}
+  // State of the step in progress (reset by embed_forward, the recipe's first hook).
+  const LocalTokens* tokens_ = nullptr;
+  bool backward_ = false;                        // learnt in head_loss (dxn non-empty)
+  std::vector<const block::LayerSaved*> saved_;  // [L] each layer's saved k, v (re-gathered)
+
+  Gathered cur_;         // the unit computing now
+  Gathered next_;        // the prefetch slot: at most this one and cur_ are gathered
+  FullGrads cur_grads_;  // the gradients being accumulated (head, then layer l)
+  FullGrads in_flight_;  // the last gradients being reduce-scattered (overlap)
+  FullGrads embed_grads_;
+  // The K / V re-gather of the layer in backward ([B·S, hkv, d], compute dtype), started in
+  // begin_layer_backward so it moves during the MLP backward.
+  Tensor K_, V_, k_staging_, v_staging_;
+  RequestPtr k_req_, v_req_;
+};
 
 // ---- weights and gradients of a unit ----------------------------------------------------------
 
 Gathered FsdpCpLayout::start_gather(int unit, CommStats& rec) {
   const Unit& u = units_.at(unit);
-  Gathered g(u, live_);
+  Gathered g(u, live_, act_dtype(), device());
   counted(rec, [&] {
     // Piece p of every rank, in rank order, is the full row-major tensor: each parameter's
-    // all-gather lands in place, no unpacking.
-    for (size_t k = 0; k < u.params.size(); ++k)
-      g.pending.push_back(group().iall_gather(store_.w(u.params[k]), g.full(static_cast<int>(k)),
-                                              u.numel[k] / D(), DType::F32));
+    // all-gather lands in place, no unpacking. The compute-dtype copies travel (bf16 halves it).
+    for (size_t k = 0; k < u.params.size(); ++k) {
+      const TensorView mine = store_.w(u.params[k]);
+      g.pending.push_back(group().iall_gather(mine.data(), g.full(static_cast<int>(k)).data(),
+                                              mine.numel(), mine.dtype()));
+    }
   });
   return g;
 }
 
-Gathered FsdpCpLayout::acquire(int unit, Gathered& prefetched, CommStats& rec) {
-  Gathered g =
-      prefetched.unit() == &units_.at(unit) ? std::move(prefetched) : start_gather(unit, rec);
+Gathered FsdpCpLayout::acquire(int unit, CommStats& rec) {
+  Gathered g = next_.unit() == &units_.at(unit) ? std::move(next_) : start_gather(unit, rec);
   g.wait();
   return g;
+}
+
+void FsdpCpLayout::enter_forward_unit(int u) {
+  cur_.release();  // free the full weights right after use
+  cur_ = acquire(u, forward_rec(u));
+  const int nx = next_forward(u);
+  if (overlap() && nx >= 0) next_ = start_gather(nx, forward_rec(nx));
 }
 
 FullGrads FsdpCpLayout::new_grads(const Unit& u) const {
   FullGrads g;
   g.unit = &u;
-  g.full = Tensor::f32({u.full_size}, MemCategory::Comm);  // zeroed: block maths accumulates
+  // Zeroed: the block maths accumulates.
+  g.full = Tensor::zeros({u.full_size}, DType::F32, MemCategory::Comm, device());
   return g;
 }
 
 void FsdpCpLayout::start_reduce_scatter(FullGrads& g, CommStats& rec) {
   const Unit& u = *g.unit;
-  g.pieces = Tensor::f32({u.piece_size}, MemCategory::Comm);
+  g.pieces = Tensor({u.piece_size}, DType::F32, MemCategory::Comm, device());
   counted(rec, [&] {
     // Block r of a full row-major gradient is rank r's piece: the sum over the group lands there.
-    for (size_t k = 0; k < u.params.size(); ++k)
-      g.pending.push_back(group().ireduce_scatter(g.full.f32() + u.full_off[k],
-                                                  g.pieces.f32() + u.piece_off[k], u.numel[k] / D(),
-                                                  DType::F32));
+    // Gradients are fp32 in every compute dtype.
+    for (size_t k = 0; k < u.params.size(); ++k) {
+      const int i = static_cast<int>(k);
+      g.pending.push_back(group().ireduce_scatter(u.full(g.full, i).data(),
+                                                  u.piece(g.pieces, i, D()).data(),
+                                                  u.numel[k] / D(), DType::F32));
+    }
   });
 }
 
@@ -324,247 +364,183 @@ void FsdpCpLayout::finish(FullGrads& g) {
   const Unit& u = *g.unit;
   for (RequestPtr& r : g.pending) r->wait();
   for (size_t k = 0; k < u.params.size(); ++k)
-    add_inplace(store_.g(u.params[k]), g.pieces.f32() + u.piece_off[k], u.numel[k] / D());
+    be_.add(store_.g(u.params[k]), u.piece(g.pieces, static_cast<int>(k), D()));
   g = FullGrads();
 }
 
-// ---- K / V over the sequence -----------------------------------------------------------------
+// ---- forward ----------------------------------------------------------------------------------
 
-KvGather FsdpCpLayout::start_kv_gather(const block::LayerSaved& s, const Tokens& tk,
-                                       CommStats& rec) {
-  const int64_t kv = config_.kv_dim();
-  KvGather g;
-  g.recv_k = Tensor::f32({D(), tk.B, tk.nr * kv}, MemCategory::Comm);
-  g.recv_v = Tensor::f32({D(), tk.B, tk.nr * kv}, MemCategory::Comm);
-  counted(rec, [&] {
-    g.rk = group().iall_gather(s.k.data(), g.recv_k.data(), tk.n * kv, DType::F32);
-    g.rv = group().iall_gather(s.v.data(), g.recv_v.data(), tk.n * kv, DType::F32);
+void FsdpCpLayout::embed_forward(const LocalTokens& t, TensorView x) {
+  // The recipe's first hook: a new step.
+  traffic_ = FsdpCpTraffic();
+  traffic_.layer_forward.assign(L(), CommStats());
+  traffic_.layer_backward.assign(L(), CommStats());
+  cur_.release();
+  next_.release();
+  cur_grads_ = FullGrads();
+  in_flight_ = FullGrads();
+  embed_grads_ = FullGrads();
+  live_ = LiveUnits();
+  tokens_ = &t;
+  backward_ = false;
+  saved_.assign(L(), nullptr);
+
+  enter_forward_unit(embed_unit());
+  be_.embedding_forward(t.ids.view(), cur_.w(idx_.embed), x, /*v0=*/0);
+}
+
+void FsdpCpLayout::attention_forward(int l, const LocalTokens& t, TensorView xn,
+                                     block::LayerSaved& s) {
+  const ParamIndex::Layer& P = idx_.layers[l];
+  saved_[l] = &s;  // the recipe keeps s until this layer's backward: k, v are re-gathered from it
+  block::qkv_forward(be_, ad_, attn_w(P), xn, t.tok_pos.view(), s.q.view(), s.k.view(), s.v.view());
+  // K / V of the whole sequence from the group ([B·S, hkv, d] at t.k_pos), in the compute dtype.
+  const Device dev = device();
+  Tensor K({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, dev);
+  Tensor V({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, dev);
+  Tensor staging;  // B > 1 only: [D, B, nl·kv], reused for V
+  counted(traffic_.layer_forward[l], [&] {
+    gather_sequence(be_, group(), t, s.k.view(), K.view(), staging);
+    gather_sequence(be_, group(), t, s.v.view(), V.view(), staging);
   });
-  return g;
-}
-
-void FsdpCpLayout::finish_kv_gather(KvGather& g, const Tokens& tk, Tensor& K, Tensor& V) {
-  const int64_t kv = config_.kv_dim();
-  g.rk->wait();
-  g.rv->wait();
-  K = Tensor::f32({tk.B, tk.S, kv}, MemCategory::Workspace);
-  V = Tensor::f32({tk.B, tk.S, kv}, MemCategory::Workspace);
-  // [D, B, nr·kv] -> [B, D, nr·kv] = [B, S, kv] with keys at zigzag_gathered_positions.
-  swap_leading_dims(g.recv_k.view(), K.view().reshape({tk.B, D(), tk.nr * kv}));
-  swap_leading_dims(g.recv_v.view(), V.view().reshape({tk.B, D(), tk.nr * kv}));
-  g = KvGather();
-}
-
-void FsdpCpLayout::scatter_dkv(const Tensor& full, float* local, const Tokens& tk, CommStats& rec) {
-  const int64_t kv = config_.kv_dim();
-  Tensor send = Tensor::f32({D(), tk.B, tk.nr * kv}, MemCategory::Comm);
-  swap_leading_dims(full.view().reshape({tk.B, D(), tk.nr * kv}), send.view());
-  // Needed at once by the k / v projections' backward: blocking (in both overlap modes).
-  counted(rec, [&] { group().reduce_scatter(send.data(), local, tk.n * kv, DType::F32); });
-}
-
-// ---- one layer --------------------------------------------------------------------------------
-
-void FsdpCpLayout::layer_forward(int l, const Gathered& W, block::LayerSaved& s, Tensor& x,
-                                 Tensor& xn, const Tokens& tk) {
-  const ParamIndex::Layer& P = idx_.layers[l];
-  const block::AttnDims ad = block::attn_dims(config_);
-  const int64_t n = tk.n, h = config_.hidden_size;
-  const float eps = static_cast<float>(config_.rms_norm_eps);
-  // Attention sub-block on the local tokens; K / V of the whole sequence from the group.
-  copy(x, s.x);
-  rmsnorm_forward(s.x.f32(), W.w(P.input_norm), xn.f32(), s.rstd1.f32(), n, h, eps);
-  block::qkv_forward(ad, attn_w(W, P), xn.f32(), tk.tok_pos.data(), n, s.q.f32(), s.k.f32(),
-                     s.v.f32());
-  KvGather kvg = start_kv_gather(s, tk, traffic_.layer_forward[l]);
-  Tensor K, V;  // [B, S, kv]
-  finish_kv_gather(kvg, tk, K, V);
-  const int64_t qs = tk.nr * ad.q_width(), ks = tk.S * ad.kv_width();
-  for (int64_t b = 0; b < tk.B; ++b) {  // one row at a time: a progress point between rows
-    block::attention_forward(ad, 1, tk.nr, tk.S, s.q.f32() + b * qs, K.f32() + b * ks,
-                             V.f32() + b * ks, tk.q_pos.data(), tk.k_pos.data(), s.o.f32() + b * qs,
-                             s.lse.f32() + b * tk.nr * ad.hq);
+  staging = Tensor();
+  for (int64_t b = 0; b < t.B; ++b) {  // one row at a time: a progress point between rows
+    const TensorView q = s.q.slice(b * t.nl, (b + 1) * t.nl);
+    block::attention_forward(be_, ad_, 1, q, K.slice(b * t.S, (b + 1) * t.S),
+                             V.slice(b * t.S, (b + 1) * t.S), t.q_pos.view(), t.k_pos.view(),
+                             s.o.slice(b * t.nl, (b + 1) * t.nl),
+                             s.lse.slice(b * t.nl, (b + 1) * t.nl));
     progress();
   }
   K = Tensor();
   V = Tensor();
-  copy(s.x, s.x2);
-  block::out_proj_forward(ad, W.w(P.wo), s.o.f32(), n, s.x2.f32());
-  // MLP sub-block, token-wise, in block::kTokenChunk pieces (the chunking mlp_forward does
-  // inside, so the arithmetic is unchanged) with progress points between them.
-  rmsnorm_forward(s.x2.f32(), W.w(P.post_norm), xn.f32(), s.rstd2.f32(), n, h, eps);
-  copy(s.x2, x);
-  const block::MlpWeights mw = mlp_w(W, P);
-  for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
-    const int64_t m = std::min(block::kTokenChunk, n - t0);
-    block::mlp_forward(mw, h, xn.f32() + t0 * h, m, x.f32() + t0 * h);
-    progress();
+  block::out_proj_forward(be_, cur_.w(P.wo), s.o.view(), s.x2.view());
+}
+
+void FsdpCpLayout::head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
+                             TensorView dxn) {
+  backward_ = !dxn.empty();
+  // The backward's first layer is gathered again; its transfer moves during the loss head.
+  if (backward_ && overlap() && L() > 0)
+    next_ = start_gather(L() - 1, traffic_.layer_backward[L() - 1]);
+  TensorView dhead;
+  if (backward_) {
+    cur_grads_ = new_grads(head_grads_);
+    if (config_.tie_word_embeddings) {
+      embed_grads_ = new_grads(units_[embed_unit()]);
+      dhead = embed_grads_.g(idx_.embed);
+    } else {
+      dhead = cur_grads_.g(idx_.lm_head);
+    }
+  }
+  block::lm_head_loss(be_, xn, cur_.w(head_param()), t.labels.view(), grad_scale, loss, dxn, dhead);
+}
+
+void FsdpCpLayout::part_done(Part part, int layer) {
+  switch (part) {
+    case Part::EmbeddingForward:
+    case Part::LayerForward: {
+      const int u = part == Part::EmbeddingForward ? embed_unit() : layer;
+      enter_forward_unit(next_forward(u));
+      break;
+    }
+    case Part::HeadForward:
+      traffic_.max_gathered_units = live_.max;
+      if (!backward_) cur_.release();  // forward only: done; else the final norm's backward
+      break;
+    case Part::HeadBackward:
+      start_reduce_scatter(cur_grads_, traffic_.head_backward);
+      in_flight_ = std::move(cur_grads_);
+      if (!overlap()) finish(in_flight_);
+      cur_.release();
+      break;
+    case Part::LayerBackward:
+      // The layer's weights were freed (end_layer_backward) and so were its activations; the
+      // previous unit's reduce-scatter moved meanwhile.
+      finish(in_flight_);
+      start_reduce_scatter(cur_grads_, traffic_.layer_backward[layer]);
+      in_flight_ = std::move(cur_grads_);
+      if (!overlap()) finish(in_flight_);
+      break;
+    case Part::EmbeddingBackward:
+      break;
+    case Part::End:
+      traffic_.max_gathered_units = live_.max;
+      tokens_ = nullptr;
+      saved_.assign(L(), nullptr);
+      break;
   }
 }
 
-void FsdpCpLayout::layer_backward(int l, const Gathered& W, const FullGrads& G,
-                                  const block::LayerSaved& s, Tensor& dx, Tensor& xn, Tensor& dxn,
-                                  const Tokens& tk) {
-  const ParamIndex::Layer& P = idx_.layers[l];
-  const block::AttnDims ad = block::attn_dims(config_);
-  const int64_t n = tk.n, h = config_.hidden_size;
+// ---- backward ---------------------------------------------------------------------------------
+
+void FsdpCpLayout::begin_layer_backward(int l) {
   CommStats& rec = traffic_.layer_backward[l];
-  // Re-gather K / V (only local k, v were saved); it moves while the MLP backward computes.
-  KvGather kvg = start_kv_gather(s, tk, rec);
-  if (!parallel().overlap) {
-    kvg.rk->wait();
-    kvg.rv->wait();
+  cur_ = acquire(l, rec);
+  if (overlap() && l > 0) next_ = start_gather(l - 1, traffic_.layer_backward[l - 1]);
+  cur_grads_ = new_grads(units_[l]);
+  // Re-gather K / V (only the local k, v were saved); it moves while the MLP backward computes.
+  const LocalTokens& t = *tokens_;
+  const block::LayerSaved& s = *saved_[l];
+  K_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, device());
+  V_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, device());
+  counted(rec, [&] {
+    k_req_ = start_gather_sequence(be_, group(), t, s.k.view(), K_.view(), k_staging_);
+    v_req_ = start_gather_sequence(be_, group(), t, s.v.view(), V_.view(), v_staging_);
+  });
+  if (!overlap()) {
+    if (k_req_) k_req_->wait();
+    if (v_req_) v_req_->wait();
   }
-  // MLP sub-block: x_out = x2 + mlp(norm(x2)); dx holds d x_out, becomes d x2.
-  block::rmsnorm_apply(s.x2.f32(), W.w(P.post_norm), s.rstd2.f32(), xn.f32(), n, h);
-  dxn.zero();
-  const block::MlpWeights mw = mlp_w(W, P);
-  const block::MlpGrads mg = mlp_g(G, P);
-  for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
-    const int64_t m = std::min(block::kTokenChunk, n - t0);
-    block::mlp_backward(mw, mg, h, xn.f32() + t0 * h, dx.f32() + t0 * h, m, dxn.f32() + t0 * h);
+}
+
+void FsdpCpLayout::attention_backward(int l, const LocalTokens& t, TensorView xn,
+                                      const block::LayerSaved& s, TensorView dx, TensorView dxn) {
+  const ParamIndex::Layer& P = idx_.layers[l];
+  const Device dev = device();
+  constexpr MemCategory kWork = MemCategory::Workspace;
+  Tensor d_o = Tensor::f32(s.q.shape(), kWork, dev);
+  block::out_proj_backward(be_, cur_.w(P.wo), s.o.view(), dx, d_o.view(), cur_grads_.g(P.wo));
+  finish_gather_sequence(be_, t, std::move(k_req_), K_.view(), k_staging_);
+  finish_gather_sequence(be_, t, std::move(v_req_), V_.view(), v_staging_);
+  k_staging_ = Tensor();
+  v_staging_ = Tensor();
+  Tensor dq = Tensor::zeros(s.q.shape(), DType::F32, kWork, dev);
+  Tensor dK = Tensor::zeros(K_.shape(), DType::F32, kWork, dev);  // every key of the sequence
+  Tensor dV = Tensor::zeros(V_.shape(), DType::F32, kWork, dev);
+  for (int64_t b = 0; b < t.B; ++b) {  // one row at a time: a progress point between rows
+    const Range qr{b * t.nl, (b + 1) * t.nl}, kr{b * t.S, (b + 1) * t.S};
+    block::attention_backward(be_, ad_, 1, s.q.slice(qr.begin, qr.end), K_.slice(kr.begin, kr.end),
+                              V_.slice(kr.begin, kr.end), t.q_pos.view(), t.k_pos.view(),
+                              s.o.slice(qr.begin, qr.end), s.lse.slice(qr.begin, qr.end),
+                              d_o.slice(qr.begin, qr.end), dq.slice(qr.begin, qr.end),
+                              dK.slice(kr.begin, kr.end), dV.slice(kr.begin, kr.end));
     progress();
   }
-  block::rmsnorm_backward_add(dxn.f32(), s.x2.f32(), W.w(P.post_norm), s.rstd2.f32(), dx.f32(),
-                              G.g(P.post_norm), n, h);
-  // Attention sub-block: x2 = x + attn(norm(x))·woᵀ; dx becomes d x.
-  Tensor d_o = Tensor::f32({n, ad.hq, ad.d}, MemCategory::Workspace);
-  block::out_proj_backward(ad, W.w(P.wo), s.o.f32(), dx.f32(), n, d_o.f32(), G.g(P.wo));
-  Tensor K, V;  // [B, S, kv]
-  finish_kv_gather(kvg, tk, K, V);
-  Tensor dq = Tensor::f32({n, ad.hq, ad.d}, MemCategory::Workspace);             // zeroed
-  Tensor dK = Tensor::f32({tk.B, tk.S, ad.kv_width()}, MemCategory::Workspace);  // every key
-  Tensor dV = Tensor::f32({tk.B, tk.S, ad.kv_width()}, MemCategory::Workspace);
-  const int64_t qs = tk.nr * ad.q_width(), ks = tk.S * ad.kv_width();
-  for (int64_t b = 0; b < tk.B; ++b) {
-    block::attention_backward(
-        ad, 1, tk.nr, tk.S, s.q.f32() + b * qs, K.f32() + b * ks, V.f32() + b * ks, tk.q_pos.data(),
-        tk.k_pos.data(), s.o.f32() + b * qs, s.lse.f32() + b * tk.nr * ad.hq, d_o.f32() + b * qs,
-        dq.f32() + b * qs, dK.f32() + b * ks, dV.f32() + b * ks);
-    progress();
-  }
-  K = Tensor();
-  V = Tensor();
-  // Every rank's queries contributed to every key: sum them at the key's owner.
-  Tensor dk = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-  Tensor dv = Tensor::f32({n, ad.hkv, ad.d}, MemCategory::Workspace);
-  scatter_dkv(dK, dk.f32(), tk, rec);
-  scatter_dkv(dV, dv.f32(), tk, rec);
+  K_ = Tensor();
+  V_ = Tensor();
+  // Every rank's queries contributed to every key: sum them at the key's owner (fp32).
+  Tensor dk = Tensor::f32(s.k.shape(), kWork, dev);
+  Tensor dv = Tensor::f32(s.v.shape(), kWork, dev);
+  Tensor staging;  // B > 1 only: [D, B, nl·kv] F32, reused for dV
+  counted(traffic_.layer_backward[l], [&] {
+    reduce_scatter_sequence(be_, group(), t, dK.view(), dk.view(), staging);
+    reduce_scatter_sequence(be_, group(), t, dV.view(), dv.view(), staging);
+  });
+  staging = Tensor();
   dK = Tensor();
   dV = Tensor();
-  block::rmsnorm_apply(s.x.f32(), W.w(P.input_norm), s.rstd1.f32(), xn.f32(), n, h);
-  dxn.zero();
-  block::qkv_backward(ad, attn_w(W, P), attn_g(G, P), xn.f32(), tk.tok_pos.data(), n, dq.f32(),
-                      dk.f32(), dv.f32(), dxn.f32());
-  block::rmsnorm_backward_add(dxn.f32(), s.x.f32(), W.w(P.input_norm), s.rstd1.f32(), dx.f32(),
-                              G.g(P.input_norm), n, h);
+  block::qkv_backward(be_, ad_, attn_w(P), attn_g(P), xn, t.tok_pos.view(), dq.view(), dk.view(),
+                      dv.view(), dxn);
 }
 
-// ---- the step ---------------------------------------------------------------------------------
-
-double FsdpCpLayout::run(const ReplicaBatch& rb, bool backward) {
-  const LlamaConfig& c = config_;
-  const Tokens tk = take_tokens(rb);
-  const int64_t n = tk.n, h = c.hidden_size, V = c.vocab_size;
-  const int L = this->L();
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  const bool overlap = parallel().overlap;
-  const block::AttnDims ad = block::attn_dims(c);
-  const int head = c.tie_word_embeddings ? idx_.embed : idx_.lm_head;
-
-  traffic_ = FsdpCpTraffic();
-  traffic_.layer_forward.assign(L, CommStats());
-  traffic_.layer_backward.assign(L, CommStats());
-  live_ = LiveUnits();
-
-  // Forward units in order; each one's transfer is counted where the unit is used.
-  std::vector<int> order{embed_unit()};
-  for (int l = 0; l < L; ++l) order.push_back(l);
-  order.push_back(head_unit());
-  auto forward_rec = [&](int u) -> CommStats& {
-    if (u < L) return traffic_.layer_forward[u];
-    return u == embed_unit() ? traffic_.embedding_forward : traffic_.head_forward;
-  };
-
-  Tensor x = Tensor::f32({n, h}, MemCategory::Workspace);   // residual stream
-  Tensor xn = Tensor::f32({n, h}, MemCategory::Workspace);  // normed input of a sub-block
-  Tensor dx, dxn;                                           // their gradients (backward)
-  Tensor rstd_f = Tensor::f32({n}, MemCategory::Activations);
-  // Forward-only keeps one layer's activations at a time; backward keeps all L.
-  std::vector<block::LayerSaved> saved(backward ? L : 1);
-  FullGrads in_flight;  // the last gradients being reduce-scattered (overlap)
-  FullGrads embed_grads;
-  double loss = 0;
-
-  Gathered next;  // the prefetch slot: at most this one and the unit in use are gathered
-  for (size_t i = 0; i < order.size(); ++i) {
-    const int u = order[i];
-    Gathered cur = acquire(u, next, forward_rec(u));
-    if (overlap) {
-      if (i + 1 < order.size())
-        next = start_gather(order[i + 1], forward_rec(order[i + 1]));
-      else if (backward && L > 0)  // the first layer of the backward (re-gathered)
-        next = start_gather(L - 1, traffic_.layer_backward[L - 1]);
-    }
-    if (u == embed_unit()) {
-      embedding_forward(tk.ids.data(), cur.w(idx_.embed), x.f32(), n, h, 0, V);
-    } else if (u < L) {
-      block::LayerSaved& s = saved[backward ? u : 0];
-      if (s.x.empty()) s.allocate(n, h, ad.hq, ad.hkv, ad.d);
-      layer_forward(u, cur, s, x, xn, tk);
-    } else {
-      // Final norm and loss head (forward and backward fused; logits never stored whole).
-      rmsnorm_forward(x.f32(), cur.w(idx_.final_norm), xn.f32(), rstd_f.f32(), n, h, eps);
-      FullGrads head_grads;
-      float* dhead = nullptr;
-      if (backward) {
-        dxn = Tensor::f32({n, h}, MemCategory::Workspace);
-        head_grads = new_grads(head_grads_);
-        if (c.tie_word_embeddings) {
-          embed_grads = new_grads(units_[embed_unit()]);
-          dhead = embed_grads.g(idx_.embed);
-        } else {
-          dhead = head_grads.g(idx_.lm_head);
-        }
-      }
-      loss = block::lm_head_loss(xn.f32(), cur.w(head), tk.labels.data(), n, h, V, rb.grad_scale,
-                                 backward ? dxn.f32() : nullptr, dhead);
-      if (backward) {
-        dx = Tensor::f32({n, h}, MemCategory::Workspace);
-        block::rmsnorm_backward_add(dxn.f32(), x.f32(), cur.w(idx_.final_norm), rstd_f.f32(),
-                                    dx.f32(), head_grads.g(idx_.final_norm), n, h);
-        start_reduce_scatter(head_grads, traffic_.head_backward);
-        in_flight = std::move(head_grads);
-        if (!overlap) finish(in_flight);
-      }
-    }
-    cur.release();  // free the full weights right after use
-  }
-  traffic_.max_gathered_units = live_.max;
-  if (!backward) return loss;
-
-  for (int l = L - 1; l >= 0; --l) {
-    CommStats& rec = traffic_.layer_backward[l];
-    Gathered cur = acquire(l, next, rec);
-    if (overlap && l > 0) next = start_gather(l - 1, traffic_.layer_backward[l - 1]);
-    FullGrads grads = new_grads(units_[l]);
-    layer_backward(l, cur, grads, saved[l], dx, xn, dxn, tk);
-    cur.release();
-    saved[l] = block::LayerSaved();  // this layer's activations are no longer needed
-    finish(in_flight);               // the previous unit's reduce-scatter moved meanwhile
-    start_reduce_scatter(grads, rec);
-    in_flight = std::move(grads);
-    if (!overlap) finish(in_flight);
-  }
-  finish(in_flight);
-
+void FsdpCpLayout::embed_backward(const LocalTokens& t, TensorView dx) {
+  finish(in_flight_);
   // The embedding's gradient: the lookup's rows (after the head's part when tied, as in single).
-  if (!embed_grads.unit) embed_grads = new_grads(units_[embed_unit()]);
-  embedding_backward(tk.ids.data(), dx.f32(), embed_grads.g(idx_.embed), n, h, 0, V);
-  start_reduce_scatter(embed_grads, traffic_.embedding_backward);
-  finish(embed_grads);
-  traffic_.max_gathered_units = live_.max;
-  return loss;
+  if (!embed_grads_.unit) embed_grads_ = new_grads(units_[embed_unit()]);
+  be_.embedding_backward(t.ids.view(), dx, embed_grads_.g(idx_.embed), /*v0=*/0);
+  start_reduce_scatter(embed_grads_, traffic_.embedding_backward);
+  finish(embed_grads_);
 }
 
 const LayoutRegistration kRegisterFsdpCp(

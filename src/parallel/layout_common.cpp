@@ -555,10 +555,10 @@ void LayoutCommon::layer_forward(int l, const LocalTokens& t, block::LayerSaved&
   const ParamIndex::Layer& P = idx_.layers[l];
   const float eps = static_cast<float>(config_.rms_norm_eps);
   be_.copy(x, s.x.view());
-  be_.rmsnorm_forward(s.x.view(), store_.w(P.input_norm), xn, s.rstd1.view(), eps);
+  be_.rmsnorm_forward(s.x.view(), norm_weight(P.input_norm), xn, s.rstd1.view(), eps);
   be_.copy(s.x.view(), s.x2.view());  // x2 = x + attention(norm1(x))·Woᵀ
   attention_forward(l, t, xn, s);
-  be_.rmsnorm_forward(s.x2.view(), store_.w(P.post_norm), xn, s.rstd2.view(), eps);
+  be_.rmsnorm_forward(s.x2.view(), norm_weight(P.post_norm), xn, s.rstd2.view(), eps);
   be_.copy(s.x2.view(), x);  // x = x2 + mlp(norm2(x2))
   mlp_forward(l, t, xn, x);
 }
@@ -569,16 +569,16 @@ void LayoutCommon::layer_backward(int l, const LocalTokens& t, const block::Laye
   const ParamIndex::Layer& P = idx_.layers[l];
   begin_layer_backward(l);
   // MLP sub-block: x_out = x2 + mlp(norm2(x2)); dx = d x_out becomes d x2.
-  be_.rmsnorm_apply(s.x2.view(), store_.w(P.post_norm), s.rstd2.view(), xn);
+  be_.rmsnorm_apply(s.x2.view(), norm_weight(P.post_norm), s.rstd2.view(), xn);
   be_.zero(dxn);
   mlp_backward(l, t, xn, dx, dxn);
-  block::rmsnorm_backward_add(be_, dxn, s.x2.view(), store_.w(P.post_norm), s.rstd2.view(), dx,
+  block::rmsnorm_backward_add(be_, dxn, s.x2.view(), norm_weight(P.post_norm), s.rstd2.view(), dx,
                               grad_target(P.post_norm));
   // Attention sub-block: x2 = x + attention(norm1(x))·Woᵀ; dx becomes d x.
-  be_.rmsnorm_apply(s.x.view(), store_.w(P.input_norm), s.rstd1.view(), xn);
+  be_.rmsnorm_apply(s.x.view(), norm_weight(P.input_norm), s.rstd1.view(), xn);
   be_.zero(dxn);
   attention_backward(l, t, xn, s, dx, dxn);
-  block::rmsnorm_backward_add(be_, dxn, s.x.view(), store_.w(P.input_norm), s.rstd1.view(), dx,
+  block::rmsnorm_backward_add(be_, dxn, s.x.view(), norm_weight(P.input_norm), s.rstd1.view(), dx,
                               grad_target(P.input_norm));
   end_layer_backward(l);
 }
@@ -609,15 +609,15 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
 
   // Final norm and loss head (forward and backward fused; logits never stored whole).
   Tensor rstd_f = Tensor::f32({n}, MemCategory::Activations, dev);
-  be_.rmsnorm_forward(x.view(), store_.w(idx_.final_norm), xn.view(), rstd_f.view(), eps);
+  be_.rmsnorm_forward(x.view(), norm_weight(idx_.final_norm), xn.view(), rstd_f.view(), eps);
   Tensor dxn = backward ? Tensor::f32({n, h}, kWork, dev) : Tensor();
   head_loss(t, xn.view(), rb.grad_scale, loss, dxn.view());
   part_done(Part::HeadForward, -1);
   if (!backward) return;
 
   Tensor dx = Tensor::zeros({n, h}, DType::F32, kWork, dev);  // gradient of the residual stream
-  block::rmsnorm_backward_add(be_, dxn.view(), x.view(), store_.w(idx_.final_norm), rstd_f.view(),
-                              dx.view(), grad_target(idx_.final_norm));
+  block::rmsnorm_backward_add(be_, dxn.view(), x.view(), norm_weight(idx_.final_norm),
+                              rstd_f.view(), dx.view(), grad_target(idx_.final_norm));
   part_done(Part::HeadBackward, -1);
   for (int l = L - 1; l >= 0; --l) {
     layer_backward(l, t, saved[l], dx.view(), xn.view(), dxn.view());

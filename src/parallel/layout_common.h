@@ -232,6 +232,9 @@ class LayoutCommon : public Layout {
   virtual void part_done(Part part, int layer) {}
   // Where backward accumulates a norm weight's gradient (default: the store).
   virtual TensorView grad_target(int param) { return store_.g(param); }
+  // The compute-dtype weight of a norm (input, post-attention, final) the recipe applies
+  // (default: the store; fsdp-cp: the full weight in its gathered unit).
+  virtual TensorView norm_weight(int param) { return store_.w(param); }
   // Saved activations of one layer for n local tokens (default: block::LayerSaved of every head).
   virtual void allocate_saved(block::LayerSaved& s, const LocalTokens& t) const;
   // How this rank's tokens are cut: parts and index for take_tokens (default: all tokens).

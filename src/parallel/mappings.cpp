@@ -4,27 +4,36 @@ namespace tsp {
 
 void gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t, TensorView local,
                      TensorView full, Tensor& staging) {
+  finish_gather_sequence(be, t, start_gather_sequence(be, comm, t, local, full, staging), full,
+                         staging);
+}
+
+RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t,
+                                 TensorView local, TensorView full, Tensor& staging) {
   const int parts = comm.size();
   TSP_CHECK(parts == t.parts && local.dtype() == full.dtype() &&
                 full.numel() == local.numel() * parts,
             "gather_sequence: {} {} of {} tokens into {} over {} ranks ({} parts)",
             dtype_name(local.dtype()), shape_str(local.shape()), t.n, shape_str(full.shape()),
             parts, t.parts);
-  if (parts == 1) {
-    be.copy(local, full);
-    return;
-  }
   const int64_t block = local.numel();  // B·nl·c
-  if (t.B == 1) {  // [parts, 1, nl, c] is already [1, S, c]
-    comm.all_gather(local.data(), full.data(), block, local.dtype());
-    return;
-  }
+  // [parts, 1, nl, c] is already [1, S, c]; with one part [1, B, nl·c] is [B, 1, nl·c]. One part
+  // still goes through the communicator (a copy there, 0 bytes counted), so a layout makes the
+  // same calls at every D.
+  if (t.B == 1 || parts == 1)
+    return comm.iall_gather(local.data(), full.data(), block, local.dtype());
   if (staging.empty() || staging.numel() < parts * block || staging.dtype() != local.dtype())
     staging = Tensor({parts * block}, local.dtype(), MemCategory::Comm, be.device());
-  comm.all_gather(local.data(), staging.data(), block, local.dtype());
+  return comm.iall_gather(local.data(), staging.data(), block, local.dtype());
+}
+
+void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request,
+                            TensorView full, const Tensor& staging) {
+  if (request) request->wait();
+  if (t.parts == 1 || t.B == 1) return;
   // [parts, B, nl·c] -> [B, parts, nl·c]: each row's keys contiguous.
-  const int64_t row = block / t.B;
-  be.swap_leading_dims(staging.window(0, {parts, t.B, row}), full.reshape({t.B, parts, row}));
+  const int64_t row = full.numel() / (t.parts * t.B);
+  be.swap_leading_dims(staging.window(0, {t.parts, t.B, row}), full.reshape({t.B, t.parts, row}));
 }
 
 void reduce_scatter_sequence(Backend& be, Communicator& comm, const LocalTokens& t,
@@ -35,13 +44,11 @@ void reduce_scatter_sequence(Backend& be, Communicator& comm, const LocalTokens&
             "reduce_scatter_sequence: {} {} into {} {} over {} ranks ({} parts)",
             dtype_name(full_grad.dtype()), shape_str(full_grad.shape()),
             dtype_name(local.dtype()), shape_str(local.shape()), parts, t.parts);
-  if (parts == 1) {
-    be.copy(full_grad, local);
-    return;
-  }
   const int64_t block = local.numel();
   TensorView send = full_grad;
-  if (t.B > 1) {  // [B, parts, nl·c] -> [parts, B, nl·c]: each rank's tokens contiguous
+  // [B, parts, nl·c] -> [parts, B, nl·c]: each rank's tokens contiguous (nothing to do for one
+  // row or one part).
+  if (t.B > 1 && parts > 1) {
     if (staging.empty() || staging.numel() < parts * block || staging.dtype() != DType::F32)
       staging = Tensor::f32({parts * block}, MemCategory::Comm, be.device());
     const int64_t row = block / t.B;

@@ -31,6 +31,13 @@ namespace tsp {
 // all-gather lands in place). Same dtype in and out; bytes moved at that dtype's size.
 void gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t, TensorView local,
                      TensorView full, Tensor& staging);
+// gather_sequence in two halves, so the all-gather moves while other work computes (fsdp-cp
+// re-gathers K and V during the MLP backward). Until finish returns, `full` and `staging` must not
+// be read, reused or freed.
+RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t,
+                                 TensorView local, TensorView full, Tensor& staging);
+void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request,
+                            TensorView full, const Tensor& staging);
 // The dual: full_grad F32 [B·S, c] (this rank's partial gradient of every token) -> local F32
 // [n, c] (=) the sum over the ranks of the gradient of this rank's own tokens.
 void reduce_scatter_sequence(Backend& be, Communicator& comm, const LocalTokens& t,

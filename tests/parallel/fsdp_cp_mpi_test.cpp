@@ -5,7 +5,8 @@
 // and against the planner's block_comm, the shard map with coordinate-hash
 // weights, the memory bounds (at most two units gathered, every buffer freed
 // after use, 1/D of the model at rest), gradient accumulation and the start-up
-// errors. tsp-test-ranks: 1 2 4 8
+// errors; the same against single in bf16 mixed precision (bitwise at D = 1, bf16
+// weight and K/V gathers at half the bytes, fp32 reductions). tsp-test-ranks: 1 2 4 8
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -25,11 +26,12 @@ namespace {
 using test::error_of;
 
 std::unique_ptr<Layout> make_fsdp(const LlamaConfig& c, int dp, bool overlap = true,
-                                  Communicator& world = test::world()) {
+                                  Communicator& world = test::world(), DType dtype = DType::F32) {
   ParallelConfig pc;
   pc.layout = "fsdp-cp";
   pc.dp = dp;
   pc.overlap = overlap;
+  pc.dtype = dtype;
   return make_layout(c, pc, world);
 }
 
@@ -95,6 +97,58 @@ TEST(FsdpCp, BitwiseEqualToSingleAtDegreeOne) {
       test::check_layout_against_single(*self, lc);
     }
   }
+}
+
+// bf16 mixed precision against single in bf16 (the harness's kLayoutRtolBf16, derived there):
+// bf16 weight all-gathers, bf16 K/V, fp32 gradient reduce-scatters. Every model (MHA / GQA / MQA,
+// tied and untied), with and without data parallelism, overlap on and off.
+TEST(FsdpCp, MatchesSingleBf16) {
+  for (const ModelCase& m : kModels) {
+    for (int dp : dp_choices()) {
+      for (bool overlap : {true, false}) {
+        test::LayoutCase lc;
+        lc.layout = "fsdp-cp";
+        lc.dp = dp;
+        lc.overlap = overlap;
+        lc.dtype = DType::BF16;
+        lc.config = model_of(m);
+        const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+        if (test::world().rank() == 0)
+          std::printf(
+              "# fsdp-cp bf16 %s D=%d R=%d overlap=%d: loss %.9f (ref %.9f), max rel err "
+              "%.2e (%s)\n",
+              m.name, test::world().size() / dp, dp, overlap ? 1 : 0, r.loss, r.ref_loss,
+              r.max_rel_err, r.worst_param.c_str());
+      }
+    }
+  }
+}
+
+TEST(FsdpCp, BitwiseEqualToSingleAtDegreeOneBf16) {
+  // D = 1, R = 1 in bf16: the harness requires single's loss and gradients bit for bit.
+  std::unique_ptr<Communicator> self = test::world().split(test::world().rank(), 0);
+  for (const ModelCase& m : kModels) {
+    for (bool overlap : {true, false}) {
+      test::LayoutCase lc;
+      lc.layout = "fsdp-cp";
+      lc.overlap = overlap;
+      lc.dtype = DType::BF16;
+      lc.config = model_of(m);
+      test::check_layout_against_single(*self, lc);
+    }
+  }
+}
+
+TEST(FsdpCp, LongerSequencesAndMoreRowsBf16) {
+  // B = 4 rows through the K/V staging and layout swaps, in bf16.
+  test::LayoutCase lc;
+  lc.layout = "fsdp-cp";
+  lc.config = test::tiny_config(8, 4, 2, true);
+  lc.B = 4;
+  lc.S = 64;
+  lc.dtype = DType::BF16;
+  lc.dp = test::world().size() % 2 == 0 ? 2 : 1;
+  test::check_layout_against_single(test::world(), lc);
 }
 
 TEST(FsdpCp, LongerSequencesAndMoreRows) {
@@ -327,6 +381,77 @@ TEST(FsdpCp, CommunicationPerLayerEqualsTheClosedForms) {
       expect_traffic(tf.head_forward, f.head_forward(), tag + " forward() head");
       expect_traffic(tf.head_backward, Expect{}, tag + " forward() head bwd");
       expect_traffic(tf.embedding_backward, Expect{}, tag + " forward() embedding bwd");
+    }
+  }
+}
+
+// bf16: the same transfers with the same element counts, but a gathered element (a weight of the
+// compute copy, a key or value) is 2 bytes instead of 4, and every reduce-scatter (weight
+// gradients, dK/dV) still moves fp32. So from the closed forms above (written for 4-byte
+// elements): all-gather bytes are halved, reduce-scatter bytes and every call count unchanged.
+Expect bf16_of(const Expect& f32) {
+  return {f32.ag_bytes / 2, f32.ag_calls, f32.rs_bytes, f32.rs_calls};
+}
+
+TEST(FsdpCp, Bf16HalvesGathersAndKeepsReductionsFp32) {
+  for (const ModelCase& m : kModels) {
+    for (int dp : dp_choices()) {
+      const LlamaConfig c = model_of(m);
+      const int64_t B = 4, S = 32;
+      const Batch batch = test::random_batch(B, S, c.vocab_size, 5);
+      std::unique_ptr<Layout> f32 = make_fsdp(c, dp, true, test::world(), DType::F32);
+      std::unique_ptr<Layout> bf16 = make_fsdp(c, dp, true, test::world(), DType::BF16);
+      f32->load(RandomWeights(3));
+      bf16->load(RandomWeights(3));
+      const int D = bf16->group().size();
+      const Formulas f{D,
+                       B / dp * S,
+                       c.hidden_size,
+                       c.kv_dim(),
+                       c.intermediate_size,
+                       c.vocab_size,
+                       c.tie_word_embeddings};
+      const std::string tag = fmt::format("bf16 {} D={} R={}", m.name, D, dp);
+      f32->forward_backward(batch);
+      const CommStats g0 = bf16->group().stats();
+      bf16->forward_backward(batch);
+      const CommStats step = bf16->group().stats() - g0;
+      const FsdpCpTraffic& t = *fsdp_cp_traffic(*bf16);
+      const FsdpCpTraffic& t32 = *fsdp_cp_traffic(*f32);
+      ASSERT_EQ(t.layer_forward.size(), static_cast<size_t>(c.num_hidden_layers));
+      ASSERT_EQ(t.layer_backward.size(), static_cast<size_t>(c.num_hidden_layers));
+      CommStats sum;
+      for (int l = 0; l < c.num_hidden_layers; ++l) {
+        expect_traffic(t.layer_forward[l], bf16_of(f.layer_forward()),
+                       tag + fmt::format(" layer {} fwd", l));
+        expect_traffic(t.layer_backward[l], bf16_of(f.layer_backward()),
+                       tag + fmt::format(" layer {} bwd", l));
+        // The same relation measured against the f32 layout's own records.
+        const CommStats* pairs[2][2] = {{&t.layer_forward[l], &t32.layer_forward[l]},
+                                        {&t.layer_backward[l], &t32.layer_backward[l]}};
+        for (auto& [b, w] : pairs) {
+          EXPECT_EQ((*b)[CommOp::AllGather].bytes_sent * 2, (*w)[CommOp::AllGather].bytes_sent)
+              << tag << " layer " << l;
+          EXPECT_EQ((*b)[CommOp::ReduceScatter].bytes_sent, (*w)[CommOp::ReduceScatter].bytes_sent)
+              << tag << " layer " << l;
+        }
+        sum += t.layer_forward[l];
+        sum += t.layer_backward[l];
+      }
+      expect_traffic(t.embedding_forward, bf16_of(f.embedding_forward()), tag + " embedding fwd");
+      expect_traffic(t.head_forward, bf16_of(f.head_forward()), tag + " head fwd");
+      expect_traffic(t.head_backward, bf16_of(f.head_backward()), tag + " head bwd");
+      expect_traffic(t.embedding_backward, bf16_of(f.embedding_backward()), tag + " embedding bwd");
+      for (const CommStats* s :
+           {&t.embedding_forward, &t.head_forward, &t.head_backward, &t.embedding_backward})
+        sum += *s;
+      // Nothing unattributed in bf16 either.
+      for (int i = 0; i < kNumCommOps; ++i) {
+        EXPECT_EQ(sum.ops[i].bytes_sent, step.ops[i].bytes_sent) << tag << " op " << i;
+        EXPECT_EQ(sum.ops[i].bytes_received, step.ops[i].bytes_received) << tag << " op " << i;
+        EXPECT_EQ(sum.ops[i].calls, step.ops[i].calls) << tag << " op " << i;
+      }
+      EXPECT_EQ(t.max_gathered_units, 2) << tag;
     }
   }
 }

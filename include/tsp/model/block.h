@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "tsp/backend/backend.h"
 #include "tsp/core/tensor.h"
@@ -101,10 +102,12 @@ struct MlpGrads {  // F32, same shapes; an empty view skips that gradient
   TensorView dwg, dwu, dwd;
 };
 // xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of kTokenChunk rows.
-void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y);
+// after_chunk (optional) runs after each chunk: a layout's communication progress point.
+void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
+                 const std::function<void()>& after_chunk = {});
 // dy F32 [n, h] -> dxn F32 [n, h] (+=), dwg, dwu, dwd (+=). Recomputes gate/up from xn.
 void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& g, TensorView xn,
-                  TensorView dy, TensorView dxn);
+                  TensorView dy, TensorView dxn, const std::function<void()>& after_chunk = {});
 
 // ---- RMSNorm helper --------------------------------------------------------------------------
 
