@@ -58,6 +58,7 @@ struct BenchOptions {
   uint64_t seed = 1234;
   bool json = false;
   bool no_overlap = false;
+  ComputeOptions compute;
 };
 
 std::vector<std::string> split_list(const std::string& s) {
@@ -143,6 +144,8 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   pc.layout = name;
   pc.dp = name == "single" ? 1 : o.dp;
   pc.overlap = !o.no_overlap;
+  pc.device = o.compute.parsed_device();
+  pc.dtype = o.compute.parsed_dtype();
   const int D = comm.size() / pc.dp;
   if (name == "tp-sp") pc.tp = o.tp > 0 ? o.tp : default_tp(D);
   std::unique_ptr<Layout> layout = make_layout(c, pc, comm);
@@ -252,8 +255,8 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
   char host[256] = {0};
   gethostname(host, sizeof host - 1);
   std::printf(
-      "# tsp bench  git=%s  machine=%s (%ld cores, host %s)  world=%d  threads/rank=%d  dtype=f32\n"
-      "# model h=%lld L=%lld heads=%lld/%lld ffn=%lld V=%lld  B=%lld  repeats=%d  overlap=%s\n"
+      "# tsp bench  git=%s  machine=%s (%ld cores, host %s)  world=%d  threads/rank=%d\n"
+      "# model h=%lld L=%lld heads=%lld/%lld ffn=%lld V=%lld  B=%lld  repeats=%d  overlap=%s  %s\n"
       "# peak_MB: max over ranks; weights..workspace: that rank's MB by category at its peak;\n"
       "# pred_MB/err%%: src/plan/measure.cpp's model of this implementation; comm MB received per\n"
       "# rank per step (fwd = forward(), bwd = forward_backward() - forward()); step_ms median;\n"
@@ -262,7 +265,7 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
       host, world, compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
       (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
       (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.batch, o.repeats,
-      o.no_overlap ? "off" : "on");
+      o.no_overlap ? "off" : "on", o.compute.describe().c_str());
   std::printf("#%-7s %-9s %6s %9s %8s %7s %7s %7s %7s %7s %8s %6s %8s %8s %9s %10s %9s %8s %10s\n",
               "layout", "degrees", "S", "peak_MB", "weights", "grads", "optim", "activ", "comm",
               "wkspace", "pred_MB", "err%", "fwd_MB", "bwd_MB", "step_ms", "tokens/s", "blocked",
@@ -295,8 +298,9 @@ void print_row(const Row& r) {
     std::printf(" %10s\n", "-");
 }
 
-nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world) {
+nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world, const std::string& dtype) {
   nlohmann::json j;
+  j["dtype"] = dtype;
   j["layout"] = r.layout;
   j["S"] = r.S;
   j["world"] = world;
@@ -425,7 +429,7 @@ int run_bench(const BenchOptions& o, Communicator& world) {
       }
       if (print) {
         if (o.json)
-          std::printf("%s\n", row_json(row, c, world.size()).dump().c_str());
+          std::printf("%s\n", row_json(row, c, world.size(), std::string(dtype_name(o.compute.parsed_dtype()))).dump().c_str());
         else
           print_row(row);
         std::fflush(stdout);
@@ -462,6 +466,7 @@ const CommandRegistration kBench{Command{
           ->check(kNotNegative);  // a negative one would wrap around
       sub.add_flag("--json", o->json, "one JSON object per row instead of the table");
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
+      o->compute.add_to(sub);
       return [o](Communicator* world) { return run_bench(*o, *world); };
     }}};
 

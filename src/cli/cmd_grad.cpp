@@ -24,6 +24,7 @@ struct GradOptions {
   ParallelConfig parallel;
   int64_t batch = 0, seq = 0;
   bool no_overlap = false;
+  ComputeOptions compute;
 };
 
 // The batch: the first B·(S+1) tokens of the file cut into B rows of S+1, checked against the
@@ -62,6 +63,8 @@ int run_grad(const GradOptions& o, Communicator& world) {
   const Batch batch = read_batch(o, dir.config);
   ParallelConfig pc = o.parallel;
   pc.overlap = !o.no_overlap;
+  pc.device = o.compute.parsed_device();
+  pc.dtype = o.compute.parsed_dtype();
   std::unique_ptr<Layout> layout = make_layout(dir.config, pc, world);
   // The step's memory on this rank (the project's model of its own allocations, without AdamW
   // moments) before the weights are read: a batch too large for this machine is an error here.
@@ -96,6 +99,7 @@ int run_grad(const GradOptions& o, Communicator& world) {
     w.add("loss", loss_t);
     w.set_metadata("loss", fmt::format("{:.17g}", loss));
     w.set_metadata("layout", pc.layout);
+    w.set_metadata("dtype", std::string(dtype_name(pc.dtype)));
     w.set_metadata("world", std::to_string(world.size()));
     w.set_metadata("dp", std::to_string(pc.dp));
     w.set_metadata("tp", std::to_string(pc.tp));
@@ -132,6 +136,7 @@ const CommandRegistration kGrad{Command{
       sub.add_option("--seq", o->seq, "sequence length S")->required();
       sub.add_option("--out", o->out, "output safetensors file")->required();
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
+      o->compute.add_to(sub);
       return [o](Communicator* world) { return run_grad(*o, *world); };
     }}};
 

@@ -40,6 +40,7 @@ struct TrainOptions {
   std::string layout = "tsp";
   int tp = 1, dp = 1;
   bool no_overlap = false;
+  ComputeOptions compute;
   int64_t steps = 500, stop_at = -1, batch = 8, seq = 256, accum = 1, warmup = 50;
   double lr = 3e-3, min_lr_ratio = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, wd = 0.1, clip = 1.0;
   uint64_t seed = 1337;
@@ -261,6 +262,8 @@ int run_train(TrainOptions o, Communicator& world) {
   par.tp = o.tp;
   par.dp = o.dp;
   par.overlap = !o.no_overlap;
+  par.device = o.compute.parsed_device();
+  par.dtype = o.compute.parsed_dtype();
   std::unique_ptr<Layout> layout = make_layout(*config, par, world);
   // Each rank reads only the tokens its layout reads: its replica's rows and, under sp, tp-sp,
   // tsp and fsdp-cp, its zigzag chunks and their labels (training and validation batches alike).
@@ -304,11 +307,11 @@ int run_train(TrainOptions o, Communicator& world) {
   const int64_t tokens_per_step = checked_product({o.batch, o.seq, o.accum}, "tokens per step");
   say(fmt::format(
       "tsp train: {} parameters (h={} L={} heads={}/{} ffn={} V={}), layout {} D={} R={} on {} "
-      "ranks",
+      "ranks, {}",
       config->num_parameters(), config->hidden_size, config->num_hidden_layers,
       config->num_attention_heads, config->num_key_value_heads, config->intermediate_size,
       config->vocab_size, layout->name(), layout->group().size(), layout->replicas().size(),
-      world.size()));
+      world.size(), o.compute.describe()));
   say(fmt::format(
       "data {}: {} tokens ({}), {} for training, {} held out ({} windows); {} tokens per step "
       "(batch {} x seq {} x accum {}), steps {} -> {}",
@@ -492,6 +495,7 @@ const CommandRegistration registration{Command{
       sub.add_option("--dp", o->dp, "data-parallel replicas R (layout degree D = world / R)")
           ->capture_default_str();
       sub.add_flag("--no-overlap", o->no_overlap, "tsp: blocking transfers instead of prefetching");
+      o->compute.add_to(sub);
       sub.add_option("--steps", o->steps, "optimizer steps in total (the schedule ends here)")
           ->capture_default_str();
       sub.add_option("--stop-at", o->stop_at,

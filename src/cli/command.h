@@ -8,6 +8,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "tsp/backend/backend.h"
 #include "tsp/comm/communicator.h"
 #include "tsp/model/params.h"
 
@@ -33,6 +34,19 @@ inline const CLI::Validator kNotNegative(
       return !value.empty() && value[0] == '-' ? "must be >= 0, got " + value : std::string();
     },
     "");
+
+// --device and --dtype, the same on every command that computes (grad, train, bench, generate).
+// The default dtype follows the device: bf16 mixed precision where its backend has native bf16
+// arithmetic (AVX512-BF16 CPUs, GPUs), fp32 elsewhere (README, "Precision").
+struct ComputeOptions {
+  std::string device = "cpu";
+  std::string dtype = "auto";
+  void add_to(CLI::App& sub);
+  Device parsed_device() const;  // tsp::Error naming --device for a bad value
+  DType parsed_dtype() const;    // "auto" resolved for the device
+  // "bf16 mixed precision on cpu" / "fp32 on cpu": for run headers.
+  std::string describe() const;
+};
 
 // For an output file written at the end of a long command (`--out`): throws tsp::Error now,
 // naming the option, when it cannot be written there (a directory, or a missing or read-only

@@ -51,3 +51,40 @@ ModelDir open_model_arg(const std::string& model, Communicator& world) {
 }
 
 }  // namespace tsp::cli
+
+namespace tsp::cli {
+
+void ComputeOptions::add_to(CLI::App& sub) {
+  sub.add_option("--device", device, "where to compute: cpu (cuda with a CUDA build)")
+      ->capture_default_str();
+  sub.add_option("--dtype", dtype,
+                 "compute precision: bf16 (mixed: bf16 weights copies, activations and transfers; "
+                 "fp32 master weights, gradients and optimizer), fp32, or auto (bf16 where the "
+                 "device has native bf16 arithmetic)")
+      ->capture_default_str();
+}
+
+Device ComputeOptions::parsed_device() const {
+  try {
+    return parse_device(device);
+  } catch (const Error& e) {
+    TSP_FAIL("--device: {}", e.what());
+  }
+}
+
+DType ComputeOptions::parsed_dtype() const {
+  if (dtype == "auto") return default_compute_dtype(backend_for(parsed_device()));
+  try {
+    return parse_compute_dtype(dtype);
+  } catch (const Error& e) {
+    TSP_FAIL("--dtype: {} (or auto)", e.what());
+  }
+}
+
+std::string ComputeOptions::describe() const {
+  const DType t = parsed_dtype();
+  return fmt::format("{} on {}", t == DType::BF16 ? "bf16 mixed precision" : "fp32",
+                     parsed_device().str());
+}
+
+}  // namespace tsp::cli

@@ -198,22 +198,6 @@ class MomentSource : public WeightSource {
   SafetensorsReader reader_;
 };
 
-// Values that are not finite: the exponent bits all set (Inf or NaN). Integer arithmetic on the
-// bits vectorises, unlike std::isfinite, and this runs over every weight after every step.
-int64_t count_non_finite(const float* p, int64_t n, bool also_negative) {
-  int64_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, p + i, 4);
-    // Negative (sign bit) values other than -0 count when asked: a second moment is a mean of
-    // squares and is never below zero.
-    const bool non_finite = (u & 0x7f800000u) == 0x7f800000u;
-    const bool negative = also_negative && u > 0x80000000u;
-    bad += (non_finite || negative) ? 1 : 0;
-  }
-  return bad;
-}
-
 std::string fingerprint_of(const std::string& key) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a 64
   for (unsigned char ch : key) {
@@ -574,16 +558,19 @@ std::string StateHealth::describe() const {
 
 StateHealth check_state_health(const AdamW& opt, Layout& layout, Communicator& world) {
   const int group_rank = layout.group().rank(), replica_rank = layout.replicas().rank();
-  std::array<int64_t, 3> mine{};
+  Backend& be = layout.backend();
+  // Counted on the device into three scalars, read back once.
+  Tensor counts = Tensor::zeros({3}, DType::I64, MemCategory::Workspace, be.device());
   const auto& shards = opt.shards();
   for (size_t i = 0; i < shards.size(); ++i) {
     // Each value once: a replicated copy is counted on the rank that counts it in norms.
     if (!counts_in_global_sum(shards[i], group_rank, replica_rank)) continue;
-    const int64_t n = shards[i].value.numel();
-    mine[0] += count_non_finite(shards[i].value.f32(), n, false);
-    mine[1] += count_non_finite(opt.exp_avg(i).f32(), n, false);
-    mine[2] += count_non_finite(opt.exp_avg_sq(i).f32(), n, true);
+    be.count_non_finite(shards[i].value, counts.window(0, {1}));
+    be.count_non_finite(opt.exp_avg(i), counts.window(1, {1}));
+    be.count_non_finite(opt.exp_avg_sq(i), counts.window(2, {1}), /*also_negative=*/true);
   }
+  std::array<int64_t, 3> mine{};
+  be.download(counts.view(), mine.data());
   std::vector<int64_t> all(3 * static_cast<size_t>(world.size()));
   world.all_gather(mine.data(), all.data(), 3, DType::I64);
   StateHealth h;

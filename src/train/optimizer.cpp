@@ -32,9 +32,16 @@ AdamW::AdamW(std::vector<ParamShard> shards, AdamWConfig config)
               "grad {} {})",
               s.spec->name, dtype_name(s.value.dtype()), shape_str(s.value.shape()),
               dtype_name(s.grad.dtype()), shape_str(s.grad.shape()));
-    m_.push_back(Tensor::f32(s.value.shape(), MemCategory::Optimizer));
-    v_.push_back(Tensor::f32(s.value.shape(), MemCategory::Optimizer));
+    TSP_CHECK(s.value.device() == shards_.front().value.device() &&
+                  s.grad.device() == s.value.device(),
+              "{}: every shard the optimizer updates must live on one device", s.spec->name);
+    // The moments start at zero (explicitly: allocations are not zeroed).
+    m_.push_back(Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer,
+                               s.value.device()));
+    v_.push_back(Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer,
+                               s.value.device()));
   }
+  backend_ = &backend_for(shards_.empty() ? Device::cpu() : shards_.front().value.device());
 }
 
 void AdamW::step(double lr, double grad_scale) {
@@ -42,31 +49,23 @@ void AdamW::step(double lr, double grad_scale) {
   const double b1 = config_.beta1, b2 = config_.beta2;
   const double bias1 = 1.0 - std::pow(b1, static_cast<double>(t_));
   const double bias2 = 1.0 - std::pow(b2, static_cast<double>(t_));
-  // Scalars in double, rounded once to f32; the element loop is pure f32 so it vectorises and
-  // gives the same bits on every rank for the same inputs.
-  const float s = static_cast<float>(grad_scale);
-  const float fb1 = static_cast<float>(b1), fc1 = static_cast<float>(1.0 - b1);
-  const float fb2 = static_cast<float>(b2), fc2 = static_cast<float>(1.0 - b2);
-  const float step_size = static_cast<float>(lr / bias1);
-  const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
-  const float eps = static_cast<float>(config_.eps);
+  // Scalars in double, rounded once to f32; the backend's element loop is pure f32, so it gives
+  // the same bits on every rank for the same inputs.
+  AdamWStep st;
+  st.grad_scale = static_cast<float>(grad_scale);
+  st.beta1 = static_cast<float>(b1);
+  st.one_minus_beta1 = static_cast<float>(1.0 - b1);
+  st.beta2 = static_cast<float>(b2);
+  st.one_minus_beta2 = static_cast<float>(1.0 - b2);
+  st.step_size = static_cast<float>(lr / bias1);
+  st.inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
+  st.eps = static_cast<float>(config_.eps);
   for (size_t i = 0; i < shards_.size(); ++i) {
     const ParamShard& sh = shards_[i];
-    const float decay = applies_weight_decay(sh.spec->kind)
-                            ? static_cast<float>(1.0 - lr * config_.weight_decay)
-                            : 1.0f;
-    float* __restrict w = sh.value.f32();
-    const float* __restrict g = sh.grad.f32();
-    float* __restrict m = m_[i].f32();
-    float* __restrict v = v_[i].f32();
-    const int64_t n = sh.value.numel();
-    for (int64_t j = 0; j < n; ++j) {
-      const float gj = g[j] * s;
-      m[j] = fb1 * m[j] + fc1 * gj;
-      v[j] = fb2 * v[j] + fc2 * gj * gj;
-      const float denom = std::sqrt(v[j]) * inv_sqrt_bias2 + eps;
-      w[j] = w[j] * decay - step_size * (m[j] / denom);
-    }
+    st.decay = applies_weight_decay(sh.spec->kind)
+                   ? static_cast<float>(1.0 - lr * config_.weight_decay)
+                   : 1.0f;
+    backend_->adamw(sh.value, sh.grad, m_[i].view(), v_[i].view(), st);
   }
 }
 
@@ -78,16 +77,15 @@ bool counts_in_global_sum(const ParamShard& shard, int group_rank, int replica_r
 
 double local_grad_sumsq(const std::vector<ParamShard>& shards, int group_rank, int replica_rank,
                         double grad_scale) {
-  double total = 0;
+  if (shards.empty()) return 0;
+  Backend& be = backend_for(shards.front().grad.device());
+  // Each shard's sum of squares in double on the device, added up there; one download.
+  Tensor total = Tensor::zeros({1}, DType::F64, MemCategory::Workspace, be.device());
   for (const ParamShard& s : shards) {
     if (!counts_in_global_sum(s, group_rank, replica_rank)) continue;
-    const float* g = s.grad.f32();
-    const int64_t n = s.grad.numel();
-    double acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += static_cast<double>(g[j]) * g[j];
-    total += acc;
+    be.sum_squares(s.grad, total.view());
   }
-  return total * grad_scale * grad_scale;
+  return be.host_f64(total.view()) * grad_scale * grad_scale;
 }
 
 double sum_over_ranks(Communicator& comm, double value) {

@@ -72,8 +72,9 @@ class Backend {
   virtual void scale(TensorView y, float factor) = 0;  // y *= factor
   // out F64 [1] (+=) Σ x² (x F32), accumulated in double.
   virtual void sum_squares(TensorView x, TensorView out) = 0;
-  // out I64 [1] (+=) the number of NaN and ±Inf elements of x (F32 or BF16).
-  virtual void count_non_finite(TensorView x, TensorView out) = 0;
+  // out I64 [1] (+=) the number of NaN and ±Inf elements of x (F32 or BF16), and with
+  // also_negative of elements below zero too (-0 excepted): a second moment is never negative.
+  virtual void count_non_finite(TensorView x, TensorView out, bool also_negative = false) = 0;
 
   // ---- Linear layers, y = x·Wᵀ with W [out, in] as in Hugging Face ---------------------------
   // x [N, in], w [out, in] -> y [N, out] (= or += per accumulate).

@@ -56,6 +56,7 @@ class AdamW {
   AdamWConfig config_;
   std::vector<Tensor> m_, v_;
   int64_t t_ = 0;
+  Backend* backend_ = nullptr;  // the device of the shards
 };
 
 // Whether this rank's copy of a shard is the one counted in global sums (norms): a shard

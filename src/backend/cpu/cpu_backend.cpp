@@ -2,9 +2,12 @@
 // kernels (src/ops/cpu/), behind the Backend interface. Every entry checks that its views are host
 // memory and have the shapes and dtypes the interface names, then calls the raw-pointer kernel.
 //
-// Mixed precision: where a kernel has a native bf16 variant it is called directly; otherwise the
-// bf16 operands are widened to fp32 in a transient workspace, the fp32 kernel runs, and a bf16
-// output is rounded once (the same result a native kernel with fp32 arithmetic gives).
+// Mixed precision: the usual dtype combinations of the engine (bf16 weights and activations, fp32
+// gradients and statistics) call the native bf16 kernels, whose arithmetic is fp32 and whose bf16
+// outputs are rounded once. Any other combination is served by converting operands in a transient
+// workspace: F32 inputs of a GEMM that meets bf16 are rounded to bf16 (a GEMM runs in the lower
+// precision of its inputs), other bf16 operands are widened to fp32 and a bf16 output is rounded
+// once at the end.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -48,6 +51,11 @@ int64_t rows_of(const TensorView& t, int64_t cols, const char* op, const char* w
 }
 int64_t last_dim(const TensorView& t) {
   return t.rank() == 0 ? 1 : t.dim(-1);
+}
+bool all_bf16(std::initializer_list<const TensorView*> views) {
+  for (const TensorView* v : views)
+    if (v->dtype() != DType::BF16) return false;
+  return true;
 }
 
 // An fp32 view of t: t itself when it is f32, else a widened copy held by `hold`.
@@ -191,18 +199,25 @@ class CpuBackend final : public Backend {
     for (int64_t j = 0; j < x.numel(); ++j) acc += static_cast<double>(g[j]) * g[j];
     out.data_as<double>()[0] += acc;
   }
-  void count_non_finite(TensorView x, TensorView out) override {
+  void count_non_finite(TensorView x, TensorView out, bool also_negative) override {
     check_host({&x, &out}, "count_non_finite");
     check_dtype(out, DType::I64, "count_non_finite", "out");
+    // Integer arithmetic on the bits (exponent all ones: Inf or NaN; sign bit set and not -0:
+    // negative) vectorises, unlike std::isfinite; this runs over every weight after every step.
     int64_t bad = 0;
     if (x.dtype() == DType::F32) {
-      const float* p = x.f32();
-      for (int64_t i = 0; i < x.numel(); ++i) bad += !std::isfinite(p[i]);
+      const auto* p = static_cast<const uint32_t*>(x.data());
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        const uint32_t u = p[i];
+        bad += ((u & 0x7f800000u) == 0x7f800000u) || (also_negative && u > 0x80000000u);
+      }
     } else {
       check_dtype(x, DType::BF16, "count_non_finite", "x");
-      const bf16* p = x.data_as<bf16>();
-      // Exponent all ones: Inf or NaN.
-      for (int64_t i = 0; i < x.numel(); ++i) bad += (p[i].bits & 0x7f80u) == 0x7f80u;
+      const auto* p = static_cast<const uint16_t*>(x.data());
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        const uint16_t u = p[i];
+        bad += ((u & 0x7f80u) == 0x7f80u) || (also_negative && u > 0x8000u);
+      }
     }
     out.data_as<int64_t>()[0] += bad;
   }
@@ -222,12 +237,13 @@ class CpuBackend final : public Backend {
       return;
     }
     Tensor hx, hw;
-    TensorView xb = as_bf16(x, hx), wb = as_bf16(w, hw);
-    F32Out yo(y, accumulate);
-    gemm_bf16(Trans::N, Trans::T, N, out, in, 1.f, xb.data_as<bf16>(), std::max<int64_t>(in, 1),
-              wb.data_as<bf16>(), std::max<int64_t>(in, 1), accumulate ? 1.f : 0.f, yo.f32.f32(),
-              std::max<int64_t>(out, 1));
-    yo.finish();
+    const TensorView xb = as_bf16(x, hx), wb = as_bf16(w, hw);
+    if (y.dtype() == DType::BF16)
+      tsp::linear_forward(xb.data_as<bf16>(), wb.data_as<bf16>(), y.data_as<bf16>(), N, in, out,
+                          accumulate);
+    else
+      tsp::linear_forward(xb.data_as<bf16>(), wb.data_as<bf16>(), y.f32(), N, in, out,
+                          accumulate);
   }
   void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx,
                        TensorView dw) override {
@@ -243,19 +259,16 @@ class CpuBackend final : public Backend {
                            dw.empty() ? nullptr : dw.f32(), N, in, out);
       return;
     }
+    // The GEMMs run in bf16 (fp32 accumulation into the fp32 gradients): dy, usually an fp32
+    // gradient, is rounded to bf16 first, as mixed precision does on every device.
     Tensor hdy, hx, hw;
     const TensorView dyb = as_bf16(dy, hdy);
-    const int64_t ld_in = std::max<int64_t>(in, 1), ld_out = std::max<int64_t>(out, 1);
-    if (!dx.empty()) {
-      const TensorView wb = as_bf16(w, hw);
-      gemm_bf16(Trans::N, Trans::N, N, in, out, 1.f, dyb.data_as<bf16>(), ld_out,
-                wb.data_as<bf16>(), ld_in, 1.f, dx.f32(), ld_in);
-    }
-    if (!dw.empty()) {
-      const TensorView xb = as_bf16(x, hx);
-      gemm_bf16(Trans::T, Trans::N, out, in, N, 1.f, dyb.data_as<bf16>(), ld_out,
-                xb.data_as<bf16>(), ld_in, 1.f, dw.f32(), ld_in);
-    }
+    const TensorView xb = dw.empty() ? x : as_bf16(x, hx);
+    const TensorView wb = dx.empty() ? w : as_bf16(w, hw);
+    tsp::linear_backward(dyb.data_as<bf16>(), dw.empty() ? nullptr : xb.data_as<bf16>(),
+                         dx.empty() ? nullptr : wb.data_as<bf16>(),
+                         dx.empty() ? nullptr : dx.f32(), dw.empty() ? nullptr : dw.f32(), N, in,
+                         out);
   }
 
   // ---- RMSNorm ------------------------------------------------------------------------------
@@ -267,6 +280,11 @@ class CpuBackend final : public Backend {
     check_numel(y, N * h, op, "y");
     check_numel(rstd, N, op, "rstd");
     check_dtype(rstd, DType::F32, op, "rstd");
+    if (all_bf16({&x, &w, &y})) {
+      tsp::rmsnorm_forward(x.data_as<bf16>(), w.data_as<bf16>(), y.data_as<bf16>(), rstd.f32(), N,
+                           h, eps);
+      return;
+    }
     Tensor hx, hw;
     const TensorView xf = as_f32(x, hx), wf = as_f32(w, hw);
     F32Out yo(y, false);
@@ -279,15 +297,16 @@ class CpuBackend final : public Backend {
     const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
     check_numel(y, N * h, op, "y");
     check_numel(rstd, N, op, "rstd");
+    check_dtype(rstd, DType::F32, op, "rstd");
+    if (all_bf16({&x, &w, &y})) {
+      tsp::rmsnorm_apply(x.data_as<bf16>(), w.data_as<bf16>(), rstd.f32(), y.data_as<bf16>(), N,
+                         h);
+      return;
+    }
     Tensor hx, hw;
     const TensorView xf = as_f32(x, hx), wf = as_f32(w, hw);
     F32Out yo(y, false);
-    const float *xp = xf.f32(), *wp = wf.f32(), *rp = rstd.f32();
-    float* yp = yo.f32.f32();
-    for (int64_t i = 0; i < N; ++i) {
-      const float r = rp[i];
-      for (int64_t j = 0; j < h; ++j) yp[i * h + j] = xp[i * h + j] * r * wp[j];
-    }
+    tsp::rmsnorm_apply(xf.f32(), wf.f32(), rstd.f32(), yo.f32.f32(), N, h);
     yo.finish();
   }
   void rmsnorm_backward(TensorView dy, TensorView x, TensorView w, TensorView rstd, TensorView dx,
@@ -300,6 +319,11 @@ class CpuBackend final : public Backend {
     check_dtype(dy, DType::F32, op, "dy");
     check_dtype(dx, DType::F32, op, "dx");
     check_dtype(dw, DType::F32, op, "dw");
+    if (all_bf16({&x, &w})) {
+      tsp::rmsnorm_backward(dy.f32(), x.data_as<bf16>(), w.data_as<bf16>(), rstd.f32(), dx.f32(),
+                            dw.f32(), N, h);
+      return;
+    }
     Tensor hx, hw;
     const TensorView xf = as_f32(x, hx), wf = as_f32(w, hw);
     tsp::rmsnorm_backward(dy.f32(), xf.f32(), wf.f32(), rstd.f32(), dx.f32(), dw.f32(), N, h);
@@ -312,6 +336,11 @@ class CpuBackend final : public Backend {
     TSP_CHECK(x.rank() == 3, "{}: x must be [N, heads, d], got {}", op, shape_str(x.shape()));
     check_dtype(pos, DType::I64, op, "positions");
     check_numel(pos, x.dim(0), op, "positions");
+    if (forward && x.dtype() == DType::BF16) {
+      tsp::rope_forward(x.data_as<bf16>(), pos.data_as<int64_t>(), x.dim(0), x.dim(1), x.dim(2),
+                        theta);
+      return;
+    }
     F32Out xo(x, true);
     if (forward)
       tsp::rope_forward(xo.f32.f32(), pos.data_as<int64_t>(), x.dim(0), x.dim(1), x.dim(2), theta);
@@ -335,6 +364,10 @@ class CpuBackend final : public Backend {
     check_numel(u, g.numel(), op, "u");
     check_numel(a, g.numel(), op, "a");
     const int64_t F = last_dim(g);
+    if (a.dtype() == DType::BF16) {
+      tsp::swiglu_forward(g.f32(), u.f32(), a.data_as<bf16>(), rows_of(g, F, op, "g"), F);
+      return;
+    }
     F32Out ao(a, false);
     tsp::swiglu_forward(g.f32(), u.f32(), ao.f32.f32(), rows_of(g, F, op, "g"), F);
     ao.finish();
@@ -363,6 +396,11 @@ class CpuBackend final : public Backend {
     if (table.dtype() == out.dtype() && table.dtype() == DType::F32) {
       tsp::embedding_forward(ids.data_as<int32_t>(), table.f32(), out.f32(), N, h, v0,
                              table.dim(0));
+      return;
+    }
+    if (table.dtype() == DType::BF16 && out.dtype() == DType::BF16) {
+      tsp::embedding_forward(ids.data_as<int32_t>(), table.data_as<bf16>(), out.data_as<bf16>(), N,
+                             h, v0, table.dim(0));
       return;
     }
     // Row copies: the rows in range are copied (any dtype pair), the others left untouched.
@@ -488,6 +526,15 @@ class CpuBackend final : public Backend {
     check_numel(o, q.numel(), op, "o");
     check_numel(lse, p.n_q * p.n_heads, op, "lse");
     check_dtype(lse, DType::F32, op, "lse");
+    if (all_bf16({&q, &k, &v, &o})) {
+      AttentionBf16Params b;
+      b.n_q = p.n_q, b.n_k = p.n_k, b.n_heads = p.n_heads, b.n_kv_heads = p.n_kv_heads;
+      b.head_dim = p.head_dim, b.scale = p.scale, b.q_pos = p.q_pos, b.k_pos = p.k_pos;
+      b.q = q.data_as<bf16>(), b.k = k.data_as<bf16>(), b.v = v.data_as<bf16>();
+      b.o = o.data_as<bf16>(), b.lse = lse.f32();
+      tsp::attention_forward(b);
+      return;
+    }
     Tensor hq, hk, hv;
     const TensorView qf = as_f32(q, hq), kf = as_f32(k, hk), vf = as_f32(v, hv);
     F32Out oo(o, false);
@@ -514,6 +561,16 @@ class CpuBackend final : public Backend {
     check_numel(dv, k.numel(), op, "dv");
     for (const TensorView* t : {&lse, &dout, &dq, &dk, &dv})
       check_dtype(*t, DType::F32, op, "lse and gradients");
+    if (all_bf16({&q, &k, &v, &o})) {
+      AttentionBf16BackwardParams b;
+      b.n_q = p.n_q, b.n_k = p.n_k, b.n_heads = p.n_heads, b.n_kv_heads = p.n_kv_heads;
+      b.head_dim = p.head_dim, b.scale = p.scale, b.q_pos = p.q_pos, b.k_pos = p.k_pos;
+      b.q = q.data_as<bf16>(), b.k = k.data_as<bf16>(), b.v = v.data_as<bf16>();
+      b.o = o.data_as<bf16>(), b.lse = lse.f32();
+      b.dout = dout.f32(), b.dq = dq.f32(), b.dk = dk.f32(), b.dv = dv.f32();
+      tsp::attention_backward(b);
+      return;
+    }
     Tensor hq, hk, hv, ho;
     const TensorView qf = as_f32(q, hq), kf = as_f32(k, hk), vf = as_f32(v, hv), of = as_f32(o, ho);
     p.q = qf.f32();
@@ -535,6 +592,11 @@ class CpuBackend final : public Backend {
     check_numel(o_b, o_a.numel(), op, "o_b");
     check_numel(lse_a, o_a.dim(0) * o_a.dim(1), op, "lse_a");
     check_numel(lse_b, lse_a.numel(), op, "lse_b");
+    if (all_bf16({&o_a, &o_b})) {
+      tsp::attention_merge(o_a.data_as<bf16>(), lse_a.f32(), o_b.data_as<bf16>(), lse_b.f32(),
+                           o_a.dim(0), o_a.dim(1), o_a.dim(2));
+      return;
+    }
     Tensor hb;
     const TensorView bf = as_f32(o_b, hb);
     F32Out ao(o_a, true);
