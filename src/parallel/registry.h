@@ -6,6 +6,11 @@
 // A layout's inference engine registers under the same name (optional; src/infer/*.cpp hold
 // theirs beside the engine, with an EngineRegistration), so infer::make_engine and
 // infer::supported_layouts find it without comparing layout names.
+//
+// Each layout's cost and memory model (include/tsp/plan/layout_model.h) registers itself the same
+// way, under the layout's name, from its own file (src/plan/models/<layout>.cpp):
+//   static const LayoutModelRegistration reg("tsp", std::make_shared<TspModel>());
+// so the planner asks the registry instead of comparing layout names.
 #pragma once
 
 #include <functional>
@@ -21,6 +26,9 @@ namespace tsp {
 
 namespace infer {
 class Engine;
+}
+namespace plan {
+class LayoutModel;
 }
 
 // Builds the layout. Called by make_layout after the common validation (config.validate(),
@@ -38,6 +46,8 @@ struct LayoutInfo {
   std::string description;
   LayoutFactory make;
   EngineFactory engine;  // empty when the layout has no inference engine
+  // The layout's cost and memory model; nullptr until one is registered under the same name.
+  const plan::LayoutModel* model = nullptr;
 };
 
 // The registered layouts, sorted by name. Registering a name twice throws tsp::Error.
@@ -48,6 +58,16 @@ std::string layout_names_str();                          // "fsdp-cp, single, sp
 struct LayoutRegistration {
   LayoutRegistration(std::string name, std::string description, LayoutFactory make);
 };
+
+// Models are registered independently of the layouts (static initialisation order across files
+// is unspecified, and `tsp plan` models layouts a build may leave out); each is attached to its
+// layout's LayoutInfo when both exist. Registering a model name twice throws tsp::Error.
+struct LayoutModelRegistration {
+  LayoutModelRegistration(std::string name, std::shared_ptr<const plan::LayoutModel> model);
+};
+// The model registered under `name` (nullptr when none), and the names of every model, sorted.
+const plan::LayoutModel* find_registered_model(const std::string& name);
+std::vector<std::string> registered_model_names();
 
 // The inference engine of layout `name`; registering one twice throws tsp::Error. Engines are
 // kept apart from the layouts until both are known (static registrars run in any order), so an

@@ -1,12 +1,14 @@
 // Measured against predicted on this machine (issue 6 §4), for every registered layout at two
-// configurations: the peak memory of one training step (forward_backward + AdamW) per rank
-// within 5% of src/plan/measure.cpp's model of our implementation, and the bytes each rank sends
-// and receives — forward() and the backward part of forward_backward() — exactly equal to
-// L × plan::block_comm() plus the traffic outside the blocks.
+// configurations and in both compute dtypes (fp32, and bf16 mixed precision): the peak memory of
+// one training step (forward_backward + AdamW) per rank within 5% of src/plan/measure.cpp's model
+// of our implementation, and the bytes each rank sends and receives — forward() and the backward
+// part of forward_backward() — exactly equal to L × plan::block_comm() plus the traffic outside
+// the blocks, at the element sizes of the dtype (plan::ElemBytes).
 // tsp-test-ranks: 1 2 4
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
 
 #include "mpi_test_util.h"
@@ -74,72 +76,78 @@ TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
   Communicator& world = test::world();
   const int W = world.size();
   int ran = 0;
-  for (const Case& k : cases()) {
-    const Batch batch = random_batch(k.config, k.B, k.S);
-    for (const LayoutInfo& info : registered_layouts()) {
-      ParallelConfig pc;
-      pc.layout = info.name;
-      pc.dp = info.name == "single" ? W : 1;  // single: pure data parallelism over the world
-      if (info.name == "tp-sp") pc.tp = default_tp(W);
-      if (k.B % pc.dp != 0) continue;
-      std::unique_ptr<Layout> layout;
-      try {
-        layout = make_layout(k.config, pc, world);
-      } catch (const Error& e) {
-        // A degree this configuration cannot split (heads, FFN, vocabulary): not a failure here.
+  for (const DType dtype : {DType::F32, DType::BF16})
+    for (const Case& k : cases()) {
+      const Batch batch = random_batch(k.config, k.B, k.S);
+      for (const LayoutInfo& info : registered_layouts()) {
+        ParallelConfig pc;
+        pc.layout = info.name;
+        pc.dtype = dtype;
+        pc.dp = info.name == "single" ? W : 1;  // single: pure data parallelism over the world
+        if (info.name == "tp-sp") pc.tp = default_tp(W);
+        if (k.B % pc.dp != 0) continue;
+        std::unique_ptr<Layout> layout;
+        try {
+          layout = make_layout(k.config, pc, world);
+        } catch (const Error& e) {
+          // A degree this configuration cannot split (heads, FFN, vocabulary): not a failure here.
+          if (world.rank() == 0)
+            std::printf("[ skip ] %s %s %s at %d ranks: %s\n", k.name, info.name.c_str(),
+                        std::string(dtype_name(dtype)).c_str(), W, e.what());
+          continue;
+        }
+        SCOPED_TRACE(fmt::format("{} {} {} world={}", k.name, info.name, dtype_name(dtype), W));
+        layout->load(RandomWeights(11));
+        AdamW opt(layout->parameters(), AdamWConfig{});
+        const plan::LayoutSpec spec = plan::layout_spec_of(*layout, W);
+
+        MemoryTracker::instance().reset_peaks();
+        const CommStats fwd =
+            plan::measure_call_traffic(*layout, world, [&] { layout->forward(batch); });
+        const CommStats fb =
+            plan::measure_call_traffic(*layout, world, [&] { layout->forward_backward(batch); });
+        opt.step(0.0, 1.0);
+        const MemorySnapshot snap = MemoryTracker::instance().snapshot();
+
+        plan::MemoryBreakdown pred;
+        try {
+          pred = plan::predict_local_memory(k.config, spec, k.B, k.S, true, dtype);
+        } catch (const Error& e) {
+          // Registered but not modelled: a failure (the model must follow the layouts), and the
+          // other layouts are still checked.
+          ADD_FAILURE() << e.what();
+          continue;
+        }
+        const double measured = static_cast<double>(snap.peak_total);
+        std::string cats;
+        for (int c = 0; c < kNumMemCategories; ++c)
+          cats += fmt::format(" {} {:.3f}/{:.3f}", mem_category_name(static_cast<MemCategory>(c)),
+                              to_mb(snap.at_peak[c]), pred.bytes[c] / 1e6);
+        // The figures behind docs/benchmarks.md's measured-vs-predicted paragraph (rank 0).
         if (world.rank() == 0)
-          std::printf("[ skip ] %s %s at %d ranks: %s\n", k.name, info.name.c_str(), W, e.what());
-        continue;
+          std::printf(
+              "[ mem  ] %-10s %-7s %-4s world=%d  peak %.3f MB  predicted %.3f MB  ratio %.4f\n",
+              k.name, info.name.c_str(), std::string(dtype_name(dtype)).c_str(), W,
+              to_mb(snap.peak_total), pred.total() / 1e6, measured / pred.total());
+        if (world.rank() == 0 && std::getenv("TSP_TEST_VERBOSE"))
+          std::printf("[ cats ] measured/predicted MB:%s\n", cats.c_str());
+        EXPECT_NEAR(measured / pred.total(), 1.0, kMemoryRtol)
+            << "rank " << world.rank() << " peak " << to_mb(snap.peak_total) << " MB, predicted "
+            << pred.total() / 1e6 << " MB; measured/predicted MB by category:" << cats;
+
+        const plan::StepTraffic t =
+            plan::predict_local_traffic(k.config, spec, k.B, k.S, layout->group().rank(), dtype);
+        EXPECT_EQ(fwd.total_sent(), t.forward.sent) << "forward bytes sent, rank " << world.rank();
+        EXPECT_EQ(fwd.total_received(), t.forward.received)
+            << "forward bytes received, rank " << world.rank();
+        EXPECT_EQ(fb.total_sent() - fwd.total_sent(), t.backward.sent)
+            << "backward bytes sent, rank " << world.rank();
+        EXPECT_EQ(fb.total_received() - fwd.total_received(), t.backward.received)
+            << "backward bytes received, rank " << world.rank();
+        ++ran;
       }
-      SCOPED_TRACE(fmt::format("{} {} world={}", k.name, info.name, W));
-      layout->load(RandomWeights(11));
-      AdamW opt(layout->parameters(), AdamWConfig{});
-      const plan::LayoutSpec spec = plan::layout_spec_of(*layout, W);
-
-      MemoryTracker::instance().reset_peaks();
-      const CommStats fwd =
-          plan::measure_call_traffic(*layout, world, [&] { layout->forward(batch); });
-      const CommStats fb =
-          plan::measure_call_traffic(*layout, world, [&] { layout->forward_backward(batch); });
-      opt.step(0.0, 1.0);
-      const MemorySnapshot snap = MemoryTracker::instance().snapshot();
-
-      plan::MemoryBreakdown pred;
-      try {
-        pred = plan::predict_local_memory(k.config, spec, k.B, k.S, true);
-      } catch (const Error& e) {
-        // Registered but not modelled: a failure (the model must follow the layouts), and the
-        // other layouts are still checked.
-        ADD_FAILURE() << e.what();
-        continue;
-      }
-      const double measured = static_cast<double>(snap.peak_total);
-      std::string cats;
-      for (int c = 0; c < kNumMemCategories; ++c)
-        cats += fmt::format(" {} {:.3f}/{:.3f}", mem_category_name(static_cast<MemCategory>(c)),
-                            to_mb(snap.at_peak[c]), pred.bytes[c] / 1e6);
-      // The figures behind docs/benchmarks.md's measured-vs-predicted paragraph (rank 0).
-      if (world.rank() == 0)
-        std::printf("[ mem  ] %-10s %-7s world=%d  peak %.3f MB  predicted %.3f MB  ratio %.4f\n",
-                    k.name, info.name.c_str(), W, to_mb(snap.peak_total), pred.total() / 1e6,
-                    measured / pred.total());
-      EXPECT_NEAR(measured / pred.total(), 1.0, kMemoryRtol)
-          << "rank " << world.rank() << " peak " << to_mb(snap.peak_total) << " MB, predicted "
-          << pred.total() / 1e6 << " MB; measured/predicted MB by category:" << cats;
-
-      const plan::StepTraffic t =
-          plan::predict_local_traffic(k.config, spec, k.B, k.S, layout->group().rank());
-      EXPECT_EQ(fwd.total_sent(), t.forward.sent) << "forward bytes sent, rank " << world.rank();
-      EXPECT_EQ(fwd.total_received(), t.forward.received)
-          << "forward bytes received, rank " << world.rank();
-      EXPECT_EQ(fb.total_sent() - fwd.total_sent(), t.backward.sent)
-          << "backward bytes sent, rank " << world.rank();
-      EXPECT_EQ(fb.total_received() - fwd.total_received(), t.backward.received)
-          << "backward bytes received, rank " << world.rank();
-      ++ran;
     }
-  }
-  EXPECT_GE(ran, 2) << "at least one layout at both configurations";
+  EXPECT_GE(ran, 4) << "at least one layout at both configurations in both dtypes";
 }
 
 }  // namespace

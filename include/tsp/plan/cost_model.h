@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "tsp/core/memory.h"
+#include "tsp/core/tensor.h"
 #include "tsp/model/config.h"
 
 namespace tsp::plan {
@@ -31,7 +32,7 @@ struct LayoutSpec {
   int D = 1;                    // ranks per replica
   int T = 1;                    // tp-sp tensor degree (Σ = D / T)
   int R = 1;                    // data-parallel replicas
-  int sigma() const { return name == "tp-sp" ? D / T : 1; }
+  // The layout's model (include/tsp/plan/layout_model.h) answers these.
   // Degree by which weights (and grads, optimizer state) are split at rest.
   int weight_shards() const;
   // Degree by which tokens (activations of token-wise ops) are split.
@@ -117,19 +118,46 @@ struct Traffic {
   bool operator==(const Traffic&) const = default;
 };
 
+// Bytes per element of each kind of tensor and transfer (docs/cost-model.md §2.1). Our
+// implementation under a compute dtype (ElemBytes::of): weights for compute and every weight
+// transfer (broadcast, ring, all-gather) and every activation saved or in flight (x, q, k, v, o,
+// x2; K/V gathers) in the compute dtype; every gradient and every REDUCTION (reduce,
+// reduce-scatter, all-reduce, tsp's travelling gradient accumulators, tp's all-reduces of partial
+// outputs and input gradients) in fp32, whatever the compute dtype (decided: gradient reductions
+// move fp32; MPI sums fp32 only). uniform(e): every element e bytes (the paper's model).
+struct ElemBytes {
+  int64_t weight = 4;  // weight copies for compute and weight transfers
+  int64_t act = 4;     // activations saved and in flight
+  int64_t reduce = 4;  // gradients and every reduction
+  static ElemBytes of(DType compute);
+  static ElemBytes uniform(int64_t e) { return {e, e, e}; }
+  bool mixed() const { return act != reduce; }
+  // Bytes of a transient fp32 copy of n compute-dtype elements (the CPU backend widens bf16
+  // operands of fp32 kernels), and of a bf16 copy of n fp32 elements (it narrows fp32 operands of
+  // bf16 GEMMs): zero when the compute dtype is fp32.
+  int64_t widen(int64_t n) const { return mixed() ? 4 * n : 0; }
+  int64_t narrow(int64_t n) const { return mixed() ? act * n : 0; }
+};
+
 // Communication of one transformer block per rank, forward and backward, for a micro-batch of
-// N tokens per replica, elements of `elem_bytes` bytes. Exact integers for shapes that divide.
-// It is the single source of truth for the per-block counts: with elem_bytes = 4 it equals, byte
-// for byte, what src/parallel/{tp_sp,tsp,fsdp_cp}.cpp record per layer (their tests assert it),
-// including the two RMSNorm vectors of the block (reduced with the matrices over sp/tp-sp's Σ,
-// gathered and reduce-scattered with the layer by fsdp-cp).
+// N tokens per replica. Exact integers for shapes that divide.
+// It is the single source of truth for the per-block counts: with ElemBytes::of(dtype) it equals,
+// byte for byte, what src/parallel/{tp_sp,tsp,fsdp_cp}.cpp record per layer (their tests assert
+// it) in that compute dtype, including the two RMSNorm vectors of the block (reduced with the
+// matrices over sp/tp-sp's Σ, gathered and reduce-scattered with the layer by fsdp-cp).
 // `regather_kv`: whether sp and tp-sp re-gather K/V in backward (false: they keep them, as
 // src/parallel/tp_sp.cpp does, see MemoryAssumptions); tsp and fsdp-cp always re-gather.
-// Weight gradients travel in the same element size.
+// The formula of each layout is its model's (include/tsp/plan/layout_model.h).
 struct BlockComm {
   Traffic forward;
   Traffic backward;
 };
+BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, const ElemBytes& e,
+                     bool regather_kv = false);
+// Our implementation in a compute dtype: ElemBytes::of(compute).
+BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, DType compute,
+                     bool regather_kv = false);
+// Every element `elem_bytes` bytes (elem_bytes = 4: our implementation in fp32).
 BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int elem_bytes,
                      bool regather_kv = false);
 

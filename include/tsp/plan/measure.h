@@ -1,14 +1,16 @@
 // Measured against predicted, on this machine: what `tsp bench` and
 // tests/plan/measured_vs_predicted_mpi_test.cpp compare.
 //
-//  - predict_local(): the memory per rank of OUR implementation (fp32 weights, gradients and
-//    AdamW moments; the saving policy of include/tsp/model/block.h; the buffers each layout
-//    allocates), by MemoryTracker category, at the busiest moment of a training step. The
+//  - predict_local_memory(): the memory per rank of OUR implementation (fp32 master weights,
+//    gradients and AdamW moments, and under bf16 a bf16 compute copy of the weights; the saving
+//    policy of include/tsp/model/block.h in the compute dtype; the buffers each layout and the
+//    backend allocate), by MemoryTracker category, at the busiest moment of a training step. The
 //    planner's memory_of() (cost_model.h) instead models the paper's mixed-precision stack
 //    (bf16 weights, ZeRO optimizer accounting); both share the categories.
 //  - predict_local_traffic(): bytes per rank per step, forward and backward, in the Communicator's
-//    convention: L × plan::block_comm() (f32) plus what lies outside the blocks (embedding, loss
-//    head, norm-gradient and data-parallel all-reduces, the loss reduction).
+//    convention: L × plan::block_comm() in the compute dtype plus what lies outside the blocks
+//    (embedding, loss head, norm-gradient and data-parallel all-reduces, the loss reduction).
+//  Each layout's part of both is its model's (include/tsp/plan/layout_model.h).
 //  - measure_call_traffic(): the traffic of one call of a layout over every communicator it uses.
 #pragma once
 
@@ -24,20 +26,21 @@ namespace tsp::plan {
 
 // Peak memory per rank of one training step of our implementation: layout `l` (D ranks, R
 // replicas), micro-batch of B rows of S tokens over the whole job (each replica takes B/R rows),
-// AdamW moments allocated when `optimizer`. Returns the bytes by category at the moment the total
-// peaks (MemorySnapshot::at_peak), for the rank with the largest peak.
+// AdamW moments allocated when `optimizer`, compute dtype `compute` (ParallelConfig::dtype).
+// Returns the bytes by category at the moment the total peaks (MemorySnapshot::at_peak), for the
+// rank with the largest peak.
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
-                                     int64_t S, bool optimizer);
+                                     int64_t S, bool optimizer, DType compute = DType::F32);
 
 // Bytes one rank sends and receives in one forward (the loss only) and in the backward part of
-// one forward_backward (= forward_backward − forward), f32 elements, for rank `group_rank` of the
-// layout group (broadcast roots make ranks differ).
+// one forward_backward (= forward_backward − forward), at the element sizes of the compute dtype
+// (ElemBytes::of), for rank `group_rank` of the layout group (broadcast roots make ranks differ).
 struct StepTraffic {
   Traffic forward;
   Traffic backward;
 };
 StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int64_t B, int64_t S,
-                                  int group_rank);
+                                  int group_rank, DType compute = DType::F32);
 
 // Runs `call` and returns the traffic it caused on this rank over every communicator the layout
 // uses: `world` (the loss reduction), layout.group(), layout.replicas(), and the tensor/sequence

@@ -1,0 +1,173 @@
+// The cost and memory model of one parallel layout, registered with the layout itself
+// (registry.h: LayoutInfo::model), so the planner (cost_model.cpp) and the model of our
+// implementation (measure.cpp) ask the layout's model instead of comparing layout names. Adding a
+// layout means adding its model file (src/plan/models/<layout>.cpp) beside its layout file; each
+// registers itself:
+//   static const tsp::LayoutModelRegistration reg("tsp", std::make_shared<TspModel>());
+//
+// A model answers four kinds of question, each in the units of the code that asks:
+//  - geometry: how the layout splits weights, tokens and heads (Split), which factorizations of D
+//    ranks exist, what a degree must divide;
+//  - the per-block traffic of docs/cost-model.md §2 (block_comm), exact integers;
+//  - the paper's mixed-precision memory (§3) and time (§4) of `tsp plan`: the layout-specific
+//    pieces that memory_of() and estimate() in cost_model.cpp add up;
+//  - OUR implementation (measure.h): the busiest moments of one training step by tracker category,
+//    and the traffic outside the blocks, at the compute dtype's element sizes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tsp/plan/cost_model.h"
+#include "tsp/plan/measure.h"
+
+namespace tsp {
+class Layout;
+}
+
+namespace tsp::plan {
+
+// How a layout splits one replica's model and tokens over its D ranks.
+struct Split {
+  int64_t w = 1;       // weight shards (matrices, gradients, optimizer state)
+  int64_t t = 1;       // token shards (activations of token-wise ops)
+  int64_t hd = 1;      // head shards of saved attention tensors (q, o) and of the MLP width
+  int64_t heads = 1;   // the head split: num_key_value_heads and intermediate_size divide by it
+  int64_t hidden = 1;  // the split of hidden_size (tsp and fsdp-cp cut rows of every matrix)
+};
+
+// ---- what estimate() hands a model for the time of one layer (docs §4) ------------------------
+
+// One link class a collective over `k` ranks uses (inside a node or across; cost_model.cpp).
+struct Axis {
+  int k = 1;
+  const Link* link = nullptr;
+  bool inter = false;
+  double bw() const { return link->group_bw(inter ? 2 : k); }
+  double ring_bw() const { return link->bw_bytes_per_s; }  // one neighbour at a time
+};
+Axis axis_of(const Hardware& hw, int k, int stride);
+double t_all_gather(const Axis& a, double block);
+double t_all_reduce(const Axis& a, double B);
+double t_broadcast(const Axis& a, double B);  // bandwidth-optimal (scatter + all-gather)
+double t_ring_hop(const Axis& a, double B);
+
+// Bytes per GPU per step, by link class.
+struct Accum {
+  double intra = 0, inter = 0;
+  void add(const Axis& a, double bytes) { (a.inter ? inter : intra) += bytes; }
+};
+
+struct TimeInputs {
+  const Workload* w = nullptr;
+  const LayoutSpec* l = nullptr;
+  const Hardware* hw = nullptr;
+  const MemoryAssumptions* a = nullptr;
+  double N = 0;                  // tokens per micro-batch per replica
+  double e = 2, we = 2, ge = 2;  // bytes: activations, weights, gradients
+  double Pm = 0;                 // matrix parameters of one block
+  double gemm_rate = 0;          // sustained FLOP/s of GEMMs
+  double t_fwd = 0, t_bwd = 0;   // compute of one layer
+  double q_proj = 0;             // the q projection (what runs before K/V are needed)
+  double in_proj_bwd = 0;        // the backward of the input projections
+  bool train = false;
+  bool decode = false;
+  Axis group;  // the D ranks of the layout group
+};
+struct LayerTime {
+  double exposed = 0;    // communication not hidden behind compute, per layer
+  double grad_sync = 0;  // weight-gradient reductions that overlap other layers' backward
+  Accum bytes;           // per layer and micro-batch
+};
+
+// ---- what measure.cpp hands a model for our implementation -------------------------------------
+
+// One candidate busiest moment of a training step: bytes by category on top of the persistent
+// state (weights, gradients, moments).
+struct Moment {
+  int64_t act = 0, comm = 0, work = 0, grads_extra = 0;
+};
+
+struct LocalInputs {
+  const LlamaConfig* m = nullptr;
+  const LayoutSpec* l = nullptr;
+  int64_t Br = 0, S = 0;  // rows of this replica, tokens per row
+  ElemBytes e;            // element sizes of the compute dtype
+};
+
+class LayoutModel {
+ public:
+  virtual ~LayoutModel() = default;
+
+  // ---- geometry ---------------------------------------------------------------------------
+  virtual Split split(const LayoutSpec& l) const = 0;
+  // The LayoutSpecs of this layout for a group of D ranks and R replicas (none when the layout
+  // has no form of that size, e.g. single for D > 1).
+  virtual std::vector<LayoutSpec> factorizations(const std::string& name, int D, int R) const;
+  // "tsp D=8", "tp-sp T=4 S=2" (without the R part, which label() adds).
+  virtual std::string label(const LayoutSpec& l) const;
+  // Checks specific to the layout (degrees, what they must divide); tsp::Error saying what would
+  // work. The common checks (positive degrees, heads, zigzag) are check_layout's.
+  virtual void check(const LlamaConfig& m, const LayoutSpec& l) const {}
+
+  // ---- §2 traffic of one block (D > 1; block_comm answers zero at D = 1) -------------------
+  virtual BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N,
+                               const ElemBytes& e, bool regather_kv) const = 0;
+
+  // ---- §3 the paper's memory: the layout-specific pieces of memory_of() ---------------------
+  // Whether the weight gradients are replicated inside the group (sp, tp-sp's Σ axis): they are
+  // all-reduced, from a bucket copy when MemoryAssumptions::grad_bucket_copy.
+  virtual bool grads_replicated_in_group(const LayoutSpec& l) const { return false; }
+  // Saved K and V of one layer, bytes (training).
+  virtual double saved_kv(const Workload& w, const LayoutSpec& l, const MemoryAssumptions& a) const;
+  // Transients of one layer's backward, bytes: {workspace, comm}.
+  struct Transients {
+    double work = 0, comm = 0;
+  };
+  virtual Transients layer_transients(const Workload& w, const LayoutSpec& l,
+                                      const MemoryAssumptions& a) const;
+  // Vocabulary columns of one rank's logits block.
+  virtual double loss_vocab_cols(const LlamaConfig& m, const LayoutSpec& l) const;
+  // Inference: the head split of the K/V cache, the MLP columns of one rank, and the Comm bytes
+  // of a prefill layer and of a decode step.
+  virtual double kv_cache_heads_split(const LayoutSpec& l) const { return split(l).hd; }
+  virtual double prefill_mlp_cols(const LlamaConfig& m, const LayoutSpec& l) const;
+  virtual double prefill_comm(const Workload& w, const LayoutSpec& l,
+                              const MemoryAssumptions& a) const {
+    return 0;
+  }
+  virtual double decode_comm(const Workload& w, const LayoutSpec& l,
+                             const MemoryAssumptions& a) const {
+    return 0;
+  }
+
+  // ---- §4 the paper's time ------------------------------------------------------------------
+  // Decode: the split of the block's GEMMs and weight reads, and of the K/V cache read.
+  virtual double decode_weight_split(const LayoutSpec& l) const { return split(l).w; }
+  virtual double decode_kv_split(const LayoutSpec& l) const { return split(l).t; }
+  // Communication of one layer: layer_time in every mode (a layout whose sequence-parallel
+  // transfers do not happen in decode checks in.decode), then decode_time in decode at D > 1.
+  virtual void layer_time(const TimeInputs& in, LayerTime& out) const {}
+  virtual void decode_time(const TimeInputs& in, LayerTime& out) const {}
+
+  // ---- our implementation (measure.h) ------------------------------------------------------
+  // Weight split of the ShardStore and whether it cuts the RMSNorm weights too.
+  virtual int64_t store_split(const LayoutSpec& l) const { return split(l).w; }
+  virtual bool store_splits_norms() const { return false; }
+  // The candidate busiest moments of one training step (forward_backward, then AdamW).
+  virtual void local_moments(const LocalInputs& in, std::vector<Moment>& out) const = 0;
+  // Traffic outside the blocks (embedding, loss head, norm gradients), added to L × block_comm.
+  virtual void outside_traffic(const LocalInputs& in, StepTraffic& t) const {}
+  // The LayoutSpec of a built layout (T for tp-sp).
+  virtual LayoutSpec spec_of(Layout& layout, int D, int R) const;
+};
+
+// The model registered for a layout name (nullptr when none); the names of all.
+const LayoutModel* find_layout_model(const std::string& name);
+// Throws tsp::Error naming the registered models when `name` has none.
+const LayoutModel& layout_model(const std::string& name);
+std::vector<std::string> layout_model_names();
+
+}  // namespace tsp::plan
