@@ -16,7 +16,32 @@ std::vector<LayoutInfo>& layout_registry() {
   static std::vector<LayoutInfo> layouts;
   return layouts;
 }
+// Layout models by name (sorted), owned here for the life of the library.
+std::map<std::string, std::shared_ptr<const plan::LayoutModel>>& model_registry() {
+  static std::map<std::string, std::shared_ptr<const plan::LayoutModel>> models;
+  return models;
+}
 }  // namespace
+
+LayoutModelRegistration::LayoutModelRegistration(std::string name,
+                                                 std::shared_ptr<const plan::LayoutModel> model) {
+  TSP_CHECK(model, "layout model '{}' registered without a model", name);
+  TSP_CHECK(!model_registry().count(name), "layout model '{}' is registered twice", name);
+  for (LayoutInfo& l : layout_registry())
+    if (l.name == name) l.model = model.get();
+  model_registry().emplace(std::move(name), std::move(model));
+}
+
+const plan::LayoutModel* find_registered_model(const std::string& name) {
+  const auto it = model_registry().find(name);
+  return it == model_registry().end() ? nullptr : it->second.get();
+}
+
+std::vector<std::string> registered_model_names() {
+  std::vector<std::string> out;
+  for (const auto& [name, model] : model_registry()) out.push_back(name);
+  return out;
+}
 
 // ---- inference engines by layout name (infer/engine.h) ----------------------------------------
 
@@ -70,7 +95,8 @@ LayoutRegistration::LayoutRegistration(std::string name, std::string description
                                        LayoutFactory make) {
   TSP_CHECK(!find_layout(name), "layout '{}' is registered twice", name);
   auto& reg = layout_registry();
-  reg.push_back({std::move(name), std::move(description), std::move(make)});
+  const plan::LayoutModel* model = find_registered_model(name);
+  reg.push_back({std::move(name), std::move(description), std::move(make), {}, model});
   attach_engine(reg.back());
   std::sort(reg.begin(), reg.end(),
             [](const LayoutInfo& a, const LayoutInfo& b) { return a.name < b.name; });
