@@ -8,21 +8,29 @@
 //                 attention over the cache is the one sharded step: partial (o, lse) per rank,
 //                 merged exactly over the group.
 //   tsp  rank p holds head group p, FFN slice p and vocabulary shard p (embedding and head).
-//        prefill: the tsp forward (docs/tsp-schedule.md): per layer, for r in 0..D-1 the packed
-//                 attention shard P_r = [Wq_r; Wk_r; Wv_r; Wo_r] is broadcast by its owner, the
-//                 local tokens' k,v of head group r are all-gathered, y += attn·Wo_rᵀ; the MLP
-//                 and the embedding use rings of their shards. Only the last position's logits
-//                 are computed: its owner broadcasts the final hidden state (h floats instead of
-//                 a ring of V·h weights), each rank scores its vocabulary shard, all-gather.
+//        prefill: the tsp forward (docs/tsp-schedule.md) with the training layout's schedules
+//                 (parallel/tsp_schedule.h): per layer, for r in 0..D-1 the packed attention
+//                 shard P_r = [Wq_r; Wk_r; Wv_r; Wo_r] is broadcast by its owner (the next one
+//                 prefetched), the local tokens' k,v of head group r are all-gathered,
+//                 y += attn·Wo_rᵀ; the MLP and the embedding use rings of their shards. Only the
+//                 last position's logits are computed: its owner broadcasts the final hidden
+//                 state (h values instead of a ring of V·h weights), each rank scores its
+//                 vocabulary shard, all-gather.
 //        decode : weight-stationary. Rank p applies head group p to the new token (q, k, v of
-//                 its heads, all-gathered: n_h·d + 2·n_kv·d floats), attends with ALL heads over
+//                 its heads, all-gathered: n_h·d + 2·n_kv·d values), attends with ALL heads over
 //                 its local cache, the partial attentions are merged with log-sum-exp weights,
 //                 rank p projects its head group's output with its Wo_p (all-reduce of h floats),
 //                 applies MLP slice p (all-reduce of h) and scores its vocabulary shard
 //                 (all-gather of V floats). Only activations move; no weight shard leaves its rank.
+//
+// Precision: weights, the residual stream, q/k/v/o, K/V in flight and in the cache are in the
+// compute dtype; a sub-block's output (attention rounds, ring steps, the partial outputs of the
+// group) is summed in an F32 [n, h] buffer (all-reduced in fp32) and added to the residual once;
+// lse, the log-sum-exp merge (on an fp32 copy of o) and the logits are fp32.
 #include "infer/common.h"
 #include "parallel/mappings.h"
 #include "parallel/registry.h"
+#include "parallel/tsp_schedule.h"
 #include "tsp/parallel/sharding.h"
 
 namespace tsp::infer {
@@ -44,6 +52,11 @@ class SeqShardedEngine final : public EngineBase {
       w_.hold(I.embed, ShardMap::rows(D_, p_));
       if (!config_.tie_word_embeddings) w_.hold(I.lm_head, ShardMap::rows(D_, p_));
       group_heads_ = head_group(config_, D_, p_);
+      const int64_t h = config_.hidden_size, qw = group_heads_.q_rows().size(),
+                    kw = group_heads_.kv_rows().size(), f = config_.intermediate_size / D_;
+      attn_pack_.shapes = {{qw, h}, {kw, h}, {kw, h}, {h, qw}};
+      mlp_pack_.shapes = {{f, h}, {f, h}, {h, f}};
+      vocab_pack_.shapes = {{config_.vocab_size / D_, h}};
     } else {
       for (int i = 0; i < static_cast<int>(w_.specs().size()); ++i) hold_whole(i);
       group_heads_ = head_group(config_, 1, 0);
@@ -202,9 +215,10 @@ class SeqShardedEngine final : public EngineBase {
       be_.embedding_forward(ids, table, x, 0);
       return;
     }
-    ring({table}, [&](int s, const std::vector<TensorView>& shard) {
-      be_.embedding_forward(ids, shard[0], x, vocab_shard(V, D_, s).begin);
-    });
+    ring_forward(schedule(), vocab_pack_, {table}, /*keep_last=*/false,
+                 [&](int s, const Pieces& shard) {
+                   be_.embedding_forward(ids, shard[0], x, vocab_shard(V, D_, s).begin);
+                 });
   }
   // token -> x [1, h] (=). tsp: the owner of the token's vocabulary shard broadcasts its row.
   void embed_token(int32_t token, TensorView x) {
@@ -242,79 +256,29 @@ class SeqShardedEngine final : public EngineBase {
     block::out_proj_forward(be_, w.wo, pf.o.view(), y);
   }
 
-  // tsp: for r in 0..D-1, P_r = [Wq_r; Wk_r; Wv_r; Wo_r] broadcast from owner r, then attention
-  // with head group r.
+  // tsp: for r in 0..D-1, P_r = [Wq_r; Wk_r; Wv_r; Wo_r] broadcast from owner r (the training
+  // layout's schedule, parallel/tsp_schedule.h), then attention with head group r.
   void tsp_attention_rounds(int l, Prefill& pf, TensorView xn, TensorView y) {
     const block::AttnWeights own = attn_weights(l);
-    const std::vector<TensorView> pieces = {own.wq, own.wk, own.wv, own.wo};
-    Tensor packed({packed_size(pieces)}, dtype_, kComm, be_.device());
-    for (int r = 0; r < D_; ++r) {
-      std::vector<TensorView> shard = pieces;
-      if (D_ > 1) {
-        if (r == p_) pack(pieces, packed.view());
-        broadcast(*group_, packed.view(), r);
-        if (r != p_) shard = unpack(pieces, packed.view());
-      }
-      attention_gathered({shard[0], shard[1], shard[2], shard[3]}, l,
-                         head_group(config_, D_, r).kv.begin, pf, xn, y);
-    }
+    attention_rounds(schedule(), attn_pack_, {own.wq, own.wk, own.wv, own.wo},
+                     [&](int r, const Pieces& w) {
+                       attention_gathered({w[0], w[1], w[2], w[3]}, l,
+                                          head_group(config_, D_, r).kv.begin, pf, xn, y);
+                     });
   }
 
   // tsp: MLP ring; step k uses slice s = p - k while it travels p -> p+1. xn [n, h], y (+=).
   void tsp_mlp_ring(int l, TensorView xn, TensorView y) {
     const block::MlpWeights own = mlp_weights(l);
-    ring({own.wg, own.wu, own.wd}, [&](int, const std::vector<TensorView>& w) {
-      block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y);
-    });
+    ring_forward(schedule(), mlp_pack_, {own.wg, own.wu, own.wd}, /*keep_last=*/false,
+                 [&](int, const Pieces& w) {
+                   block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y);
+                 });
   }
 
-  // Passes this rank's shard (`own`, packed into one buffer) around the ring p -> p+1; body(s,
-  // pieces of shard s) runs once per shard s = p, p-1, ... while the next one is in flight
-  // (double buffered). The own shard is used in place.
-  template <typename Body>
-  void ring(const std::vector<TensorView>& own, const Body& body) {
-    if (D_ == 1) {
-      body(p_, own);
-      return;
-    }
-    const int64_t count = packed_size(own);
-    Tensor buf[2] = {Tensor({count}, dtype_, kComm, be_.device()),
-                     Tensor({count}, dtype_, kComm, be_.device())};
-    pack(own, buf[0].view());
-    for (int k = 0; k < D_; ++k) {
-      const int cur = k % 2, s = ((p_ - k) % D_ + D_) % D_;
-      RequestPtr hop;
-      if (k + 1 < D_) {
-        hop = group_->isendrecv(buf[cur].data(), count, dtype_, (p_ + 1) % D_, buf[1 - cur].data(),
-                                count, (p_ + D_ - 1) % D_);
-      }
-      body(s, k == 0 ? own : unpack(own, buf[cur].view()));
-      if (hop) hop->wait();
-    }
-  }
-
-  static int64_t packed_size(const std::vector<TensorView>& pieces) {
-    int64_t total = 0;
-    for (const TensorView& t : pieces) total += t.numel();
-    return total;
-  }
-  // The pieces one after another in `buf`, and views of them there (the same shapes).
-  void pack(const std::vector<TensorView>& pieces, TensorView buf) {
-    int64_t off = 0;
-    for (const TensorView& t : pieces) {
-      be_.copy(t, buf.window(off, t.shape()));
-      off += t.numel();
-    }
-  }
-  static std::vector<TensorView> unpack(const std::vector<TensorView>& like, TensorView buf) {
-    std::vector<TensorView> out;
-    int64_t off = 0;
-    for (const TensorView& t : like) {
-      out.push_back(buf.window(off, t.shape()));
-      off += t.numel();
-    }
-    return out;
-  }
+  // The weight-moving schedules of the tsp forward run on the group in the compute dtype, each
+  // transfer overlapping the computation on the shard in hand.
+  ScheduleContext schedule() { return {be_, *group_, dtype_, /*overlap=*/true}; }
 
   // xn [1, h] final-normed (identical on every rank) -> logits [V] on every rank.
   std::vector<float> logits(TensorView xn) {
@@ -323,9 +287,10 @@ class SeqShardedEngine final : public EngineBase {
   }
 
   bool tsp_;
-  HeadGroup group_heads_;  // tsp: head group p; sp: all heads
-  block::AttnDims ad_;     // all heads (the cache, the merged attention)
-  block::AttnDims ad_g_;   // this rank's head group (all heads under sp)
+  HeadGroup group_heads_;                      // tsp: head group p; sp: all heads
+  block::AttnDims ad_;                         // all heads (the cache, the merged attention)
+  block::AttnDims ad_g_;                       // this rank's head group (all heads under sp)
+  Packing attn_pack_, mlp_pack_, vocab_pack_;  // tsp: the shards as they travel
 };
 
 std::unique_ptr<Engine> make_sp(const LlamaConfig& c, Communicator& world, DType dtype,

@@ -9,6 +9,10 @@
 //               x += all_reduce(mlp_p(rmsnorm(x)))
 //   logits of the last position: rmsnorm, vocabulary shard p of the head, all-gather.
 // Prefill is this on the whole prompt, decode on one token: the same code path.
+//
+// Precision: weights, x, xn, q/k/v/o and the cache are in the compute dtype; o·Wo_pᵀ and the MLP
+// slice's output go to an F32 buffer, are all-reduced in fp32 and added to x once (the rounding
+// single does); rstd, lse and the logits are F32.
 #include <numeric>
 
 #include "infer/common.h"

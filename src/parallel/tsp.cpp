@@ -44,6 +44,7 @@
 #include "parallel/mappings.h"
 #include "parallel/registry.h"
 #include "parallel/tsp.h"
+#include "parallel/tsp_schedule.h"
 #include "tsp/model/block.h"
 
 namespace tsp {
@@ -52,38 +53,6 @@ namespace {
 constexpr MemCategory kComm = MemCategory::Comm;
 constexpr MemCategory kWork = MemCategory::Workspace;
 constexpr int32_t kIgnoreIndex = -100;  // labels the loss skips (the kernels' ignore_index)
-
-using Pieces = std::vector<TensorView>;
-
-// A shard made of several store tensors that travels as ONE contiguous buffer: the pieces are
-// concatenated in order (e.g. [W_gate rows; W_up rows; W_down columns]). The same packing cuts a
-// compute-dtype weight buffer and an F32 gradient buffer.
-struct Packing {
-  std::vector<Shape> shapes;  // of each piece
-  int64_t total() const {
-    int64_t n = 0;
-    for (const Shape& s : shapes) n += shape_numel(s);
-    return n;
-  }
-  // The pieces as windows of a packed buffer.
-  Pieces split(TensorView packed) const {
-    Pieces out;
-    int64_t offset = 0;
-    for (const Shape& s : shapes) {
-      out.push_back(packed.window(offset, s));
-      offset += shape_numel(s);
-    }
-    return out;
-  }
-  void pack(Backend& be, const Pieces& pieces, TensorView packed) const {
-    const Pieces dst = split(packed);
-    for (size_t i = 0; i < dst.size(); ++i) be.copy(pieces[i], dst[i]);
-  }
-  void add_into(Backend& be, const Pieces& pieces, TensorView packed) const {  // pieces += packed
-    const Pieces src = split(packed);
-    for (size_t i = 0; i < src.size(); ++i) be.add(pieces[i], src[i]);
-  }
-};
 
 class TspLayout final : public LayoutCommon, public TspTrafficReport {
  public:
@@ -156,15 +125,14 @@ class TspLayout final : public LayoutCommon, public TspTrafficReport {
   void part_done(Part part, int layer) override;
 
  private:
-  using FwdBody = std::function<void(int s, const Pieces& w)>;
   using BwdBody = std::function<void(int s, const Pieces& w, const Pieces& g)>;
-  using RoundBody = std::function<void(int r, const Pieces& w)>;
 
   // ---- communication schedules (the only places that move weights) --------------------------
-  Tensor ring_forward(const Packing& pk, const Pieces& own, bool keep_last, const FwdBody& body);
+  // The forward ones (ring_forward, attention_rounds) are shared with the tsp inference engine
+  // (parallel/tsp_schedule.h); they run on this context.
+  ScheduleContext schedule() { return {be_, group(), act_dtype(), parallel().overlap}; }
   void ring_backward(const Packing& wpk, const Pieces& own_w, Tensor first, const Packing& gpk,
                      const Pieces& own_g, const BwdBody& body);
-  void attention_rounds(const Pieces& own, const RoundBody& body);
 
   // ---- head group r's slices of the saved activations -----------------------------------------
   // Saved q, k, v, o, lse hold every head of the local tokens, one contiguous block per head
@@ -222,41 +190,6 @@ class TspLayout final : public LayoutCommon, public TspTrafficReport {
 };
 
 // ---- schedules ------------------------------------------------------------------------------
-
-// Forward ring (docs/tsp-schedule.md, "Forward, one block"): step k handles shard s = (p - k) mod
-// D, starting with the own shard (read from the store). The shard in hand is sent to p+1 while the
-// step computes, and the next one arrives from p-1 into the other buffer: D-1 hops of one shard,
-// in the compute dtype. With keep_last the buffer holding the last shard handled (s = p+1) is
-// returned, so a backward ring can start with it.
-Tensor TspLayout::ring_forward(const Packing& pk, const Pieces& own, bool keep_last,
-                               const FwdBody& body) {
-  const int D = this->D(), p = group_rank();
-  if (D == 1) {
-    body(p, own);
-    return Tensor();
-  }
-  Communicator& c = group();
-  const int64_t total = pk.total();
-  const DType dt = act_dtype();
-  Tensor buf[2] = {Tensor({total}, dt, kComm, device()), Tensor({total}, dt, kComm, device())};
-  pk.pack(be_, own, buf[0].view());
-  int cur = 0;
-  for (int k = 0; k < D; ++k) {
-    RequestPtr hop;  // the shard in hand to p+1, the next one from p-1
-    if (k < D - 1) {
-      hop = c.isendrecv(buf[cur].data(), total, dt, mod(p + 1), buf[1 - cur].data(), total,
-                        mod(p - 1));
-      if (!parallel().overlap) hop->wait();
-    }
-    body(mod(p - k), k == 0 ? own : pk.split(buf[cur].view()));
-    if (hop) {
-      hop->wait();
-      cur = 1 - cur;
-    }
-  }
-  // The last step used buf[cur] (no transfer flipped it).
-  return keep_last ? std::move(buf[cur]) : Tensor();
-}
 
 // Backward ring, own shard last: step k handles s = (p + 1 + k) mod D, so step D-1 is the own
 // shard. Weights (compute dtype) travel s -> s-1: the first hop before step 0 (skipped when
@@ -336,36 +269,6 @@ void TspLayout::ring_backward(const Packing& wpk, const Pieces& own_w, Tensor fi
   }
 }
 
-// Attention rounds (docs/tsp-schedule.md, "Forward, one block"): round r computes with head group
-// r's packed shard P_r (compute dtype), broadcast by its owner; the broadcast of P_{r+1} is
-// started before round r computes (two buffers, the one of round r-1 is free by then). The owner
-// computes from its store (the same values).
-void TspLayout::attention_rounds(const Pieces& own, const RoundBody& body) {
-  const int D = this->D(), p = group_rank();
-  if (D == 1) {
-    body(p, own);
-    return;
-  }
-  Communicator& c = group();
-  const int64_t total = attn_pack_.total();
-  const DType dt = act_dtype();
-  Tensor buf[2] = {Tensor({total}, dt, kComm, device()), Tensor({total}, dt, kComm, device())};
-  auto start = [&](int r) {
-    Tensor& b = buf[r % 2];
-    if (r == p) attn_pack_.pack(be_, own, b.view());
-    RequestPtr req = c.ibroadcast(b.data(), total, dt, r);
-    if (!parallel().overlap) req->wait();
-    return req;
-  };
-  RequestPtr pending = start(0);
-  for (int r = 0; r < D; ++r) {
-    pending->wait();
-    RequestPtr next = r + 1 < D ? start(r + 1) : RequestPtr();
-    body(r, r == p ? own : attn_pack_.split(buf[r % 2].view()));
-    pending = std::move(next);
-  }
-}
-
 // ---- embedding: vocabulary ring ---------------------------------------------------------------
 
 // x [n, h] (=): each token's row is written by the shard holding its id, as that shard passes.
@@ -378,7 +281,7 @@ void TspLayout::embed_forward(const LocalTokens& t, TensorView x) {
   mark_ = group().stats();
   norm_grads_ = Tensor();
   ring_forward(
-      vocab_pack_, {store_.w(idx_.embed)}, /*keep_last=*/false,
+      schedule(), vocab_pack_, {store_.w(idx_.embed)}, /*keep_last=*/false,
       [&](int s, const Pieces& w) { be_.embedding_forward(t.ids.view(), w[0], x, v0(s)); });
 }
 
@@ -409,7 +312,7 @@ void TspLayout::attention_forward(int l, const LocalTokens& t, TensorView xn,
   }
   Tensor sum;
   const TensorView y = begin_sum(s.x2.view(), sum);
-  attention_rounds(attn_own_w(P), [&](int r, const Pieces& w) {
+  attention_rounds(schedule(), attn_pack_, attn_own_w(P), [&](int r, const Pieces& w) {
     const block::AttnWeights aw = attn_weights(w);
     const Slices g = group_slices(s, r, n);
     block::qkv_forward(be_, ad_, aw, xn, t.tok_pos.view(), g.q, g.k, g.v);
@@ -466,7 +369,7 @@ void TspLayout::attention_backward(int l, const LocalTokens& t, TensorView xn,
     reducing[slot].reset();
     if (reduced_round[slot] == p) attn_pack_.add_into(be_, attn_own_g(P), gpart[slot].view());
   };
-  attention_rounds(attn_own_w(P), [&](int r, const Pieces& w) {
+  attention_rounds(schedule(), attn_pack_, attn_own_w(P), [&](int r, const Pieces& w) {
     const int slot = r % 2;
     Pieces gp;
     if (D == 1) {
@@ -526,7 +429,7 @@ void TspLayout::attention_backward(int l, const LocalTokens& t, TensorView xn,
 void TspLayout::mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) {
   Tensor sum;
   const TensorView y = begin_sum(x, sum);
-  ring_forward(mlp_pack_, mlp_own_w(idx_.layers[l]), /*keep_last=*/false,
+  ring_forward(schedule(), mlp_pack_, mlp_own_w(idx_.layers[l]), /*keep_last=*/false,
                [&](int, const Pieces& w) {
                  block::mlp_forward(be_, mlp_weights(w), xn, y, [&] { progress(); });
                });
@@ -575,8 +478,8 @@ void TspLayout::head_loss(const LocalTokens& t, TensorView xn, float grad_scale,
   };
 
   CommStats before = group().stats();
-  Tensor in_hand =
-      ring_forward(vocab_pack_, own_w, /*keep_last=*/!dxn.empty(), [&](int s, const Pieces& w) {
+  Tensor in_hand = ring_forward(
+      schedule(), vocab_pack_, own_w, /*keep_last=*/!dxn.empty(), [&](int s, const Pieces& w) {
         for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
           const int64_t m = std::min(block::kTokenChunk, n - t0);
           const TensorView lv = logits.window(0, {m, vs_});
