@@ -1,10 +1,10 @@
 // 1. The double-precision reference model (the oracle of every layout test) against central
 //    finite differences of its own loss, on a tiny model, every parameter element.
-// 2. The block maths properties the layouts rely on, on the backend, in fp32 and (where the
-//    composition is what a layout relies on) in bf16 mixed precision: a head group's or FFN
-//    slice's pieces compose to the whole (forward sums, backward slices), attention over
-//    zigzag-ordered keys at explicit positions equals attention in natural order, and the
-//    token-chunked MLP / loss head match naive double loops across a chunk boundary (fp32).
+// 2. The block maths properties the layouts rely on, run on the backend, each in fp32 and in bf16
+//    mixed precision: a head group's or FFN slice's pieces compose to the whole (forward sums,
+//    backward slices), attention over zigzag-ordered keys at explicit positions equals attention
+//    in natural order, and the token-chunked MLP / loss head match naive double loops across a
+//    chunk boundary.
 #include <gtest/gtest.h>
 
 #include <cmath>
