@@ -1,9 +1,14 @@
 // Inference benchmark: prefill and decode of one long prompt under each layout with an engine.
 //   mpiexec -n 4 build/bench/bench_generate [--prompt 8192] [--new 32] [--hidden 256]
-//       [--layers 2] [--layouts single,tp,sp,tsp] [--json]
+//       [--layers 2] [--layouts single,tp,sp,tsp] [--dtype bf16|fp32] [--json]
+// --dtype is the engines' compute dtype; the default is the backend's (default_compute_dtype:
+// bf16 where the CPU has native bf16 arithmetic, fp32 elsewhere).
 // Columns: prefill and decode tokens/s (wall, slowest rank), KV-cache MB per rank (the largest),
 // decode bytes sent per token by the busiest rank, and whether the greedy tokens equal single's
-// (single runs on rank 0 alone: the reference, not a parallel layout). Never gates anything.
+// (single runs on rank 0 alone: the reference, not a parallel layout). Never gates anything: in
+// bf16 the ×20 random weights below make a chaotic model whose near-tied logits may let a layout's
+// greedy tokens part from single's after a few steps (tests/infer/generate_mpi_test.cpp checks
+// bf16 on a trained-like model instead).
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -11,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "tsp/backend/backend.h"
 #include "tsp/comm/mpi.h"
 #include "tsp/core/error.h"
 #include "tsp/core/machine.h"
@@ -24,6 +30,7 @@ struct Options {
   int64_t prompt = 8192, max_new = 32, hidden = 256, layers = 2;
   std::vector<std::string> layouts = {"single", "tp", "sp", "tsp"};
   bool json = false;
+  DType dtype = default_compute_dtype(backend_for(Device::cpu()));
 };
 
 Options parse(int argc, char** argv) {
@@ -52,10 +59,12 @@ Options parse(int argc, char** argv) {
       }
     } else if (a == "--json") {
       o.json = true;
+    } else if (a == "--dtype") {
+      o.dtype = parse_compute_dtype(next());
     } else {
       TSP_FAIL(
           "unknown argument '{}'; use --prompt N --new N --hidden H --layers L "
-          "--layouts a,b --json",
+          "--layouts a,b --dtype bf16|fp32 --json",
           a);
     }
   }
@@ -101,11 +110,11 @@ int bench(Communicator& world, int argc, char** argv) {
   const bool root = world.rank() == 0;
   if (root) {
     std::printf(
-        "# tsp bench generate  git=%s  machine=%s, %u cores  world=%d  dtype=f32  h=%lld "
+        "# tsp bench generate  git=%s  machine=%s, %u cores  world=%d  dtype=%s  h=%lld "
         "L=%lld heads=%lld F=%lld V=%lld  prompt=%lld  new=%lld  greedy\n",
         tsp::git_revision().c_str(), tsp::cpu_description().c_str(),
-        std::thread::hardware_concurrency(), world.size(), (long long)c.hidden_size,
-        (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
+        std::thread::hardware_concurrency(), world.size(), std::string(dtype_name(o.dtype)).c_str(),
+        (long long)c.hidden_size, (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
         (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.prompt,
         (long long)o.max_new);
     if (!o.json)
@@ -115,7 +124,7 @@ int bench(Communicator& world, int argc, char** argv) {
   }
   std::vector<int32_t> reference;  // single's tokens (rank 0), broadcast for the ok column
   for (const std::string& layout : o.layouts) {
-    auto engine = infer::make_engine(c, layout, world);
+    auto engine = infer::make_engine(c, layout, world, o.dtype);
     const bool runs = layout != "single" || root;  // single: rank 0 only (no 4× contention)
     infer::GenerateResult r;
     if (runs) {
@@ -138,17 +147,18 @@ int bench(Communicator& world, int argc, char** argv) {
     }
     const bool ok = reference.empty() || (root ? tokens == reference : true);
     if (!root) continue;
-    const int D = layout == "single" ? 1 : world.size();
+    const int D = engine->degree();
     const char* okstr = reference.empty() ? "n/a" : (ok ? "yes" : "NO");
     const double ptps = prefill_s > 0 ? o.prompt / prefill_s : 0;
     const double dtps = decode_s > 0 ? (o.max_new - 1) / decode_s : 0;
     if (o.json) {
       std::printf(
-          "{\"layout\":\"%s\",\"D\":%d,\"prompt\":%lld,\"new\":%lld,\"prefill_s\":%.4f,"
+          "{\"layout\":\"%s\",\"dtype\":\"%s\",\"D\":%d,\"prompt\":%lld,\"new\":%lld,"
+          "\"prefill_s\":%.4f,"
           "\"prefill_tok_s\":%.1f,\"decode_s\":%.4f,\"decode_tok_s\":%.2f,"
           "\"kv_MB_per_rank\":%.3f,\"decode_comm_KB_per_tok\":%.2f,\"ok\":\"%s\"}\n",
-          layout.c_str(), D, (long long)o.prompt, (long long)o.max_new, prefill_s, ptps, decode_s,
-          dtps, kv_mb, comm_kb, okstr);
+          layout.c_str(), std::string(dtype_name(o.dtype)).c_str(), D, (long long)o.prompt,
+          (long long)o.max_new, prefill_s, ptps, decode_s, dtps, kv_mb, comm_kb, okstr);
     } else {
       std::printf(" %7s %3d %10.3f %12.1f %11.3f %12.2f %13.3f %17.2f %5s\n", layout.c_str(), D,
                   prefill_s, ptps, decode_s, dtps, kv_mb, comm_kb, okstr);

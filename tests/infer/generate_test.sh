@@ -81,4 +81,4 @@ expect_error "prompt too long" "max_position_embeddings=512" --model ck --prompt
 expect_error "prompt + max-new too long" "use --max-new <= 12" --model ck \
   --prompt "$(head -c 500 corpus.txt | tr '\n' ' ')" --max-new 20
 expect_error "bad model directory" "nowhere" --model nowhere --prompt "hi"
-expect_error "unsupported layout" "single, tp, sp, tsp" --model ck --layout fsdp-cp --prompt "hi"
+expect_error "unsupported layout" "single, sp, tp, tsp" --model ck --layout fsdp-cp --prompt "hi"
