@@ -160,42 +160,36 @@ class TspModel final : public LayoutModel {
     // run(): the tokens, x and xn (compute dtype), dxn and dx (fp32)
     const int64_t base = tokens + 2 * e.act * n * h + 2 * kF32 * n * h;
     const int64_t mlp_shard = 3 * f * h, attn_shard = 2 * h * qw + 2 * h * kw;
-    if (D > 1) {
-      // MLP ring backward: two weight buffers, two travelling accumulators (+ part when D > 2),
-      // mlp_backward's chunk buffers.
-      out.push_back(
-          {act, 2 * e.weight * mlp_shard + kF32 * (2 * mlp_shard + (D > 2 ? mlp_shard : 0)),
-           base + 4 * kF32 * r * f + e.act * r * f + std::max(e.widen(r * f), e.narrow(r * h)),
-           norm_grads});
-      // attention rounds backward: two broadcast buffers, two partial-gradient buffers, gathered
-      // K and V (all tokens of head group r), their dK/dV send buffers; workspace d_o, dq, dK, dV
-      // (all tokens), dk, dv (own tokens), K/V in row order.
-      out.push_back({act,
-                     2 * e.weight * attn_shard + 2 * kF32 * attn_shard + 2 * e.act * all * kw +
-                         2 * kF32 * all * kw,
-                     base + kF32 * (2 * n * qw + 2 * all * kw + 2 * n * kw) + 2 * e.act * all * kw +
-                         e.widen(2 * (n / in.Br) * qw + 2 * in.S * kw) +
-                         attention_backward_scratch(d, hkv),
-                     norm_grads});
-      // loss head backward ring: shard in hand + next, accumulators (+ part), logits, dlogits,
-      // running statistics.
-      out.push_back({act, 2 * e.weight * vs * h + kF32 * (2 * vs * h + (D > 2 ? vs * h : 0)),
-                     tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * (2 * r * vs + 3 * n) +
-                         e.narrow(r * vs)});
-    } else {
-      out.push_back({act, 0,
-                     base + 4 * kF32 * r * s.F + e.act * r * s.F +
-                         std::max(e.widen(r * s.F), e.narrow(r * h))});
-      out.push_back({act, 0, base + kF32 * n * h + e.widen(n * h + h)});
-      out.push_back({act, 0, base + e.widen(2 * n * h + h)});
-      out.push_back({act, 0,
-                     base + kF32 * (2 * n * qw + 2 * n * kw) +
-                         std::max({e.narrow(n * h), e.narrow(n * qw),
-                                   e.widen(2 * in.S * qw + 2 * in.S * kw) +
-                                       attention_backward_scratch(d, s.nkv)})});
-      out.push_back(
-          {act, 0, tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * s.V + e.narrow(r * s.V)});
+    if (D == 1) {  // D = 1 runs exactly single's operations
+      layout_model("single").local_moments(in, out);
+      return;
     }
+    // MLP ring backward (ring_backward): two weight buffers (compute dtype), two travelling fp32
+    // accumulators (+ the step's part when D > 2); mlp_backward's chunk buffers and, inside, a dy
+    // or da chunk narrowed to bf16 for the GEMMs.
+    out.push_back(
+        {act, 2 * e.weight * mlp_shard + kF32 * (2 * mlp_shard + (D > 2 ? mlp_shard : 0)),
+         base + 4 * kF32 * r * f + e.act * r * f + std::max(e.narrow(r * f), e.narrow(r * h)),
+         norm_grads});
+    // attention rounds backward: two broadcast buffers (compute dtype), two fp32 partial-gradient
+    // buffers, K and V of head group r gathered (compute dtype; gather_sequence's staging) and
+    // dK/dV's reduce-scatter staging (fp32); workspace d_o, dq, dK, dV (all tokens), dk, dv (own
+    // tokens) fp32, K/V in row order (compute dtype); inside, dy or dq narrowed, or the attention
+    // kernel's transients for one row.
+    out.push_back({act,
+                   2 * e.weight * attn_shard + 2 * kF32 * attn_shard + 2 * e.act * all * kw +
+                       2 * kF32 * all * kw,
+                   base + kF32 * (2 * n * qw + 2 * all * kw + 2 * n * kw) + 2 * e.act * all * kw +
+                       std::max({e.narrow(n * h), e.narrow(n * qw),
+                                 attention_backward_transient(d, hq, hkv, n / in.Br, in.S, e)}),
+                   norm_grads});
+    // loss head backward ring: the shard in hand (+ the next when D > 2), accumulators (+ part),
+    // logits and dlogits chunks (dlogits narrowed for the GEMMs), running statistics; before
+    // run() allocates dx.
+    out.push_back({act,
+                   (D > 2 ? 2 : 1) * e.weight * vs * h + kF32 * (2 * vs * h + (D > 2 ? vs * h : 0)),
+                   tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * (2 * r * vs + 3 * n) +
+                       e.narrow(r * vs)});
   }
   void outside_traffic(const LocalInputs& in, StepTraffic& t) const override {
     const Dims s = dims_of(*in.m);
