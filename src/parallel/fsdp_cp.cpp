@@ -270,6 +270,10 @@ class FsdpCpLayout final : public LayoutCommon {
   FullGrads new_grads(const Unit& u) const;
   void start_reduce_scatter(FullGrads& g, CommStats& rec);
   void finish(FullGrads& g);  // wait; add this rank's pieces into its gradient shards; free
+  // The all-gather of a layer's local k and v into K_ / V_ ([B·S, hkv, d], compute dtype, at
+  // t.k_pos), counted in rec; finish waits and lays them out.
+  void start_kv_gather(const LocalTokens& t, const block::LayerSaved& s, CommStats& rec);
+  void finish_kv_gather(const LocalTokens& t);
 
   block::AttnWeights attn_w(const ParamIndex::Layer& P) const {
     return {cur_.w(P.wq), cur_.w(P.wk), cur_.w(P.wv), cur_.w(P.wo)};
@@ -300,8 +304,8 @@ class FsdpCpLayout final : public LayoutCommon {
   FullGrads cur_grads_;  // the gradients being accumulated (head, then layer l)
   FullGrads in_flight_;  // the last gradients being reduce-scattered (overlap)
   FullGrads embed_grads_;
-  // The K / V re-gather of the layer in backward ([B·S, hkv, d], compute dtype), started in
-  // begin_layer_backward so it moves during the MLP backward.
+  // K / V of the layer computing ([B·S, hkv, d], compute dtype) and their transfers; in backward
+  // started in begin_layer_backward so they move during the MLP backward.
   Tensor K_, V_, k_staging_, v_staging_;
   RequestPtr k_req_, v_req_;
 };
@@ -368,6 +372,35 @@ void FsdpCpLayout::finish(FullGrads& g) {
   g = FullGrads();
 }
 
+// ---- K / V over the sequence ----------------------------------------------------------------
+
+void FsdpCpLayout::start_kv_gather(const LocalTokens& t, const block::LayerSaved& s,
+                                   CommStats& rec) {
+  // The receive buffers are Comm: K_ / V_ themselves when the all-gather lands in place (one row
+  // or D = 1), else the staging buffers ([D, B, nl·kv] each), laid out into K_ / V_ by finish.
+  K_ = Tensor();
+  V_ = Tensor();
+  if (gather_sequence_in_place(t)) {
+    K_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Comm, device());
+    V_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Comm, device());
+  }
+  counted(rec, [&] {
+    k_req_ = start_gather_sequence(be_, group(), t, s.k.view(), K_.view(), k_staging_);
+    v_req_ = start_gather_sequence(be_, group(), t, s.v.view(), V_.view(), v_staging_);
+  });
+}
+
+void FsdpCpLayout::finish_kv_gather(const LocalTokens& t) {
+  if (K_.empty()) {  // laid out from the staging buffers: the re-ordered copy is Workspace
+    K_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, device());
+    V_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, device());
+  }
+  finish_gather_sequence(be_, t, std::move(k_req_), K_.view(), k_staging_);
+  finish_gather_sequence(be_, t, std::move(v_req_), V_.view(), v_staging_);
+  k_staging_ = Tensor();
+  v_staging_ = Tensor();
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 void FsdpCpLayout::embed_forward(const LocalTokens& t, TensorView x) {
@@ -395,25 +428,18 @@ void FsdpCpLayout::attention_forward(int l, const LocalTokens& t, TensorView xn,
   saved_[l] = &s;  // the recipe keeps s until this layer's backward: k, v are re-gathered from it
   block::qkv_forward(be_, ad_, attn_w(P), xn, t.tok_pos.view(), s.q.view(), s.k.view(), s.v.view());
   // K / V of the whole sequence from the group ([B·S, hkv, d] at t.k_pos), in the compute dtype.
-  const Device dev = device();
-  Tensor K({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, dev);
-  Tensor V({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, dev);
-  Tensor staging;  // B > 1 only: [D, B, nl·kv], reused for V
-  counted(traffic_.layer_forward[l], [&] {
-    gather_sequence(be_, group(), t, s.k.view(), K.view(), staging);
-    gather_sequence(be_, group(), t, s.v.view(), V.view(), staging);
-  });
-  staging = Tensor();
+  start_kv_gather(t, s, traffic_.layer_forward[l]);
+  finish_kv_gather(t);
   for (int64_t b = 0; b < t.B; ++b) {  // one row at a time: a progress point between rows
     const TensorView q = s.q.slice(b * t.nl, (b + 1) * t.nl);
-    block::attention_forward(be_, ad_, 1, q, K.slice(b * t.S, (b + 1) * t.S),
-                             V.slice(b * t.S, (b + 1) * t.S), t.q_pos.view(), t.k_pos.view(),
+    block::attention_forward(be_, ad_, 1, q, K_.slice(b * t.S, (b + 1) * t.S),
+                             V_.slice(b * t.S, (b + 1) * t.S), t.q_pos.view(), t.k_pos.view(),
                              s.o.slice(b * t.nl, (b + 1) * t.nl),
                              s.lse.slice(b * t.nl, (b + 1) * t.nl));
     progress();
   }
-  K = Tensor();
-  V = Tensor();
+  K_ = Tensor();
+  V_ = Tensor();
   block::out_proj_forward(be_, cur_.w(P.wo), s.o.view(), s.x2.view());
 }
 
@@ -480,14 +506,7 @@ void FsdpCpLayout::begin_layer_backward(int l) {
   if (overlap() && l > 0) next_ = start_gather(l - 1, traffic_.layer_backward[l - 1]);
   cur_grads_ = new_grads(units_[l]);
   // Re-gather K / V (only the local k, v were saved); it moves while the MLP backward computes.
-  const LocalTokens& t = *tokens_;
-  const block::LayerSaved& s = *saved_[l];
-  K_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, device());
-  V_ = Tensor({t.B * t.S, ad_.hkv, ad_.d}, act_dtype(), MemCategory::Workspace, device());
-  counted(rec, [&] {
-    k_req_ = start_gather_sequence(be_, group(), t, s.k.view(), K_.view(), k_staging_);
-    v_req_ = start_gather_sequence(be_, group(), t, s.v.view(), V_.view(), v_staging_);
-  });
+  start_kv_gather(*tokens_, *saved_[l], rec);
   if (!overlap()) {
     if (k_req_) k_req_->wait();
     if (v_req_) v_req_->wait();
@@ -501,10 +520,7 @@ void FsdpCpLayout::attention_backward(int l, const LocalTokens& t, TensorView xn
   constexpr MemCategory kWork = MemCategory::Workspace;
   Tensor d_o = Tensor::f32(s.q.shape(), kWork, dev);
   block::out_proj_backward(be_, cur_.w(P.wo), s.o.view(), dx, d_o.view(), cur_grads_.g(P.wo));
-  finish_gather_sequence(be_, t, std::move(k_req_), K_.view(), k_staging_);
-  finish_gather_sequence(be_, t, std::move(v_req_), V_.view(), v_staging_);
-  k_staging_ = Tensor();
-  v_staging_ = Tensor();
+  finish_kv_gather(t);
   Tensor dq = Tensor::zeros(s.q.shape(), DType::F32, kWork, dev);
   Tensor dK = Tensor::zeros(K_.shape(), DType::F32, kWork, dev);  // every key of the sequence
   Tensor dV = Tensor::zeros(V_.shape(), DType::F32, kWork, dev);

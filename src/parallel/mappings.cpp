@@ -11,8 +11,10 @@ void gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t, Tens
 RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t,
                                  TensorView local, TensorView full, Tensor& staging) {
   const int parts = comm.size();
-  TSP_CHECK(parts == t.parts && local.dtype() == full.dtype() &&
-                full.numel() == local.numel() * parts,
+  const bool in_place = gather_sequence_in_place(t);
+  TSP_CHECK(parts == t.parts &&
+                ((full.empty() && !in_place) ||
+                 (local.dtype() == full.dtype() && full.numel() == local.numel() * parts)),
             "gather_sequence: {} {} of {} tokens into {} over {} ranks ({} parts)",
             dtype_name(local.dtype()), shape_str(local.shape()), t.n, shape_str(full.shape()),
             parts, t.parts);
@@ -20,8 +22,7 @@ RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTok
   // [parts, 1, nl, c] is already [1, S, c]; with one part [1, B, nl·c] is [B, 1, nl·c]. One part
   // still goes through the communicator (a copy there, 0 bytes counted), so a layout makes the
   // same calls at every D.
-  if (t.B == 1 || parts == 1)
-    return comm.iall_gather(local.data(), full.data(), block, local.dtype());
+  if (in_place) return comm.iall_gather(local.data(), full.data(), block, local.dtype());
   if (staging.empty() || staging.numel() < parts * block || staging.dtype() != local.dtype())
     staging = Tensor({parts * block}, local.dtype(), MemCategory::Comm, be.device());
   return comm.iall_gather(local.data(), staging.data(), block, local.dtype());
@@ -30,7 +31,11 @@ RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTok
 void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request,
                             TensorView full, const Tensor& staging) {
   if (request) request->wait();
-  if (t.parts == 1 || t.B == 1) return;
+  if (gather_sequence_in_place(t)) return;
+  TSP_CHECK(full.dtype() == staging.dtype() && full.numel() <= staging.numel(),
+            "finish_gather_sequence: {} {} from a {} staging buffer of {} elements",
+            dtype_name(full.dtype()), shape_str(full.shape()), dtype_name(staging.dtype()),
+            staging.numel());
   // [parts, B, nl·c] -> [B, parts, nl·c]: each row's keys contiguous.
   const int64_t row = full.numel() / (t.parts * t.B);
   be.swap_leading_dims(staging.window(0, {t.parts, t.B, row}), full.reshape({t.B, t.parts, row}));

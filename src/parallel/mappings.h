@@ -33,11 +33,17 @@ void gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t, Tens
                      TensorView full, Tensor& staging);
 // gather_sequence in two halves, so the all-gather moves while other work computes (fsdp-cp
 // re-gathers K and V during the MLP backward). Until finish returns, `full` and `staging` must not
-// be read, reused or freed.
+// be read, reused or freed. When the all-gather does not land in place (see below), `full` is
+// written only by finish: start may then get an empty view, and `full` be allocated later.
 RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t,
                                  TensorView local, TensorView full, Tensor& staging);
 void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request,
                             TensorView full, const Tensor& staging);
+// Whether the all-gather lands in `full` itself (one row, or one part): its receive buffer is then
+// `full`, else `staging`.
+inline bool gather_sequence_in_place(const LocalTokens& t) {
+  return t.B == 1 || t.parts == 1;
+}
 // The dual: full_grad F32 [B·S, c] (this rank's partial gradient of every token) -> local F32
 // [n, c] (=) the sum over the ranks of the gradient of this rank's own tokens.
 void reduce_scatter_sequence(Backend& be, Communicator& comm, const LocalTokens& t,

@@ -452,6 +452,13 @@ TEST(FsdpCp, Bf16HalvesGathersAndKeepsReductionsFp32) {
         EXPECT_EQ(sum.ops[i].calls, step.ops[i].calls) << tag << " op " << i;
       }
       EXPECT_EQ(t.max_gathered_units, 2) << tag;
+      // The planner's block_comm in bf16 is the same count.
+      const plan::BlockComm pc =
+          plan::block_comm(c, plan::LayoutSpec{"fsdp-cp", D, 1, dp}, f.N, DType::BF16);
+      EXPECT_EQ(t.layer_forward[0].total_sent(), pc.forward.sent) << tag;
+      EXPECT_EQ(t.layer_forward[0].total_received(), pc.forward.received) << tag;
+      EXPECT_EQ(t.layer_backward[0].total_sent(), pc.backward.sent) << tag;
+      EXPECT_EQ(t.layer_backward[0].total_received(), pc.backward.received) << tag;
     }
   }
 }
