@@ -38,9 +38,11 @@
 //
 // Memory: at most two units' full weights exist at once (the one computing and the prefetched one;
 // one with --no-overlap), and at most two full-size layer gradients (the one being computed and
-// the previous one in flight). All transfers are non-blocking starts; with overlap off each is
-// waited right after its start, so both modes run the same MPI calls on the same buffers and give
-// bit-identical results. At D=1 the operations are single's, in single's order: bitwise equal.
+// the previous one in flight). The weight and K/V all-gathers and the weight-gradient
+// reduce-scatters are non-blocking starts; with overlap off each is waited right after its start
+// (dK/dV's reduce-scatter, needed at once, blocks in both modes), so both modes run the same MPI
+// calls on the same buffers and give bit-identical results. At D=1 the arithmetic is single's, in
+// single's order (the collectives of a one-rank group are copies): bitwise equal.
 #include "parallel/fsdp_cp.h"
 
 #include <algorithm>
