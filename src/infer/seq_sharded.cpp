@@ -244,6 +244,7 @@ class SeqShardedEngine final : public EngineBase {
     const int64_t nl = pf.sp.n_local();
     block::qkv_forward(be_, a, w, xn, pf.q_pos.view(), pf.q.view(), pf.k.view(), pf.v.view());
     cache_.put(l, 0, kv0, pf.k.slice(0, nl), pf.v.slice(0, nl));
+    group_->progress();  // drives the next round's broadcast (tsp) between the steps
     TensorView K = pf.k.view(), V = pf.v.view();  // D = 1: the local rows are all rows
     if (D_ > 1) {
       group_->all_gather(pf.k.data(), pf.kg.data(), pf.k.numel(), dtype_);
@@ -253,6 +254,7 @@ class SeqShardedEngine final : public EngineBase {
     }
     block::attention_forward(be_, a, 1, pf.q.view(), K, V, pf.q_pos.view(), pf.gathered_pos.view(),
                              pf.o.view(), pf.lse.view());
+    group_->progress();
     block::out_proj_forward(be_, w.wo, pf.o.view(), y);
   }
 
@@ -272,7 +274,7 @@ class SeqShardedEngine final : public EngineBase {
     const block::MlpWeights own = mlp_weights(l);
     ring_forward(schedule(), mlp_pack_, {own.wg, own.wu, own.wd}, /*keep_last=*/false,
                  [&](int, const Pieces& w) {
-                   block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y);
+                   block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y, [&] { group_->progress(); });
                  });
   }
 
