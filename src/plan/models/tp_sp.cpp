@@ -200,9 +200,11 @@ class TpSpModel final : public LayoutModel {
          base + kF32 * (2 * n * qw + 2 * kv_rows * kw) +
              std::max({e.narrow(n * h), e.narrow(n * qw),
                        attention_backward_transient(d, hq, hkv, n / in.Br, kv_rows / in.Br, e)})});
-    if (sg > 1)  // reduce-scatter of dV: dq, full dK/dV, dk_local, dv_local, the send buffer
-      out.push_back(
-          {act, stage + kF32 * all * kw, base + kF32 * (n * qw + 2 * all * kw + 2 * n * kw)});
+    // reduce-scatter of dV: dq, full dK/dV, dk_local, dv_local, and reduce_scatter_sequence's
+    // send buffer when rows must be reordered (B > 1)
+    if (sg > 1)
+      out.push_back({act, stage + (in.Br > 1 ? kF32 * all * kw : 0),
+                     base + kF32 * (n * qw + 2 * all * kw + 2 * n * kw)});
     // loss head (forward): one [r, V/T] logits chunk; T > 1: statistics
     out.push_back({act, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * Vt + e.narrow(r * Vt)});

@@ -172,14 +172,17 @@ class TspModel final : public LayoutModel {
          base + 4 * kF32 * r * f + e.act * r * f + std::max(e.narrow(r * f), e.narrow(r * h)),
          norm_grads});
     // attention rounds backward: two broadcast buffers (compute dtype), two fp32 partial-gradient
-    // buffers, K and V of head group r gathered (compute dtype; gather_sequence's staging) and
-    // dK/dV's reduce-scatter staging (fp32); workspace d_o, dq, dK, dV (all tokens), dk, dv (own
-    // tokens) fp32, K/V in row order (compute dtype); inside, dy or dq narrowed, or the attention
-    // kernel's transients for one row.
+    // buffers; K and V of head group r for the whole sequence (compute dtype): with B = 1 the
+    // all-gather lands in them (Comm), else in gather_sequence's staging (Comm) and they are the
+    // re-ordered copy (Workspace), and dK/dV's reduce-scatter has a staging buffer (fp32, Comm);
+    // workspace d_o, dq, dK, dV (all tokens), dk, dv (own tokens) fp32; inside, dy or dq
+    // narrowed, or the attention kernel's transients for one row.
+    const bool rows = in.Br > 1;
     out.push_back({act,
                    2 * e.weight * attn_shard + 2 * kF32 * attn_shard + 2 * e.act * all * kw +
-                       2 * kF32 * all * kw,
-                   base + kF32 * (2 * n * qw + 2 * all * kw + 2 * n * kw) + 2 * e.act * all * kw +
+                       (rows ? 2 * kF32 * all * kw : 0),
+                   base + kF32 * (2 * n * qw + 2 * all * kw + 2 * n * kw) +
+                       (rows ? 2 * e.act * all * kw : 0) +
                        std::max({e.narrow(n * h), e.narrow(n * qw),
                                  attention_backward_transient(d, hq, hkv, n / in.Br, in.S, e)}),
                    norm_grads});
