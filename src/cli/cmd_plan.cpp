@@ -9,6 +9,7 @@
 #include "tsp/core/error.h"
 #include "tsp/core/limits.h"
 #include "tsp/plan/cost_model.h"
+#include "tsp/plan/measure.h"
 
 namespace tsp::cli {
 namespace {
@@ -25,7 +26,35 @@ struct PlanOptions {
   bool prefill = false, decode = false, train = false;
   bool json = false;
   bool calibrate = false;
+  std::string dtype = "bf16";  // compute dtype of our implementation's columns
 };
+
+// Our implementation (include/tsp/plan/measure.h) for a training step of one layout: peak memory
+// per rank by the model of what the code allocates, and the bytes a rank sends per step.
+// The model of our implementation counts in 64-bit integers: a workload whose activations
+// (rows × S × h × L, at a few bytes each) would not fit is left out (valid = false).
+struct Ours {
+  bool valid = false;
+  double memory = 0;   // bytes per rank
+  double traffic = 0;  // bytes sent per rank per step (all micro-batches)
+};
+Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype) {
+  Ours o;
+  const int64_t B = w.B * l.R;  // the whole job's rows (each replica takes B of them)
+  try {
+    checked_product({B, w.S, w.model.hidden_size + w.model.intermediate_size + w.model.vocab_size,
+                     w.model.num_hidden_layers + 1, 64},
+                    "plan: our implementation's bytes");
+  } catch (const Error&) {
+    return o;
+  }
+  o.valid = true;
+  o.memory = plan::predict_local_memory(w.model, l, B, w.S, /*optimizer=*/true, dtype).total();
+  const plan::StepTraffic t = plan::predict_local_traffic(w.model, l, B, w.S, 0, dtype);
+  o.traffic =
+      static_cast<double>(w.micro_batches) * static_cast<double>(t.forward.sent + t.backward.sent);
+  return o;
+}
 
 LlamaConfig load_model(const std::string& arg) {
   namespace fs = std::filesystem;
@@ -37,6 +66,10 @@ LlamaConfig load_model(const std::string& arg) {
 int run_plan(const PlanOptions& o) {
   using namespace tsp::plan;
   TSP_CHECK(o.train + o.prefill + o.decode <= 1, "choose one of --train, --prefill, --decode");
+  TSP_CHECK(o.dtype == "bf16" || o.dtype == "fp32",
+            "--dtype must be bf16 or fp32 (the compute dtype of our implementation), got '{}'",
+            o.dtype);
+  const DType dtype = o.dtype == "bf16" ? DType::BF16 : DType::F32;
   Workload w;
   w.model = load_model(o.model);
   w.model.validate();
@@ -56,6 +89,11 @@ int run_plan(const PlanOptions& o) {
   TSP_CHECK(!layouts.empty(), "no layout divides this model and workload on {} GPUs", o.gpus);
   std::vector<Estimate> all;
   for (const LayoutSpec& l : layouts) all.push_back(estimate(w, l, hw));
+  // Our implementation's own figures apply to training steps (what `tsp train` runs).
+  const bool ours = w.mode == Mode::Train;
+  std::vector<Ours> mine;
+  if (ours)
+    for (const LayoutSpec& l : layouts) mine.push_back(ours_of(w, l, dtype));
   std::string reason;
   const int best = recommend(all, &reason);
 
@@ -78,25 +116,32 @@ int run_plan(const PlanOptions& o) {
                        {"inter_gb_s", hw.inter.bw_bytes_per_s / 1e9},
                        {"source", hw.source}};
     nlohmann::json rows = nlohmann::json::array();
-    for (const Estimate& e : all) {
+    doc["implementation_dtype"] = o.dtype;
+    for (size_t i = 0; i < all.size(); ++i) {
+      const Estimate& e = all[i];
       nlohmann::json mem;
       for (int c = 0; c < kNumMemCategories; ++c) mem[names[c]] = e.memory.bytes[c] / 1e9;
       mem["total"] = e.memory.total() / 1e9;
-      rows.push_back(
-          {{"name", e.layout.name},
-           {"label", e.layout.label()},
-           {"D", e.layout.D},
-           {"T", e.layout.name == "tp-sp" ? e.layout.T : (e.layout.name == "tp" ? e.layout.D : 1)},
-           {"S", e.layout.name == "tp-sp" ? e.layout.D / e.layout.T : e.layout.token_shards()},
-           {"R", e.layout.R},
-           {"memory_gb", mem},
-           {"fits", e.fits},
-           {"comm_bytes", {{"intra_node", e.comm_intra_bytes}, {"inter_node", e.comm_inter_bytes}}},
-           {"flops_per_gpu", e.flops},
-           {"compute_s", e.compute_s},
-           {"exposed_comm_s", e.exposed_comm_s},
-           {"step_s", e.step_s},
-           {"tokens_per_s", e.tokens_per_s}});
+      nlohmann::json row = {
+          {"name", e.layout.name},
+          {"label", e.layout.label()},
+          {"D", e.layout.D},
+          {"T", e.layout.D / e.layout.token_shards()},
+          {"S", e.layout.token_shards()},
+          {"R", e.layout.R},
+          {"memory_gb", mem},
+          {"fits", e.fits},
+          {"comm_bytes", {{"intra_node", e.comm_intra_bytes}, {"inter_node", e.comm_inter_bytes}}},
+          {"flops_per_gpu", e.flops},
+          {"compute_s", e.compute_s},
+          {"exposed_comm_s", e.exposed_comm_s},
+          {"step_s", e.step_s},
+          {"tokens_per_s", e.tokens_per_s}};
+      if (ours && mine[i].valid)
+        row["implementation"] = {{"dtype", o.dtype},
+                                 {"memory_gb", mine[i].memory / 1e9},
+                                 {"sent_gb_per_step", mine[i].traffic / 1e9}};
+      rows.push_back(row);
     }
     doc["layouts"] = rows;
     doc["recommendation"] = best >= 0 ? nlohmann::json(all[best].layout.label()) : nlohmann::json();
@@ -106,8 +151,8 @@ int run_plan(const PlanOptions& o) {
   }
 
   std::printf(
-      "# tsp plan  model=%s (h=%lld L=%lld heads=%lld/%lld I=%lld V=%lld)  mode=%s  S=%lld "
-      "B=%lld micro=%d  gpus=%d (%d per node)\n",
+      "# tsp plan  model=%s (h=%lld L=%lld heads=%lld/%lld I=%lld V=%lld)  mode=%s  S=%lld tokens "
+      "B=%lld sequences micro=%d  gpus=%d (%d per node)\n",
       o.model.c_str(), (long long)w.model.hidden_size, (long long)w.model.num_hidden_layers,
       (long long)w.model.num_attention_heads, (long long)w.model.num_key_value_heads,
       (long long)w.model.intermediate_size, (long long)w.model.vocab_size,
@@ -119,16 +164,33 @@ int run_plan(const PlanOptions& o) {
       hw.name.c_str(), hw.peak_flops / 1e12, hw.gemm_eff, hw.attn_eff, hw.mem_capacity / 1e9,
       hw.intra.bw_bytes_per_s / 1e9, hw.intra.mesh ? " per link (mesh)" : "",
       hw.inter.bw_bytes_per_s / 1e9, hw.source.c_str());
-  std::printf("# memory per GPU in GB; comm in GB per GPU per step (received); step in s\n");
-  std::printf("%-24s %8s %8s %8s %8s %8s %8s %8s %4s %10s %10s %9s %9s %12s\n", "#layout",
-              "weights", "grads", "optim", "activ", "comm", "wkspace", "total_GB", "fits",
-              "intra_GB", "inter_GB", "exposed_s", "step_s", "tokens/s");
-  for (const Estimate& e : all) {
+  std::printf(
+      "# the paper's mixed-precision stack (docs/cost-model.md §3-4): memory per GPU in GB, comm "
+      "in GB received per GPU per step, times in s\n");
+  if (ours)
+    std::printf(
+        "# ours_*: our implementation in %s (fp32 master weights, gradients and AdamW moments; "
+        "docs/cost-model.md §5): peak GB per rank, GB sent per rank per step\n",
+        o.dtype.c_str());
+  std::printf("%-24s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %9s %9s %12s", "#layout",
+              "weights_GB", "grads_GB", "optim_GB", "activ_GB", "comm_GB", "wkspace_GB", "total_GB",
+              "fits", "intra_GB", "inter_GB", "exposed_s", "step_s", "tokens/s");
+  if (ours) std::printf(" %8s %12s", "ours_GB", "ours_sent_GB");
+  std::printf("\n");
+  for (size_t i = 0; i < all.size(); ++i) {
+    const Estimate& e = all[i];
     std::printf("%-24s", e.layout.label().c_str());
-    for (int c = 0; c < kNumMemCategories; ++c) std::printf(" %8.2f", e.memory.bytes[c] / 1e9);
-    std::printf(" %8.2f %4s %10.3f %10.3f %9.4f %9.4f %12.4g\n", e.memory.total() / 1e9,
+    const int widths[kNumMemCategories] = {10, 8, 8, 8, 8, 10};
+    for (int c = 0; c < kNumMemCategories; ++c)
+      std::printf(" %*.2f", widths[c], e.memory.bytes[c] / 1e9);
+    std::printf(" %8.2f %4s %10.3f %10.3f %9.4f %9.4f %12.4g", e.memory.total() / 1e9,
                 e.fits ? "yes" : "no", e.comm_intra_bytes / 1e9, e.comm_inter_bytes / 1e9,
                 e.exposed_comm_s, e.step_s, e.tokens_per_s);
+    if (ours && mine[i].valid)
+      std::printf(" %8.2f %12.3f", mine[i].memory / 1e9, mine[i].traffic / 1e9);
+    else if (ours)
+      std::printf(" %8s %12s", "n/a", "n/a");
+    std::printf("\n");
   }
   std::printf("recommendation: %s\n", reason.c_str());
   return 0;
@@ -158,6 +220,9 @@ const CommandRegistration kPlan{Command{
       sub.add_flag("--prefill", o->prefill, "inference prefill: forward, keeps the K/V cache");
       sub.add_flag("--decode", o->decode, "inference decode: one token per sequence");
       sub.add_flag("--json", o->json, "print one JSON document instead of the table");
+      sub.add_option("--dtype", o->dtype,
+                     "compute dtype of our implementation's columns (training): bf16 or fp32")
+          ->capture_default_str();
       sub.add_flag("--calibrate", o->calibrate,
                    "with --hw local: measure GEMM rate and copy bandwidth first");
       return [o](Communicator*) { return run_plan(*o); };
