@@ -132,10 +132,8 @@ struct ElemBytes {
   static ElemBytes of(DType compute);
   static ElemBytes uniform(int64_t e) { return {e, e, e}; }
   bool mixed() const { return act != reduce; }
-  // Bytes of a transient fp32 copy of n compute-dtype elements (the CPU backend widens bf16
-  // operands of fp32 kernels), and of a bf16 copy of n fp32 elements (it narrows fp32 operands of
-  // bf16 GEMMs): zero when the compute dtype is fp32.
-  int64_t widen(int64_t n) const { return mixed() ? 4 * n : 0; }
+  // Bytes of a transient bf16 copy of n fp32 elements (the CPU backend narrows fp32 operands of
+  // bf16 GEMMs, e.g. an fp32 gradient dy): zero when the compute dtype is fp32.
   int64_t narrow(int64_t n) const { return mixed() ? act * n : 0; }
 };
 

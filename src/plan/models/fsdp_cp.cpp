@@ -164,21 +164,27 @@ class FsdpCpModel final : public LayoutModel {
                             prev + kF32 * embed_full;
       const int64_t base = xs + 2 * kF32 * n * h;  // + dx, dxn
       const int64_t kv_in = 2 * e.act * kv_all;    // K/V receive buffers
-      // MLP backward while K/V are re-gathered into their receive buffers
+      // MLP backward while K/V are re-gathered into their receive buffers; inside, a dy or da
+      // chunk narrowed to bf16 for the GEMMs
       out.push_back({act, outer + kv_in,
                      base + 4 * kF32 * r * s.F + e.act * r * s.F +
-                         std::max(e.widen(r * s.F), e.narrow(r * h))});
-      out.push_back({act, outer + kv_in, base + kF32 * n * h + e.widen(n * h + h)});
-      // K/V laid out [B, S, kv] while still in the receive buffers; d_o
-      out.push_back({act, outer + kv_in, base + kF32 * n * qw + 2 * e.act * kv_all});
-      // attention backward: d_o, dq, K, V, dK, dV of every key
-      out.push_back({act, outer,
-                     base + kF32 * (2 * n * qw + 2 * kv_all) + 2 * e.act * kv_all +
-                         e.widen(2 * (n / in.Br) * qw + 2 * in.S * kw) +
-                         attention_backward_scratch(d, s.nkv)});
-      // dK/dV reduce-scatter: send buffer, dK, dV, local dk, dv
+                         std::max(e.narrow(r * s.F), e.narrow(r * h))});
+      out.push_back({act, outer + kv_in, base + kF32 * n * h});  // norm-backward temp
+      // With B > 1 rows, K/V are laid out [B, S, kv] (Workspace) from the receive buffers, which
+      // are then freed, and dK/dV's reduce-scatter needs a send buffer; with one row the
+      // all-gather lands in K/V themselves (Comm) and the reduce-scatter sends dK/dV in place.
+      const bool rows = in.Br > 1;
+      if (rows) out.push_back({act, outer + kv_in, base + kF32 * n * qw + 2 * e.act * kv_all});
+      // attention backward: d_o, dq, K, V, dK, dV of every key; inside, dy or dq narrowed, or
+      // the attention kernel's transients for one row
       out.push_back(
-          {act, outer + kF32 * kv_all, base + kF32 * (2 * n * qw + 2 * kv_all + 2 * n * kw)});
+          {act, outer + (rows ? 0 : kv_in),
+           base + kF32 * (2 * n * qw + 2 * kv_all) + (rows ? 2 * e.act * kv_all : 0) +
+               std::max({e.narrow(n * h), e.narrow(n * qw),
+                         attention_backward_transient(d, s.nh, s.nkv, n / in.Br, in.S, e)})});
+      // dK/dV reduce-scatter: send buffer (B > 1), dK, dV, local dk, dv
+      out.push_back({act, outer + (rows ? kF32 * kv_all : 0) + (rows ? 0 : kv_in),
+                     base + kF32 * (2 * n * qw + 2 * kv_all + 2 * n * kw)});
       // q/k/v backward and the input norm's backward temp
       out.push_back({act, outer, base + kF32 * (2 * n * qw + 2 * n * kw + n * h)});
     }
