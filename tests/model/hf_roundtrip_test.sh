@@ -23,7 +23,7 @@ shards=$(find "$tmp/sharded" -name 'model-*-of-*.safetensors' | wc -l)
 
 grad() {  # ranks, model dir, output, extra args...
   local n=$1 model=$2 out=$3; shift 3
-  mpiexec -n "$n" "$tsp" grad --model "$model" --tokens "$tmp/tokens.bin" --batch 2 --seq 32 \
+  mpiexec -n "$n" "$tsp" grad --dtype fp32 --model "$model" --tokens "$tmp/tokens.bin" --batch 2 --seq 32 \
     --out "$out" "$@" >/dev/null || fail "tsp grad on $model failed"
 }
 for c in mha gqa tied sharded; do grad 1 "$tmp/$c" "$tmp/g_$c.safetensors"; done

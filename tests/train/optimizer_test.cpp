@@ -15,8 +15,8 @@ struct OwnedParam {
   Tensor value, grad;
   OwnedParam(std::string name, ParamKind kind, Shape shape)
       : spec{std::move(name), kind, -1, shape},
-        value(Tensor::f32(shape, MemCategory::Weights)),
-        grad(Tensor::f32(shape, MemCategory::Grads)) {}
+        value(Tensor::zeros(shape, DType::F32, MemCategory::Weights)),
+        grad(Tensor::zeros(shape, DType::F32, MemCategory::Grads)) {}
   ParamShard shard(bool replicated = false, int copy_index = 0) {
     ParamShard s;
     s.spec = &spec;

@@ -15,7 +15,7 @@ cat > config.json << 'JSON'
 {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 8,
  "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 256}
 JSON
-common=(--data corpus.txt --config config.json --batch 4 --seq 32 --steps 20 --warmup 5 --lr 3e-3
+common=(--dtype fp32 --data corpus.txt --config config.json --batch 4 --seq 32 --steps 20 --warmup 5 --lr 3e-3
   --val-every 0 --progress lines --log-every 100)
 train() {  # ranks, extra args...
   local n=$1
@@ -26,7 +26,8 @@ losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
 # Every layout computes the same function in another summation order (fp32 throughout). At this
 # learning rate training is smooth (gradient norms 1.5-4, no spikes), the ~1e-7 relative
 # gradient differences stay that small through AdamW, and the losses (3-5.5 nats) agree to
-# ~2e-7 (measured; 1e-4 at lr 1e-2, where a loss spike amplifies rounding). 2e-5 absolute keeps
+# ~2e-7 (measured; 1e-4 at lr 1e-2, where a loss spike amplifies rounding). The runs are fp32
+# (--dtype fp32): in bf16 the layouts round at different points and AdamW amplifies those ulps. 2e-5 absolute keeps
 # a 100x margin; a missing or double-counted gradient contribution, a wrong shard update or
 # another data order moves the loss by > 1e-3 within a few steps.
 compare() {  # reference metrics, metrics, label, [first step]
