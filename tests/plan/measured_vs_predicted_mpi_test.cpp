@@ -137,6 +137,14 @@ TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
 
         const plan::StepTraffic t =
             plan::predict_local_traffic(k.config, spec, k.B, k.S, layout->group().rank(), dtype);
+        if (world.rank() == 0)  // the figures behind docs/cost-model.md §2.1
+          std::printf(
+              "[ traf ] %-10s %-7s %-4s world=%d  rank 0 sends %lld B forward, %lld B "
+              "backward (predicted %lld, %lld)\n",
+              k.name, info.name.c_str(), std::string(dtype_name(dtype)).c_str(), W,
+              static_cast<long long>(fwd.total_sent()),
+              static_cast<long long>(fb.total_sent() - fwd.total_sent()),
+              static_cast<long long>(t.forward.sent), static_cast<long long>(t.backward.sent));
         EXPECT_EQ(fwd.total_sent(), t.forward.sent) << "forward bytes sent, rank " << world.rank();
         EXPECT_EQ(fwd.total_received(), t.forward.received)
             << "forward bytes received, rank " << world.rank();
