@@ -1,14 +1,18 @@
-// MPI implementation of the Communicator (CPU, OpenMPI) and the process-level MPI set-up.
+// MPI implementation of the Communicator (CPU, OpenMPI) and the process-level MPI set-up. The
+// base class (communicator.cpp) validates, counts and times every call; this file only moves
+// bytes in the do_* hooks.
 //
 // Decisions worth knowing:
 // - Every MPI call returns a code (MPI_ERRORS_RETURN); a non-success code becomes a tsp::Error
 //   naming the operation and MPI's own error string.
 // - Counts are MPI ints: a call with more than INT_MAX elements (or, for all_gather and
 //   reduce_scatter, more than INT_MAX elements in the whole gathered/scattered buffer) is rejected
-//   with a tsp::Error rather than chunked. INT_MAX f32 elements are 8 GiB per call, far beyond any
+//   with a tsp::Error rather than chunked (count_limit(), checked by the base). INT_MAX f32 elements are 8 GiB per call, far beyond any
 //   single transfer of this project; chunking would turn one request into several.
 // - reduce_scatter uses MPI_Reduce_scatter with a recvcounts array: MPI_Reduce_scatter_block was
 //   measured 2.5-5x slower on this machine class (docs/platform-notes.md).
+// - Point-to-point messages all carry tag 0: sends and receives match in posting order, the rule
+//   the interface promises (NCCL has no tags). A sendrecv pair is MPI_Irecv + MPI_Isend.
 // - Debian's OpenMPI has no asynchronous progress, so each communicator keeps a registry of its
 //   live non-blocking requests; progress() and the optional progress thread test them all.
 #include "tsp/comm/mpi.h"
@@ -85,33 +89,6 @@ MPI_Datatype mpi_type(DType dt) {
   TSP_FAIL("unknown DType {}", static_cast<int>(dt));
 }
 
-// The MPI type for a sum reduction; bf16 is rejected: MPI has no bf16 type, and summing raw
-// 16-bit words would be wrong (and a bf16 sum over ranks would lose precision anyway).
-MPI_Datatype mpi_sum_type(DType dt, CommOp op) {
-  TSP_CHECK(dt != DType::BF16,
-            "{} of bf16 is not supported (MPI has no bf16 sum, and bf16 accumulation loses "
-            "precision); convert to f32, reduce, and convert back",
-            comm_op_name(op));
-  return mpi_type(dt);
-}
-
-void check_count(int64_t count, CommOp op, std::string_view what = "count") {
-  TSP_CHECK(count >= 0, "{}: {} must be >= 0, got {}", comm_op_name(op), what, count);
-  TSP_CHECK(count <= INT_MAX,
-            "{}: {}={} elements exceeds INT_MAX={} (MPI counts are int); split the transfer into "
-            "smaller calls",
-            comm_op_name(op), what, count, INT_MAX);
-}
-
-void check_buffer(const void* p, int64_t count, CommOp op, std::string_view name) {
-  TSP_CHECK(p != nullptr || count == 0, "{}: {} buffer is null but count is {}", comm_op_name(op),
-            name, count);
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 // One outstanding non-blocking operation. Shared between its Request handle and the registry of
 // its communicator, so either may outlive the other.
 struct PendingOp {
@@ -154,7 +131,6 @@ struct RequestRegistry {
   std::mutex mutex;
   std::condition_variable wake;  // wakes the progress thread when work arrives or it must stop
   std::vector<std::shared_ptr<PendingOp>> live;
-  CommStats* stats = nullptr;  // the communicator's stats; null once it is destroyed
   bool stop_thread = false;
 
   void remove_locked(const PendingOp* p) {
@@ -198,12 +174,13 @@ struct RequestRegistry {
   }
 };
 
-class MpiRequest final : public Request {
+// A non-blocking MPI operation, as the base's Request sees it.
+class MpiTransfer final : public Transfer {
  public:
-  MpiRequest(std::shared_ptr<RequestRegistry> registry, std::shared_ptr<PendingOp> op)
+  MpiTransfer(std::shared_ptr<RequestRegistry> registry, std::shared_ptr<PendingOp> op)
       : registry_(std::move(registry)), op_(std::move(op)) {}
 
-  ~MpiRequest() override {
+  ~MpiTransfer() override {
     {
       std::lock_guard lock(registry_->mutex);
       if (op_->done) return;
@@ -239,16 +216,11 @@ class MpiRequest final : public Request {
     return true;
   }
 
+  // MPI_Test in a loop rather than MPI_Wait: the request handle may only be touched under the
+  // registry mutex, and holding it through a blocking MPI_Wait would stall the progress thread
+  // and any other thread's progress(). OpenMPI's MPI_Wait spins on the same progress engine.
   void wait() override {
-    const auto t0 = std::chrono::steady_clock::now();
-    // MPI_Test in a loop rather than MPI_Wait: the request handle may only be touched under the
-    // registry mutex, and holding it through a blocking MPI_Wait would stall the progress thread
-    // and any other thread's progress(). OpenMPI's MPI_Wait spins on the same progress engine.
-    bool was_done = true;
-    while (!test()) was_done = false;
-    if (!was_done) {
-      std::lock_guard lock(registry_->mutex);
-      if (registry_->stats != nullptr) registry_->stats->blocked_seconds += seconds_since(t0);
+    while (!test()) {
     }
   }
 
@@ -257,254 +229,49 @@ class MpiRequest final : public Request {
   std::shared_ptr<PendingOp> op_;
 };
 
-class PairRequest final : public Request {
+// A sendrecv pair: MPI_Isend and MPI_Irecv posted together (Debian's OpenMPI 4 has no MPI-4
+// MPI_Isendrecv). Complete when both are.
+class PairTransfer final : public Transfer {
  public:
-  PairRequest(RequestPtr a, RequestPtr b) : a_(std::move(a)), b_(std::move(b)) {}
-  bool test() override { return a_->test() & b_->test(); }
+  PairTransfer(std::unique_ptr<Transfer> send, std::unique_ptr<Transfer> recv)
+      : send_(std::move(send)), recv_(std::move(recv)) {}
+  bool test() override {
+    const bool sent = send_->test();  // test both: each call drives progress
+    return recv_->test() && sent;
+  }
   void wait() override {
-    a_->wait();
-    b_->wait();
+    send_->wait();
+    recv_->wait();
   }
 
  private:
-  RequestPtr a_, b_;
+  std::unique_ptr<Transfer> send_, recv_;
 };
 
+// Sets MPI_ERRORS_RETURN on `comm` and returns its rank and size (for the base constructor).
+struct CommPosition {
+  int rank = 0, size = 1;
+};
+CommPosition prepare_comm(MPI_Comm comm) {
+  check_mpi(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN), "Comm_set_errhandler");
+  CommPosition p;
+  check_mpi(MPI_Comm_rank(comm, &p.rank), "Comm_rank");
+  check_mpi(MPI_Comm_size(comm, &p.size), "Comm_size");
+  return p;
+}
+
+// The hooks of the Communicator: arguments arrive validated and counted (communicator.cpp).
 class MpiCommunicator final : public Communicator {
  public:
   // Takes ownership of `comm` (freed in the destructor).
-  explicit MpiCommunicator(MPI_Comm comm)
-      : comm_(comm), registry_(std::make_shared<RequestRegistry>()) {
-    check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "Comm_set_errhandler");
-    check_mpi(MPI_Comm_rank(comm_, &rank_), "Comm_rank");
-    check_mpi(MPI_Comm_size(comm_, &size_), "Comm_size");
-    registry_->stats = &stats_;
-  }
+  explicit MpiCommunicator(MPI_Comm comm) : MpiCommunicator(comm, prepare_comm(comm)) {}
 
   ~MpiCommunicator() override {
     stop_progress_thread();
-    {
-      std::lock_guard lock(registry_->mutex);
-      registry_->stats = nullptr;  // requests that outlive us stop accounting
-    }
     int finalized = 0;
     MPI_Finalized(&finalized);
     // MPI_Comm_free is collective-free and defers until pending operations complete.
     if (!finalized) MPI_Comm_free(&comm_);
-  }
-
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-
-  std::unique_ptr<Communicator> split(int color, int key) override {
-    TSP_CHECK(color >= 0, "split: color must be >= 0, got {}", color);
-    MPI_Comm sub = MPI_COMM_NULL;
-    blocking([&] { check_mpi(MPI_Comm_split(comm_, color, key, &sub), "Comm_split"); });
-    return std::make_unique<MpiCommunicator>(sub);
-  }
-
-  // ---- blocking collectives ----
-
-  void broadcast(void* buf, int64_t count, DType dt, int root) override {
-    check_broadcast(buf, count, root, CommOp::Broadcast);
-    count_traffic(CommOp::Broadcast, rooted_bytes(count, dt, rank_ == root, true));
-    blocking([&] {
-      check_mpi(MPI_Bcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_), "Bcast");
-    });
-  }
-
-  void all_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) override {
-    check_all_gather(send, recv, count_per_rank, CommOp::AllGather);
-    count_traffic(CommOp::AllGather, ring_bytes(count_per_rank, dt));
-    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
-    const int n = static_cast<int>(count_per_rank);
-    blocking([&] {
-      check_mpi(MPI_Allgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_), "Allgather");
-    });
-  }
-
-  void reduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) override {
-    const MPI_Datatype t = check_reduce_scatter(send, recv, count_out, dt, CommOp::ReduceScatter);
-    count_traffic(CommOp::ReduceScatter, ring_bytes(count_out, dt));
-    std::vector<int> counts(size_, static_cast<int>(count_out));
-    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
-    blocking([&] {
-      check_mpi(MPI_Reduce_scatter(sbuf, recv, counts.data(), t, MPI_SUM, comm_), "Reduce_scatter");
-    });
-  }
-
-  void all_reduce(void* buf, int64_t count, DType dt) override {
-    const MPI_Datatype t = check_all_reduce(buf, count, dt, CommOp::AllReduce);
-    count_traffic(CommOp::AllReduce, all_reduce_bytes(count, dt));
-    blocking([&] {
-      check_mpi(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), t, MPI_SUM, comm_),
-                "Allreduce");
-    });
-  }
-
-  void reduce(const void* send, void* recv, int64_t count, DType dt, int root) override {
-    const MPI_Datatype t = check_reduce(send, recv, count, dt, root, CommOp::Reduce);
-    count_traffic(CommOp::Reduce, rooted_bytes(count, dt, rank_ == root, false));
-    const void* sbuf = (rank_ == root && send == recv) ? MPI_IN_PLACE : send;
-    blocking([&] {
-      check_mpi(MPI_Reduce(sbuf, recv, static_cast<int>(count), t, MPI_SUM, root, comm_), "Reduce");
-    });
-  }
-
-  void send(const void* buf, int64_t count, DType dt, int dst) override {
-    const int tag = 0;
-    check_p2p(buf, count, dst, tag, CommOp::Send);
-    const int64_t bytes = count * static_cast<int64_t>(dtype_size(dt));
-    count_traffic(CommOp::Send, {bytes, 0});
-    blocking([&] {
-      check_mpi(MPI_Send(buf, static_cast<int>(count), mpi_type(dt), dst, tag, comm_), "Send");
-    });
-  }
-
-  void recv(void* buf, int64_t count, DType dt, int src) override {
-    const int tag = 0;
-    check_p2p(buf, count, src, tag, CommOp::Recv);
-    const int64_t bytes = count * static_cast<int64_t>(dtype_size(dt));
-    count_traffic(CommOp::Recv, {0, bytes});
-    PendingOp expect;
-    expect.op = CommOp::Recv;
-    expect.expect_count = count;
-    expect.type = mpi_type(dt);
-    expect.peer = src;
-    MPI_Status status;
-    blocking([&] {
-      const int rc = MPI_Recv(buf, static_cast<int>(count), expect.type, src, tag, comm_, &status);
-      check_mpi(rc, fmt::format("Recv (from rank {}, {} elements)", src, count));
-    });
-    complete_locked(expect, &status, MPI_SUCCESS);
-    if (!expect.error.empty()) throw Error(expect.error);
-  }
-
-  void barrier() override {
-    count_traffic(CommOp::Barrier, {0, 0});
-    blocking([&] { check_mpi(MPI_Barrier(comm_), "Barrier"); });
-  }
-
-  // ---- non-blocking variants: validated and counted like their blocking twins, at start ----
-
-  RequestPtr ibroadcast(void* buf, int64_t count, DType dt, int root) override {
-    check_broadcast(buf, count, root, CommOp::Broadcast);
-    count_traffic(CommOp::Broadcast, rooted_bytes(count, dt, rank_ == root, true));
-    return start(CommOp::Broadcast, [&](PendingOp& p) {
-      check_mpi(MPI_Ibcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_, &p.req),
-                "Ibcast");
-    });
-  }
-
-  RequestPtr iall_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) override {
-    check_all_gather(send, recv, count_per_rank, CommOp::AllGather);
-    count_traffic(CommOp::AllGather, ring_bytes(count_per_rank, dt));
-    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
-    const int n = static_cast<int>(count_per_rank);
-    return start(CommOp::AllGather, [&](PendingOp& p) {
-      check_mpi(MPI_Iallgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_, &p.req),
-                "Iallgather");
-    });
-  }
-
-  RequestPtr ireduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) override {
-    const MPI_Datatype t = check_reduce_scatter(send, recv, count_out, dt, CommOp::ReduceScatter);
-    count_traffic(CommOp::ReduceScatter, ring_bytes(count_out, dt));
-    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
-    return start(CommOp::ReduceScatter, [&](PendingOp& p) {
-      p.counts.assign(size_, static_cast<int>(count_out));  // must live until completion
-      check_mpi(MPI_Ireduce_scatter(sbuf, recv, p.counts.data(), t, MPI_SUM, comm_, &p.req),
-                "Ireduce_scatter");
-    });
-  }
-
-  RequestPtr iall_reduce(void* buf, int64_t count, DType dt) override {
-    const MPI_Datatype t = check_all_reduce(buf, count, dt, CommOp::AllReduce);
-    count_traffic(CommOp::AllReduce, all_reduce_bytes(count, dt));
-    return start(CommOp::AllReduce, [&](PendingOp& p) {
-      check_mpi(
-          MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), t, MPI_SUM, comm_, &p.req),
-          "Iallreduce");
-    });
-  }
-
-  RequestPtr ireduce(const void* send, void* recv, int64_t count, DType dt, int root) override {
-    const MPI_Datatype t = check_reduce(send, recv, count, dt, root, CommOp::Reduce);
-    count_traffic(CommOp::Reduce, rooted_bytes(count, dt, rank_ == root, false));
-    const void* sbuf = (rank_ == root && send == recv) ? MPI_IN_PLACE : send;
-    return start(CommOp::Reduce, [&](PendingOp& p) {
-      check_mpi(MPI_Ireduce(sbuf, recv, static_cast<int>(count), t, MPI_SUM, root, comm_, &p.req),
-                "Ireduce");
-    });
-  }
-
-  RequestPtr isend(const void* buf, int64_t count, DType dt, int dst) override {
-    const int tag = 0;
-    check_p2p(buf, count, dst, tag, CommOp::Send);
-    count_traffic(CommOp::Send, {count * static_cast<int64_t>(dtype_size(dt)), 0});
-    return start(CommOp::Send, [&](PendingOp& p) {
-      check_mpi(MPI_Isend(buf, static_cast<int>(count), mpi_type(dt), dst, tag, comm_, &p.req),
-                "Isend");
-    });
-  }
-
-  RequestPtr irecv(void* buf, int64_t count, DType dt, int src) override {
-    const int tag = 0;
-    check_p2p(buf, count, src, tag, CommOp::Recv);
-    count_traffic(CommOp::Recv, {0, count * static_cast<int64_t>(dtype_size(dt))});
-    return start(CommOp::Recv, [&](PendingOp& p) {
-      p.expect_count = count;
-      p.type = mpi_type(dt);
-      p.peer = src;
-      check_mpi(MPI_Irecv(buf, static_cast<int>(count), p.type, src, tag, comm_, &p.req), "Irecv");
-    });
-  }
-
-  RequestPtr isendrecv(const void* send, int64_t send_count, DType dt, int dst, void* recv,
-                       int64_t recv_count, int src) override {
-    // Receive first, so a self-pair (dst == src == rank) never waits on itself.
-    RequestPtr r = irecv(recv, recv_count, dt, src);
-    RequestPtr s = isend(send, send_count, dt, dst);
-    return std::make_unique<PairRequest>(std::move(s), std::move(r));
-  }
-
-  void sendrecv(const void* send, int64_t send_count, DType dt, int dst, void* recv,
-                int64_t recv_count, int src) override {
-    isendrecv(send, send_count, dt, dst, recv, recv_count, src)->wait();
-  }
-
-  void progress() override {
-    std::string error;
-    {
-      std::lock_guard lock(registry_->mutex);
-      error = registry_->test_all_locked();
-    }
-    if (!error.empty()) throw Error(error);
-  }
-
-  void check_same(int64_t value, std::string_view what) override {
-    std::vector<int64_t> all(size_);
-    blocking([&] {
-      check_mpi(MPI_Allgather(&value, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, comm_),
-                fmt::format("Allgather (check_same of {})", what));
-    });
-    if (std::all_of(all.begin(), all.end(), [&](int64_t v) { return v == all[0]; })) return;
-    // Every rank holds the same gathered values, so every rank throws the same message.
-    std::map<int64_t, std::vector<int>> ranks_by_value;
-    std::vector<int64_t> order;  // distinct values in order of their first rank
-    for (int r = 0; r < size_; ++r) {
-      auto& ranks = ranks_by_value[all[r]];
-      if (ranks.empty()) order.push_back(all[r]);
-      ranks.push_back(r);
-    }
-    std::string parts;
-    for (int64_t v : order) {
-      const auto& ranks = ranks_by_value[v];
-      if (!parts.empty()) parts += ", ";
-      parts += ranks.size() == 1 ? fmt::format("rank {} has {}", ranks[0], v)
-                                 : fmt::format("ranks {} have {}", fmt::join(ranks, ","), v);
-    }
-    TSP_FAIL("{} disagree across ranks: {}", what, parts);
   }
 
   void set_progress_thread(bool on) {
@@ -529,108 +296,181 @@ class MpiCommunicator final : public Communicator {
     return static_cast<int64_t>(registry_->live.size());
   }
 
+ protected:
+  std::unique_ptr<Communicator> do_split(int color, int key) override {
+    MPI_Comm sub = MPI_COMM_NULL;
+    check_mpi(MPI_Comm_split(comm_, color, key, &sub), "Comm_split");
+    return std::make_unique<MpiCommunicator>(sub);
+  }
+
+  CountLimit count_limit() const override { return {INT_MAX, "INT_MAX (MPI counts are int)"}; }
+
+  // ---- blocking: MPI's own blocking calls ----
+
+  void do_broadcast(void* buf, int64_t count, DType dt, int root) override {
+    check_mpi(MPI_Bcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_), "Bcast");
+  }
+
+  void do_all_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) override {
+    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
+    const int n = static_cast<int>(count_per_rank);
+    check_mpi(MPI_Allgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_), "Allgather");
+  }
+
+  void do_reduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) override {
+    std::vector<int> counts(size(), static_cast<int>(count_out));
+    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
+    check_mpi(MPI_Reduce_scatter(sbuf, recv, counts.data(), mpi_type(dt), MPI_SUM, comm_),
+              "Reduce_scatter");
+  }
+
+  void do_all_reduce(void* buf, int64_t count, DType dt) override {
+    check_mpi(
+        MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(dt), MPI_SUM, comm_),
+        "Allreduce");
+  }
+
+  void do_reduce(const void* send, void* recv, int64_t count, DType dt, int root) override {
+    const void* sbuf = (rank() == root && send == recv) ? MPI_IN_PLACE : send;
+    check_mpi(MPI_Reduce(sbuf, recv, static_cast<int>(count), mpi_type(dt), MPI_SUM, root, comm_),
+              "Reduce");
+  }
+
+  void do_send(const void* buf, int64_t count, DType dt, int dst) override {
+    check_mpi(MPI_Send(buf, static_cast<int>(count), mpi_type(dt), dst, kTag, comm_), "Send");
+  }
+
+  void do_recv(void* buf, int64_t count, DType dt, int src) override {
+    PendingOp expect;
+    expect.op = CommOp::Recv;
+    expect.expect_count = count;
+    expect.type = mpi_type(dt);
+    expect.peer = src;
+    MPI_Status status;
+    const int rc = MPI_Recv(buf, static_cast<int>(count), expect.type, src, kTag, comm_, &status);
+    check_mpi(rc, fmt::format("Recv (from rank {}, {} elements)", src, count));
+    complete_locked(expect, &status, MPI_SUCCESS);
+    if (!expect.error.empty()) throw Error(expect.error);
+  }
+
+  void do_barrier() override { check_mpi(MPI_Barrier(comm_), "Barrier"); }
+
+  // ---- non-blocking ----
+
+  std::unique_ptr<Transfer> do_ibroadcast(void* buf, int64_t count, DType dt, int root) override {
+    return start(CommOp::Broadcast, [&](PendingOp& p) {
+      check_mpi(MPI_Ibcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_, &p.req),
+                "Ibcast");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_iall_gather(const void* send, void* recv, int64_t count_per_rank,
+                                           DType dt) override {
+    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
+    const int n = static_cast<int>(count_per_rank);
+    return start(CommOp::AllGather, [&](PendingOp& p) {
+      check_mpi(MPI_Iallgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_, &p.req),
+                "Iallgather");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_ireduce_scatter(const void* send, void* recv, int64_t count_out,
+                                               DType dt) override {
+    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
+    return start(CommOp::ReduceScatter, [&](PendingOp& p) {
+      p.counts.assign(size(), static_cast<int>(count_out));  // must live until completion
+      check_mpi(
+          MPI_Ireduce_scatter(sbuf, recv, p.counts.data(), mpi_type(dt), MPI_SUM, comm_, &p.req),
+          "Ireduce_scatter");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_iall_reduce(void* buf, int64_t count, DType dt) override {
+    return start(CommOp::AllReduce, [&](PendingOp& p) {
+      check_mpi(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(dt), MPI_SUM,
+                               comm_, &p.req),
+                "Iallreduce");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_ireduce(const void* send, void* recv, int64_t count, DType dt,
+                                       int root) override {
+    const void* sbuf = (rank() == root && send == recv) ? MPI_IN_PLACE : send;
+    return start(CommOp::Reduce, [&](PendingOp& p) {
+      check_mpi(MPI_Ireduce(sbuf, recv, static_cast<int>(count), mpi_type(dt), MPI_SUM, root, comm_,
+                            &p.req),
+                "Ireduce");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_isend(const void* buf, int64_t count, DType dt, int dst) override {
+    return start(CommOp::Send, [&](PendingOp& p) {
+      check_mpi(MPI_Isend(buf, static_cast<int>(count), mpi_type(dt), dst, kTag, comm_, &p.req),
+                "Isend");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_irecv(void* buf, int64_t count, DType dt, int src) override {
+    return start(CommOp::Recv, [&](PendingOp& p) {
+      p.expect_count = count;
+      p.type = mpi_type(dt);
+      p.peer = src;
+      check_mpi(MPI_Irecv(buf, static_cast<int>(count), p.type, src, kTag, comm_, &p.req), "Irecv");
+    });
+  }
+
+  std::unique_ptr<Transfer> do_isendrecv(const void* send, int64_t send_count, DType dt, int dst,
+                                         void* recv, int64_t recv_count, int src) override {
+    // The receive first, so a self-pair (dst == src == rank) finds its receive posted.
+    std::unique_ptr<Transfer> r = do_irecv(recv, recv_count, dt, src);
+    std::unique_ptr<Transfer> s = do_isend(send, send_count, dt, dst);
+    return std::make_unique<PairTransfer>(std::move(s), std::move(r));
+  }
+
+  void do_progress() override {
+    std::string error;
+    {
+      std::lock_guard lock(registry_->mutex);
+      error = registry_->test_all_locked();
+    }
+    if (!error.empty()) throw Error(error);
+  }
+
+  // ---- control: host bytes. Blocking collectives on the same communicator: MPI orders them
+  // with the data collectives by call order, which every rank shares (a GPU implementation would
+  // run these over a host transport instead) ----
+
+  void do_control_all_gather(const void* send, void* recv, int64_t bytes_per_rank) override {
+    TSP_CHECK(bytes_per_rank <= INT_MAX, "control all_gather of {} bytes exceeds INT_MAX",
+              bytes_per_rank);
+    const int n = static_cast<int>(bytes_per_rank);
+    check_mpi(MPI_Allgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, comm_), "Allgather (control)");
+  }
+
+  void do_control_broadcast(void* buf, int64_t bytes, int root) override {
+    TSP_CHECK(bytes <= INT_MAX, "control broadcast of {} bytes exceeds INT_MAX", bytes);
+    check_mpi(MPI_Bcast(buf, static_cast<int>(bytes), MPI_BYTE, root, comm_), "Bcast (control)");
+  }
+
  private:
-  struct Bytes {
-    int64_t sent, received;
-  };
+  // Point-to-point messages carry no tag: pairs match in posting order (communicator.h).
+  static constexpr int kTag = 0;
 
-  // ---- byte counting (the convention in communicator.h) ----
-
-  void count_traffic(CommOp op, Bytes b) {
-    CommOpStats& s = stats_[op];
-    s.calls += 1;
-    s.bytes_sent += b.sent;
-    s.bytes_received += b.received;
-  }
-  int64_t bytes_of(int64_t count, DType dt) const {
-    return count * static_cast<int64_t>(dtype_size(dt));
-  }
-  // broadcast: root sends B, others receive B. reduce (the dual): non-roots send B, root receives.
-  Bytes rooted_bytes(int64_t count, DType dt, bool is_root, bool root_sends) const {
-    if (size_ == 1) return {0, 0};
-    const int64_t b = bytes_of(count, dt);
-    return is_root == root_sends ? Bytes{b, 0} : Bytes{0, b};
-  }
-  // all_gather (B per rank) and reduce_scatter (B out): (D-1)·B each way.
-  Bytes ring_bytes(int64_t count, DType dt) const {
-    const int64_t b = (size_ - 1) * bytes_of(count, dt);
-    return {b, b};
-  }
-  // all_reduce: 2(D-1)·B/D each way, rounded down.
-  Bytes all_reduce_bytes(int64_t count, DType dt) const {
-    const int64_t b = 2 * (size_ - 1) * bytes_of(count, dt) / size_;
-    return {b, b};
-  }
-
-  // ---- validation at the API boundary ----
-
-  void check_root(int root, CommOp op) const {
-    TSP_CHECK(root >= 0 && root < size_,
-              "{}: root {} is out of range for a communicator of size {}", comm_op_name(op), root,
-              size_);
-  }
-  void check_broadcast(const void* buf, int64_t count, int root, CommOp op) const {
-    check_count(count, op);
-    check_root(root, op);
-    check_buffer(buf, count, op, "data");
-  }
-  void check_all_gather(const void* send, void* recv, int64_t count, CommOp op) const {
-    check_count(count, op, "count_per_rank");
-    check_count(count * size_, op, "count_per_rank * size");
-    check_buffer(send, count, op, "send");
-    check_buffer(recv, count, op, "recv");
-  }
-  MPI_Datatype check_reduce_scatter(const void* send, void* recv, int64_t count, DType dt,
-                                    CommOp op) const {
-    const MPI_Datatype t = mpi_sum_type(dt, op);
-    check_count(count, op, "count_out");
-    check_count(count * size_, op, "count_out * size");
-    check_buffer(send, count, op, "send");
-    check_buffer(recv, count, op, "recv");
-    return t;
-  }
-  MPI_Datatype check_all_reduce(void* buf, int64_t count, DType dt, CommOp op) const {
-    const MPI_Datatype t = mpi_sum_type(dt, op);
-    check_count(count, op);
-    check_buffer(buf, count, op, "data");
-    return t;
-  }
-  MPI_Datatype check_reduce(const void* send, void* recv, int64_t count, DType dt, int root,
-                            CommOp op) const {
-    const MPI_Datatype t = mpi_sum_type(dt, op);
-    check_count(count, op);
-    check_root(root, op);
-    check_buffer(send, count, op, "send");
-    if (rank_ == root) check_buffer(recv, count, op, "recv (on root)");
-    return t;
-  }
-  void check_p2p(const void* buf, int64_t count, int peer, int tag, CommOp op) const {
-    check_count(count, op);
-    TSP_CHECK(peer >= 0 && peer < size_,
-              "{}: peer rank {} is out of range for a communicator of size {}", comm_op_name(op),
-              peer, size_);
-    TSP_CHECK(tag >= 0, "{}: tag must be >= 0, got {}", comm_op_name(op), tag);
-    check_buffer(buf, count, op, "data");
-  }
+  MpiCommunicator(MPI_Comm comm, CommPosition pos)
+      : Communicator(pos.rank, pos.size),
+        comm_(comm),
+        registry_(std::make_shared<RequestRegistry>()) {}
 
   // In place when the caller's send block already sits at its slot of recv.
   const void* all_gather_send(const void* send, void* recv, int64_t count, DType dt) const {
-    const char* slot = static_cast<const char*>(recv) + rank_ * bytes_of(count, dt);
+    const char* slot =
+        static_cast<const char*>(recv) + rank() * count * static_cast<int64_t>(dtype_size(dt));
     return (count > 0 && send == slot) ? MPI_IN_PLACE : send;
-  }
-
-  // ---- execution helpers ----
-
-  template <typename F>
-  void blocking(F&& call) {
-    const auto t0 = std::chrono::steady_clock::now();
-    call();
-    stats_.blocked_seconds += seconds_since(t0);
   }
 
   // Start a non-blocking op: `post` fills PendingOp::req; the op joins the registry.
   template <typename F>
-  RequestPtr start(CommOp op, F&& post) {
+  std::unique_ptr<Transfer> start(CommOp op, F&& post) {
     auto p = std::make_shared<PendingOp>();
     p->op = op;
     post(*p);
@@ -639,7 +479,7 @@ class MpiCommunicator final : public Communicator {
       registry_->live.push_back(p);
     }
     registry_->wake.notify_one();
-    return std::make_unique<MpiRequest>(registry_, std::move(p));
+    return std::make_unique<MpiTransfer>(registry_, std::move(p));
   }
 
   static void progress_loop(RequestRegistry& reg) {
@@ -668,8 +508,6 @@ class MpiCommunicator final : public Communicator {
   }
 
   MPI_Comm comm_;
-  int rank_ = 0;
-  int size_ = 1;
   std::shared_ptr<RequestRegistry> registry_;
   std::thread progress_thread_;
 };

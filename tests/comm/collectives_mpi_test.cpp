@@ -1,7 +1,9 @@
 // Multi-rank tests of the MPI Communicator: every blocking and non-blocking op at several sizes,
 // dtypes and roots, on the world and on split sub-groups (parity, pairs, a TP x SP 2D grid),
-// byte counters against the convention of communicator.h, check_same, error paths, and progress
-// of large non-blocking transfers (progress() between compute chunks, and the progress thread).
+// byte counters against the convention of communicator.h, sendrecv rings (untagged, matched in
+// posting order), the control API and its separate counter, the validation of every op's
+// arguments, and progress of large non-blocking transfers (progress() between compute chunks,
+// and the progress thread).
 //
 // All data are integer-valued coordinate hashes, so every comparison is exact: f32 sums of up to
 // 8 values below 2^17 stay below 2^24 (exact in f32); bf16 is moved as raw 16-bit words.
@@ -10,7 +12,9 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <functional>
 #include <numeric>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -388,6 +392,39 @@ void check_send_recv(Communicator& c, bool nb, int salt, bool big) {
   }
 }
 
+// Ring steps as grouped pairs: send to rank+k, receive from rank-k, for every shift k (k = 0 is
+// a self-pair), blocking (sendrecv) and non-blocking (isendrecv). A pair needs no ordering trick:
+// both halves are posted together. Counted as one send and one recv.
+void check_sendrecv(Communicator& c, bool nb, int salt, bool big) {
+  const int D = c.size(), me = c.rank();
+  for (DType dt : kAllTypes) {
+    for (int64_t n : kSizes) {
+      if (skip_size(dt, n, big)) continue;
+      const int k_end = n > kSmall ? std::min(D, 2) : D;
+      for (int k = 0; k < k_end; ++k) {
+        const int dst = (me + k) % D, src = (me - k + D) % D;
+        const std::string what = label("sendrecv", dt, n, nb) + fmt::format(" shift={}", k);
+        Buf out(dt, n), in(dt, n);
+        out.fill(me, salt + k);
+        const CommStats d = run_op(
+            c, nb, [&] { c.sendrecv(out.data(), n, dt, dst, in.data(), n, src); },
+            [&] { return c.isendrecv(out.data(), n, dt, dst, in.data(), n, src); });
+        expect_buf(
+            in, n, [&](int64_t i) { return value(dt, src, i, salt + k); }, what);
+        const int64_t B = n * dtype_size(dt);
+        EXPECT_EQ(d[CommOp::Send].calls, 1) << what;
+        EXPECT_EQ(d[CommOp::Recv].calls, 1) << what;
+        EXPECT_EQ(d[CommOp::Send].bytes_sent, B) << what;
+        EXPECT_EQ(d[CommOp::Send].bytes_received, 0) << what;
+        EXPECT_EQ(d[CommOp::Recv].bytes_sent, 0) << what;
+        EXPECT_EQ(d[CommOp::Recv].bytes_received, B) << what;
+        EXPECT_EQ(d.total_sent(), B) << what;
+        EXPECT_EQ(d.total_received(), B) << what;
+      }
+    }
+  }
+}
+
 void check_all_ops(Communicator& c, int salt, bool big) {
   for (bool nb : {false, true}) {
     check_broadcast(c, nb, salt, big);
@@ -396,6 +433,7 @@ void check_all_ops(Communicator& c, int salt, bool big) {
     check_all_reduce(c, nb, salt + 3, big);
     check_reduce(c, nb, salt + 4, big);
     check_send_recv(c, nb, salt + 5, big);
+    check_sendrecv(c, nb, salt + 6, big);
   }
 }
 
@@ -567,16 +605,167 @@ TEST(Collectives, StatsArithmeticAndBlockedTime) {
   EXPECT_EQ((twice - s)[CommOp::AllReduce].calls, 1);
 }
 
+// Two rings over the same pairs of ranks, as tsp's backward ring runs them: weight shards and
+// gradient accumulators both travel to rank-1, with different sizes, and a forward ring travels
+// to rank+1 meanwhile. There are no tags: between two ranks, pairs match in posting order, and
+// every rank posts "weights k, gradients k, forward k" in that order. Sizes straddle the eager
+// limit (4 KiB) so both protocols are covered; a mismatch would be a size error or wrong data.
+TEST(SendRecv, InterleavedRingsMatchInPostingOrder) {
+  Communicator& w = world();
+  const int me = w.rank(), D = w.size();
+  const int left = (me - 1 + D) % D, right = (me + 1) % D;
+  for (int64_t nw : {int64_t{3}, int64_t{3000}}) {
+    const int64_t ng = nw + 5, nf = nw + 11;
+    constexpr int kSteps = 3;
+    std::vector<Buf> w_out, w_in, g_out, g_in, f_out, f_in;
+    for (int k = 0; k < kSteps; ++k) {
+      w_out.emplace_back(DType::F32, nw), w_in.emplace_back(DType::F32, nw);
+      g_out.emplace_back(DType::I64, ng), g_in.emplace_back(DType::I64, ng);
+      f_out.emplace_back(DType::I32, nf), f_in.emplace_back(DType::I32, nf);
+      w_out[k].fill(me, 100 + k), g_out[k].fill(me, 200 + k), f_out[k].fill(me, 300 + k);
+    }
+    const CommStats before = w.stats();
+    std::vector<RequestPtr> reqs;
+    for (int k = 0; k < kSteps; ++k) {
+      reqs.push_back(w.isendrecv(w_out[k].data(), nw, DType::F32, left, w_in[k].data(), nw, right));
+      reqs.push_back(w.isendrecv(g_out[k].data(), ng, DType::I64, left, g_in[k].data(), ng, right));
+      reqs.push_back(w.isendrecv(f_out[k].data(), nf, DType::I32, right, f_in[k].data(), nf, left));
+    }
+    for (auto it = reqs.rbegin(); it != reqs.rend(); ++it) (*it)->wait();  // any wait order
+    const CommStats d = w.stats() - before;
+    for (int k = 0; k < kSteps; ++k) {
+      const std::string what = fmt::format("nw={} step {}", nw, k);
+      expect_buf(
+          w_in[k], nw, [&](int64_t i) { return value(DType::F32, right, i, 100 + k); },
+          what + " weights");
+      expect_buf(
+          g_in[k], ng, [&](int64_t i) { return value(DType::I64, right, i, 200 + k); },
+          what + " gradients");
+      expect_buf(
+          f_in[k], nf, [&](int64_t i) { return value(DType::I32, left, i, 300 + k); },
+          what + " forward");
+    }
+    const int64_t bytes = kSteps * (nw * 4 + ng * 8 + nf * 4);
+    EXPECT_EQ(d[CommOp::Send].calls, 3 * kSteps);
+    EXPECT_EQ(d[CommOp::Recv].calls, 3 * kSteps);
+    EXPECT_EQ(d.total_sent(), bytes);
+    EXPECT_EQ(d.total_received(), bytes);
+  }
+}
+
+// On the CPU join_compute() is wait(): the data are there when it returns. The compute queue is
+// only recorded (the host is the queue).
+TEST(SendRecv, JoinComputeCompletesOnTheCpu) {
+  Communicator& w = world();
+  const int me = w.rank(), D = w.size();
+  EXPECT_EQ(w.compute_queue().handle, nullptr);
+  int marker = 0;
+  w.set_compute_queue(ComputeQueue{&marker});
+  EXPECT_EQ(w.compute_queue().handle, &marker);
+  const int64_t n = 100000;  // rendezvous-sized: it cannot complete at posting time
+  Buf out(DType::F32, n), in(DType::F32, n);
+  out.fill(me, 5);
+  RequestPtr r =
+      w.isendrecv(out.data(), n, DType::F32, (me + 1) % D, in.data(), n, (me - 1 + D) % D);
+  r->join_compute();
+  EXPECT_TRUE(r->test());
+  expect_buf(
+      in, n, [&](int64_t i) { return value(DType::F32, (me - 1 + D) % D, i, 5); },
+      "isendrecv after join_compute");
+  w.set_compute_queue(ComputeQueue{});
+  EXPECT_EQ(pending_requests(w), 0);
+}
+
+// ---- the control API: values, and its traffic kept out of the data stats ----
+
+TEST(Control, ValuesAgreeOnEveryRank) {
+  Communicator& w = world();
+  const int me = w.rank(), D = w.size();
+  EXPECT_EQ(w.agree_max(int64_t{10} * me - 3), int64_t{10} * (D - 1) - 3);
+  EXPECT_EQ(w.agree_min(int64_t{10} * me - 3), -3);
+  EXPECT_EQ(w.max_host(0.5 * me), 0.5 * (D - 1));
+  EXPECT_FALSE(w.any_true(false));
+  EXPECT_TRUE(w.any_true(me == D - 1));
+  EXPECT_TRUE(w.any_true(true));
+
+  // sum_host adds in rank order: bit-identical on every rank and equal to the sequential sum.
+  // The values make the order matter in double from 3 ranks on: the ulp of 1e16 is 2, so
+  // 1e16 + 1 rounds (to even) back to 1e16 each time, while 1 + 1 + ... + 1e16 keeps the ones.
+  const double mine = me == 0 ? 1e16 : 1.0;
+  double want = 0;
+  for (int r = 0; r < D; ++r) want += r == 0 ? 1e16 : 1.0;
+  const double sum = w.sum_host(mine);
+  EXPECT_EQ(sum, want);
+  const std::vector<double> sums = w.gather_host(std::span(&sum, 1));
+  for (double s : sums) EXPECT_EQ(std::memcmp(&s, &sum, sizeof s), 0);
+
+  // gather_host: every rank's values in rank order.
+  const std::vector<int64_t> mine3 = {me, 2 * me, -me};
+  const std::vector<int64_t> all = w.gather_host(mine3);
+  ASSERT_EQ(all.size(), static_cast<size_t>(3 * D));
+  for (int r = 0; r < D; ++r) {
+    EXPECT_EQ(all[3 * r], r);
+    EXPECT_EQ(all[3 * r + 1], 2 * r);
+    EXPECT_EQ(all[3 * r + 2], -r);
+  }
+  EXPECT_EQ(w.gather_host(int64_t{me + 7}).at(D - 1), D - 1 + 7);
+
+  // broadcast_host: the root's value everywhere, for an integer and a string (e.g. an error
+  // message found on one rank only).
+  const int root = D - 1;
+  EXPECT_EQ(w.broadcast_host(me == root ? int64_t{-42} : int64_t{me}, root), -42);
+  const std::string text = me == root ? "token id 99 is outside the vocabulary" : "";
+  EXPECT_EQ(w.broadcast_host(text, root), "token id 99 is outside the vocabulary");
+  EXPECT_EQ(w.broadcast_host(std::string(), 0), "");
+}
+
+TEST(Control, TrafficIsCountedApartFromTheDataPath) {
+  Communicator& w = world();
+  const int me = w.rank(), D = w.size();
+  const CommStats before = w.stats();
+  w.check_same(7, "a value");
+  w.agree_max(int64_t{me});
+  w.agree_min(int64_t{me});
+  w.any_true(false);
+  w.sum_host(1.0);
+  w.max_host(1.0);
+  const std::vector<int64_t> two = {1, 2};
+  w.gather_host(two);                        // 16 bytes per rank
+  w.broadcast_host(int64_t{1}, 0);           // 8 bytes from rank 0
+  w.broadcast_host(std::string(5, 'x'), 0);  // its length (8 bytes), then 5 bytes
+  const CommStats d = w.stats() - before;
+  // Nothing in the data stats the traffic formulas compare with.
+  for (int k = 0; k < kNumCommOps; ++k) {
+    EXPECT_EQ(d.ops[k].calls, 0) << comm_op_name(static_cast<CommOp>(k));
+  }
+  EXPECT_EQ(d.total_sent(), 0);
+  EXPECT_EQ(d.total_received(), 0);
+  // The control counter, with the data path's conventions: a gather of b bytes per rank counts
+  // (D-1)·b each way; a broadcast of b bytes counts b sent on the root, b received elsewhere.
+  EXPECT_EQ(d.control.calls, 7 + 3);
+  const int64_t gathered = (D - 1) * (6 * 8 + 16);
+  const int64_t broadcast = D == 1 ? 0 : 8 + 8 + 5;
+  EXPECT_EQ(d.control.bytes_sent, gathered + (me == 0 ? broadcast : 0));
+  EXPECT_EQ(d.control.bytes_received, gathered + (me == 0 ? 0 : broadcast));
+  // Snapshot arithmetic carries the control counter along.
+  CommStats twice = d;
+  twice += d;
+  EXPECT_EQ((twice - d).control.calls, d.control.calls);
+  EXPECT_EQ(twice.control.bytes_sent, 2 * d.control.bytes_sent);
+}
+
 // ---- check_same and mismatched sizes ----
 
 TEST(CheckSame, AgreeingValuesPass) {
   Communicator& w = world();
   EXPECT_NO_THROW(w.check_same(4096, "sequence length"));
   EXPECT_NO_THROW(w.check_same(-3, "a negative value"));
-  // Validation traffic is not counted (it would break exact traffic formulas).
+  // check_same is control traffic: not in the data counts (it would break exact traffic
+  // formulas), one call on the control counter.
   const CommStats before = w.stats();
   w.check_same(1, "x");
   EXPECT_EQ((w.stats() - before).total_sent(), 0);
+  EXPECT_EQ((w.stats() - before).control.calls, 1);
 }
 
 TEST(CheckSame, DisagreementThrowsOnEveryRankNamingTheValues) {
@@ -672,9 +861,11 @@ TEST(PointToPoint, MismatchedMessageSizesRaiseClearErrors) {
 
 TEST(Errors, InvalidArgumentsAreRejectedOnEveryRank) {
   Communicator& w = world();
-  const int D = w.size();
+  const int D = w.size(), me = w.rank();
   const CommStats before = w.stats();
-  float f[4] = {};
+  // Room for every aliasing case below (nothing is ever transferred: each call is rejected).
+  std::vector<float> room(4 * D + 8);
+  float* f = room.data();
   uint16_t h[4] = {};
   auto message_of = [](auto&& call) -> std::string {
     try {
@@ -684,43 +875,99 @@ TEST(Errors, InvalidArgumentsAreRejectedOnEveryRank) {
     }
     return "(no error)";
   };
-  // bf16 reductions: rejected before any communication, on every rank alike.
-  EXPECT_NE(message_of([&] { w.all_reduce(h, 4, DType::BF16); }).find("all_reduce of bf16"),
-            std::string::npos);
-  EXPECT_NE(message_of([&] { w.reduce(h, h, 4, DType::BF16, 0); }).find("reduce of bf16"),
-            std::string::npos);
-  EXPECT_NE(
-      message_of([&] { w.ireduce_scatter(h, h, 1, DType::BF16); }).find("reduce_scatter of bf16"),
-      std::string::npos);
-  EXPECT_NE(message_of([&] { w.iall_reduce(h, 4, DType::BF16); }).find("bf16"), std::string::npos);
-  // Roots and peers out of range.
-  EXPECT_NE(message_of([&] { w.broadcast(f, 4, DType::F32, D); }).find("root"), std::string::npos);
-  EXPECT_NE(message_of([&] { w.ireduce(f, f, 4, DType::F32, -1); }).find("root"),
-            std::string::npos);
-  EXPECT_NE(message_of([&] { w.send(f, 4, DType::F32, D); }).find("peer rank"), std::string::npos);
-  EXPECT_NE(message_of([&] { w.irecv(f, 4, DType::F32, -1); }).find("peer rank"),
-            std::string::npos);
-  // Counts beyond MPI's int, or negative; checked before the buffer is touched.
-  EXPECT_NE(message_of([&] {
-              w.broadcast(f, int64_t{INT_MAX} + 1, DType::F32, 0);
-            }).find("exceeds INT_MAX"),
-            std::string::npos);
+  struct Case {
+    std::string name, want;  // want: a part of the message
+    std::function<void()> call;
+  };
+  const DType F = DType::F32;
+  const std::vector<Case> cases = {
+      // bf16 reductions: rejected before any communication, on every rank alike.
+      {"all_reduce bf16", "all_reduce of bf16", [&] { w.all_reduce(h, 4, DType::BF16); }},
+      {"reduce bf16", "reduce of bf16", [&] { w.reduce(h, h, 4, DType::BF16, 0); }},
+      {"ireduce_scatter bf16", "reduce_scatter of bf16",
+       [&] { w.ireduce_scatter(h, h, 1, DType::BF16); }},
+      {"iall_reduce bf16", "bf16", [&] { w.iall_reduce(h, 4, DType::BF16); }},
+      // Negative counts, per op.
+      {"broadcast count", ">= 0", [&] { w.broadcast(f, -1, F, 0); }},
+      {"all_gather count", "count_per_rank must be >= 0", [&] { w.all_gather(f, f, -2, F); }},
+      {"reduce_scatter count", "count_out must be >= 0", [&] { w.reduce_scatter(f, f, -1, F); }},
+      {"all_reduce count", ">= 0", [&] { w.all_reduce(f, -1, F); }},
+      {"ireduce count", ">= 0", [&] { w.ireduce(f, f, -1, F, 0); }},
+      {"send count", "send: count must be >= 0", [&] { w.send(f, -1, F, 0); }},
+      {"irecv count", "recv: count must be >= 0", [&] { w.irecv(f, -1, F, 0); }},
+      {"sendrecv send count", "send: count must be >= 0",
+       [&] { w.sendrecv(f, -1, F, me, f + 4, 4, me); }},
+      {"isendrecv recv count", "recv: count must be >= 0",
+       [&] { w.isendrecv(f, 4, F, me, f + 4, -1, me); }},
+      // Counts beyond MPI's int; checked before the buffer is touched.
+      {"broadcast INT_MAX", "exceeds INT_MAX", [&] { w.broadcast(f, int64_t{INT_MAX} + 1, F, 0); }},
+      // Roots and peers out of range.
+      {"broadcast root", "root", [&] { w.broadcast(f, 4, F, D); }},
+      {"ibroadcast root", "broadcast: root -1", [&] { w.ibroadcast(f, 4, F, -1); }},
+      {"reduce root", "reduce: root", [&] { w.reduce(f, f, 4, F, D); }},
+      {"ireduce root", "root", [&] { w.ireduce(f, f, 4, F, -1); }},
+      {"send peer", "peer rank", [&] { w.send(f, 4, F, D); }},
+      {"irecv peer", "peer rank", [&] { w.irecv(f, 4, F, -1); }},
+      {"isend peer", "send: peer rank -1", [&] { w.isend(f, 4, F, -1); }},
+      {"recv peer", "recv: peer rank", [&] { w.recv(f, 4, F, D); }},
+      {"sendrecv dst", "send: peer rank", [&] { w.sendrecv(f, 4, F, D, f + 4, 4, me); }},
+      {"isendrecv src", "recv: peer rank", [&] { w.isendrecv(f, 4, F, me, f + 4, 4, -1); }},
+      {"broadcast_host root", "broadcast_host: root", [&] { w.broadcast_host(int64_t{1}, D); }},
+      // Null buffers with a count.
+      {"broadcast null", "data buffer is null", [&] { w.broadcast(nullptr, 4, F, 0); }},
+      {"all_gather send null", "send buffer is null", [&] { w.all_gather(nullptr, f, 1, F); }},
+      {"iall_gather recv null", "recv buffer is null", [&] { w.iall_gather(f, nullptr, 1, F); }},
+      {"reduce_scatter null", "send buffer is null", [&] { w.reduce_scatter(nullptr, f, 1, F); }},
+      {"all_reduce null", "null", [&] { w.all_reduce(nullptr, 4, F); }},
+      {"reduce send null", "send buffer is null", [&] { w.reduce(nullptr, f, 4, F, 0); }},
+      {"send null", "send: data buffer is null", [&] { w.send(nullptr, 4, F, me); }},
+      {"recv null", "recv: data buffer is null", [&] { w.recv(nullptr, 4, F, me); }},
+      {"isendrecv recv null", "recv: data buffer is null",
+       [&] { w.isendrecv(f, 4, F, me, nullptr, 4, me); }},
+      // In-place rules: equal (in place) or disjoint, never a partial overlap.
+      {"all_gather overlap", "not this rank's block",
+       [&] { w.all_gather(f + 4 * me + 1, f, 4, F); }},
+      {"reduce_scatter overlap", "overlap without being equal",
+       [&] { w.reduce_scatter(f, f + 1, 2, F); }},
+      {"reduce overlap", "overlap without being equal", [&] { w.ireduce(f, f + 1, 4, F, 0); }},
+      {"sendrecv overlap", "sendrecv: the send buffer",
+       [&] { w.sendrecv(f, 4, F, me, f + 2, 4, me); }},
+      {"split color", "color", [&] { w.split(-1, 0); }},
+  };
+  for (const Case& c : cases) {
+    const std::string message = message_of(c.call);
+    EXPECT_NE(message.find(c.want), std::string::npos)
+        << c.name << ": want a message with '" << c.want << "', got: " << message;
+  }
   if (D > 1) {  // the gathered buffer would exceed INT_MAX elements
     EXPECT_NE(message_of([&] {
-                w.all_gather(f, f, int64_t{INT_MAX} / D + 1, DType::F32);
+                w.all_gather(f, f, int64_t{INT_MAX} / D + 1, F);
               }).find("count_per_rank * size"),
               std::string::npos);
   }
-  EXPECT_NE(message_of([&] { w.all_reduce(f, -1, DType::F32); }).find(">= 0"), std::string::npos);
-  EXPECT_NE(message_of([&] { w.all_reduce(nullptr, 4, DType::F32); }).find("null"),
-            std::string::npos);
-  EXPECT_NE(message_of([&] { w.split(-1, 0); }).find("color"), std::string::npos);
-  // No rejected call was counted, and the communicator still works.
+  // No rejected call was counted (data or control), and the communicator still works.
   const CommStats d = w.stats() - before;
   for (const CommOpStats& op : d.ops) EXPECT_EQ(op.calls, 0);
+  EXPECT_EQ(d.control.calls, 0);
   int32_t one = 1;
   w.all_reduce(&one, 1, DType::I32);
   EXPECT_EQ(one, D);
+}
+
+// Errors only the root can see (recv is ignored elsewhere) are raised on the root alone; on a
+// communicator of one rank that is every rank, so each rank checks them on its own.
+TEST(Errors, RootOnlyReduceErrorsOnASingleRankGroup) {
+  Communicator& w = world();
+  auto self = w.split(w.rank(), 0);
+  ASSERT_EQ(self->size(), 1);
+  float f[4] = {};
+  EXPECT_THROW(self->reduce(f, nullptr, 4, DType::F32, 0), Error);
+  EXPECT_THROW(self->ireduce(f, nullptr, 4, DType::F32, 0), Error);
+  // The allowed forms: in place on the root, and separate buffers.
+  float g[4] = {};
+  EXPECT_NO_THROW(self->reduce(f, f, 4, DType::F32, 0));
+  EXPECT_NO_THROW(self->reduce(f, g, 4, DType::F32, 0));
+  EXPECT_EQ(self->stats()[CommOp::Reduce].calls, 2);
 }
 
 // ---- progress of large non-blocking transfers ----
