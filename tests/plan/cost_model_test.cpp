@@ -7,7 +7,9 @@
 #include <cstdio>
 #include <set>
 
+#include "parallel/registry.h"
 #include "tsp/core/error.h"
+#include "tsp/plan/layout_model.h"
 
 namespace tsp::plan {
 namespace {
@@ -143,6 +145,60 @@ TEST(CostModelComm, ExactSmallShape) {
   EXPECT_EQ(block_comm(m4, {"tp-sp", 4, 1, 1}, N, e).forward,
             block_comm(m4, {"sp", 4, 1, 1}, N, e).forward);
   EXPECT_EQ(block_comm(m, {"single", 1, 1, 1}, N, e).forward, Traffic{});
+}
+
+// docs/cost-model.md §2.1, the same small shape in bf16 mixed precision: weight and K/V
+// transfers move 2-byte elements, every reduction (dK/dV reduce-scatters, gradient reduces and
+// ring accumulators, tp's all-reduces, sp's gradient all-reduce) still 4-byte ones.
+TEST(CostModelComm, ExactSmallShapeBf16) {
+  LlamaConfig m;
+  m.hidden_size = 16;
+  m.num_attention_heads = 4;
+  m.num_key_value_heads = 2;
+  m.intermediate_size = 32;
+  const int64_t N = 32, D = 2;
+  // tsp: attention shard 384 elements, MLP shard 768, K block of a head group 64 (see above).
+  const BlockComm t = block_comm(m, {"tsp", 2, 1, 1}, N, DType::BF16);
+  const int64_t attn = 384, mlp = 768, kvb = 64;
+  EXPECT_EQ(t.forward.received, (D - 1) * attn * 2 + (D - 1) * mlp * 2 + D * 2 * (D - 1) * kvb * 2);
+  EXPECT_EQ(t.forward.sent, attn * 2 + (D - 1) * mlp * 2 + D * 2 * (D - 1) * kvb * 2);
+  // backward: shards (2 B) again, K/V (2 B) again, dK/dV reduce-scatters (4 B), the attention
+  // gradient reduced to its owner (4 B: root receives once), the MLP ring's weights (2 B) and
+  // gradient accumulators (4 B)
+  EXPECT_EQ(t.backward.received, (D - 1) * attn * 2 + D * 2 * (D - 1) * kvb * 2 +
+                                     D * 2 * (D - 1) * kvb * 4 + attn * 4 + (D - 1) * mlp * 2 +
+                                     (D - 1) * mlp * 4);
+  EXPECT_EQ(t.backward.sent, attn * 2 + D * 2 * (D - 1) * kvb * 2 + D * 2 * (D - 1) * kvb * 4 +
+                                 (D - 1) * attn * 4 + (D - 1) * mlp * 2 + (D - 1) * mlp * 4);
+  // tp: its all-reduces sum partial outputs and input gradients: fp32 in both dtypes.
+  EXPECT_EQ(block_comm(m, {"tp", 2, 2, 1}, N, DType::BF16).forward, (Traffic{4096, 4096}));
+  EXPECT_EQ(block_comm(m, {"tp", 2, 2, 1}, N, DType::BF16).backward, (Traffic{4096, 4096}));
+  // sp: K/V all-gathers halve (512 -> 256 B each); dK/dV reduce-scatters and the gradient
+  // all-reduce (9344 B) do not.
+  const BlockComm s = block_comm(m, {"sp", 2, 1, 1}, N, DType::BF16);
+  EXPECT_EQ(s.forward, (Traffic{512, 512}));
+  EXPECT_EQ(s.backward, (Traffic{1024 + 9344, 1024 + 9344}));
+  // fsdp-cp: the layer's pieces (1168 elements) and K/V gathered at 2 B, forward and backward;
+  // dK/dV and the layer's gradients reduce-scattered at 4 B.
+  const BlockComm f = block_comm(m, {"fsdp-cp", 2, 1, 1}, N, DType::BF16);
+  EXPECT_EQ(f.forward, (Traffic{512 + 2336, 512 + 2336}));
+  EXPECT_EQ(f.backward, (Traffic{512 + 2336 + 1024 + 4672, 512 + 2336 + 1024 + 4672}));
+  // fp32 is the 4-byte uniform count
+  EXPECT_EQ(block_comm(m, {"tsp", 2, 1, 1}, N, DType::F32).backward,
+            block_comm(m, {"tsp", 2, 1, 1}, N, 4).backward);
+  EXPECT_THROW(ElemBytes::of(DType::I32), Error);
+}
+
+// Every registered layout has its model (src/plan/models/<layout>.cpp), attached to its
+// LayoutInfo; the planner enumerates exactly the modelled layouts.
+TEST(CostModelLayouts, EveryLayoutRegistersItsModel) {
+  ASSERT_FALSE(registered_layouts().empty());
+  for (const LayoutInfo& info : registered_layouts()) {
+    EXPECT_NE(info.model, nullptr) << info.name << " has no registered model";
+    EXPECT_EQ(info.model, find_layout_model(info.name)) << info.name;
+  }
+  EXPECT_EQ(find_layout_model("zz"), nullptr);
+  EXPECT_THROW(layout_model("zz"), Error);
 }
 
 // Model state and activations shrink 1/D under tsp; model state only under tp; activations only
