@@ -62,7 +62,7 @@ for s in "${shapes[@]}"; do
   args=(--h "${h}" --heads "${nh}" --ffn "${ffn}" --seq "${seq}" --threads "${threads}"
         --repeats "${repeats}" --json)
   t=$("${py}" "${here}/bench/torch_block.py" "${args[@]}")
-  o=$("${bench}" "${args[@]}")
+  o=$("${bench}" "${args[@]}" --dtype fp32)  # torch_block.py runs fp32
   echo "${t}" >&2
   echo "${o}" >&2
   "${py}" - "${t}" "${o}" "${i}" "${h}" "${nh}" "${ffn}" "${seq}" "${target}" <<'EOF'

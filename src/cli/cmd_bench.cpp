@@ -163,7 +163,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     double predicted = 0;
     try {
       predicted = plan::predict_local_memory(c, plan::layout_spec_of(*layout, comm.size()), batch.B,
-                                             batch.S, /*optimizer=*/true)
+                                             batch.S, /*optimizer=*/true, layout->compute_dtype())
                       .total();
     } catch (const Error&) {
       predicted = 0;  // no local model of this layout
@@ -209,7 +209,8 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     row.mem.at_peak[i] = snap[i], row.mem.peak[i] = snap[6 + i];
   row.mem.peak_total = snap[12];
   try {
-    row.pred = plan::predict_local_memory(c, spec, batch.B, batch.S, /*optimizer=*/true);
+    row.pred = plan::predict_local_memory(c, spec, batch.B, batch.S, /*optimizer=*/true,
+                                          layout->compute_dtype());
     row.have_pred = true;
   } catch (const Error&) {
     row.have_pred = false;  // no local model of this layout: the column says "-"

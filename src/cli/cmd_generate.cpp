@@ -24,6 +24,7 @@ struct GenerateCliOptions {
   infer::SamplingParams sampling;
   bool quiet = false;
   bool text = false;  // --prompt was given (possibly empty): byte-level text in and out
+  ComputeOptions compute;
 };
 
 std::vector<int32_t> read_prompt(const GenerateCliOptions& o, const LlamaConfig& c) {
@@ -57,14 +58,17 @@ int run_generate(const GenerateCliOptions& o, Communicator& world) {
   const ModelDir dir = open_model_arg(o.model, world);
   const std::vector<int32_t> prompt = read_prompt(o, dir.config);
   infer::validate_request(dir.config, prompt, o.max_new);  // before any weight is read
-  auto engine = infer::make_engine(dir.config, o.layout, world);
+  const DType dtype = o.compute.parsed_dtype();
+  auto engine =
+      infer::make_engine(dir.config, o.layout, world, dtype, o.compute.parsed_device());
   {
     // The K/V cache of the whole sequence, shared by the engine's D ranks (every rank holds all
     // of it under single), before the weights are read (KvCache::reset checks each rank's again).
     const LlamaConfig& c = dir.config;
     const int64_t positions = static_cast<int64_t>(prompt.size()) + o.max_new;  // validated
-    const int64_t share = o.layout == "single" ? 1 : engine->degree();
-    require_memory(checked_product({2, c.num_hidden_layers, positions, c.kv_dim(), 4},
+    const int64_t share = engine->group().size();  // 1 under single (each rank on its own)
+    require_memory(checked_product({2, c.num_hidden_layers, positions, c.kv_dim(),
+                                    static_cast<int64_t>(dtype_size(dtype))},
                                    "generate: K/V cache bytes") /
                        share,
                    fmt::format("generate: the K/V cache of prompt ({} tokens) + --max-new {}",
@@ -151,6 +155,7 @@ const CommandRegistration kGenerate{Command{
           ->check(kNotNegative);
       sub.add_option("--out", o->out, "write prompt + generated ids to this token file");
       sub.add_flag("--quiet", o->quiet, "do not stream the tokens (report only)");
+      o->compute.add_to(sub);
       return [o, text](Communicator* world) {
         o->text = text->count() > 0;  // an empty --prompt "" is given, and an error
         return run_generate(*o, *world);

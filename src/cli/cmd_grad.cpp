@@ -71,7 +71,8 @@ int run_grad(const GradOptions& o, Communicator& world) {
   double predicted = 0;
   try {
     predicted = plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
-                                           batch.B, batch.S, /*optimizer=*/false)
+                                           batch.B, batch.S, /*optimizer=*/false,
+                                           layout->compute_dtype())
                     .total();
   } catch (const Error&) {
     predicted = 0;  // a layout without a memory model: nothing to check against

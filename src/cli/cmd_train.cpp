@@ -144,7 +144,8 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   spec.D = D;
   spec.R = o.dp;
   spec.T = o.layout == "tp" ? D : (o.layout == "tp-sp" ? o.tp : 1);
-  const double predicted = plan::predict_local_memory(c, spec, o.batch, o.seq, true).total();
+  const double predicted =
+      plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype()).total();
   require_memory(static_cast<int64_t>(predicted), what, hint);
 }
 
