@@ -19,6 +19,7 @@
 //    the reference the loss difference is taken against.
 #include <unistd.h>
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -121,17 +122,10 @@ struct Row {
   bool have_ref = false;
 };
 
-double max_over(Communicator& c, double v) {
-  std::vector<double> all(c.size());
-  c.all_gather(&v, all.data(), 1, DType::I64);  // 8 bytes moved as they are
-  return *std::max_element(all.begin(), all.end());
-}
+// The table's figures are agreed over the ranks with the control API (CommStats::control), so
+// they never enter the data traffic the table reports.
 double mean_over(Communicator& c, double v) {
-  std::vector<double> all(c.size());
-  c.all_gather(&v, all.data(), 1, DType::I64);  // 8 bytes moved as they are
-  double s = 0;
-  for (double x : all) s += x;
-  return s / c.size();
+  return c.sum_host(v) / c.size();
 }
 
 // Runs one layout on `comm` (the world, or rank 0 alone for single). Collective over comm.
@@ -154,12 +148,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     // measurement), before the weights are read: a row too large for this machine is skipped
     // with the reason instead of exhausting memory. The smallest machine of the job decides, so
     // every rank skips the row alike (a rank skipping alone would leave the others hanging).
-    int64_t have = physical_memory_bytes();
-    {
-      std::vector<int64_t> all(comm.size());
-      comm.all_gather(&have, all.data(), 1, DType::I64);
-      have = *std::min_element(all.begin(), all.end());
-    }
+    const int64_t have = comm.agree_min(physical_memory_bytes());
     double predicted = 0;
     try {
       predicted = plan::predict_local_memory(c, plan::layout_spec_of(*layout, comm.size()), batch.B,
@@ -193,21 +182,22 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
       *layout, comm, [&] { row.loss = layout->forward_backward(batch); });
   opt.step(0.0, 1.0);
   const MemorySnapshot mine = MemoryTracker::instance().snapshot();
-  // The rank with the largest peak reports its breakdown.
-  const double worst = max_over(comm, static_cast<double>(mine.peak_total));
-  int owner = mine.peak_total == static_cast<int64_t>(worst) ? comm.rank() : comm.size();
-  {
-    std::vector<int> all(comm.size());
-    comm.all_gather(&owner, all.data(), 1, DType::I32);
-    owner = *std::min_element(all.begin(), all.end());
-  }
-  std::vector<int64_t> snap(2 * kNumMemCategories + 1);
-  for (int i = 0; i < kNumMemCategories; ++i) snap[i] = mine.at_peak[i], snap[6 + i] = mine.peak[i];
-  snap[12] = mine.peak_total;
-  comm.broadcast(snap.data(), static_cast<int64_t>(snap.size()), DType::I64, owner);
+  // The rank with the largest peak (the lowest such rank) reports its breakdown: every rank's
+  // snapshot gathered (control traffic), the same choice made on every rank.
+  constexpr int kSnap = 2 * kNumMemCategories + 1;
+  std::array<int64_t, kSnap> snap{};
   for (int i = 0; i < kNumMemCategories; ++i)
-    row.mem.at_peak[i] = snap[i], row.mem.peak[i] = snap[6 + i];
-  row.mem.peak_total = snap[12];
+    snap[i] = mine.at_peak[i], snap[kNumMemCategories + i] = mine.peak[i];
+  snap[2 * kNumMemCategories] = mine.peak_total;
+  const std::vector<int64_t> all = comm.gather_host(snap);
+  int owner = 0;
+  for (int r = 1; r < comm.size(); ++r)
+    if (all[r * kSnap + 2 * kNumMemCategories] > all[owner * kSnap + 2 * kNumMemCategories])
+      owner = r;
+  const int64_t* best = &all[static_cast<size_t>(owner) * kSnap];
+  for (int i = 0; i < kNumMemCategories; ++i)
+    row.mem.at_peak[i] = best[i], row.mem.peak[i] = best[kNumMemCategories + i];
+  row.mem.peak_total = best[2 * kNumMemCategories];
   try {
     row.pred = plan::predict_local_memory(c, spec, batch.B, batch.S, /*optimizer=*/true,
                                           layout->compute_dtype());
@@ -229,7 +219,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
         plan::measure_call_traffic(*layout, comm, [&] { layout->forward_backward(batch); });
     opt.step(0.0, 1.0);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    times.push_back(max_over(comm, dt));
+    times.push_back(comm.max_host(dt));
     blocked.push_back(mean_over(comm, st.blocked_seconds));
   }
   std::sort(times.begin(), times.end());

@@ -102,10 +102,9 @@ int run_generate(const GenerateCliOptions& o, Communicator& world) {
   }
   const infer::GenerateResult r = infer::generate(*engine, prompt, g);
 
-  // KV-cache bytes of every rank, gathered to print on rank 0.
-  std::vector<int64_t> kv(world.size());
-  const int64_t mine = r.kv_cache_bytes;
-  world.all_gather(&mine, kv.data(), 1, DType::I64);
+  // KV-cache bytes of every rank, gathered to print on rank 0 (control traffic: it stays out of
+  // the generation's measured traffic).
+  const std::vector<int64_t> kv = world.gather_host(int64_t{r.kv_cache_bytes});
   if (root) {
     if (!o.quiet) std::printf("\n");
     std::string kv_str;

@@ -54,11 +54,10 @@ struct TrainOptions {
   bool seed_set = false, batch_set = false, seq_set = false, accum_set = false;
 };
 
-// Every rank's value of a count, in world-rank order (collective).
+// Every rank's value of a count, in world-rank order (collective; control traffic, apart from the
+// training step's data traffic).
 std::vector<int64_t> all_gather_counts(Communicator& world, int64_t mine) {
-  std::vector<int64_t> all(world.size());
-  world.all_gather(&mine, all.data(), 1, DType::I64);
-  return all;
+  return world.gather_host(mine);
 }
 
 // Mean validation loss over the held-out windows (every rank gets the same
@@ -242,8 +241,7 @@ int run_train(TrainOptions o, Communicator& world) {
   TSP_CHECK(!o.data.empty(), "--data FILE is required (text, or an llm.c token file)");
   auto corpus = std::make_shared<const Corpus>(o.data);
   // The vocabulary check scans a token file once, on rank 0 only.
-  int64_t need_vocab = root ? corpus->min_vocab_size() : 0;
-  world.broadcast(&need_vocab, 1, DType::I64, 0);
+  const int64_t need_vocab = world.broadcast_host(root ? corpus->min_vocab_size() : 0, 0);
   TSP_CHECK(need_vocab <= config->vocab_size,
             "{} holds token ids up to {}, but the model's vocabulary has {} entries; use a model "
             "with vocab_size >= {}",

@@ -36,7 +36,7 @@ bool verify_on_rank0(Communicator& world, const std::string& dir,
       damage = e.message();
     }
   }
-  world.broadcast(&verified, 1, DType::I64, 0);
+  verified = world.broadcast_host(verified, 0);  // control traffic
   if (verified < 0) {
     if (world.rank() == 0) throw Error(damage);
     world.barrier();  // never completes: rank 0's error ends the job

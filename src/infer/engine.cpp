@@ -60,7 +60,9 @@ GenerateResult generate(Engine& engine, const std::vector<int32_t>& prompt,
   auto seconds = [](Clock::time_point a, Clock::time_point b) {
     return std::chrono::duration<double>(b - a).count();
   };
-  // Group rank 0 chooses, everyone continues with its choice (4 bytes per token).
+  // Group rank 0 chooses, everyone continues with its choice (4 bytes per token). This broadcast
+  // stays on the data path (not the control API): it is part of decoding's measured traffic, which
+  // docs/inference.md counts per token.
   auto choose = [&](const std::vector<float>& logits, int64_t step) {
     int32_t t = g.rank() == 0 ? sample_token(logits, opt.sampling, step) : 0;
     g.broadcast(&t, 1, DType::I32, 0);

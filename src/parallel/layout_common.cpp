@@ -257,24 +257,25 @@ void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& gro
   allocated_ = true;
 
   // Learn which piece (of how many, by rows or columns) every group rank holds, for gather().
-  std::vector<int32_t> mine(3 * n, -1), all(3 * n * group.size());
+  // Host control traffic (set-up agreement, counted in stats().control).
+  std::vector<int64_t> mine(3 * n, -1);
   for (const Entry& e : entries_) {
     mine[3 * e.param] = e.map.piece;
     mine[3 * e.param + 1] = e.map.parts;
-    mine[3 * e.param + 2] = static_cast<int32_t>(e.map.kind);
+    mine[3 * e.param + 2] = static_cast<int64_t>(e.map.kind);
   }
-  group.all_gather(mine.data(), all.data(), 3 * n, DType::I32);
+  const std::vector<int64_t> all = group.gather_host(mine);
   held_.assign(n, std::vector<int>(group.size(), -1));
   parts_.assign(n, 0);
   kinds_.assign(n, ShardMap::Kind::Whole);
   for (int r = 0; r < group.size(); ++r) {
     for (int p = 0; p < n; ++p) {
-      const int32_t* t = &all[3 * (r * n + p)];
+      const int64_t* t = &all[3 * (r * n + p)];
       if (t[0] < 0) continue;
-      TSP_CHECK(parts_[p] == 0 || (parts_[p] == t[1] && static_cast<int>(kinds_[p]) == t[2]),
+      TSP_CHECK(parts_[p] == 0 || (parts_[p] == t[1] && static_cast<int64_t>(kinds_[p]) == t[2]),
                 "ranks of the layout group disagree on how {} is sharded", specs[p].name);
-      held_[p][r] = t[0];
-      parts_[p] = t[1];
+      held_[p][r] = static_cast<int>(t[0]);
+      parts_[p] = static_cast<int>(t[1]);
       kinds_[p] = static_cast<ShardMap::Kind>(t[2]);
     }
   }
@@ -512,40 +513,23 @@ void LayoutCommon::check_tokens(const Batch& batch) const {
   }
   // Ranks read different tokens, so a bad one may be seen by some ranks only. Agree before
   // anything else is computed: every rank throws the error of the lowest rank that found one (a
-  // rank throwing alone would leave the others waiting in run()'s collectives). The common case
-  // costs one check_same, which is validation traffic and not counted in the layout's traffic
-  // (communicator.h), so measured traffic still equals the model of src/plan/measure.cpp.
-  int64_t bad = error.empty() ? 0 : 1;
-  bool agree = true;
-  try {
-    world_.check_same(bad, "whether the batch holds a bad token");
-  } catch (const Error&) {
-    agree = false;  // some ranks found one, others did not: find out who below
-  }
-  if (agree && bad == 0) return;
-  std::vector<int64_t> all(world_.size());
-  world_.all_gather(&bad, all.data(), 1, DType::I64);
-  const auto first = std::find(all.begin(), all.end(), 1);
-  if (first == all.end()) return;
-  const int root = static_cast<int>(first - all.begin());
-  int64_t length = static_cast<int64_t>(error.size());
-  world_.broadcast(&length, 1, DType::I64, root);
-  std::vector<int32_t> text((length + 3) / 4, 0);  // the message's bytes in 4-byte words
-  if (world_.rank() == root) std::memcpy(text.data(), error.data(), error.size());
-  world_.broadcast(text.data(), static_cast<int64_t>(text.size()), DType::I32, root);
-  throw Error(std::string(reinterpret_cast<const char*>(text.data()), length));
+  // rank throwing alone would leave the others waiting in run()'s collectives). This is host
+  // control traffic (communicator.h): counted in stats().control, never in the layout's data
+  // traffic, so measured traffic still equals the model of src/plan. The common case costs one
+  // any_true.
+  const bool bad = !error.empty();
+  if (!world_.any_true(bad)) return;
+  const std::vector<int64_t> all = world_.gather_host(int64_t{bad ? 1 : 0});
+  const int root = static_cast<int>(std::find(all.begin(), all.end(), 1) - all.begin());
+  throw Error(world_.broadcast_host(error, root));
 }
 
 double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
-  // Gather every rank's contribution (doubles travel as their 64-bit patterns) and add them in
-  // world-rank order on every rank: the loss is bit-identical everywhere, whatever MPI's
-  // reduction order would have been.
+  // Every rank's contribution added in world-rank order on every rank (Communicator::sum_host):
+  // the loss is bit-identical everywhere, whatever a transport's reduction order would have been.
+  // Host control traffic, not part of the step's modelled data traffic.
   const double mine = counts_loss() ? local_sum : 0.0;
-  std::vector<double> all(world_.size());
-  world_.all_gather(&mine, all.data(), 1, DType::I64);
-  double sum = 0;
-  for (double v : all) sum += v;
-  return sum / static_cast<double>(tokens);
+  return world_.sum_host(mine) / static_cast<double>(tokens);
 }
 
 double LayoutCommon::step(const Batch& batch, bool backward) {

@@ -101,10 +101,9 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
   const Dims s = dims_of(m);
   const int64_t Br = B / l.R, N = Br * S;
   const ElemBytes e = ElemBytes::of(compute);
-  const int64_t world = static_cast<int64_t>(l.D) * l.R;
   StepTraffic t;
-  // The loss: one int64 per rank all-gathered over the world, in forward() and forward_backward().
-  t.forward += all_gather(world, 8);
+  // The loss sum (one double per rank, Communicator::sum_host) and the batch checks are host
+  // control traffic, counted apart in CommStats::control: not part of this data traffic.
   // One source of truth for the blocks: block_comm (sp and tp-sp keep the gathered K/V, as
   // tp_sp.cpp does; tsp and fsdp-cp re-gather whatever regather_kv says).
   const BlockComm blk = block_comm(m, l, N, e, /*regather_kv=*/false);

@@ -571,8 +571,7 @@ StateHealth check_state_health(const AdamW& opt, Layout& layout, Communicator& w
   }
   std::array<int64_t, 3> mine{};
   be.download(counts.view(), mine.data());
-  std::vector<int64_t> all(3 * static_cast<size_t>(world.size()));
-  world.all_gather(mine.data(), all.data(), 3, DType::I64);
+  const std::vector<int64_t> all = world.gather_host(mine);  // control traffic, not data
   StateHealth h;
   for (int r = 0; r < world.size(); ++r) {
     h.weights += all[3 * r];

@@ -21,8 +21,7 @@ void max_memory_peaks(Communicator& world, StepMetrics& m) {
   std::array<int64_t, kFields> mine{};
   for (int i = 0; i < kNumMemCategories; ++i) mine[i] = s.peak[i];
   mine[kNumMemCategories] = s.peak_total;
-  std::vector<int64_t> all(static_cast<size_t>(kFields) * world.size());
-  world.all_gather(mine.data(), all.data(), kFields, DType::I64);
+  const std::vector<int64_t> all = world.gather_host(mine);  // control traffic, not data
   m.peak_bytes.fill(0);
   m.peak_total_bytes = 0;
   for (int r = 0; r < world.size(); ++r) {

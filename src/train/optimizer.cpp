@@ -1,7 +1,6 @@
 #include "tsp/train/optimizer.h"
 
 #include <cmath>
-#include <cstring>
 
 namespace tsp {
 
@@ -89,18 +88,7 @@ double local_grad_sumsq(const std::vector<ParamShard>& shards, int group_rank, i
 }
 
 double sum_over_ranks(Communicator& comm, double value) {
-  static_assert(sizeof(double) == sizeof(int64_t));
-  std::vector<int64_t> all(comm.size());
-  int64_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  comm.all_gather(&bits, all.data(), 1, DType::I64);
-  double sum = 0;
-  for (int64_t b : all) {
-    double d;
-    std::memcpy(&d, &b, sizeof d);
-    sum += d;
-  }
-  return sum;
+  return comm.sum_host(value);  // rank order on every rank: bit-identical everywhere
 }
 
 double global_grad_norm(const std::vector<ParamShard>& shards, Layout& layout, Communicator& world,

@@ -9,7 +9,8 @@
 //    (bf16 weights, ZeRO optimizer accounting); both share the categories.
 //  - predict_local_traffic(): bytes per rank per step, forward and backward, in the Communicator's
 //    convention: L × plan::block_comm() in the compute dtype plus what lies outside the blocks
-//    (embedding, loss head, norm-gradient and data-parallel all-reduces, the loss reduction).
+//    (embedding, loss head, norm-gradient and data-parallel all-reduces). The loss reduction and
+//    the batch checks are host control traffic (CommStats::control), not modelled here.
 //  Each layout's part of both is its model's (include/tsp/plan/layout_model.h).
 //  - measure_call_traffic(): the traffic of one call of a layout over every communicator it uses.
 #pragma once
@@ -43,8 +44,9 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
                                   int group_rank, DType compute = DType::F32);
 
 // Runs `call` and returns the traffic it caused on this rank over every communicator the layout
-// uses: `world` (the loss reduction), layout.group(), layout.replicas(), and the tensor/sequence
-// sub-communicators of tp, sp and tp-sp (through tp_sp_traffic()). blocked_seconds adds up too.
+// uses: `world` (the loss reduction, whose control traffic stays apart in CommStats::control),
+// layout.group(), layout.replicas(), and the tensor/sequence sub-communicators of tp, sp and tp-sp
+// (through tp_sp_traffic()). blocked_seconds adds up too.
 CommStats measure_call_traffic(Layout& layout, Communicator& world,
                                const std::function<void()>& call);
 

@@ -68,9 +68,10 @@ bool counts_in_global_sum(const ParamShard& shard, int group_rank, int replica_r
 double local_grad_sumsq(const std::vector<ParamShard>& shards, int group_rank, int replica_rank,
                         double grad_scale = 1.0);
 
-// Sums one double per rank over the communicator in rank order (an all-gather of the values, then
-// the same sequential sum on every rank): the result is bit-identical on every rank and does not
-// depend on the reduction algorithm MPI picks. The Communicator reduces f32 only, and a global
+// Sums one double per rank over the communicator in rank order (Communicator::sum_host: the
+// values gathered, then the same sequential sum on every rank): the result is bit-identical on
+// every rank and does not depend on a transport's reduction order. Host control traffic
+// (CommStats::control), not the step's data traffic. The data path reduces f32 only, and a global
 // norm wants double accumulation.
 double sum_over_ranks(Communicator& comm, double value);
 
