@@ -55,30 +55,33 @@ ModelDir open_model_arg(const std::string& model, Communicator& world) {
 namespace tsp::cli {
 
 void ComputeOptions::add_to(CLI::App& sub) {
-  sub.add_option("--device", device, "where to compute: cpu (cuda with a CUDA build)")
-      ->capture_default_str();
+  sub.add_option("--device", device, "where to compute: cpu (cuda:N with a CUDA build)")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            try {
+              parse_device(v);
+              return std::string();
+            } catch (const Error&) {
+              return "unknown device '" + v + "': use cpu, cuda or cuda:N";
+            }
+          },
+          "DEVICE"));
   sub.add_option("--dtype", dtype,
                  "compute precision: bf16 (mixed: bf16 weights copies, activations and transfers; "
                  "fp32 master weights, gradients and optimizer), fp32, or auto (bf16 where the "
                  "device has native bf16 arithmetic)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "bf16", "fp32"}));
 }
 
 Device ComputeOptions::parsed_device() const {
-  try {
-    return parse_device(device);
-  } catch (const Error& e) {
-    TSP_FAIL("--device: {}", e.what());
-  }
+  return parse_device(device);  // validated when parsed
 }
 
 DType ComputeOptions::parsed_dtype() const {
   if (dtype == "auto") return default_compute_dtype(backend_for(parsed_device()));
-  try {
-    return parse_compute_dtype(dtype);
-  } catch (const Error& e) {
-    TSP_FAIL("--dtype: {} (or auto)", e.what());
-  }
+  return parse_compute_dtype(dtype);  // validated when parsed
 }
 
 std::string ComputeOptions::describe() const {

@@ -179,4 +179,12 @@ expect_error "compare > /dev/full" "writing to standard output failed" \
 expect_error "plan --json > /dev/full" "writing to standard output failed" \
   sh -c '"$0" plan --model 7b --seq 4096 --batch 1 --gpus 8 --hw mi300x --json > /dev/full' "$tsp"
 [ -c /dev/full ] || fail "/dev/full is no longer a device"
+
+# ---- precision and device -----------------------------------------------------------------------
+expect_error "--dtype fp16" "--dtype: fp16 not in {auto,bf16,fp32}" "$tsp" train --dtype fp16
+expect_error "--device tpu" "unknown device 'tpu': use cpu, cuda or cuda:N" \
+  "$tsp" train --device tpu
+"$tsp" init --preset tiny --seed 1 --out dev_model > /dev/null
+expect_error "--device cuda without a CUDA backend" "no backend for device cuda:0" \
+  "$tsp" generate --device cuda --model dev_model --prompt "a" --max-new 2
 echo "PASS"
