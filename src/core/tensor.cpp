@@ -173,4 +173,22 @@ void copy(TensorView src, TensorView dst) {
   }
 }
 
+void swap_leading_dims(TensorView src, TensorView dst) {
+  TSP_CHECK(src.rank() >= 2 && dst.rank() == src.rank() && src.dtype() == dst.dtype(),
+            "swap_leading_dims: {} and {} must have the same rank (>= 2) and dtype",
+            shape_str(src.shape()), shape_str(dst.shape()));
+  Shape want = src.shape();
+  std::swap(want[0], want[1]);
+  TSP_CHECK(dst.shape() == want, "swap_leading_dims: destination is {}, expected {}",
+            shape_str(dst.shape()), shape_str(want));
+  const int64_t a = src.dim(0), b = src.dim(1);
+  const size_t inner = (a * b != 0) ? src.nbytes() / (a * b) : 0;
+  const auto* s = static_cast<const char*>(src.data());
+  auto* d = static_cast<char*>(dst.data());
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      std::memcpy(d + (j * a + i) * inner, s + (i * b + j) * inner, inner);
+}
+
+
 }  // namespace tsp

@@ -53,14 +53,19 @@ TensorView row(TensorView t, int64_t b, int64_t B) {
   const int64_t rows = t.dim(0) / B;
   return t.slice(b * rows, (b + 1) * rows);
 }
+// B rows of queries and keys, each row at the same positions.
+void check_rows(const char* op, int64_t B, TensorView q, TensorView k, TensorView q_pos,
+                TensorView k_pos) {
+  TSP_CHECK(B >= 1 && q.dim(0) == B * q_pos.numel() && k.dim(0) == B * k_pos.numel(),
+            "{}: {} rows of q {} at {} positions, k {} at {} positions", op, B,
+            shape_str(q.shape()), q_pos.numel(), shape_str(k.shape()), k_pos.numel());
+}
 }  // namespace
 
 void attention_forward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
                        TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
                        TensorView lse) {
-  TSP_CHECK(B >= 1 && q.dim(0) == B * q_pos.numel() && k.dim(0) == B * k_pos.numel(),
-            "attention_forward: {} rows of q {} at {} positions, k {} at {} positions", B,
-            shape_str(q.shape()), q_pos.numel(), shape_str(k.shape()), k_pos.numel());
+  check_rows("attention_forward", B, q, k, q_pos, k_pos);
   for (int64_t b = 0; b < B; ++b)
     be.attention_forward(row(q, b, B), row(k, b, B), row(v, b, B), q_pos, k_pos, row(o, b, B),
                          row(lse, b, B), a.scale());
@@ -70,9 +75,7 @@ void attention_backward(Backend& be, const AttnDims& a, int64_t B, TensorView q,
                         TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
                         TensorView lse, TensorView dout, TensorView dq, TensorView dk,
                         TensorView dv) {
-  TSP_CHECK(B >= 1 && q.dim(0) == B * q_pos.numel() && k.dim(0) == B * k_pos.numel(),
-            "attention_backward: {} rows of q {} at {} positions, k {} at {} positions", B,
-            shape_str(q.shape()), q_pos.numel(), shape_str(k.shape()), k_pos.numel());
+  check_rows("attention_backward", B, q, k, q_pos, k_pos);
   for (int64_t b = 0; b < B; ++b)
     be.attention_backward(row(q, b, B), row(k, b, B), row(v, b, B), q_pos, k_pos, row(o, b, B),
                           row(lse, b, B), row(dout, b, B), row(dq, b, B), row(dk, b, B),

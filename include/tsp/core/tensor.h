@@ -145,5 +145,10 @@ class Tensor {
 // Copy src into dst on the host (same numel and dtype, or f32<->bf16 conversion). Both views must
 // be host memory; engine code uses Backend::copy, which works on any device.
 void copy(TensorView src, TensorView dst);
+// Swap the first two dimensions: src [a, b, ...] -> dst [b, a, ...] (any dtype). An all-gather
+// over the group of per-rank [B, n, c] blocks gives [D, B, n, c]; attention wants each row's keys
+// contiguous, [B, D·n, c], at zigzag_gathered_positions. Also the inverse, for reduce-scatter.
+// Host memory (Backend::swap_leading_dims is the same on any device).
+void swap_leading_dims(TensorView src, TensorView dst);
 
 }  // namespace tsp

@@ -68,10 +68,6 @@ void zigzag_take(TensorView full, TensorView local, int D, int p);
 // local [B, S/D, ...] of rank p -> its places in full [B, S, ...] (other places untouched).
 void zigzag_put(TensorView local, TensorView full, int D, int p);
 
-// Swap the first two dimensions: src [a, b, ...] -> dst [b, a, ...] (any dtype). An all-gather
-// over the group of per-rank [B, n, c] blocks gives [D, B, n, c]; attention wants each row's keys
-// contiguous, [B, D·n, c], at zigzag_gathered_positions. Also the inverse, for reduce-scatter.
-void swap_leading_dims(TensorView src, TensorView dst);
 
 // ---- Validation (throw tsp::Error with what would work) ----------------------------------------
 // "num_key_value_heads=4 is not divisible by D=8; use D in {1, 2, 4}" (also num_attention_heads).
