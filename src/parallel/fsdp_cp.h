@@ -11,7 +11,7 @@
 namespace tsp {
 
 // Traffic of this rank on the layout group's communicator in the last forward_backward() or
-// forward() call (the framework's replica all-reduce and loss all-gather are not included). Each
+// forward() call (the framework's replica all-reduce and loss reduction are not included). Each
 // transfer is attributed to the unit it serves, even when it was started earlier as a prefetch
 // (layer l+1's weights are gathered while layer l computes): the records are snapshots of
 // Communicator::stats() around each start. docs/communication.md ("fsdp-cp") gives the closed
