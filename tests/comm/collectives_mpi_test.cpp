@@ -44,6 +44,7 @@ int64_t as_dtype(DType dt, int64_t v) {
     case DType::I32:
       return v - 50000;  // negative values too
     case DType::I64:
+    case DType::F64:  // moved as its 64-bit pattern
       return (v << 24) - 7;
   }
   return 0;
@@ -71,6 +72,7 @@ class Buf {
         store(i, static_cast<int32_t>(v));
         break;
       case DType::I64:
+      case DType::F64:
         store(i, v);
         break;
     }
@@ -84,6 +86,7 @@ class Buf {
       case DType::I32:
         return load<int32_t>(i);
       case DType::I64:
+      case DType::F64:
         return load<int64_t>(i);
     }
     return 0;

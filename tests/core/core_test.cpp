@@ -110,8 +110,9 @@ TEST(Tensor, AllocationShapesAndViews) {
   EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data()) % 64, 0u);
   // Not zeroed: under TSP_POISON_ALLOCATIONS=1 (the test suite's setting) every byte is 0xFF, a
   // NaN for floats, so code relying on fresh memory being zero fails instead of passing by luck.
-  if (poison_allocations())
+  if (poison_allocations()) {
     for (int64_t i = 0; i < 12; ++i) EXPECT_TRUE(std::isnan(t.f32()[i])) << "poisoned";
+  }
   const Tensor z = Tensor::zeros({3, 4}, DType::F32, MemCategory::Workspace);
   for (int64_t i = 0; i < 12; ++i) EXPECT_EQ(z.f32()[i], 0.f) << "Tensor::zeros";
   EXPECT_EQ(z.device(), Device::cpu());

@@ -28,6 +28,8 @@ const char* stored_as(tsp::DType dtype) {
       return "I32";
     case tsp::DType::I64:
       return "I64";
+    case tsp::DType::F64:  // not a safetensors dtype tsp reads
+      return "";
   }
   return "";
 }

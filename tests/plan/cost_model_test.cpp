@@ -224,7 +224,9 @@ TEST(CostModelMemory, ShrinksAsTheLayoutSays) {
   EXPECT_GT(s2[C::Activations], s4[C::Activations]);
   // TSP below every other layout of the same D.
   for (const LayoutSpec& l : enumerate_layouts(w, 8, 8))
-    if (l.name != "tsp") EXPECT_LT(mem({"tsp", 8, 1, 1}).total(), mem(l).total()) << l.label();
+    if (l.name != "tsp") {
+      EXPECT_LT(mem({"tsp", 8, 1, 1}).total(), mem(l).total()) << l.label();
+    }
 }
 
 // Inference: no gradients or optimizer state; the K/V cache is split 1/D under sp and tsp.
@@ -293,7 +295,9 @@ TEST(CostModelPlan, RecommendsFastestThatFits) {
   EXPECT_EQ(all[best].layout.name, "tsp");
   EXPECT_NE(reason.find("highest predicted tokens/s among layouts that fit"), std::string::npos);
   for (const Estimate& e : all)
-    if (e.fits) EXPECT_LE(e.tokens_per_s, all[best].tokens_per_s * (1 + 1e-12));
+    if (e.fits) {
+      EXPECT_LE(e.tokens_per_s, all[best].tokens_per_s * (1 + 1e-12));
+    }
 }
 
 }  // namespace
