@@ -295,18 +295,16 @@ class SeqShardedEngine final : public EngineBase {
   Packing attn_pack_, mlp_pack_, vocab_pack_;  // tsp: the shards as they travel
 };
 
-std::unique_ptr<Engine> make_sp(const LlamaConfig& c, Communicator& world, DType dtype,
-                                Device device) {
+}  // namespace
+
+// Registered by the layouts that use them (src/parallel/tp_sp.cpp, tsp.cpp).
+std::unique_ptr<Engine> make_sp_engine(const LlamaConfig& c, Communicator& world, DType dtype,
+                                       Device device) {
   return std::make_unique<SeqShardedEngine>(c, world, /*tsp=*/false, dtype, device);
 }
-std::unique_ptr<Engine> make_tsp(const LlamaConfig& c, Communicator& world, DType dtype,
-                                 Device device) {
+std::unique_ptr<Engine> make_tsp_engine(const LlamaConfig& c, Communicator& world, DType dtype,
+                                        Device device) {
   return std::make_unique<SeqShardedEngine>(c, world, /*tsp=*/true, dtype, device);
 }
 
-// Registered with their layouts' names (parallel/registry.h), beside the engines for now.
-const EngineRegistration kRegisterSp("sp", make_sp);
-const EngineRegistration kRegisterTsp("tsp", make_tsp);
-
-}  // namespace
 }  // namespace tsp::infer

@@ -110,19 +110,16 @@ class TensorParallelEngine final : public EngineBase {
   block::AttnDims ad_;
 };
 
-std::unique_ptr<Engine> make_single(const LlamaConfig& c, Communicator& world, DType dtype,
-                                    Device device) {
+}  // namespace
+
+// Registered by the layouts that use them (src/parallel/single.cpp, tp_sp.cpp).
+std::unique_ptr<Engine> make_single_engine(const LlamaConfig& c, Communicator& world, DType dtype,
+                                           Device device) {
   return std::make_unique<TensorParallelEngine>(c, world, /*single=*/true, dtype, device);
 }
-std::unique_ptr<Engine> make_tp(const LlamaConfig& c, Communicator& world, DType dtype,
-                                Device device) {
+std::unique_ptr<Engine> make_tp_engine(const LlamaConfig& c, Communicator& world, DType dtype,
+                                       Device device) {
   return std::make_unique<TensorParallelEngine>(c, world, /*single=*/false, dtype, device);
 }
 
-// Each engine registers with its layout's name (parallel/registry.h). The registrations live here,
-// beside the engines, until the layouts' own files register them.
-const EngineRegistration kRegisterSingle("single", make_single);
-const EngineRegistration kRegisterTp("tp", make_tp);
-
-}  // namespace
 }  // namespace tsp::infer

@@ -3,12 +3,12 @@
 // tsp_lib is a shared library, so every layout's registrar runs when the library loads and
 // make_layout() (layout_common.cpp) finds it without a central list to edit.
 //
-// A layout's inference engine registers under the same name (optional; src/infer/*.cpp hold
-// theirs beside the engine, with an EngineRegistration), so infer::make_engine and
-// infer::supported_layouts find it without comparing layout names.
+// A layout's inference engine registers under the same name, from the layout's file (optional:
+// fsdp-cp and tp-sp have none; the engines themselves live in src/infer/, infer/engines.h), so
+// infer::make_engine and infer::supported_layouts find it without comparing layout names.
 //
 // Each layout's cost and memory model (include/tsp/plan/layout_model.h) registers itself the same
-// way, under the layout's name, from its own file (src/plan/models/<layout>.cpp):
+// way, under the layout's name, from the layout's own file (the end of src/parallel/<layout>.cpp):
 //   static const LayoutModelRegistration reg("tsp", std::make_shared<TspModel>());
 // so the planner asks the registry instead of comparing layout names.
 #pragma once

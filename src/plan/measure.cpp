@@ -1,7 +1,7 @@
 // Predictions of OUR implementation on this machine, to compare with `tsp bench` measurements
 // (include/tsp/plan/measure.h). What every layout shares is here (the ShardStore's slabs, the loss
 // reduction, the data-parallel all-reduce); what a layout allocates and sends is its model's
-// (src/plan/models/<layout>.cpp), where every term names the tensor of src/parallel/*.cpp or
+// (at the end of src/parallel/<layout>.cpp), where every term names the tensor of src/parallel/*.cpp or
 // src/model/block.cpp it stands for. When a layout changes what it allocates or sends, its model
 // is the file to update (tests/plan/measured_vs_predicted_mpi_test.cpp says which term is off).
 #include "tsp/plan/measure.h"

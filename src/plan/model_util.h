@@ -1,4 +1,4 @@
-// Shared pieces of the layout models (src/plan/models/*.cpp), the planner (cost_model.cpp) and the
+// Shared pieces of the layout models (the end of each src/parallel/<layout>.cpp), the planner (cost_model.cpp) and the
 // model of our implementation (measure.cpp): model shapes, the Communicator's byte-counting
 // convention, and the sizes of the tensors our implementation allocates.
 #pragma once

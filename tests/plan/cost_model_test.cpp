@@ -189,7 +189,7 @@ TEST(CostModelComm, ExactSmallShapeBf16) {
   EXPECT_THROW(ElemBytes::of(DType::I32), Error);
 }
 
-// Every registered layout has its model (src/plan/models/<layout>.cpp), attached to its
+// Every registered layout has its model (at the end of src/parallel/<layout>.cpp), attached to its
 // LayoutInfo; the planner enumerates exactly the modelled layouts.
 TEST(CostModelLayouts, EveryLayoutRegistersItsModel) {
   ASSERT_FALSE(registered_layouts().empty());

@@ -1,8 +1,8 @@
 // The cost and memory model of one parallel layout, registered with the layout itself
 // (registry.h: LayoutInfo::model), so the planner (cost_model.cpp) and the model of our
 // implementation (measure.cpp) ask the layout's model instead of comparing layout names. Adding a
-// layout means adding its model file (src/plan/models/<layout>.cpp) beside its layout file; each
-// registers itself:
+// layout means adding one file, src/parallel/<layout>.cpp: the layout, and at its end its model,
+// each registered under the layout's name:
 //   static const tsp::LayoutModelRegistration reg("tsp", std::make_shared<TspModel>());
 //
 // A model answers four kinds of question, each in the units of the code that asks:
