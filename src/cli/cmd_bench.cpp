@@ -420,7 +420,10 @@ int run_bench(const BenchOptions& o, Communicator& world) {
       }
       if (print) {
         if (o.json)
-          std::printf("%s\n", row_json(row, c, world.size(), std::string(dtype_name(o.compute.parsed_dtype()))).dump().c_str());
+          std::printf("%s\n", row_json(row, c, world.size(),
+                                       std::string(dtype_name(o.compute.parsed_dtype())))
+                                  .dump()
+                                  .c_str());
         else
           print_row(row);
         std::fflush(stdout);

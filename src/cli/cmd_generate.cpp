@@ -59,8 +59,7 @@ int run_generate(const GenerateCliOptions& o, Communicator& world) {
   const std::vector<int32_t> prompt = read_prompt(o, dir.config);
   infer::validate_request(dir.config, prompt, o.max_new);  // before any weight is read
   const DType dtype = o.compute.parsed_dtype();
-  auto engine =
-      infer::make_engine(dir.config, o.layout, world, dtype, o.compute.parsed_device());
+  auto engine = infer::make_engine(dir.config, o.layout, world, dtype, o.compute.parsed_device());
   {
     // The K/V cache of the whole sequence, shared by the engine's D ranks (every rank holds all
     // of it under single), before the weights are read (KvCache::reset checks each rank's again).

@@ -70,10 +70,10 @@ int run_grad(const GradOptions& o, Communicator& world) {
   // moments) before the weights are read: a batch too large for this machine is an error here.
   double predicted = 0;
   try {
-    predicted = plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
-                                           batch.B, batch.S, /*optimizer=*/false,
-                                           layout->compute_dtype())
-                    .total();
+    predicted =
+        plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()), batch.B,
+                                   batch.S, /*optimizer=*/false, layout->compute_dtype())
+            .total();
   } catch (const Error&) {
     predicted = 0;  // a layout without a memory model: nothing to check against
   }

@@ -92,7 +92,9 @@ class CpuAllocator final : public Allocator {
   static constexpr bool kCaching = true;
 #endif
   static constexpr size_t kCacheBytes = size_t{512} << 20;
-  static size_t block_size(size_t bytes) { return (bytes + 4095) / 4096 * 4096; }
+  static size_t block_size(size_t bytes) {
+    return (bytes + 4095) / 4096 * 4096;
+  }
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   size_t cached_ = 0;

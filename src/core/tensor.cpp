@@ -190,5 +190,4 @@ void swap_leading_dims(TensorView src, TensorView dst) {
       std::memcpy(d + (j * a + i) * inner, s + (i * b + j) * inner, inner);
 }
 
-
 }  // namespace tsp

@@ -18,9 +18,9 @@ namespace tsp {
 // forms these equal.
 struct FsdpCpTraffic {
   std::vector<CommStats> layer_forward;  // [L] layer weights all-gather + K/V all-gather
-  std::vector<CommStats>
-      layer_backward;            // [L] weights re-gather, K/V re-gather, dK/dV and
-                                 //     weight-gradient reduce-scatter; zero after forward()
+  // [L] weights re-gather, K/V re-gather, dK/dV and weight-gradient reduce-scatter; zero after
+  // forward()
+  std::vector<CommStats> layer_backward;
   CommStats embedding_forward;   // all-gather of the embedding for the lookup
   CommStats head_forward;        // all-gather of final norm + LM head (the embedding when tied)
   CommStats head_backward;       // reduce-scatter of final-norm (+ LM-head when untied) gradients

@@ -78,9 +78,9 @@ class ShardStore {
                 DType compute);
 
   int size() const { return static_cast<int>(entries_.size()); }
-  int entry_of(int param) const;  // -1 when this rank holds no shard of it
-  TensorView value(int entry) const;  // fp32 master
-  TensorView grad(int entry) const;   // fp32
+  int entry_of(int param) const;        // -1 when this rank holds no shard of it
+  TensorView value(int entry) const;    // fp32 master
+  TensorView grad(int entry) const;     // fp32
   TensorView compute(int entry) const;  // the compute-dtype copy (the master itself under F32)
   // Shorthands by parameter index (throw if not held): the weights to compute with, and the
   // gradient to accumulate into.
@@ -227,8 +227,15 @@ class LayoutCommon : public Layout {
   virtual void begin_layer_backward(int l) {}
   virtual void end_layer_backward(int l) {}
   virtual void end_backward(const LocalTokens& t) {}
-  enum class Part { EmbeddingForward, LayerForward, HeadForward, HeadBackward, LayerBackward,
-                    EmbeddingBackward, End };
+  enum class Part {
+    EmbeddingForward,
+    LayerForward,
+    HeadForward,
+    HeadBackward,
+    LayerBackward,
+    EmbeddingBackward,
+    End
+  };
   virtual void part_done(Part part, int layer) {}
   // Where backward accumulates a norm weight's gradient (default: the store).
   virtual TensorView grad_target(int param) { return store_.g(param); }

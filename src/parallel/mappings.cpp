@@ -28,8 +28,8 @@ RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTok
   return comm.iall_gather(local.data(), staging.data(), block, local.dtype());
 }
 
-void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request,
-                            TensorView full, const Tensor& staging) {
+void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request, TensorView full,
+                            const Tensor& staging) {
   if (request) request->wait();
   if (gather_sequence_in_place(t)) return;
   TSP_CHECK(full.dtype() == staging.dtype() && full.numel() <= staging.numel(),
@@ -47,8 +47,8 @@ void reduce_scatter_sequence(Backend& be, Communicator& comm, const LocalTokens&
   TSP_CHECK(parts == t.parts && full_grad.dtype() == DType::F32 && local.dtype() == DType::F32 &&
                 full_grad.numel() == local.numel() * parts,
             "reduce_scatter_sequence: {} {} into {} {} over {} ranks ({} parts)",
-            dtype_name(full_grad.dtype()), shape_str(full_grad.shape()),
-            dtype_name(local.dtype()), shape_str(local.shape()), parts, t.parts);
+            dtype_name(full_grad.dtype()), shape_str(full_grad.shape()), dtype_name(local.dtype()),
+            shape_str(local.shape()), parts, t.parts);
   const int64_t block = local.numel();
   TensorView send = full_grad;
   // [B, parts, nl·c] -> [parts, B, nl·c]: each rank's tokens contiguous (nothing to do for one

@@ -37,8 +37,8 @@ void gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t, Tens
 // written only by finish: start may then get an empty view, and `full` be allocated later.
 RequestPtr start_gather_sequence(Backend& be, Communicator& comm, const LocalTokens& t,
                                  TensorView local, TensorView full, Tensor& staging);
-void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request,
-                            TensorView full, const Tensor& staging);
+void finish_gather_sequence(Backend& be, const LocalTokens& t, RequestPtr request, TensorView full,
+                            const Tensor& staging);
 // Whether the all-gather lands in `full` itself (one row, or one part): its receive buffer is then
 // `full`, else `staging`.
 inline bool gather_sequence_in_place(const LocalTokens& t) {

@@ -76,6 +76,6 @@ struct EngineRegistration {
   EngineRegistration(std::string layout, EngineFactory make);
 };
 const EngineFactory* find_engine(const std::string& layout);  // nullptr when none
-std::string engine_layout_names_str();                          // "single, sp, tp, tsp"
+std::string engine_layout_names_str();                        // "single, sp, tp, tsp"
 
 }  // namespace tsp

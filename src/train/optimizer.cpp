@@ -31,14 +31,14 @@ AdamW::AdamW(std::vector<ParamShard> shards, AdamWConfig config)
               "grad {} {})",
               s.spec->name, dtype_name(s.value.dtype()), shape_str(s.value.shape()),
               dtype_name(s.grad.dtype()), shape_str(s.grad.shape()));
-    TSP_CHECK(s.value.device() == shards_.front().value.device() &&
-                  s.grad.device() == s.value.device(),
-              "{}: every shard the optimizer updates must live on one device", s.spec->name);
+    TSP_CHECK(
+        s.value.device() == shards_.front().value.device() && s.grad.device() == s.value.device(),
+        "{}: every shard the optimizer updates must live on one device", s.spec->name);
     // The moments start at zero (explicitly: allocations are not zeroed).
-    m_.push_back(Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer,
-                               s.value.device()));
-    v_.push_back(Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer,
-                               s.value.device()));
+    m_.push_back(
+        Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer, s.value.device()));
+    v_.push_back(
+        Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer, s.value.device()));
   }
   backend_ = &backend_for(shards_.empty() ? Device::cpu() : shards_.front().value.device());
 }

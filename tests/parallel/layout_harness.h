@@ -200,9 +200,9 @@ inline LayoutCaseResult check_layout_against_single(Communicator& world, const L
         res.max_rel_err = err;
         res.worst_param = name;
       }
-      EXPECT_LE(err, lc.tolerance()) << lc.layout << " (D=" << group_size << ", R=" << replicas
-                              << "): gradient of " << name << " has norm-wise relative error "
-                              << err;
+      EXPECT_LE(err, lc.tolerance())
+          << lc.layout << " (D=" << group_size << ", R=" << replicas << "): gradient of " << name
+          << " has norm-wise relative error " << err;
     }
   }
 

@@ -33,13 +33,13 @@ namespace tsp {
 // Step constants of one AdamW update (see train/optimizer.h for the maths). Computed in double on
 // the host and rounded once to f32, so every rank and every backend applies the same numbers.
 struct AdamWStep {
-  float grad_scale = 1;      // g = grad · grad_scale
+  float grad_scale = 1;  // g = grad · grad_scale
   float beta1 = 0.9f, one_minus_beta1 = 0.1f;
   float beta2 = 0.95f, one_minus_beta2 = 0.05f;
   float step_size = 0;       // lr / (1 - β1^t)
   float inv_sqrt_bias2 = 1;  // 1 / sqrt(1 - β2^t)
   float eps = 1e-8f;
-  float decay = 1;           // 1 - lr · weight_decay (1 for parameters without decay)
+  float decay = 1;  // 1 - lr · weight_decay (1 for parameters without decay)
 };
 
 class Backend {
@@ -68,7 +68,7 @@ class Backend {
   virtual void synchronize() = 0;
 
   // ---- Element-wise and reductions ------------------------------------------------------------
-  virtual void add(TensorView y, TensorView x) = 0;     // y += x (x F32 or BF16, cast first)
+  virtual void add(TensorView y, TensorView x) = 0;    // y += x (x F32 or BF16, cast first)
   virtual void scale(TensorView y, float factor) = 0;  // y *= factor
   // out F64 [1] (+=) Σ x² (x F32), accumulated in double.
   virtual void sum_squares(TensorView x, TensorView out) = 0;

@@ -106,8 +106,8 @@ struct MlpGrads {  // F32, same shapes; an empty view skips that gradient
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
                  const std::function<void()>& after_chunk = {});
 // dy F32 [n, h] -> dxn F32 [n, h] (+=), dwg, dwu, dwd (+=). Recomputes gate/up from xn.
-void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& g, TensorView xn,
-                  TensorView dy, TensorView dxn, const std::function<void()>& after_chunk = {});
+void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& g, TensorView xn, TensorView dy,
+                  TensorView dxn, const std::function<void()>& after_chunk = {});
 
 // ---- RMSNorm helper --------------------------------------------------------------------------
 
@@ -140,8 +140,7 @@ struct LayerSaved {
   Tensor lse;    // [n, hq]
   Tensor x2;     // [n, h]     residual after attention = MLP block input
   Tensor rstd2;  // [n]        post_attention_layernorm's 1/rms
-  void allocate(int64_t n, int64_t h, int64_t hq, int64_t hkv, int64_t d, DType act,
-                Device device);
+  void allocate(int64_t n, int64_t h, int64_t hq, int64_t hkv, int64_t d, DType act, Device device);
   int64_t bytes() const;
 };
 

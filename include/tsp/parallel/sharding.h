@@ -68,7 +68,6 @@ void zigzag_take(TensorView full, TensorView local, int D, int p);
 // local [B, S/D, ...] of rank p -> its places in full [B, S, ...] (other places untouched).
 void zigzag_put(TensorView local, TensorView full, int D, int p);
 
-
 // ---- Validation (throw tsp::Error with what would work) ----------------------------------------
 // "num_key_value_heads=4 is not divisible by D=8; use D in {1, 2, 4}" (also num_attention_heads).
 void check_heads(const LlamaConfig& c, int D);

@@ -229,8 +229,7 @@ class CpuBackend final : public Backend {
       tsp::linear_forward(xb.data_as<bf16>(), wb.data_as<bf16>(), y.data_as<bf16>(), N, in, out,
                           accumulate);
     else
-      tsp::linear_forward(xb.data_as<bf16>(), wb.data_as<bf16>(), y.f32(), N, in, out,
-                          accumulate);
+      tsp::linear_forward(xb.data_as<bf16>(), wb.data_as<bf16>(), y.f32(), N, in, out, accumulate);
   }
   void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx,
                        TensorView dw) override {
@@ -253,9 +252,8 @@ class CpuBackend final : public Backend {
     const TensorView xb = dw.empty() ? x : as_bf16(x, hx);
     const TensorView wb = dx.empty() ? w : as_bf16(w, hw);
     tsp::linear_backward(dyb.data_as<bf16>(), dw.empty() ? nullptr : xb.data_as<bf16>(),
-                         dx.empty() ? nullptr : wb.data_as<bf16>(),
-                         dx.empty() ? nullptr : dx.f32(), dw.empty() ? nullptr : dw.f32(), N, in,
-                         out);
+                         dx.empty() ? nullptr : wb.data_as<bf16>(), dx.empty() ? nullptr : dx.f32(),
+                         dw.empty() ? nullptr : dw.f32(), N, in, out);
   }
 
   // ---- RMSNorm ------------------------------------------------------------------------------
@@ -286,8 +284,7 @@ class CpuBackend final : public Backend {
     check_numel(rstd, N, op, "rstd");
     check_dtype(rstd, DType::F32, op, "rstd");
     if (all_bf16({&x, &w, &y})) {
-      tsp::rmsnorm_apply(x.data_as<bf16>(), w.data_as<bf16>(), rstd.f32(), y.data_as<bf16>(), N,
-                         h);
+      tsp::rmsnorm_apply(x.data_as<bf16>(), w.data_as<bf16>(), rstd.f32(), y.data_as<bf16>(), N, h);
       return;
     }
     Tensor hx, hw;

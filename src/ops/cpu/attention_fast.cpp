@@ -44,8 +44,8 @@ namespace {
 
 using namespace avx512;  // NOLINT: the shared tile helpers
 
-constexpr int kMr = 6;       // micro-kernel rows: 6 × 4 accumulators + 4 B vectors + 1 broadcast
-constexpr int kNr = 4;       // micro-kernel columns, in vectors of 16
+constexpr int kMr = 6;  // micro-kernel rows: 6 × 4 accumulators + 4 B vectors + 1 broadcast
+constexpr int kNr = 4;  // micro-kernel columns, in vectors of 16
 
 // C[R][16·NC] (+)= Σ_k A(r, k) · B[k][16·NC],  A(r, k) = A[r·a_rs + k·a_ks], B rows ldb apart.
 // The accumulators stay in registers for the whole reduction.
