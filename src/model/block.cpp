@@ -170,9 +170,9 @@ void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, f
     const int64_t m = std::min(kTokenChunk, n - t0);
     const TensorView x = rows(xn, t0, m, h), lv = logits.window(0, {m, V});
     be.linear_forward(x, w, lv, false);
-    // dlogits overwrite the logits in place (allowed by the kernel).
-    be.cross_entropy(lv, labels.window(t0, {m}), dxn.empty() ? TensorView() : lv, grad_scale, loss,
-                     /*ignore_index=*/-100);
+    // dlogits overwrite the logits in place (allowed by the kernel), also when only the loss is
+    // wanted: the logits are not read again, and no second [chunk, V] buffer is needed.
+    be.cross_entropy(lv, labels.window(t0, {m}), lv, grad_scale, loss, /*ignore_index=*/-100);
     if (!dxn.empty()) {
       const TensorView dx = rows(dxn, t0, m, h);
       be.zero(dx);
