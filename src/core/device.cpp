@@ -111,17 +111,57 @@ Registry& registry() {
 
 }  // namespace
 
-Allocator& allocator_for(Device device) {
-  static CpuAllocator cpu;
-  if (device.is_cpu()) return cpu;
+static Allocator* find_allocator(Device device) {
   Registry& r = registry();
   std::lock_guard lock(r.mutex);
   auto it = r.devices.find({static_cast<int>(device.kind), device.index});
-  TSP_CHECK(it != r.devices.end(),
-            "no allocator for device {}: this build has no backend for it, or the device was not "
-            "initialised (use --device cpu)",
-            device.str());
-  return *it->second;
+  return it == r.devices.end() ? nullptr : it->second.get();
+}
+
+Allocator& allocator_for(Device device) {
+  static CpuAllocator cpu;
+  if (device.is_cpu()) return cpu;
+  if (Allocator* a = find_allocator(device)) return *a;
+  try {
+    initialize_device(device);  // outside the registry's lock: it registers the allocator
+  } catch (const Error& e) {
+    TSP_FAIL("no allocator for device {}: {}", device.str(), e.message());
+  }
+  Allocator* a = find_allocator(device);
+  TSP_CHECK(a, "no allocator for device {}: its backend registered none", device.str());
+  return *a;
+}
+
+namespace {
+struct Initializers {
+  std::mutex mutex;
+  std::map<int, DeviceInitializer> kinds;
+};
+Initializers& initializers() {
+  static Initializers i;
+  return i;
+}
+}  // namespace
+
+void register_device_initializer(DeviceKind kind, DeviceInitializer init) {
+  Initializers& i = initializers();
+  std::lock_guard lock(i.mutex);
+  i.kinds[static_cast<int>(kind)] = init;
+}
+
+void initialize_device(Device device) {
+  if (device.is_cpu()) return;
+  DeviceInitializer init = nullptr;
+  {
+    Initializers& i = initializers();
+    std::lock_guard lock(i.mutex);
+    auto it = i.kinds.find(static_cast<int>(device.kind));
+    if (it != i.kinds.end()) init = it->second;
+  }
+  TSP_CHECK(
+      init,
+      "this build has no CUDA backend (configure with -DTSP_WITH_CUDA=ON, or use --device cpu)");
+  init(device.index);  // idempotent; throws when the device is absent
 }
 
 void register_allocator(DeviceKind kind, int index, std::unique_ptr<Allocator> allocator) {

@@ -49,6 +49,23 @@ class Allocator {
 Allocator& allocator_for(Device device);
 void register_allocator(DeviceKind kind, int index, std::unique_ptr<Allocator> allocator);
 
+// Devices other than the CPU are set up lazily: a backend built into this binary (the CUDA one,
+// at load time) registers an initialiser for its kind, which allocator_for and backend_for call
+// the first time they meet a device of that kind; it registers the device's allocator and backend
+// or throws tsp::Error saying why it cannot (no such device). initialize_device throws "this
+// build has no CUDA backend" when no initialiser is registered for the kind.
+using DeviceInitializer = void (*)(int index);
+void register_device_initializer(DeviceKind kind, DeviceInitializer init);
+void initialize_device(Device device);
+
+// Where a pointer's memory lives: Device::cuda(N) for device memory, Device::cpu() for host memory
+// (pageable or pinned). Code compiled in every build asks this (the MPI communicator stages device
+// buffers through host memory); the CUDA build registers its query at load time
+// (src/comm/cuda/nccl.cpp). Without one every pointer is host memory, at the cost of one load.
+using PointerDeviceQuery = Device (*)(const void* p);
+void set_pointer_device_query(PointerDeviceQuery query);
+Device pointer_device(const void* p);
+
 // Debug aid: when the environment has TSP_POISON_ALLOCATIONS=1 (the test suite sets it), every new
 // host tensor is filled with 0xFF bytes (NaN for floats, -1 for integers), so code that relies on
 // fresh memory being zero fails loudly instead of passing by luck. Tensors are never zeroed

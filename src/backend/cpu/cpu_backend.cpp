@@ -644,17 +644,27 @@ BackendRegistry& backends() {
 }
 }  // namespace
 
-Backend& backend_for(Device device) {
-  static CpuBackend cpu;
-  if (device.is_cpu()) return cpu;
+static Backend* find_backend(Device device) {
   BackendRegistry& r = backends();
   std::lock_guard lock(r.mutex);
   auto it = r.devices.find({static_cast<int>(device.kind), device.index});
-  TSP_CHECK(it != r.devices.end(),
-            "no backend for device {}: this build has no CUDA backend or the device is absent "
-            "(use --device cpu)",
-            device.str());
-  return *it->second;
+  return it == r.devices.end() ? nullptr : it->second.get();
+}
+
+Backend& backend_for(Device device) {
+  static CpuBackend cpu;
+  if (device.is_cpu()) return cpu;
+  if (Backend* b = find_backend(device)) return *b;
+  // First use of the device: its kind's initialiser (core/device.h) registers its allocator and
+  // backend, or says why it cannot ("this build has no CUDA backend", "no CUDA device 1: found 1").
+  try {
+    initialize_device(device);
+  } catch (const Error& e) {
+    TSP_FAIL("no backend for device {}: {}", device.str(), e.message());
+  }
+  Backend* b = find_backend(device);
+  TSP_CHECK(b, "no backend for device {}: its initialiser registered none", device.str());
+  return *b;
 }
 
 void register_backend(Device device, std::unique_ptr<Backend> backend) {
