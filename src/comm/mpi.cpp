@@ -15,12 +15,19 @@
 //   the interface promises (NCCL has no tags). A sendrecv pair is MPI_Irecv + MPI_Isend.
 // - Debian's OpenMPI has no asynchronous progress, so each communicator keeps a registry of its
 //   live non-blocking requests; progress() and the optional progress thread test them all.
+// - Device buffers (a CUDA build; pointer_device says where a pointer lives) are staged through
+//   pinned host memory (device_comm.h's HostStaging): inputs are copied to the host before the MPI
+//   call, outputs back to the device once it completed (blocking: before returning; non-blocking:
+//   in the test()/wait()/join_compute() that sees completion). MPI itself, including reductions,
+//   only ever sees host memory. Host buffers pass straight through (one pointer query each; none
+//   in a CPU build), so CPU runs are unchanged. Counting is the base's, so identical.
 #include "tsp/comm/mpi.h"
 
 #include <fmt/ranges.h>
 #include <mpi.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -31,6 +38,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)  // gcc -fsanitize=address (clang: __has_feature below)
@@ -44,6 +52,7 @@
 #include <sanitizer/lsan_interface.h>
 #endif
 
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/error.h"
 
 namespace tsp {
@@ -248,6 +257,129 @@ class PairTransfer final : public Transfer {
   std::unique_ptr<Transfer> send_, recv_;
 };
 
+// Host stand-ins for the device buffers of one MPI call. A host buffer passes through: add()
+// returns it unchanged and nothing is copied.
+class Stage {
+ public:
+  // The pointer MPI uses for the buffer p of `bytes` bytes. copy_in: the device contents go to the
+  // host copy now (after the work queued on the compute stream). out_bytes: how many leading bytes
+  // finish() copies back to the device (0 for a pure input).
+  void* add(const void* p, int64_t bytes, bool copy_in, int64_t out_bytes) {
+    if (p == nullptr || bytes == 0) return const_cast<void*>(p);
+    const Device device = pointer_device(p);
+    if (device.is_cpu()) return const_cast<void*>(p);
+    TSP_CHECK(n_ < static_cast<int>(entries_.size()), "MPI staging: more than {} device buffers",
+              entries_.size());
+    Entry& e = entries_[n_++];
+    e.dev = const_cast<void*>(p);
+    e.bytes = bytes;
+    e.out_bytes = out_bytes;
+    e.device = device;
+    e.host = StagingBuffer(static_cast<size_t>(bytes));
+    if (copy_in) cuda_comm_hooks()->staging.to_host(e.host.data(), p, bytes, device);
+    return e.host.data();
+  }
+  // The stand-in of a pointer into a buffer added before (the in-place forms); p itself when it is
+  // in none (host memory).
+  void* alias(const void* p) const {
+    const auto x = reinterpret_cast<uintptr_t>(p);
+    for (int i = 0; i < n_; ++i) {
+      const auto base = reinterpret_cast<uintptr_t>(entries_[i].dev);
+      if (x >= base && x < base + static_cast<uintptr_t>(entries_[i].bytes))
+        return static_cast<char*>(entries_[i].host.data()) + (x - base);
+    }
+    return const_cast<void*>(p);
+  }
+  bool empty() const { return n_ == 0; }
+  // Outputs back to the device; once.
+  void finish() {
+    for (int i = 0; i < n_; ++i) {
+      Entry& e = entries_[i];
+      if (e.out_bytes > 0)
+        cuda_comm_hooks()->staging.to_device(e.dev, e.host.data(), e.out_bytes, e.device);
+      e.out_bytes = 0;
+    }
+  }
+  // Keep the host copies allocated forever (a transfer abandoned while an exception unwinds may
+  // still write them).
+  void leak() {
+    for (int i = 0; i < n_; ++i) entries_[i].host.leak();
+  }
+
+ private:
+  struct Entry {
+    void* dev = nullptr;
+    int64_t bytes = 0, out_bytes = 0;
+    Device device;
+    StagingBuffer host;
+  };
+  std::array<Entry, 2> entries_;  // at most a send and a receive buffer per call
+  int n_ = 0;
+};
+
+// A non-blocking transfer on staged buffers: the MPI transfer, then the copy back to the device
+// when it is seen complete. join_compute() is wait(): the host does the copy.
+class StagedTransfer final : public Transfer {
+ public:
+  StagedTransfer(std::unique_ptr<Transfer> inner, Stage stage)
+      : inner_(std::move(inner)), stage_(std::move(stage)) {}
+  ~StagedTransfer() override {
+    if (done_) return;
+    if (std::uncaught_exceptions() > 0) {  // as MpiTransfer: the job is about to abort
+      stage_.leak();
+      return;
+    }
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      abort_job(e.what());
+    }
+  }
+  bool test() override {
+    if (done_) return true;
+    if (!complete([&] { return inner_->test(); })) return false;
+    return true;
+  }
+  void wait() override {
+    if (done_) return;
+    complete([&] {
+      inner_->wait();
+      return true;
+    });
+  }
+
+ private:
+  // Runs `poll`; once it reports completion, copies the outputs back. An MPI error completes the
+  // transfer too (the buffers are MPI's no longer) and propagates.
+  template <typename F>
+  bool complete(F&& poll) {
+    bool finished = false;
+    try {
+      finished = poll();
+    } catch (...) {
+      done_ = true;
+      throw;
+    }
+    if (!finished) return false;
+    done_ = true;
+    stage_.finish();
+    return true;
+  }
+
+  std::unique_ptr<Transfer> inner_;
+  Stage stage_;
+  bool done_ = false;
+};
+
+std::unique_ptr<Transfer> staged(std::unique_ptr<Transfer> t, Stage&& stage) {
+  if (stage.empty()) return t;  // host buffers: the MPI transfer itself
+  return std::make_unique<StagedTransfer>(std::move(t), std::move(stage));
+}
+
+int64_t nbytes(int64_t count, DType dt) {
+  return count * static_cast<int64_t>(dtype_size(dt));
+}
+
 // Sets MPI_ERRORS_RETURN on `comm` and returns its rank and size (for the base constructor).
 struct CommPosition {
   int rank = 0, size = 1;
@@ -305,123 +437,170 @@ class MpiCommunicator final : public Communicator {
 
   CountLimit count_limit() const override { return {INT_MAX, "INT_MAX (MPI counts are int)"}; }
 
-  // ---- blocking: MPI's own blocking calls ----
+  // ---- blocking: MPI's own blocking calls (device buffers staged: see Stage) ----
 
   void do_broadcast(void* buf, int64_t count, DType dt, int root) override {
-    check_mpi(MPI_Bcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_), "Bcast");
+    const int64_t b = nbytes(count, dt);
+    Stage st;
+    void* h = st.add(buf, b, /*copy_in=*/rank() == root, /*out_bytes=*/rank() == root ? 0 : b);
+    check_mpi(MPI_Bcast(h, static_cast<int>(count), mpi_type(dt), root, comm_), "Bcast");
+    st.finish();
   }
 
   void do_all_gather(const void* send, void* recv, int64_t count_per_rank, DType dt) override {
-    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
+    Stage st;
+    const auto [hsend, hrecv] = stage_all_gather(st, send, recv, count_per_rank, dt);
+    const void* sbuf = all_gather_send(hsend, hrecv, count_per_rank, dt);
     const int n = static_cast<int>(count_per_rank);
-    check_mpi(MPI_Allgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_), "Allgather");
+    check_mpi(MPI_Allgather(sbuf, n, mpi_type(dt), hrecv, n, mpi_type(dt), comm_), "Allgather");
+    st.finish();
   }
 
   void do_reduce_scatter(const void* send, void* recv, int64_t count_out, DType dt) override {
+    Stage st;
+    const auto [hsend, hrecv] = stage_reduce_scatter(st, send, recv, count_out, dt);
     std::vector<int> counts(size(), static_cast<int>(count_out));
-    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
-    check_mpi(MPI_Reduce_scatter(sbuf, recv, counts.data(), mpi_type(dt), MPI_SUM, comm_),
+    const void* sbuf = hsend == hrecv ? MPI_IN_PLACE : hsend;
+    check_mpi(MPI_Reduce_scatter(sbuf, hrecv, counts.data(), mpi_type(dt), MPI_SUM, comm_),
               "Reduce_scatter");
+    st.finish();
   }
 
   void do_all_reduce(void* buf, int64_t count, DType dt) override {
-    check_mpi(
-        MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(dt), MPI_SUM, comm_),
-        "Allreduce");
+    const int64_t b = nbytes(count, dt);
+    Stage st;
+    void* h = st.add(buf, b, /*copy_in=*/true, /*out_bytes=*/b);
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, h, static_cast<int>(count), mpi_type(dt), MPI_SUM, comm_),
+              "Allreduce");
+    st.finish();
   }
 
   void do_reduce(const void* send, void* recv, int64_t count, DType dt, int root) override {
-    const void* sbuf = (rank() == root && send == recv) ? MPI_IN_PLACE : send;
-    check_mpi(MPI_Reduce(sbuf, recv, static_cast<int>(count), mpi_type(dt), MPI_SUM, root, comm_),
+    Stage st;
+    const auto [hsend, hrecv] = stage_reduce(st, send, recv, count, dt, root);
+    const void* sbuf = (rank() == root && hsend == hrecv) ? MPI_IN_PLACE : hsend;
+    check_mpi(MPI_Reduce(sbuf, hrecv, static_cast<int>(count), mpi_type(dt), MPI_SUM, root, comm_),
               "Reduce");
+    st.finish();
   }
 
   void do_send(const void* buf, int64_t count, DType dt, int dst) override {
-    check_mpi(MPI_Send(buf, static_cast<int>(count), mpi_type(dt), dst, kTag, comm_), "Send");
+    Stage st;
+    void* h = st.add(buf, nbytes(count, dt), /*copy_in=*/true, /*out_bytes=*/0);
+    check_mpi(MPI_Send(h, static_cast<int>(count), mpi_type(dt), dst, kTag, comm_), "Send");
   }
 
   void do_recv(void* buf, int64_t count, DType dt, int src) override {
+    const int64_t b = nbytes(count, dt);
+    Stage st;
+    void* h = st.add(buf, b, /*copy_in=*/false, /*out_bytes=*/b);
     PendingOp expect;
     expect.op = CommOp::Recv;
     expect.expect_count = count;
     expect.type = mpi_type(dt);
     expect.peer = src;
     MPI_Status status;
-    const int rc = MPI_Recv(buf, static_cast<int>(count), expect.type, src, kTag, comm_, &status);
+    const int rc = MPI_Recv(h, static_cast<int>(count), expect.type, src, kTag, comm_, &status);
     check_mpi(rc, fmt::format("Recv (from rank {}, {} elements)", src, count));
     complete_locked(expect, &status, MPI_SUCCESS);
     if (!expect.error.empty()) throw Error(expect.error);
+    st.finish();
   }
 
   void do_barrier() override { check_mpi(MPI_Barrier(comm_), "Barrier"); }
 
-  // ---- non-blocking ----
+  // ---- non-blocking (device buffers staged: inputs at start, outputs on completion) ----
 
   std::unique_ptr<Transfer> do_ibroadcast(void* buf, int64_t count, DType dt, int root) override {
-    return start(CommOp::Broadcast, [&](PendingOp& p) {
-      check_mpi(MPI_Ibcast(buf, static_cast<int>(count), mpi_type(dt), root, comm_, &p.req),
+    const int64_t b = nbytes(count, dt);
+    Stage st;
+    void* h = st.add(buf, b, /*copy_in=*/rank() == root, /*out_bytes=*/rank() == root ? 0 : b);
+    auto t = start(CommOp::Broadcast, [&](PendingOp& p) {
+      check_mpi(MPI_Ibcast(h, static_cast<int>(count), mpi_type(dt), root, comm_, &p.req),
                 "Ibcast");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_iall_gather(const void* send, void* recv, int64_t count_per_rank,
                                            DType dt) override {
-    const void* sbuf = all_gather_send(send, recv, count_per_rank, dt);
+    Stage st;
+    const auto [hsend, hrecv] = stage_all_gather(st, send, recv, count_per_rank, dt);
+    const void* sbuf = all_gather_send(hsend, hrecv, count_per_rank, dt);
     const int n = static_cast<int>(count_per_rank);
-    return start(CommOp::AllGather, [&](PendingOp& p) {
-      check_mpi(MPI_Iallgather(sbuf, n, mpi_type(dt), recv, n, mpi_type(dt), comm_, &p.req),
+    auto t = start(CommOp::AllGather, [&](PendingOp& p) {
+      check_mpi(MPI_Iallgather(sbuf, n, mpi_type(dt), hrecv, n, mpi_type(dt), comm_, &p.req),
                 "Iallgather");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_ireduce_scatter(const void* send, void* recv, int64_t count_out,
                                                DType dt) override {
-    const void* sbuf = send == recv ? MPI_IN_PLACE : send;
-    return start(CommOp::ReduceScatter, [&](PendingOp& p) {
+    Stage st;
+    const auto [hsend, hrecv] = stage_reduce_scatter(st, send, recv, count_out, dt);
+    const void* sbuf = hsend == hrecv ? MPI_IN_PLACE : hsend;
+    auto t = start(CommOp::ReduceScatter, [&](PendingOp& p) {
       p.counts.assign(size(), static_cast<int>(count_out));  // must live until completion
       check_mpi(
-          MPI_Ireduce_scatter(sbuf, recv, p.counts.data(), mpi_type(dt), MPI_SUM, comm_, &p.req),
+          MPI_Ireduce_scatter(sbuf, hrecv, p.counts.data(), mpi_type(dt), MPI_SUM, comm_, &p.req),
           "Ireduce_scatter");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_iall_reduce(void* buf, int64_t count, DType dt) override {
-    return start(CommOp::AllReduce, [&](PendingOp& p) {
-      check_mpi(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(dt), MPI_SUM,
+    const int64_t b = nbytes(count, dt);
+    Stage st;
+    void* h = st.add(buf, b, /*copy_in=*/true, /*out_bytes=*/b);
+    auto t = start(CommOp::AllReduce, [&](PendingOp& p) {
+      check_mpi(MPI_Iallreduce(MPI_IN_PLACE, h, static_cast<int>(count), mpi_type(dt), MPI_SUM,
                                comm_, &p.req),
                 "Iallreduce");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_ireduce(const void* send, void* recv, int64_t count, DType dt,
                                        int root) override {
-    const void* sbuf = (rank() == root && send == recv) ? MPI_IN_PLACE : send;
-    return start(CommOp::Reduce, [&](PendingOp& p) {
-      check_mpi(MPI_Ireduce(sbuf, recv, static_cast<int>(count), mpi_type(dt), MPI_SUM, root, comm_,
-                            &p.req),
+    Stage st;
+    const auto [hsend, hrecv] = stage_reduce(st, send, recv, count, dt, root);
+    const void* sbuf = (rank() == root && hsend == hrecv) ? MPI_IN_PLACE : hsend;
+    auto t = start(CommOp::Reduce, [&](PendingOp& p) {
+      check_mpi(MPI_Ireduce(sbuf, hrecv, static_cast<int>(count), mpi_type(dt), MPI_SUM, root,
+                            comm_, &p.req),
                 "Ireduce");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_isend(const void* buf, int64_t count, DType dt, int dst) override {
-    return start(CommOp::Send, [&](PendingOp& p) {
-      check_mpi(MPI_Isend(buf, static_cast<int>(count), mpi_type(dt), dst, kTag, comm_, &p.req),
+    Stage st;
+    void* h = st.add(buf, nbytes(count, dt), /*copy_in=*/true, /*out_bytes=*/0);
+    auto t = start(CommOp::Send, [&](PendingOp& p) {
+      check_mpi(MPI_Isend(h, static_cast<int>(count), mpi_type(dt), dst, kTag, comm_, &p.req),
                 "Isend");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_irecv(void* buf, int64_t count, DType dt, int src) override {
-    return start(CommOp::Recv, [&](PendingOp& p) {
+    const int64_t b = nbytes(count, dt);
+    Stage st;
+    void* h = st.add(buf, b, /*copy_in=*/false, /*out_bytes=*/b);
+    auto t = start(CommOp::Recv, [&](PendingOp& p) {
       p.expect_count = count;
       p.type = mpi_type(dt);
       p.peer = src;
-      check_mpi(MPI_Irecv(buf, static_cast<int>(count), p.type, src, kTag, comm_, &p.req), "Irecv");
+      check_mpi(MPI_Irecv(h, static_cast<int>(count), p.type, src, kTag, comm_, &p.req), "Irecv");
     });
+    return staged(std::move(t), std::move(st));
   }
 
   std::unique_ptr<Transfer> do_isendrecv(const void* send, int64_t send_count, DType dt, int dst,
                                          void* recv, int64_t recv_count, int src) override {
-    // The receive first, so a self-pair (dst == src == rank) finds its receive posted.
+    // The receive first, so a self-pair (dst == src == rank) finds its receive posted. Each half
+    // stages its own buffer.
     std::unique_ptr<Transfer> r = do_irecv(recv, recv_count, dt, src);
     std::unique_ptr<Transfer> s = do_isend(send, send_count, dt, dst);
     return std::make_unique<PairTransfer>(std::move(s), std::move(r));
@@ -466,6 +645,43 @@ class MpiCommunicator final : public Communicator {
     const char* slot =
         static_cast<const char*>(recv) + rank() * count * static_cast<int64_t>(dtype_size(dt));
     return (count > 0 && send == slot) ? MPI_IN_PLACE : send;
+  }
+
+  // ---- staging of the buffers of the collectives with in-place forms; {send, recv} for MPI ----
+  using Pair = std::pair<const void*, void*>;
+
+  // In place (send is this rank's block of recv): recv comes in whole, send is its block there.
+  Pair stage_all_gather(Stage& st, const void* send, void* recv, int64_t n, DType dt) const {
+    const int64_t b = nbytes(n, dt), total = b * size();
+    const char* slot = static_cast<const char*>(recv) + rank() * b;
+    const bool in_place = n > 0 && send == slot;
+    void* hrecv = st.add(recv, total, /*copy_in=*/in_place, /*out_bytes=*/total);
+    const void* hsend = in_place ? st.alias(send) : st.add(send, b, true, 0);
+    return {hsend, hrecv};
+  }
+
+  // In place (send == recv, holding size·n inputs): one buffer in, its first n elements out.
+  Pair stage_reduce_scatter(Stage& st, const void* send, void* recv, int64_t n, DType dt) const {
+    const int64_t b = nbytes(n, dt), total = b * size();
+    if (send == recv) {
+      void* h = st.add(recv, total, /*copy_in=*/true, /*out_bytes=*/b);
+      return {h, h};
+    }
+    const void* hsend = st.add(send, total, true, 0);
+    return {hsend, st.add(recv, b, false, b)};
+  }
+
+  // recv only matters on the root (elsewhere MPI ignores it and it may be null); in place there
+  // when send == recv.
+  Pair stage_reduce(Stage& st, const void* send, void* recv, int64_t n, DType dt, int root) const {
+    const int64_t b = nbytes(n, dt);
+    if (rank() != root) return {st.add(send, b, true, 0), recv};
+    if (send == recv) {
+      void* h = st.add(recv, b, /*copy_in=*/true, /*out_bytes=*/b);
+      return {h, h};
+    }
+    const void* hsend = st.add(send, b, true, 0);
+    return {hsend, st.add(recv, b, false, b)};
   }
 
   // Start a non-blocking op: `post` fills PendingOp::req; the op joins the registry.
