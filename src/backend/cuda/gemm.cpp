@@ -273,9 +273,9 @@ std::shared_ptr<const Plan> create_plan(const GemmCall& c, const Problem& p,
   TSP_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d,
                                               plan->d, raw_pref, 1, &result, &found),
                c, p);
-  TSP_CHECK(found > 0 && result.state == CUBLAS_STATUS_SUCCESS,
-            "cuBLASLt has no algorithm for {} (heuristic state {})", describe(c, p),
-            status_text(result.state));
+  TSP_CHECK(found > 0, "cuBLASLt's heuristic found no algorithm for {}", describe(c, p));
+  TSP_CHECK(result.state == CUBLAS_STATUS_SUCCESS, "cuBLASLt's heuristic result for {} is {}",
+            describe(c, p), status_text(result.state));
   TSP_CHECK(result.workspaceSize <= kWorkspaceBytes,
             "cuBLASLt chose an algorithm needing {} B of workspace (limit {} B) for {}",
             result.workspaceSize, kWorkspaceBytes, describe(c, p));
@@ -325,6 +325,7 @@ void matmul(const GemmCall& c, int device, cudaStream_t stream, cublasOperation_
   if (k == 0) {
     // An empty sum (cuBLASLt rejects k = 0): D = 0, or D unchanged when accumulating. D is a
     // whole contiguous tensor here (ldd = m), and all-zero bytes are +0 in f32 and bf16 alike.
+    TSP_CHECK(ldd == m, "{}: an empty sum into a strided D (m={} ldd={})", c.op, m, ldd);
     if (!accumulate) TSP_CUDA_CHECK(cudaMemsetAsync(D, 0, m * n * dtype_size(d), stream));
     return;
   }
