@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "cli/command.h"
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/error.h"
 #include "tsp/train/checkpoint.h"
 
@@ -55,7 +56,9 @@ ModelDir open_model_arg(const std::string& model, Communicator& world) {
 namespace tsp::cli {
 
 void ComputeOptions::add_to(CLI::App& sub) {
-  sub.add_option("--device", device, "where to compute: cpu (cuda:N with a CUDA build)")
+  sub.add_option("--device", device,
+                 "where to compute: cpu; with a CUDA build cuda (each rank on GPU local rank % "
+                 "GPUs) or cuda:N")
       ->capture_default_str()
       ->check(CLI::Validator(
           [](std::string& v) {
@@ -76,7 +79,9 @@ void ComputeOptions::add_to(CLI::App& sub) {
 }
 
 Device ComputeOptions::parsed_device() const {
-  return parse_device(device);  // validated when parsed
+  // Validated when parsed. "cuda" without an index is this rank's GPU on its node (local rank %
+  // visible devices; comm/device_comm.h); no visible GPU is an error naming --device.
+  return resolve_device(device);
 }
 
 DType ComputeOptions::parsed_dtype() const {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/limits.h"
 
 namespace tsp::infer {
@@ -224,7 +225,8 @@ EngineBase::EngineBase(std::string name, const LlamaConfig& config, Communicator
       dtype_(dtype),
       w_(config, be_, dtype) {
   config_.validate();
-  group_ = world.split(one_rank ? world.rank() : 0, world.rank());
+  // The data path on a GPU: NCCL or MPI staging (comm/device_comm.h); on the CPU the split itself.
+  group_ = make_data_communicator(world.split(one_rank ? world.rank() : 0, world.rank()), device);
   D_ = group_->size();
   p_ = group_->rank();
 }

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "parallel/registry.h"
+#include "tsp/comm/device_comm.h"
 
 namespace tsp {
 
@@ -417,8 +418,12 @@ LayoutCommon::LayoutCommon(std::string name, const LlamaConfig& config,
   // gather() delivers). Replica group: the R ranks with the same position in their groups.
   group_rank_ = world.rank() % D_;
   replica_ = world.rank() / D_;
-  group_ = world.split(/*color=*/replica_, /*key=*/group_rank_);
-  replicas_ = world.split(/*color=*/group_rank_, /*key=*/replica_);
+  // On a GPU the data path is NCCL where every rank of the group has its own GPU, else MPI staging
+  // through pinned host memory (comm/device_comm.h); on the CPU the MPI splits themselves.
+  group_ =
+      make_data_communicator(world.split(/*color=*/replica_, /*key=*/group_rank_), be_.device());
+  replicas_ =
+      make_data_communicator(world.split(/*color=*/group_rank_, /*key=*/replica_), be_.device());
 }
 
 void LayoutCommon::gather(bool grads,
