@@ -1,0 +1,204 @@
+// Entry points of the CUDA attention (attention.h): checks at the API boundary (shapes, dtypes,
+// devices, with messages that say what to fix), then the choice between the flash kernels
+// (attention_flash.cu: BF16, d = 64 or 128) and the reference kernels (attention_reference.cu).
+#include "backend/cuda/attention.h"
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "backend/cuda/attention_kernels.h"
+#include "backend/cuda/cuda_common.h"
+#include "tsp/core/error.h"
+
+namespace tsp::cuda {
+namespace {
+
+std::string device_str(Device d) {
+  return d.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(d.index);
+}
+
+void check_device(std::initializer_list<const TensorView*> ts, const char* op) {
+  const Device dev = (*ts.begin())->device();
+  for (const TensorView* t : ts) {
+    if (t->numel() == 0) continue;
+    TSP_CHECK(t->device().kind == DeviceKind::CUDA && t->device().index == dev.index,
+              "{}: every tensor must be on one CUDA device ({}), got a {} tensor on {}", op,
+              device_str(dev), shape_str(t->shape()), device_str(t->device()));
+  }
+}
+
+void check_numel(const TensorView& t, int64_t n, const char* op, const char* what) {
+  TSP_CHECK(t.numel() == n, "{}: {} must hold {} elements, got {} {}", op, what, n,
+            shape_str(t.shape()), t.numel());
+}
+
+void check_dtype(const TensorView& t, DType dt, const char* op, const char* what) {
+  TSP_CHECK(t.dtype() == dt, "{}: {} must be {}, got {}", op, what, dtype_name(dt),
+            dtype_name(t.dtype()));
+}
+
+// Shapes and dtypes common to forward and backward; returns the shape and whether q/k/v/o are
+// BF16.
+attn::Shape common(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& q_pos, const TensorView& k_pos, const TensorView& o,
+                   const TensorView& lse, float scale, const char* op, bool& bf16) {
+  TSP_CHECK(q.rank() == 3 && k.rank() == 3 && q.dim(2) == k.dim(2),
+            "{}: q must be [nq, hq, d] and k, v [nk, hkv, d], got {} and {}", op,
+            shape_str(q.shape()), shape_str(k.shape()));
+  attn::Shape sh;
+  sh.nq = q.dim(0);
+  sh.nk = k.dim(0);
+  sh.hq = static_cast<int>(q.dim(1));
+  sh.hkv = static_cast<int>(k.dim(1));
+  sh.d = static_cast<int>(q.dim(2));
+  TSP_CHECK(sh.hq >= 1 && sh.hkv >= 1 && sh.hq % sh.hkv == 0,
+            "{}: hq={} must be a positive multiple of hkv={} (GQA shares one kv head among hq/hkv "
+            "query heads)",
+            op, sh.hq, sh.hkv);
+  TSP_CHECK(sh.d >= 1 && sh.d <= attn::kReferenceMaxHeadDim,
+            "{}: head dim {} is not supported on CUDA (1 to {})", op, sh.d,
+            attn::kReferenceMaxHeadDim);
+  TSP_CHECK(std::isfinite(scale), "{}: scale={} must be finite (usually 1/sqrt(head_dim))", op,
+            scale);
+  check_numel(v, k.numel(), op, "v");
+  check_numel(o, q.numel(), op, "o");
+  check_numel(lse, sh.nq * sh.hq, op, "lse [nq, hq]");
+  check_numel(q_pos, sh.nq, op, "q_pos [nq]");
+  check_numel(k_pos, sh.nk, op, "k_pos [nk]");
+  check_dtype(lse, DType::F32, op, "lse");
+  check_dtype(q_pos, DType::I64, op, "q_pos");
+  check_dtype(k_pos, DType::I64, op, "k_pos");
+  TSP_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype() && q.dtype() == o.dtype() &&
+                (q.dtype() == DType::F32 || q.dtype() == DType::BF16),
+            "{}: q, k, v and o must share one dtype, F32 or BF16; got {}, {}, {}, {}", op,
+            dtype_name(q.dtype()), dtype_name(k.dtype()), dtype_name(v.dtype()),
+            dtype_name(o.dtype()));
+  bf16 = q.dtype() == DType::BF16;
+  return sh;
+}
+
+attn::Fwd forward_params(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                         TensorView k_pos, TensorView o, TensorView lse, float scale) {
+  const char* op = "attention_forward";
+  check_device({&q, &k, &v, &q_pos, &k_pos, &o, &lse}, op);
+  attn::Fwd p;
+  p.sh = common(q, k, v, q_pos, k_pos, o, lse, scale, op, p.bf16);
+  p.q = q.data(), p.k = k.data(), p.v = v.data();
+  p.q_pos = static_cast<const int64_t*>(q_pos.data());
+  p.k_pos = static_cast<const int64_t*>(k_pos.data());
+  p.o = o.data(), p.lse = static_cast<float*>(lse.data());
+  p.scale = scale;
+  return p;
+}
+
+attn::Bwd backward_params(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                          TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
+                          TensorView dq, TensorView dk, TensorView dv, float scale) {
+  const char* op = "attention_backward";
+  check_device({&q, &k, &v, &q_pos, &k_pos, &o, &lse, &dout, &dq, &dk, &dv}, op);
+  attn::Bwd p;
+  p.sh = common(q, k, v, q_pos, k_pos, o, lse, scale, op, p.bf16);
+  check_numel(dout, q.numel(), op, "dout");
+  check_numel(dq, q.numel(), op, "dq");
+  check_numel(dk, k.numel(), op, "dk");
+  check_numel(dv, k.numel(), op, "dv");
+  for (const TensorView* t : {&dout, &dq, &dk, &dv}) check_dtype(*t, DType::F32, op, "gradients");
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.o = o.data();
+  p.q_pos = static_cast<const int64_t*>(q_pos.data());
+  p.k_pos = static_cast<const int64_t*>(k_pos.data());
+  p.lse = static_cast<const float*>(lse.data());
+  p.dout = static_cast<const float*>(dout.data());
+  p.dq = static_cast<float*>(dq.data());
+  p.dk = static_cast<float*>(dk.data());
+  p.dv = static_cast<float*>(dv.data());
+  p.scale = scale;
+  return p;
+}
+
+void merge_checked(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
+                   cudaStream_t s) {
+  const char* op = "attention_merge";
+  check_device({&o_a, &lse_a, &o_b, &lse_b}, op);
+  TSP_CHECK(o_a.rank() == 3, "{}: o must be [nq, hq, d], got {}", op, shape_str(o_a.shape()));
+  check_numel(o_b, o_a.numel(), op, "o_b");
+  check_numel(lse_a, o_a.dim(0) * o_a.dim(1), op, "lse_a [nq, hq]");
+  check_numel(lse_b, lse_a.numel(), op, "lse_b");
+  check_dtype(lse_a, DType::F32, op, "lse_a");
+  check_dtype(lse_b, DType::F32, op, "lse_b");
+  for (const TensorView* t : {&o_a, &o_b})
+    TSP_CHECK(t->dtype() == DType::F32 || t->dtype() == DType::BF16,
+              "{}: o must be F32 or BF16, got {}", op, dtype_name(t->dtype()));
+  TSP_CHECK(o_a.dim(2) >= 1 && o_a.dim(2) <= (1 << 30), "{}: bad head dim {}", op, o_a.dim(2));
+  TSP_CUDA_CHECK(attn::merge(o_a.data(), o_a.dtype() == DType::BF16,
+                             static_cast<float*>(lse_a.data()), o_b.data(),
+                             o_b.dtype() == DType::BF16, static_cast<const float*>(lse_b.data()),
+                             o_a.dim(0) * o_a.dim(1), static_cast<int>(o_a.dim(2)), s));
+}
+
+// The flash kernels load 16-byte chunks (cp.async, float4): every operand they read must be
+// 16-byte aligned (row strides are, for d = 64 and 128). Views at odd offsets take the reference.
+bool aligned16(std::initializer_list<const void*> ps) {
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+bool attention_flash_supported(DType dtype, int64_t head_dim) {
+  return dtype == DType::BF16 && head_dim <= attn::kReferenceMaxHeadDim &&
+         attn::flash_supported(static_cast<int>(head_dim));
+}
+
+void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
+                       TensorView o, TensorView lse, float scale, cudaStream_t s) {
+  const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, o, lse, scale);
+  if (p.sh.nq == 0) return;
+  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o}))
+    TSP_CUDA_CHECK(attn::flash_forward(p, s));
+  else
+    TSP_CUDA_CHECK(attn::reference_forward(p, s));
+}
+
+void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
+                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s) {
+  const attn::Bwd p = backward_params(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale);
+  if (p.sh.nq == 0 || p.sh.nk == 0) return;  // nothing is visible: += adds nothing
+  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o, p.dout}))
+    TSP_CUDA_CHECK(attn::flash_backward(p, s));
+  else
+    TSP_CUDA_CHECK(attn::reference_backward(p, s));
+}
+
+void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
+                     cudaStream_t s) {
+  merge_checked(o_a, lse_a, o_b, lse_b, s);
+}
+
+namespace reference {
+
+void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
+                       TensorView o, TensorView lse, float scale, cudaStream_t s) {
+  const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, o, lse, scale);
+  if (p.sh.nq == 0) return;
+  TSP_CUDA_CHECK(attn::reference_forward(p, s));
+}
+
+void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
+                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s) {
+  const attn::Bwd p = backward_params(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale);
+  if (p.sh.nq == 0 || p.sh.nk == 0) return;
+  TSP_CUDA_CHECK(attn::reference_backward(p, s));
+}
+
+void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
+                     cudaStream_t s) {
+  merge_checked(o_a, lse_a, o_b, lse_b, s);
+}
+
+}  // namespace reference
+}  // namespace tsp::cuda

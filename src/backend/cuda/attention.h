@@ -1,0 +1,54 @@
+// Causal GQA attention of the CUDA backend at explicit positions, with the LSE output and the LSE
+// merge: exactly the semantics of Backend::attention_forward / attention_backward /
+// attention_merge (include/tsp/backend/backend.h), which the CPU backend defines:
+//   q [nq, hq, d] at q_pos I64 [nq]; k, v [nk, hkv, d] at k_pos I64 [nk]; query i sees key j iff
+//   k_pos[j] <= q_pos[i] (positions are arbitrary: nothing assumes them sorted or contiguous);
+//   query head h reads kv head h / (hq / hkv). o like q (=), lse F32 [nq, hq] (=; -inf and o = 0
+//   for a query that sees no key). q, k, v, o share one dtype, F32 or BF16; statistics and
+//   accumulation are fp32. Backward: dout F32 [nq, hq, d] -> dq F32 [nq, hq, d] (+=), dk, dv F32
+//   [nk, hkv, d] (+=).
+//
+// Paths (attention.cpp chooses):
+//   * flash (attention_flash.cu): BF16 q/k/v/o with d = 64 or 128. Tensor cores (mma.sync
+//     m16n8k16, bf16 inputs, fp32 accumulation), FlashAttention-2 schedule, key tiles that no
+//     query of a tile can see are skipped (decided from the positions at run time). Extra
+//     rounding against the reference: P is rounded to bf16 before P·V and dP; dout is rounded to
+//     bf16 for the dV and dP products; dS is rounded to bf16 for the dK and dQ products. dq is
+//     accumulated with fp32 atomics (its summation order varies between runs); dk, dv do not.
+//   * reference (attention_reference.cu): everything else (F32, or any d up to 256). One warp per
+//     (query, head), fp32 online softmax; deterministic.
+// Every call is queued on stream `s` and returns without waiting; all tensors must be on the
+// device that is current and `s` must belong to it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "tsp/core/tensor.h"
+
+namespace tsp::cuda {
+
+void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
+                       TensorView o, TensorView lse, float scale, cudaStream_t s);
+void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
+                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s);
+// (o_a, lse_a) <- ((o_a·e^lse_a + o_b·e^lse_b) / (e^lse_a + e^lse_b), log of the sum); o_a, o_b
+// [nq, hq, d] F32 or BF16 (each), lse F32 [nq, hq].
+void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
+                     cudaStream_t s);
+
+// Whether the flash path serves this head dim and dtype (BF16, d = 64 or 128).
+bool attention_flash_supported(DType dtype, int64_t head_dim);
+
+// The simple kernels, for any d up to 256 and F32 or BF16: the tests' baseline for the flash path.
+namespace reference {
+void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
+                       TensorView o, TensorView lse, float scale, cudaStream_t s);
+void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
+                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
+                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s);
+void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
+                     cudaStream_t s);
+}  // namespace reference
+
+}  // namespace tsp::cuda

@@ -1,0 +1,638 @@
+// Flash attention on tensor cores: BF16 q/k/v/o, head dim 64 or 128, fp32 accumulation and
+// statistics, FlashAttention-2 schedule (Dao 2023), mma.sync.m16n8k16 (bf16 -> f32) through inline
+// PTX, operands brought from shared memory with ldmatrix, tiles loaded with cp.async.
+//
+// Masking is by explicit positions (query i sees key j iff k_pos[j] <= q_pos[i]); nothing assumes
+// positions sorted. Per pair of tiles the block decides from the positions, with one barrier
+// predicate each (__syncthreads_or / _and):
+//   skip  no key of the key tile is visible to any query of the query tile
+//         (min k_pos > max q_pos: the causal upper triangle, K/V rounds from the future);
+//   full  every query sees every key (max k_pos <= min q_pos): no element-wise mask;
+//   else  element-wise mask.
+// Rows past the end of a tile get sentinel positions (queries INT64_MIN, keys INT64_MAX), so the
+// element-wise mask removes them and they never make a tile "full"; their shared-memory rows are
+// zero-filled so no stale or NaN data enters a product.
+//
+// Forward (one block of 8 warps per 128 queries × head; 16 query rows per warp): loop over key
+// tiles of 64 with K/V double-buffered in shared memory (the next needed tile is loaded while the
+// current one is computed), S = Q·Kᵀ in registers, online softmax in the log2 domain, P rounded to
+// bf16 and O += P·V. o is rounded to bf16 once; lse is fp32.
+//
+// Backward (one block of 4 warps per 64 keys × kv head; 16 key rows per warp): loop over the
+// query heads sharing the kv head and over query tiles of BR, recomputing Sᵀ = K·Qᵀ and
+// Pᵀ = exp(Sᵀ·scale − lse); dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q in
+// registers; dQ += dS·K from dSᵀ staged in shared memory, added to dq with fp32 atomics (red).
+// D_i = dout_i·o_i is computed while dout (F32) is converted to bf16 into shared memory. dK and dV
+// belong to one block each: plain read-modify-write of dk, dv (no atomics).
+//
+// Rounding beyond the reference path (fp32 throughout): P (forward and backward) to bf16 before
+// P·V and Pᵀ·dO (2^-9 relative per term); dout to bf16 for dV and dP (2^-9 relative per element);
+// dS to bf16 for dK and dQ (2^-9 relative per term). The tests derive their bounds from these.
+// No tsp::Error here (fmt does not compile under nvcc): launchers return the launch status.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/attention_kernels.h"
+
+namespace tsp::cuda::attn {
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int64_t kNoQuery = INT64_MIN;  // position of a query row past the end: sees nothing
+constexpr int64_t kNoKey = INT64_MAX;    // position of a key row past the end: seen by nothing
+
+// ---- PTX wrappers ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8×8 b16 matrices; lane l gives the address of row l%8 of matrix l/8.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c[16×8] += a[16×16] · b[16×8] (bf16 in, fp32 accumulate). Fragments (g = lane/4, t = lane%4):
+// a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); b0 (k 2t.., n g),
+// b1 (k 2t+8.., n g); c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1).
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as bf16x2 (round to nearest even), lo in the low half (the lower k index).
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x, ~2 ulp; ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The A fragment of a 16-wide k step from two C tiles (columns 0-7 and 8-15 of the step).
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4],
+                                       const float (&c1)[4]) {
+  a[0] = pack(c0[0], c0[1]);
+  a[1] = pack(c0[2], c0[3]);
+  a[2] = pack(c1[0], c1[1]);
+  a[3] = pack(c1[2], c1[3]);
+}
+
+// ldmatrix lane addresses (lane l) for a 16×16 operand at (row0, col0) of a row-major tile with
+// leading dimension ld:
+//   A from [m][k]                     : row l%16,             col (l/16)·8
+//   B pair from [n][k] (two n8 tiles) : row l%8 + (l/16)·8,   col ((l/8)%2)·8
+//   B pair from [k][n] (trans)        : row l%8 + ((l/8)%2)·8, col (l/16)·8
+//   A from [k][m] (trans)             : row l%8 + (l/16)·8,   col ((l/8)%2)·8
+// (the first and last coincide in form with the other two: A [m][k] ≡ rows l%16; A [k][m]
+// trans ≡ the [n][k] pattern).
+__device__ __forceinline__ const bf16* a_addr(const bf16* base, int ld, int row0, int col0,
+                                              int lane) {
+  return base + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8;
+}
+__device__ __forceinline__ const bf16* bnk_addr(const bf16* base, int ld, int row0, int col0,
+                                                int lane) {
+  return base + (row0 + lane % 8 + (lane / 16) * 8) * ld + col0 + ((lane / 8) % 2) * 8;
+}
+__device__ __forceinline__ const bf16* bkn_addr(const bf16* base, int ld, int row0, int col0,
+                                                int lane) {
+  return base + (row0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + col0 + (lane / 16) * 8;
+}
+
+// Rows [0, rows) of a tile of D bf16 columns from global (row stride `stride` elements) into
+// shared memory (leading dimension D + 8), rows >= valid zero-filled; asynchronous.
+template <int D, int kThreads>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int64_t stride, int rows,
+                                          int valid, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = tid; c < rows * kChunks; c += kThreads) {
+    const int r = c / kChunks, cc = (c % kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async16(dst + r * (D + 8) + cc, ok ? src + r * stride + cc : src, ok);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ T warp_max(T x) {
+  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+template <class T>
+__device__ __forceinline__ T warp_min(T x) {
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+struct Args {
+  Shape sh;
+  const bf16 *q, *k, *v, *o;
+  const int64_t *q_pos, *k_pos;
+  const float* dout;
+  float *lse_out, *dq, *dk, *dv;
+  const float* lse;
+  bf16* o_out;
+  float scale;
+};
+
+// ---- forward ----------------------------------------------------------------------------------
+
+constexpr int kFwdWarps = 8, kFwdBR = 16 * kFwdWarps, kFwdBC = 64;
+
+template <int D>
+constexpr int fwd_smem_bytes() {
+  return (kFwdBR + 4 * kFwdBC) * (D + 8) * 2 + 2 * kFwdBC * 8;
+}
+
+template <int D>
+__global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
+  constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem);                        // [BR][LD]
+  bf16* Ks = Qs + BR * LD;                                         // [2][BC][LD]
+  bf16* Vs = Ks + 2 * BC * LD;                                     // [2][BC][LD]
+  int64_t* kpos_s = reinterpret_cast<int64_t*>(Vs + 2 * BC * LD);  // [2][BC]
+  __shared__ int64_t red[2][kFwdWarps];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const Shape sh = a.sh;
+  // Late query tiles see the most keys (causal): launch them first for a better tail.
+  const int64_t q0 = (gridDim.x - 1 - blockIdx.x) * int64_t{BR};
+  const int h = blockIdx.y, hk = h / (sh.hq / sh.hkv);
+  const int nq_tile = static_cast<int>(min(int64_t{BR}, sh.nq - q0));
+  const int64_t q_stride = int64_t{sh.hq} * D, kv_stride = int64_t{sh.hkv} * D;
+  const bf16* kg = a.k + hk * D;
+  const bf16* vg = a.v + hk * D;
+  const int n_tiles = static_cast<int>((sh.nk + BC - 1) / BC);
+
+  load_tile<D, NT>(Qs, a.q + q0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
+  cp_async_commit();
+
+  // This thread's two query rows: warp·16 + g and + 8.
+  int64_t qp[2];
+  for (int e = 0; e < 2; ++e) {
+    const int r = warp * 16 + g + 8 * e;
+    qp[e] = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
+  }
+  {
+    const int64_t mx = warp_max(max(qp[0], qp[1])), mn = warp_min(min(qp[0], qp[1]));
+    if (lane == 0) red[0][warp] = mx, red[1][warp] = mn;
+  }
+  __syncthreads();
+  int64_t q_max = red[0][0], q_min = red[1][0];
+  for (int w = 1; w < kFwdWarps; ++w) q_max = max(q_max, red[0][w]), q_min = min(q_min, red[1][w]);
+
+  // The first needed key tile at or after j (n_tiles if none); its positions go to kpos_s[b].
+  auto next_tile = [&](int j, int b, bool& full) {
+    for (; j < n_tiles; ++j) {
+      int64_t kp = kNoKey;
+      if (tid < BC) {
+        const int64_t jj = int64_t{j} * BC + tid;
+        if (jj < sh.nk) kp = a.k_pos[jj];
+        kpos_s[b * BC + tid] = kp;
+      }
+      if (__syncthreads_or(tid < BC && kp <= q_max)) {
+        full = __syncthreads_and(tid >= BC || kp <= q_min);
+        return j;
+      }
+    }
+    return n_tiles;
+  };
+  auto load_kv = [&](int j, int b) {
+    const int64_t k0 = int64_t{j} * BC;
+    const int valid = static_cast<int>(min(int64_t{BC}, sh.nk - k0));
+    load_tile<D, NT>(Ks + b * BC * LD, kg + k0 * kv_stride, kv_stride, BC, valid, tid);
+    load_tile<D, NT>(Vs + b * BC * LD, vg + k0 * kv_stride, kv_stride, BC, valid, tid);
+  };
+
+  bool full = false;
+  int j = next_tile(0, 0, full);
+  if (j < n_tiles) load_kv(j, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];  // this warp's 16 query rows as A fragments
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], a_addr(Qs, LD, warp * 16, kk * 16, lane));
+
+  const float sl2 = a.scale * kLog2e;  // scores in the log2 domain
+  float O[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial row sums
+  int buf = 0;
+  while (j < n_tiles) {
+    bool full_next = false;
+    const int jn = next_tile(j + 1, buf ^ 1, full_next);
+    if (jn < n_tiles) load_kv(jn, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const bf16* K = Ks + buf * BC * LD;
+    const bf16* V = Vs + buf * BC * LD;
+    float S[BC / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BC / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, bnk_addr(K, LD, np * 16, kk * 16, lane));
+        mma(S[2 * np], qf[kk], b[0], b[1]);
+        mma(S[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s = S[n][e] * sl2;
+        if (!full && kpos_s[buf * BC + n * 8 + 2 * t + (e & 1)] > qp[e >> 1]) s = -INFINITY;
+        S[n][e] = s;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s);
+      }
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing stays at 0
+      const float alpha = ex2(m[r] - base[r]);     // 0 while m = -inf
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) O[n][2 * r] *= alpha, O[n][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = ex2(S[n][e] - base[e >> 1]);
+        S[n][e] = p;
+        l[e >> 1] += p;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a(pa, S[2 * kk], S[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, bkn_addr(V, LD, kk * 16, dp * 16, lane));
+        mma(O[2 * dp], pa, b[0], b[1]);
+        mma(O[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // buffer `buf` and kpos_s[buf] are free for the next prefetch
+    j = jn;
+    full = full_next;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= nq_tile) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no visible key: o = 0
+    bf16* orow = a.o_out + (q0 + row) * q_stride + h * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t) =
+          pack(O[n][2 * r] * inv, O[n][2 * r + 1] * inv);
+    if (t == 0)
+      a.lse_out[(q0 + row) * sh.hq + h] = l[r] > 0.f ? (m[r] + __log2f(l[r])) * kLn2 : -INFINITY;
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+constexpr int kBwdWarps = 4, kBwdBC = 16 * kBwdWarps;
+
+template <int D, int BR>
+constexpr int bwd_smem_bytes() {
+  return (2 * kBwdBC + 2 * BR) * (D + 8) * 2 + kBwdBC * (BR + 8) * 2 + BR * (8 + 4 + 4);
+}
+
+template <int D, int BR>
+__global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) {
+  constexpr int BC = kBwdBC, LD = D + 8, LDS = BR + 8, NT = 32 * kBwdWarps;
+  constexpr int TPR = NT / BR;        // threads per row converting dout
+  constexpr int MT = BR / 16;         // dQ: m16 tiles of the query tile
+  constexpr int CG = kBwdWarps / MT;  // dQ: column groups (warp = mt + MT·cg)
+  constexpr int DC = D / CG;          // dQ: columns per warp
+  static_assert(NT % BR == 0 && kBwdWarps % MT == 0 && DC % 16 == 0, "tile shape");
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem);                      // [BC][LD]
+  bf16* Vs = Ks + BC * LD;                                       // [BC][LD]
+  bf16* Qs = Vs + BC * LD;                                       // [BR][LD]
+  bf16* dOs = Qs + BR * LD;                                      // [BR][LD]
+  bf16* dSs = dOs + BR * LD;                                     // [BC][LDS]  dSᵀ: [key][query]
+  int64_t* qpos_s = reinterpret_cast<int64_t*>(dSs + BC * LDS);  // [BR]
+  float* lse_s = reinterpret_cast<float*>(qpos_s + BR);          // [BR] lse·log2(e)
+  float* D_s = lse_s + BR;                                       // [BR] dout·o
+  __shared__ int64_t red[2][kBwdWarps];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const Shape sh = a.sh;
+  const int64_t k0 = blockIdx.x * int64_t{BC};
+  const int hk = blockIdx.y, G = sh.hq / sh.hkv;
+  const int nk_tile = static_cast<int>(min(int64_t{BC}, sh.nk - k0));
+  const int64_t q_stride = int64_t{sh.hq} * D, kv_stride = int64_t{sh.hkv} * D;
+
+  load_tile<D, NT>(Ks, a.k + k0 * kv_stride + hk * D, kv_stride, BC, nk_tile, tid);
+  load_tile<D, NT>(Vs, a.v + k0 * kv_stride + hk * D, kv_stride, BC, nk_tile, tid);
+  cp_async_commit();
+
+  int64_t kp[2];  // this thread's two key rows: warp·16 + g and + 8
+  for (int e = 0; e < 2; ++e) {
+    const int r = warp * 16 + g + 8 * e;
+    kp[e] = r < nk_tile ? a.k_pos[k0 + r] : kNoKey;
+  }
+  {
+    const int64_t mn = warp_min(min(kp[0], kp[1])), mx = warp_max(max(kp[0], kp[1]));
+    if (lane == 0) red[0][warp] = mn, red[1][warp] = mx;
+  }
+  __syncthreads();
+  int64_t k_min = red[0][0], k_max = red[1][0];
+  for (int w = 1; w < kBwdWarps; ++w) k_min = min(k_min, red[0][w]), k_max = max(k_max, red[1][w]);
+
+  const float sl2 = a.scale * kLog2e;
+  float dK[D / 8][4] = {}, dV[D / 8][4] = {};
+  const int nq_tiles = static_cast<int>((sh.nq + BR - 1) / BR);
+  for (int h = hk * G; h < (hk + 1) * G; ++h) {
+    for (int qt = 0; qt < nq_tiles; ++qt) {
+      const int64_t i0 = int64_t{qt} * BR;
+      const int nq_tile = static_cast<int>(min(int64_t{BR}, sh.nq - i0));
+      int64_t qp = kNoQuery;
+      if (tid < BR && tid < nq_tile) qp = a.q_pos[i0 + tid];
+      if (!__syncthreads_or(tid < BR && qp >= k_min)) continue;  // no query sees a key
+      if (tid < BR) qpos_s[tid] = qp;
+      const bool full = __syncthreads_and(tid >= BR || qp >= k_max);
+
+      load_tile<D, NT>(Qs, a.q + i0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
+      cp_async_commit();
+      {  // dout (F32) -> bf16 in dOs, D_i = dout_i·o_i (fp32, o as stored), lse in log2 units
+        const int r = tid / TPR, sub = tid % TPR;
+        float dsum = 0.f;
+        if (r < nq_tile) {
+          const int64_t off = (i0 + r) * q_stride + h * D;
+          const float* dr = a.dout + off;
+          const bf16* orow = a.o + off;
+#pragma unroll 4
+          for (int c = sub * 4; c < D; c += 4 * TPR) {
+            const float4 d4 = *reinterpret_cast<const float4*>(dr + c);
+            const uint2 o4 = *reinterpret_cast<const uint2*>(orow + c);
+            const float2 o01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o4.x));
+            const float2 o23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o4.y));
+            dsum += d4.x * o01.x + d4.y * o01.y + d4.z * o23.x + d4.w * o23.y;
+            *reinterpret_cast<uint2*>(dOs + r * LD + c) =
+                make_uint2(pack(d4.x, d4.y), pack(d4.z, d4.w));
+          }
+        } else {
+          for (int c = sub * 4; c < D; c += 4 * TPR)
+            *reinterpret_cast<uint2*>(dOs + r * LD + c) = make_uint2(0u, 0u);
+        }
+#pragma unroll
+        for (int o = 1; o < TPR; o <<= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+        if (sub == 0) {
+          D_s[r] = dsum;
+          const float L = r < nq_tile ? a.lse[(i0 + r) * sh.hq + h] : -INFINITY;
+          lse_s[r] = L == -INFINITY ? INFINITY : L * kLog2e;  // saw no key: P = 2^-inf = 0
+        }
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // Sᵀ = K·Qᵀ for this warp's 16 keys × BR queries, then Pᵀ.
+      float P[BR / 8][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ka[4];
+        ldsm_x4(ka, a_addr(Ks, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+        for (int np = 0; np < BR / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, bnk_addr(Qs, LD, np * 16, kk * 16, lane));
+          mma(P[2 * np], ka, b[0], b[1]);
+          mma(P[2 * np + 1], ka, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n * 8 + 2 * t + (e & 1);
+          float p = ex2(P[n][e] * sl2 - lse_s[col]);
+          if (!full && kp[e >> 1] > qpos_s[col]) p = 0.f;
+          P[n][e] = p;
+        }
+      }
+      // dV += Pᵀ·dO
+#pragma unroll
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        uint32_t pa[4];
+        c_to_a(pa, P[2 * kk], P[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_t(b, bkn_addr(dOs, LD, kk * 16, dp * 16, lane));
+          mma(dV[2 * dp], pa, b[0], b[1]);
+          mma(dV[2 * dp + 1], pa, b[2], b[3]);
+        }
+      }
+      // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D)
+      float dS[BR / 8][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t va[4];
+        ldsm_x4(va, a_addr(Vs, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+        for (int np = 0; np < BR / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, bnk_addr(dOs, LD, np * 16, kk * 16, lane));
+          mma(dS[2 * np], va, b[0], b[1]);
+          mma(dS[2 * np + 1], va, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dS[n][e] = P[n][e] * (dS[n][e] - D_s[n * 8 + 2 * t + (e & 1)]);
+        const int row = warp * 16 + g;
+        *reinterpret_cast<uint32_t*>(dSs + row * LDS + n * 8 + 2 * t) = pack(dS[n][0], dS[n][1]);
+        *reinterpret_cast<uint32_t*>(dSs + (row + 8) * LDS + n * 8 + 2 * t) =
+            pack(dS[n][2], dS[n][3]);
+      }
+      // dK += dSᵀ·Q
+#pragma unroll
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        uint32_t sa[4];
+        c_to_a(sa, dS[2 * kk], dS[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_t(b, bkn_addr(Qs, LD, kk * 16, dp * 16, lane));
+          mma(dK[2 * dp], sa, b[0], b[1]);
+          mma(dK[2 * dp + 1], sa, b[2], b[3]);
+        }
+      }
+      __syncthreads();  // dSᵀ complete
+
+      // dQ[BR×D] += scale · dS·K: warp (mt, cg) takes query rows mt·16.. and columns cg·DC..
+      {
+        const int mt = warp % MT, cg = warp / MT;
+        float acc[DC / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+          uint32_t sa[4];
+          ldsm_x4_t(sa, bnk_addr(dSs, LDS, kk * 16, mt * 16, lane));  // A = dS from dSᵀ [k][m]
+#pragma unroll
+          for (int dp = 0; dp < DC / 16; ++dp) {
+            uint32_t b[4];
+            ldsm_x4_t(b, bkn_addr(Ks, LD, kk * 16, cg * DC + dp * 16, lane));
+            mma(acc[2 * dp], sa, b[0], b[1]);
+            mma(acc[2 * dp + 1], sa, b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = mt * 16 + g + 8 * r;
+          if (row >= nq_tile) continue;
+          float* dqr = a.dq + (i0 + row) * q_stride + h * D + cg * DC + 2 * t;
+#pragma unroll
+          for (int n = 0; n < DC / 8; ++n) {
+            atomicAdd(dqr + n * 8, a.scale * acc[n][2 * r]);
+            atomicAdd(dqr + n * 8 + 1, a.scale * acc[n][2 * r + 1]);
+          }
+        }
+      }
+      __syncthreads();  // Qs, dOs, dSs and the row statistics are free for the next tile
+    }
+  }
+
+  // This block owns its 64 keys of dk and dv for kv head hk.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= nk_tile) continue;
+    const int64_t off = (k0 + row) * kv_stride + hk * D + 2 * t;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      a.dk[off + n * 8] += a.scale * dK[n][2 * r];
+      a.dk[off + n * 8 + 1] += a.scale * dK[n][2 * r + 1];
+      a.dv[off + n * 8] += dV[n][2 * r];
+      a.dv[off + n * 8 + 1] += dV[n][2 * r + 1];
+    }
+  }
+}
+
+// The backward's query tile: 64 rows for d = 64; 32 for d = 128 keeps the dK, dV, P and dS
+// accumulators (4·16·d/8... registers) within 255 registers without spilling.
+template <int D>
+constexpr int bwd_br() {
+  return D == 64 ? 64 : 32;
+}
+
+template <int D>
+cudaError_t forward_d(const Args& a, cudaStream_t s) {
+  constexpr int bytes = fwd_smem_bytes<D>();
+  cudaError_t e = cudaFuncSetAttribute(flash_forward_kernel<D>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>((a.sh.nq + kFwdBR - 1) / kFwdBR),
+                  static_cast<unsigned>(a.sh.hq));
+  flash_forward_kernel<D><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
+  return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t backward_d(const Args& a, cudaStream_t s) {
+  constexpr int BR = bwd_br<D>(), bytes = bwd_smem_bytes<D, BR>();
+  cudaError_t e = cudaFuncSetAttribute(flash_backward_kernel<D, BR>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>((a.sh.nk + kBwdBC - 1) / kBwdBC),
+                  static_cast<unsigned>(a.sh.hkv));
+  flash_backward_kernel<D, BR><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool flash_supported(int d) {
+  return d == 64 || d == 128;
+}
+
+cudaError_t flash_forward(const Fwd& p, cudaStream_t s) {
+  if (!p.bf16 || !flash_supported(p.sh.d)) return cudaErrorInvalidValue;
+  if (p.sh.nq == 0) return cudaSuccess;
+  Args a{};
+  a.sh = p.sh;
+  a.q = static_cast<const bf16*>(p.q);
+  a.k = static_cast<const bf16*>(p.k);
+  a.v = static_cast<const bf16*>(p.v);
+  a.q_pos = p.q_pos;
+  a.k_pos = p.k_pos;
+  a.o_out = static_cast<bf16*>(p.o);
+  a.lse_out = p.lse;
+  a.scale = p.scale;
+  return p.sh.d == 64 ? forward_d<64>(a, s) : forward_d<128>(a, s);
+}
+
+cudaError_t flash_backward(const Bwd& p, cudaStream_t s) {
+  if (!p.bf16 || !flash_supported(p.sh.d)) return cudaErrorInvalidValue;
+  if (p.sh.nq == 0 || p.sh.nk == 0) return cudaSuccess;
+  Args a{};
+  a.sh = p.sh;
+  a.q = static_cast<const bf16*>(p.q);
+  a.k = static_cast<const bf16*>(p.k);
+  a.v = static_cast<const bf16*>(p.v);
+  a.o = static_cast<const bf16*>(p.o);
+  a.q_pos = p.q_pos;
+  a.k_pos = p.k_pos;
+  a.lse = p.lse;
+  a.dout = p.dout;
+  a.dq = p.dq;
+  a.dk = p.dk;
+  a.dv = p.dv;
+  a.scale = p.scale;
+  return p.sh.d == 64 ? backward_d<64>(a, s) : backward_d<128>(a, s);
+}
+
+}  // namespace tsp::cuda::attn

@@ -1,0 +1,60 @@
+// Raw-pointer launchers of the CUDA attention kernels (attention_reference.cu,
+// attention_flash.cu). attention.cpp checks shapes, dtypes and devices and calls these; each
+// returns the launch status because .cu files cannot build tsp::Error messages (fmt's consteval
+// format strings do not compile under nvcc), so the caller wraps every call in TSP_CUDA_CHECK.
+//
+// Layouts (all contiguous, row-major): q, o [nq, hq, d]; k, v [nk, hkv, d]; lse F32 [nq, hq];
+// q_pos I64 [nq], k_pos I64 [nk]; dout, dq F32 [nq, hq, d]; dk, dv F32 [nk, hkv, d].
+// Query head h reads kv head h / (hq / hkv) (the CPU's mapping, src/ops/cpu/attention_reference.cpp).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace tsp::cuda::attn {
+
+struct Shape {
+  int64_t nq = 0, nk = 0;
+  int hq = 0, hkv = 0, d = 0;
+};
+
+struct Fwd {
+  Shape sh;
+  bool bf16 = false;  // q, k, v, o are __nv_bfloat16 (else float)
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  const int64_t *q_pos = nullptr, *k_pos = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;
+  float scale = 1.f;
+};
+
+struct Bwd {
+  Shape sh;
+  bool bf16 = false;  // q, k, v, o are __nv_bfloat16 (else float)
+  const void *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+  const int64_t *q_pos = nullptr, *k_pos = nullptr;
+  const float *lse = nullptr, *dout = nullptr;
+  float *dq = nullptr, *dk = nullptr, *dv = nullptr;  // accumulated (+=)
+  float scale = 1.f;
+};
+
+// ---- reference kernels (attention_reference.cu): any d in [1, 256], F32 or BF16 ----
+// Forward: one warp per (query, head), online softmax in fp32. Backward: a dq pass (one warp per
+// (query, head)) and a dk/dv pass (one warp per (key, kv head)); deterministic, no atomics.
+constexpr int kReferenceMaxHeadDim = 256;
+cudaError_t reference_forward(const Fwd& p, cudaStream_t s);
+cudaError_t reference_backward(const Bwd& p, cudaStream_t s);
+
+// Element-wise LSE merge (the same kernel serves both paths). o_a, o_b each F32 or BF16.
+cudaError_t merge(void* o_a, bool a_bf16, float* lse_a, const void* o_b, bool b_bf16,
+                  const float* lse_b, int64_t rows, int d, cudaStream_t s);
+
+// ---- flash kernels (attention_flash.cu): BF16, d in {64, 128}, tensor cores ----
+bool flash_supported(int d);
+cudaError_t flash_forward(const Fwd& p, cudaStream_t s);
+// dq accumulates through fp32 atomics (summation order varies from run to run); dk, dv are owned
+// by one block each (deterministic).
+cudaError_t flash_backward(const Bwd& p, cudaStream_t s);
+
+}  // namespace tsp::cuda::attn

@@ -1,0 +1,553 @@
+// CUDA attention (src/backend/cuda/attention.h):
+//   1. the reference kernels against a host fp64 implementation written here (F32 and BF16, any
+//      d, GQA, positions causal / offset / zigzag / shuffled / a query that sees no key);
+//   2. the flash kernels (BF16, d 64 and 128) against the reference kernels on the same inputs,
+//      within bounds derived per element from the extra bf16 roundings of the flash path;
+//   3. the LSE merge against the host.
+// Without a CUDA device every test is skipped (GTEST_SKIP "no CUDA device").
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/attention.h"
+#include "backend/cuda/cuda_common.h"
+#include "tsp/core/bf16.h"
+
+namespace tsp::cuda {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---- device buffers ---------------------------------------------------------------------------
+
+struct Buf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Buf(size_t n) : bytes(std::max<size_t>(n, 16)) { TSP_CUDA_CHECK(cudaMalloc(&p, bytes)); }
+  ~Buf() { cudaFree(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+// A device tensor holding `host` (floats stored as `dt`: F32 or BF16, or I64 values).
+struct Dev {
+  Buf buf;
+  TensorView view;
+  Dev(const std::vector<float>& host, Shape shape, DType dt)
+      : buf(host.size() * (dt == DType::BF16 ? 2 : 4)) {
+    if (dt == DType::BF16) {
+      std::vector<uint16_t> b(host.size());
+      for (size_t i = 0; i < host.size(); ++i) b[i] = bf16::from_float(host[i]);
+      TSP_CUDA_CHECK(cudaMemcpy(buf.p, b.data(), b.size() * 2, cudaMemcpyHostToDevice));
+    } else {
+      TSP_CUDA_CHECK(cudaMemcpy(buf.p, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+    }
+    view = TensorView(buf.p, std::move(shape), dt, Device::cuda(0));
+  }
+  explicit Dev(const std::vector<int64_t>& host) : buf(host.size() * 8) {
+    TSP_CUDA_CHECK(cudaMemcpy(buf.p, host.data(), host.size() * 8, cudaMemcpyHostToDevice));
+    view = TensorView(buf.p, {static_cast<int64_t>(host.size())}, DType::I64, Device::cuda(0));
+  }
+  std::vector<float> get() const {
+    TSP_CUDA_CHECK(cudaDeviceSynchronize());
+    const size_t n = view.numel();
+    std::vector<float> out(n);
+    if (view.dtype() == DType::BF16) {
+      std::vector<uint16_t> b(n);
+      TSP_CUDA_CHECK(cudaMemcpy(b.data(), buf.p, n * 2, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < n; ++i) out[i] = bf16::to_float(b[i]);
+    } else {
+      TSP_CUDA_CHECK(cudaMemcpy(out.data(), buf.p, n * 4, cudaMemcpyDeviceToHost));
+    }
+    return out;
+  }
+};
+
+// ---- problems ---------------------------------------------------------------------------------
+
+enum class Pos { Causal, Offset, Zigzag, Shuffled, Blind };
+const char* pos_name(Pos p) {
+  switch (p) {
+    case Pos::Causal:
+      return "causal";
+    case Pos::Offset:
+      return "offset";
+    case Pos::Zigzag:
+      return "zigzag";
+    case Pos::Shuffled:
+      return "shuffled";
+    case Pos::Blind:
+      return "blind";
+  }
+  return "?";
+}
+
+struct Case {
+  int64_t nq, nk;
+  int hq, hkv, d;
+  Pos pos;
+  std::string str() const {
+    std::ostringstream s;
+    s << "nq=" << nq << " nk=" << nk << " hq=" << hq << " hkv=" << hkv << " d=" << d
+      << " pos=" << pos_name(pos);
+    return s.str();
+  }
+};
+
+struct Problem {
+  Case c;
+  float scale;
+  std::vector<float> q, k, v, dout, dq0, dk0, dv0;  // dq0.. : the gradients' prior contents (+=)
+  std::vector<int64_t> q_pos, k_pos;
+};
+
+// Positions: Causal (queries are the last nq of the keys' range, earlier ones may see nothing),
+// Offset (all queries after all keys), Zigzag (two contiguous ranges on each side, like a zigzag
+// chunk pair), Shuffled (causal positions in random order), Blind (causal, but query 0 is before
+// every key and sees none).
+Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
+  Problem p{c, static_cast<float>(1.0 / std::sqrt(c.d))};
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  auto fill = [&](std::vector<float>& x, int64_t n, bool round) {
+    x.resize(n);
+    for (auto& e : x) e = round ? static_cast<float>(bf16(U(rng))) : U(rng);
+  };
+  fill(p.q, c.nq * c.hq * c.d, bf16_inputs);
+  fill(p.k, c.nk * c.hkv * c.d, bf16_inputs);
+  fill(p.v, c.nk * c.hkv * c.d, bf16_inputs);
+  fill(p.dout, c.nq * c.hq * c.d, false);
+  fill(p.dq0, c.nq * c.hq * c.d, false);
+  fill(p.dk0, c.nk * c.hkv * c.d, false);
+  fill(p.dv0, c.nk * c.hkv * c.d, false);
+  p.q_pos.resize(c.nq);
+  p.k_pos.resize(c.nk);
+  for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = j;
+  for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = c.nk - c.nq + i;
+  if (c.pos == Pos::Offset)
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = c.nk + 7 + i;
+  if (c.pos == Pos::Zigzag) {
+    for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = j < c.nk / 2 ? j : 1000 + j;
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = i < c.nq / 2 ? 3 * i : 1000 + c.nk / 2 + i;
+  }
+  if (c.pos == Pos::Shuffled) {
+    std::shuffle(p.k_pos.begin(), p.k_pos.end(), rng);
+    std::shuffle(p.q_pos.begin(), p.q_pos.end(), rng);
+  }
+  if (c.pos == Pos::Blind) p.q_pos[0] = -1;
+  return p;
+}
+
+// ---- host fp64 attention (the CPU reference's maths) ------------------------------------------
+
+struct HostOut {
+  std::vector<double> o, lse, dq, dk, dv;
+  // Per-element error scales of the flash path's bf16 roundings (see FlashBackward).
+  std::vector<double> bq, bk, bv;
+};
+
+// o_in: the o the backward reads (the device's stored o). Gradients include the prior contents.
+HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
+  const Case& c = p.c;
+  const int64_t d = c.d, G = c.hq / c.hkv;
+  HostOut r;
+  r.o.assign(c.nq * c.hq * d, 0.0);
+  r.lse.assign(c.nq * c.hq, -kInf);
+  r.dq.assign(p.dq0.begin(), p.dq0.end());
+  r.dk.assign(p.dk0.begin(), p.dk0.end());
+  r.dv.assign(p.dv0.begin(), p.dv0.end());
+  r.bq.assign(r.dq.size(), 0.0);
+  r.bk.assign(r.dk.size(), 0.0);
+  r.bv.assign(r.dv.size(), 0.0);
+  const double u = std::ldexp(1.0, -9);  // bf16 unit roundoff (round to nearest)
+  std::vector<double> s(c.nk);
+  for (int64_t i = 0; i < c.nq; ++i) {
+    for (int64_t h = 0; h < c.hq; ++h) {
+      const float* qi = &p.q[(i * c.hq + h) * d];
+      const int64_t hk = h / G;
+      double m = -kInf;
+      for (int64_t j = 0; j < c.nk; ++j) {
+        s[j] = -kInf;
+        if (p.k_pos[j] > p.q_pos[i]) continue;
+        const float* kj = &p.k[(j * c.hkv + hk) * d];
+        double dot = 0;
+        for (int64_t e = 0; e < d; ++e) dot += double(qi[e]) * kj[e];
+        s[j] = p.scale * dot;
+        m = std::max(m, s[j]);
+      }
+      if (m == -kInf) continue;  // sees no key: o = 0, lse = -inf, no gradient
+      double l = 0;
+      for (int64_t j = 0; j < c.nk; ++j)
+        if (s[j] != -kInf) l += std::exp(s[j] - m);
+      const double lse = m + std::log(l);
+      r.lse[i * c.hq + h] = lse;
+      double* oi = &r.o[(i * c.hq + h) * d];
+      for (int64_t j = 0; j < c.nk; ++j) {
+        if (s[j] == -kInf) continue;
+        const double P = std::exp(s[j] - lse);
+        const float* vj = &p.v[(j * c.hkv + hk) * d];
+        for (int64_t e = 0; e < d; ++e) oi[e] += P * vj[e];
+      }
+      if (!o_in) continue;
+      // Backward from the stored o.
+      const float* doi = &p.dout[(i * c.hq + h) * d];
+      const float* os = &(*o_in)[(i * c.hq + h) * d];
+      double D = 0;
+      for (int64_t e = 0; e < d; ++e) D += double(doi[e]) * os[e];
+      for (int64_t j = 0; j < c.nk; ++j) {
+        if (s[j] == -kInf) continue;
+        const float* kj = &p.k[(j * c.hkv + hk) * d];
+        const float* vj = &p.v[(j * c.hkv + hk) * d];
+        const double P = std::exp(s[j] - lse);
+        double dP = 0, dPabs = 0;
+        for (int64_t e = 0; e < d; ++e) {
+          dP += double(doi[e]) * vj[e];
+          dPabs += std::abs(double(doi[e]) * vj[e]);
+        }
+        const double dS = P * (dP - D);
+        // The flash path's dS error: dout rounded to bf16 inside dP (u·Σ|dout·v|), P rounded...
+        // not in dS (fp32), dS itself rounded to bf16 for dK and dQ (u·|dS|).
+        const double e_dS = P * u * dPabs + u * std::abs(dS);
+        const int64_t qo = (i * c.hq + h) * d, ko = (j * c.hkv + hk) * d;
+        for (int64_t e = 0; e < d; ++e) {
+          r.dv[ko + e] += P * doi[e];
+          r.dk[ko + e] += p.scale * dS * qi[e];
+          r.dq[qo + e] += p.scale * dS * kj[e];
+          // dV: P and dout each rounded to bf16 (2u relative per term).
+          r.bv[ko + e] += 2 * u * P * std::abs(doi[e]);
+          r.bk[ko + e] += p.scale * e_dS * std::abs(qi[e]);
+          r.bq[qo + e] += p.scale * e_dS * std::abs(kj[e]);
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// ---- comparison -------------------------------------------------------------------------------
+
+// Every |got[i] - want[i]| <= tol(i); else a failure naming the worst element (by excess over its
+// tolerance), the max abs and rel errors and the count of bad elements.
+template <class W, class Tol>
+void expect_close(const std::vector<float>& got, const W& want, Tol tol, const std::string& what,
+                  const Case& c) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double max_abs = 0, max_rel = 0, worst_excess = -1;
+  int64_t worst = -1, bad = 0, first_bad = -1;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i], w = want[i];
+    bool ok;
+    double err;
+    if (std::isinf(w) || std::isinf(g)) {
+      ok = g == w;
+      err = ok ? 0 : kInf;
+    } else {
+      err = std::abs(g - w);
+      ok = err <= tol(i) && std::isfinite(g);
+    }
+    if (!std::isnan(err)) max_abs = std::max(max_abs, err);
+    if (w != 0 && std::isfinite(err)) max_rel = std::max(max_rel, err / std::abs(w));
+    if (!ok) {
+      ++bad;
+      if (first_bad < 0) first_bad = static_cast<int64_t>(i);
+      const double excess = std::isfinite(err) ? err - tol(i) : kInf;
+      if (excess > worst_excess || worst < 0)
+        worst_excess = excess, worst = static_cast<int64_t>(i);
+    }
+  }
+  if (bad) {
+    ADD_FAILURE() << what << " [" << c.str() << "]: " << bad << " of " << got.size()
+                  << " elements out of tolerance; max abs err " << max_abs << ", max rel err "
+                  << max_rel << "; worst at flat index " << worst << ": got " << got[worst]
+                  << ", want " << want[worst] << ", tol " << tol(worst) << "; first bad index "
+                  << first_bad;
+  }
+}
+
+double max_abs(const std::vector<float>& x) {
+  double m = 0;
+  for (float e : x) m = std::max(m, double(std::abs(e)));
+  return m;
+}
+
+// Device tensors of a problem, with q/k/v/o in `dt`.
+struct DevProblem {
+  Dev q, k, v, qp, kp, o, lse, dout, dq, dk, dv;
+  DevProblem(const Problem& p, DType dt)
+      : q(p.q, {p.c.nq, p.c.hq, p.c.d}, dt),
+        k(p.k, {p.c.nk, p.c.hkv, p.c.d}, dt),
+        v(p.v, {p.c.nk, p.c.hkv, p.c.d}, dt),
+        qp(p.q_pos),
+        kp(p.k_pos),
+        o(std::vector<float>(p.q.size(), std::nanf("")), {p.c.nq, p.c.hq, p.c.d}, dt),
+        lse(std::vector<float>(p.c.nq * p.c.hq, std::nanf("")), {p.c.nq, p.c.hq}, DType::F32),
+        dout(p.dout, {p.c.nq, p.c.hq, p.c.d}, DType::F32),
+        dq(p.dq0, {p.c.nq, p.c.hq, p.c.d}, DType::F32),
+        dk(p.dk0, {p.c.nk, p.c.hkv, p.c.d}, DType::F32),
+        dv(p.dv0, {p.c.nk, p.c.hkv, p.c.d}, DType::F32) {}
+};
+
+using FwdFn = void (*)(TensorView, TensorView, TensorView, TensorView, TensorView, TensorView,
+                       TensorView, float, cudaStream_t);
+using BwdFn = void (*)(TensorView, TensorView, TensorView, TensorView, TensorView, TensorView,
+                       TensorView, TensorView, TensorView, TensorView, TensorView, float,
+                       cudaStream_t);
+
+void run_fwd(FwdFn f, DevProblem& dp, const Problem& p) {
+  f(dp.q.view, dp.k.view, dp.v.view, dp.qp.view, dp.kp.view, dp.o.view, dp.lse.view, p.scale,
+    nullptr);
+  TSP_CUDA_CHECK(cudaDeviceSynchronize());
+}
+void run_bwd(BwdFn f, DevProblem& dp, const Problem& p) {
+  f(dp.q.view, dp.k.view, dp.v.view, dp.qp.view, dp.kp.view, dp.o.view, dp.lse.view, dp.dout.view,
+    dp.dq.view, dp.dk.view, dp.dv.view, p.scale, nullptr);
+  TSP_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+std::vector<Case> small_cases() {
+  std::vector<Case> cs;
+  const int64_t ns[] = {1, 5, 64, 130};
+  const int heads[][2] = {{4, 4}, {8, 2}, {8, 1}};
+  const Pos ps[] = {Pos::Causal, Pos::Offset, Pos::Zigzag, Pos::Shuffled, Pos::Blind};
+  int i = 0;
+  for (int d : {8, 64, 128})
+    for (int64_t nq : ns)
+      for (int64_t nk : ns) {
+        // A rotating choice of heads and positions keeps the count small but covers each.
+        const auto& hh = heads[i % 3];
+        cs.push_back({nq, nk, hh[0], hh[1], d, ps[i % 5]});
+        ++i;
+      }
+  cs.push_back({7, 9, 2, 1, 200, Pos::Causal});  // a head dim past 128 (reference only)
+  return cs;
+}
+
+// ---- 1. reference kernels against the host ------------------------------------------------
+
+// F32. The host is fp64; the device fp32 with fp32 statistics. With inputs in [-1, 1]:
+// |s| <= scale·Σ|q k| <= sqrt(d), its fp32 error <= d·2^-24·sqrt(d) <= 2e-5 (d = 128) in the worst
+// case; e^{s} turns that into a relative error of the weights, so o (a convex combination of
+// |v| <= 1) and lse are within ~4e-5 absolute (+ K·2^-24 from the K-term sums). Bound: 1e-4.
+// Gradients are sums of up to nq·G (or nk) such terms of size <= scale·|dS|: 1e-4·(1 + |ref|).
+TEST(CudaAttention, ReferenceF32MatchesHost) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 1;
+  for (const Case& c : small_cases()) {
+    const Problem p = make(c, false, seed++);
+    DevProblem dp(p, DType::F32);
+    run_fwd(reference::attention_forward, dp, p);
+    const std::vector<float> o = dp.o.get();
+    const HostOut h = host_attention(p, &o);
+    expect_close(
+        o, h.o, [&](size_t i) { return 1e-4; }, "reference f32 o", c);
+    expect_close(
+        dp.lse.get(), h.lse, [&](size_t i) { return 1e-4 * (1 + std::abs(h.lse[i])); },
+        "reference f32 lse", c);
+    run_bwd(reference::attention_backward, dp, p);
+    expect_close(
+        dp.dq.get(), h.dq, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dq[i])); },
+        "reference f32 dq", c);
+    expect_close(
+        dp.dk.get(), h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); },
+        "reference f32 dk", c);
+    expect_close(
+        dp.dv.get(), h.dv, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dv[i])); },
+        "reference f32 dv", c);
+    if (HasFailure()) return;
+  }
+}
+
+// BF16 inputs (the host sees the same rounded values): o is the fp32 result rounded once to bf16,
+// |err| <= 2^-9·|o| (half an ulp) + the fp32 bound above. The backward reads the stored bf16 o,
+// as the host does, so the gradients keep the fp32 bound.
+TEST(CudaAttention, ReferenceBf16MatchesHost) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 100;
+  for (const Case& c : small_cases()) {
+    const Problem p = make(c, true, seed++);
+    DevProblem dp(p, DType::BF16);
+    run_fwd(reference::attention_forward, dp, p);
+    const std::vector<float> o = dp.o.get();
+    const HostOut h = host_attention(p, &o);
+    expect_close(
+        o, h.o, [&](size_t i) { return std::ldexp(std::abs(h.o[i]), -9) + 1e-4; },
+        "reference bf16 o", c);
+    expect_close(
+        dp.lse.get(), h.lse, [&](size_t i) { return 1e-4 * (1 + std::abs(h.lse[i])); },
+        "reference bf16 lse", c);
+    run_bwd(reference::attention_backward, dp, p);
+    expect_close(
+        dp.dq.get(), h.dq, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dq[i])); },
+        "reference bf16 dq", c);
+    expect_close(
+        dp.dk.get(), h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); },
+        "reference bf16 dk", c);
+    expect_close(
+        dp.dv.get(), h.dv, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dv[i])); },
+        "reference bf16 dv", c);
+    if (HasFailure()) return;
+  }
+}
+
+// Empty sides: nq = 0 does nothing; nk = 0 gives o = 0 and lse = -inf, and a backward that adds
+// nothing.
+TEST(CudaAttention, NoKeys) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const Case c{3, 0, 4, 2, 64, Pos::Causal};
+    const Problem p = make(c, true, 7);
+    DevProblem dp(p, dt);
+    run_fwd(attention_forward, dp, p);
+    expect_close(
+        dp.o.get(), std::vector<double>(p.q.size(), 0.0), [](size_t) { return 0.0; },
+        "o with no keys", c);
+    expect_close(
+        dp.lse.get(), std::vector<double>(c.nq * c.hq, -kInf), [](size_t) { return 0.0; },
+        "lse with no keys", c);
+    run_bwd(attention_backward, dp, p);
+    expect_close(
+        dp.dq.get(), p.dq0, [](size_t) { return 0.0; }, "dq with no keys", c);
+  }
+}
+
+// ---- 2. flash kernels against the reference kernels --------------------------------------------
+
+std::vector<Case> flash_cases() {
+  std::vector<Case> cs;
+  for (int d : {64, 128}) {
+    cs.push_back({1, 1, 4, 4, d, Pos::Causal});
+    cs.push_back({63, 63, 8, 2, d, Pos::Causal});
+    cs.push_back({65, 65, 8, 1, d, Pos::Blind});
+    cs.push_back({200, 200, 4, 4, d, Pos::Zigzag});
+    cs.push_back({130, 300, 8, 2, d, Pos::Shuffled});
+    cs.push_back({64, 200, 4, 2, d, Pos::Offset});
+    cs.push_back({256, 256, 4, 1, d, Pos::Causal});  // multiples of every tile
+    cs.push_back({1000, 1000, 4, 2, d, Pos::Causal});
+  }
+  return cs;
+}
+
+// Forward bound (both paths read the same bf16 q, k, v): the flash path rounds P to bf16 before
+// P·V, an error <= 2^-9·Σ_j P_j|v_j| <= 2^-9·max|v|; both round o once (<= 2^-9·|o| each). Scores
+// and statistics are fp32 in both (ex2.approx: ~2^-22 relative). So
+//   |o_flash − o_ref| <= 2^-8·|o_ref| + 2^-9·max|v| + 1e-4  (1e-4: the fp32 terms, as above);
+//   |lse_flash − lse_ref| <= 1e-4·(1 + |lse|).
+TEST(CudaAttention, FlashForwardMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 200;
+  for (const Case& c : flash_cases()) {
+    const Problem p = make(c, true, seed++);
+    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+    ASSERT_TRUE(attention_flash_supported(DType::BF16, c.d));
+    run_fwd(reference::attention_forward, ref, p);
+    run_fwd(attention_forward, fast, p);
+    const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
+    const double vmax = max_abs(p.v);
+    expect_close(
+        fast.o.get(), o_ref,
+        [&](size_t i) { return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4; },
+        "flash o vs reference", c);
+    expect_close(
+        fast.lse.get(), lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
+        "flash lse vs reference", c);
+    if (HasFailure()) return;
+  }
+}
+
+// Backward bound, per element, computed by the host (HostOut::bq, bk, bv) from the flash path's
+// roundings with u = 2^-9: dout -> bf16 (u) inside dP = dout·v and dV = Pᵀ·dout; P -> bf16 (u)
+// in dV; dS -> bf16 (u) in dK and dQ. Thus e_dS = P·u·Σ|dout·v| + u·|dS| and
+//   |ΔdV| <= Σ 2u·P·|dout|,  |ΔdK| <= scale·Σ e_dS·|q|,  |ΔdQ| <= scale·Σ e_dS·|k|.
+// Tolerance: 2× that bound (second-order terms, fp32 accumulation) + 1e-4·(1 + |ref|) (the fp32
+// differences of the two paths, as in the reference tests). Both paths start from the reference's
+// o and lse.
+TEST(CudaAttention, FlashBackwardMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 300;
+  for (const Case& c : flash_cases()) {
+    const Problem p = make(c, true, seed++);
+    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+    run_fwd(reference::attention_forward, ref, p);
+    const std::vector<float> o = ref.o.get();
+    TSP_CUDA_CHECK(cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
+    TSP_CUDA_CHECK(
+        cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+    run_bwd(reference::attention_backward, ref, p);
+    run_bwd(attention_backward, fast, p);
+    const HostOut h = host_attention(p, &o);
+    const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+    expect_close(
+        fast.dq.get(), dq, [&](size_t i) { return 2 * h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
+        "flash dq vs reference", c);
+    expect_close(
+        fast.dk.get(), dk, [&](size_t i) { return 2 * h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
+        "flash dk vs reference", c);
+    expect_close(
+        fast.dv.get(), dv, [&](size_t i) { return 2 * h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
+        "flash dv vs reference", c);
+    // And the reference itself against the host (fp32 bound), so the chain reaches fp64.
+    expect_close(
+        dk, h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); }, "reference dk vs host",
+        c);
+    if (HasFailure()) return;
+  }
+}
+
+// ---- 3. merge ---------------------------------------------------------------------------------
+
+// Two halves of the keys attended separately and merged equal the whole (fp32: 1e-4 as above;
+// bf16 o: each partial o and the merged o are rounded once more, 2^-8·|o| + 2^-9·max|v|); and the
+// merge with an empty side is exact.
+TEST(CudaAttention, MergeOfTwoKeyHalvesEqualsWhole) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const Case c{70, 90, 8, 2, 64, Pos::Blind};
+    const Problem p = make(c, dt == DType::BF16, 11);
+    Problem pa = p, pb = p;  // keys [0, 45) and [45, 90)
+    pa.c.nk = pb.c.nk = 45;
+    const int64_t half = 45 * c.hkv * c.d;
+    pa.k.assign(p.k.begin(), p.k.begin() + half);
+    pa.v.assign(p.v.begin(), p.v.begin() + half);
+    pb.k.assign(p.k.begin() + half, p.k.end());
+    pb.v.assign(p.v.begin() + half, p.v.end());
+    pa.k_pos.assign(p.k_pos.begin(), p.k_pos.begin() + 45);
+    pb.k_pos.assign(p.k_pos.begin() + 45, p.k_pos.end());
+    pa.dk0.resize(half), pa.dv0.resize(half), pb.dk0.resize(half), pb.dv0.resize(half);
+    DevProblem da(pa, dt), db(pb, dt);
+    run_fwd(attention_forward, da, pa);
+    run_fwd(attention_forward, db, pb);
+    attention_merge(da.o.view, da.lse.view, db.o.view, db.lse.view, nullptr);
+    const HostOut h = host_attention(p, nullptr);
+    const double tol_o = dt == DType::BF16 ? std::ldexp(1.0, -9) : 0.0;
+    expect_close(
+        da.o.get(), h.o, [&](size_t i) { return 4 * tol_o * std::abs(h.o[i]) + tol_o + 1e-4; },
+        std::string("merged o ") + dtype_name(dt).data(), c);
+    expect_close(
+        da.lse.get(), h.lse, [&](size_t i) { return 1e-4 * (1 + std::abs(h.lse[i])); },
+        std::string("merged lse ") + dtype_name(dt).data(), c);
+    // Merging with an empty side (lse = -inf, o NaN: never read) keeps o_a bit for bit.
+    const std::vector<float> before = da.o.get(), lse_before = da.lse.get();
+    Dev o_nan(std::vector<float>(p.q.size(), std::nanf("")), {c.nq, c.hq, c.d}, dt);
+    Dev lse_empty(std::vector<float>(c.nq * c.hq, -INFINITY), {c.nq, c.hq}, DType::F32);
+    attention_merge(da.o.view, da.lse.view, o_nan.view, lse_empty.view, nullptr);
+    expect_close(
+        da.o.get(), before, [](size_t) { return 0.0; }, "merge with an empty side", c);
+    expect_close(
+        da.lse.get(), lse_before, [](size_t) { return 0.0; }, "lse merge with empty", c);
+  }
+}
+
+}  // namespace
+}  // namespace tsp::cuda
