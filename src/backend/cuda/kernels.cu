@@ -55,14 +55,14 @@ __device__ __forceinline__ void st(bf16_t* p, int64_t i, float v) {
   p[i] = to_bf16(v);
 }
 
-// Calls f(T{}) with T = float or bf16_t per the flag: one template instance per dtype.
+// Calls f(T{}) with T = float or bf16_t per the flag: one template instance per dtype. Launchers
+// call cudaGetLastError() once, after every launch (nested dispatch must not consume an error).
 template <class F>
-cudaError_t with_type(bool bf16, F&& f) {
+void with_type(bool bf16, F&& f) {
   if (bf16)
     f(bf16_t{});
   else
     f(float{});
-  return cudaGetLastError();
 }
 
 __device__ __forceinline__ int64_t global_thread() {
@@ -472,22 +472,24 @@ __global__ void adamw_k(float* __restrict__ w, const float* __restrict__ g, floa
 
 cudaError_t fill(void* p, bool bf16, int64_t n, float value, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  return with_type(bf16, [&](auto t) {
+  with_type(bf16, [&](auto t) {
     using T = decltype(t);
     fill_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<T*>(p), n, value);
   });
+  return cudaGetLastError();
 }
 
 cudaError_t cast(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64_t n,
                  cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  return with_type(src_bf16, [&](auto ts) {
+  with_type(src_bf16, [&](auto ts) {
     using S = decltype(ts);
     with_type(dst_bf16, [&](auto td) {
       using D = decltype(td);
       cast_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
     });
   });
+  return cudaGetLastError();
 }
 
 cudaError_t swap_leading_dims(const void* src, void* dst, int64_t A, int64_t B, int64_t inner_bytes,
@@ -518,21 +520,23 @@ cudaError_t swap_leading_dims(const void* src, void* dst, int64_t A, int64_t B, 
 
 cudaError_t add(void* y, bool y_bf16, const void* x, bool x_bf16, int64_t n, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  return with_type(y_bf16, [&](auto ty) {
+  with_type(y_bf16, [&](auto ty) {
     using TY = decltype(ty);
     with_type(x_bf16, [&](auto tx) {
       using TX = decltype(tx);
       add_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<TY*>(y), static_cast<const TX*>(x), n);
     });
   });
+  return cudaGetLastError();
 }
 
 cudaError_t scale(void* y, bool y_bf16, float factor, int64_t n, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  return with_type(y_bf16, [&](auto t) {
+  with_type(y_bf16, [&](auto t) {
     using T = decltype(t);
     scale_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<T*>(y), factor, n);
   });
+  return cudaGetLastError();
 }
 
 int64_t sum_squares_partials(int64_t n) {
@@ -551,18 +555,19 @@ cudaError_t count_non_finite(const void* x, bool bf16, int64_t n, bool also_nega
                              cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
   auto* o = reinterpret_cast<unsigned long long*>(out);  // counts are positive: same bits
-  return with_type(bf16, [&](auto t) {
+  with_type(bf16, [&](auto t) {
     using T = decltype(t);
     count_non_finite_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<const T*>(x), n, also_negative,
                                                         o);
   });
+  return cudaGetLastError();
 }
 
 cudaError_t rmsnorm_forward(const void* x, bool x_bf16, const void* w, bool w_bf16, void* y,
                             bool y_bf16, float* rstd, int64_t N, int64_t h, float eps,
                             cudaStream_t s) {
   if (N <= 0 || h <= 0) return cudaSuccess;
-  return with_type(x_bf16, [&](auto tx) {
+  with_type(x_bf16, [&](auto tx) {
     with_type(w_bf16, [&](auto tw) {
       with_type(y_bf16, [&](auto ty) {
         using TX = decltype(tx);
@@ -574,12 +579,13 @@ cudaError_t rmsnorm_forward(const void* x, bool x_bf16, const void* w, bool w_bf
       });
     });
   });
+  return cudaGetLastError();
 }
 
 cudaError_t rmsnorm_apply(const void* x, bool x_bf16, const void* w, bool w_bf16, const float* rstd,
                           void* y, bool y_bf16, int64_t N, int64_t h, cudaStream_t s) {
   if (N <= 0 || h <= 0) return cudaSuccess;
-  return with_type(x_bf16, [&](auto tx) {
+  with_type(x_bf16, [&](auto tx) {
     with_type(w_bf16, [&](auto tw) {
       with_type(y_bf16, [&](auto ty) {
         using TX = decltype(tx);
@@ -590,13 +596,14 @@ cudaError_t rmsnorm_apply(const void* x, bool x_bf16, const void* w, bool w_bf16
       });
     });
   });
+  return cudaGetLastError();
 }
 
 cudaError_t rmsnorm_backward(const float* dy, const void* x, bool x_bf16, const void* w,
                              bool w_bf16, const float* rstd, float* dx, float* dw, int64_t N,
                              int64_t h, cudaStream_t s) {
   if (N <= 0 || h <= 0) return cudaSuccess;
-  return with_type(x_bf16, [&](auto tx) {
+  with_type(x_bf16, [&](auto tx) {
     using TX = decltype(tx);
     if (dx)
       with_type(w_bf16, [&](auto tw) {
@@ -611,26 +618,29 @@ cudaError_t rmsnorm_backward(const float* dy, const void* x, bool x_bf16, const 
                                                                    rstd, dw, N, h);
     }
   });
+  return cudaGetLastError();
 }
 
 cudaError_t rope(void* x, bool bf16, const int64_t* pos, int64_t N, int64_t heads, int64_t d,
                  const RopeFreqs& freqs, float sign, cudaStream_t s) {
   if (N <= 0 || heads <= 0 || d <= 0) return cudaSuccess;
   const size_t smem = sizeof(float) * static_cast<size_t>(d);  // cos and sin, d/2 each
-  return with_type(bf16, [&](auto t) {
+  with_type(bf16, [&](auto t) {
     using T = decltype(t);
     rope_k<<<static_cast<unsigned>(N), 128, smem, s>>>(static_cast<T*>(x), pos, heads, d, freqs,
                                                        sign);
   });
+  return cudaGetLastError();
 }
 
 cudaError_t swiglu_forward(const float* g, const float* u, void* a, bool a_bf16, int64_t n,
                            cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  return with_type(a_bf16, [&](auto t) {
+  with_type(a_bf16, [&](auto t) {
     using T = decltype(t);
     swiglu_forward_k<<<grid_for(n), kThreads, 0, s>>>(g, u, static_cast<T*>(a), n);
   });
+  return cudaGetLastError();
 }
 
 cudaError_t swiglu_backward(const float* da, const float* g, const float* u, float* dg, float* du,
@@ -644,7 +654,7 @@ cudaError_t embedding_forward(const int32_t* ids, const void* table, bool table_
                               bool out_bf16, int64_t N, int64_t h, int64_t v0, int64_t V_shard,
                               cudaStream_t s) {
   if (N <= 0 || h <= 0) return cudaSuccess;
-  return with_type(table_bf16, [&](auto tt) {
+  with_type(table_bf16, [&](auto tt) {
     with_type(out_bf16, [&](auto to) {
       using TT = decltype(tt);
       using TO = decltype(to);
@@ -652,6 +662,7 @@ cudaError_t embedding_forward(const int32_t* ids, const void* table, bool table_
           ids, static_cast<const TT*>(table), static_cast<TO*>(out), h, v0, V_shard);
     });
   });
+  return cudaGetLastError();
 }
 
 cudaError_t embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t N,
