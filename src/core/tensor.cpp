@@ -81,6 +81,13 @@ TensorView TensorView::window(int64_t offset, Shape shape) const {
                     dtype_, device_);
 }
 
+void fail_host_access(Device device, const Shape& shape, DType dtype) {
+  TSP_FAIL(
+      "host access to a {} tensor {} {}: download it first (Backend::download / host_vector), "
+      "or upload host values into it (Backend::upload / device_copy)",
+      device.str(), shape_str(shape), dtype_name(dtype));
+}
+
 Tensor::Tensor(Shape shape, DType dtype, MemCategory category, Device device)
     : shape_(std::move(shape)), dtype_(dtype), category_(category), device_(device) {
   for (int64_t d : shape_) TSP_CHECK(d >= 0, "negative dimension in shape {}", shape_str(shape_));
@@ -181,6 +188,10 @@ void swap_leading_dims(TensorView src, TensorView dst) {
   std::swap(want[0], want[1]);
   TSP_CHECK(dst.shape() == want, "swap_leading_dims: destination is {}, expected {}",
             shape_str(dst.shape()), shape_str(want));
+  TSP_CHECK(src.device().is_cpu() && dst.device().is_cpu(),
+            "swap_leading_dims: host swap of {} memory into {} memory (use "
+            "Backend::swap_leading_dims)",
+            src.device().str(), dst.device().str());
   const int64_t a = src.dim(0), b = src.dim(1);
   const size_t inner = (a * b != 0) ? src.nbytes() / (a * b) : 0;
   const auto* s = static_cast<const char*>(src.data());

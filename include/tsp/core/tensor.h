@@ -48,6 +48,10 @@ using Shape = std::vector<int64_t>;
 int64_t shape_numel(const Shape& s);
 std::string shape_str(const Shape& s);  // "[4, 256]"
 
+// Throws "host access to a cuda:0 tensor [4096, 512] bf16: download it first": the typed host
+// accessors (data_as, f32) call it, out of line, when the tensor is not in host memory.
+[[noreturn]] void fail_host_access(Device device, const Shape& shape, DType dtype);
+
 // A non-owning window onto contiguous memory.
 class TensorView {
  public:
@@ -55,9 +59,15 @@ class TensorView {
   TensorView(void* data, Shape shape, DType dtype, Device device = Device::cpu())
       : data_(data), shape_(std::move(shape)), dtype_(dtype), device_(device) {}
 
+  // The raw address on the tensor's device: what backends and communicators are handed.
   void* data() const { return data_; }
+  // Typed HOST access: the tensor must be in host memory (checked, one compare; a device tensor
+  // fails loudly here instead of faulting in a host loop). Device memory is read and written
+  // through Backend::upload / download (or host_vector / device_copy).
   template <typename T>
   T* data_as() const {
+    if (!device_.is_cpu()) [[unlikely]]
+      fail_host_access(device_, shape_, dtype_);
     TSP_CHECK(dtype_of<T>() == dtype_, "tensor holds {}, asked for {}", dtype_name(dtype_),
               dtype_name(dtype_of<T>()));
     return static_cast<T*>(data_);
@@ -86,6 +96,13 @@ class TensorView {
   Device device_;
 };
 
+// For host code that reads or writes t.data() itself (file I/O, host loops): throws as data_as
+// does unless t is in host memory.
+inline void check_host(const TensorView& t) {
+  if (!t.device().is_cpu()) [[unlikely]]
+    fail_host_access(t.device(), t.shape(), t.dtype());
+}
+
 // An owning buffer on one device, 64-byte aligned, accounted in the MemoryTracker under its
 // category for its whole lifetime. NOT initialised (zeros() or zero() where zeros are needed; see
 // poison_allocations in device.h). Move-only: copies are explicit (clone).
@@ -110,9 +127,14 @@ class Tensor {
 
   bool empty() const { return data_ == nullptr; }
   void* data() const { return data_; }
+  // Typed host access, checked as TensorView::data_as.
   template <typename T>
   T* data_as() const {
-    return view().data_as<T>();
+    if (!device_.is_cpu()) [[unlikely]]
+      fail_host_access(device_, shape_, dtype_);
+    TSP_CHECK(dtype_of<T>() == dtype_, "tensor holds {}, asked for {}", dtype_name(dtype_),
+              dtype_name(dtype_of<T>()));
+    return static_cast<T*>(data_);
   }
   float* f32() const { return data_as<float>(); }
   const Shape& shape() const { return shape_; }
