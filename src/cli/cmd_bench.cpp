@@ -218,6 +218,9 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     const CommStats st =
         plan::measure_call_traffic(*layout, comm, [&] { layout->forward_backward(batch); });
     opt.step(0.0, 1.0);
+    // The update is queued on a GPU (forward_backward ended at the loss download): the step
+    // ends when it has run. A no-op on the CPU.
+    layout->backend().synchronize();
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     times.push_back(comm.max_host(dt));
     blocked.push_back(mean_over(comm, st.blocked_seconds));

@@ -43,7 +43,9 @@ void WeightShards::load(const WeightSource& src) {
     load_shard(src, specs_[i], maps_[i], host.view());
     if (dev.is_cpu()) {
       be_.copy(host.view(), values_[i].view());
-    } else {
+    } else if (dtype_ == DType::F32) {  // fp32 on a device: one upload
+      be_.upload(host.data(), values_[i].view());
+    } else {  // bf16 on a device: upload fp32, round there (the same rounding as on the CPU)
       Tensor staged = Tensor::f32(shape, MemCategory::Workspace, dev);
       be_.upload(host.data(), staged.view());
       be_.copy(staged.view(), values_[i].view());

@@ -149,6 +149,7 @@ void init_param(const ParamSpec& spec, uint64_t seed, TensorView dst) {
 // Non-finite values.
 
 NonFinite find_non_finite(TensorView t) {
+  check_host(t);  // a host scan (Backend::count_non_finite counts on a device)
   NonFinite r;
   const int64_t n = t.numel();
   // An IEEE value is NaN or ±Inf exactly when its exponent bits are all ones: a branch-free

@@ -241,6 +241,7 @@ void SafetensorsReader::read_rows(const std::string& name, int64_t row_begin, in
   const SafetensorInfo* info = find(name);
   TSP_CHECK(info != nullptr, "{}: no tensor named \"{}\" ({} tensors in the file)", path_, name,
             tensors_.size());
+  check_host(dst);  // files are read into host memory (ShardStore::load stages, then uploads)
   // A 0-d tensor reads as one row of one element.
   Shape shape = info->shape.empty() ? Shape{1} : info->shape;
   TSP_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= shape[0],
@@ -303,6 +304,7 @@ void SafetensorsWriter::add(const std::string& name, TensorView t) {
     TSP_CHECK(n != name, "safetensors: tensor \"{}\" added twice", name);
   }
   TSP_CHECK(t.data() != nullptr || t.numel() == 0, "safetensors: tensor \"{}\" has no data", name);
+  check_host(t);  // written from host memory (Layout::gather delivers host tensors)
   tensors_.emplace_back(name, t);
 }
 

@@ -201,6 +201,7 @@ void load_shard(const WeightSource& src, const ParamSpec& spec, const ShardMap& 
   TSP_CHECK(dst.shape() == map.shard_shape(spec.shape),
             "loading {}: destination is {}, the shard is {}", spec.name, shape_str(dst.shape()),
             shape_str(map.shard_shape(spec.shape)));
+  check_host(dst);  // sources write host memory; ShardStore::load stages a device shard
   if (map.kind != ShardMap::Kind::Cols) {
     const Range r = map.range(spec.shape);
     src.read_rows(spec, r.begin, r.end, dst);
@@ -368,19 +369,13 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
     for (int i = 0; i < parts_[p]; ++i)
       TSP_CHECK(holder[i] >= 0, "piece {} of {} of {} is held by no rank", i, parts_[p], spec.name);
     const int e = entry_of(p);
-    // The piece this rank holds, on the host (a download from a device; the slab itself on CPU).
-    Tensor staged;
-    auto host_piece = [&]() {
-      TensorView t = grads ? grad(e) : value(e);
-      if (t.device().is_cpu()) return t;
-      staged = Tensor(t.shape(), DType::F32, MemCategory::Comm);
-      backend_->download(t, staged.data());
-      return staged.view();
-    };
+    const Device dev = backend_->device();
+    // Pieces travel in the memory they live in (device buffers for a data communicator that may
+    // be NCCL; host memory on the CPU) and are brought to the host on rank 0 only.
     if (me != 0) {
       for (int i = 0; i < parts_[p]; ++i) {
         if (holder[i] != me) continue;
-        TensorView t = host_piece();
+        const TensorView t = grads ? grad(e) : value(e);
         // Untagged: each sender sends in (parameter, piece) order, the order rank 0 receives.
         group.send(t.data(), t.numel(), DType::F32, 0);
       }
@@ -389,12 +384,21 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
     Tensor full = Tensor::f32(spec.shape, MemCategory::Workspace);
     for (int i = 0; i < parts_[p]; ++i) {
       const ShardMap map{kinds_[p], parts_[p], i};
+      Tensor piece;  // this piece, received (on the device) or rank 0's own
+      TensorView src;
       if (holder[i] == 0) {
-        place_shard(map, spec.shape, host_piece().f32(), full.f32());
+        src = grads ? grad(e) : value(e);
       } else {
-        Tensor tmp = Tensor::f32(map.shard_shape(spec.shape), MemCategory::Comm);
-        group.recv(tmp.data(), tmp.numel(), DType::F32, holder[i]);
-        place_shard(map, spec.shape, tmp.f32(), full.f32());
+        piece = Tensor::f32(map.shard_shape(spec.shape), MemCategory::Comm, dev);
+        group.recv(piece.data(), piece.numel(), DType::F32, holder[i]);
+        src = piece.view();
+      }
+      if (src.device().is_cpu()) {
+        place_shard(map, spec.shape, src.f32(), full.f32());
+      } else {  // one download (the synchronisation point), then placed on the host
+        Tensor host = Tensor::f32(src.shape(), MemCategory::Comm);
+        backend_->download(src, host.data());
+        place_shard(map, spec.shape, host.f32(), full.f32());
       }
     }
     sink(spec, full.view());

@@ -151,6 +151,8 @@ size_t zigzag_token_bytes(const TensorView& full, const TensorView& local, int D
 // Copies between full and local order, chunk by chunk (each chunk is contiguous in both).
 void zigzag_copy(TensorView full, TensorView local, int D, int p, bool to_local) {
   const size_t tok = zigzag_token_bytes(full, local, D);
+  check_host(full);  // host copies (on a device: Backend::copy_2d)
+  check_host(local);
   TSP_CHECK(0 <= p && p < D, "rank {} is outside a group of {}", p, D);
   const int64_t B = full.dim(0), S = full.dim(1), n = S / D, c = S / (2 * D);
   auto* f = static_cast<char*>(full.data());

@@ -157,8 +157,9 @@ struct Gathered {
 // carry nothing needed any more between an update and the next zero_grads.
 void gather_moment(Layout& layout, const AdamW& opt, bool second, Gathered& out) {
   const auto& shards = opt.shards();
+  Backend& be = layout.backend();  // moments and gradients live on the layout's device
   for (size_t i = 0; i < shards.size(); ++i) {
-    copy(second ? opt.exp_avg_sq(i) : opt.exp_avg(i), shards[i].grad);
+    be.copy(second ? opt.exp_avg_sq(i) : opt.exp_avg(i), shards[i].grad);
   }
   layout.gather(true, out.sink());
 }
@@ -693,7 +694,7 @@ TrainerState load_checkpoint(const std::string& dir, Layout& layout, AdamW& opt)
                            config, second ? "AdamW exp_avg_sq" : "AdamW exp_avg", state.step);
     layout.load(src);
     for (size_t i = 0; i < shards.size(); ++i) {
-      copy(shards[i].value, second ? opt.exp_avg_sq(i) : opt.exp_avg(i));
+      layout.backend().copy(shards[i].value, second ? opt.exp_avg_sq(i) : opt.exp_avg(i));
     }
   }
   const ModelDir model = open_model_dir(dir);
