@@ -118,7 +118,9 @@ struct Problem {
 // chunk pair), Shuffled (causal positions in random order), Blind (causal, but query 0 is before
 // every key and sees none).
 Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
-  Problem p{c, static_cast<float>(1.0 / std::sqrt(c.d))};
+  Problem p;
+  p.c = c;
+  p.scale = static_cast<float>(1.0 / std::sqrt(c.d));
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> U(-1.f, 1.f);
   auto fill = [&](std::vector<float>& x, int64_t n, bool round) {
