@@ -1,7 +1,13 @@
 // Causal attention forward/backward throughput (fast path), one row per (dtype, pass, S, heads,
 // kv heads, head dim).
 //   bench_attention [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] [--dtype f32|bf16|both]
-//                   [--json]
+//                   [--device cpu|cuda[:N]] [--heads H --kv-heads HKV] [--json]
+// --device cuda: the GPU backend's attention (backend_for(Device::cuda(N)).attention_forward /
+// _backward), defaults bf16, S = 4K..32K, 32 query / 8 kv heads, d = 128 (issue 10's shapes);
+// ms are medians over repeats of a timed loop between backend.synchronize() calls, TFLOP/s with the
+// FLOP count below (FlashAttention's and PyTorch's convention: backward = 2.5 × forward), and a
+// fwd+bwd row (FLOPs 7·S²·d per head over the sum of both times). Sampled rows are checked against
+// the CPU reference as on the CPU.
 // bf16: q, k, v, o in bf16 (lse, dout and gradients fp32), the native AVX512_BF16 path where the
 // CPU has it; the sampled rows are checked against the bf16 reference path.
 // FLOPs counted: forward 2·S²·d per query head, backward 5·S²·d (the causal halves of the
@@ -24,7 +30,10 @@
 #include <fmt/format.h>
 
 #include "ops/cpu/attention_internal.h"
+#include "tsp/backend/backend.h"
+#include "tsp/core/device.h"
 #include "tsp/core/machine.h"
+#include "tsp/core/tensor.h"
 #include "tsp/ops/attention.h"
 #include "tsp/ops/gemm.h"
 
@@ -219,13 +228,195 @@ void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::ve
                   err_dq <= 1e-2, "bf16"});
 }
 
+// Deterministic inputs in (-1, 1), fast enough for 32K × 32 heads × 128 (a counter hash).
+std::vector<float> hashed_uniform(int64_t n, uint64_t seed) {
+  std::vector<float> x(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = (static_cast<uint64_t>(i) + seed * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+    x[i] = static_cast<float>((z >> 40) * 0x1p-24) * 2.f - 1.f;
+  }
+  return x;
+}
+
+struct DeviceRow {
+  const char* pass;
+  int64_t S, H, Hkv, d;
+  double ms, max_err;
+  bool ok;
+  int inner;
+};
+
+// One configuration on a device backend: q, k, v, o in bf16 (or f32), lse, dout and the gradients
+// fp32, positions 0..S-1. Each timed repeat runs `inner` calls back to back between two
+// synchronize() calls (inner chosen so a repeat lasts >= ~20 ms: the host-side sync costs tens of
+// µs, which matters at S = 4K); the median over repeats, divided by inner, is the figure. The
+// backward accumulates (+=) into dq, dk, dv, so repeated calls are what training does minus the
+// zeroing. Afterwards one clean forward + backward is checked on 16 sampled query rows against
+// the CPU reference (the tolerances of the CPU rows: o within 2^-7 absolute for bf16, dq within
+// 1e-2 of the sample's largest |dq|).
+void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t Hkv, int64_t d,
+                int repeats, std::vector<DeviceRow>& rows) {
+  using tsp::Tensor, tsp::MemCategory;
+  const tsp::Device dev = be.device();
+  const bool bf = dt == tsp::DType::BF16;
+  std::vector<float> q = hashed_uniform(S * H * d, 1), k = hashed_uniform(S * Hkv * d, 2),
+                     v = hashed_uniform(S * Hkv * d, 3), dout = hashed_uniform(S * H * d, 4);
+  if (bf) {  // the values the device sees, so the reference sees the same
+    for (auto* x : {&q, &k, &v}) {
+      const std::vector<tsp::bf16> r = to_bf16(*x);
+      for (size_t i = 0; i < r.size(); ++i) (*x)[i] = static_cast<float>(r[i]);
+    }
+  }
+  std::vector<int64_t> pos(S);
+  std::iota(pos.begin(), pos.end(), 0);
+  constexpr MemCategory kW = MemCategory::Workspace;
+  auto upload = [&](const std::vector<float>& host, std::vector<int64_t> shape, tsp::DType t) {
+    Tensor f = Tensor::f32(shape, kW, dev);
+    be.upload(host.data(), f.view());
+    if (t == tsp::DType::F32) return f;
+    Tensor c(shape, t, kW, dev);
+    be.copy(f.view(), c.view());
+    return c;
+  };
+  const Tensor tq = upload(q, {S, H, d}, dt), tk = upload(k, {S, Hkv, d}, dt),
+               tv = upload(v, {S, Hkv, d}, dt), tdo = upload(dout, {S, H, d}, tsp::DType::F32);
+  const Tensor tpos = be.device_copy(pos, kW);
+  Tensor to({S, H, d}, dt, kW, dev), tlse = Tensor::f32({S, H}, kW, dev);
+  Tensor tdq = Tensor::f32({S, H, d}, kW, dev), tdk = Tensor::f32({S, Hkv, d}, kW, dev),
+         tdv = Tensor::f32({S, Hkv, d}, kW, dev);
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  auto fwd = [&] {
+    be.attention_forward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), to.view(),
+                         tlse.view(), scale);
+  };
+  auto bwd = [&] {
+    be.attention_backward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), to.view(),
+                          tlse.view(), tdo.view(), tdq.view(), tdk.view(), tdv.view(), scale);
+  };
+  auto timed = [&](auto&& f, int inner) {
+    be.synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < inner; ++i) f();
+    be.synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / inner;
+  };
+  be.zero(tdq.view()), be.zero(tdk.view()), be.zero(tdv.view());
+  // Warm-up (plans, allocator), then the inner counts from one untimed-in-the-figures call each.
+  fwd(), bwd();
+  const int inner_f = std::clamp(static_cast<int>(0.02 / std::max(timed(fwd, 1), 1e-6)), 1, 50);
+  const int inner_b = std::clamp(static_cast<int>(0.02 / std::max(timed(bwd, 1), 1e-6)), 1, 50);
+  std::vector<double> tf, tb;
+  for (int r = 0; r < repeats; ++r) tf.push_back(timed(fwd, inner_f));
+  for (int r = 0; r < repeats; ++r) tb.push_back(timed(bwd, inner_b));
+
+  // Clean pass for the check.
+  fwd();
+  be.zero(tdq.view()), be.zero(tdk.view()), be.zero(tdv.view());
+  bwd();
+  std::vector<float> o_dev(S * H * d), dq_dev(S * H * d);
+  {
+    Tensor o32 = Tensor::f32({S, H, d}, kW, dev);
+    be.copy(to.view(), o32.view());
+    be.download(o32.view(), o_dev.data());
+    be.download(tdq.view(), dq_dev.data());
+  }
+  const int64_t ns = 16;
+  std::vector<int64_t> idx(ns), ps;
+  for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % S;
+  std::vector<float> qs, dos, os;
+  for (int64_t i : idx) {
+    qs.insert(qs.end(), q.begin() + i * H * d, q.begin() + (i + 1) * H * d);
+    dos.insert(dos.end(), dout.begin() + i * H * d, dout.begin() + (i + 1) * H * d);
+    os.insert(os.end(), o_dev.begin() + i * H * d, o_dev.begin() + (i + 1) * H * d);
+    ps.push_back(pos[i]);
+  }
+  // fp32 reference on the (bf16-valued) inputs: forward for o, then backward from the device's o.
+  std::vector<float> o_ref(ns * H * d), lse_ref(ns * H), dq_ref(ns * H * d, 0.f),
+      dk_ref(S * Hkv * d, 0.f), dv_ref(S * Hkv * d, 0.f);
+  tsp::AttentionBackwardParams r;
+  r.n_q = ns, r.n_k = S, r.n_heads = H, r.n_kv_heads = Hkv, r.head_dim = d, r.scale = scale;
+  r.q = qs.data(), r.k = k.data(), r.v = v.data(), r.q_pos = ps.data(), r.k_pos = pos.data();
+  r.o = o_ref.data(), r.lse = lse_ref.data(), r.dout = dos.data();
+  r.dq = dq_ref.data(), r.dk = dk_ref.data(), r.dv = dv_ref.data();
+  tsp::attn::forward_reference(r);
+  r.o = os.data();
+  tsp::attn::backward_reference(r);
+  double err_o = 0, err_dq = 0, max_dq = 0;
+  for (int64_t s = 0; s < ns; ++s)
+    for (int64_t e = 0; e < H * d; ++e) {
+      const int64_t i = idx[s];
+      err_o = std::max(err_o, double(std::abs(o_dev[i * H * d + e] - o_ref[s * H * d + e])));
+      err_dq = std::max(err_dq, double(std::abs(dq_dev[i * H * d + e] - dq_ref[s * H * d + e])));
+      max_dq = std::max(max_dq, double(std::abs(dq_ref[s * H * d + e])));
+    }
+  err_dq /= std::max(max_dq, 1e-30);
+  const double tol_o = bf ? 0x1p-7 : 1e-4, tol_dq = bf ? 1e-2 : 1e-4;
+  const double mf = 1e3 * median(tf), mb = 1e3 * median(tb);
+  rows.push_back({"forward", S, H, Hkv, d, mf, err_o, err_o <= tol_o, inner_f});
+  rows.push_back({"backward", S, H, Hkv, d, mb, err_dq, err_dq <= tol_dq, inner_b});
+  rows.push_back({"fwd+bwd", S, H, Hkv, d, mf + mb, std::max(err_o, err_dq),
+                  err_o <= tol_o && err_dq <= tol_dq, 0});
+}
+
+// --device cuda: prints the table (or JSON lines) of run_device.
+int main_device(const std::string& device_name, const std::vector<int64_t>& sizes,
+                const std::vector<int64_t>& head_dims, int64_t H, int64_t Hkv,
+                const std::string& dtype, int repeats, bool json) {
+  tsp::Backend& be = tsp::backend_for(tsp::parse_device(device_name));
+  const std::string dev = be.device().str();
+  if (!json) {
+    fmt::print("# tsp bench_attention  git={}  device={}  backend={}  repeats={} (median)\n",
+               tsp::git_revision(), dev, be.name(), repeats);
+    fmt::print(
+        "# causal, positions 0..S-1; FLOPs: forward 2*S^2*d*hq (4*S^2*d*hq / 2: QK^T and PV, causal "
+        "half), backward 2.5x forward, fwd+bwd 7*S^2*d*hq\n");
+    fmt::print("# {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10} {:>8} {:>10} {:>9} {:>3}\n", "dtype",
+               "pass", "S", "heads", "kv", "d", "ms", "TFLOP/s", "tok/s", "max_err", "ok");
+  }
+  for (const std::string& dts : {std::string("f32"), std::string("bf16")}) {
+    if (dtype != "both" && dtype != dts) continue;
+    const tsp::DType dt = dts == "bf16" ? tsp::DType::BF16 : tsp::DType::F32;
+    for (int64_t S : sizes)
+      for (int64_t d : head_dims) {
+        std::vector<DeviceRow> rows;
+        run_device(be, dt, S, H, Hkv, d, repeats, rows);
+        for (const DeviceRow& r : rows) {
+          const double per_head = r.pass[0] == 'f' && r.pass[1] == 'o' ? 2.0
+                                  : r.pass[0] == 'b'                   ? 5.0
+                                                                       : 7.0;
+          const double flops = per_head * double(r.S) * r.S * r.d * r.H;
+          const double tflops = flops / (r.ms * 1e-3) / 1e12;
+          const double tok_s = r.S / (r.ms * 1e-3);
+          if (json)
+            fmt::print(
+                "{{\"bench\":\"attention\",\"impl\":\"tsp\",\"device\":\"{}\",\"dtype\":\"{}\","
+                "\"pass\":\"{}\",\"causal\":true,\"S\":{},\"heads\":{},\"kv_heads\":{},"
+                "\"head_dim\":{},\"ms\":{:.4f},\"inner\":{},\"tflops\":{:.2f},\"gflops\":{:.1f},"
+                "\"tokens_per_s\":{:.0f},\"max_err\":{:.3e},\"ok\":{}}}\n",
+                dev, dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner, tflops, tflops * 1e3, tok_s,
+                r.max_err, r.ok);
+          else
+            fmt::print(
+                "  {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.3f} {:>8.1f} {:>10.0f} {:>9.2e} {:>3}\n",
+                dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, tflops, tok_s, r.max_err,
+                r.ok ? "yes" : "NO");
+          std::fflush(stdout);
+        }
+      }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int repeats = 5;
   bool json = false;
   std::vector<int64_t> sizes = {1024, 4096}, head_dims = {64};
-  std::string dtype = "f32";
+  std::string dtype, device = "cpu";
+  int64_t heads = 0, kv_heads = 0;  // 0: the defaults of the device (CPU: 8 with 8 and 2 kv)
+  bool sizes_given = false, dims_given = false;
   auto list = [](char* arg) {
     std::vector<int64_t> out;
     for (char* t = std::strtok(arg, ","); t; t = std::strtok(nullptr, ","))
@@ -238,9 +429,15 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[a], "--repeats") && a + 1 < argc) {
       repeats = std::max(1, std::atoi(argv[++a]));
     } else if (!std::strcmp(argv[a], "--sizes") && a + 1 < argc) {
-      sizes = list(argv[++a]);
+      sizes = list(argv[++a]), sizes_given = true;
     } else if (!std::strcmp(argv[a], "--head-dims") && a + 1 < argc) {
-      head_dims = list(argv[++a]);
+      head_dims = list(argv[++a]), dims_given = true;
+    } else if (!std::strcmp(argv[a], "--device") && a + 1 < argc) {
+      device = argv[++a];
+    } else if (!std::strcmp(argv[a], "--heads") && a + 1 < argc) {
+      heads = std::atoll(argv[++a]);
+    } else if (!std::strcmp(argv[a], "--kv-heads") && a + 1 < argc) {
+      kv_heads = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--dtype") && a + 1 < argc &&
                (!std::strcmp(argv[a + 1], "f32") || !std::strcmp(argv[a + 1], "bf16") ||
                 !std::strcmp(argv[a + 1], "both"))) {
@@ -248,7 +445,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] "
-                   "[--dtype f32|bf16|both] [--json]\n",
+                   "[--dtype f32|bf16|both] [--device cpu|cuda[:N]] [--heads H] [--kv-heads HKV] "
+                   "[--json]\n",
                    argv[0]);
       return 2;
     }
@@ -259,6 +457,23 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (heads < 0 || kv_heads < 0 || (heads && kv_heads && heads % kv_heads != 0)) {
+    std::fprintf(stderr, "bench_attention: need --kv-heads dividing --heads\n");
+    return 2;
+  }
+  if (device != "cpu") {
+    try {
+      if (!sizes_given) sizes = {4096, 8192, 16384, 32768};
+      if (!dims_given) head_dims = {128};
+      const int64_t H = heads ? heads : 32, Hkv = kv_heads ? kv_heads : (heads ? heads : 8);
+      return main_device(device, sizes, head_dims, H, Hkv, dtype.empty() ? "bf16" : dtype, repeats,
+                         json);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_attention: %s\n", e.what());
+      return 1;
+    }
+  }
+  if (dtype.empty()) dtype = "f32";
   const int threads = tsp::compute_threads();
   const double peak = kPeakGflopsPerThread * threads;
   if (!json) {
@@ -279,10 +494,12 @@ int main(int argc, char** argv) {
   }
   for (int64_t S : sizes)
     for (int64_t d : head_dims)
-      for (int64_t Hkv : {int64_t{8}, int64_t{2}}) {  // MHA, then GQA g = 4
+      for (int64_t Hkv : heads ? std::vector<int64_t>{kv_heads ? kv_heads : heads}
+                               : std::vector<int64_t>{8, 2}) {  // default: MHA, then GQA g = 4
+        const int64_t H = heads ? heads : 8;
         std::vector<Row> rows;
-        if (dtype != "bf16") run(S, 8, Hkv, d, repeats, rows);
-        if (dtype != "f32") run_bf16(S, 8, Hkv, d, repeats, rows);
+        if (dtype != "bf16") run(S, H, Hkv, d, repeats, rows);
+        if (dtype != "f32") run_bf16(S, H, Hkv, d, repeats, rows);
         for (const Row& r : rows) {
           const double flops = (r.pass[0] == 'f' ? 2.0 : 5.0) * r.S * r.S * r.d * r.H;
           const double gflops = flops / (r.ms * 1e-3) / 1e9;

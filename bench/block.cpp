@@ -4,7 +4,12 @@
 // ratio.
 //
 //   bench_block [--h 1024] [--heads 16] [--kv-heads 16] [--ffn 2816] [--seq 1024] [--batch 1]
-//               [--dtype bf16|fp32] [--threads 2] [--repeats 5] [--json]
+//               [--dtype bf16|fp32] [--threads 2] [--repeats 5] [--device cpu|cuda[:N]] [--json]
+//
+// --device cuda: the same block on the GPU backend (timed between backend.synchronize() calls),
+// and the model-FLOP utilisation (MFU): model TFLOP/s over the card's bf16 GEMM rate measured here
+// with the backend's own linear_forward on 8192 × 8192 × 8192 (bf16 in and out; median of 10
+// after 3 warm-ups). --gemm-rate also measures it on the CPU (at 2048³).
 //
 // --dtype is the compute dtype (default: the backend's, default_compute_dtype: bf16 where bf16 is
 // native). In bf16 the block runs as a layout runs it in mixed precision: the weights are bf16
@@ -44,7 +49,8 @@ struct Options {
   int64_t h = 1024, heads = 16, kv_heads = 0, ffn = 2816, seq = 1024, batch = 1;
   int threads = 2, repeats = 5;
   std::string dtype;  // empty: default_compute_dtype of the backend
-  bool json = false;
+  std::string device = "cpu";
+  bool json = false, gemm_rate = false;
 };
 
 double now_s() {
@@ -79,10 +85,15 @@ Options parse(int argc, char** argv) {
       o.repeats = std::stoi(next());
     else if (a == "--json")
       o.json = true;
+    else if (a == "--device")
+      o.device = next();
+    else if (a == "--gemm-rate")
+      o.gemm_rate = true;
     else if (a == "--help" || a == "-h") {
       std::printf(
           "bench_block [--h H] [--heads NH] [--kv-heads NKV] [--ffn F] [--seq S] [--batch B]\n"
-          "            [--dtype bf16|fp32] [--threads T] [--repeats R] [--json]\n"
+          "            [--dtype bf16|fp32] [--threads T] [--repeats R] [--device cpu|cuda[:N]]\n"
+          "            [--gemm-rate] [--json]\n"
           "One Llama block forward+backward with tsp's block maths, in the compute dtype (default\n"
           "%s here: the backend's default); prints GFLOP/s and tokens/s (median of R timed\n"
           "repeats after one warm-up).\n",
@@ -118,6 +129,36 @@ struct BlockParams {
   std::vector<Tensor*> all() { return {&norm1, &wq, &wk, &wv, &wo, &norm2, &wg, &wu, &wd}; }
 };
 
+// The backend's bf16 GEMM rate in TFLOP/s: y [n, n] = x [n, n] · wᵀ, median of 10 timed calls
+// after 3 warm-ups (inputs N(0, 1) rounded to bf16: random data, as a model's).
+double gemm_tflops(Backend& be, int64_t n) {
+  const Device dev = be.device();
+  Tensor x({n, n}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor w({n, n}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor y({n, n}, DType::BF16, MemCategory::Workspace, dev);
+  {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> dist(0.f, 1.f);
+    std::vector<float> host(n * n);
+    for (float& v : host) v = dist(rng);
+    Tensor f = Tensor::f32({n, n}, MemCategory::Workspace, dev);
+    be.upload(host.data(), f.view());
+    be.copy(f.view(), x.view());
+    be.copy(f.view(), w.view());
+  }
+  for (int i = 0; i < 3; ++i) be.linear_forward(x.view(), w.view(), y.view(), false);
+  be.synchronize();
+  std::vector<double> t;
+  for (int i = 0; i < 10; ++i) {
+    const double t0 = now_s();
+    be.linear_forward(x.view(), w.view(), y.view(), false);
+    be.synchronize();
+    t.push_back(now_s() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  return 2.0 * n * n * n / t[t.size() / 2] / 1e12;
+}
+
 // N(0, std²) values into an F32 tensor on any device (one upload).
 void fill_normal(Backend& be, Tensor& t, float std, std::mt19937& rng) {
   std::normal_distribution<float> dist(0.f, std);
@@ -131,7 +172,7 @@ void fill_normal(Backend& be, Tensor& t, float std, std::mt19937& rng) {
 int main(int argc, char** argv) try {
   const Options o = parse(argc, argv);
   tsp::set_compute_threads(o.threads);
-  Backend& be = backend_for(Device::cpu());
+  Backend& be = backend_for(parse_device(o.device));
   const Device dev = be.device();
   const DType act = o.dtype.empty() ? default_compute_dtype(be) : parse_compute_dtype(o.dtype);
 
@@ -254,19 +295,30 @@ int main(int argc, char** argv) try {
   const double flops = 6.0 * n * P + 7.0 * B * S * S * ad.hq * ad.d;
   const double gflops = flops / med / 1e9, tok_s = n / med;
   const std::string dt(dtype_name(act));
+  // MFU against the bf16 GEMM rate, measured after the block's timing (its buffers stay
+  // allocated: the GEMM's 3 × 8192² bf16 add 0.4 GB).
+  double gemm = 0;
+  if (!dev.is_cpu() || o.gemm_rate) gemm = gemm_tflops(be, dev.is_cpu() ? 2048 : 8192);
+  const double mfu = gemm > 0 ? gflops / 1e3 / gemm : 0;
   if (o.json) {
     std::printf(
-        "{\"impl\": \"tsp\", \"dtype\": \"%s\", \"h\": %lld, \"heads\": %lld, \"kv_heads\": %lld, "
+        "{\"impl\": \"tsp\", \"device\": \"%s\", \"dtype\": \"%s\", \"h\": %lld, "
+        "\"heads\": %lld, \"kv_heads\": %lld, "
         "\"ffn\": %lld, \"seq\": %lld, \"batch\": %lld, \"threads\": %d, \"repeats\": %d, "
         "\"median_ms\": %.3f, \"min_ms\": %.3f, \"gflop\": %.4f, \"gflops\": %.2f, "
-        "\"tokens_per_s\": %.1f, \"finite\": %s}\n",
-        dt.c_str(), (long long)h, (long long)o.heads, (long long)o.kv_heads, (long long)F,
-        (long long)S, (long long)B, o.threads, o.repeats, med * 1e3, times.front() * 1e3,
-        flops / 1e9, gflops, tok_s, finite ? "true" : "false");
+        "\"tokens_per_s\": %.1f, \"gemm_tflops\": %.1f, \"mfu\": %.4f, \"finite\": %s}\n",
+        dev.str().c_str(), dt.c_str(), (long long)h, (long long)o.heads, (long long)o.kv_heads,
+        (long long)F, (long long)S, (long long)B, o.threads, o.repeats, med * 1e3,
+        times.front() * 1e3, flops / 1e9, gflops, tok_s, gemm, mfu, finite ? "true" : "false");
   } else {
-    std::printf("# bench_block  machine=%s  backend=%s  threads=%d  repeats=%d  dtype=%s\n",
-                tsp::cpu_description().c_str(), be.name().c_str(), o.threads, o.repeats,
-                dt.c_str());
+    std::printf(
+        "# bench_block  machine=%s  device=%s  backend=%s  threads=%d  repeats=%d  dtype=%s\n",
+        tsp::cpu_description().c_str(), dev.str().c_str(), be.name().c_str(), o.threads, o.repeats,
+        dt.c_str());
+    if (gemm > 0)
+      std::printf(
+          "# bf16 GEMM rate (linear_forward, %d^3): %.1f TFLOP/s; MFU = model TFLOP/s / it\n",
+          dev.is_cpu() ? 2048 : 8192, gemm);
     std::printf("# %-5s %5s %6s %3s %5s %6s %5s %11s %9s %8s %9s %10s %3s\n", "impl", "h", "heads",
                 "kv", "ffn", "seq", "batch", "median_ms", "min_ms", "GFLOP", "GFLOP/s", "tokens/s",
                 "ok");
@@ -274,6 +326,7 @@ int main(int argc, char** argv) try {
                 "tsp", (long long)h, (long long)o.heads, (long long)o.kv_heads, (long long)F,
                 (long long)S, (long long)B, med * 1e3, times.front() * 1e3, flops / 1e9, gflops,
                 tok_s, finite ? "yes" : "NO");
+    if (gemm > 0) std::printf("  model %.1f TFLOP/s, MFU %.1f%%\n", gflops / 1e3, 100 * mfu);
   }
   return finite ? 0 : 1;
 } catch (const std::exception& e) {
