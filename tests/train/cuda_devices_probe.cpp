@@ -1,0 +1,16 @@
+// Prints the number of CUDA devices this build can use (0 without a CUDA build, a driver or a
+// device), for the GPU shell tests (tests/*/cuda_*_test.sh) to skip themselves with a reason.
+#include <cstdio>
+
+#ifdef TSP_WITH_CUDA
+#include "backend/cuda/cuda_common.h"
+#endif
+
+int main() {
+#ifdef TSP_WITH_CUDA
+  std::printf("%d\n", tsp::cuda::device_count());
+#else
+  std::printf("0\n");
+#endif
+  return 0;
+}
