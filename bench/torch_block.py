@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""One Llama block forward + backward in PyTorch (CPU, fp32): the tool users would otherwise pick.
+"""One Llama block forward + backward in PyTorch (CPU fp32, or a GPU in bf16): the tool users would otherwise pick.
 
 The same maths as tsp's block (include/tsp/model/block.h): pre-RMSNorm, q/k/v projections without
 bias, RoPE (Hugging Face rotate_half), causal GQA attention, o_proj, residual, RMSNorm, SwiGLU
@@ -14,7 +14,15 @@ so the GFLOP/s ratio of the two equals their tokens/s ratio. (Eager PyTorch actu
 full S x S square, twice the causal FLOPs; that is its cost, not credited.)
 
   /usr/bin/python3 bench/torch_block.py [--h 1024] [--heads 16] [--kv-heads 16] [--ffn 2816]
-      [--seq 1024] [--batch 1] [--threads 2] [--repeats 5] [--json]
+      [--seq 1024] [--batch 1] [--threads 2] [--repeats 5] [--device cpu|cuda]
+      [--dtype fp32|bf16] [--attention auto|manual|sdpa] [--json]
+
+--device cuda (scripts/gpu_check.sh: --dtype bf16, h=4096, 32/8 heads, FFN 14336, S=8192): the
+block in eager PyTorch on the GPU, parameters and activations in --dtype (RMSNorm computed in
+fp32 and cast back, as Hugging Face's LlamaRMSNorm), timed between torch.cuda.synchronize()
+calls. --attention auto: scaled_dot_product_attention (is_causal, GQA by enable_gqa where
+available) on a GPU, what a PyTorch user runs there; the written-out S x S attention on the CPU
+(Debian's torch 1.13 has no SDPA, and bench_vs_torch.sh's figures were taken with it).
 
 Needs python3-torch (Debian): scripts/bench_vs_torch.sh installs it when missing. The project does
 not depend on PyTorch; this script is only for this comparison.
@@ -47,7 +55,10 @@ def cpu_model():
 
 
 def rms_norm(x, w, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    x32 = x.float()  # low precision: statistics in fp32, as Hugging Face's LlamaRMSNorm
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def rope_tables(S, d, theta):
@@ -73,13 +84,19 @@ def block(x, p, cos, sin, a):
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     g = hq // hkv
-    if g > 1:  # query head j reads kv head j // g
-        k = k.repeat_interleave(g, dim=1)
-        v = v.repeat_interleave(g, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)   # [B, hq, S, S]
-    mask = torch.ones(S, S, dtype=torch.bool).triu(1)
-    scores = scores.masked_fill(mask, float("-inf"))
-    o = torch.matmul(torch.softmax(scores, dim=-1), v)              # [B, hq, S, d]
+    if a.attention == "sdpa" and a.enable_gqa:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        if g > 1:  # query head j reads kv head j // g
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
+        if a.attention == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)   # [B, hq, S, S]
+            mask = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, dim=-1), v)              # [B, hq, S, d]
     o = o.transpose(1, 2).reshape(B, S, hq * d)
     x2 = x + F.linear(o, p["wo"])
     xn2 = rms_norm(x2, p["norm2"], a.eps)
@@ -99,8 +116,28 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eps", type=float, default=1e-5)
     ap.add_argument("--theta", type=float, default=10000.0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["fp32", "f32", "bf16"], default="fp32")
+    ap.add_argument("--attention", choices=["auto", "manual", "sdpa"], default="auto")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("torch_block.py: --device cuda but torch.cuda.is_available() is False")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    has_sdpa = hasattr(F, "scaled_dot_product_attention")
+    if a.attention == "auto":
+        a.attention = "sdpa" if dev.type == "cuda" and has_sdpa else "manual"
+    if a.attention == "sdpa" and not has_sdpa:
+        sys.exit(f"torch_block.py: torch {torch.__version__} has no scaled_dot_product_attention")
+    a.enable_gqa = False
+    if a.attention == "sdpa":  # enable_gqa: torch >= 2.5
+        try:
+            t = torch.zeros(1, 2, 4, 8, device=dev, dtype=dtype)
+            F.scaled_dot_product_attention(t, t[:, :1], t[:, :1], is_causal=True, enable_gqa=True)
+            a.enable_gqa = True
+        except (TypeError, RuntimeError):
+            pass
     if a.kv_heads == 0:
         a.kv_heads = a.heads
     if a.h % a.heads or a.heads % a.kv_heads:
@@ -114,16 +151,20 @@ def main():
     qw, kvw = a.heads * d, a.kv_heads * d
 
     def param(*shape, std=0.02):
-        return (torch.randn(*shape) * std).requires_grad_()
+        return (torch.randn(*shape) * std).to(dev, dtype).requires_grad_()
+
+    def ones(n):
+        return torch.ones(n, device=dev, dtype=dtype).requires_grad_()
 
     p = {
-        "norm1": torch.ones(h).requires_grad_(), "wq": param(qw, h), "wk": param(kvw, h),
-        "wv": param(kvw, h), "wo": param(h, qw), "norm2": torch.ones(h).requires_grad_(),
+        "norm1": ones(h), "wq": param(qw, h), "wk": param(kvw, h),
+        "wv": param(kvw, h), "wo": param(h, qw), "norm2": ones(h),
         "wg": param(F_, h), "wu": param(F_, h), "wd": param(h, F_),
     }
-    cos, sin = rope_tables(S, d, a.theta)
-    x = torch.randn(B, S, h).requires_grad_()
-    dy = torch.randn(B, S, h)
+    cos, sin = (t.to(dev, dtype) for t in rope_tables(S, d, a.theta))
+    x = torch.randn(B, S, h).to(dev, dtype).requires_grad_()
+    dy = torch.randn(B, S, h).to(dev, dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step():
         for t in list(p.values()) + [x]:
@@ -133,10 +174,13 @@ def main():
         return y
 
     step()  # warm-up
+    sync()
     times = []
     for _ in range(a.repeats):
+        sync()
         t0 = time.perf_counter()
         y = step()
+        sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     finite = bool(torch.isfinite(y).all()) and bool(torch.isfinite(x.grad).all())
@@ -147,14 +191,17 @@ def main():
     gflops, tok_s = flops / med / 1e9, N / med
     if a.json:
         print(json.dumps({
-            "impl": "torch", "torch": torch.__version__, "h": h, "heads": a.heads,
+            "impl": "torch", "torch": torch.__version__, "device": str(dev),
+            "dtype": "bf16" if dtype == torch.bfloat16 else "f32", "attention": a.attention,
+            "h": h, "heads": a.heads,
             "kv_heads": a.kv_heads, "ffn": F_, "seq": S, "batch": B, "threads": a.threads,
             "repeats": a.repeats, "median_ms": round(med * 1e3, 3),
             "min_ms": round(min(times) * 1e3, 3), "gflop": round(flops / 1e9, 4),
             "gflops": round(gflops, 2), "tokens_per_s": round(tok_s, 1), "finite": finite}))
     else:
-        print(f"# torch_block  torch={torch.__version__}  machine={cpu_model()}  "
-              f"threads={a.threads}  repeats={a.repeats}  dtype=f32")
+        where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+        print(f"# torch_block  torch={torch.__version__}  device={dev} ({where})  "
+              f"threads={a.threads}  repeats={a.repeats}  dtype={a.dtype}  attention={a.attention}")
         print(f"# {'impl':<5} {'h':>5} {'heads':>6} {'kv':>3} {'ffn':>5} {'seq':>6} {'batch':>5} "
               f"{'median_ms':>11} {'min_ms':>9} {'GFLOP':>8} {'GFLOP/s':>9} {'tokens/s':>10} ok")
         print(f"  {'torch':<5} {h:>5} {a.heads:>6} {a.kv_heads:>3} {F_:>5} {S:>6} {B:>5} "
