@@ -38,20 +38,21 @@ train() {  # ranks, extra args...
   mpiexec -n "$n" "$tsp" train "${common[@]}" "$@" > "train_$$.out" 2>&1 ||
     { tail -20 "train_$$.out"; fail "tsp train $* failed"; }
 }
-losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
-# compare REF RUN LABEL RTOL [FIRST_STEP]: |loss - ref| <= RTOL·ref at every step from FIRST_STEP
-# (default 1), the same number of steps; prints the worst step.
+# The values of one field of a metrics file, a line per step (FIELD: loss unless set).
+losses() { grep -o "\"${FIELD:-loss}\":[^,}]*" "$1" | cut -d: -f2; }
+# compare REF RUN LABEL RTOL [FIRST_STEP]: |x - ref| <= RTOL·ref at every step from FIRST_STEP
+# (default 1), the same number of steps, x the field FIELD (loss); prints the worst step.
 compare() {
   local first=${5:-1}
   paste -d' ' <(losses "$1" | tail -n +"$first") <(losses "$2" | tail -n +"$first") |
-    awk -v label="$3" -v rtol="$4" -v first="$first" '
+    awk -v label="$3 (${FIELD:-loss})" -v rtol="$4" -v first="$first" '
       NF != 2 {short = 1}
       $1 !~ /^-?[0-9]/ || $2 !~ /^-?[0-9]/ {bad = 1}  # nan, inf, or nothing
       {d = ($1 - $2) / $1; if (d < 0) d = -d; if (NR == 1 || d > m) {m = d; at = NR + first - 1; a = $1; b = $2}
        if (!(d <= rtol)) bad = 1; n++}
-      END {printf "%-34s %3d steps  max |loss - cpu|/cpu %.2e (step %d: cpu %s, this %s)\n",
+      END {printf "%-44s %3d steps  max |x - cpu|/cpu %.2e (step %d: cpu %s, this %s)\n",
              label, n, m, at, a, b; exit bad || short || n == 0}' ||
-    fail "$3: losses differ from the CPU run beyond $4 relative (or a run is shorter)"
+    fail "$3: ${FIELD:-loss} differs from the CPU run beyond $4 relative (or a run is shorter)"
 }
 
 # ---- fp32: the same function in another summation order -------------------------------------
@@ -68,6 +69,9 @@ cp -r ckg ckg50
 cp gpu32.jsonl gpu32_cpu_resume.jsonl
 train 1 --layout single --device cuda --dtype fp32 --metrics gpu32.jsonl --resume ckg --save ckg
 compare cpu32.jsonl gpu32.jsonl "single cuda fp32 (resumed at 50)" 1e-4
+# The global gradient norm (summed on the device, clipping at 1 uses it every step): the same
+# function of the same gradients.
+FIELD=grad_norm compare cpu32.jsonl gpu32.jsonl "single cuda fp32 gradient norms" 1e-4
 grep -q '"val_loss"' gpu32.jsonl || fail "no validation loss on the GPU"
 # The GPU's checkpoint resumed on the CPU continues the CPU's curve.
 train 1 --layout single --device cpu --dtype fp32 --metrics gpu32_cpu_resume.jsonl --resume ckg50
