@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The test command (CI runs it through .ci/run), in stages; docs/testing.md says what each runs:
-#   build     set-up (apt) and the Release build of everything (scripts/setup.sh)
+#   build     set-up (apt) and the Release build of everything (scripts/setup.sh); where nvcc
+#             is installed this is the CUDA build (-DTSP_WITH_CUDA=ON: the CUDA backend, NCCL
+#             communicator and GPU tests compile and link, no GPU needed)
 #   tests     the ctest suite in ${TSP_BUILD_DIR:-build}: unit, multi-rank (mpiexec at 1, 2, 4
-#             and 8 ranks), shell, fuzz-corpus replays and the Hugging Face round trip
+#             and 8 ranks), shell, fuzz-corpus replays and the Hugging Face round trip; the GPU
+#             tests (label cuda) report Skipped with their reason when there is no GPU
 #   sanitize  AddressSanitizer + UndefinedBehaviorSanitizer build of the library, the CLI and the
 #             tests (build-asan), then the whole suite again under it
-#   fuzz      the libFuzzer targets (build-fuzz, clang), each for TSP_FUZZ_SECONDS (default 45)
+#   fuzz      the libFuzzer targets (build-fuzz, clang), each for TSP_FUZZ_SECONDS (default 40)
 # Prints each stage's time and result, and exits non-zero when any stage failed (a failing stage
 # does not stop the later ones, so one run reports everything; a failed build does).
 # For a quicker local run: TSP_TEST_SKIP=sanitize,fuzz scripts/test.sh (CI skips nothing).
@@ -17,12 +20,13 @@ source scripts/env.sh
 build="${TSP_BUILD_DIR:-build}"
 asan_build="${TSP_ASAN_BUILD_DIR:-build-asan}"
 fuzz_build="${TSP_FUZZ_BUILD_DIR:-build-fuzz}"
-fuzz_seconds="${TSP_FUZZ_SECONDS:-45}"
+fuzz_seconds="${TSP_FUZZ_SECONDS:-40}"
 fuzz_cxx="${TSP_FUZZ_CXX:-clang++-14}"
 skip=",${TSP_TEST_SKIP:-},"
 ctest_args=("$@")
 summary=()
 fuzz_notes=()
+cuda_notes=()
 failed=0
 
 # run_stage GROUP NAME COMMAND...: runs COMMAND unless GROUP is in TSP_TEST_SKIP, and records
@@ -47,20 +51,50 @@ run_stage() {
 
 print_summary() {
   echo "== summary"
-  printf '  %s\n' "${summary[@]}" "${fuzz_notes[@]}"
+  printf '  %s\n' "${summary[@]}" "${cuda_notes[@]}" "${fuzz_notes[@]}"
   [ $failed -eq 0 ] && echo "all stages passed" || echo "FAILED: see the stages above"
 }
 
 # The Hugging Face round-trip test's Python environment (apt's python3-torch, pinned transformers
 # from PyPI) is made here, once per build directory, so a fresh machine's installation shows in
 # the build stage instead of running inside a test's time limit.
-build_all() { scripts/setup.sh && scripts/hf_env.sh "$build" >/dev/null; }
+# With nvcc installed the build must include the CUDA backend (ON, not AUTO: a toolkit that
+# CMake cannot use fails the build instead of quietly leaving the CUDA code uncompiled).
+cuda_args=""
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  cuda_args="-DTSP_WITH_CUDA=ON"
+fi
+build_all() {
+  TSP_CMAKE_ARGS="$cuda_args ${TSP_CMAKE_ARGS:-}" scripts/setup.sh &&
+    scripts/hf_env.sh "$build" >/dev/null
+}
 
-run_tests() { ctest --test-dir "$build" --output-on-failure -j 2 --timeout 600 "${ctest_args[@]}"; }
+run_tests() {
+  ctest --test-dir "$build" --output-on-failure -j 2 --timeout 600 "${ctest_args[@]}"
+  local rc=$?
+  cuda_summary
+  return $rc
+}
+
+# One summary line for the GPU tests: built or not, how many ctest entries skipped and why
+# (each prints "[tsp-cuda-test] SKIPPED <n> of <m> tests: <reason>", tests/cuda_test_listener.cpp).
+cuda_summary() {
+  if ! grep -q '^TSP_CUDA_ENABLED:INTERNAL=ON' "$build/CMakeCache.txt" 2>/dev/null; then
+    cuda_notes+=("$(printf '  %-16s not built (no CUDA toolkit: nvcc, cuBLASLt, NCCL)' 'cuda tests')")
+    return
+  fi
+  local total log="$build/Testing/Temporary/LastTest.log" skipped reason
+  total=$(ctest --test-dir "$build" -N -L cuda "${ctest_args[@]}" | sed -n 's/^Total Tests: //p')
+  skipped=$(grep -c '^\[tsp-cuda-test\] SKIPPED' "$log" 2>/dev/null)
+  reason=$(grep -m1 '^\[tsp-cuda-test\] SKIPPED' "$log" 2>/dev/null | sed 's/.*tests: //')
+  cuda_notes+=("$(printf '  %-16s %s ctest entries built (CUDA build), %s skipped: %s' 'cuda tests' \
+    "${total:-0}" "${skipped:-0}" "${reason:-none}")")
+}
 
 build_sanitized() {
   TSP_BUILD_DIR="$asan_build" \
-    TSP_CMAKE_ARGS="-DTSP_SANITIZE=address,undefined -DTSP_BUILD_BENCH=OFF" scripts/setup.sh &&
+    TSP_CMAKE_ARGS="-DTSP_SANITIZE=address,undefined -DTSP_BUILD_BENCH=OFF -DTSP_WITH_CUDA=OFF" \
+    scripts/setup.sh &&
     scripts/hf_env.sh "$asan_build" >/dev/null
 }
 
