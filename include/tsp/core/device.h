@@ -66,14 +66,6 @@ using PointerDeviceQuery = Device (*)(const void* p);
 void set_pointer_device_query(PointerDeviceQuery query);
 Device pointer_device(const void* p);
 
-// Where a pointer's memory lives: Device::cuda(N) for device memory, Device::cpu() for host memory
-// (pageable or pinned). Code compiled in every build asks this (the MPI communicator stages device
-// buffers through host memory); the CUDA build registers its query at load time
-// (src/comm/cuda/nccl.cpp). Without one every pointer is host memory, at the cost of one load.
-using PointerDeviceQuery = Device (*)(const void* p);
-void set_pointer_device_query(PointerDeviceQuery query);
-Device pointer_device(const void* p);
-
 // Debug aid: when the environment has TSP_POISON_ALLOCATIONS=1 (the test suite sets it), every new
 // host tensor is filled with 0xFF bytes (NaN for floats, -1 for integers), so code that relies on
 // fresh memory being zero fails loudly instead of passing by luck. Tensors are never zeroed
