@@ -25,9 +25,14 @@ Streams& streams() {
 
 }  // namespace
 
+// Set once this process selects a device (every device allocation, op and stream goes through
+// set_device): see pointer_device.
+static std::atomic<bool> g_device_in_use{false};
+
 void set_device(int device) {
   TSP_CHECK(device >= 0 && device < kMaxDevices, "CUDA device ordinal {} out of range", device);
   TSP_CUDA_CHECK(cudaSetDevice(device));
+  g_device_in_use.store(true, std::memory_order_release);
 }
 
 cudaStream_t compute_stream(int device) {
@@ -59,7 +64,10 @@ int device_count() {
 }
 
 Device pointer_device(const void* p) {
-  if (!p || device_count() == 0) return Device::cpu();
+  // Until this process has used a device (every device allocation and op goes through a compute
+  // stream), no pointer can be device memory: answer without touching the CUDA runtime, so a
+  // --device cpu run of a CUDA build creates no CUDA context on a GPU machine.
+  if (!p || !g_device_in_use.load(std::memory_order_acquire)) return Device::cpu();
   cudaPointerAttributes attr{};
   if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
     cudaGetLastError();  // an unregistered host pointer may leave an error behind: clear it
