@@ -77,7 +77,7 @@ step() {
   rc=$?
   local dt=$((SECONDS - t0)) note
   if [ $rc -eq 0 ] && grep -q '^\[tsp-cuda-test\] SKIPPED' "$f"; then
-    record "$name" SKIP $dt "$(grep -m1 '^\[tsp-cuda-test\] SKIPPED' "$f" | sed 's/^\[tsp-cuda-test\] SKIPPED //')"
+    record "$name" SKIP $dt "$(grep -m1 '^\[tsp-cuda-test\] SKIPPED' "$f" | sed 's/^\[tsp-cuda-test\] SKIPPED:\? *//')"
   elif [ $rc -eq 0 ]; then
     note=$(grep -m1 -oE '^\[  PASSED  \] [0-9]+ tests?' "$f" | sed 's/\[  PASSED  \] //')
     record "$name" PASS $dt "${note:+$note passed}"
