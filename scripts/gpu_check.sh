@@ -76,8 +76,8 @@ step() {
   timeout --kill-after=10 "$limit" "$@" >"$f" 2>&1
   rc=$?
   local dt=$((SECONDS - t0)) note
-  if [ $rc -eq 0 ] && grep -q '^\[tsp-cuda-test\] SKIPPED' "$f"; then
-    record "$name" SKIP $dt "$(grep -m1 '^\[tsp-cuda-test\] SKIPPED' "$f" | sed 's/^\[tsp-cuda-test\] SKIPPED:\? *//')"
+  if [ $rc -eq 0 ] && grep -q '\[tsp-cuda-test\] SKIPPED' "$f"; then
+    record "$name" SKIP $dt "$(grep -m1 -o '\[tsp-cuda-test\] SKIPPED.*' "$f" | sed 's/^\[tsp-cuda-test\] SKIPPED:\? *//')"
   elif [ $rc -eq 0 ]; then
     note=$(grep -m1 -oE '^\[  PASSED  \] [0-9]+ tests?' "$f" | sed 's/\[  PASSED  \] //')
     record "$name" PASS $dt "${note:+$note passed}"
@@ -240,7 +240,7 @@ fi
 # multi-rank ones at the counts of their "// tsp-test-ranks:" line (default 1 2 4 8), all on this
 # one GPU. OMP threads: the cores shared among the ranks (the CPU references run in the tests).
 cores=$(nproc)
-test_env=(env TSP_POISON_ALLOCATIONS=1)
+test_env=(env TSP_POISON_ALLOCATIONS=1 GTEST_COLOR=no)
 tests_deadline=$((budget * 55 / 100))
 run_tests() {
   local bin name src ranks n
