@@ -84,9 +84,11 @@ cuda_summary() {
     return
   fi
   local total log="$build/Testing/Temporary/LastTest.log" skipped reason
+  # The log of the run just made first: ctest -N starts a new one.
+  skipped=$(grep -c '\[tsp-cuda-test\] SKIPPED' "$log" 2>/dev/null)
+  reason=$(grep -m1 -o '\[tsp-cuda-test\] SKIPPED.*' "$log" 2>/dev/null |
+    sed -E 's/^\[tsp-cuda-test\] SKIPPED:? ([0-9]+ of [0-9]+ tests: )?//')
   total=$(ctest --test-dir "$build" -N -L cuda "${ctest_args[@]}" | sed -n 's/^Total Tests: //p')
-  skipped=$(grep -c '^\[tsp-cuda-test\] SKIPPED' "$log" 2>/dev/null)
-  reason=$(grep -m1 '^\[tsp-cuda-test\] SKIPPED' "$log" 2>/dev/null | sed 's/.*tests: //')
   cuda_notes+=("$(printf '  %-16s %s ctest entries built (CUDA build), %s skipped: %s' 'cuda tests' \
     "${total:-0}" "${skipped:-0}" "${reason:-none}")")
 }
