@@ -3,6 +3,8 @@
 # benchmarks next to PyTorch's, and writes OUTDIR/report.md plus the raw figures:
 #
 #   scripts/gpu_check.sh OUTDIR [--prebuilt DIR] [--budget SECONDS]
+#   (environment: TSP_GPU_CHECK_BUDGET as --budget; TSP_GPU_STEP_CAP caps every step's limit;
+#    TSP_GPU_TESTS_SHARE the percentage of the budget after which no test starts, default 55)
 #
 #   OUTDIR/report.md      environment, every step PASS / FAIL / SKIP (with why) and its time, the
 #                         benchmark tables with the ratios to PyTorch and the targets
@@ -71,6 +73,9 @@ step() {
     return 0
   fi
   [ "$limit" -le $((left - 10)) ] || limit=$((left - 10))
+  # TSP_GPU_STEP_CAP: a shorter limit for every step (a first run on a new machine, where a hang
+  # must not eat the budget).
+  [ "${TSP_GPU_STEP_CAP:-0}" -le 0 ] || [ "$limit" -le "$TSP_GPU_STEP_CAP" ] || limit=$TSP_GPU_STEP_CAP
   local f="$logs/${name//[^A-Za-z0-9_.-]/_}.log" t0=$SECONDS rc
   log "run   $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" >"$f" 2>&1
@@ -241,7 +246,7 @@ fi
 # one GPU. OMP threads: the cores shared among the ranks (the CPU references run in the tests).
 cores=$(nproc)
 test_env=(env TSP_POISON_ALLOCATIONS=1 GTEST_COLOR=no)
-tests_deadline=$((budget * 55 / 100))
+tests_deadline=$((budget * ${TSP_GPU_TESTS_SHARE:-55} / 100))
 run_tests() {
   local bin name src ranks n
   for bin in "$build"/tests/cuda_*_test; do
