@@ -78,7 +78,8 @@ step() {
   [ "${TSP_GPU_STEP_CAP:-0}" -le 0 ] || [ "$limit" -le "$TSP_GPU_STEP_CAP" ] || limit=$TSP_GPU_STEP_CAP
   local f="$logs/${name//[^A-Za-z0-9_.-]/_}.log" t0=$SECONDS rc
   log "run   $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" >"$f" 2>&1
+  # </dev/null: a step must not read the caller's stdin (the list of shell tests being read).
+  timeout --kill-after=10 "$limit" "$@" >"$f" 2>&1 </dev/null
   rc=$?
   local dt=$((SECONDS - t0)) note
   if [ $rc -eq 0 ] && grep -q '\[tsp-cuda-test\] SKIPPED' "$f"; then
