@@ -1,10 +1,10 @@
 // The CUDA linear layers (src/backend/cuda/gemm.h, cuBLASLt) against a double-precision host
 // reference: fp32 and bf16 inputs, every dtype combination the backend interface allows (mixed
 // inputs are rounded to bf16 first, as on the CPU), F32 and BF16 outputs, accumulate on and off,
-// empty outputs, odd sizes and offset (misaligned) views; the bf16 accumulate rounds once; plans
-// are cached; argument errors. The dtype rule the reference applies is itself checked against the
-// CPU backend (ReferenceRuleMatchesCpuBackend), so "equal to the reference" means "equal to the
-// CPU backend within rounding".
+// empty outputs, odd sizes and offset (misaligned) views; the bf16 accumulate rounds once (and
+// keeps what cancels); plans are cached; argument errors. The dtype rule the reference applies is
+// itself checked against the CPU backend (ReferenceRuleMatchesCpuBackend), so "equal to the
+// reference" means "equal to the CPU backend within rounding".
 //
 // Error bounds (per element, Higham, "Accuracy and Stability of Numerical Algorithms", Thm 3.1):
 // an inner product of K terms plus the old value c (accumulate) computed in floating point with
@@ -490,6 +490,41 @@ TEST(CudaGemm, AccumulateIntoBf16RoundsOnce) {
     EXPECT_EQ(y.download(&guards)[0], 1.f + 0x1p-7f)
         << "x " << dtype_name(x_dtype) << ": the accumulate into a bf16 y rounded more than once";
     EXPECT_TRUE(guards);
+  }
+}
+
+// y (bf16) += x·wᵀ where x·wᵀ = 1 + r (r = 2^-10·{1, 2, 3}, by column) and y_old = -1: the sum
+// r is exact in fp32 and in bf16, so rounding once gives y = r exactly. Rounding x·wᵀ to bf16
+// first (1 or 1 + 2^-8) and then adding -1 gives 0 or 2^-8: what GPU run 1 showed on an H200
+// (got 0 where the sum was -0.0019) with cuBLASLt's BF16 C/D and beta = 1. 17 rows, 40 columns,
+// k = 64 (x[n, 0] = 1, x[n, 1] = 2^-10, w[o, 0] = 1, w[o, 1] = 1 + o % 3, the rest zero): the
+// shapes of the failing cases, for x bf16 and f32 (rounded to bf16 first: exact here).
+TEST(CudaGemm, AccumulateIntoBf16KeepsCancellation) {
+  SKIP_WITHOUT_DEVICE();
+  ensure_allocator();
+  const int64_t N = 17, in = 64, out = 40;
+  for (DType x_dtype : {DType::BF16, DType::F32}) {
+    std::vector<float> xv(N * in, 0.f), wv(out * in, 0.f);
+    for (int64_t n = 0; n < N; ++n) xv[n * in] = 1.f, xv[n * in + 1] = 0x1p-10f;
+    for (int64_t o = 0; o < out; ++o) wv[o * in] = 1.f, wv[o * in + 1] = float(1 + o % 3);
+    DeviceTensor x({N, in}, x_dtype), w({out, in}, DType::BF16), y({N, out}, DType::BF16);
+    x.upload(xv);
+    w.upload(wv);
+    y.upload(std::vector<float>(N * out, -1.f));
+    const cudaStream_t s = cuda::compute_stream(0);
+    cuda::linear_forward(x.view(), w.view(), y.view(), true, s);
+    CUDA_OK(cudaStreamSynchronize(s));
+    bool guards = false;
+    const std::vector<float> got = y.download(&guards);
+    EXPECT_TRUE(guards);
+    int64_t bad = 0, first = -1;
+    for (int64_t i = 0; i < N * out; ++i)
+      if (got[i] != 0x1p-10f * float(1 + (i % out) % 3) && bad++ == 0) first = i;
+    EXPECT_EQ(bad, 0) << "x " << dtype_name(x_dtype) << ": " << bad << " of " << N * out
+                      << " elements of y += x·wᵀ are not the exact 2^-10·(1 + o % 3); first ["
+                      << first / out << ", " << first % out << "] got "
+                      << (first >= 0 ? got[first] : 0.f)
+                      << " (0 or 2^-8 = x·wᵀ rounded to bf16 before adding y_old)";
   }
 }
 

@@ -31,11 +31,17 @@
 //   * F32 inputs: a true fp32 GEMM. Not CUBLAS_COMPUTE_32F_FAST_TF32: TF32 keeps 10 mantissa
 //     bits, an error of ~2^-11 per product where the CPU (oneDNN fp32) has 2^-24, and every fp32
 //     result here must agree with the CPU's within fp32 rounding (tests check K·2^-24·Σ|x||w|).
-//   * BF16 inputs: tensor cores, products exact, fp32 accumulation; C/D F32 or BF16. The epilogue
-//     D = alpha·acc + beta·C runs in fp32 (the scale type), reading a BF16 C, and rounds D once:
-//     the CPU's rule (oneDNN's sum post-op adds the old bf16 y to the fp32 accumulator and rounds
-//     once). For a BF16 D we exclude the split-K reduction schemes that reduce partial sums in
-//     the output type (INPLACE, OUTPUT_TYPE): they would round to bf16 more than once.
+//   * BF16 inputs: tensor cores, products exact, fp32 accumulation; D F32 or BF16. For a BF16 D
+//     we exclude the split-K reduction schemes that reduce partial sums in the output type
+//     (INPLACE, OUTPUT_TYPE): they would round to bf16 more than once.
+//   * A BF16 y with accumulate (y += x·wᵀ) never reaches cuBLASLt as a BF16 C/D with beta = 1.
+//     The CPU's rule (oneDNN's sum post-op) is y = bf16(fp32(x·wᵀ) + fp32(y_old)), one rounding.
+//     On an H200 (GPU run 1) cuBLASLt with C = D = BF16, beta = 1 broke that rule: errors up to
+//     1.6 bf16 half-ulps, and exact cancellation showing through (got 0 where acc + y_old was
+//     -0.0019), as if alpha·acc were rounded to bf16 before beta·C was added. So linear_forward
+//     widens y to an F32 Workspace copy, runs the GEMM into it with beta = 1 (an F32 D, exact
+//     fp32 epilogue) and rounds the copy back into y once. Cost: 6 extra bytes per element of y
+//     read/written; only this case pays it (beta = 0 BF16 outputs passed and are unchanged).
 //   The summation order differs from oneDNN's, so results agree with the CPU's within the
 //   rounding bound, not bitwise.
 //
@@ -433,9 +439,21 @@ void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate, c
   Tensor hx, hw;
   const TensorView xg = fp32 ? x : as_bf16(x, hx, s);
   const TensorView wg = fp32 ? w : as_bf16(w, hw, s);
+  // A BF16 y accumulates in an F32 copy and is rounded once (see "Precision" at the top).
+  Tensor hy;
+  const bool widen_y = accumulate && y.dtype() == DType::BF16;
+  if (widen_y) {
+    hy = Tensor(y.shape(), DType::F32, MemCategory::Workspace, y.device());
+    TSP_CUDA_CHECK(launch_widen_bf16_to_f32(static_cast<const __nv_bfloat16*>(y.data()),
+                                            static_cast<float*>(hy.data()), y.numel(), s));
+  }
+  const TensorView yg = widen_y ? hy.view() : y;
   // yᵀ (out×N, ld out) = op_T(w stored in×out, ld in) · (x stored in×N, ld in)
   matmul(call, device, s, CUBLAS_OP_T, CUBLAS_OP_N, /*m=*/out, /*n=*/N, /*k=*/in, wg.data(), in,
-         xg.data(), in, xg.dtype(), y.data(), out, y.dtype(), accumulate);
+         xg.data(), in, xg.dtype(), yg.data(), out, yg.dtype(), accumulate);
+  if (widen_y)
+    TSP_CUDA_CHECK(launch_round_f32_to_bf16(static_cast<const float*>(hy.data()),
+                                            static_cast<__nv_bfloat16*>(y.data()), y.numel(), s));
 }
 
 void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx, TensorView dw,

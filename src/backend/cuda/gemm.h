@@ -5,7 +5,8 @@
 //     (CUBLAS_COMPUTE_32F, no TF32: results agree with the CPU's fp32 within fp32 rounding).
 //   * any other combination of F32 / BF16: the F32 inputs are rounded to BF16 (nearest even) in a
 //     Workspace tensor and a bf16 GEMM runs with fp32 accumulation; a BF16 output is rounded once,
-//     after the fp32 accumulate (y += reads the old bf16 y into the fp32 epilogue).
+//     after the fp32 accumulate: y += is bf16(fp32(x·wᵀ) + fp32(y_old)), computed in an F32
+//     Workspace copy of y (gemm.cpp, "Precision", says why).
 //   * dx and dw are F32 and accumulate (+=); either may be empty (skipped).
 // Every call is queued on stream `s` and returns without waiting. `s` must be the stream the
 // device allocator orders its frees on (the device's compute stream, cuda_common.h): the bf16

@@ -1,4 +1,4 @@
-// Rounding F32 GEMM inputs to BF16 (see gemm.h). The same bit arithmetic as the host's
+// Rounding F32 GEMM inputs to BF16 (see gemm.h), and widening a BF16 y to F32 (exact). The same bit arithmetic as the host's
 // tsp::bf16::from_float (include/tsp/core/bf16.h), so a rounded operand is bitwise what the CPU
 // backend would feed its bf16 GEMM, NaN payloads included (cvt.rn.bf16.f32 would canonicalise NaN).
 // No tsp::Error here: fmt's consteval format strings do not compile under nvcc (fmt 9), so this
@@ -42,6 +42,23 @@ __global__ void round_f32_to_bf16_x1(const float* __restrict__ src, uint16_t* __
     dst[i] = bf16_bits(src[i]);
 }
 
+// Widening is exact: a bf16 is the high half of the f32 with the same value.
+__global__ void widen_bf16_to_f32_x4(const uint2* __restrict__ src, uint4* __restrict__ dst,
+                                     int64_t n4) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const uint2 v = src[i];
+    dst[i] = make_uint4(v.x << 16, v.x & 0xffff0000u, v.y << 16, v.y & 0xffff0000u);
+  }
+}
+
+__global__ void widen_bf16_to_f32_x1(const uint16_t* __restrict__ src, uint32_t* __restrict__ dst,
+                                     int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    dst[i] = uint32_t{src[i]} << 16;
+}
+
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 4096;  // enough to fill any current GPU; the loop covers the rest
 
@@ -67,6 +84,28 @@ cudaError_t launch_round_f32_to_bf16(const float* src, __nv_bfloat16* dst, int64
   }
   if (done < n) {
     round_f32_to_bf16_x1<<<grid_for(n - done), kThreads, 0, s>>>(src + done, out + done, n - done);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_widen_bf16_to_f32(const __nv_bfloat16* src, float* dst, int64_t n,
+                                     cudaStream_t s) {
+  if (n <= 0) return cudaSuccess;
+  const auto* in = reinterpret_cast<const uint16_t*>(src);
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const bool vec =
+      reinterpret_cast<uintptr_t>(in) % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  int64_t done = 0;
+  if (vec && n >= 4) {
+    const int64_t n4 = n / 4;
+    widen_bf16_to_f32_x4<<<grid_for(n4), kThreads, 0, s>>>(reinterpret_cast<const uint2*>(in),
+                                                           reinterpret_cast<uint4*>(out), n4);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    done = n4 * 4;
+  }
+  if (done < n) {
+    widen_bf16_to_f32_x1<<<grid_for(n - done), kThreads, 0, s>>>(in + done, out + done, n - done);
     return cudaGetLastError();
   }
   return cudaSuccess;
