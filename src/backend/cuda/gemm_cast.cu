@@ -1,4 +1,5 @@
-// Rounding F32 GEMM inputs to BF16 (see gemm.h), and widening a BF16 y to F32 (exact). The same bit arithmetic as the host's
+// Rounding F32 GEMM inputs (and an accumulated F32 copy of y) to BF16, and widening a BF16 y to
+// F32 (exact), see gemm.h. The rounding is the same bit arithmetic as the host's
 // tsp::bf16::from_float (include/tsp/core/bf16.h), so a rounded operand is bitwise what the CPU
 // backend would feed its bf16 GEMM, NaN payloads included (cvt.rn.bf16.f32 would canonicalise NaN).
 // No tsp::Error here: fmt's consteval format strings do not compile under nvcc (fmt 9), so this
