@@ -1,7 +1,7 @@
 // The dtype conversions of gemm.cpp (gemm_cast.cu): F32 GEMM inputs rounded to BF16, and a BF16
 // y widened to F32 and rounded back around an accumulating forward (see linear_forward). Plain
-// CUDA types only: this header is included by nvcc-compiled code, which cannot include the tsp headers (fmt 9's
-// consteval format strings do not compile under nvcc).
+// CUDA types only: this header is included by nvcc-compiled code, which cannot include the tsp
+// headers (fmt 9's consteval format strings do not compile under nvcc).
 #pragma once
 
 #include <cuda_bf16.h>
