@@ -12,11 +12,11 @@
 #include "tsp/core/tensor.h"
 
 // CUDA_CHECK(call): throw tsp::Error naming the call, the CUDA error and where it happened.
-#define TSP_CUDA_CHECK(call)                                                                   \
-  do {                                                                                         \
-    cudaError_t tsp_cuda_status_ = (call);                                                     \
-    TSP_CHECK(tsp_cuda_status_ == cudaSuccess, "CUDA error in {}: {} ({})", #call,             \
-              cudaGetErrorString(tsp_cuda_status_), cudaGetErrorName(tsp_cuda_status_));      \
+#define TSP_CUDA_CHECK(call)                                                             \
+  do {                                                                                   \
+    cudaError_t tsp_cuda_status_ = (call);                                               \
+    TSP_CHECK(tsp_cuda_status_ == cudaSuccess, "CUDA error in {}: {} ({})", #call,       \
+              cudaGetErrorString(tsp_cuda_status_), cudaGetErrorName(tsp_cuda_status_)); \
   } while (0)
 
 // After a kernel launch: a bad launch configuration surfaces here, at the launch site.
