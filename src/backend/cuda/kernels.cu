@@ -250,6 +250,9 @@ __global__ void rmsnorm_dx_k(const float* __restrict__ dy, const TX* __restrict_
 
 // dw[col] += Σ_n dy[n, col] · x[n, col] · r[n]: a block owns 32 columns and splits the rows over
 // its 16 thread rows, then sums the 16 partials in a fixed order (deterministic, no atomics).
+// There are only h/32 blocks (128 at h = 4096), so each warp must keep several rows' loads in
+// flight: the row loop is unrolled, which issues the loads of 8 rows ahead of their adds and keeps
+// each thread's sum in the same sequential order (results unchanged).
 constexpr int kDwCols = 32, kDwRows = 16;
 template <class TX>
 __global__ void rmsnorm_dw_k(const float* __restrict__ dy, const TX* __restrict__ x,
@@ -258,9 +261,11 @@ __global__ void rmsnorm_dw_k(const float* __restrict__ dy, const TX* __restrict_
   __shared__ float partial[kDwRows][kDwCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kDwCols + threadIdx.x;
   float acc = 0.f;
-  if (col < h)
+  if (col < h) {
+#pragma unroll 8
     for (int64_t n = threadIdx.y; n < N; n += kDwRows)
       acc += __fmul_rn(__fmul_rn(dy[n * h + col], ld(x + n * h, col)), rstd[n]);
+  }
   partial[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && col < h) {
@@ -287,8 +292,11 @@ __global__ void rope_k(T* __restrict__ x, const int64_t* __restrict__ pos, int64
   }
   __syncthreads();
   T* xn = x + n * heads * d;
-  for (int64_t j = threadIdx.x; j < heads * half; j += blockDim.x) {
-    const int64_t hd = j / half, i = j % half;
+  // 32-bit indices within the token (heads·d is far below 2^31; the launcher checks it): a 64-bit
+  // division per element is tens of instructions.
+  const int pairs = static_cast<int>(heads * half), ihalf = static_cast<int>(half);
+  for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+    const int hd = j / ihalf, i = j % ihalf;
     T* lo = xn + hd * d;
     T* hi = lo + half;
     const float a = ld(lo, i), b = ld(hi, i), c = cos_t[i], s = sin_t[i];
@@ -624,7 +632,8 @@ cudaError_t rmsnorm_backward(const float* dy, const void* x, bool x_bf16, const 
 cudaError_t rope(void* x, bool bf16, const int64_t* pos, int64_t N, int64_t heads, int64_t d,
                  const RopeFreqs& freqs, float sign, cudaStream_t s) {
   if (N <= 0 || heads <= 0 || d <= 0) return cudaSuccess;
-  const size_t smem = sizeof(float) * static_cast<size_t>(d);  // cos and sin, d/2 each
+  if (heads * d > int64_t{0x7fffffff}) return cudaErrorInvalidValue;  // rope_k's 32-bit indices
+  const size_t smem = sizeof(float) * static_cast<size_t>(d);         // cos and sin, d/2 each
   with_type(bf16, [&](auto t) {
     using T = decltype(t);
     rope_k<<<static_cast<unsigned>(N), 128, smem, s>>>(static_cast<T*>(x), pos, heads, d, freqs,
