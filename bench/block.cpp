@@ -5,11 +5,17 @@
 //
 //   bench_block [--h 1024] [--heads 16] [--kv-heads 16] [--ffn 2816] [--seq 1024] [--batch 1]
 //               [--dtype bf16|fp32] [--threads 2] [--repeats 5] [--device cpu|cuda[:N]] [--json]
+//               [--gemm-rate] [--profile]
 //
 // --device cuda: the same block on the GPU backend (timed between backend.synchronize() calls),
 // and the model-FLOP utilisation (MFU): model TFLOP/s over the card's bf16 GEMM rate measured here
 // with the backend's own linear_forward on 8192 × 8192 × 8192 (bf16 in and out; median of 10
 // after 3 warm-ups). --gemm-rate also measures it on the CPU (at 2048³).
+//
+// --profile: after the timed repeats (whose numbers it leaves alone), one more step through a
+// timing decorator of the backend (ProfilingBackend): every backend call's time (CUDA events around
+// it on the compute stream; wall time on the CPU), summed per op and per op and shapes, with the
+// share of the step and the time between calls (launch gaps, host work). Under --json on stderr.
 //
 // --dtype is the compute dtype (default: the backend's, default_compute_dtype: bf16 where bf16 is
 // native). In bf16 the block runs as a layout runs it in mixed precision: the weights are bf16
@@ -175,7 +181,7 @@ void fill_normal(Backend& be, Tensor& t, float std, std::mt19937& rng) {
   be.upload(host.data(), t.view());
 }
 
-// ---- --profile: every backend call of one step timed ---------------------------------------------
+// ---- --profile: every backend call of one step timed --------------------------------------------
 // A Backend that forwards each call to the real one and times it: on a CUDA device with a pair of
 // events recorded on the compute stream around the call (the op's GPU time, read after a
 // synchronize, without serialising the step), on the CPU with wall time (its ops are synchronous).
