@@ -41,7 +41,7 @@
 #include <string>
 #include <vector>
 
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
 #include "backend/cuda/cuda_common.h"  // compute_stream: the profiler's events are ordered on it
 #endif
 
@@ -192,7 +192,7 @@ class ProfilingBackend final : public Backend {
  public:
   explicit ProfilingBackend(Backend& inner) : inner_(inner) {}
   ~ProfilingBackend() override {
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
     for (Record& r : pool_) {
       cudaEventDestroy(r.start);
       cudaEventDestroy(r.end);
@@ -376,7 +376,7 @@ class ProfilingBackend final : public Backend {
  private:
   struct Record {
     std::string op, shapes;
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
     cudaEvent_t start = nullptr, end = nullptr;
 #endif
     double t0 = 0, t1 = 0;  // wall seconds (CPU)
@@ -400,7 +400,7 @@ class ProfilingBackend final : public Backend {
   Record& begin(const char* op, std::string shapes = {}) {
     if (used_ == pool_.size()) {
       pool_.emplace_back();
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
       if (on_gpu()) {
         TSP_CUDA_CHECK(cudaEventCreate(&pool_.back().start));
         TSP_CUDA_CHECK(cudaEventCreate(&pool_.back().end));
@@ -410,7 +410,7 @@ class ProfilingBackend final : public Backend {
     Record& r = pool_[used_++];
     r.op = op;
     r.shapes = std::move(shapes);
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
     if (on_gpu()) {
       TSP_CUDA_CHECK(cudaEventRecord(r.start, cuda::compute_stream(inner_.device().index)));
       return r;
@@ -420,7 +420,7 @@ class ProfilingBackend final : public Backend {
     return r;
   }
   void end(Record& r) {
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
     if (on_gpu()) {
       TSP_CUDA_CHECK(cudaEventRecord(r.end, cuda::compute_stream(inner_.device().index)));
       return;
@@ -429,7 +429,7 @@ class ProfilingBackend final : public Backend {
     r.t1 = now_s();
   }
   double elapsed_ms(const Record& r) const {
-#if TSP_WITH_CUDA
+#ifdef TSP_WITH_CUDA
     if (on_gpu()) {
       float ms = 0;
       TSP_CUDA_CHECK(cudaEventElapsedTime(&ms, r.start, r.end));
