@@ -193,10 +193,11 @@ class ProfilingBackend final : public Backend {
   explicit ProfilingBackend(Backend& inner) : inner_(inner) {}
   ~ProfilingBackend() override {
 #ifdef TSP_WITH_CUDA
-    for (Record& r : pool_) {
-      cudaEventDestroy(r.start);
-      cudaEventDestroy(r.end);
-    }
+    for (Record& r : pool_)  // events exist only on a GPU (none touch CUDA on the CPU)
+      if (r.start) {
+        cudaEventDestroy(r.start);
+        cudaEventDestroy(r.end);
+      }
 #endif
   }
 
