@@ -101,23 +101,16 @@ TensorView rows(TensorView t, int64_t t0, int64_t m, int64_t cols) {
 }
 }  // namespace
 
-int64_t token_chunk(Device device, int64_t width) {
-  if (device.is_cpu()) return kTokenChunk;
-  int64_t chunk = kTokenChunk;
-  while (2 * chunk * std::max<int64_t>(width, 1) <= kGpuChunkElements) chunk *= 2;
-  return chunk;
-}
-
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
                  const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
-  const int64_t step = token_chunk(be.device(), f), chunk = std::min(n, step);
+  const int64_t chunk = std::min(n, kTokenChunk);
   Tensor g = Tensor::f32({chunk, f}, kWork, be.device());
   Tensor u = Tensor::f32({chunk, f}, kWork, be.device());
   // The activation feeds the down projection: in the compute dtype of the weights.
   Tensor act({chunk, f}, w.wd.dtype(), kWork, be.device());
-  for (int64_t t0 = 0; t0 < n; t0 += step) {
-    const int64_t m = std::min(step, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
+    const int64_t m = std::min(kTokenChunk, n - t0);
     const TensorView x = rows(xn, t0, m, h), gv = g.window(0, {m, f}), uv = u.window(0, {m, f}),
                      av = act.window(0, {m, f});
     be.linear_forward(x, w.wg, gv, false);
@@ -131,15 +124,15 @@ void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
 void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& gr, TensorView xn,
                   TensorView dy, TensorView dxn, const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
+  const int64_t chunk = std::min(n, kTokenChunk);
   const Device dev = be.device();
-  const int64_t step = token_chunk(dev, f), chunk = std::min(n, step);
   Tensor g = Tensor::f32({chunk, f}, kWork, dev);
   Tensor u = Tensor::f32({chunk, f}, kWork, dev);
   Tensor act({chunk, f}, w.wd.dtype(), kWork, dev);
   Tensor da = Tensor::f32({chunk, f}, kWork, dev);  // da, then dg (swiglu_backward allows it)
   Tensor du = Tensor::f32({chunk, f}, kWork, dev);
-  for (int64_t t0 = 0; t0 < n; t0 += step) {
-    const int64_t m = std::min(step, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
+    const int64_t m = std::min(kTokenChunk, n - t0);
     const TensorView x = rows(xn, t0, m, h), gv = g.window(0, {m, f}), uv = u.window(0, {m, f}),
                      av = act.window(0, {m, f}), dav = da.window(0, {m, f}),
                      duv = du.window(0, {m, f});
@@ -171,10 +164,10 @@ void rmsnorm_backward_add(Backend& be, TensorView dy, TensorView x, TensorView w
 void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, float grad_scale,
                   TensorView loss, TensorView dxn, TensorView dw) {
   const int64_t V = w.dim(0), h = w.dim(1), n = labels.numel();
-  const int64_t step = token_chunk(be.device(), V), chunk = std::min(n, step);
+  const int64_t chunk = std::min(n, kTokenChunk);
   Tensor logits = Tensor::f32({chunk, V}, kWork, be.device());
-  for (int64_t t0 = 0; t0 < n; t0 += step) {
-    const int64_t m = std::min(step, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
+    const int64_t m = std::min(kTokenChunk, n - t0);
     const TensorView x = rows(xn, t0, m, h), lv = logits.window(0, {m, V});
     be.linear_forward(x, w, lv, false);
     // dlogits overwrite the logits in place (allowed by the kernel), also when only the loss is

@@ -31,23 +31,10 @@
 
 namespace tsp::block {
 
-// Token rows processed at once by the MLP and the loss head on the CPU: bounds their [rows, f]
-// and [rows, V] workspace independently of the sequence length. Every layout uses the same value,
-// so at equal n the GEMM shapes (and results) are identical.
+// Token rows processed at once by the MLP and the loss head: bounds their [rows, f] and
+// [rows, V] workspace independently of the sequence length. Every layout uses the same value, so
+// at equal n the GEMM shapes (and results) are identical.
 inline constexpr int64_t kTokenChunk = 512;
-
-// Token rows per chunk of mlp_forward / mlp_backward (width = f) and lm_head_loss (width = V) on
-// `device`. The CPU: kTokenChunk. A GPU: the largest power-of-two multiple of kTokenChunk whose
-// [rows, width] F32 chunk stays within kGpuChunkElements (256 MiB; 4096 rows at f = 14336, 512
-// at V = 128256). Why larger there: each chunk's weight-gradient GEMM (dW += dyᵀ·x over the
-// chunk's rows) reads and writes the whole F32 dW, so at 512 rows the MLP's three dW GEMMs are
-// bound by that traffic (0.47 GB per GEMM at f = 14336, h = 4096, 16 times for 8192 tokens), not
-// by their FLOPs. Only the grouping of the fp32 dW sums changes with it (results within the
-// GEMM tolerances); every layout calls these functions, so layouts still agree with each other.
-// The memory plan (src/plan, kChunk) still counts kTokenChunk rows: on a GPU the MLP backward's
-// chunk buffers (4 F32 + 1 act) are up to ~1 GB more than it predicts.
-inline constexpr int64_t kGpuChunkElements = int64_t{1} << 26;
-int64_t token_chunk(Device device, int64_t width);
 
 // ---- Attention of one head group -------------------------------------------------------------
 
@@ -114,8 +101,7 @@ struct MlpWeights {  // compute dtype
 struct MlpGrads {  // F32, same shapes; an empty view skips that gradient
   TensorView dwg, dwu, dwd;
 };
-// xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of token_chunk(device, f)
-// rows.
+// xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of kTokenChunk rows.
 // after_chunk (optional) runs after each chunk: a layout's communication progress point.
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
                  const std::function<void()>& after_chunk = {});
@@ -135,8 +121,7 @@ void rmsnorm_backward_add(Backend& be, TensorView dy, TensorView x, TensorView w
 // xn [n, h] final-normed, w [V, h] (LM head, or the embedding when tied), labels I32 [n].
 // loss F64 [1] (+=) the SUM of the token losses; when dxn is non-empty also dxn F32 [n, h] (=) and
 // dw F32 [V, h] (+=, if non-empty) for the loss scaled by grad_scale (1 / tokens of the whole batch
-// for a mean). Logits live only as a [token_chunk(device, V), V] workspace: forward and backward
-// are fused.
+// for a mean). Logits live only as a [kTokenChunk, V] workspace: forward and backward are fused.
 void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, float grad_scale,
                   TensorView loss, TensorView dxn, TensorView dw);
 
