@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 
+#include "backend/checks.h"
 #include "tsp/backend/backend.h"
 #include "tsp/core/error.h"
 #include "tsp/ops/attention.h"
@@ -26,31 +27,10 @@ namespace {
 
 constexpr MemCategory kWork = MemCategory::Workspace;
 
+using namespace checks;
+
 void check_host(std::initializer_list<const TensorView*> views, const char* op) {
-  for (const TensorView* v : views)
-    TSP_CHECK(v->empty() || v->device().is_cpu(), "{}: a tensor on {} was given to the CPU backend",
-              op, v->device().str());
-}
-void check_dtype(const TensorView& t, DType want, const char* op, const char* what) {
-  TSP_CHECK(t.dtype() == want, "{}: {} must be {}, got {} {}", op, what, dtype_name(want),
-            dtype_name(t.dtype()), shape_str(t.shape()));
-}
-void check_float(const TensorView& t, const char* op, const char* what) {
-  TSP_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16,
-            "{}: {} must be f32 or bf16, got {}", op, what, dtype_name(t.dtype()));
-}
-void check_numel(const TensorView& t, int64_t want, const char* op, const char* what) {
-  TSP_CHECK(t.numel() == want, "{}: {} has {} elements ({}), expected {}", op, what, t.numel(),
-            shape_str(t.shape()), want);
-}
-// Rows of a [rows, cols] view given its element count (views carry shapes; kernels want N, h).
-int64_t rows_of(const TensorView& t, int64_t cols, const char* op, const char* what) {
-  TSP_CHECK(cols > 0 && t.numel() % cols == 0, "{}: {} {} is not a multiple of {} columns", op,
-            what, shape_str(t.shape()), cols);
-  return t.numel() / cols;
-}
-int64_t last_dim(const TensorView& t) {
-  return t.rank() == 0 ? 1 : t.dim(-1);
+  check_device(views, Device::cpu(), op);
 }
 bool all_bf16(std::initializer_list<const TensorView*> views) {
   for (const TensorView* v : views)
@@ -213,12 +193,7 @@ class CpuBackend final : public Backend {
   void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate) override {
     const char* op = "linear_forward";
     check_host({&x, &w, &y}, op);
-    TSP_CHECK(w.rank() == 2, "{}: weight must be [out, in], got {}", op, shape_str(w.shape()));
-    const int64_t out = w.dim(0), in = w.dim(1), N = rows_of(x, in, op, "x");
-    check_numel(y, N * out, op, "y");
-    check_float(x, op, "x");
-    check_float(w, op, "w");
-    check_float(y, op, "y");
+    const auto [N, in, out] = check_linear_forward(x, w, y);
     if (x.dtype() == DType::F32 && w.dtype() == DType::F32 && y.dtype() == DType::F32) {
       tsp::linear_forward(x.f32(), w.f32(), y.f32(), N, in, out, accumulate);
       return;
@@ -235,11 +210,7 @@ class CpuBackend final : public Backend {
                        TensorView dw) override {
     const char* op = "linear_backward";
     check_host({&dy, &x, &w, &dx, &dw}, op);
-    TSP_CHECK(w.rank() == 2, "{}: weight must be [out, in], got {}", op, shape_str(w.shape()));
-    const int64_t out = w.dim(0), in = w.dim(1), N = rows_of(dy, out, op, "dy");
-    check_numel(x, N * in, op, "x");
-    if (!dx.empty()) check_numel(dx, N * in, op, "dx"), check_dtype(dx, DType::F32, op, "dx");
-    if (!dw.empty()) check_numel(dw, out * in, op, "dw"), check_dtype(dw, DType::F32, op, "dw");
+    const auto [N, in, out] = check_linear_backward(dy, x, w, dx, dw);
     if (dy.dtype() == DType::F32 && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
       tsp::linear_backward(dy.f32(), x.f32(), w.f32(), dx.empty() ? nullptr : dx.f32(),
                            dw.empty() ? nullptr : dw.f32(), N, in, out);
@@ -261,10 +232,7 @@ class CpuBackend final : public Backend {
                        float eps) override {
     const char* op = "rmsnorm_forward";
     check_host({&x, &w, &y, &rstd}, op);
-    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
-    check_numel(y, N * h, op, "y");
-    check_numel(rstd, N, op, "rstd");
-    check_dtype(rstd, DType::F32, op, "rstd");
+    const auto [N, h] = check_rmsnorm(x, w, y, rstd, eps, op);
     if (all_bf16({&x, &w, &y})) {
       tsp::rmsnorm_forward(x.data_as<bf16>(), w.data_as<bf16>(), y.data_as<bf16>(), rstd.f32(), N,
                            h, eps);
@@ -279,10 +247,7 @@ class CpuBackend final : public Backend {
   void rmsnorm_apply(TensorView x, TensorView w, TensorView rstd, TensorView y) override {
     const char* op = "rmsnorm_apply";
     check_host({&x, &w, &y, &rstd}, op);
-    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
-    check_numel(y, N * h, op, "y");
-    check_numel(rstd, N, op, "rstd");
-    check_dtype(rstd, DType::F32, op, "rstd");
+    const auto [N, h] = check_rmsnorm(x, w, y, rstd, /*eps=*/0.f, op);
     if (all_bf16({&x, &w, &y})) {
       tsp::rmsnorm_apply(x.data_as<bf16>(), w.data_as<bf16>(), rstd.f32(), y.data_as<bf16>(), N, h);
       return;
@@ -297,12 +262,10 @@ class CpuBackend final : public Backend {
                         TensorView dw) override {
     const char* op = "rmsnorm_backward";
     check_host({&dy, &x, &w, &rstd, &dx, &dw}, op);
-    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
-    check_numel(dy, N * h, op, "dy");
+    const auto [N, h] = check_rmsnorm_backward(dy, x, w, rstd, dx, dw);
+    // The CPU kernel writes both gradients: dx and dw are required here.
     check_numel(dx, N * h, op, "dx");
-    check_dtype(dy, DType::F32, op, "dy");
-    check_dtype(dx, DType::F32, op, "dx");
-    check_dtype(dw, DType::F32, op, "dw");
+    check_numel(dw, h, op, "dw");
     if (all_bf16({&x, &w})) {
       tsp::rmsnorm_backward(dy.f32(), x.data_as<bf16>(), w.data_as<bf16>(), rstd.f32(), dx.f32(),
                             dw.f32(), N, h);
@@ -317,9 +280,7 @@ class CpuBackend final : public Backend {
   void rope(TensorView x, TensorView pos, float theta, bool forward) {
     const char* op = forward ? "rope_forward" : "rope_backward";
     check_host({&x, &pos}, op);
-    TSP_CHECK(x.rank() == 3, "{}: x must be [N, heads, d], got {}", op, shape_str(x.shape()));
-    check_dtype(pos, DType::I64, op, "positions");
-    check_numel(pos, x.dim(0), op, "positions");
+    check_rope(x, pos, op);
     if (forward && x.dtype() == DType::BF16) {
       tsp::rope_forward(x.data_as<bf16>(), pos.data_as<int64_t>(), x.dim(0), x.dim(1), x.dim(2),
                         theta);
@@ -343,10 +304,7 @@ class CpuBackend final : public Backend {
   void swiglu_forward(TensorView g, TensorView u, TensorView a) override {
     const char* op = "swiglu_forward";
     check_host({&g, &u, &a}, op);
-    check_dtype(g, DType::F32, op, "g");
-    check_dtype(u, DType::F32, op, "u");
-    check_numel(u, g.numel(), op, "u");
-    check_numel(a, g.numel(), op, "a");
+    check_swiglu_forward(g, u, a);
     const int64_t F = last_dim(g);
     if (a.dtype() == DType::BF16) {
       tsp::swiglu_forward(g.f32(), u.f32(), a.data_as<bf16>(), rows_of(g, F, op, "g"), F);
@@ -360,10 +318,7 @@ class CpuBackend final : public Backend {
                        TensorView du) override {
     const char* op = "swiglu_backward";
     check_host({&da, &g, &u, &dg, &du}, op);
-    for (const TensorView* t : {&da, &g, &u, &dg, &du}) {
-      check_dtype(*t, DType::F32, op, "every operand");
-      check_numel(*t, g.numel(), op, "an operand");
-    }
+    check_swiglu_backward(da, g, u, dg, du);
     const int64_t F = last_dim(g);
     tsp::swiglu_backward(da.f32(), g.f32(), u.f32(), dg.f32(), du.f32(), rows_of(g, F, op, "g"), F);
   }
@@ -372,11 +327,7 @@ class CpuBackend final : public Backend {
   void embedding_forward(TensorView ids, TensorView table, TensorView out, int64_t v0) override {
     const char* op = "embedding_forward";
     check_host({&ids, &table, &out}, op);
-    check_dtype(ids, DType::I32, op, "ids");
-    TSP_CHECK(table.rank() == 2, "{}: table must be [V_shard, h], got {}", op,
-              shape_str(table.shape()));
-    const int64_t N = ids.numel(), h = table.dim(1);
-    check_numel(out, N * h, op, "out");
+    const auto [N, h] = check_embedding_forward(ids, table, out, v0);
     if (table.dtype() == out.dtype() && table.dtype() == DType::F32) {
       tsp::embedding_forward(ids.data_as<int32_t>(), table.f32(), out.f32(), N, h, v0,
                              table.dim(0));
@@ -388,7 +339,6 @@ class CpuBackend final : public Backend {
       return;
     }
     // Row copies: the rows in range are copied (any dtype pair), the others left untouched.
-    TSP_CHECK(v0 >= 0, "{}: v0={} must be >= 0", op, v0);
     const int32_t* id = ids.data_as<int32_t>();
     for (int64_t i = 0; i < N; ++i) {
       const int64_t r = static_cast<int64_t>(id[i]) - v0;
@@ -398,13 +348,7 @@ class CpuBackend final : public Backend {
   void embedding_backward(TensorView ids, TensorView dout, TensorView dtable, int64_t v0) override {
     const char* op = "embedding_backward";
     check_host({&ids, &dout, &dtable}, op);
-    check_dtype(ids, DType::I32, op, "ids");
-    check_dtype(dout, DType::F32, op, "dout");
-    check_dtype(dtable, DType::F32, op, "dtable");
-    TSP_CHECK(dtable.rank() == 2, "{}: dtable must be [V_shard, h], got {}", op,
-              shape_str(dtable.shape()));
-    const int64_t N = ids.numel(), h = dtable.dim(1);
-    check_numel(dout, N * h, op, "dout");
+    const auto [N, h] = check_embedding_backward(ids, dout, dtable, v0);
     tsp::embedding_backward(ids.data_as<int32_t>(), dout.f32(), dtable.f32(), N, h, v0,
                             dtable.dim(0));
   }
@@ -414,19 +358,13 @@ class CpuBackend final : public Backend {
                      TensorView loss, int32_t ignore_index) override {
     const char* op = "cross_entropy";
     check_host({&logits, &labels, &dlogits, &loss}, op);
-    check_dtype(logits, DType::F32, op, "logits");
-    check_dtype(labels, DType::I32, op, "labels");
-    check_dtype(loss, DType::F64, op, "loss");
-    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
-    check_numel(logits, N * V, op, "logits");
+    const auto [N, V] = check_cross_entropy(logits, labels, dlogits, loss);
     Tensor scratch;
     float* dl = nullptr;
     if (dlogits.empty()) {
       scratch = Tensor::f32({N, V}, kWork);  // the kernel always writes gradients
       dl = scratch.f32();
     } else {
-      check_dtype(dlogits, DType::F32, op, "dlogits");
-      check_numel(dlogits, N * V, op, "dlogits");
       dl = dlogits.f32();
     }
     loss.data_as<double>()[0] += tsp::cross_entropy_forward_backward(
@@ -436,10 +374,7 @@ class CpuBackend final : public Backend {
                              TensorView row_sum, TensorView target, int64_t v0) override {
     const char* op = "online_softmax_update";
     check_host({&logits, &labels, &row_max, &row_sum, &target}, op);
-    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
-    check_dtype(logits, DType::F32, op, "logits");
-    check_numel(logits, N * V, op, "logits");
-    for (const TensorView* t : {&row_max, &row_sum, &target}) check_numel(*t, N, op, "a statistic");
+    const auto [N, V] = check_online_softmax_update(logits, labels, row_max, row_sum, target);
     tsp::online_softmax_update(logits.f32(), labels.data_as<int32_t>(), row_max.f32(),
                                row_sum.f32(), target.f32(), N, V, v0);
   }
@@ -447,8 +382,7 @@ class CpuBackend final : public Backend {
                             TensorView sum_b) override {
     const char* op = "online_softmax_merge";
     check_host({&max_a, &sum_a, &max_b, &sum_b}, op);
-    const int64_t N = max_a.numel();
-    for (const TensorView* t : {&sum_a, &max_b, &sum_b}) check_numel(*t, N, op, "a statistic");
+    const int64_t N = check_online_softmax_merge(max_a, sum_a, max_b, sum_b);
     tsp::online_softmax_merge(max_a.f32(), sum_a.f32(), max_b.f32(), sum_b.f32(), N);
   }
   void online_softmax_backward(TensorView logits, TensorView labels, TensorView row_max,
@@ -456,9 +390,7 @@ class CpuBackend final : public Backend {
                                int32_t ignore_index) override {
     const char* op = "online_softmax_backward";
     check_host({&logits, &labels, &row_max, &row_sum, &dlogits}, op);
-    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
-    check_numel(logits, N * V, op, "logits");
-    check_numel(dlogits, N * V, op, "dlogits");
+    const auto [N, V] = check_online_softmax_backward(logits, labels, row_max, row_sum, dlogits);
     tsp::online_softmax_backward(logits.f32(), labels.data_as<int32_t>(), row_max.f32(),
                                  row_sum.f32(), dlogits.f32(), N, V, v0, grad_scale, ignore_index);
   }
@@ -466,9 +398,7 @@ class CpuBackend final : public Backend {
                            TensorView labels, TensorView loss, int32_t ignore_index) override {
     const char* op = "online_softmax_loss";
     check_host({&row_max, &row_sum, &target, &labels, &loss}, op);
-    const int64_t N = labels.numel();
-    for (const TensorView* t : {&row_max, &row_sum, &target}) check_numel(*t, N, op, "a statistic");
-    check_dtype(loss, DType::F64, op, "loss");
+    const int64_t N = check_online_softmax_loss(row_max, row_sum, target, labels, loss);
     const float *m = row_max.f32(), *s = row_sum.f32(), *t = target.f32();
     const int32_t* l = labels.data_as<int32_t>();
     double acc = 0;
@@ -594,10 +524,7 @@ class CpuBackend final : public Backend {
              const AdamWStep& st) override {
     const char* op = "adamw";
     check_host({&w_, &g_, &m_, &v_}, op);
-    for (const TensorView* t : {&w_, &g_, &m_, &v_}) {
-      check_dtype(*t, DType::F32, op, "weights, gradients and moments");
-      check_numel(*t, w_.numel(), op, "an operand");
-    }
+    check_adamw(w_, g_, m_, v_);
     float* __restrict w = w_.f32();
     const float* __restrict g = g_.f32();
     float* __restrict m = m_.f32();

@@ -1,7 +1,7 @@
 // The CUDA backend: cuBLASLt GEMMs (gemm.h), the attention kernels (attention.h) and our
 // element-wise kernels (kernels.h), behind the Backend interface, for one device. Every entry
 // checks that its views live on this device and have the shapes and dtypes the interface names
-// (the same checks and messages as the CPU backend, src/backend/cpu/cpu_backend.cpp), then queues
+// (the checks and messages it shares with the CPU backend: src/backend/checks.h), then queues
 // its kernels on the device's compute stream and returns without waiting. download() is the
 // synchronisation point.
 //
@@ -22,6 +22,7 @@
 
 #include <fmt/format.h>
 
+#include "backend/checks.h"
 #include "backend/cuda/allocator.h"
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_common.h"
@@ -36,26 +37,8 @@ namespace {
 
 constexpr MemCategory kWork = MemCategory::Workspace;
 
-void check_dtype(const TensorView& t, DType want, const char* op, const char* what) {
-  TSP_CHECK(t.dtype() == want, "{}: {} must be {}, got {} {}", op, what, dtype_name(want),
-            dtype_name(t.dtype()), shape_str(t.shape()));
-}
-void check_float(const TensorView& t, const char* op, const char* what) {
-  TSP_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16,
-            "{}: {} must be f32 or bf16, got {}", op, what, dtype_name(t.dtype()));
-}
-void check_numel(const TensorView& t, int64_t want, const char* op, const char* what) {
-  TSP_CHECK(t.numel() == want, "{}: {} has {} elements ({}), expected {}", op, what, t.numel(),
-            shape_str(t.shape()), want);
-}
-int64_t rows_of(const TensorView& t, int64_t cols, const char* op, const char* what) {
-  TSP_CHECK(cols > 0 && t.numel() % cols == 0, "{}: {} {} is not a multiple of {} columns", op,
-            what, shape_str(t.shape()), cols);
-  return t.numel() / cols;
-}
-int64_t last_dim(const TensorView& t) {
-  return t.rank() == 0 ? 1 : t.dim(-1);
-}
+using namespace checks;
+
 bool is_bf16(const TensorView& t) {
   return t.dtype() == DType::BF16;
 }
@@ -205,12 +188,7 @@ class CudaBackend final : public Backend {
                        float eps) override {
     const char* op = "rmsnorm_forward";
     check_here({&x, &w, &y, &rstd}, op);
-    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
-    check_numel(y, N * h, op, "y");
-    check_numel(rstd, N, op, "rstd");
-    check_dtype(rstd, DType::F32, op, "rstd");
-    for (const TensorView* t : {&x, &w, &y}) check_float(*t, op, "x, w and y");
-    TSP_CHECK(eps >= 0.f, "{}: eps must be non-negative, got {}", op, eps);
+    const auto [N, h] = check_rmsnorm(x, w, y, rstd, eps, op);
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::rmsnorm_forward(x.data(), is_bf16(x), w.data(), is_bf16(w), y.data(),
                                             is_bf16(y), f32(rstd), N, h, eps, stream()));
@@ -218,11 +196,7 @@ class CudaBackend final : public Backend {
   void rmsnorm_apply(TensorView x, TensorView w, TensorView rstd, TensorView y) override {
     const char* op = "rmsnorm_apply";
     check_here({&x, &w, &y, &rstd}, op);
-    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
-    check_numel(y, N * h, op, "y");
-    check_numel(rstd, N, op, "rstd");
-    check_dtype(rstd, DType::F32, op, "rstd");
-    for (const TensorView* t : {&x, &w, &y}) check_float(*t, op, "x, w and y");
+    const auto [N, h] = check_rmsnorm(x, w, y, rstd, /*eps=*/0.f, op);
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::rmsnorm_apply(x.data(), is_bf16(x), w.data(), is_bf16(w), f32(rstd),
                                           y.data(), is_bf16(y), N, h, stream()));
@@ -231,15 +205,7 @@ class CudaBackend final : public Backend {
                         TensorView dw) override {
     const char* op = "rmsnorm_backward";
     check_here({&dy, &x, &w, &rstd, &dx, &dw}, op);
-    const int64_t h = w.numel(), N = rows_of(x, h, op, "x");
-    check_numel(dy, N * h, op, "dy");
-    check_numel(rstd, N, op, "rstd");
-    check_dtype(dy, DType::F32, op, "dy");
-    check_dtype(rstd, DType::F32, op, "rstd");
-    check_float(x, op, "x");
-    check_float(w, op, "w");
-    if (!dx.empty()) check_numel(dx, N * h, op, "dx"), check_dtype(dx, DType::F32, op, "dx");
-    if (!dw.empty()) check_numel(dw, h, op, "dw"), check_dtype(dw, DType::F32, op, "dw");
+    const auto [N, h] = check_rmsnorm_backward(dy, x, w, rstd, dx, dw);
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::rmsnorm_backward(f32(dy), x.data(), is_bf16(x), w.data(), is_bf16(w),
                                              f32(rstd), dx.empty() ? nullptr : f32(dx),
@@ -250,10 +216,7 @@ class CudaBackend final : public Backend {
   void rope(TensorView x, TensorView pos, float theta, bool forward) {
     const char* op = forward ? "rope_forward" : "rope_backward";
     check_here({&x, &pos}, op);
-    TSP_CHECK(x.rank() == 3, "{}: x must be [N, heads, d], got {}", op, shape_str(x.shape()));
-    check_dtype(pos, DType::I64, op, "positions");
-    check_numel(pos, x.dim(0), op, "positions");
-    check_float(x, op, "x");
+    check_rope(x, pos, op);
     const int64_t N = x.dim(0), heads = x.dim(1), d = x.dim(2);
     cpu::check_rope(op, N, heads, d, theta);
     TSP_CHECK(d / 2 <= kernels::kRopeMaxHalf, "{}: head dim {} above the CUDA kernel's {}", op, d,
@@ -277,11 +240,7 @@ class CudaBackend final : public Backend {
   void swiglu_forward(TensorView g, TensorView u, TensorView a) override {
     const char* op = "swiglu_forward";
     check_here({&g, &u, &a}, op);
-    check_dtype(g, DType::F32, op, "g");
-    check_dtype(u, DType::F32, op, "u");
-    check_float(a, op, "a");
-    check_numel(u, g.numel(), op, "u");
-    check_numel(a, g.numel(), op, "a");
+    check_swiglu_forward(g, u, a);
     TSP_CUDA_CHECK(
         kernels::swiglu_forward(f32(g), f32(u), a.data(), is_bf16(a), g.numel(), stream()));
   }
@@ -289,10 +248,7 @@ class CudaBackend final : public Backend {
                        TensorView du) override {
     const char* op = "swiglu_backward";
     check_here({&da, &g, &u, &dg, &du}, op);
-    for (const TensorView* t : {&da, &g, &u, &dg, &du}) {
-      check_dtype(*t, DType::F32, op, "every operand");
-      check_numel(*t, g.numel(), op, "an operand");
-    }
+    check_swiglu_backward(da, g, u, dg, du);
     TSP_CUDA_CHECK(
         kernels::swiglu_backward(f32(da), f32(g), f32(u), f32(dg), f32(du), g.numel(), stream()));
   }
@@ -301,14 +257,9 @@ class CudaBackend final : public Backend {
   void embedding_forward(TensorView ids, TensorView table, TensorView out, int64_t v0) override {
     const char* op = "embedding_forward";
     check_here({&ids, &table, &out}, op);
-    check_dtype(ids, DType::I32, op, "ids");
-    TSP_CHECK(table.rank() == 2, "{}: table must be [V_shard, h], got {}", op,
-              shape_str(table.shape()));
-    check_float(table, op, "table");
+    const auto [N, h] = check_embedding_forward(ids, table, out, v0);
+    check_float(table, op, "table");  // the kernel converts between F32 and BF16 only
     check_float(out, op, "out");
-    TSP_CHECK(v0 >= 0, "{}: v0={} must be >= 0", op, v0);
-    const int64_t N = ids.numel(), h = table.dim(1);
-    check_numel(out, N * h, op, "out");
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::embedding_forward(i32(ids), table.data(), is_bf16(table), out.data(),
                                               is_bf16(out), N, h, v0, table.dim(0), stream()));
@@ -316,14 +267,7 @@ class CudaBackend final : public Backend {
   void embedding_backward(TensorView ids, TensorView dout, TensorView dtable, int64_t v0) override {
     const char* op = "embedding_backward";
     check_here({&ids, &dout, &dtable}, op);
-    check_dtype(ids, DType::I32, op, "ids");
-    check_dtype(dout, DType::F32, op, "dout");
-    check_dtype(dtable, DType::F32, op, "dtable");
-    TSP_CHECK(dtable.rank() == 2, "{}: dtable must be [V_shard, h], got {}", op,
-              shape_str(dtable.shape()));
-    TSP_CHECK(v0 >= 0, "{}: v0={} must be >= 0", op, v0);
-    const int64_t N = ids.numel(), h = dtable.dim(1);
-    check_numel(dout, N * h, op, "dout");
+    const auto [N, h] = check_embedding_backward(ids, dout, dtable, v0);
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::embedding_backward(i32(ids), f32(dout), f32(dtable), N, h, v0,
                                                dtable.dim(0), stream()));
@@ -334,16 +278,7 @@ class CudaBackend final : public Backend {
                      TensorView loss, int32_t ignore_index) override {
     const char* op = "cross_entropy";
     check_here({&logits, &labels, &dlogits, &loss}, op);
-    check_dtype(logits, DType::F32, op, "logits");
-    check_dtype(labels, DType::I32, op, "labels");
-    check_dtype(loss, DType::F64, op, "loss");
-    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
-    check_numel(logits, N * V, op, "logits");
-    TSP_CHECK(V > 0 || N == 0, "{}: empty vocabulary", op);
-    if (!dlogits.empty()) {
-      check_dtype(dlogits, DType::F32, op, "dlogits");
-      check_numel(dlogits, N * V, op, "dlogits");
-    }
+    const auto [N, V] = check_cross_entropy(logits, labels, dlogits, loss);
     check_rows(N, op);
     if (N == 0) return;
     Tensor row_loss({N}, DType::F64, kWork, device());
@@ -356,11 +291,7 @@ class CudaBackend final : public Backend {
                              TensorView row_sum, TensorView target, int64_t v0) override {
     const char* op = "online_softmax_update";
     check_here({&logits, &labels, &row_max, &row_sum, &target}, op);
-    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
-    check_dtype(logits, DType::F32, op, "logits");
-    check_dtype(labels, DType::I32, op, "labels");
-    check_numel(logits, N * V, op, "logits");
-    check_stats({&row_max, &row_sum, &target}, N, op);
+    const auto [N, V] = check_online_softmax_update(logits, labels, row_max, row_sum, target);
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::online_softmax_update(f32(logits), i32(labels), f32(row_max),
                                                   f32(row_sum), f32(target), N, V, v0, stream()));
@@ -369,8 +300,7 @@ class CudaBackend final : public Backend {
                             TensorView sum_b) override {
     const char* op = "online_softmax_merge";
     check_here({&max_a, &sum_a, &max_b, &sum_b}, op);
-    const int64_t N = max_a.numel();
-    check_stats({&max_a, &sum_a, &max_b, &sum_b}, N, op);
+    const int64_t N = check_online_softmax_merge(max_a, sum_a, max_b, sum_b);
     TSP_CUDA_CHECK(
         kernels::online_softmax_merge(f32(max_a), f32(sum_a), f32(max_b), f32(sum_b), N, stream()));
   }
@@ -379,13 +309,7 @@ class CudaBackend final : public Backend {
                                int32_t ignore_index) override {
     const char* op = "online_softmax_backward";
     check_here({&logits, &labels, &row_max, &row_sum, &dlogits}, op);
-    const int64_t N = labels.numel(), V = N ? logits.numel() / N : 0;
-    check_dtype(logits, DType::F32, op, "logits");
-    check_dtype(labels, DType::I32, op, "labels");
-    check_dtype(dlogits, DType::F32, op, "dlogits");
-    check_numel(logits, N * V, op, "logits");
-    check_numel(dlogits, N * V, op, "dlogits");
-    check_stats({&row_max, &row_sum}, N, op);
+    const auto [N, V] = check_online_softmax_backward(logits, labels, row_max, row_sum, dlogits);
     check_rows(N, op);
     TSP_CUDA_CHECK(kernels::online_softmax_backward(f32(logits), i32(labels), f32(row_max),
                                                     f32(row_sum), f32(dlogits), N, V, v0,
@@ -395,10 +319,7 @@ class CudaBackend final : public Backend {
                            TensorView labels, TensorView loss, int32_t ignore_index) override {
     const char* op = "online_softmax_loss";
     check_here({&row_max, &row_sum, &target, &labels, &loss}, op);
-    const int64_t N = labels.numel();
-    check_dtype(labels, DType::I32, op, "labels");
-    check_stats({&row_max, &row_sum, &target}, N, op);
-    check_dtype(loss, DType::F64, op, "loss");
+    const int64_t N = check_online_softmax_loss(row_max, row_sum, target, labels, loss);
     if (N == 0) return;
     Tensor row_loss({N}, DType::F64, kWork, device());
     TSP_CUDA_CHECK(kernels::online_softmax_loss(f32(row_max), f32(row_sum), f32(target),
@@ -428,10 +349,7 @@ class CudaBackend final : public Backend {
   void adamw(TensorView w, TensorView g, TensorView m, TensorView v, const AdamWStep& st) override {
     const char* op = "adamw";
     check_here({&w, &g, &m, &v}, op);
-    for (const TensorView* t : {&w, &g, &m, &v}) {
-      check_dtype(*t, DType::F32, op, "weights, gradients and moments");
-      check_numel(*t, w.numel(), op, "an operand");
-    }
+    check_adamw(w, g, m, v);
     const kernels::AdamWConstants c{st.grad_scale,
                                     st.beta1,
                                     st.one_minus_beta1,
@@ -451,17 +369,7 @@ class CudaBackend final : public Backend {
 
   // Every non-empty view lives on this device (the interface's first rule).
   void check_here(std::initializer_list<const TensorView*> views, const char* op) const {
-    for (const TensorView* v : views)
-      TSP_CHECK(v->empty() || v->device() == device(),
-                "{}: a tensor {} {} on {} was given to the {} backend", op, shape_str(v->shape()),
-                dtype_name(v->dtype()), v->device().str(), device().str());
-  }
-  static void check_stats(std::initializer_list<const TensorView*> views, int64_t N,
-                          const char* op) {
-    for (const TensorView* t : views) {
-      check_numel(*t, N, op, "a statistic");
-      check_dtype(*t, DType::F32, op, "a statistic");
-    }
+    check_device(views, device(), op);
   }
   // Raw device pointers of checked views (TensorView::f32() is host access only).
   static float* f32(const TensorView& t) { return static_cast<float*>(t.data()); }

@@ -68,6 +68,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "backend/checks.h"
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/gemm_cast.h"
 #include "tsp/core/error.h"
@@ -359,21 +360,7 @@ void matmul(const GemmCall& c, int device, cudaStream_t stream, cublasOperation_
                c, p);
 }
 
-// ---- Argument checks (the CPU backend's rules and messages) -------------------------------------
-
-void check_float(const TensorView& t, const char* op, const char* what) {
-  TSP_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16,
-            "{}: {} must be f32 or bf16, got {}", op, what, dtype_name(t.dtype()));
-}
-void check_numel(const TensorView& t, int64_t want, const char* op, const char* what) {
-  TSP_CHECK(t.numel() == want, "{}: {} has {} elements ({}), expected {}", op, what, t.numel(),
-            shape_str(t.shape()), want);
-}
-int64_t rows_of(const TensorView& t, int64_t cols, const char* op, const char* what) {
-  TSP_CHECK(cols > 0 && t.numel() % cols == 0, "{}: {} {} is not a multiple of {} columns", op,
-            what, shape_str(t.shape()), cols);
-  return t.numel() / cols;
-}
+// ---- Argument checks (shapes and dtypes: backend/checks.h, shared with the CPU backend) ---------
 
 // The one CUDA device all the non-empty views live on (-1 when every view is empty).
 int device_of(std::initializer_list<std::pair<const TensorView*, const char*>> views,
@@ -419,12 +406,7 @@ TensorView as_bf16(TensorView t, Tensor& hold, cudaStream_t stream) {
 
 void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate, cudaStream_t s) {
   const char* op = "linear_forward";
-  TSP_CHECK(w.rank() == 2, "{}: weight must be [out, in], got {}", op, shape_str(w.shape()));
-  const int64_t out = w.dim(0), in = w.dim(1), N = rows_of(x, in, op, "x");
-  check_numel(y, N * out, op, "y");
-  check_float(x, op, "x");
-  check_float(w, op, "w");
-  check_float(y, op, "y");
+  const auto [N, in, out] = checks::check_linear_forward(x, w, y);
   check_present(x, op, "x");
   check_present(w, op, "w");
   check_present(y, op, "y");
@@ -459,22 +441,7 @@ void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate, c
 void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx, TensorView dw,
                      cudaStream_t s) {
   const char* op = "linear_backward";
-  TSP_CHECK(w.rank() == 2, "{}: weight must be [out, in], got {}", op, shape_str(w.shape()));
-  const int64_t out = w.dim(0), in = w.dim(1), N = rows_of(dy, out, op, "dy");
-  check_numel(x, N * in, op, "x");
-  check_float(dy, op, "dy");
-  check_float(x, op, "x");
-  check_float(w, op, "w");
-  if (!dx.empty()) {
-    check_numel(dx, N * in, op, "dx");
-    TSP_CHECK(dx.dtype() == DType::F32, "{}: dx must be f32, got {} {}", op, dtype_name(dx.dtype()),
-              shape_str(dx.shape()));
-  }
-  if (!dw.empty()) {
-    check_numel(dw, out * in, op, "dw");
-    TSP_CHECK(dw.dtype() == DType::F32, "{}: dw must be f32, got {} {}", op, dtype_name(dw.dtype()),
-              shape_str(dw.shape()));
-  }
+  const auto [N, in, out] = checks::check_linear_backward(dy, x, w, dx, dw);
   check_present(dy, op, "dy");
   if (!dx.empty()) check_present(w, op, "w");
   if (!dw.empty()) check_present(x, op, "x");
