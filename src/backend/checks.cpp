@@ -41,6 +41,22 @@ void check_stats(std::initializer_list<const TensorView*> views, int64_t N, cons
   }
 }
 
+// ---- Memory -------------------------------------------------------------------------------------
+
+bool check_copy_2d(const TensorView& src, int64_t src_stride, const TensorView& dst,
+                   int64_t dst_stride, int64_t rows, int64_t cols) {
+  TSP_CHECK(src.dtype() == dst.dtype(), "copy_2d: {} into {}", dtype_name(src.dtype()),
+            dtype_name(dst.dtype()));
+  TSP_CHECK(rows >= 0 && cols >= 0 && cols <= src_stride && cols <= dst_stride,
+            "copy_2d: {} rows of {} with strides {} and {}", rows, cols, src_stride, dst_stride);
+  if (rows == 0 || cols == 0) return false;
+  TSP_CHECK((rows - 1) * src_stride + cols <= src.numel() &&
+                (rows - 1) * dst_stride + cols <= dst.numel(),
+            "copy_2d: {} rows of {} (strides {}, {}) overrun {} or {}", rows, cols, src_stride,
+            dst_stride, shape_str(src.shape()), shape_str(dst.shape()));
+  return true;
+}
+
 // ---- Linear -------------------------------------------------------------------------------------
 
 LinearDims check_linear_forward(const TensorView& x, const TensorView& w, const TensorView& y) {

@@ -34,6 +34,11 @@ void check_stats(std::initializer_list<const TensorView*> views, int64_t N, cons
 
 // ---- Per-operation checks ------------------------------------------------------------------------
 
+// copy_2d: rows of cols elements, row r at src[r·src_stride] and dst[r·dst_stride], inside both
+// views, of one dtype. Returns whether there is anything to copy.
+bool check_copy_2d(const TensorView& src, int64_t src_stride, const TensorView& dst,
+                   int64_t dst_stride, int64_t rows, int64_t cols);
+
 // x [N, in] · w [out, in]ᵀ -> y [N, out]
 struct LinearDims {
   int64_t N, in, out;

@@ -112,15 +112,7 @@ class CpuBackend final : public Backend {
   void copy_2d(TensorView src, int64_t src_stride, TensorView dst, int64_t dst_stride, int64_t rows,
                int64_t cols) override {
     check_host({&src, &dst}, "copy_2d");
-    TSP_CHECK(src.dtype() == dst.dtype(), "copy_2d: {} into {}", dtype_name(src.dtype()),
-              dtype_name(dst.dtype()));
-    TSP_CHECK(rows >= 0 && cols >= 0 && cols <= src_stride && cols <= dst_stride,
-              "copy_2d: {} rows of {} with strides {} and {}", rows, cols, src_stride, dst_stride);
-    if (rows == 0 || cols == 0) return;
-    TSP_CHECK((rows - 1) * src_stride + cols <= src.numel() &&
-                  (rows - 1) * dst_stride + cols <= dst.numel(),
-              "copy_2d: {} rows of {} (strides {}, {}) overrun {} or {}", rows, cols, src_stride,
-              dst_stride, shape_str(src.shape()), shape_str(dst.shape()));
+    if (!check_copy_2d(src, src_stride, dst, dst_stride, rows, cols)) return;
     const size_t es = dtype_size(src.dtype());
     const auto* s = static_cast<const char*>(src.data());
     auto* d = static_cast<char*>(dst.data());
