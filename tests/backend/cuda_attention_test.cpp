@@ -1,7 +1,8 @@
 // CUDA attention (src/backend/cuda/attention.h):
 //   1. the reference kernels against a host fp64 implementation written here (F32 and BF16, any
 //      d, GQA, positions causal / offset / zigzag / shuffled / a query that sees no key);
-//   2. the flash kernels (BF16, d 64 and 128) against the reference kernels on the same inputs,
+//   2. the flash kernels (BF16, d 64 and 128; both versions, v1 and v2) against the reference
+//      kernels on the same inputs,
 //      within bounds derived per element from the extra bf16 roundings of the flash path;
 //   3. the LSE merge against the host.
 // Without a CUDA device every test is skipped (GTEST_SKIP "no CUDA device").
@@ -439,8 +440,36 @@ std::vector<Case> flash_cases() {
     cs.push_back({64, 200, 4, 2, d, Pos::Offset});
     cs.push_back({256, 256, 4, 1, d, Pos::Causal});  // multiples of every tile
     cs.push_back({1000, 1000, 4, 2, d, Pos::Causal});
+    // Over 32 key tiles of 64 / query tiles of 32: v2's tile bitmasks span several words.
+    cs.push_back({600, 2200, 2, 1, d, Pos::Causal});
+    cs.push_back({1100, 1100, 2, 2, d, Pos::Zigzag});
   }
   return cs;
+}
+
+// Runs body once per flash kernel version (v1, v2; attention.h), then restores the version that
+// was in force. Failures name the version through the scoped trace.
+template <class F>
+void for_each_flash_version(F body) {
+  const FlashVersion before = flash_version();
+  for (FlashVersion v : {FlashVersion::V1, FlashVersion::V2}) {
+    set_flash_version(v);
+    SCOPED_TRACE(std::string("flash version ") + flash_version_name(v));
+    body();
+  }
+  set_flash_version(before);
+}
+
+// The version switch itself (host only: runs without a GPU).
+TEST(CudaAttention, FlashVersionSelection) {
+  const FlashVersion before = flash_version();
+  set_flash_version(FlashVersion::V1);
+  EXPECT_EQ(flash_version(), FlashVersion::V1);
+  set_flash_version(FlashVersion::V2);
+  EXPECT_EQ(flash_version(), FlashVersion::V2);
+  EXPECT_STREQ(flash_version_name(FlashVersion::V1), "v1");
+  EXPECT_STREQ(flash_version_name(FlashVersion::V2), "v2");
+  set_flash_version(before);
 }
 
 // Forward bound (both paths read the same bf16 q, k, v): the flash path rounds P to bf16 before
@@ -450,24 +479,28 @@ std::vector<Case> flash_cases() {
 //   |lse_flash − lse_ref| <= 1e-4·(1 + |lse|).
 TEST(CudaAttention, FlashForwardMatchesReference) {
   SKIP_WITHOUT_GPU();
-  uint32_t seed = 200;
-  for (const Case& c : flash_cases()) {
-    const Problem p = make(c, true, seed++);
-    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
-    ASSERT_TRUE(attention_flash_supported(DType::BF16, c.d));
-    run_fwd(reference::attention_forward, ref, p);
-    run_fwd(attention_forward, fast, p);
-    const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
-    const double vmax = max_abs(p.v);
-    expect_close(
-        fast.o.get(), o_ref,
-        [&](size_t i) { return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4; },
-        "flash o vs reference", c);
-    expect_close(
-        fast.lse.get(), lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
-        "flash lse vs reference", c);
-    if (HasFailure()) return;
-  }
+  for_each_flash_version([&] {
+    uint32_t seed = 200;
+    for (const Case& c : flash_cases()) {
+      const Problem p = make(c, true, seed++);
+      DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+      ASSERT_TRUE(attention_flash_supported(DType::BF16, c.d));
+      run_fwd(reference::attention_forward, ref, p);
+      run_fwd(attention_forward, fast, p);
+      const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
+      const double vmax = max_abs(p.v);
+      expect_close(
+          fast.o.get(), o_ref,
+          [&](size_t i) {
+            return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4;
+          },
+          "flash o vs reference", c);
+      expect_close(
+          fast.lse.get(), lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
+          "flash lse vs reference", c);
+      if (HasFailure()) return;
+    }
+  });
 }
 
 // Backward bound, per element, computed by the host (HostOut::bq, bk, bv) from the flash path's
@@ -479,34 +512,36 @@ TEST(CudaAttention, FlashForwardMatchesReference) {
 // o and lse.
 TEST(CudaAttention, FlashBackwardMatchesReference) {
   SKIP_WITHOUT_GPU();
-  uint32_t seed = 300;
-  for (const Case& c : flash_cases()) {
-    const Problem p = make(c, true, seed++);
-    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
-    run_fwd(reference::attention_forward, ref, p);
-    const std::vector<float> o = ref.o.get();
-    TSP_CUDA_CHECK(cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
-    TSP_CUDA_CHECK(
-        cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
-    run_bwd(reference::attention_backward, ref, p);
-    run_bwd(attention_backward, fast, p);
-    const HostOut h = host_attention(p, &o);
-    const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
-    expect_close(
-        fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
-        "flash dq vs reference", c);
-    expect_close(
-        fast.dk.get(), dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
-        "flash dk vs reference", c);
-    expect_close(
-        fast.dv.get(), dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
-        "flash dv vs reference", c);
-    // And the reference itself against the host (fp32 bound), so the chain reaches fp64.
-    expect_close(
-        dk, h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); }, "reference dk vs host",
-        c);
-    if (HasFailure()) return;
-  }
+  for_each_flash_version([&] {
+    uint32_t seed = 300;
+    for (const Case& c : flash_cases()) {
+      const Problem p = make(c, true, seed++);
+      DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+      run_fwd(reference::attention_forward, ref, p);
+      const std::vector<float> o = ref.o.get();
+      TSP_CUDA_CHECK(cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
+      TSP_CUDA_CHECK(
+          cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+      run_bwd(reference::attention_backward, ref, p);
+      run_bwd(attention_backward, fast, p);
+      const HostOut h = host_attention(p, &o);
+      const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+      expect_close(
+          fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
+          "flash dq vs reference", c);
+      expect_close(
+          fast.dk.get(), dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
+          "flash dk vs reference", c);
+      expect_close(
+          fast.dv.get(), dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
+          "flash dv vs reference", c);
+      // And the reference itself against the host (fp32 bound), so the chain reaches fp64.
+      expect_close(
+          dk, h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); },
+          "reference dk vs host", c);
+      if (HasFailure()) return;
+    }
+  });
 }
 
 // ---- 3. merge ---------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 // (attention_flash.cu: BF16, d = 64 or 128) and the reference kernels (attention_reference.cu).
 #include "backend/cuda/attention.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 
@@ -145,7 +148,44 @@ bool aligned16(std::initializer_list<const void*> ps) {
   return true;
 }
 
+// 0: not chosen yet (TSP_CUDA_FLASH is read at the first flash_version()), else a FlashVersion.
+std::atomic<int> g_flash_version{0};
+
+// dq, dk, dv take float2 atomics in v2.
+bool aligned8(std::initializer_list<const void*> ps) {
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 8 != 0) return false;
+  return true;
+}
+
 }  // namespace
+
+FlashVersion flash_version() {
+  int v = g_flash_version.load(std::memory_order_relaxed);
+  if (v != 0) return static_cast<FlashVersion>(v);
+  const char* env = std::getenv("TSP_CUDA_FLASH");
+  int from_env = static_cast<int>(FlashVersion::V2);
+  if (env != nullptr && env[0] != '\0') {
+    TSP_CHECK(!std::strcmp(env, "v1") || !std::strcmp(env, "v2"),
+              "TSP_CUDA_FLASH={} is not a flash attention version: use v1 or v2 (or unset it for "
+              "the default, v2)",
+              env);
+    from_env = env[1] == '1' ? static_cast<int>(FlashVersion::V1) : from_env;
+  }
+  // A concurrent set_flash_version wins over the environment.
+  g_flash_version.compare_exchange_strong(v, from_env);
+  return static_cast<FlashVersion>(g_flash_version.load());
+}
+
+void set_flash_version(FlashVersion v) {
+  TSP_CHECK(v == FlashVersion::V1 || v == FlashVersion::V2, "set_flash_version: bad version {}",
+            static_cast<int>(v));
+  g_flash_version.store(static_cast<int>(v));
+}
+
+const char* flash_version_name(FlashVersion v) {
+  return v == FlashVersion::V1 ? "v1" : "v2";
+}
 
 bool attention_flash_supported(DType dtype, int64_t head_dim) {
   return dtype == DType::BF16 && head_dim <= attn::kReferenceMaxHeadDim &&
@@ -156,9 +196,12 @@ void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_po
                        TensorView o, TensorView lse, float scale, cudaStream_t s) {
   const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, o, lse, scale);
   if (p.sh.nq == 0) return;
-  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o}))
-    TSP_CUDA_CHECK(attn::flash_forward(p, s));
-  else
+  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o})) {
+    if (flash_version() == FlashVersion::V2 && attn::flash_v2_supported(p.sh))
+      TSP_CUDA_CHECK(attn::flash_forward_v2(p, s));
+    else
+      TSP_CUDA_CHECK(attn::flash_forward(p, s));
+  } else
     TSP_CUDA_CHECK(attn::reference_forward(p, s));
 }
 
@@ -167,9 +210,13 @@ void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_p
                         TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s) {
   const attn::Bwd p = backward_params(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale);
   if (p.sh.nq == 0 || p.sh.nk == 0) return;  // nothing is visible: += adds nothing
-  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o, p.dout}))
-    TSP_CUDA_CHECK(attn::flash_backward(p, s));
-  else
+  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o, p.dout})) {
+    if (flash_version() == FlashVersion::V2 && attn::flash_v2_supported(p.sh) &&
+        aligned8({p.dq, p.dk, p.dv}))
+      TSP_CUDA_CHECK(attn::flash_backward_v2(p, s));
+    else
+      TSP_CUDA_CHECK(attn::flash_backward(p, s));
+  } else
     TSP_CUDA_CHECK(attn::reference_backward(p, s));
 }
 

@@ -15,6 +15,13 @@
 //     rounding against the reference: P is rounded to bf16 before P·V and dP; dout is rounded to
 //     bf16 for the dV and dP products; dS is rounded to bf16 for the dK and dQ products. dq is
 //     accumulated with fp32 atomics (its summation order varies between runs); dk, dv do not.
+//     Two versions of the flash kernels: v2 (attention_flash_v2.cu, the default: precomputed tile
+//     bounds, heaviest blocks first, 2 forward blocks per SM, a backward of 8 warps per (query
+//     head, 128 keys) with double-buffered query tiles; dk and dv also through fp32 atomics) and
+//     v1 (attention_flash.cu, the first version). The environment variable TSP_CUDA_FLASH=v1 or
+//     v2, read once per process (at the first call that needs it), selects one;
+//     set_flash_version overrides it (bench_attention --flash, the tests). Shapes beyond v2's
+//     limits (over 262144 queries or 524288 keys) take v1.
 //   * reference (attention_reference.cu): everything else (F32, or any d up to 256). One warp per
 //     (query, head), fp32 online softmax; deterministic.
 // Every call is queued on stream `s` and returns without waiting; all tensors must be on the
@@ -36,6 +43,13 @@ void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_p
 // [nq, hq, d] F32 or BF16 (each), lse F32 [nq, hq].
 void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
                      cudaStream_t s);
+
+// The flash kernels' version (see above): TSP_CUDA_FLASH at the first call, else v2, until
+// set_flash_version. Thread-safe; a change applies to the calls made after it.
+enum class FlashVersion { V1 = 1, V2 = 2 };
+FlashVersion flash_version();
+void set_flash_version(FlashVersion v);
+const char* flash_version_name(FlashVersion v);  // "v1", "v2"
 
 // Whether the flash path serves this head dim and dtype (BF16, d = 64 or 128).
 bool attention_flash_supported(DType dtype, int64_t head_dim);

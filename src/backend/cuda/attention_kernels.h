@@ -57,4 +57,13 @@ cudaError_t flash_forward(const Fwd& p, cudaStream_t s);
 // by one block each (deterministic).
 cudaError_t flash_backward(const Bwd& p, cudaStream_t s);
 
+// ---- flash kernels, version 2 (attention_flash_v2.cu): same inputs and rounding as above ----
+// Whether v2 serves this shape (d 64 or 128, and at most 8192 key / query tiles: up to 524288 keys
+// and 262144 queries); attention.cpp falls back to v1 otherwise.
+bool flash_v2_supported(const Shape& sh);
+// dk, dv as well as dq accumulate through fp32 atomics (float2: dq, dk, dv must be 8-byte aligned).
+// Both allocate their scratch with cudaMallocAsync on s.
+cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s);
+cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s);
+
 }  // namespace tsp::cuda::attn

@@ -1,0 +1,701 @@
+// Flash attention, version 2 (the default; TSP_CUDA_FLASH=v1 selects attention_flash.cu). Same
+// maths, roundings, masking rules and fragment code as v1 (see attention_flash.cu for the mma /
+// ldmatrix layouts and the bf16 rounding budget); what changes is the schedule:
+//
+// * Tile bounds are precomputed (tile_bounds_kernel: min / max position per tile, padded position
+//   copies). Each block turns them into bitmasks in shared memory (needed tiles, fully visible
+//   tiles) with one ballot per 32 tiles, so finding the next needed tile is a few shared-memory
+//   word scans instead of v1's global load + two block barriers per tile (which also made v1 scan
+//   every skipped tile of the causal triangle one by one).
+// * Positions of a tile come with its K/V (or Q/dO) through cp.async from the padded copies; rows
+//   past the end carry the sentinels (keys kNoKey, queries kNoQuery), so no tile with padding is
+//   ever "full".
+// * Blocks are ordered heaviest first (causal): forward grid (head, query tile from the last),
+//   backward grid (query head, key tile from the first), x fastest, so the first wave holds the
+//   longest blocks of every head and the tail is made of short ones.
+// * Forward: 4 warps × 16 query rows (BR = 64) per block, about 90 KB of shared memory: two blocks
+//   per SM, whose barriers do not line up (v1: one block of 8 warps).
+// * Backward: a pre-kernel (bwd_prep_kernel) converts dout to bf16 once and computes
+//   D_i = dout_i·o_i and lse·log2(e) ([hq][nq_pad], padded rows: D = 0, lse2 = +inf so P = 0); v1
+//   redid this per key block. One block of 8 warps per (query head, 128 keys): 8 warps × 16 keys,
+//   query tiles of 32 double-buffered with cp.async (the next needed tile loads while the current
+//   one is computed). The grid runs over query heads (v1 looped over the G heads of a kv head in
+//   one block): dK, dV of the kv head are summed over its G query heads with fp32 atomics at the
+//   end of each block (so dk, dv are no longer bitwise deterministic, like dq). dQ: 128 keys per
+//   block halve the atomics against v1's 64 and each is a float2 (sm_90 vector atomic).
+// Scratch (positions, bounds, bf16 dout, D, lse2) comes from the stream-ordered allocator
+// (cudaMallocAsync / cudaFreeAsync on the call's stream).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/attention_flash_common.cuh"
+#include "backend/cuda/attention_kernels.h"
+
+namespace tsp::cuda::attn {
+namespace {
+
+using namespace flash;  // attention_flash_common.cuh
+
+// Bitmask words per block (needed / full tiles): 256 words = 8192 tiles.
+constexpr int kMaskWords = 256;
+
+// ---- pre-kernels ------------------------------------------------------------------------------
+
+// One warp per tile of `tile` rows of pos[n]: tile_min / tile_max over the rows (rows past n count
+// as `pad`), and the padded copy padded[n_tiles·tile] (pad past n).
+__global__ void tile_bounds_kernel(const int64_t* pos, int64_t n, int tile, int n_tiles,
+                                   int64_t pad, int64_t* tile_min, int64_t* tile_max,
+                                   int64_t* padded) {
+  const int w = static_cast<int>((blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32);
+  const int lane = threadIdx.x % 32;
+  if (w >= n_tiles) return;
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int r = lane; r < tile; r += 32) {
+    const int64_t i = int64_t{w} * tile + r;
+    const int64_t p = i < n ? pos[i] : pad;
+    padded[i] = p;
+    lo = min(lo, p);
+    hi = max(hi, p);
+  }
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  if (lane == 0) tile_min[w] = lo, tile_max[w] = hi;
+}
+
+cudaError_t tile_bounds(const int64_t* pos, int64_t n, int tile, int n_tiles, int64_t pad,
+                        int64_t* tile_min, int64_t* tile_max, int64_t* padded, cudaStream_t s) {
+  const int warps_per_block = 8;
+  const unsigned blocks = static_cast<unsigned>((n_tiles + warps_per_block - 1) / warps_per_block);
+  tile_bounds_kernel<<<blocks, 32 * warps_per_block, 0, s>>>(pos, n, tile, n_tiles, pad, tile_min,
+                                                             tile_max, padded);
+  return cudaGetLastError();
+}
+
+// Bitmasks of the tiles [0, n_tiles) that satisfy need(t) / full(t), one bit per tile, built by
+// all NT threads of a block (each warp's ballot is one word). Ends with a barrier.
+template <int NT, class Need, class Full>
+__device__ __forceinline__ void build_masks(uint32_t* need_s, uint32_t* full_s, int n_tiles,
+                                            int tid, Need need, Full full) {
+  const int warp = tid / 32, lane = tid % 32;
+  for (int base = 0; base < n_tiles; base += NT) {
+    const int t = base + tid;
+    bool nd = false, fl = false;
+    if (t < n_tiles) {
+      nd = need(t);
+      fl = nd && full(t);
+    }
+    const uint32_t nb = __ballot_sync(0xffffffffu, nd), fb = __ballot_sync(0xffffffffu, fl);
+    const int word = base / 32 + warp;
+    if (lane == 0 && word < kMaskWords) need_s[word] = nb, full_s[word] = fb;
+  }
+  __syncthreads();
+}
+
+// The first tile >= j whose bit is set in mask (n_tiles if none); bits past n_tiles are clear.
+__device__ __forceinline__ int next_set(const uint32_t* mask, int j, int n_tiles) {
+  const int n_words = (n_tiles + 31) / 32;
+  int w = j >> 5;
+  if (w >= n_words) return n_tiles;
+  uint32_t bits = mask[w] & (0xffffffffu << (j & 31));
+  while (bits == 0) {
+    if (++w >= n_words) return n_tiles;
+    bits = mask[w];
+  }
+  return w * 32 + __ffs(bits) - 1;
+}
+
+__device__ __forceinline__ bool bit(const uint32_t* mask, int j) {
+  return (mask[j >> 5] >> (j & 31)) & 1u;
+}
+
+// n 16-byte chunks from global to shared, asynchronously (both 16-byte aligned).
+template <int NT>
+__device__ __forceinline__ void copy_chunks(void* dst, const void* src, int n, int tid) {
+  for (int c = tid; c < n; c += NT)
+    cp_async16(static_cast<char*>(dst) + 16 * c, static_cast<const char*>(src) + 16 * c, true);
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+constexpr int kFwdWarps = 4, kFwdBR = 16 * kFwdWarps, kFwdBC = 64;
+
+struct FwdArgs {
+  Shape sh;
+  const bf16 *q, *k, *v;
+  const int64_t* q_pos;
+  const int64_t *kpos_pad, *kt_min, *kt_max;  // [n_kt·BC], [n_kt], [n_kt]
+  bf16* o;
+  float* lse;
+  float scale;
+};
+
+template <int D>
+constexpr int fwd_smem_bytes() {
+  return (kFwdBR + 4 * kFwdBC) * (D + 8) * 2 + 2 * kFwdBC * 8 + 2 * kMaskWords * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(FwdArgs a) {
+  constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem);                         // [BR][LD]
+  bf16* Ks = Qs + BR * LD;                                          // [2][BC][LD]
+  bf16* Vs = Ks + 2 * BC * LD;                                      // [2][BC][LD]
+  int64_t* kpos_s = reinterpret_cast<int64_t*>(Vs + 2 * BC * LD);   // [2][BC]
+  uint32_t* need_s = reinterpret_cast<uint32_t*>(kpos_s + 2 * BC);  // [kMaskWords]
+  uint32_t* full_s = need_s + kMaskWords;                           // [kMaskWords]
+  __shared__ int64_t red[2][kFwdWarps];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const Shape sh = a.sh;
+  // x: head, y: query tile from the last (the causal heavy ones first, for every head).
+  const int h = blockIdx.x, hk = h / (sh.hq / sh.hkv);
+  const int64_t q0 = (gridDim.y - 1 - blockIdx.y) * int64_t{BR};
+  const int nq_tile = static_cast<int>(min(int64_t{BR}, sh.nq - q0));
+  const int64_t q_stride = int64_t{sh.hq} * D, kv_stride = int64_t{sh.hkv} * D;
+  const bf16* kg = a.k + hk * D;
+  const bf16* vg = a.v + hk * D;
+  const int n_tiles = static_cast<int>((sh.nk + BC - 1) / BC);
+
+  load_tile<D, NT>(Qs, a.q + q0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
+  cp_async_commit();
+
+  int64_t qp[2];  // this thread's two query rows: warp·16 + g and + 8
+  for (int e = 0; e < 2; ++e) {
+    const int r = warp * 16 + g + 8 * e;
+    qp[e] = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
+  }
+  {
+    const int64_t mx = warp_max(max(qp[0], qp[1])), mn = warp_min(min(qp[0], qp[1]));
+    if (lane == 0) red[0][warp] = mx, red[1][warp] = mn;
+  }
+  __syncthreads();
+  int64_t q_max = red[0][0], q_min = red[1][0];
+  for (int w = 1; w < kFwdWarps; ++w) q_max = max(q_max, red[0][w]), q_min = min(q_min, red[1][w]);
+  // Key tile t is needed if some key is visible to some query, full if every query sees every key
+  // (padded keys make kt_max = kNoKey: never full).
+  build_masks<NT>(
+      need_s, full_s, n_tiles, tid, [&](int kt) { return a.kt_min[kt] <= q_max; },
+      [&](int kt) { return a.kt_max[kt] <= q_min; });
+
+  auto load_kv = [&](int j, int b) {
+    const int64_t k0 = int64_t{j} * BC;
+    const int valid = static_cast<int>(min(int64_t{BC}, sh.nk - k0));
+    load_tile<D, NT>(Ks + b * BC * LD, kg + k0 * kv_stride, kv_stride, BC, valid, tid);
+    load_tile<D, NT>(Vs + b * BC * LD, vg + k0 * kv_stride, kv_stride, BC, valid, tid);
+    copy_chunks<NT>(kpos_s + b * BC, a.kpos_pad + k0, BC * 8 / 16, tid);
+  };
+
+  int j = next_set(need_s, 0, n_tiles);
+  if (j < n_tiles) load_kv(j, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];  // this warp's 16 query rows as A fragments
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], a_addr(Qs, LD, warp * 16, kk * 16, lane));
+
+  const float sl2 = a.scale * kLog2e;  // scores in the log2 domain
+  float O[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial row sums
+  int buf = 0;
+  while (j < n_tiles) {
+    const bool full = bit(full_s, j);
+    const int jn = next_set(need_s, j + 1, n_tiles);
+    if (jn < n_tiles) load_kv(jn, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const bf16* K = Ks + buf * BC * LD;
+    const bf16* V = Vs + buf * BC * LD;
+    const int64_t* kp = kpos_s + buf * BC;
+    float S[BC / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < BC / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, bnk_addr(K, LD, np * 16, kk * 16, lane));
+        mma(S[2 * np], qf[kk], b[0], b[1]);
+        mma(S[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s = S[n][e] * sl2;
+        if (!full && kp[n * 8 + 2 * t + (e & 1)] > qp[e >> 1]) s = -INFINITY;
+        S[n][e] = s;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s);
+      }
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing stays at 0
+      const float alpha = ex2(m[r] - base[r]);     // 0 while m = -inf
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) O[n][2 * r] *= alpha, O[n][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = ex2(S[n][e] - base[e >> 1]);
+        S[n][e] = p;
+        l[e >> 1] += p;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a(pa, S[2 * kk], S[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, bkn_addr(V, LD, kk * 16, dp * 16, lane));
+        mma(O[2 * dp], pa, b[0], b[1]);
+        mma(O[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // buffer `buf` and kpos_s[buf] are free for the next prefetch
+    j = jn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= nq_tile) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no visible key: o = 0
+    bf16* orow = a.o + (q0 + row) * q_stride + h * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t) =
+          pack(O[n][2 * r] * inv, O[n][2 * r + 1] * inv);
+    if (t == 0)
+      a.lse[(q0 + row) * sh.hq + h] = l[r] > 0.f ? (m[r] + __log2f(l[r])) * kLn2 : -INFINITY;
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+constexpr int kBwdWarps = 8, kBwdBC = 16 * kBwdWarps;
+
+// The backward's query tile: 32 rows keeps the dK, dV (d/2 each per thread), P and dS accumulators
+// within 255 registers without spilling (64 rows spill at d = 64).
+template <int D>
+constexpr int bwd_br() {
+  return 32;
+}
+
+struct BwdArgs {
+  Shape sh;
+  int64_t nq_pad;  // nq rounded up to the query tile
+  const bf16 *q, *k, *v, *o;
+  const int64_t* k_pos;
+  const int64_t *qpos_pad, *qt_min, *qt_max;  // [nq_pad], [n_qt], [n_qt]
+  const float *lse, *dout;
+  bf16* do16;           // [nq_pad, hq, D] dout in bf16 (padded rows 0)
+  float *lse2, *delta;  // [hq][nq_pad]: lse·log2(e) (+inf: P = 0), dout·o
+  float *dq, *dk, *dv;
+  float scale;
+};
+
+// One warp per (query row < nq_pad, head): do16, delta, lse2 (see BwdArgs).
+template <int D>
+__global__ void bwd_prep_kernel(BwdArgs a) {
+  const int64_t w = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int hq = a.sh.hq;
+  if (w >= a.nq_pad * hq) return;
+  const int64_t i = w / hq;
+  const int h = static_cast<int>(w % hq);
+  const int64_t off = w * D;  // (i·hq + h)·D
+  float dsum = 0.f;
+  if (i < a.sh.nq) {
+    for (int c = lane * 4; c < D; c += 128) {
+      const float4 d4 = *reinterpret_cast<const float4*>(a.dout + off + c);
+      const uint2 o4 = *reinterpret_cast<const uint2*>(a.o + off + c);
+      const float2 o01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o4.x));
+      const float2 o23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o4.y));
+      dsum += d4.x * o01.x + d4.y * o01.y + d4.z * o23.x + d4.w * o23.y;
+      *reinterpret_cast<uint2*>(a.do16 + off + c) = make_uint2(pack(d4.x, d4.y), pack(d4.z, d4.w));
+    }
+  } else {
+    for (int c = lane * 4; c < D; c += 128)
+      *reinterpret_cast<uint2*>(a.do16 + off + c) = make_uint2(0u, 0u);
+  }
+  for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+  if (lane == 0) {
+    const float L = i < a.sh.nq ? a.lse[i * hq + h] : -INFINITY;
+    a.lse2[h * a.nq_pad + i] = L == -INFINITY ? INFINITY : L * kLog2e;  // saw no key: P = 0
+    a.delta[h * a.nq_pad + i] = dsum;
+  }
+}
+
+template <int D, int BR>
+constexpr int bwd_smem_bytes() {
+  // K, V; two buffers of (Q, dO, qpos, lse2, delta); dSᵀ; two masks.
+  return 2 * kBwdBC * (D + 8) * 2 + 2 * (2 * BR * (D + 8) * 2 + BR * (8 + 4 + 4)) +
+         kBwdBC * (BR + 8) * 2 + 2 * kMaskWords * 4;
+}
+
+template <int D, int BR>
+__global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(BwdArgs a) {
+  constexpr int BC = kBwdBC, LD = D + 8, LDS = BR + 8, NT = 32 * kBwdWarps;
+  constexpr int MT = BR / 16;         // dQ: m16 tiles of the query tile
+  constexpr int CG = kBwdWarps / MT;  // dQ: column groups (warp = mt + MT·cg)
+  constexpr int DC = D / CG;          // dQ: columns per warp
+  static_assert(kBwdWarps % MT == 0 && DC % 16 == 0, "tile shape");
+  constexpr int kBufBytes = 2 * BR * LD * 2 + BR * (8 + 4 + 4);
+  static_assert(kBufBytes % 16 == 0 && (BR * LD * 2) % 16 == 0, "16-byte aligned buffers");
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem);  // [BC][LD]
+  bf16* Vs = Ks + BC * LD;                   // [BC][LD]
+  unsigned char* bufs = reinterpret_cast<unsigned char*>(Vs + BC * LD);
+  // Buffer b: Q [BR][LD], dO [BR][LD], qpos [BR], lse2 [BR], delta [BR].
+  auto Qb = [&](int b) { return reinterpret_cast<bf16*>(bufs + b * kBufBytes); };
+  auto dOb = [&](int b) { return Qb(b) + BR * LD; };
+  auto qposb = [&](int b) { return reinterpret_cast<int64_t*>(dOb(b) + BR * LD); };
+  auto lseb = [&](int b) { return reinterpret_cast<float*>(qposb(b) + BR); };
+  auto deltab = [&](int b) { return lseb(b) + BR; };
+  bf16* dSs = reinterpret_cast<bf16*>(bufs + 2 * kBufBytes);       // [BC][LDS] dSᵀ [key][query]
+  uint32_t* need_s = reinterpret_cast<uint32_t*>(dSs + BC * LDS);  // [kMaskWords]
+  uint32_t* full_s = need_s + kMaskWords;                          // [kMaskWords]
+  __shared__ int64_t red[2][kBwdWarps];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const Shape sh = a.sh;
+  // x: query head, y: key tile (tile 0, seen by the most queries, first).
+  const int h = blockIdx.x, hk = h / (sh.hq / sh.hkv);
+  const int64_t k0 = blockIdx.y * int64_t{BC};
+  const int nk_tile = static_cast<int>(min(int64_t{BC}, sh.nk - k0));
+  const int64_t q_stride = int64_t{sh.hq} * D, kv_stride = int64_t{sh.hkv} * D;
+  const int n_qt = static_cast<int>(a.nq_pad / BR);
+
+  load_tile<D, NT>(Ks, a.k + k0 * kv_stride + hk * D, kv_stride, BC, nk_tile, tid);
+  load_tile<D, NT>(Vs, a.v + k0 * kv_stride + hk * D, kv_stride, BC, nk_tile, tid);
+  cp_async_commit();
+
+  int64_t kp[2];  // this thread's two key rows: warp·16 + g and + 8
+  for (int e = 0; e < 2; ++e) {
+    const int r = warp * 16 + g + 8 * e;
+    kp[e] = r < nk_tile ? a.k_pos[k0 + r] : kNoKey;
+  }
+  {
+    const int64_t mn = warp_min(min(kp[0], kp[1])), mx = warp_max(max(kp[0], kp[1]));
+    if (lane == 0) red[0][warp] = mn, red[1][warp] = mx;
+  }
+  __syncthreads();
+  int64_t k_min = red[0][0], k_max = red[1][0];
+  for (int w = 1; w < kBwdWarps; ++w) k_min = min(k_min, red[0][w]), k_max = max(k_max, red[1][w]);
+  // Query tile t is needed if some query sees some key, full if every query sees every key
+  // (padded queries make qt_min = kNoQuery, padded keys k_max = kNoKey: never full).
+  build_masks<NT>(
+      need_s, full_s, n_qt, tid, [&](int qt) { return a.qt_max[qt] >= k_min; },
+      [&](int qt) { return a.qt_min[qt] >= k_max; });
+
+  auto load_q = [&](int qt, int b) {
+    const int64_t i0 = int64_t{qt} * BR;
+    const int valid = static_cast<int>(min(int64_t{BR}, sh.nq - i0));
+    load_tile<D, NT>(Qb(b), a.q + i0 * q_stride + h * D, q_stride, BR, valid, tid);
+    load_tile<D, NT>(dOb(b), a.do16 + i0 * q_stride + h * D, q_stride, BR, BR, tid);  // padded
+    copy_chunks<NT>(qposb(b), a.qpos_pad + i0, BR * 8 / 16, tid);
+    copy_chunks<NT>(lseb(b), a.lse2 + h * a.nq_pad + i0, BR * 4 / 16, tid);
+    copy_chunks<NT>(deltab(b), a.delta + h * a.nq_pad + i0, BR * 4 / 16, tid);
+  };
+
+  int qt = next_set(need_s, 0, n_qt);
+  if (qt == n_qt) {  // no query of this head sees these keys: nothing to add
+    cp_async_wait<0>();
+    return;
+  }
+  load_q(qt, 0);
+  cp_async_commit();
+
+  const float sl2 = a.scale * kLog2e;
+  float dK[D / 8][4] = {}, dV[D / 8][4] = {};
+  int buf = 0;
+  while (qt < n_qt) {
+    const bool full = bit(full_s, qt);
+    const int qn = next_set(need_s, qt + 1, n_qt);
+    if (qn < n_qt) load_q(qn, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const int64_t i0 = int64_t{qt} * BR;
+    const int nq_tile = static_cast<int>(min(int64_t{BR}, sh.nq - i0));
+    const bf16* Qs = Qb(buf);
+    const bf16* dOs = dOb(buf);
+    const int64_t* qpos_s = qposb(buf);
+    const float* lse_s = lseb(buf);
+    const float* D_s = deltab(buf);
+
+    // Sᵀ = K·Qᵀ for this warp's 16 keys × BR queries, then Pᵀ.
+    float P[BR / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4];
+      ldsm_x4(ka, a_addr(Ks, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < BR / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, bnk_addr(Qs, LD, np * 16, kk * 16, lane));
+        mma(P[2 * np], ka, b[0], b[1]);
+        mma(P[2 * np + 1], ka, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + 2 * t + (e & 1);
+        float p = ex2(P[n][e] * sl2 - lse_s[col]);
+        if (!full && kp[e >> 1] > qpos_s[col]) p = 0.f;
+        P[n][e] = p;
+      }
+    }
+    // dV += Pᵀ·dO
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a(pa, P[2 * kk], P[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, bkn_addr(dOs, LD, kk * 16, dp * 16, lane));
+        mma(dV[2 * dp], pa, b[0], b[1]);
+        mma(dV[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+    // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D)
+    float dS[BR / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t va[4];
+      ldsm_x4(va, a_addr(Vs, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < BR / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, bnk_addr(dOs, LD, np * 16, kk * 16, lane));
+        mma(dS[2 * np], va, b[0], b[1]);
+        mma(dS[2 * np + 1], va, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dS[n][e] = P[n][e] * (dS[n][e] - D_s[n * 8 + 2 * t + (e & 1)]);
+      const int row = warp * 16 + g;
+      *reinterpret_cast<uint32_t*>(dSs + row * LDS + n * 8 + 2 * t) = pack(dS[n][0], dS[n][1]);
+      *reinterpret_cast<uint32_t*>(dSs + (row + 8) * LDS + n * 8 + 2 * t) =
+          pack(dS[n][2], dS[n][3]);
+    }
+    // dK += dSᵀ·Q
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+      uint32_t sa[4];
+      c_to_a(sa, dS[2 * kk], dS[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, bkn_addr(Qs, LD, kk * 16, dp * 16, lane));
+        mma(dK[2 * dp], sa, b[0], b[1]);
+        mma(dK[2 * dp + 1], sa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // dSᵀ complete
+
+    // dQ[BR×D] += scale · dS·K: warp (mt, cg) takes query rows mt·16.. and columns cg·DC..
+    {
+      const int mt = warp % MT, cg = warp / MT;
+      float acc[DC / 8][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        uint32_t sa[4];
+        ldsm_x4_t(sa, bnk_addr(dSs, LDS, kk * 16, mt * 16, lane));  // A = dS from dSᵀ [k][m]
+#pragma unroll
+        for (int dp = 0; dp < DC / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_t(b, bkn_addr(Ks, LD, kk * 16, cg * DC + dp * 16, lane));
+          mma(acc[2 * dp], sa, b[0], b[1]);
+          mma(acc[2 * dp + 1], sa, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = mt * 16 + g + 8 * r;
+        if (row >= nq_tile) continue;
+        float* dqr = a.dq + (i0 + row) * q_stride + h * D + cg * DC + 2 * t;
+#pragma unroll
+        for (int n = 0; n < DC / 8; ++n)
+          atomicAdd(reinterpret_cast<float2*>(dqr + n * 8),
+                    make_float2(a.scale * acc[n][2 * r], a.scale * acc[n][2 * r + 1]));
+      }
+    }
+    __syncthreads();  // buffer `buf` and dSᵀ are free for the next tile
+    qt = qn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+
+  // dk, dv of kv head hk sum over its G query heads (one block each): atomics.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= nk_tile) continue;
+    const int64_t off = (k0 + row) * kv_stride + hk * D + 2 * t;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      atomicAdd(reinterpret_cast<float2*>(a.dk + off + n * 8),
+                make_float2(a.scale * dK[n][2 * r], a.scale * dK[n][2 * r + 1]));
+      atomicAdd(reinterpret_cast<float2*>(a.dv + off + n * 8),
+                make_float2(dV[n][2 * r], dV[n][2 * r + 1]));
+    }
+  }
+}
+
+// ---- launchers --------------------------------------------------------------------------------
+
+// Bump allocation of 256-byte aligned pieces inside one scratch allocation.
+struct Carve {
+  size_t off = 0;
+  template <class T>
+  size_t take(int64_t n) {
+    const size_t at = off;
+    off += (static_cast<size_t>(n) * sizeof(T) + 255) / 256 * 256;
+    return at;
+  }
+};
+
+template <int D>
+cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
+  constexpr int BC = kFwdBC, BR = kFwdBR, bytes = fwd_smem_bytes<D>();
+  const Shape& sh = p.sh;
+  const int n_kt = static_cast<int>((sh.nk + BC - 1) / BC);
+  FwdArgs a{};
+  a.sh = sh;
+  a.q = static_cast<const bf16*>(p.q);
+  a.k = static_cast<const bf16*>(p.k);
+  a.v = static_cast<const bf16*>(p.v);
+  a.q_pos = p.q_pos;
+  a.o = static_cast<bf16*>(p.o);
+  a.lse = p.lse;
+  a.scale = p.scale;
+  // n_kt = 0 (no keys): no tile is needed, the kernel writes o = 0, lse = -inf.
+  Carve cv;
+  const size_t o_pad = cv.take<int64_t>(int64_t{n_kt} * BC), o_min = cv.take<int64_t>(n_kt),
+               o_max = cv.take<int64_t>(n_kt);
+  char* scratch = nullptr;
+  cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&scratch), cv.off > 0 ? cv.off : 256, s);
+  if (e != cudaSuccess) return e;
+  int64_t* kpos_pad = reinterpret_cast<int64_t*>(scratch + o_pad);
+  int64_t* kt_min = reinterpret_cast<int64_t*>(scratch + o_min);
+  int64_t* kt_max = reinterpret_cast<int64_t*>(scratch + o_max);
+  if (n_kt > 0) e = tile_bounds(p.k_pos, sh.nk, BC, n_kt, kNoKey, kt_min, kt_max, kpos_pad, s);
+  a.kpos_pad = kpos_pad, a.kt_min = kt_min, a.kt_max = kt_max;
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(flash_forward_v2_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nq + BR - 1) / BR));
+    flash_forward_v2_kernel<D><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
+    e = cudaGetLastError();
+  }
+  const cudaError_t ef = cudaFreeAsync(scratch, s);
+  return e != cudaSuccess ? e : ef;
+}
+
+template <int D>
+cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
+  constexpr int BR = bwd_br<D>(), BC = kBwdBC, bytes = bwd_smem_bytes<D, BR>();
+  const Shape& sh = p.sh;
+  const int n_qt = static_cast<int>((sh.nq + BR - 1) / BR);
+  const int64_t nq_pad = int64_t{n_qt} * BR;
+  BwdArgs a{};
+  a.sh = sh;
+  a.nq_pad = nq_pad;
+  a.q = static_cast<const bf16*>(p.q);
+  a.k = static_cast<const bf16*>(p.k);
+  a.v = static_cast<const bf16*>(p.v);
+  a.o = static_cast<const bf16*>(p.o);
+  a.k_pos = p.k_pos;
+  a.lse = p.lse;
+  a.dout = p.dout;
+  a.dq = p.dq;
+  a.dk = p.dk;
+  a.dv = p.dv;
+  a.scale = p.scale;
+  Carve cv;
+  const size_t o_pad = cv.take<int64_t>(nq_pad), o_min = cv.take<int64_t>(n_qt),
+               o_max = cv.take<int64_t>(n_qt), o_do = cv.take<bf16>(nq_pad * sh.hq * D),
+               o_lse = cv.take<float>(nq_pad * sh.hq), o_delta = cv.take<float>(nq_pad * sh.hq);
+  char* scratch = nullptr;
+  cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&scratch), cv.off, s);
+  if (e != cudaSuccess) return e;
+  int64_t* qpos_pad = reinterpret_cast<int64_t*>(scratch + o_pad);
+  int64_t* qt_min = reinterpret_cast<int64_t*>(scratch + o_min);
+  int64_t* qt_max = reinterpret_cast<int64_t*>(scratch + o_max);
+  a.qpos_pad = qpos_pad, a.qt_min = qt_min, a.qt_max = qt_max;
+  a.do16 = reinterpret_cast<bf16*>(scratch + o_do);
+  a.lse2 = reinterpret_cast<float*>(scratch + o_lse);
+  a.delta = reinterpret_cast<float*>(scratch + o_delta);
+  e = tile_bounds(p.q_pos, sh.nq, BR, n_qt, kNoQuery, qt_min, qt_max, qpos_pad, s);
+  if (e == cudaSuccess) {
+    const int64_t warps = nq_pad * sh.hq;
+    bwd_prep_kernel<D><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, s>>>(a);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(flash_backward_v2_kernel<D, BR>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nk + BC - 1) / BC));
+    flash_backward_v2_kernel<D, BR><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
+    e = cudaGetLastError();
+  }
+  const cudaError_t ef = cudaFreeAsync(scratch, s);
+  return e != cudaSuccess ? e : ef;
+}
+
+}  // namespace
+
+bool flash_v2_supported(const Shape& sh) {
+  // The per-block tile bitmasks hold kMaskWords·32 tiles; grid.y is at most 65535.
+  const int64_t max_tiles = int64_t{kMaskWords} * 32;
+  const int64_t n_kt = (sh.nk + kFwdBC - 1) / kFwdBC, n_qt = (sh.nq + 31) / 32;
+  const int64_t fwd_blocks_y = (sh.nq + kFwdBR - 1) / kFwdBR,
+                bwd_blocks_y = (sh.nk + kBwdBC - 1) / kBwdBC;
+  return flash_supported(sh.d) && n_kt <= max_tiles && n_qt <= max_tiles && fwd_blocks_y <= 65535 &&
+         bwd_blocks_y <= 65535 && sh.hq <= 65535;
+}
+
+cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s) {
+  if (!p.bf16 || !flash_v2_supported(p.sh)) return cudaErrorInvalidValue;
+  if (p.sh.nq == 0) return cudaSuccess;
+  return p.sh.d == 64 ? forward_d<64>(p, s) : forward_d<128>(p, s);
+}
+
+cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s) {
+  if (!p.bf16 || !flash_v2_supported(p.sh)) return cudaErrorInvalidValue;
+  if (p.sh.nq == 0 || p.sh.nk == 0) return cudaSuccess;
+  return p.sh.d == 64 ? backward_d<64>(p, s) : backward_d<128>(p, s);
+}
+
+}  // namespace tsp::cuda::attn
