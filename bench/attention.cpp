@@ -2,6 +2,9 @@
 // kv heads, head dim).
 //   bench_attention [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] [--dtype f32|bf16|both]
 //                   [--device cpu|cuda[:N]] [--heads H --kv-heads HKV] [--json]
+//                   [--flash v1|v2|both]
+// --flash (--device cuda): which version of the CUDA flash kernels to time (attention.h; default:
+// the process's, TSP_CUDA_FLASH or v2); both: every row for v1, then for v2 ("flash" in JSON).
 // --device cuda: the GPU backend's attention (backend_for(Device::cuda(N)).attention_forward /
 // _backward), defaults bf16, S = 4K..32K, 32 query / 8 kv heads, d = 128 (issue 10's shapes);
 // ms are medians over repeats of a timed loop between backend.synchronize() calls, TFLOP/s with the
@@ -36,6 +39,9 @@
 #include "tsp/core/tensor.h"
 #include "tsp/ops/attention.h"
 #include "tsp/ops/gemm.h"
+#ifdef TSP_WITH_CUDA
+#include "backend/cuda/attention.h"  // flash kernel version (--flash)
+#endif
 
 namespace {
 
@@ -362,7 +368,7 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
 // --device cuda: prints the table (or JSON lines) of run_device.
 int main_device(const std::string& device_name, const std::vector<int64_t>& sizes,
                 const std::vector<int64_t>& head_dims, int64_t H, int64_t Hkv,
-                const std::string& dtype, int repeats, bool json) {
+                const std::string& dtype, int repeats, bool json, const std::string& flash) {
   tsp::Backend& be = tsp::backend_for(tsp::parse_device(device_name));
   const std::string dev = be.device().str();
   if (!json) {
@@ -374,37 +380,50 @@ int main_device(const std::string& device_name, const std::vector<int64_t>& size
     fmt::print("# {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10} {:>8} {:>10} {:>9} {:>3}\n", "dtype",
                "pass", "S", "heads", "kv", "d", "ms", "TFLOP/s", "tok/s", "max_err", "ok");
   }
-  for (const std::string& dts : {std::string("f32"), std::string("bf16")}) {
-    if (dtype != "both" && dtype != dts) continue;
-    const tsp::DType dt = dts == "bf16" ? tsp::DType::BF16 : tsp::DType::F32;
-    for (int64_t S : sizes)
-      for (int64_t d : head_dims) {
-        std::vector<DeviceRow> rows;
-        run_device(be, dt, S, H, Hkv, d, repeats, rows);
-        for (const DeviceRow& r : rows) {
-          const double per_head = r.pass[0] == 'f' && r.pass[1] == 'o' ? 2.0
-                                  : r.pass[0] == 'b'                   ? 5.0
-                                                                       : 7.0;
-          const double flops = per_head * double(r.S) * r.S * r.d * r.H;
-          const double tflops = flops / (r.ms * 1e-3) / 1e12;
-          const double tok_s = r.S / (r.ms * 1e-3);
-          if (json)
-            fmt::print(
-                "{{\"bench\":\"attention\",\"impl\":\"tsp\",\"device\":\"{}\",\"dtype\":\"{}\","
-                "\"pass\":\"{}\",\"causal\":true,\"S\":{},\"heads\":{},\"kv_heads\":{},"
-                "\"head_dim\":{},\"ms\":{:.4f},\"inner\":{},\"tflops\":{:.2f},\"gflops\":{:.1f},"
-                "\"tokens_per_s\":{:.0f},\"max_err\":{:.3e},\"ok\":{}}}\n",
-                dev, dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner, tflops, tflops * 1e3, tok_s,
-                r.max_err, r.ok);
-          else
-            fmt::print(
-                "  {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.3f} {:>8.1f} {:>10.0f} {:>9.2e} {:>3}\n",
-                dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, tflops, tok_s, r.max_err,
-                r.ok ? "yes" : "NO");
-          std::fflush(stdout);
+  std::vector<std::string> versions = {flash};
+  if (flash == "both") versions = {"v1", "v2"};
+  for (const std::string& fv : versions)
+    for (const std::string& dts : {std::string("f32"), std::string("bf16")}) {
+      if (dtype != "both" && dtype != dts) continue;
+      std::string fname = "-";
+#ifdef TSP_WITH_CUDA
+      if (!fv.empty())
+        tsp::cuda::set_flash_version(fv == "v1" ? tsp::cuda::FlashVersion::V1
+                                                : tsp::cuda::FlashVersion::V2);
+      if (be.device().kind == tsp::DeviceKind::CUDA)
+        fname = tsp::cuda::flash_version_name(tsp::cuda::flash_version());
+#endif
+      if (!json) fmt::print("# flash kernels: {}\n", fname);
+      const tsp::DType dt = dts == "bf16" ? tsp::DType::BF16 : tsp::DType::F32;
+      for (int64_t S : sizes)
+        for (int64_t d : head_dims) {
+          std::vector<DeviceRow> rows;
+          run_device(be, dt, S, H, Hkv, d, repeats, rows);
+          for (const DeviceRow& r : rows) {
+            const double per_head = r.pass[0] == 'f' && r.pass[1] == 'o' ? 2.0
+                                    : r.pass[0] == 'b'                   ? 5.0
+                                                                         : 7.0;
+            const double flops = per_head * double(r.S) * r.S * r.d * r.H;
+            const double tflops = flops / (r.ms * 1e-3) / 1e12;
+            const double tok_s = r.S / (r.ms * 1e-3);
+            if (json)
+              fmt::print(
+                  "{{\"bench\":\"attention\",\"impl\":\"tsp\",\"flash\":\"{}\",\"device\":\"{}\","
+                  "\"dtype\":\"{}\","
+                  "\"pass\":\"{}\",\"causal\":true,\"S\":{},\"heads\":{},\"kv_heads\":{},"
+                  "\"head_dim\":{},\"ms\":{:.4f},\"inner\":{},\"tflops\":{:.2f},\"gflops\":{:.1f},"
+                  "\"tokens_per_s\":{:.0f},\"max_err\":{:.3e},\"ok\":{}}}\n",
+                  fname, dev, dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner, tflops,
+                  tflops * 1e3, tok_s, r.max_err, r.ok);
+            else
+              fmt::print(
+                  "  {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.3f} {:>8.1f} {:>10.0f} {:>9.2e} {:>3}\n",
+                  dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, tflops, tok_s, r.max_err,
+                  r.ok ? "yes" : "NO");
+            std::fflush(stdout);
+          }
         }
-      }
-  }
+    }
   return 0;
 }
 
@@ -414,7 +433,7 @@ int main(int argc, char** argv) {
   int repeats = 5;
   bool json = false;
   std::vector<int64_t> sizes = {1024, 4096}, head_dims = {64};
-  std::string dtype, device = "cpu";
+  std::string dtype, device = "cpu", flash;
   int64_t heads = 0, kv_heads = 0;  // 0: the defaults of the device (CPU: 8 with 8 and 2 kv)
   bool sizes_given = false, dims_given = false;
   auto list = [](char* arg) {
@@ -438,6 +457,10 @@ int main(int argc, char** argv) {
       heads = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--kv-heads") && a + 1 < argc) {
       kv_heads = std::atoll(argv[++a]);
+    } else if (!std::strcmp(argv[a], "--flash") && a + 1 < argc &&
+               (!std::strcmp(argv[a + 1], "v1") || !std::strcmp(argv[a + 1], "v2") ||
+                !std::strcmp(argv[a + 1], "both"))) {
+      flash = argv[++a];
     } else if (!std::strcmp(argv[a], "--dtype") && a + 1 < argc &&
                (!std::strcmp(argv[a + 1], "f32") || !std::strcmp(argv[a + 1], "bf16") ||
                 !std::strcmp(argv[a + 1], "both"))) {
@@ -446,7 +469,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] "
                    "[--dtype f32|bf16|both] [--device cpu|cuda[:N]] [--heads H] [--kv-heads HKV] "
-                   "[--json]\n",
+                   "[--json] [--flash v1|v2|both]\n",
                    argv[0]);
       return 2;
     }
@@ -467,7 +490,7 @@ int main(int argc, char** argv) {
       if (!dims_given) head_dims = {128};
       const int64_t H = heads ? heads : 32, Hkv = kv_heads ? kv_heads : (heads ? heads : 8);
       return main_device(device, sizes, head_dims, H, Hkv, dtype.empty() ? "bf16" : dtype, repeats,
-                         json);
+                         json, flash);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "bench_attention: %s\n", e.what());
       return 1;
