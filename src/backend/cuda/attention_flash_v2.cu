@@ -13,8 +13,11 @@
 // * Blocks are ordered heaviest first (causal): forward grid (head, query tile from the last),
 //   backward grid (query head, key tile from the first), x fastest, so the first wave holds the
 //   longest blocks of every head and the tail is made of short ones.
-// * Forward: 4 warps × 16 query rows (BR = 64) per block, about 90 KB of shared memory: two blocks
-//   per SM, whose barriers do not line up (v1: one block of 8 warps).
+// * Forward: 4 warps × 32 query rows (two m16 tiles, BR = 128) per block, so each K / V fragment
+//   read by ldmatrix feeds two mma (v1: 8 warps × 16 rows, one mma per fragment); keys in tiles
+//   of 64 (one cp.async stage) taken in softmax steps of 32 at d = 128 (64 at d = 64) to stay
+//   within 255 registers; about 107 KB of shared memory: two blocks per SM, whose barriers do
+//   not line up (v1: one block per SM).
 // * Backward: a pre-kernel (bwd_prep_kernel) converts dout to bf16 once and computes
 //   D_i = dout_i·o_i and lse·log2(e) ([hq][nq_pad], padded rows: D = 0, lse2 = +inf so P = 0); v1
 //   redid this per key block. One block of 8 warps per (query head, 128 keys): 8 warps × 16 keys,
@@ -117,9 +120,27 @@ __device__ __forceinline__ void copy_chunks(void* dst, const void* src, int n, i
     cp_async16(static_cast<char*>(dst) + 16 * c, static_cast<const char*>(src) + 16 * c, true);
 }
 
+// load_tile (attention_flash_common.cuh) as a rolled loop: its unrolled form keeps every chunk's
+// address live across the compute, which the forward at d = 128 cannot afford.
+template <int D, int kThreads>
+__device__ __forceinline__ void load_tile_rolled(bf16* dst, const bf16* src, int64_t stride,
+                                                 int rows, int valid, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll 1
+  for (int c = tid; c < rows * kChunks; c += kThreads) {
+    const int r = c / kChunks, cc = (c % kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async16(dst + r * (D + 8) + cc, ok ? src + r * stride + cc : src, ok);
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
-constexpr int kFwdWarps = 4, kFwdBR = 16 * kFwdWarps, kFwdBC = 64;
+// 4 warps × MW = 2 m16 tiles (32 query rows) each: BR = 128. Every K / V fragment read from shared
+// memory feeds two mma (one per m tile), which halves the shared-memory traffic per flop against
+// v1's 16 rows per warp; Q fragments are re-read from shared memory per k step (keeping them in
+// registers as v1 does would need 64 more).
+constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBR = 16 * kFwdMW * kFwdWarps, kFwdBC = 64;
 
 struct FwdArgs {
   Shape sh;
@@ -138,7 +159,8 @@ constexpr int fwd_smem_bytes() {
 
 template <int D>
 __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(FwdArgs a) {
-  constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps;
+  constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps, MW = kFwdMW;
+  constexpr int SUB = D == 128 ? 32 : 64;  // keys per softmax step (see the loop)
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);                         // [BR][LD]
   bf16* Ks = Qs + BR * LD;                                          // [2][BC][LD]
@@ -158,17 +180,22 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   const bf16* kg = a.k + hk * D;
   const bf16* vg = a.v + hk * D;
   const int n_tiles = static_cast<int>((sh.nk + BC - 1) / BC);
+  const int row0 = warp * 16 * MW;  // this warp's first query row; m tile mi: row0 + 16·mi
 
   load_tile<D, NT>(Qs, a.q + q0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
   cp_async_commit();
 
-  int64_t qp[2];  // this thread's two query rows: warp·16 + g and + 8
-  for (int e = 0; e < 2; ++e) {
-    const int r = warp * 16 + g + 8 * e;
-    qp[e] = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
+  // Query positions in shared memory (registers are short at d = 128), with the block's min / max.
+  __shared__ int64_t qpos_s[BR];
+  int64_t qmx = kNoQuery, qmn = kNoKey;
+  for (int r = tid; r < BR; r += NT) {
+    const int64_t p = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
+    qpos_s[r] = p;
+    qmx = max(qmx, p);
+    qmn = min(qmn, p);
   }
   {
-    const int64_t mx = warp_max(max(qp[0], qp[1])), mn = warp_min(min(qp[0], qp[1]));
+    const int64_t mx = warp_max(qmx), mn = warp_min(qmn);
     if (lane == 0) red[0][warp] = mx, red[1][warp] = mn;
   }
   __syncthreads();
@@ -183,90 +210,107 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   auto load_kv = [&](int j, int b) {
     const int64_t k0 = int64_t{j} * BC;
     const int valid = static_cast<int>(min(int64_t{BC}, sh.nk - k0));
-    load_tile<D, NT>(Ks + b * BC * LD, kg + k0 * kv_stride, kv_stride, BC, valid, tid);
-    load_tile<D, NT>(Vs + b * BC * LD, vg + k0 * kv_stride, kv_stride, BC, valid, tid);
+    load_tile_rolled<D, NT>(Ks + b * BC * LD, kg + k0 * kv_stride, kv_stride, BC, valid, tid);
+    load_tile_rolled<D, NT>(Vs + b * BC * LD, vg + k0 * kv_stride, kv_stride, BC, valid, tid);
     copy_chunks<NT>(kpos_s + b * BC, a.kpos_pad + k0, BC * 8 / 16, tid);
   };
 
   int j = next_set(need_s, 0, n_tiles);
   if (j < n_tiles) load_kv(j, 0);
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
-  uint32_t qf[D / 16][4];  // this warp's 16 query rows as A fragments
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], a_addr(Qs, LD, warp * 16, kk * 16, lane));
 
   const float sl2 = a.scale * kLog2e;  // scores in the log2 domain
-  float O[D / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial row sums
+  float O[MW][D / 8][4] = {};
+  float m[MW][2], l[MW][2];  // l: this thread's partial row sums
+#pragma unroll
+  for (int mi = 0; mi < MW; ++mi) m[mi][0] = m[mi][1] = -INFINITY, l[mi][0] = l[mi][1] = 0.f;
   int buf = 0;
   while (j < n_tiles) {
     const bool full = bit(full_s, j);
     const int jn = next_set(need_s, j + 1, n_tiles);
     if (jn < n_tiles) load_kv(jn, buf ^ 1);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<1>();  // Q (first pass) and tile j have landed
     __syncthreads();
 
-    const bf16* K = Ks + buf * BC * LD;
-    const bf16* V = Vs + buf * BC * LD;
-    const int64_t* kp = kpos_s + buf * BC;
-    float S[BC / 8][4] = {};
+    // The tile in sub-tiles of SUB keys, each a full online-softmax step: S and P of a sub-tile
+    // fit in registers next to O (two m tiles of 64 S values each would spill at d = 128).
+#pragma unroll 1
+    for (int sub = 0; sub < BC / SUB; ++sub) {
+      const bf16* K = Ks + buf * BC * LD + sub * SUB * LD;
+      const bf16* V = Vs + buf * BC * LD + sub * SUB * LD;
+      const int64_t* kp = kpos_s + buf * BC + sub * SUB;
+      float S[MW][SUB / 8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[MW][4];
 #pragma unroll
-      for (int np = 0; np < BC / 16; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, bnk_addr(K, LD, np * 16, kk * 16, lane));
-        mma(S[2 * np], qf[kk], b[0], b[1]);
-        mma(S[2 * np + 1], qf[kk], b[2], b[3]);
+        for (int mi = 0; mi < MW; ++mi)
+          ldsm_x4(qa[mi], a_addr(Qs, LD, row0 + 16 * mi, kk * 16, lane));
+#pragma unroll
+        for (int np = 0; np < SUB / 16; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, bnk_addr(K, LD, np * 16, kk * 16, lane));
+#pragma unroll
+          for (int mi = 0; mi < MW; ++mi) {
+            mma(S[mi][2 * np], qa[mi], b[0], b[1]);
+            mma(S[mi][2 * np + 1], qa[mi], b[2], b[3]);
+          }
+        }
       }
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
+      uint32_t P16[MW][SUB / 16][4];  // P as the A fragments of P·V
 #pragma unroll
-    for (int n = 0; n < BC / 8; ++n) {
+      for (int mi = 0; mi < MW; ++mi) {
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float s = S[n][e] * sl2;
-        if (!full && kp[n * 8 + 2 * t + (e & 1)] > qp[e >> 1]) s = -INFINITY;
-        S[n][e] = s;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s);
+        for (int n = 0; n < SUB / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float s = S[mi][n][e] * sl2;
+            if (!full && kp[n * 8 + 2 * t + (e & 1)] > qpos_s[row0 + 16 * mi + g + 8 * (e >> 1)])
+              s = -INFINITY;
+            S[mi][n][e] = s;
+            mx[e >> 1] = fmaxf(mx[e >> 1], s);
+          }
+        }
+        float base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+          const float m_new = fmaxf(m[mi][r], mx[r]);
+          base[r] = m_new == -INFINITY ? 0.f : m_new;   // a row that has seen nothing stays at 0
+          const float alpha = ex2(m[mi][r] - base[r]);  // 0 while m = -inf
+          m[mi][r] = m_new;
+          l[mi][r] *= alpha;
+#pragma unroll
+          for (int n = 0; n < D / 8; ++n) O[mi][n][2 * r] *= alpha, O[mi][n][2 * r + 1] *= alpha;
+        }
+        // P = 2^(S − base), packed to bf16 A fragments at once (half the registers of fp32 S).
+#pragma unroll
+        for (int n = 0; n < SUB / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float p = ex2(S[mi][n][e] - base[e >> 1]);
+            S[mi][n][e] = p;
+            l[mi][e >> 1] += p;
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < SUB / 16; ++kk) c_to_a(P16[mi][kk], S[mi][2 * kk], S[mi][2 * kk + 1]);
       }
-    }
-    float base[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);
-      base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing stays at 0
-      const float alpha = ex2(m[r] - base[r]);     // 0 while m = -inf
-      m[r] = m_new;
-      l[r] *= alpha;
+      for (int kk = 0; kk < SUB / 16; ++kk) {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) O[n][2 * r] *= alpha, O[n][2 * r + 1] *= alpha;
-    }
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_t(b, bkn_addr(V, LD, kk * 16, dp * 16, lane));
 #pragma unroll
-    for (int n = 0; n < BC / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = ex2(S[n][e] - base[e >> 1]);
-        S[n][e] = p;
-        l[e >> 1] += p;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t pa[4];
-      c_to_a(pa, S[2 * kk], S[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        ldsm_x4_t(b, bkn_addr(V, LD, kk * 16, dp * 16, lane));
-        mma(O[2 * dp], pa, b[0], b[1]);
-        mma(O[2 * dp + 1], pa, b[2], b[3]);
+          for (int mi = 0; mi < MW; ++mi) {
+            mma(O[mi][2 * dp], P16[mi][kk], b[0], b[1]);
+            mma(O[mi][2 * dp + 1], P16[mi][kk], b[2], b[3]);
+          }
+        }
       }
     }
     __syncthreads();  // buffer `buf` and kpos_s[buf] are free for the next prefetch
@@ -276,19 +320,23 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int row = warp * 16 + g + 8 * r;
-    if (row >= nq_tile) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no visible key: o = 0
-    bf16* orow = a.o + (q0 + row) * q_stride + h * D;
+  for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t) =
-          pack(O[n][2 * r] * inv, O[n][2 * r + 1] * inv);
-    if (t == 0)
-      a.lse[(q0 + row) * sh.hq + h] = l[r] > 0.f ? (m[r] + __log2f(l[r])) * kLn2 : -INFINITY;
+    for (int r = 0; r < 2; ++r) {
+      float lr = l[mi][r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      const int row = row0 + 16 * mi + g + 8 * r;
+      if (row >= nq_tile) continue;
+      const float inv = lr > 0.f ? 1.f / lr : 0.f;  // no visible key: o = 0
+      bf16* orow = a.o + (q0 + row) * q_stride + h * D;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t) =
+            pack(O[mi][n][2 * r] * inv, O[mi][n][2 * r + 1] * inv);
+      if (t == 0)
+        a.lse[(q0 + row) * sh.hq + h] = lr > 0.f ? (m[mi][r] + __log2f(lr)) * kLn2 : -INFINITY;
+    }
   }
 }
 
