@@ -164,13 +164,14 @@ FlashVersion flash_version() {
   int v = g_flash_version.load(std::memory_order_relaxed);
   if (v != 0) return static_cast<FlashVersion>(v);
   const char* env = std::getenv("TSP_CUDA_FLASH");
-  int from_env = static_cast<int>(FlashVersion::V2);
+  // The default is v1, the version a GPU has verified (see attention.h).
+  int from_env = static_cast<int>(FlashVersion::V1);
   if (env != nullptr && env[0] != '\0') {
     TSP_CHECK(!std::strcmp(env, "v1") || !std::strcmp(env, "v2"),
               "TSP_CUDA_FLASH={} is not a flash attention version: use v1 or v2 (or unset it for "
-              "the default, v2)",
+              "the default, v1)",
               env);
-    from_env = env[1] == '1' ? static_cast<int>(FlashVersion::V1) : from_env;
+    from_env = env[1] == '2' ? static_cast<int>(FlashVersion::V2) : from_env;
   }
   // A concurrent set_flash_version wins over the environment.
   g_flash_version.compare_exchange_strong(v, from_env);

@@ -15,10 +15,13 @@
 //     rounding against the reference: P is rounded to bf16 before P·V and dP; dout is rounded to
 //     bf16 for the dV and dP products; dS is rounded to bf16 for the dK and dQ products. dq is
 //     accumulated with fp32 atomics (its summation order varies between runs); dk, dv do not.
-//     Two versions of the flash kernels: v2 (attention_flash_v2.cu, the default: precomputed tile
-//     bounds, heaviest blocks first, 2 forward blocks per SM, a backward of 8 warps per (query
-//     head, 128 keys) with double-buffered query tiles; dk and dv also through fp32 atomics) and
-//     v1 (attention_flash.cu, the first version). The environment variable TSP_CUDA_FLASH=v1 or
+//     Two versions of the flash kernels: v1 (attention_flash.cu, the default: the version that has
+//     passed the tests on a GPU, an H200) and v2 (attention_flash_v2.cu, NOT YET RUN ON A GPU:
+//     precomputed tile bounds, heaviest blocks first, 2 forward blocks per SM, a backward of 8
+//     warps per (query head, 128 keys) with double-buffered query tiles; dk and dv also through
+//     fp32 atomics; its scratch comes from cudaMallocAsync, outside the memory tracker). v2
+//     becomes the default once cuda_attention_test passes and bench_attention --flash both shows
+//     it faster on a GPU. The environment variable TSP_CUDA_FLASH=v1 or
 //     v2, read once per process (at the first call that needs it), selects one;
 //     set_flash_version overrides it (bench_attention --flash, the tests). Shapes beyond v2's
 //     limits (over 262144 queries or 524288 keys) take v1.
@@ -44,7 +47,7 @@ void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_p
 void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
                      cudaStream_t s);
 
-// The flash kernels' version (see above): TSP_CUDA_FLASH at the first call, else v2, until
+// The flash kernels' version (see above): TSP_CUDA_FLASH at the first call, else v1, until
 // set_flash_version. Thread-safe; a change applies to the calls made after it.
 enum class FlashVersion { V1 = 1, V2 = 2 };
 FlashVersion flash_version();
