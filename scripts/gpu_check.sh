@@ -287,7 +287,7 @@ fi
 sizes=4096,8192,16384,32768
 block_args=(--h 4096 --heads 32 --kv-heads 8 --ffn 14336 --seq 8192 --repeats 5)
 if [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
-  step "bench attention tsp" 120 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 \
+  step "bench attention tsp" 120 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash both \
     --sizes $sizes --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention.json'"
   step "bench attention torch" 120 bash -c "set -o pipefail; python3 '$repo/bench/torch_attention.py' --sizes $sizes \
     --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 --json | tee -a '$out/attention.json'"
@@ -354,21 +354,24 @@ if att:
            'FLOPs: forward 4·S²·d·hq/2 = 2·S²·d·hq (causal half of QKᵀ and PV), backward 2.5× forward '
            '(FlashAttention\'s convention); fwd+bwd = 7·S²·d·hq over the sum of both times. Target: '
            'tsp ≥ 0.7× PyTorch SDPA (flash) fwd+bwd.', '',
-           '| S | hq/hkv | d | tsp fwd | tsp bwd | tsp fwd+bwd | torch fwd | torch bwd | torch fwd+bwd | ratio | ok |',
-           '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+           '| S | hq/hkv | d | flash | tsp fwd | tsp bwd | tsp fwd+bwd | torch fwd | torch bwd | torch fwd+bwd | ratio | ok |',
+           '|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|']
     key = lambda r: (r.get('S'), r.get('heads'), r.get('kv_heads'), r.get('head_dim'))
-    for k in sorted({key(r) for r in att if r.get('device', 'cpu') != 'cpu'}):
+    f = lambda v: f'{v:.1f}' if isinstance(v, (int, float)) else '–'
+    ours = [r for r in att if r.get('device', 'cpu') != 'cpu' and r.get('impl', 'tsp') == 'tsp']
+    for k, fl in sorted({(key(r), r.get('flash', '')) for r in ours}):
         def tf(impl, p):
             for r in att:
-                if key(r) == k and r.get('impl', 'tsp') == impl and r.get('pass') == p:
+                if key(r) == k and r.get('impl', 'tsp') == impl and r.get('pass') == p and \
+                        (impl != 'tsp' or r.get('flash', '') == fl):
                     return r.get('tflops')
             return None
-        f = lambda v: f'{v:.1f}' if isinstance(v, (int, float)) else '–'
         a, b = tf('tsp', 'fwd+bwd'), tf('torch', 'fwd+bwd')
         ratio = f'{a / b:.2f}×' if a and b else '–'
-        oks = [r.get('ok') for r in att if key(r) == k and r.get('impl', 'tsp') == 'tsp' and 'ok' in r]
-        md.append(f'| {k[0]} | {k[1]}/{k[2]} | {k[3]} | {f(tf("tsp", "forward"))} | {f(tf("tsp", "backward"))} | '
-                  f'{f(a)} | {f(tf("torch", "forward"))} | {f(tf("torch", "backward"))} | {f(b)} | {ratio} | '
+        oks = [r.get('ok') for r in ours if key(r) == k and r.get('flash', '') == fl and 'ok' in r]
+        md.append(f'| {k[0]} | {k[1]}/{k[2]} | {k[3]} | {fl or "–"} | {f(tf("tsp", "forward"))} | '
+                  f'{f(tf("tsp", "backward"))} | {f(a)} | {f(tf("torch", "forward"))} | '
+                  f'{f(tf("torch", "backward"))} | {f(b)} | {ratio} | '
                   f'{"yes" if oks and all(oks) else "NO" if oks else "–"} |')
 
 blk = rows('block.json')
