@@ -21,3 +21,15 @@ expect_failure() {
   grep -qF -- "$fragment" <<< "$out" || { echo "$out" | head -20; fail "$what: no '$fragment'"; }
   echo "ok: $what"
 }
+
+# skip_without_cuda_device: a GPU shell test (tests/<area>/cuda_*_test.sh) ends here, successfully,
+# with the skip line ctest looks for (tests/CMakeLists.txt), when no CUDA device is visible.
+skip_without_cuda_device() {
+  local probe="$build/tests/cuda_devices_probe"
+  [ -x "$probe" ] || fail "$probe is missing (it is built with the tests)"
+  if [ "$("$probe")" -lt 1 ]; then
+    echo "[tsp-cuda-test] SKIPPED: no CUDA device"
+    exit 0
+  fi
+}
+

@@ -9,12 +9,7 @@
 source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
-probe="$build/tests/cuda_devices_probe"
-[ -x "$probe" ] || fail "$probe is missing (it is built with the tests)"
-if [ "$("$probe")" -lt 1 ]; then
-  echo "[tsp-cuda-test] SKIPPED: no CUDA device"
-  exit 0
-fi
+skip_without_cuda_device
 
 for i in $(seq 1 400); do
   echo "verse $i: and the earth was without form, and void; and darkness was upon the deep."
