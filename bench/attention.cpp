@@ -76,6 +76,28 @@ struct Row {
   const char* dtype = "f32";
 };
 
+// Errors of the timed run against the reference on the sampled query rows idx (reference rows in
+// sample order): max |o - o_ref| and max |dq - dq_ref| / max |dq_ref|.
+struct SampledErrors {
+  double o = 0, dq = 0;
+};
+template <class O, class ORef>
+SampledErrors sampled_errors(const O& o, const ORef& o_ref, const std::vector<float>& dq,
+                             const std::vector<float>& dq_ref, const std::vector<int64_t>& idx,
+                             int64_t row) {
+  SampledErrors err;
+  double max_dq = 0;
+  for (size_t s = 0; s < idx.size(); ++s)
+    for (int64_t e = 0; e < row; ++e) {
+      const int64_t i = idx[s] * row + e, r = static_cast<int64_t>(s) * row + e;
+      err.o = std::max(err.o, double(std::abs(float(o[i]) - float(o_ref[r]))));
+      err.dq = std::max(err.dq, double(std::abs(dq[i] - dq_ref[r])));
+      max_dq = std::max(max_dq, double(std::abs(dq_ref[r])));
+    }
+  err.dq /= std::max(max_dq, 1e-30);
+  return err;
+}
+
 std::vector<tsp::bf16> to_bf16(const std::vector<float>& x) {
   std::vector<tsp::bf16> out(x.size());
   tsp::convert_f32_to_bf16(x.data(), out.data(), static_cast<int64_t>(x.size()));
@@ -139,15 +161,8 @@ void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<
   r.dout = dos.data(), r.dq = dq_ref.data(), r.dk = dk_ref.data(), r.dv = dv_ref.data();
   tsp::attn::forward_reference(r);
   tsp::attn::backward_reference(r);
-  double err_o = 0, err_dq = 0, max_dq = 0;
-  for (int64_t s = 0; s < ns; ++s)
-    for (int64_t e = 0; e < H * d; ++e) {
-      const int64_t i = idx[s];
-      err_o = std::max(err_o, double(std::abs(o[i * H * d + e] - o_ref[s * H * d + e])));
-      err_dq = std::max(err_dq, double(std::abs(dq[i * H * d + e] - dq_ref[s * H * d + e])));
-      max_dq = std::max(max_dq, double(std::abs(dq_ref[s * H * d + e])));
-    }
-  err_dq /= std::max(max_dq, 1e-30);
+  const SampledErrors err = sampled_errors(o, o_ref, dq, dq_ref, idx, H * d);
+  const double err_o = err.o, err_dq = err.dq;
   // Same tolerances as tests/ops/attention_test.cpp: 1e-5 absolute for o, 2e-5 relative for dq
   // (longer sums here: 4096 keys; the errors stay ~1e-6).
   rows.push_back(
@@ -218,16 +233,8 @@ void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::ve
   tsp::attn::forward_reference_bf16(r);
   r.o = os.data();  // backward from the o the fast path produced, as the timed backward did
   tsp::attn::backward_reference_bf16(r);
-  double err_o = 0, err_dq = 0, max_dq = 0;
-  for (int64_t s = 0; s < ns; ++s)
-    for (int64_t e = 0; e < H * d; ++e) {
-      const int64_t i = idx[s];
-      err_o =
-          std::max(err_o, double(std::abs(float(o[i * H * d + e]) - float(o_ref[s * H * d + e]))));
-      err_dq = std::max(err_dq, double(std::abs(dq[i * H * d + e] - dq_ref[s * H * d + e])));
-      max_dq = std::max(max_dq, double(std::abs(dq_ref[s * H * d + e])));
-    }
-  err_dq /= std::max(max_dq, 1e-30);
+  const SampledErrors err = sampled_errors(o, o_ref, dq, dq_ref, idx, H * d);
+  const double err_o = err.o, err_dq = err.dq;
   rows.push_back({"forward", S, H, Hkv, d, 1e3 * median(t_fwd), 1e3 * median(c_fwd), err_o,
                   err_o <= 0x1p-7, "bf16"});
   rows.push_back({"backward", S, H, Hkv, d, 1e3 * median(t_bwd), 1e3 * median(c_bwd), err_dq,
@@ -348,15 +355,8 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
   tsp::attn::forward_reference(r);
   r.o = os.data();
   tsp::attn::backward_reference(r);
-  double err_o = 0, err_dq = 0, max_dq = 0;
-  for (int64_t s = 0; s < ns; ++s)
-    for (int64_t e = 0; e < H * d; ++e) {
-      const int64_t i = idx[s];
-      err_o = std::max(err_o, double(std::abs(o_dev[i * H * d + e] - o_ref[s * H * d + e])));
-      err_dq = std::max(err_dq, double(std::abs(dq_dev[i * H * d + e] - dq_ref[s * H * d + e])));
-      max_dq = std::max(max_dq, double(std::abs(dq_ref[s * H * d + e])));
-    }
-  err_dq /= std::max(max_dq, 1e-30);
+  const SampledErrors err = sampled_errors(o_dev, o_ref, dq_dev, dq_ref, idx, H * d);
+  const double err_o = err.o, err_dq = err.dq;
   const double tol_o = bf ? 0x1p-7 : 1e-4, tol_dq = bf ? 1e-2 : 1e-4;
   const double mf = 1e3 * median(tf), mb = 1e3 * median(tb);
   rows.push_back({"forward", S, H, Hkv, d, mf, err_o, err_o <= tol_o, inner_f});
