@@ -23,6 +23,10 @@ struct ParallelConfig {
   std::string layout = "single";  // single | tp | sp | tp-sp | tsp | fsdp-cp
   int tp = 1;                     // T for tp-sp (Σ = D / T)
   int dp = 1;                     // R data-parallel replicas; D = world / R
+  // ZeRO stage over the R replicas (0 or 1): with 1 each replica owns 1/R of its shard's fp32
+  // master weights and AdamW moments; gradients are reduce-scattered over the replicas, the
+  // updated weights all-gathered (docs/layouts.md, "Data parallelism").
+  int zero = 0;
   bool overlap = true;            // tsp: prefetch / double-buffer transfers (false: blocking)
   Device device;                  // where weights, activations and compute live (Backend)
   // Compute dtype: F32, or BF16 mixed precision (bf16 weight copies, activations and transfers;

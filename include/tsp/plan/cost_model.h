@@ -32,6 +32,10 @@ struct LayoutSpec {
   int D = 1;                    // ranks per replica
   int T = 1;                    // tp-sp tensor degree (Σ = D / T)
   int R = 1;                    // data-parallel replicas
+  // ZeRO stage over the R replicas: 0 = every replica keeps the whole optimizer state of its
+  // shard; 1 = each replica owns 1/R of it (fp32 master weights and AdamW moments), gradients
+  // are reduce-scattered over the replicas and the updated weights all-gathered.
+  int zero = 0;
   // The layout's model (include/tsp/plan/layout_model.h) answers these.
   // Degree by which weights (and grads, optimizer state) are split at rest.
   int weight_shards() const;
