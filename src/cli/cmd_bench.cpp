@@ -54,7 +54,8 @@ struct BenchOptions {
   std::string seqs = "256";
   int64_t batch = 1;
   int dp = 1;
-  int tp = 0;  // T for tp-sp; 0: the largest divisor of D not above sqrt(D)
+  int zero = 1;  // ZeRO stage over the --dp replicas (tsp train's default)
+  int tp = 0;    // T for tp-sp; 0: the largest divisor of D not above sqrt(D)
   int repeats = 3;
   uint64_t seed = 1234;
   bool json = false;
@@ -111,12 +112,12 @@ int default_tp(int D) {
 
 struct Row {
   std::string layout, degrees, status;  // status: "ok", or why the layout did not run
-  int D = 1, T = 1, R = 1;
+  int D = 1, T = 1, R = 1, zero = 0;
   int64_t S = 0;
   MemorySnapshot mem;          // of the rank with the largest peak
   plan::MemoryBreakdown pred;  // predicted, same rank
   bool have_pred = false;
-  double fwd_mb = 0, bwd_mb = 0;  // received per rank, averaged over ranks
+  double fwd_mb = 0, bwd_mb = 0, upd_mb = 0;  // received per rank, averaged over ranks
   double step_ms = 0, tokens_s = 0, blocked_ms = 0, pred_step_ms = -1;
   double loss = 0, loss_diff = 0;
   bool have_ref = false;
@@ -137,6 +138,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   ParallelConfig pc;
   pc.layout = name;
   pc.dp = name == "single" ? 1 : o.dp;
+  pc.zero = o.zero;
   pc.overlap = !o.no_overlap;
   pc.device = o.compute.parsed_device();
   pc.dtype = o.compute.parsed_dtype();
@@ -164,14 +166,16 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
               format_bytes(static_cast<double>(have)));
   }
   layout->load(weights);
-  AdamW opt(layout->parameters(), AdamWConfig{});
+  AdamW opt(*layout, AdamWConfig{});
   plan::LayoutSpec spec = plan::layout_spec_of(*layout, comm.size());
   row.D = spec.D;
   row.T = spec.T;
   row.R = spec.R;
+  row.zero = spec.zero;
   row.degrees = name == "tp-sp" ? fmt::format("T={} S={}", spec.T, spec.D / spec.T)
                                 : fmt::format("D={}", spec.D);
   if (spec.R > 1) row.degrees += fmt::format(" R={}", spec.R);
+  if (spec.zero == 1 && spec.R > 1) row.degrees += " Z1";
 
   // Memory: peaks of one training step from here (weights, grads and moments are allocated).
   MemoryTracker::instance().reset_peaks();
@@ -180,7 +184,9 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   layout->zero_grads();
   const CommStats fb = plan::measure_call_traffic(
       *layout, comm, [&] { row.loss = layout->forward_backward(batch); });
-  opt.step(0.0, 1.0);
+  // The update: under ZeRO-1 the replicas all-gather the updated weights (Layout::
+  // parameters_updated), counted apart from the step's forward and backward traffic.
+  const CommStats upd = plan::measure_call_traffic(*layout, comm, [&] { opt.step(0.0, 1.0); });
   const MemorySnapshot mine = MemoryTracker::instance().snapshot();
   // The rank with the largest peak (the lowest such rank) reports its breakdown: every rank's
   // snapshot gathered (control traffic), the same choice made on every rank.
@@ -208,6 +214,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   row.fwd_mb = mean_over(comm, static_cast<double>(fwd.total_received())) / 1e6;
   row.bwd_mb =
       mean_over(comm, static_cast<double>(fb.total_received() - fwd.total_received())) / 1e6;
+  row.upd_mb = mean_over(comm, static_cast<double>(upd.total_received())) / 1e6;
 
   // Timing.
   std::vector<double> times, blocked;
@@ -253,26 +260,28 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
       "# model h=%lld L=%lld heads=%lld/%lld ffn=%lld V=%lld  B=%lld  repeats=%d  overlap=%s  %s\n"
       "# peak_MB: max over ranks; weights..workspace: that rank's MB by category at its peak;\n"
       "# pred_MB/err%%: src/plan/measure.cpp's model of this implementation; comm MB received per\n"
-      "# rank per step (fwd = forward(), bwd = forward_backward() - forward()); step_ms median;\n"
+      "# rank per step (fwd = forward(), bwd = forward_backward() - forward(), upd = the optimizer\n"
+      "# step's weight all-gather under ZeRO-1); step_ms median (forward, backward and update);\n"
       "# blocked_ms in wait()/blocking calls; pred_ms: cost model, --hw local; dloss vs single\n",
       tsp::git_revision().c_str(), tsp::cpu_description().c_str(), sysconf(_SC_NPROCESSORS_ONLN),
       host, world, compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
       (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
       (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.batch, o.repeats,
       o.no_overlap ? "off" : "on", o.compute.describe().c_str());
-  std::printf("#%-7s %-9s %6s %9s %8s %7s %7s %7s %7s %7s %8s %6s %8s %8s %9s %10s %9s %8s %10s\n",
-              "layout", "degrees", "S", "peak_MB", "weights", "grads", "optim", "activ", "comm",
-              "wkspace", "pred_MB", "err%", "fwd_MB", "bwd_MB", "step_ms", "tokens/s", "blocked",
-              "pred_ms", "dloss");
+  std::printf(
+      "#%-7s %-12s %6s %9s %8s %7s %7s %7s %7s %7s %8s %6s %8s %8s %8s %9s %10s %9s %8s %10s\n",
+      "layout", "degrees", "S", "peak_MB", "weights", "grads", "optim", "activ", "comm", "wkspace",
+      "pred_MB", "err%", "fwd_MB", "bwd_MB", "upd_MB", "step_ms", "tokens/s", "blocked", "pred_ms",
+      "dloss");
 }
 
 void print_row(const Row& r) {
   if (r.status != "ok") {
-    std::printf(" %-7s %-9s %6lld  skipped: %s\n", r.layout.c_str(), "-", (long long)r.S,
+    std::printf(" %-7s %-12s %6lld  skipped: %s\n", r.layout.c_str(), "-", (long long)r.S,
                 r.status.c_str());
     return;
   }
-  std::printf(" %-7s %-9s %6lld %9.2f", r.layout.c_str(), r.degrees.c_str(), (long long)r.S,
+  std::printf(" %-7s %-12s %6lld %9.2f", r.layout.c_str(), r.degrees.c_str(), (long long)r.S,
               to_mb(r.mem.peak_total));
   for (int i = 0; i < kNumMemCategories; ++i) std::printf(" %7.2f", to_mb(r.mem.at_peak[i]));
   if (r.have_pred)
@@ -280,8 +289,8 @@ void print_row(const Row& r) {
                 100.0 * (static_cast<double>(r.mem.peak_total) - r.pred.total()) / r.pred.total());
   else
     std::printf(" %8s %6s", "-", "-");
-  std::printf(" %8.3f %8.3f %9.2f %10.1f %9.2f", r.fwd_mb, r.bwd_mb, r.step_ms, r.tokens_s,
-              r.blocked_ms);
+  std::printf(" %8.3f %8.3f %8.3f %9.2f %10.1f %9.2f", r.fwd_mb, r.bwd_mb, r.upd_mb, r.step_ms,
+              r.tokens_s, r.blocked_ms);
   if (r.pred_step_ms >= 0)
     std::printf(" %8.2f", r.pred_step_ms);
   else
@@ -310,6 +319,7 @@ nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world, const std
   j["D"] = r.D;
   j["T"] = r.T;
   j["R"] = r.R;
+  j["zero"] = r.zero;
   j["peak_mb"] = to_mb(r.mem.peak_total);
   nlohmann::json at, pk, pr;
   for (int i = 0; i < kNumMemCategories; ++i) {
@@ -324,7 +334,7 @@ nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world, const std
     pr["total"] = r.pred.total() / 1e6;
     j["predicted_mb"] = pr;
   }
-  j["comm_mb"] = {{"forward", r.fwd_mb}, {"backward", r.bwd_mb}};
+  j["comm_mb"] = {{"forward", r.fwd_mb}, {"backward", r.bwd_mb}, {"update", r.upd_mb}};
   j["step_ms"] = r.step_ms;
   j["tokens_per_s"] = r.tokens_s;
   j["blocked_ms"] = r.blocked_ms;
@@ -341,6 +351,7 @@ int run_bench(const BenchOptions& o, Communicator& world) {
   TSP_CHECK(o.batch >= 1, "bench: --batch must be at least 1 row, got {}", o.batch);
   TSP_CHECK(o.repeats >= 1, "bench: --repeats must be at least 1, got {}", o.repeats);
   TSP_CHECK(o.dp >= 1, "bench: --dp must be at least 1, got {}", o.dp);
+  TSP_CHECK(o.zero == 0 || o.zero == 1, "bench: --zero must be 0 or 1, got {}", o.zero);
   TSP_CHECK(o.tp >= 0, "bench: --tp must be >= 0 (0: the largest divisor of D <= sqrt(D)), got {}",
             o.tp);
   std::unique_ptr<ModelDir> dir;
@@ -451,6 +462,10 @@ const CommandRegistration kBench{Command{
       sub.add_option("--seq", o->seqs, "comma-separated sequence lengths S")->capture_default_str();
       sub.add_option("--batch", o->batch, "rows B per step (whole job)")->capture_default_str();
       sub.add_option("--dp", o->dp, "data-parallel replicas R for every layout but single")
+          ->capture_default_str();
+      sub.add_option("--zero", o->zero,
+                     "ZeRO stage over the --dp replicas: 1 partitions master weights and AdamW "
+                     "moments over them, 0 keeps whole copies (as tsp train --zero)")
           ->capture_default_str();
       sub.add_option("--tp", o->tp, "T for tp-sp (0: largest divisor of D <= sqrt(D))")
           ->capture_default_str();

@@ -39,6 +39,7 @@ struct TrainOptions {
   std::string model_dir, config_path, preset = "demo", data;
   std::string layout = "tsp";
   int tp = 1, dp = 1;
+  int zero = 1;  // ZeRO stage over the --dp replicas (no effect at --dp 1)
   bool no_overlap = false;
   ComputeOptions compute;
   int64_t steps = 500, stop_at = -1, batch = 8, seq = 256, accum = 1, warmup = 50;
@@ -86,6 +87,10 @@ void validate_options(const TrainOptions& o) {
   TSP_CHECK(o.warmup >= 0, "--warmup must be >= 0 steps (0: no warm-up), got {}", o.warmup);
   TSP_CHECK(o.tp >= 1, "--tp must be at least 1, got {}", o.tp);
   TSP_CHECK(o.dp >= 1, "--dp must be at least 1, got {}", o.dp);
+  TSP_CHECK(o.zero == 0 || o.zero == 1,
+            "--zero must be 0 (every replica keeps the whole optimizer state) or 1 (it is "
+            "partitioned over the --dp replicas), got {}",
+            o.zero);
   TSP_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number, got {}", o.lr);
   TSP_CHECK(finite_in(o.min_lr_ratio, 0, 1), "--min-lr-ratio must lie in [0, 1], got {}",
             o.min_lr_ratio);
@@ -143,6 +148,7 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   spec.D = D;
   spec.R = o.dp;
   spec.T = o.layout == "tp" ? D : (o.layout == "tp-sp" ? o.tp : 1);
+  spec.zero = o.zero;
   const double predicted =
       plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype()).total();
   require_memory(static_cast<int64_t>(predicted), what, hint);
@@ -260,6 +266,7 @@ int run_train(TrainOptions o, Communicator& world) {
   par.layout = o.layout;
   par.tp = o.tp;
   par.dp = o.dp;
+  par.zero = o.zero;
   par.overlap = !o.no_overlap;
   par.device = o.compute.parsed_device();
   par.dtype = o.compute.parsed_dtype();
@@ -277,7 +284,7 @@ int run_train(TrainOptions o, Communicator& world) {
   } else {
     layout->load(RandomWeights(o.seed));
   }
-  AdamW opt(layout->parameters(), AdamWConfig{o.beta1, o.beta2, o.eps, o.wd});
+  AdamW opt(*layout, AdamWConfig{o.beta1, o.beta2, o.eps, o.wd});
   int64_t sample_base = 0;  // training windows consumed before start_step (the data position)
   double last_val = -1;
   // The newest checkpoint known to be good, for the messages of a run that stops.
@@ -305,12 +312,12 @@ int run_train(TrainOptions o, Communicator& world) {
 
   const int64_t tokens_per_step = checked_product({o.batch, o.seq, o.accum}, "tokens per step");
   say(fmt::format(
-      "tsp train: {} parameters (h={} L={} heads={}/{} ffn={} V={}), layout {} D={} R={} on {} "
-      "ranks, {}",
+      "tsp train: {} parameters (h={} L={} heads={}/{} ffn={} V={}), layout {} D={} R={}{} on "
+      "{} ranks, {}",
       config->num_parameters(), config->hidden_size, config->num_hidden_layers,
       config->num_attention_heads, config->num_key_value_heads, config->intermediate_size,
       config->vocab_size, layout->name(), layout->group().size(), layout->replicas().size(),
-      world.size(), o.compute.describe()));
+      layout->zero_stage() == 1 ? " ZeRO-1" : "", world.size(), o.compute.describe()));
   say(fmt::format(
       "data {}: {} tokens ({}), {} for training, {} held out ({} windows); {} tokens per step "
       "(batch {} x seq {} x accum {}), steps {} -> {}",
@@ -492,6 +499,12 @@ const CommandRegistration registration{Command{
       sub.add_option("--tp", o->tp, "tensor-parallel degree T inside the layout group (tp-sp)")
           ->capture_default_str();
       sub.add_option("--dp", o->dp, "data-parallel replicas R (layout degree D = world / R)")
+          ->capture_default_str();
+      sub.add_option("--zero", o->zero,
+                     "ZeRO stage over the --dp replicas: 1 partitions the fp32 master weights and "
+                     "AdamW moments over them (1/R each; gradients reduce-scattered, updated "
+                     "weights all-gathered), 0 keeps a whole copy on every replica (gradients "
+                     "all-reduced); no effect at --dp 1")
           ->capture_default_str();
       sub.add_flag("--no-overlap", o->no_overlap, "tsp: blocking transfers instead of prefetching");
       o->compute.add_to(sub);

@@ -189,7 +189,7 @@ class FsdpCpLayout final : public LayoutCommon {
     check_fsdp_rows(specs_, D());
     for (int i = 0; i < static_cast<int>(specs_.size()); ++i)
       store_.add(i, ShardMap::rows(D(), group_rank()), /*replicated_in_group=*/false);
-    store_.allocate(specs_, group(), be_, parallel.dtype);
+    allocate_store();
     ad_ = block::attn_dims(config_);
 
     for (int l = 0; l < L(); ++l) {
@@ -238,6 +238,9 @@ class FsdpCpLayout final : public LayoutCommon {
   void attention_backward(int l, const LocalTokens& t, TensorView xn, const block::LayerSaved& s,
                           TensorView dx, TensorView dxn) override;
   void end_layer_backward(int) override { cur_.release(); }
+  // A layer's gradient pieces are added into the store when its reduce-scatter is finished, at
+  // the end of the next layer's backward (part_done).
+  int grads_final_from_layer(int l) const override { return l + 1; }
   void embed_backward(const LocalTokens& t, TensorView dx) override;
 
  private:

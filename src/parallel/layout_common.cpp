@@ -235,27 +235,77 @@ int ShardStore::add(int param, ShardMap map, bool replicated_in_group) {
 }
 
 void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& group,
-                          Backend& backend, DType compute) {
+                          Backend& backend, DType compute, ReplicaPartition partition) {
   TSP_CHECK(!allocated_, "ShardStore::allocate called twice");
+  TSP_CHECK(compute == DType::F32 || compute == DType::BF16,
+            "the compute dtype must be f32 or bf16, not {}", dtype_name(compute));
   const int n = static_cast<int>(specs.size());
+  const int R = partition.replicas;
+  TSP_CHECK(R >= 1 && 0 <= partition.replica && partition.replica < R,
+            "replica {} of {} does not exist", partition.replica, R);
+  TSP_CHECK(R == 1 || static_cast<int>(partition.bucket_of_param.size()) == n,
+            "ZeRO-1 needs the gradient bucket of each of the {} parameters", n);
+  partition_ = std::move(partition);
   entry_of_param_.assign(n, -1);
-  int64_t total = 0;
   for (int i = 0; i < size(); ++i) {
     Entry& e = entries_[i];
     TSP_CHECK(0 <= e.param && e.param < n, "shard of unknown parameter #{}", e.param);
     e.shape = e.map.shard_shape(specs[e.param].shape);
-    e.offset = total;
-    total += (shape_numel(e.shape) + 15) / 16 * 16;  // each shard starts 64-byte aligned
     entry_of_param_[e.param] = i;
   }
-  TSP_CHECK(compute == DType::F32 || compute == DType::BF16,
-            "the compute dtype must be f32 or bf16, not {}", dtype_name(compute));
+  // Each shard starts 64-byte aligned (16 floats). Without ZeRO-1 the shards lie in declaration
+  // order; with it, grouped into buckets by key, highest layer first (the order backward makes
+  // them final), the end bucket last, each bucket padded to a multiple of R (and of 16).
+  auto aligned = [](int64_t x) { return (x + 15) / 16 * 16; };
+  total_ = 0;
+  if (R == 1) {
+    for (Entry& e : entries_) {
+      e.offset = total_;
+      total_ += aligned(shape_numel(e.shape));
+    }
+  } else {
+    std::vector<int> keys;
+    for (const Entry& e : entries_) keys.push_back(partition_.bucket_of_param[e.param]);
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    std::reverse(keys.begin(), keys.end());  // L-1, ..., 0, then -1
+    const int64_t quantum = std::lcm<int64_t>(16, R);
+    for (int key : keys) {
+      Bucket b{key, total_, 0, 0, 0, nullptr, false};
+      for (Entry& e : entries_) {
+        if (partition_.bucket_of_param[e.param] != key) continue;
+        e.offset = total_;
+        e.bucket = static_cast<int>(buckets_.size());
+        total_ += aligned(shape_numel(e.shape));
+      }
+      b.length = (total_ - b.begin + quantum - 1) / quantum * quantum;
+      b.part = b.length / R;
+      total_ = b.begin + b.length;
+      buckets_.push_back(std::move(b));
+    }
+    int64_t owned = 0;
+    for (Bucket& b : buckets_) {
+      b.owned = owned;
+      owned += b.part;
+    }
+  }
   backend_ = &backend;
   compute_dtype_ = compute;
   const Device dev = backend.device();
-  values_ = Tensor::zeros({total}, DType::F32, MemCategory::Weights, dev);  // padding included
+  const int64_t total = total_;
+  const bool bf16_master = compute != DType::F32;
+  // Without ZeRO-1, or under F32 (where the compute copy is the master), the values slab is whole.
+  if (R == 1 || !bf16_master)
+    values_ = Tensor::zeros({total}, DType::F32, MemCategory::Weights, dev);
   grads_ = Tensor::zeros({total}, DType::F32, MemCategory::Grads, dev);
-  if (compute != DType::F32) compute_ = Tensor::zeros({total}, compute, MemCategory::Weights, dev);
+  if (bf16_master) compute_ = Tensor::zeros({total}, compute, MemCategory::Weights, dev);
+  if (R > 1) {
+    const int64_t owned = total / R;
+    if (bf16_master) master_ = Tensor::zeros({owned}, DType::F32, MemCategory::Weights, dev);
+    owned_grads_ = Tensor::zeros({owned}, DType::F32, MemCategory::Grads, dev);
+    exp_avg_ = Tensor::zeros({owned}, DType::F32, MemCategory::Optimizer, dev);
+    exp_avg_sq_ = Tensor::zeros({owned}, DType::F32, MemCategory::Optimizer, dev);
+  }
   allocated_ = true;
 
   // Learn which piece (of how many, by rows or columns) every group rank holds, for gather().
@@ -296,6 +346,8 @@ int ShardStore::entry_of_checked(int param) const {
 
 TensorView ShardStore::value(int entry) const {
   const Entry& e = entries_.at(entry);
+  TSP_CHECK(!values_.empty(),
+            "the whole fp32 master of a shard is not kept under ZeRO-1 with bf16");
   return values_.window(e.offset, e.shape);
 }
 
@@ -309,34 +361,145 @@ TensorView ShardStore::compute(int entry) const {
   return (compute_.empty() ? values_ : compute_).window(e.offset, e.shape);
 }
 
+TensorView ShardStore::master_part(const Bucket& b) const {
+  return master_.empty() ? values_.window(owned_begin(b), {b.part})
+                         : master_.window(b.owned, {b.part});
+}
+
 void ShardStore::zero_grads() {
   backend_->zero(grads_.view());
+  if (zero()) backend_->zero(owned_grads_.view());
 }
 
 void ShardStore::refresh_compute() {
-  if (!compute_.empty()) backend_->copy(values_.view(), compute_.view());
+  if (!compute_.empty() && !zero()) backend_->copy(values_.view(), compute_.view());
 }
 
 std::vector<ParamShard> ShardStore::shards(const std::vector<ParamSpec>& specs) const {
   std::vector<ParamShard> out;
-  for (int i = 0; i < size(); ++i)
-    out.push_back({&specs[entries_[i].param], value(i), grad(i), entries_[i].replicated});
+  if (!zero()) {
+    for (int i = 0; i < size(); ++i) {
+      ParamShard sh;
+      sh.spec = &specs[entries_[i].param];
+      sh.value = value(i);
+      sh.grad = grad(i);
+      sh.replicated_in_group = entries_[i].replicated;
+      out.push_back(sh);
+    }
+    return out;
+  }
+  // This replica's part of each bucket, cut at the shards' boundaries (alignment and bucket
+  // padding belong to no shard and are never updated).
+  for (const Bucket& b : buckets_) {
+    const int64_t lo = owned_begin(b), hi = lo + b.part;
+    const TensorView master = master_part(b);
+    for (const Entry& e : entries_) {
+      if (&buckets_[e.bucket] != &b) continue;
+      const int64_t p0 = std::max(lo, e.offset), p1 = std::min(hi, e.offset + shape_numel(e.shape));
+      if (p0 >= p1) continue;
+      const int64_t at = p0 - lo;  // into this part
+      ParamShard sh;
+      sh.spec = &specs[e.param];
+      sh.value = master.window(at, {p1 - p0});
+      sh.grad = owned_grads_.window(b.owned + at, {p1 - p0});
+      sh.replicated_in_group = e.replicated;
+      sh.partitioned_over_replicas = true;
+      sh.exp_avg = exp_avg_.window(b.owned + at, {p1 - p0});
+      sh.exp_avg_sq = exp_avg_sq_.window(b.owned + at, {p1 - p0});
+      out.push_back(sh);
+    }
+  }
   return out;
 }
 
 void ShardStore::load(const WeightSource& src, const std::vector<ParamSpec>& specs) {
   TSP_CHECK(allocated_, "ShardStore::load before allocate()");
   for (int i = 0; i < size(); ++i) {
-    const TensorView dst = value(i);
-    if (dst.device().is_cpu()) {
-      load_shard(src, specs[entries_[i].param], entries_[i].map, dst);
-    } else {  // read on the host, then one upload
-      Tensor host(dst.shape(), DType::F32, MemCategory::Workspace);
-      load_shard(src, specs[entries_[i].param], entries_[i].map, host.view());
-      backend_->upload(host.data(), dst);
+    const Entry& e = entries_[i];
+    if (!values_.empty() && values_.device().is_cpu()) {  // straight into the master slab
+      load_shard(src, specs[e.param], e.map, value(i));
+      continue;
     }
+    // Read on the host, then one upload: into the whole master, or (ZeRO-1 under bf16) into a
+    // shard-sized buffer from which the compute copy and this replica's master parts are taken.
+    Tensor host(e.shape, DType::F32, MemCategory::Workspace);
+    load_shard(src, specs[e.param], e.map, host.view());
+    if (!values_.empty()) {
+      backend_->upload(host.data(), value(i));
+      continue;
+    }
+    Tensor full(e.shape, DType::F32, MemCategory::Workspace, backend_->device());
+    backend_->upload(host.data(), full.view());
+    const int64_t numel = shape_numel(e.shape);
+    backend_->copy(full.view(), compute(i));
+    const Bucket& b = buckets_[e.bucket];
+    const int64_t lo = owned_begin(b);
+    const int64_t p0 = std::max(lo, e.offset), p1 = std::min(lo + b.part, e.offset + numel);
+    if (p0 < p1)
+      backend_->copy(full.window(p0 - e.offset, {p1 - p0}),
+                     master_.window(b.owned + (p0 - lo), {p1 - p0}));
   }
   refresh_compute();
+}
+
+// ---- ZeRO-1 -------------------------------------------------------------------------------------
+
+void ShardStore::begin_backward() {
+  if (!zero()) return;
+  backend_->zero(grads_.view());
+  for (Bucket& b : buckets_) {
+    TSP_CHECK(!b.started, "a gradient reduction of the previous backward was never finished");
+  }
+}
+
+void ShardStore::start_bucket_reductions(int from_layer, Communicator& replicas) {
+  if (!zero()) return;
+  for (Bucket& b : buckets_) {
+    if (b.started || (from_layer >= 0 && b.key < from_layer)) continue;
+    // In place: the bucket holds the R parts' local sums; the sum of this replica's part comes
+    // back at the bucket's start. Gradients reduce in fp32 whatever the compute dtype.
+    void* bucket = grads_.window(b.begin, {b.length}).data();
+    b.reduce = replicas.ireduce_scatter(bucket, bucket, b.part, DType::F32);
+    b.started = true;
+  }
+}
+
+void ShardStore::finish_reductions() {
+  if (!zero()) return;
+  for (Bucket& b : buckets_) {
+    TSP_CHECK(b.started, "ZeRO-1: a gradient bucket was never reduced");
+    b.reduce->wait();
+    b.reduce = nullptr;
+    b.started = false;
+    backend_->add(owned_grads_.window(b.owned, {b.part}), grads_.window(b.begin, {b.part}));
+  }
+}
+
+void ShardStore::sync_compute(Communicator& replicas) {
+  if (!zero()) return;
+  const TensorView slab = compute_.empty() ? values_.view() : compute_.view();
+  const DType dt = slab.dtype();
+  std::vector<RequestPtr> pending;
+  for (const Bucket& b : buckets_) {
+    // Round the owned master part into its place (under F32 it is that place already), then
+    // gather every replica's part of the bucket in place, in the compute dtype.
+    const TensorView mine = slab.window(owned_begin(b), {b.part});
+    if (!compute_.empty()) backend_->copy(master_part(b), mine);
+    pending.push_back(
+        replicas.iall_gather(mine.data(), slab.window(b.begin, {b.length}).data(), b.part, dt));
+  }
+  for (RequestPtr& r : pending) r->wait();
+}
+
+Tensor ShardStore::assemble_over_replicas(bool grads, Communicator& replicas) const {
+  if (!zero()) return {};
+  Tensor full = Tensor::zeros({total_}, DType::F32, MemCategory::Workspace, backend_->device());
+  for (const Bucket& b : buckets_) {
+    const TensorView mine = full.window(owned_begin(b), {b.part});
+    backend_->copy(grads ? owned_grads_.window(b.owned, {b.part}) : master_part(b), mine);
+    replicas.all_gather(mine.data(), full.window(b.begin, {b.length}).data(), b.part, DType::F32);
+  }
+  return full;
 }
 
 namespace {
@@ -356,8 +519,16 @@ void place_shard(const ShardMap& map, const Shape& full_shape, const float* shar
 }  // namespace
 
 void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group, bool grads,
-                        const std::function<void(const ParamSpec&, TensorView)>& sink) const {
+                        const std::function<void(const ParamSpec&, TensorView)>& sink,
+                        TensorView full_slab) const {
   TSP_CHECK(allocated_, "ShardStore::gather before allocate()");
+  TSP_CHECK(!zero() || !full_slab.empty(),
+            "ShardStore::gather under ZeRO-1 needs the slab assembled over the replicas");
+  // What this rank sends of entry e: its shard in the store, or in the assembled slab.
+  auto shard_of = [&](int e) {
+    if (!full_slab.empty()) return full_slab.window(entries_[e].offset, entries_[e].shape);
+    return grads ? grad(e) : value(e);
+  };
   const int me = group.rank();
   for (int p = 0; p < static_cast<int>(specs.size()); ++p) {
     const ParamSpec& spec = specs[p];
@@ -375,7 +546,7 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
     if (me != 0) {
       for (int i = 0; i < parts_[p]; ++i) {
         if (holder[i] != me) continue;
-        const TensorView t = grads ? grad(e) : value(e);
+        const TensorView t = shard_of(e);
         // Untagged: each sender sends in (parameter, piece) order, the order rank 0 receives.
         group.send(t.data(), t.numel(), DType::F32, 0);
       }
@@ -387,7 +558,7 @@ void ShardStore::gather(const std::vector<ParamSpec>& specs, Communicator& group
       Tensor piece;  // this piece, received (on the device) or rank 0's own
       TensorView src;
       if (holder[i] == 0) {
-        src = grads ? grad(e) : value(e);
+        src = shard_of(e);
       } else {
         piece = Tensor::f32(map.shard_shape(spec.shape), MemCategory::Comm, dev);
         group.recv(piece.data(), piece.numel(), DType::F32, holder[i]);
@@ -424,18 +595,37 @@ LayoutCommon::LayoutCommon(std::string name, const LlamaConfig& config,
   replica_ = world.rank() / D_;
   // On a GPU the data path is NCCL where every rank of the group has its own GPU, else MPI staging
   // through pinned host memory (comm/device_comm.h); on the CPU the MPI splits themselves.
+  TSP_CHECK(parallel.zero == 0 || parallel.zero == 1,
+            "--zero {} is not a ZeRO stage tsp implements; use 0 (every replica keeps the whole "
+            "optimizer state) or 1 (the optimizer state partitioned over the --dp replicas)",
+            parallel.zero);
   group_ =
       make_data_communicator(world.split(/*color=*/replica_, /*key=*/group_rank_), be_.device());
   replicas_ =
       make_data_communicator(world.split(/*color=*/group_rank_, /*key=*/replica_), be_.device());
 }
 
+void LayoutCommon::allocate_store() {
+  ReplicaPartition partition;
+  if (parallel_.zero == 1 && R_ > 1) {
+    partition.replicas = R_;
+    partition.replica = replica_;
+    for (int p = 0; p < static_cast<int>(specs_.size()); ++p)
+      partition.bucket_of_param.push_back(grad_final_at_end(p) ? -1 : specs_[p].layer);
+  }
+  store_.allocate(specs_, *group_, be_, parallel_.dtype, std::move(partition));
+}
+
 void LayoutCommon::gather(bool grads,
                           const std::function<void(const ParamSpec&, TensorView)>& sink) {
+  // Under ZeRO-1 each replica holds its part of the master values and reduced gradients: every
+  // replica takes part in assembling them (the other replicas' weights in the compute copy are
+  // rounded, so the fp32 masters travel).
+  const Tensor full = store_.assemble_over_replicas(grads, *replicas_);
   // Every replica holds the same values (and, after forward_backward, the same gradients), so
   // replica 0 alone reassembles; its group rank 0 is world rank 0.
   if (replica_ != 0) return;
-  store_.gather(specs_, *group_, grads, sink);
+  store_.gather(specs_, *group_, grads, sink, full.view());
 }
 
 ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
@@ -548,6 +738,19 @@ double LayoutCommon::step(const Batch& batch, bool backward) {
   // The optimizer updated the fp32 master weights since the last step: round them into the compute
   // copy (nothing to do under f32).
   store_.refresh_compute();
+  if (store_.zero()) {
+    // ZeRO-1: the gradient slab is this backward's scratch; run() reduce-scatters its buckets over
+    // the replicas as they become final, and the sums of this replica's parts accumulate in the
+    // store's partition (so gradient accumulation needs no scaling).
+    if (backward) store_.begin_backward();
+    Tensor loss = Tensor::zeros({1}, DType::F64, MemCategory::Workspace, device());
+    run(rb, backward, loss.view());
+    if (backward) {
+      store_.start_bucket_reductions(-1, *replicas_);
+      store_.finish_reductions();
+    }
+    return reduce_loss(be_.host_f64(loss.view()), batch.B * batch.S);
+  }
   TensorView g = store_.grad_slab();
   // The replica all-reduce below sums the whole gradient slab, including what earlier calls
   // accumulated (identical on every replica after their own all-reduce). Pre-scaling it by 1/R
@@ -642,6 +845,13 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
     layer_backward(l, t, saved[l], dx.view(), xn.view(), dxn.view());
     saved[l] = block::LayerSaved();  // this layer's activations are no longer needed
     part_done(Part::LayerBackward, l);
+    // ZeRO-1: the buckets whose gradients are final now start their reduce-scatter over the
+    // replicas, moving behind the backward of the layers below (on the CPU they advance inside
+    // MPI calls: the layout's own, and the progress point here).
+    if (store_.zero()) {
+      store_.start_bucket_reductions(grads_final_from_layer(l), *replicas_);
+      replicas_->progress();
+    }
   }
   embed_backward(t, dx.view());
   part_done(Part::EmbeddingBackward, -1);

@@ -64,9 +64,34 @@ struct ShardMap {
 void load_shard(const WeightSource& src, const ParamSpec& spec, const ShardMap& map,
                 TensorView dst);
 
+// How the R data-parallel replicas share the optimizer state (ZeRO-1, docs/layouts.md "Data
+// parallelism"). With replicas = 1 every replica keeps all of it.
+struct ReplicaPartition {
+  int replicas = 1;  // R when ZeRO-1 is on and R > 1, else 1
+  int replica = 0;   // this replica's index
+  // The gradient bucket of every parameter (by llama_param_specs index): the layer whose backward
+  // makes its store gradient final, or -1 for those final only at the end of the backward
+  // (embedding, final norm, LM head, and whatever a layout reduces at the end).
+  std::vector<int> bucket_of_param;
+};
+
 // This rank's shards: fp32 master values in one Weights slab, fp32 gradients in one Grads slab (so
 // the replica all-reduce is one call), and with a BF16 compute dtype a bf16 copy of the values in
 // a third slab (Weights) that every forward reads and every weight transfer moves.
+//
+// Under ZeRO-1 (ReplicaPartition::replicas = R > 1) the slabs are cut into BUCKETS, one per layer
+// (in backward order) and one for the parameters final only at the end; each bucket is contiguous
+// and padded to a multiple of R elements (and of 16, as every shard is), and its R equal PARTS are
+// owned one per replica. This replica's parts of every bucket, end to end, form its PARTITION:
+//   - the gradient slab is this rank's local scratch: each backward sums into it, and each bucket
+//     is reduce-scattered over the replicas as soon as it is final (start_bucket_reductions), in
+//     place, so the sum of this replica's part lands at the bucket's start; finish_reductions adds
+//     it into the partition's gradient (owned_grads_), which accumulates over micro-batches;
+//   - the fp32 master values of the partition are the optimizer's (under F32 they are the values
+//     slab's own owned parts; under BF16 a compact slab of 1/R, the full bf16 compute copy stays);
+//   - the AdamW moments live in compact slabs of the partition (Optimizer), 1/R of the whole;
+//   - after the optimizer step, sync_compute() rounds the owned master parts into the compute
+//     copy and all-gathers every bucket of it over the replicas.
 class ShardStore {
  public:
   // Declare a shard of specs[param] before allocate(); returns its entry index. A parameter may be
@@ -75,12 +100,11 @@ class ShardStore {
   // Allocates the slabs on the backend's device (gradients zeroed) and learns, over `group`,
   // which piece every group rank holds (for gather). Collective over the group.
   void allocate(const std::vector<ParamSpec>& specs, Communicator& group, Backend& backend,
-                DType compute);
+                DType compute, ReplicaPartition partition = {});
 
   int size() const { return static_cast<int>(entries_.size()); }
   int entry_of(int param) const;        // -1 when this rank holds no shard of it
-  TensorView value(int entry) const;    // fp32 master
-  TensorView grad(int entry) const;     // fp32
+  TensorView grad(int entry) const;     // fp32 (under ZeRO-1: this backward's local sums)
   TensorView compute(int entry) const;  // the compute-dtype copy (the master itself under F32)
   // Shorthands by parameter index (throw if not held): the weights to compute with, and the
   // gradient to accumulate into.
@@ -88,20 +112,40 @@ class ShardStore {
   TensorView g(int param) const { return grad(entry_of_checked(param)); }
   const ShardMap& map(int entry) const { return entries_[entry].map; }
   TensorView grad_slab() const { return grads_.view(); }
-  TensorView value_slab() const { return values_.view(); }
   DType compute_dtype() const { return compute_dtype_; }
+  bool zero() const { return partition_.replicas > 1; }
+  // Elements of every slab (shards, their alignment and the buckets' padding).
+  int64_t slab_elements() const { return total_; }
 
   void zero_grads();
-  // Round the master values into the compute copy (no-op under F32). LayoutCommon calls it before
-  // every step, so an optimizer update is always seen.
+  // Round the master values into the compute copy (no-op under F32 and under ZeRO-1, where
+  // sync_compute does it). LayoutCommon calls it before every step, so an update is always seen.
   void refresh_compute();
   std::vector<ParamShard> shards(const std::vector<ParamSpec>& specs) const;
   void load(const WeightSource& src, const std::vector<ParamSpec>& specs);
   // Reassemble each full parameter (fp32 master values or gradients) on group rank 0, in
   // canonical order, and pass it to sink there as host memory. Collective over the group. Each
-  // piece comes from the lowest group rank holding it.
+  // piece comes from the lowest group rank holding it. `full` (from assemble_over_replicas under
+  // ZeRO-1) is the whole slab to read from instead of the store's own.
   void gather(const std::vector<ParamSpec>& specs, Communicator& group, bool grads,
-              const std::function<void(const ParamSpec&, TensorView)>& sink) const;
+              const std::function<void(const ParamSpec&, TensorView)>& sink,
+              TensorView full_slab = {}) const;
+
+  // ---- ZeRO-1 (no-ops without it) -----------------------------------------------------------
+  // Zero the local gradient scratch before a backward.
+  void begin_backward();
+  // Start the reduce-scatter of every bucket not started yet whose key is >= `from_layer` (-1:
+  // all of them, the end bucket included).
+  void start_bucket_reductions(int from_layer, Communicator& replicas);
+  // Wait for every started reduction and add this replica's part into the partition's gradient.
+  void finish_reductions();
+  // After the optimizer updated the partition's master values: the compute copy of every bucket,
+  // rounded from the owners' masters and all-gathered over the replicas. Collective over them.
+  void sync_compute(Communicator& replicas);
+  // The whole fp32 slab of master values (grads = false) or reduced gradients, on every replica,
+  // all-gathered from the partitions; an empty tensor without ZeRO-1 (the store's own slabs are
+  // whole). Collective over the replicas.
+  Tensor assemble_over_replicas(bool grads, Communicator& replicas) const;
 
  private:
   struct Entry {
@@ -110,8 +154,23 @@ class ShardStore {
     bool replicated;
     Shape shape;
     int64_t offset;  // elements into the slabs
+    int bucket = 0;  // its bucket under ZeRO-1 (0 otherwise)
+  };
+  // A contiguous run of the slabs, reduced and gathered over the replicas in one call.
+  struct Bucket {
+    int key;            // ReplicaPartition::bucket_of_param's value of its parameters
+    int64_t begin;      // elements into the slabs
+    int64_t length;     // a multiple of R
+    int64_t part;       // length / R: what each replica owns
+    int64_t owned;      // elements into the partition's compact slabs
+    RequestPtr reduce;  // the reduce-scatter in flight
+    bool started = false;
   };
   int entry_of_checked(int param) const;
+  TensorView value(int entry) const;  // fp32 master, whole shard (not under ZeRO-1 with BF16)
+  // This replica's part of bucket b in the full slabs, and its place in the partition.
+  int64_t owned_begin(const Bucket& b) const { return b.begin + partition_.replica * b.part; }
+  TensorView master_part(const Bucket& b) const;  // F32 [b.part]
   std::vector<Entry> entries_;
   std::vector<int> entry_of_param_;  // by parameter index
   // held_[param][group rank] = piece held by that rank, or -1.
@@ -119,6 +178,10 @@ class ShardStore {
   std::vector<int> parts_;  // by parameter index
   std::vector<ShardMap::Kind> kinds_;
   Tensor values_, grads_, compute_;
+  ReplicaPartition partition_;
+  std::vector<Bucket> buckets_;                         // under ZeRO-1
+  Tensor master_, owned_grads_, exp_avg_, exp_avg_sq_;  // the partition's (ZeRO-1)
+  int64_t total_ = 0;
   Backend* backend_ = nullptr;
   DType compute_dtype_ = DType::F32;
   bool allocated_ = false;
@@ -188,6 +251,8 @@ class LayoutCommon : public Layout {
   void load(const WeightSource& src) override { store_.load(src, specs_); }
   void zero_grads() override { store_.zero_grads(); }
   std::vector<ParamShard> parameters() override { return store_.shards(specs_); }
+  void parameters_updated() override { store_.sync_compute(*replicas_); }
+  int zero_stage() const override { return store_.zero() ? 1 : 0; }
   void gather(bool grads, const std::function<void(const ParamSpec&, TensorView)>& sink) override;
   // Validate, take this replica's rows, run the recipe, all-reduce gradients over replicas,
   // reduce the loss.
@@ -237,6 +302,16 @@ class LayoutCommon : public Layout {
     End
   };
   virtual void part_done(Part part, int layer) {}
+  // ZeRO-1's gradient buckets (ShardStore). After the backward of layer l, the store gradients of
+  // every layer >= grads_final_from_layer(l) are final (default l; a layout that adds a layer's
+  // gradients into the store later says so), except those of the parameters for which
+  // grad_final_at_end is true (reduced by the layout at the end of the backward), which go in the
+  // end bucket with the embedding, final norm and LM head.
+  virtual int grads_final_from_layer(int l) const { return l; }
+  virtual bool grad_final_at_end(int param) const { return false; }
+  // Allocates the store (ShardStore::allocate) with this layout's replica partition; every layout
+  // calls it once its shards are declared.
+  void allocate_store();
   // Where backward accumulates a norm weight's gradient (default: the store).
   virtual TensorView grad_target(int param) { return store_.g(param); }
   // The compute-dtype weight of a norm (input, post-attention, final) the recipe applies

@@ -29,7 +29,7 @@ class SingleLayout final : public LayoutCommon {
               world.size(), world.size(), parallel.dp);
     for (int i = 0; i < static_cast<int>(specs_.size()); ++i)
       store_.add(i, ShardMap::whole(), /*replicated_in_group=*/false);
-    store_.allocate(specs_, group(), be_, parallel.dtype);
+    allocate_store();
     ad_ = block::attn_dims(config_);
   }
 

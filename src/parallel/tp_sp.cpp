@@ -189,7 +189,7 @@ class TpSpLayout final : public LayoutCommon {
           break;
       }
     }
-    store_.allocate(specs_, group(), be_, parallel.dtype);
+    allocate_store();
   }
 
   std::vector<ParamShard> parameters() override {

@@ -99,7 +99,7 @@ class TspLayout final : public LayoutCommon, public TspTrafficReport {
                   ShardMap::rows(D, p).range(wk) == group_.kv_rows() &&
                   ShardMap::cols(D, p).range(specs_[idx_.layers[0].wo].shape) == group_.q_rows(),
               "tsp: the row shards of q/k/v/o do not match head group {} of {}", p, D);
-    store_.allocate(specs_, group(), be_, parallel.dtype);
+    allocate_store();
   }
 
   const TspTraffic& last_traffic() const override { return traffic_; }
@@ -125,6 +125,11 @@ class TspLayout final : public LayoutCommon, public TspTrafficReport {
   TensorView grad_target(int param) override;
   void end_backward(const LocalTokens& t) override;
   void part_done(Part part, int layer) override;
+  // At D > 1 the norm gradients reach the store in end_backward (one all-reduce of all of them).
+  bool grad_final_at_end(int param) const override {
+    const ParamKind k = specs_[param].kind;
+    return D() > 1 && (k == ParamKind::InputNorm || k == ParamKind::PostNorm);
+  }
 
  private:
   using BwdBody = std::function<void(int s, const Pieces& w, const Pieces& g)>;
@@ -613,6 +618,8 @@ class TspModel final : public LayoutModel {
     s.hd = 1;  // every rank saves all heads of its own tokens
     return s;
   }
+  // TspLayout::grad_final_at_end: the norm gradients' one all-reduce at the end of the backward.
+  bool norm_grads_final_at_end(const LayoutSpec& l) const override { return l.D > 1; }
 
   // §2. Weight shards (broadcasts, rings) and K/V in the compute dtype; dK/dV reduce-scatters,
   // the attention-shard gradients reduced to their owner and the MLP gradient accumulators that

@@ -7,6 +7,7 @@
 #include "tsp/plan/measure.h"
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "ops/cpu/attention_internal.h"
@@ -52,8 +53,30 @@ int64_t params_held(const Dims& s, int64_t w, bool split_norms) {
   return s.L * block + vocab + aligned(norm);
 }
 
+int64_t store_elements(const Dims& s, int64_t w, bool split_norms, int zero_replicas,
+                       bool norms_at_end) {
+  if (zero_replicas <= 1) return params_held(s, w, split_norms);
+  // ZeRO-1 (ShardStore::allocate): one bucket per layer and one for what is final at the end of
+  // the backward, each padded to a multiple of lcm(16, R) elements.
+  const int64_t quantum = std::lcm<int64_t>(16, zero_replicas);
+  auto padded = [&](int64_t x) { return (x + quantum - 1) / quantum * quantum; };
+  const int64_t norm = aligned(split_norms ? s.h / w : s.h);
+  const std::vector<int64_t> numels = block_param_numels(s);
+  int64_t layer = 0;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const bool is_norm = i == 0 || i == 5;
+    if (is_norm && norms_at_end) continue;
+    layer += is_norm ? norm : aligned(numels[i] / w);
+  }
+  const int64_t end =
+      aligned(s.V / w * s.h) * (s.tied ? 1 : 2) + norm + (norms_at_end ? 2 * s.L * norm : 0);
+  return s.L * padded(layer) + padded(end);
+}
+
 LayoutSpec LayoutModel::spec_of(Layout& layout, int D, int R) const {
-  return {layout.name(), D, 1, R};
+  LayoutSpec l{layout.name(), D, 1, R};
+  l.zero = layout.zero_stage();
+  return l;
 }
 
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
@@ -66,11 +89,24 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
   // The ShardStore (src/parallel/layout_common.cpp): fp32 master values and fp32 gradients, each
   // one slab of the aligned shards; under bf16 a third slab of the same element count holds the
   // compute copy (Weights). AdamW's two fp32 moments per element (Optimizer).
-  const int64_t held = params_held(s, model.store_split(l), model.store_splits_norms());
+  // Under ZeRO-1 over R replicas (ShardStore's partition): the slabs are cut in buckets padded
+  // to R equal parts; the fp32 master (under bf16; under f32 it is the whole compute slab), the
+  // reduced gradient and both moments are kept for this replica's part only (1/R), beside the
+  // whole compute copy and the whole local gradient slab.
+  const int zr = zero_replicas(l);
+  const int64_t held = store_elements(s, model.store_split(l), model.store_splits_norms(), zr,
+                                      zr > 1 && model.norm_grads_final_at_end(l));
+  const int64_t part = held / zr;
   MemoryBreakdown state;
-  state[MemCategory::Weights] = kF32 * held + (e.mixed() ? e.weight * held : 0);
-  state[MemCategory::Grads] = kF32 * held;
-  if (optimizer) state[MemCategory::Optimizer] = 2 * kF32 * held;
+  if (zr == 1) {
+    state[MemCategory::Weights] = kF32 * held + (e.mixed() ? e.weight * held : 0);
+    state[MemCategory::Grads] = kF32 * held;
+    if (optimizer) state[MemCategory::Optimizer] = 2 * kF32 * held;
+  } else {
+    state[MemCategory::Weights] = e.mixed() ? e.weight * held + kF32 * part : kF32 * held;
+    state[MemCategory::Grads] = kF32 * held + kF32 * part;
+    state[MemCategory::Optimizer] = 2 * kF32 * part;  // the store's partition holds them
+  }
 
   LocalInputs in;
   in.m = &m;
@@ -118,10 +154,20 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
   in.S = S;
   in.e = e;
   if (l.D > 1) model.outside_traffic(in, t);
-  if (l.R > 1)
+  const int zr = zero_replicas(l);
+  if (zr > 1) {
+    // ZeRO-1 (ShardStore): every bucket reduce-scattered over the replicas in fp32, each replica
+    // receiving its part; after the optimizer step the parts all-gathered in the compute dtype.
+    const int64_t part = store_elements(s, model.store_split(l), model.store_splits_norms(), zr,
+                                        model.norm_grads_final_at_end(l)) /
+                         zr;
+    t.backward += reduce_scatter(zr, part * e.reduce);
+    t.update += all_gather(zr, part * e.weight);
+  } else if (l.R > 1) {
     // LayoutCommon: the whole fp32 gradient slab all-reduced over the replicas.
     t.backward += all_reduce(
         l.R, params_held(s, model.store_split(l), model.store_splits_norms()) * e.reduce);
+  }
   (void)group_rank;  // broadcast roots: every rank is root once per round set, so totals agree
   return t;
 }

@@ -113,6 +113,16 @@ inline std::vector<int64_t> block_param_numels(const Dims& s) {
 // split too when `split_norms` (fsdp-cp cuts every parameter).
 int64_t params_held(const Dims& s, int64_t w, bool split_norms);
 
+// The replicas ZeRO-1 partitions the optimizer state over: R when it is on and R > 1, else 1.
+inline int zero_replicas(const LayoutSpec& l) {
+  return l.zero == 1 && l.R > 1 ? l.R : 1;
+}
+// Elements of each ShardStore slab: params_held, or under ZeRO-1 over `zero_replicas` > 1 the
+// buckets (one per layer, one for the end of the backward, which also takes the norms when
+// `norms_at_end`) each padded to a multiple of lcm(16, R).
+int64_t store_elements(const Dims& s, int64_t w, bool split_norms, int zero_replicas,
+                       bool norms_at_end);
+
 // A unit of fsdp-cp (src/parallel/fsdp_cp.cpp, struct Unit): its full tensors one after another,
 // each aligned, and this rank's pieces likewise (elements).
 struct UnitSize {

@@ -21,8 +21,6 @@ AdamW::AdamW(std::vector<ParamShard> shards, AdamWConfig config)
             "AdamW betas must lie in [0, 1), got ({}, {})", config_.beta1, config_.beta2);
   TSP_CHECK(config_.eps > 0, "AdamW eps must be positive, got {}", config_.eps);
   TSP_CHECK(config_.weight_decay >= 0, "weight decay must be >= 0, got {}", config_.weight_decay);
-  m_.reserve(shards_.size());
-  v_.reserve(shards_.size());
   for (const ParamShard& s : shards_) {
     TSP_CHECK(s.spec != nullptr, "a parameter shard has no spec");
     TSP_CHECK(s.value.dtype() == DType::F32 && s.grad.dtype() == DType::F32 &&
@@ -34,13 +32,31 @@ AdamW::AdamW(std::vector<ParamShard> shards, AdamWConfig config)
     TSP_CHECK(
         s.value.device() == shards_.front().value.device() && s.grad.device() == s.value.device(),
         "{}: every shard the optimizer updates must live on one device", s.spec->name);
-    // The moments start at zero (explicitly: allocations are not zeroed).
-    m_.push_back(
-        Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer, s.value.device()));
-    v_.push_back(
-        Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer, s.value.device()));
   }
   backend_ = &backend_for(shards_.empty() ? Device::cpu() : shards_.front().value.device());
+  for (const ParamShard& s : shards_) {
+    // The moments start at zero (explicitly: allocations are not zeroed, and a store's partition
+    // may hold a previous optimizer's).
+    for (const auto& [given, out] : {std::pair{s.exp_avg, &m_}, std::pair{s.exp_avg_sq, &v_}}) {
+      if (given.empty()) {
+        owned_.push_back(
+            Tensor::zeros(s.value.shape(), DType::F32, MemCategory::Optimizer, s.value.device()));
+        out->push_back(owned_.back().view());
+      } else {
+        TSP_CHECK(given.dtype() == DType::F32 && given.numel() == s.value.numel() &&
+                      given.device() == s.value.device(),
+                  "{}: the moments the store provides must be f32 of the shard's size, on its "
+                  "device",
+                  s.spec->name);
+        backend_->zero(given);
+        out->push_back(given);
+      }
+    }
+  }
+}
+
+AdamW::AdamW(Layout& layout, AdamWConfig config) : AdamW(layout.parameters(), config) {
+  layout_ = &layout;
 }
 
 void AdamW::step(double lr, double grad_scale) {
@@ -64,12 +80,13 @@ void AdamW::step(double lr, double grad_scale) {
     st.decay = applies_weight_decay(sh.spec->kind)
                    ? static_cast<float>(1.0 - lr * config_.weight_decay)
                    : 1.0f;
-    backend_->adamw(sh.value, sh.grad, m_[i].view(), v_[i].view(), st);
+    backend_->adamw(sh.value, sh.grad, m_[i], v_[i], st);
   }
+  if (layout_ != nullptr) layout_->parameters_updated();
 }
 
 bool counts_in_global_sum(const ParamShard& shard, int group_rank, int replica_rank) {
-  if (replica_rank != 0) return false;
+  if (replica_rank != 0 && !shard.partitioned_over_replicas) return false;
   if (shard.replicated_in_group && group_rank != 0) return false;
   return shard.copy_index == 0;
 }

@@ -98,7 +98,7 @@ TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
         }
         SCOPED_TRACE(fmt::format("{} {} {} world={}", k.name, info.name, dtype_name(dtype), W));
         layout->load(RandomWeights(11));
-        AdamW opt(layout->parameters(), AdamWConfig{});
+        AdamW opt(*layout, AdamWConfig{});
         const plan::LayoutSpec spec = plan::layout_spec_of(*layout, W);
 
         MemoryTracker::instance().reset_peaks();

@@ -97,7 +97,7 @@ TEST_F(PartialRead, TrainingOnPartialBatchesEqualsTrainingOnWholeOnes) {
   DataLoader whole(corpus_, opts), part(corpus_, opts);
   std::unique_ptr<Layout> a = tsp_layout(), b = tsp_layout();
   part.set_need(b->token_need(B, S));
-  AdamW opt_a(a->parameters(), AdamWConfig{}), opt_b(b->parameters(), AdamWConfig{});
+  AdamW opt_a(*a, AdamWConfig{}), opt_b(*b, AdamWConfig{});
   for (int64_t step = 0; step < 4; ++step) {
     a->zero_grads();
     b->zero_grads();

@@ -54,6 +54,22 @@ compare single.jsonl tp_sp.jsonl "tp-sp T=2 x S=2"
 train 4 --layout fsdp-cp --metrics fsdp_cp.jsonl
 compare single.jsonl fsdp_cp.jsonl "fsdp-cp D=4"
 
+# Data parallelism (issue 13): every layout with --dp 2 and --dp 4 (D = 2 and 1 at 4 ranks), the
+# gradients all-reduced over the replicas (--zero 0) or reduce-scattered with the optimizer state
+# partitioned over them (--zero 1: ZeRO-1, each replica updates its part, the parts all-gathered).
+# Either way the losses are single's to fp32 rounding (the same bound and reasoning as above: only
+# the summation order of the replica reduction and of the gradient norm changes).
+for layout in tp sp tp-sp tsp fsdp-cp; do
+  for dp in 2 4; do
+    for zero in 0 1; do
+      train 4 --layout "$layout" --dp "$dp" --zero "$zero" --metrics "dp_${layout}_${dp}_${zero}.jsonl"
+      compare single.jsonl "dp_${layout}_${dp}_${zero}.jsonl" "$layout --dp $dp --zero $zero"
+    done
+  done
+done
+train 4 --layout single --dp 4 --zero 0 --metrics single_dp4_z0.jsonl
+compare single.jsonl single_dp4_z0.jsonl "single --dp 4 --zero 0"
+
 # The runs above read only what each rank's layout reads (Layout::token_need), so the equal
 # losses also show that partial reads change nothing. What a rank reads per step (B=4, S=32):
 # tsp D=4: its replica's 4 rows x (chunks p and 7-p of 4 inputs + the label after each chunk,
@@ -82,4 +98,22 @@ train 2 --layout tp --resume ck_tsp --metrics tsp_to_tp.jsonl
 compare single.jsonl tsp_to_tp.jsonl "resume tsp D=4 -> tp D=2" 11
 train 4 --layout fsdp-cp --dp 2 --resume ck_tsp --metrics tsp_to_fsdp.jsonl
 compare single.jsonl tsp_to_fsdp.jsonl "resume tsp D=4 -> fsdp-cp 2x2" 11
+
+# Checkpoints do not depend on the replica count or the ZeRO stage: the partitioned master weights
+# and moments are assembled whole on save and cut again on resume. Written at R = 4 with ZeRO-1,
+# resumed at R = 1 and R = 2 under other layouts (to fp32 rounding: another summation order).
+train 4 --layout tsp --dp 4 --zero 1 --stop-at 10 --save ck_z4
+train 4 --layout tsp --resume ck_z4 --metrics z4_to_tsp.jsonl
+compare single.jsonl z4_to_tsp.jsonl "resume tsp R=4 Z1 -> tsp D=4" 11
+train 4 --layout fsdp-cp --dp 2 --zero 1 --resume ck_z4 --metrics z4_to_fsdp.jsonl
+compare single.jsonl z4_to_fsdp.jsonl "resume R=4 Z1 -> fsdp-cp 2x2 Z1" 11
+train 1 --layout single --resume ck_z4 --metrics z4_to_single.jsonl
+compare single.jsonl z4_to_single.jsonl "resume R=4 Z1 -> single" 11
+# Where the arithmetic is the same (the same layout, R and stage), resuming is bit-exact: the
+# losses of steps 11-20 are those of the uninterrupted run, digit for digit.
+train 4 --layout tp --dp 2 --zero 1 --stop-at 10 --save ck_tp_z1
+train 4 --layout tp --dp 2 --zero 1 --resume ck_tp_z1 --metrics tp_z1_resumed.jsonl
+diff <(losses dp_tp_2_1.jsonl | tail -n +11) <(losses tp_z1_resumed.jsonl) > /dev/null ||
+  fail "tp --dp 2 --zero 1: resuming at step 10 changed the losses of steps 11-20"
+echo "resume tp --dp 2 --zero 1 -> same           bit-exact"
 echo "PASS"

@@ -27,8 +27,8 @@ struct ParallelConfig {
   // master weights and AdamW moments; gradients are reduce-scattered over the replicas, the
   // updated weights all-gathered (docs/layouts.md, "Data parallelism").
   int zero = 0;
-  bool overlap = true;            // tsp: prefetch / double-buffer transfers (false: blocking)
-  Device device;                  // where weights, activations and compute live (Backend)
+  bool overlap = true;  // tsp: prefetch / double-buffer transfers (false: blocking)
+  Device device;        // where weights, activations and compute live (Backend)
   // Compute dtype: F32, or BF16 mixed precision (bf16 weight copies, activations and transfers;
   // fp32 master weights, gradients, statistics and accumulation; docs/design.md).
   DType dtype = DType::F32;
@@ -101,6 +101,12 @@ struct ParamShard {
   // replicated over the Σ sequence ranks), this rank's index among those holders. Global sums
   // (the gradient norm) count copy 0 only. 0 for a shard no other rank of the group holds.
   int copy_index = 0;
+  // ZeRO-1: this is this replica's part of the shard (value and grad are 1-D windows of it), and
+  // the other replicas own the rest: every replica counts its part in global sums. The store
+  // provides its AdamW moments (exp_avg, exp_avg_sq: F32, the same elements) in its partition;
+  // without ZeRO-1 they are empty and the optimizer allocates them.
+  bool partitioned_over_replicas = false;
+  TensorView exp_avg, exp_avg_sq;
 };
 
 class Layout {
@@ -125,7 +131,15 @@ class Layout {
   // would (rows per replica, zigzag chunks), with the same errors. Default: everything.
   virtual TokenNeed token_need(int64_t /*B*/, int64_t /*S*/) const { return {}; }
   virtual void zero_grads() = 0;
+  // This rank's parameters for the optimizer: whole shards, or under ZeRO-1 this replica's parts
+  // of them (ParamShard::partitioned_over_replicas).
   virtual std::vector<ParamShard> parameters() = 0;
+  // The optimizer changed the master values of parameters(): bring the weights every step
+  // computes with up to date (under ZeRO-1: round the owned parts and all-gather them over the
+  // replicas; collective over them). AdamW(Layout&, ...) calls it after every step.
+  virtual void parameters_updated() = 0;
+  // The ZeRO stage in effect: 1 when the optimizer state is partitioned over R > 1 replicas.
+  virtual int zero_stage() const = 0;
   // Reassemble full tensors on world rank 0, one parameter at a time in canonical order:
   // sink(spec, full) is called on world rank 0 only (the view lives until sink returns).
   virtual void gather(bool grads,

@@ -156,6 +156,9 @@ class LayoutModel {
   // Weight split of the ShardStore and whether it cuts the RMSNorm weights too.
   virtual int64_t store_split(const LayoutSpec& l) const { return split(l).w; }
   virtual bool store_splits_norms() const { return false; }
+  // Whether the norm weights' gradients reach the store only at the end of the backward (tsp at
+  // D > 1: one all-reduce of all of them), which puts them in ZeRO-1's end bucket.
+  virtual bool norm_grads_final_at_end(const LayoutSpec& l) const { return false; }
   // The candidate busiest moments of one training step (forward_backward, then AdamW).
   virtual void local_moments(const LocalInputs& in, std::vector<Moment>& out) const = 0;
   // Traffic outside the blocks (embedding, loss head, norm gradients), added to L × block_comm.

@@ -36,9 +36,12 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
 // Bytes one rank sends and receives in one forward (the loss only) and in the backward part of
 // one forward_backward (= forward_backward − forward), at the element sizes of the compute dtype
 // (ElemBytes::of), for rank `group_rank` of the layout group (broadcast roots make ranks differ).
+// With ZeRO-1 over R > 1 replicas, `update` is the traffic of the optimizer step's weight
+// all-gather (Layout::parameters_updated); zero otherwise.
 struct StepTraffic {
   Traffic forward;
   Traffic backward;
+  Traffic update;
 };
 StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int64_t B, int64_t S,
                                   int group_rank, DType compute = DType::F32);

@@ -32,6 +32,11 @@ class AdamW {
   // Allocates zeroed m and v for every shard (same shapes). The shards' views must stay valid
   // for the optimizer's lifetime (a layout's parameters() do).
   AdamW(std::vector<ParamShard> shards, AdamWConfig config);
+  // Over a layout's parameters(), telling the layout after every step that its master values
+  // changed (Layout::parameters_updated: under ZeRO-1 the replicas all-gather the update). The
+  // layout must outlive the optimizer. Where the store provides the moments (ZeRO-1: its
+  // partition, ParamShard::exp_avg) they are used, zeroed, instead of allocated.
+  AdamW(Layout& layout, AdamWConfig config);
 
   // One update with learning rate lr, the gradients multiplied by grad_scale first (gradient
   // clipping and the 1/accumulation factor fold into it, so grads are read once). Increments
@@ -48,20 +53,23 @@ class AdamW {
   const AdamWConfig& config() const { return config_; }
   const std::vector<ParamShard>& shards() const { return shards_; }
   // The moments of shard i ([same shape as the shard], f32).
-  TensorView exp_avg(size_t i) const { return m_.at(i).view(); }
-  TensorView exp_avg_sq(size_t i) const { return v_.at(i).view(); }
+  TensorView exp_avg(size_t i) const { return m_.at(i); }
+  TensorView exp_avg_sq(size_t i) const { return v_.at(i); }
 
  private:
   std::vector<ParamShard> shards_;
   AdamWConfig config_;
-  std::vector<Tensor> m_, v_;
+  std::vector<Tensor> owned_;      // the moments this optimizer allocated
+  std::vector<TensorView> m_, v_;  // every shard's moments (owned_ or the store's)
+  Layout* layout_ = nullptr;       // told after every step, when built over a layout
   int64_t t_ = 0;
   Backend* backend_ = nullptr;  // the device of the shards
 };
 
 // Whether this rank's copy of a shard is the one counted in global sums (norms): a shard
 // replicated in the layout group is counted on group rank 0 only, and every shard on replica 0
-// only (after the data-parallel all-reduce all replicas hold identical gradients).
+// only (after the data-parallel all-reduce all replicas hold identical gradients), except a part
+// partitioned over the replicas (ZeRO-1), which only its replica holds.
 bool counts_in_global_sum(const ParamShard& shard, int group_rank, int replica_rank);
 
 // Sum of squares of grad·grad_scale over the shards this rank counts, accumulated in double.
