@@ -74,17 +74,13 @@ int64_t store_elements(const Dims& s, int64_t w, bool split_norms, int zero_repl
 }
 
 LayoutSpec LayoutModel::spec_of(Layout& layout, int D, int R) const {
-  LayoutSpec l{layout.name(), D, 1, R};
-  l.zero = layout.zero_stage();
-  return l;
+  return {layout.name(), D, 1, R};
 }
 
-MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
-                                     int64_t S, bool optimizer, DType compute) {
+MemoryBreakdown predict_state_memory(const LlamaConfig& m, const LayoutSpec& l, bool optimizer,
+                                     DType compute) {
   const LayoutModel& model = layout_model(l.name);
   const Dims s = dims_of(m);
-  TSP_CHECK(B % l.R == 0, "predict_local_memory: B={} rows do not split over R={} replicas", B,
-            l.R);
   const ElemBytes e = ElemBytes::of(compute);
   // The ShardStore (src/parallel/layout_common.cpp): fp32 master values and fp32 gradients, each
   // one slab of the aligned shards; under bf16 a third slab of the same element count holds the
@@ -105,8 +101,18 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
   } else {
     state[MemCategory::Weights] = e.mixed() ? e.weight * held + kF32 * part : kF32 * held;
     state[MemCategory::Grads] = kF32 * held + kF32 * part;
-    state[MemCategory::Optimizer] = 2 * kF32 * part;  // the store's partition holds them
+    if (optimizer) state[MemCategory::Optimizer] = 2 * kF32 * part;  // the store's partition
   }
+  return state;
+}
+
+MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
+                                     int64_t S, bool optimizer, DType compute) {
+  const LayoutModel& model = layout_model(l.name);
+  TSP_CHECK(B % l.R == 0, "predict_local_memory: B={} rows do not split over R={} replicas", B,
+            l.R);
+  const ElemBytes e = ElemBytes::of(compute);
+  const MemoryBreakdown state = predict_state_memory(m, l, optimizer, compute);
 
   LocalInputs in;
   in.m = &m;
@@ -193,7 +199,9 @@ LayoutSpec layout_spec_of(Layout& layout, int world_size) {
   const int D = layout.group().size(), R = layout.replicas().size();
   TSP_CHECK(D * R == world_size, "layout {}: D={} × R={} is not the world size {}", layout.name(),
             D, R, world_size);
-  return layout_model(layout.name()).spec_of(layout, D, R);
+  LayoutSpec l = layout_model(layout.name()).spec_of(layout, D, R);
+  l.zero = layout.zero_stage();
+  return l;
 }
 
 }  // namespace tsp::plan

@@ -33,6 +33,11 @@ namespace tsp::plan {
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
                                      int64_t S, bool optimizer, DType compute = DType::F32);
 
+// The part of it that lives for the whole run: the ShardStore's slabs (weights, gradients, and
+// under ZeRO-1 the replica's partition) and the AdamW moments when `optimizer`. Exact bytes.
+MemoryBreakdown predict_state_memory(const LlamaConfig& m, const LayoutSpec& l, bool optimizer,
+                                     DType compute = DType::F32);
+
 // Bytes one rank sends and receives in one forward (the loss only) and in the backward part of
 // one forward_backward (= forward_backward − forward), at the element sizes of the compute dtype
 // (ElemBytes::of), for rank `group_rank` of the layout group (broadcast roots make ranks differ).
