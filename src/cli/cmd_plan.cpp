@@ -29,7 +29,7 @@ struct PlanOptions {
   bool calibrate = false;
   std::string dtype = "bf16";  // compute dtype of our implementation's columns
   // ZeRO stage over the replicas (training): 1 = optimizer state sharded over R, as `tsp train`
-  // does by default (docs/cost-model.md §3.6, §4.5).
+  // does by default (docs/cost-model.md §4.5).
   int zero = 1;
 };
 

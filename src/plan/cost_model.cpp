@@ -230,7 +230,7 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
   mb[C::Weights] = a.weight_bytes * params_here;
   if (train) {
     // ZeRO-1 keeps whole gradients (they are reduce-scattered, then each replica reads its 1/R)
-    // but each replica owns 1/R of the fp32 master weights and AdamW moments (docs §3.6).
+    // but each replica owns 1/R of the fp32 master weights and AdamW moments (docs §4.5).
     mb[C::Grads] = a.grad_bytes * params_here;
     mb[C::Optimizer] = a.optimizer_bytes * params_here / (zero1(l) ? l.R : 1);
     // The bucket copy belongs to an all-reduce from per-parameter gradients (PyTorch DDP). The

@@ -100,7 +100,7 @@ struct MemoryAssumptions {
   // under sp and tp-sp's Σ axis, or across R > 1 replicas) holds a flat bucket copy of its gradient
   // shard, so the reduction can overlap backward (PyTorch DDP's default). Counted as comm.
   // ZeRO-1's reduce-scatter over the replicas runs in place on the flat gradient buffer and needs
-  // none (docs/cost-model.md §3.6); an all-reduce inside the group (sp, tp-sp's Σ) still does.
+  // none (docs/cost-model.md §4.5); an all-reduce inside the group (sp, tp-sp's Σ) still does.
   bool grad_bucket_copy = true;
 };
 
