@@ -1,5 +1,6 @@
 // `tsp plan`: predicted memory, communication and throughput of every layout and factorization
 // for a model, a workload and a hardware profile; then a recommendation. See docs/cost-model.md.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -27,6 +28,9 @@ struct PlanOptions {
   bool json = false;
   bool calibrate = false;
   std::string dtype = "bf16";  // compute dtype of our implementation's columns
+  // ZeRO stage over the replicas (training): 1 = optimizer state sharded over R, as `tsp train`
+  // does by default (docs/cost-model.md §4.5).
+  int zero = 1;
 };
 
 // Our implementation (include/tsp/plan/measure.h) for a training step of one layout: peak memory
@@ -85,8 +89,16 @@ int run_plan(const PlanOptions& o) {
     TSP_CHECK(o.hw == "local", "--calibrate measures this machine: use it with --hw local");
   Hardware hw = o.calibrate ? calibrate_local() : hardware_profile(o.hw);
   if (o.gpus_per_node > 0) hw.gpus_per_node = o.gpus_per_node;
-  const std::vector<LayoutSpec> layouts = enumerate_layouts(w, o.gpus, o.degree);
+  TSP_CHECK(o.zero == 0 || o.zero == 1,
+            "--zero must be 0 (every replica keeps the whole optimizer state of its shard) or 1 "
+            "(optimizer state sharded over the replicas), got {}",
+            o.zero);
+  // ZeRO shards optimizer state: it applies to training steps only.
+  const bool train = w.mode == Mode::Train;
+  const int zero = train ? o.zero : 0;
+  std::vector<LayoutSpec> layouts = enumerate_layouts(w, o.gpus, o.degree);
   TSP_CHECK(!layouts.empty(), "no layout divides this model and workload on {} GPUs", o.gpus);
+  for (LayoutSpec& l : layouts) l.zero = zero;
   std::vector<Estimate> all;
   for (const LayoutSpec& l : layouts) all.push_back(estimate(w, l, hw));
   // Our implementation's own figures apply to training steps (what `tsp train` runs).
@@ -96,6 +108,21 @@ int run_plan(const PlanOptions& o) {
     for (const LayoutSpec& l : layouts) mine.push_back(ours_of(w, l, dtype));
   std::string reason;
   const int best = recommend(all, &reason);
+
+  // How the recommendation changes with the other ZeRO stage (training with replicas only: at
+  // R = 1 both stages are the same layout).
+  const bool any_replicas =
+      std::any_of(layouts.begin(), layouts.end(), [](const LayoutSpec& l) { return l.R > 1; });
+  const bool compare_zero = train && any_replicas;
+  std::vector<Estimate> other;
+  int other_best = -1;
+  if (compare_zero) {
+    for (LayoutSpec l : layouts) {
+      l.zero = 1 - zero;
+      other.push_back(estimate(w, l, hw));
+    }
+    other_best = recommend(other, nullptr);
+  }
 
   const char* names[] = {"weights", "grads", "optimizer", "activations", "comm", "workspace"};
   if (o.json) {
@@ -107,6 +134,7 @@ int run_plan(const PlanOptions& o) {
     doc["micro_batches"] = w.micro_batches;
     doc["gpus"] = o.gpus;
     doc["gpus_per_node"] = hw.gpus_per_node;
+    doc["zero"] = zero;
     doc["hardware"] = {{"name", hw.name},
                        {"peak_tflops", hw.peak_flops / 1e12},
                        {"gemm_eff", hw.gemm_eff},
@@ -122,21 +150,23 @@ int run_plan(const PlanOptions& o) {
       nlohmann::json mem;
       for (int c = 0; c < kNumMemCategories; ++c) mem[names[c]] = e.memory.bytes[c] / 1e9;
       mem["total"] = e.memory.total() / 1e9;
-      nlohmann::json row = {
-          {"name", e.layout.name},
-          {"label", e.layout.label()},
-          {"D", e.layout.D},
-          {"T", e.layout.D / e.layout.token_shards()},
-          {"S", e.layout.token_shards()},
-          {"R", e.layout.R},
-          {"memory_gb", mem},
-          {"fits", e.fits},
-          {"comm_bytes", {{"intra_node", e.comm_intra_bytes}, {"inter_node", e.comm_inter_bytes}}},
-          {"flops_per_gpu", e.flops},
-          {"compute_s", e.compute_s},
-          {"exposed_comm_s", e.exposed_comm_s},
-          {"step_s", e.step_s},
-          {"tokens_per_s", e.tokens_per_s}};
+      nlohmann::json row = {{"name", e.layout.name},
+                            {"label", e.layout.label()},
+                            {"D", e.layout.D},
+                            {"T", e.layout.D / e.layout.token_shards()},
+                            {"S", e.layout.token_shards()},
+                            {"R", e.layout.R},
+                            {"memory_gb", mem},
+                            {"fits", e.fits},
+                            {"comm_bytes",
+                             {{"intra_node", e.comm_intra_bytes},
+                              {"inter_node", e.comm_inter_bytes},
+                              {"replicas", e.comm_replica_bytes}}},
+                            {"flops_per_gpu", e.flops},
+                            {"compute_s", e.compute_s},
+                            {"exposed_comm_s", e.exposed_comm_s},
+                            {"step_s", e.step_s},
+                            {"tokens_per_s", e.tokens_per_s}};
       if (ours && mine[i].valid)
         row["implementation"] = {{"dtype", o.dtype},
                                  {"memory_gb", mine[i].memory / 1e9},
@@ -146,6 +176,18 @@ int run_plan(const PlanOptions& o) {
     doc["layouts"] = rows;
     doc["recommendation"] = best >= 0 ? nlohmann::json(all[best].layout.label()) : nlohmann::json();
     doc["reason"] = reason;
+    if (compare_zero) {
+      nlohmann::json alt = {{"zero", 1 - zero}};
+      if (other_best >= 0) {
+        const Estimate& e = other[other_best];
+        alt["recommendation"] = e.layout.label();
+        alt["memory_gb"] = e.memory.total() / 1e9;
+        alt["tokens_per_s"] = e.tokens_per_s;
+      } else {
+        alt["recommendation"] = nullptr;
+      }
+      doc["with_other_zero"] = alt;
+    }
     std::printf("%s\n", doc.dump(2).c_str());
     return 0;
   }
@@ -167,25 +209,33 @@ int run_plan(const PlanOptions& o) {
   std::printf(
       "# the paper's mixed-precision stack (docs/cost-model.md §3-4): memory per GPU in GB, comm "
       "in GB received per GPU per step, times in s\n");
+  if (train)
+    std::printf(
+        "# ZeRO-%d (--zero): %s; replica_GB = the part of intra_GB + inter_GB that crosses the R "
+        "replicas\n",
+        zero,
+        zero == 1 ? "with R > 1 optimizer state / R; gradients reduce-scattered (overlapped), "
+                    "weights all-gathered after the step (exposed)"
+                  : "whole optimizer state per replica; gradients all-reduced (overlapped)");
   if (ours)
     std::printf(
         "# ours_*: our implementation in %s (fp32 master weights, gradients and AdamW moments; "
         "docs/cost-model.md §5): peak GB per rank, GB sent per rank per step\n",
         o.dtype.c_str());
-  std::printf("%-24s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %9s %9s %12s", "#layout",
+  std::printf("%-31s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %10s %9s %9s %12s", "#layout",
               "weights_GB", "grads_GB", "optim_GB", "activ_GB", "comm_GB", "wkspace_GB", "total_GB",
-              "fits", "intra_GB", "inter_GB", "exposed_s", "step_s", "tokens/s");
+              "fits", "intra_GB", "inter_GB", "replica_GB", "exposed_s", "step_s", "tokens/s");
   if (ours) std::printf(" %8s %12s", "ours_GB", "ours_sent_GB");
   std::printf("\n");
   for (size_t i = 0; i < all.size(); ++i) {
     const Estimate& e = all[i];
-    std::printf("%-24s", e.layout.label().c_str());
+    std::printf("%-31s", e.layout.label().c_str());
     const int widths[kNumMemCategories] = {10, 8, 8, 8, 8, 10};
     for (int c = 0; c < kNumMemCategories; ++c)
       std::printf(" %*.2f", widths[c], e.memory.bytes[c] / 1e9);
-    std::printf(" %8.2f %4s %10.3f %10.3f %9.4f %9.4f %12.4g", e.memory.total() / 1e9,
+    std::printf(" %8.2f %4s %10.3f %10.3f %10.3f %9.4f %9.4f %12.4g", e.memory.total() / 1e9,
                 e.fits ? "yes" : "no", e.comm_intra_bytes / 1e9, e.comm_inter_bytes / 1e9,
-                e.exposed_comm_s, e.step_s, e.tokens_per_s);
+                e.comm_replica_bytes / 1e9, e.exposed_comm_s, e.step_s, e.tokens_per_s);
     if (ours && mine[i].valid)
       std::printf(" %8.2f %12.3f", mine[i].memory / 1e9, mine[i].traffic / 1e9);
     else if (ours)
@@ -193,6 +243,20 @@ int run_plan(const PlanOptions& o) {
     std::printf("\n");
   }
   std::printf("recommendation: %s\n", reason.c_str());
+  if (compare_zero) {
+    if (other_best < 0) {
+      std::printf("with --zero %d: no layout fits in GPU memory\n", 1 - zero);
+    } else {
+      const Estimate& e = other[other_best];
+      const bool same = best >= 0 && e.layout.name == all[best].layout.name &&
+                        e.layout.D == all[best].layout.D && e.layout.T == all[best].layout.T;
+      std::printf("with --zero %d: %s, %.1f GB per GPU, %.4g tokens/s (%s)\n", 1 - zero,
+                  e.layout.label().c_str(), e.memory.total() / 1e9, e.tokens_per_s,
+                  best < 0 ? "fits where nothing does with this stage"
+                  : same   ? "same layout"
+                           : "a different layout");
+    }
+  }
   return 0;
 }
 
@@ -222,6 +286,14 @@ const CommandRegistration kPlan{Command{
       sub.add_flag("--json", o->json, "print one JSON document instead of the table");
       sub.add_option("--dtype", o->dtype,
                      "compute dtype of our implementation's columns (training): bf16 or fp32")
+          ->capture_default_str();
+      sub.add_option("--zero", o->zero,
+                     "ZeRO stage over the R data-parallel replicas (training): 1 = each replica "
+                     "owns 1/R of the fp32 master weights and AdamW moments, gradients are "
+                     "reduce-scattered (overlapped with backward) and the updated weights "
+                     "all-gathered after the step (exposed); 0 = every replica keeps the whole "
+                     "optimizer state and gradients are all-reduced. Default 1, as `tsp train`. "
+                     "The recommendation with the other stage is printed too")
           ->capture_default_str();
       sub.add_flag("--calibrate", o->calibrate,
                    "with --hw local: measure GEMM rate and copy bandwidth first");

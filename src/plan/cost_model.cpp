@@ -65,6 +65,7 @@ int LayoutSpec::token_shards() const {
 std::string LayoutSpec::label() const {
   std::string s = layout_model(name).label(*this);
   if (R > 1) s += fmt::format(" R={}", R);
+  if (R > 1 && zero == 1) s += " ZeRO-1";  // ZeRO over one replica is no ZeRO: not shown
   return s;
 }
 
@@ -119,6 +120,10 @@ std::string divisors_list(int64_t n, int64_t limit) {
 void check_layout(const LlamaConfig& m, const LayoutSpec& l, const Workload& w) {
   const LayoutModel& model = layout_model(l.name);
   TSP_CHECK(l.D >= 1 && l.R >= 1, "{}: degrees must be positive (D={}, R={})", l.name, l.D, l.R);
+  TSP_CHECK(l.zero == 0 || l.zero == 1,
+            "{}: ZeRO stage {} is not modelled; use 0 (every replica keeps its shard's whole "
+            "optimizer state) or 1 (optimizer state sharded over the R replicas)",
+            l.name, l.zero);
   model.check(m, l);
   const Split sp = model.split(l);
   const int64_t nkv = m.num_key_value_heads;
@@ -195,6 +200,21 @@ double LayoutModel::prefill_mlp_cols(const LlamaConfig& m, const LayoutSpec& l) 
 
 namespace {
 
+// Parameters one rank holds (its shard): matrices (embedding, head, blocks) split by the weight
+// split; RMSNorm weights replicated everywhere (O(h) each). The data-parallel reduction moves
+// exactly this shard.
+double shard_params(const LlamaConfig& m, const Split& sp) {
+  const double norms = static_cast<double>(m.num_hidden_layers * 2 * m.hidden_size + m.hidden_size);
+  const double matrices = static_cast<double>(m.num_parameters()) - norms;
+  return matrices / sp.w + norms;
+}
+
+// ZeRO-1 in effect: the optimizer state is sharded over the replicas (one replica: nothing to
+// shard, the layout behaves as zero = 0).
+bool zero1(const LayoutSpec& l) {
+  return l.zero == 1 && l.R > 1;
+}
+
 MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAssumptions& a) {
   const LayoutModel& model = layout_model(l.name);
   const Shape s = shape_of(w.model);
@@ -203,20 +223,23 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
   const double N = static_cast<double>(w.tokens_per_microbatch());
   const double ctx = w.mode == Mode::Decode ? w.S : w.B * w.S;  // cached positions
   const bool train = w.mode == Mode::Train;
-  // Parameters: matrices (embedding, head, blocks) split by the weight split; RMSNorm weights
-  // replicated everywhere (O(h) each).
-  const double norms = static_cast<double>(s.L * 2 * s.h + s.h);
-  const double matrices = static_cast<double>(w.model.num_parameters()) - norms;
-  const double params_here = matrices / sp.w + norms;
+  const double params_here = shard_params(w.model, sp);
 
   MemoryBreakdown mb;
   using C = MemCategory;
   mb[C::Weights] = a.weight_bytes * params_here;
   if (train) {
+    // ZeRO-1 keeps whole gradients (they are reduce-scattered, then each replica reads its 1/R)
+    // but each replica owns 1/R of the fp32 master weights and AdamW moments (docs §4.5).
     mb[C::Grads] = a.grad_bytes * params_here;
-    mb[C::Optimizer] = a.optimizer_bytes * params_here;
-    const bool replicated_grads = l.R > 1 || model.grads_replicated_in_group(l);
-    if (a.grad_bucket_copy && replicated_grads) mb[C::Comm] += a.grad_bytes * params_here;
+    mb[C::Optimizer] = a.optimizer_bytes * params_here / (zero1(l) ? l.R : 1);
+    // The bucket copy belongs to an all-reduce from per-parameter gradients (PyTorch DDP). The
+    // replicas' reduce-scatter of ZeRO-1 runs in place on the flat gradient buffer, each bucket
+    // a contiguous view whose 1/R result lands in this replica's slice (Megatron's distributed
+    // optimizer): no copy for the R axis. Gradients replicated inside the group (sp, tp-sp's Σ)
+    // are still all-reduced there, and keep theirs.
+    const bool all_reduced = (l.R > 1 && !zero1(l)) || model.grads_replicated_in_group(l);
+    if (a.grad_bucket_copy && all_reduced) mb[C::Comm] += a.grad_bytes * params_here;
   }
 
   if (train) {
@@ -367,16 +390,33 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   const double head_f = (train ? 3 : 1) * 2 * N * s.V * s.h / D;
   const double per_micro = s.L * (t_fwd + t_bwd) + head_f / gemm_rate;
   const double compute = w.micro_batches * per_micro;
+  // Data-parallel traffic over the R replicas (docs §4.5), spread per layer for the overlap rule
+  // (buckets launched as layers finish their backward):
+  //  - zero = 0: all-reduce of the gradient shard, 2(R-1)/R · shard · ge;
+  //  - ZeRO-1: reduce-scatter of the gradient shard, (R-1)/R · shard · ge, overlapped the same
+  //    way; after the optimizer step, the all-gather of the updated weights in the compute dtype,
+  //    (R-1)/R · shard · we, which blocks before the next forward: exposed in full.
   double grad_sync = lt.grad_sync;
+  double weight_gather_s = 0;
   if (train && l.R > 1) {
-    const double shard = static_cast<double>(w.model.num_parameters()) / sp.w * ge;
-    grad_sync += t_all_reduce(dp_axis, shard) / s.L;  // spread per layer for the overlap rule
-    dp_bytes.add(dp_axis, 2.0 * (l.R - 1) / l.R * shard);
+    const double params = shard_params(w.model, sp);
+    const double R = l.R;
+    if (zero1(l)) {
+      // A reduce-scatter over k ranks has an all-gather's cost (k-1)(α + block/bw), block = the
+      // 1/R piece each replica keeps.
+      grad_sync += t_all_gather(dp_axis, params * ge / R) / s.L;
+      weight_gather_s = t_all_gather(dp_axis, params * we / R);
+      dp_bytes.add(dp_axis, (R - 1) / R * params * (ge + we));
+    } else {
+      grad_sync += t_all_reduce(dp_axis, params * ge) / s.L;
+      dp_bytes.add(dp_axis, 2.0 * (R - 1) / R * params * ge);
+    }
   }
   const double grad_exposed =
       train ? std::max(0.0, s.L * grad_sync - (s.L - 1) * t_bwd) : 0;  // last micro-batch only
   est.compute_s = compute;
-  est.exposed_comm_s = w.micro_batches * s.L * lt.exposed + grad_exposed;
+  est.exposed_comm_s = w.micro_batches * s.L * lt.exposed + grad_exposed + weight_gather_s;
+  est.comm_replica_bytes = dp_bytes.intra + dp_bytes.inter;
   est.step_s = est.compute_s + est.exposed_comm_s;
   est.flops = w.micro_batches * (s.L * layer_flops + head_f);
   est.comm_intra_bytes = lt.bytes.intra * s.L * w.micro_batches + dp_bytes.intra;

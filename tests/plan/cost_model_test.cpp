@@ -284,6 +284,114 @@ TEST(CostModelLayouts, NonDividingConfigurationsRejected) {
   EXPECT_THROW(hardware_profile("tpu"), Error);
 }
 
+// ---- ZeRO-1 (issue 13; docs/cost-model.md §3.6, §4.5) -----------------------------------------
+
+// Parameters of one rank's shard: matrices split D ways, RMSNorm weights (2hL + h) replicated.
+double shard_params_7b(int w_split) {
+  const LlamaConfig m = llama_preset("7b");
+  const double norms = 2.0 * 4096 * 32 + 4096;
+  return (static_cast<double>(m.num_parameters()) - norms) / w_split + norms;
+}
+
+// Each replica owns 1/R of its shard's fp32 master weights and moments; everything else it holds
+// is unchanged, except that the replicas' reduce-scatter needs no gradient bucket copy (an
+// all-reduce inside the group keeps its one).
+TEST(CostModelZero, OptimizerStateShardedOverReplicas) {
+  Workload w = paper(Mode::Train);
+  w.S = 16384;
+  const Hardware hw = hardware_profile("mi300x");
+  const MemoryAssumptions a;
+  using C = MemCategory;
+  struct Case {
+    LayoutSpec l;
+    int w_split;
+    bool group_all_reduce;  // gradients replicated inside the group (tp-sp's Σ)
+  };
+  const Case cases[] = {{{"tsp", 8, 1, 128}, 8, false},
+                        {{"tp-sp", 8, 4, 4}, 4, true},
+                        {{"single", 1, 1, 4}, 1, false}};
+  for (const Case& c : cases) {
+    LayoutSpec l0 = c.l, l1 = c.l;
+    l1.zero = 1;
+    const MemoryBreakdown m0 = estimate(w, l0, hw).memory, m1 = estimate(w, l1, hw).memory;
+    const double params = shard_params_7b(c.w_split);
+    // From first principles, not from the zero = 0 figure: 12 B/param of the shard over R.
+    EXPECT_NEAR(m1[C::Optimizer], a.optimizer_bytes * params / c.l.R, 1e-9 * m1[C::Optimizer])
+        << c.l.label();
+    EXPECT_NEAR(m1[C::Optimizer], m0[C::Optimizer] / c.l.R, 1e-9 * m1[C::Optimizer]);
+    for (C same : {C::Weights, C::Grads, C::Activations, C::Workspace})
+      EXPECT_DOUBLE_EQ(m1[same], m0[same]) << c.l.label() << " category " << int(same);
+    const double bucket = c.group_all_reduce ? 0 : a.grad_bytes * params;
+    EXPECT_NEAR(m0[C::Comm] - m1[C::Comm], bucket, 1e-9 * m0[C::Comm]) << c.l.label();
+  }
+  // One replica: nothing to shard; ZeRO-1 is the same layout, byte for byte and second for second.
+  const Estimate r0 = estimate(w, {"tsp", 8, 1, 1, 0}, hw);
+  const Estimate r1 = estimate(w, {"tsp", 8, 1, 1, 1}, hw);
+  EXPECT_EQ(r1.memory.bytes, r0.memory.bytes);
+  EXPECT_EQ(r1.step_s, r0.step_s);
+  EXPECT_EQ(r1.comm_replica_bytes, 0);
+  EXPECT_EQ(r1.layout.label(), "tsp D=8");
+  EXPECT_EQ((LayoutSpec{"tsp", 8, 1, 128, 1}.label()), "tsp D=8 R=128 ZeRO-1");
+  EXPECT_EQ((LayoutSpec{"tsp", 8, 1, 128, 0}.label()), "tsp D=8 R=128");
+  // Inference keeps no optimizer state: ZeRO-1 changes nothing there.
+  const Workload pre = paper(Mode::Prefill);
+  EXPECT_EQ(estimate(pre, {"tsp", 8, 1, 128, 1}, hw).memory.bytes,
+            estimate(pre, {"tsp", 8, 1, 128, 0}, hw).memory.bytes);
+}
+
+// The paper's cluster: 1,024 MI300X, D = 8 in a node, R = 128 replicas across nodes. Replica
+// traffic per GPU per step: all-reduce 2(R-1)/R·shard·ge (zero = 0) against reduce-scatter
+// (R-1)/R·shard·ge + all-gather (R-1)/R·shard·we (ZeRO-1). ge = 4 (fp32 reductions, as our
+// implementation moves them) and we = 2 so that the two terms cannot be confused.
+TEST(CostModelZero, ReplicaTrafficAtOneThousandGpus) {
+  const Workload w = paper(Mode::Train);
+  const Hardware hw = hardware_profile("mi300x");
+  MemoryAssumptions a;
+  a.grad_bytes = 4;
+  a.weight_bytes = 2;
+  const double R = 128, shard = shard_params_7b(8);
+  const Estimate z0 = estimate(w, {"tsp", 8, 1, 128, 0}, hw, a);
+  const Estimate z1 = estimate(w, {"tsp", 8, 1, 128, 1}, hw, a);
+  EXPECT_NEAR(z0.comm_replica_bytes, 2 * (R - 1) / R * shard * 4, 1e-9 * z0.comm_replica_bytes);
+  EXPECT_NEAR(z1.comm_replica_bytes, (R - 1) / R * shard * (4 + 2), 1e-9 * z1.comm_replica_bytes);
+  // The replicas are 128 nodes apart in rank order: all of it crosses nodes. tsp's own traffic
+  // stays inside the node, and is the same under both stages.
+  for (const Estimate* e : {&z0, &z1}) {
+    EXPECT_EQ(e->comm_inter_bytes, e->comm_replica_bytes) << e->layout.label();
+    EXPECT_GT(e->comm_intra_bytes, 0);
+  }
+  EXPECT_EQ(z1.comm_intra_bytes, z0.comm_intra_bytes);
+  // Time: the reduce-scatter hides behind backward like the all-reduce (128K tokens: seconds of
+  // compute against tens of ms), the weight all-gather after the step does not. Its time on the
+  // NIC (50 GB/s, α = 10 µs): ·(α + shard·we/R / bw).
+  const double ag = (R - 1) * (10e-6 + shard * 2 / R / 50e9);
+  EXPECT_NEAR(z1.exposed_comm_s - z0.exposed_comm_s, ag, 1e-9);
+  EXPECT_EQ(z1.compute_s, z0.compute_s);
+  EXPECT_LT(z1.tokens_per_s, z0.tokens_per_s);
+  // Nodes of 16 GPUs hold both replicas of D = 8, R = 2: the same bytes, now inside the node.
+  Hardware big = hw;
+  big.gpus_per_node = 16;
+  const Estimate in_node = estimate(w, {"tsp", 8, 1, 2, 1}, big, a);
+  EXPECT_EQ(in_node.comm_inter_bytes, 0);
+  EXPECT_NEAR(in_node.comm_replica_bytes, 0.5 * shard * 6, 1e-9 * in_node.comm_replica_bytes);
+  EXPECT_GT(estimate(w, {"tsp", 8, 1, 2, 1}, hw, a).comm_inter_bytes, 0);
+}
+
+TEST(CostModelZero, InvalidStageRejected) {
+  const Workload w = paper(Mode::Train);
+  for (int zero : {-1, 2, 3}) {
+    const LayoutSpec l{"tsp", 8, 1, 128, zero};
+    try {
+      check_layout(w.model, l, w);
+      ADD_FAILURE() << "zero=" << zero << " accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(e.message().find("ZeRO stage"), std::string::npos) << e.message();
+      EXPECT_NE(e.message().find("use 0"), std::string::npos) << e.message();
+    }
+    EXPECT_THROW(estimate(w, l, hardware_profile("mi300x")), Error);
+  }
+}
+
 TEST(CostModelPlan, RecommendsFastestThatFits) {
   const Hardware hw = hardware_profile("mi300x");
   const Workload w = paper(Mode::Train);

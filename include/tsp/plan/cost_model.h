@@ -99,6 +99,8 @@ struct MemoryAssumptions {
   // A rank whose weight gradients must be all-reduced (weights replicated inside the group, as
   // under sp and tp-sp's Σ axis, or across R > 1 replicas) holds a flat bucket copy of its gradient
   // shard, so the reduction can overlap backward (PyTorch DDP's default). Counted as comm.
+  // ZeRO-1's reduce-scatter over the replicas runs in place on the flat gradient buffer and needs
+  // none (docs/cost-model.md §4.5); an all-reduce inside the group (sp, tp-sp's Σ) still does.
   bool grad_bucket_copy = true;
 };
 
@@ -182,6 +184,10 @@ struct Estimate {
   double exposed_comm_s = 0;    // communication not hidden behind compute
   double step_s = 0;
   double tokens_per_s = 0;  // whole job (all replicas); decode: generated tokens/s
+  // Of comm_intra_bytes + comm_inter_bytes: the data-parallel traffic over the R replicas
+  // (all-reduce of the gradients, or ZeRO-1's reduce-scatter of the gradients + all-gather of the
+  // updated weights), per GPU per step (received).
+  double comm_replica_bytes = 0;
 };
 
 Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
