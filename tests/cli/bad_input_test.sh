@@ -126,6 +126,7 @@ expect_error "bench: --seq 0" '"0" is not a positive integer' bench1 --seq 0
 expect_error "bench: --batch 2^62" "does not fit in 64 bits" \
   bench1 --seq 16 --batch 4611686018427387904
 expect_error "bench: --repeats 0" "--repeats must be at least 1" bench1 --seq 16 --repeats 0
+expect_error "bench: --zero 3" "--zero must be 0 or 1, got 3" bench1 --seq 16 --zero 3
 expect_error "plan: --batch × --seq beyond 64 bits" "does not fit in 64 bits" \
   "$tsp" plan --model 7b --seq 131072 --batch 4611686018427387904 --gpus 8 --hw mi300x
 # A row beyond this machine's memory is skipped with the reason (other rows still run).
@@ -176,6 +177,8 @@ expect_error "inspect > /dev/full" "writing to standard output failed" \
   sh -c '"$0" inspect model/model.safetensors > /dev/full' "$tsp"
 expect_error "compare > /dev/full" "writing to standard output failed" \
   sh -c '"$0" compare g.safetensors g2.safetensors > /dev/full' "$tsp"
+expect_error "plan: --zero 2" "--zero must be 0" \
+  "$tsp" plan --model 7b --seq 4096 --batch 1 --gpus 16 --hw mi300x --zero 2
 expect_error "plan --json > /dev/full" "writing to standard output failed" \
   sh -c '"$0" plan --model 7b --seq 4096 --batch 1 --gpus 8 --hw mi300x --json > /dev/full' "$tsp"
 [ -c /dev/full ] || fail "/dev/full is no longer a device"

@@ -62,6 +62,8 @@ done 3<< 'EOF'
 --warmup -3|--warmup must be >= 0 steps
 --tp 0|--tp must be at least 1, got 0
 --dp -2|--dp must be at least 1, got -2
+--zero 2|--zero must be 0 (every replica keeps the whole optimizer state) or 1
+--zero -1|--zero must be 0
 --lr 0|--lr must be a positive number, got 0
 --lr nan|--lr must be a positive number, got nan
 --lr -1e-3|--lr must be a positive number
