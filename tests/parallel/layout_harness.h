@@ -103,8 +103,9 @@ inline Batch random_batch(int64_t B, int64_t S, int64_t V, uint64_t seed) {
 
 struct LayoutCase {
   std::string layout = "single";
-  int tp = 1;  // tp-sp only
-  int dp = 1;  // R; D = world / R
+  int tp = 1;    // tp-sp only
+  int dp = 1;    // R; D = world / R
+  int zero = 0;  // ZeRO stage over the R replicas
   bool overlap = true;
   LlamaConfig config = tiny_config();
   int64_t B = 2, S = 16;  // B must divide by dp, S by 2D for zigzag layouts
@@ -182,6 +183,7 @@ inline LayoutCaseResult check_layout_against_single(Communicator& world, const L
     pc.layout = lc.layout;
     pc.tp = lc.tp;
     pc.dp = lc.dp;
+    pc.zero = lc.zero;
     pc.overlap = lc.overlap;
     pc.dtype = lc.dtype;
     pc.device = lc.device;
