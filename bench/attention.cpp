@@ -300,12 +300,13 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
          tdv = Tensor::f32({S, Hkv, d}, kW, dev);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   auto fwd = [&] {
-    be.attention_forward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), to.view(),
-                         tlse.view(), scale);
+    be.attention_forward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(),
+                         tsp::TensorView(), to.view(), tlse.view(), scale);
   };
   auto bwd = [&] {
-    be.attention_backward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), to.view(),
-                          tlse.view(), tdo.view(), tdq.view(), tdk.view(), tdv.view(), scale);
+    be.attention_backward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(),
+                          tsp::TensorView(), to.view(), tlse.view(), tdo.view(), tdq.view(),
+                          tdk.view(), tdv.view(), scale);
   };
   auto timed = [&](auto&& f, int inner) {
     be.synchronize();

@@ -354,15 +354,17 @@ class ProfilingBackend final : public Backend {
     });
   }
   void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                         TensorView k_pos, TensorView o, TensorView lse, float scale) override {
+                         TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                         float scale) override {
     timed("attention_forward", {q, k},
-          [&] { inner_.attention_forward(q, k, v, q_pos, k_pos, o, lse, scale); });
+          [&] { inner_.attention_forward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale); });
   }
   void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                          TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                          TensorView dq, TensorView dk, TensorView dv, float scale) override {
+                          TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                          TensorView dout, TensorView dq, TensorView dk, TensorView dv,
+                          float scale) override {
     timed("attention_backward", {q, k}, [&] {
-      inner_.attention_backward(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale);
+      inner_.attention_backward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv, scale);
     });
   }
   void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b,

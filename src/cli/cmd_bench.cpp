@@ -57,6 +57,7 @@ struct BenchOptions {
   int zero = 1;  // ZeRO stage over the --dp replicas (tsp train's default)
   int tp = 0;    // T for tp-sp; 0: the largest divisor of D not above sqrt(D)
   int repeats = 3;
+  int64_t doc_sep = -1;  // --doc-sep
   uint64_t seed = 1234;
   bool json = false;
   bool no_overlap = false;
@@ -100,6 +101,7 @@ Batch make_batch(const BenchOptions& o, const LlamaConfig& c, int64_t S) {
     b.tokens.resize(need);
     for (int32_t& t : b.tokens) t = id(rng);
   }
+  b.doc_sep = checked_doc_sep(o.doc_sep, c.vocab_size, "bench");
   return b;
 }
 
@@ -476,6 +478,7 @@ const CommandRegistration kBench{Command{
       sub.add_option("--seed", o->seed, "seed of random weights and tokens")
           ->capture_default_str()
           ->check(kNotNegative);  // a negative one would wrap around
+      sub.add_option("--doc-sep", o->doc_sep, kDocSepHelp)->capture_default_str();
       sub.add_flag("--json", o->json, "one JSON object per row instead of the table");
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
       o->compute.add_to(sub);

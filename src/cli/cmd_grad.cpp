@@ -23,6 +23,7 @@ struct GradOptions {
   std::string model, tokens, out;
   ParallelConfig parallel;
   int64_t batch = 0, seq = 0;
+  int64_t doc_sep = -1;  // --doc-sep
   bool no_overlap = false;
   ComputeOptions compute;
 };
@@ -46,6 +47,7 @@ Batch read_batch(const GradOptions& o, const LlamaConfig& c) {
   Batch b;
   b.B = o.batch;
   b.S = o.seq;
+  b.doc_sep = checked_doc_sep(o.doc_sep, c.vocab_size, "grad");
   b.tokens = read_tokens(o.tokens, 0, need);
   for (int64_t i = 0; i < need; ++i) {
     TSP_CHECK(b.tokens[i] < c.vocab_size,
@@ -136,6 +138,7 @@ const CommandRegistration kGrad{Command{
       sub.add_option("--batch", o->batch, "rows B")->required();
       sub.add_option("--seq", o->seq, "sequence length S")->required();
       sub.add_option("--out", o->out, "output safetensors file")->required();
+      sub.add_option("--doc-sep", o->doc_sep, kDocSepHelp)->capture_default_str();
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
       o->compute.add_to(sub);
       return [o](Communicator* world) { return run_grad(*o, *world); };

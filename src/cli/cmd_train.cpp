@@ -53,6 +53,8 @@ struct TrainOptions {
   // Whether the user set these (on resume, unset ones come from the
   // checkpoint).
   bool seed_set = false, batch_set = false, seq_set = false, accum_set = false;
+  int64_t doc_sep = -1;  // --doc-sep (packed documents); a resumed run keeps the checkpoint's
+  bool doc_sep_set = false;
 };
 
 // Every rank's value of a count, in world-rank order (collective; control traffic, apart from the
@@ -211,6 +213,12 @@ int run_train(TrainOptions o, Communicator& world) {
     if (!o.batch_set) o.batch = saved->batch;
     if (!o.seq_set) o.seq = saved->seq;
     if (!o.accum_set) o.accum = saved->accum;
+    if (!o.doc_sep_set) o.doc_sep = saved->doc_sep;
+    if (o.doc_sep != saved->doc_sep)
+      say(
+          fmt::format("warning: resuming with --doc-sep {} instead of the checkpoint's {}: the "
+                      "documents of the data change",
+                      o.doc_sep, saved->doc_sep));
     if (o.seed != saved->seed || o.batch != saved->batch || o.seq != saved->seq ||
         o.accum != saved->accum) {
       say(fmt::format(
@@ -259,6 +267,7 @@ int run_train(TrainOptions o, Communicator& world) {
   dopt.seed = o.seed;
   dopt.val_fraction = o.val_fraction;
   dopt.val_windows = o.val_windows;
+  dopt.doc_sep = checked_doc_sep(o.doc_sep, config->vocab_size, "train");
   DataLoader loader(corpus, dopt);
 
   // ---- Layout, weights, optimizer -------------------------------------------------------------
@@ -358,6 +367,7 @@ int run_train(TrainOptions o, Communicator& world) {
     s.batch = o.batch;
     s.seq = o.seq;
     s.accum = o.accum;
+    s.doc_sep = o.doc_sep;
     s.config_hash = config_fingerprint(*config);
     s.layout = layout->name();
     s.tp = o.tp;
@@ -522,6 +532,7 @@ const CommandRegistration registration{Command{
       auto* accum =
           sub.add_option("--accum", o->accum, "micro-batches accumulated per optimizer step")
               ->capture_default_str();
+      auto* doc_sep = sub.add_option("--doc-sep", o->doc_sep, kDocSepHelp)->capture_default_str();
       sub.add_option("--lr", o->lr, "peak learning rate")->capture_default_str();
       sub.add_option("--min-lr-ratio", o->min_lr_ratio, "cosine floor as a fraction of --lr")
           ->capture_default_str();
@@ -562,11 +573,12 @@ const CommandRegistration registration{Command{
              "auto (bar when stdout is a terminal)")
           ->check(CLI::IsMember({"auto", "bar", "lines"}))
           ->capture_default_str();
-      return [o, seed, batch, seq, accum](Communicator* world) {
+      return [o, seed, batch, seq, accum, doc_sep](Communicator* world) {
         o->seed_set = seed->count() > 0;
         o->batch_set = batch->count() > 0;
         o->seq_set = seq->count() > 0;
         o->accum_set = accum->count() > 0;
+        o->doc_sep_set = doc_sep->count() > 0;
         return run_train(*o, *world);
       };
     }}};

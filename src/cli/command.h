@@ -10,6 +10,7 @@
 
 #include "tsp/backend/backend.h"
 #include "tsp/comm/communicator.h"
+#include "tsp/core/error.h"
 #include "tsp/model/params.h"
 
 namespace tsp::cli {
@@ -47,6 +48,20 @@ struct ComputeOptions {
   // "bf16 mixed precision on cpu" / "fp32 on cpu": for run headers.
   std::string describe() const;
 };
+
+// --doc-sep ID on grad, train and bench: packed documents, a token equal to ID ends its document
+// (Batch::doc_sep; docs/layouts.md, "Documents"). -1, the default, means none.
+inline constexpr const char* kDocSepHelp =
+    "token id that ends a document (packed documents: attention stays within a document, RoPE "
+    "positions restart, the label after a separator is not counted); -1: none";
+// The id as a Batch carries it; tsp::Error naming the command and the option unless
+// -1 <= id < vocab.
+inline int32_t checked_doc_sep(int64_t id, int64_t vocab, const char* cmd) {
+  TSP_CHECK(id == -1 || (0 <= id && id < vocab),
+            "{}: --doc-sep {} is not a token id of the model (0 to {}), nor -1 for no documents",
+            cmd, id, vocab - 1);
+  return static_cast<int32_t>(id);
+}
 
 // For an output file written at the end of a long command (`--out`): throws tsp::Error now,
 // naming the option, when it cannot be written there (a directory, or a missing or read-only

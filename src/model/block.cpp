@@ -53,33 +53,41 @@ TensorView row(TensorView t, int64_t b, int64_t B) {
   const int64_t rows = t.dim(0) / B;
   return t.slice(b * rows, (b + 1) * rows);
 }
-// B rows of queries and keys, each row at the same positions.
+// B rows of queries and keys, each row at the same positions; document positions (if any) for
+// every query of every row.
 void check_rows(const char* op, int64_t B, TensorView q, TensorView k, TensorView q_pos,
-                TensorView k_pos) {
+                TensorView k_pos, TensorView q_doc_pos) {
   TSP_CHECK(B >= 1 && q.dim(0) == B * q_pos.numel() && k.dim(0) == B * k_pos.numel(),
             "{}: {} rows of q {} at {} positions, k {} at {} positions", op, B,
             shape_str(q.shape()), q_pos.numel(), shape_str(k.shape()), k_pos.numel());
+  TSP_CHECK(q_doc_pos.empty() || q_doc_pos.numel() == q.dim(0),
+            "{}: q {} needs one document position per query, got {}", op, shape_str(q.shape()),
+            q_doc_pos.numel());
+}
+// Row b of the document positions [B·nq], or the empty view (no documents).
+TensorView doc_row(TensorView q_doc_pos, int64_t b, int64_t B) {
+  return q_doc_pos.empty() ? TensorView() : row(q_doc_pos, b, B);
 }
 }  // namespace
 
 void attention_forward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
                        TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
-                       TensorView lse) {
-  check_rows("attention_forward", B, q, k, q_pos, k_pos);
+                       TensorView lse, TensorView q_doc_pos) {
+  check_rows("attention_forward", B, q, k, q_pos, k_pos, q_doc_pos);
   for (int64_t b = 0; b < B; ++b)
-    be.attention_forward(row(q, b, B), row(k, b, B), row(v, b, B), q_pos, k_pos, row(o, b, B),
-                         row(lse, b, B), a.scale());
+    be.attention_forward(row(q, b, B), row(k, b, B), row(v, b, B), q_pos, k_pos,
+                         doc_row(q_doc_pos, b, B), row(o, b, B), row(lse, b, B), a.scale());
 }
 
 void attention_backward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
                         TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
                         TensorView lse, TensorView dout, TensorView dq, TensorView dk,
-                        TensorView dv) {
-  check_rows("attention_backward", B, q, k, q_pos, k_pos);
+                        TensorView dv, TensorView q_doc_pos) {
+  check_rows("attention_backward", B, q, k, q_pos, k_pos, q_doc_pos);
   for (int64_t b = 0; b < B; ++b)
-    be.attention_backward(row(q, b, B), row(k, b, B), row(v, b, B), q_pos, k_pos, row(o, b, B),
-                          row(lse, b, B), row(dout, b, B), row(dq, b, B), row(dk, b, B),
-                          row(dv, b, B), a.scale());
+    be.attention_backward(row(q, b, B), row(k, b, B), row(v, b, B), q_pos, k_pos,
+                          doc_row(q_doc_pos, b, B), row(o, b, B), row(lse, b, B), row(dout, b, B),
+                          row(dq, b, B), row(dk, b, B), row(dv, b, B), a.scale());
 }
 
 void out_proj_forward(Backend& be, TensorView wo, TensorView o, TensorView y) {
@@ -172,7 +180,7 @@ void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, f
     be.linear_forward(x, w, lv, false);
     // dlogits overwrite the logits in place (allowed by the kernel), also when only the loss is
     // wanted: the logits are not read again, and no second [chunk, V] buffer is needed.
-    be.cross_entropy(lv, labels.window(t0, {m}), lv, grad_scale, loss, /*ignore_index=*/-100);
+    be.cross_entropy(lv, labels.window(t0, {m}), lv, grad_scale, loss, kIgnoreIndex);
     if (!dxn.empty()) {
       const TensorView dx = rows(dxn, t0, m, h);
       be.zero(dx);

@@ -441,7 +441,7 @@ void FsdpCpLayout::attention_forward(int l, const LocalTokens& t, TensorView xn,
     block::attention_forward(be_, ad_, 1, q, K_.slice(b * t.S, (b + 1) * t.S),
                              V_.slice(b * t.S, (b + 1) * t.S), t.q_pos.view(), t.k_pos.view(),
                              s.o.slice(b * t.nl, (b + 1) * t.nl),
-                             s.lse.slice(b * t.nl, (b + 1) * t.nl));
+                             s.lse.slice(b * t.nl, (b + 1) * t.nl), t.doc_pos(b, b + 1));
     progress();
   }
   K_ = Tensor();
@@ -532,11 +532,11 @@ void FsdpCpLayout::attention_backward(int l, const LocalTokens& t, TensorView xn
   Tensor dV = Tensor::zeros(V_.shape(), DType::F32, kWork, dev);
   for (int64_t b = 0; b < t.B; ++b) {  // one row at a time: a progress point between rows
     const Range qr{b * t.nl, (b + 1) * t.nl}, kr{b * t.S, (b + 1) * t.S};
-    block::attention_backward(be_, ad_, 1, s.q.slice(qr.begin, qr.end), K_.slice(kr.begin, kr.end),
-                              V_.slice(kr.begin, kr.end), t.q_pos.view(), t.k_pos.view(),
-                              s.o.slice(qr.begin, qr.end), s.lse.slice(qr.begin, qr.end),
-                              d_o.slice(qr.begin, qr.end), dq.slice(qr.begin, qr.end),
-                              dK.slice(kr.begin, kr.end), dV.slice(kr.begin, kr.end));
+    block::attention_backward(
+        be_, ad_, 1, s.q.slice(qr.begin, qr.end), K_.slice(kr.begin, kr.end),
+        V_.slice(kr.begin, kr.end), t.q_pos.view(), t.k_pos.view(), s.o.slice(qr.begin, qr.end),
+        s.lse.slice(qr.begin, qr.end), d_o.slice(qr.begin, qr.end), dq.slice(qr.begin, qr.end),
+        dK.slice(kr.begin, kr.end), dV.slice(kr.begin, kr.end), t.doc_pos(b, b + 1));
     progress();
   }
   K_ = Tensor();

@@ -643,6 +643,9 @@ ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
   // Every rank must run the same step; a mismatch would hang or silently mix batches.
   world_.check_same(B, "batch rows B");
   world_.check_same(S, "sequence length S");
+  TSP_CHECK(batch.doc_sep >= -1, "document separator id {} must be a token id, or -1 for none",
+            batch.doc_sep);
+  world_.check_same(batch.doc_sep, "document separator id doc_sep (--doc-sep)");
 
   ReplicaBatch rb;
   rb.B = B / R_;
@@ -655,7 +658,8 @@ ReplicaBatch LayoutCommon::replica_batch(const Batch& batch) const {
     std::copy(row, row + S, rb.inputs.begin() + b * S);
     std::copy(row + 1, row + S + 1, rb.labels.begin() + b * S);
   }
-  rb.grad_scale = static_cast<float>(1.0 / static_cast<double>(B * S));
+  rb.counted = B * S;
+  rb.grad_scale = static_cast<float>(1.0 / static_cast<double>(rb.counted));
   return rb;
 }
 
@@ -732,9 +736,10 @@ double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
 }
 
 double LayoutCommon::step(const Batch& batch, bool backward) {
-  const ReplicaBatch rb = replica_batch(batch);
+  ReplicaBatch rb = replica_batch(batch);
   check_batch(rb);
   check_tokens(batch);
+  if (batch.doc_sep >= 0) find_documents(batch, rb);
   // The optimizer updated the fp32 master weights since the last step: round them into the compute
   // copy (nothing to do under f32).
   store_.refresh_compute();
@@ -762,7 +767,80 @@ double LayoutCommon::step(const Batch& batch, bool backward) {
   run(rb, backward, loss.view());
   if (backward && R_ > 1) replicas_->all_reduce(g.data(), g.numel(), DType::F32);
   // The step's one host synchronisation: this rank's loss sum.
-  return reduce_loss(be_.host_f64(loss.view()), batch.B * batch.S);
+  return reduce_loss(be_.host_f64(loss.view()), rb.counted);
+}
+
+// ---- documents (docs/layouts.md, "Documents") --------------------------------------------------
+
+int64_t document_chunks(int64_t S, int parts) {
+  if (parts == 1) return 1;
+  check_zigzag(S, parts);
+  return 2 * int64_t{parts};
+}
+
+void LayoutCommon::find_documents(const Batch& batch, ReplicaBatch& rb) {
+  const int32_t sep = batch.doc_sep;
+  TSP_CHECK(0 <= sep && sep < config_.vocab_size,
+            "document separator id {} is outside the vocabulary [0, {}): pass --doc-sep with a "
+            "token id of the model",
+            sep, config_.vocab_size);
+  const int parts = token_parts();
+  const int64_t B = rb.B, S = rb.S, C = document_chunks(S, parts), w = S / C;
+  // The chunks this rank reads: all (parts = 1), else zigzag chunks index and 2·parts-1-index.
+  std::vector<int64_t> own;
+  if (parts == 1)
+    own = {0};
+  else
+    own = {token_index(), C - 1 - token_index()};
+  // Per row and chunk: the last separator among its inputs (-1: none) and how many it has;
+  // (-2, -1) where this rank does not read the chunk. Labels are never needed: a label is
+  // ignored exactly when its input (same position) is a separator.
+  constexpr int64_t kNotRead = -2;
+  std::vector<int64_t> mine(B * C * 2, kNotRead);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c : own) {
+      int64_t last = -1, count = 0;
+      for (int64_t x = c * w; x < (c + 1) * w; ++x)
+        if (rb.inputs[b * S + x] == sep) last = x, ++count;
+      mine[(b * C + c) * 2] = last;
+      mine[(b * C + c) * 2 + 1] = count;
+    }
+  // The group's view of every chunk (ranks reading the same chunk agree: same tokens). Host
+  // control traffic, like check_tokens: 16 bytes per row and chunk.
+  std::vector<int64_t> all = mine;
+  if (parts > 1) {
+    const std::vector<int64_t> g = group_->gather_host(mine);
+    for (size_t r = 0; r < g.size() / mine.size(); ++r)
+      for (size_t e = 0; e < mine.size(); e += 2)
+        if (all[e] == kNotRead && g[r * mine.size() + e] != kNotRead)
+          all[e] = g[r * mine.size() + e], all[e + 1] = g[r * mine.size() + e + 1];
+  }
+  rb.doc_sep = sep;
+  rb.chunks = C;
+  rb.doc_start.assign(B * C, 0);
+  int64_t separators = 0;  // of this replica's rows
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t start = 0;  // every row starts a document at position 0
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t last = all[(b * C + c) * 2];
+      TSP_CHECK(last != kNotRead,
+                "layout {}: no rank of the group reads chunk {} of row {} (a bug "
+                "in the layout's token parts)",
+                name_, c, b);
+      rb.doc_start[b * C + c] = start;
+      if (last >= 0) start = last + 1;
+      separators += all[(b * C + c) * 2 + 1];
+    }
+  }
+  // Counted labels over the whole batch: each replica's count once (group rank 0's), summed in
+  // rank order (exact: integers far below 2^53).
+  const double counted = world_.sum_host(group_rank_ == 0 ? double(B * S - separators) : 0.0);
+  rb.counted = static_cast<int64_t>(counted);
+  TSP_CHECK(rb.counted > 0,
+            "every label of the batch follows a document separator (id {}), so the loss counts "
+            "no token; use longer rows or another separator",
+            sep);
+  rb.grad_scale = static_cast<float>(1.0 / counted);
 }
 
 // ---- the layer recipe (layout_common.h) ------------------------------------------------------
@@ -887,6 +965,31 @@ LocalTokens take_tokens(Backend& be, const ReplicaBatch& rb, int parts, int inde
       tok_pos[j] = q_pos[i];
       ids[j] = rb.inputs[src];
       labels[j] = rb.labels[src];
+    }
+  }
+  t.documents = rb.doc_sep >= 0;
+  if (t.documents) {
+    // Positions in documents: a row's local tokens are increasing runs, one per chunk it reads;
+    // each run starts in the document find_documents found for its chunk, and a separator
+    // starts a new one after it. The label after a separator is the next document's first token:
+    // not predicted from this document, so not counted (kIgnoreIndex).
+    TSP_CHECK(static_cast<int64_t>(rb.doc_start.size()) == t.B * rb.chunks &&
+                  rb.chunks == document_chunks(t.S, parts),
+              "take_tokens: the document starts are for {} chunks of {} rows, not {} parts of {} "
+              "rows (find_documents was not run for this layout)",
+              rb.chunks, rb.doc_start.size() / std::max<int64_t>(rb.chunks, 1), parts, t.B);
+    const int64_t w = t.S / rb.chunks;
+    for (int64_t b = 0; b < t.B; ++b) {
+      int64_t start = 0;
+      for (int64_t i = 0; i < t.nl; ++i) {
+        const int64_t x = q_pos[i], j = b * t.nl + i;
+        if (x % w == 0 || i == 0) start = rb.doc_start[b * rb.chunks + x / w];
+        tok_pos[j] = x - start;
+        if (ids[j] == rb.doc_sep) {
+          labels[j] = block::kIgnoreIndex;
+          start = x + 1;
+        }
+      }
     }
   }
   constexpr MemCategory kWork = MemCategory::Workspace;

@@ -196,10 +196,23 @@ struct ReplicaBatch {
   int64_t row0 = 0;             // first row of the batch it holds
   std::vector<int32_t> inputs;  // [B, S]
   std::vector<int32_t> labels;  // [B, S]
-  // Multiply into dlogits: 1 / (tokens of the WHOLE batch, all replicas), so that summing the
-  // replicas' gradients gives the gradient of the mean loss.
+  // Multiply into dlogits: 1 / (counted labels of the WHOLE batch, all replicas), so that summing
+  // the replicas' gradients gives the gradient of the mean loss.
   float grad_scale = 0;
+  int64_t counted = 0;  // labels counted in the loss over the whole batch (B·S without documents)
+  // Packed documents (Batch::doc_sep >= 0; docs/layouts.md, "Documents"). The row is cut into
+  // chunks (document_chunks: the zigzag chunks of the layout's token parts, or the whole row);
+  // doc_start [B, chunks] is, for each row and chunk, the global position where the document in
+  // progress at the chunk's first token starts. Learnt over the layout group (find_documents), so
+  // a rank reading only its own chunks still knows where a document begun in another's starts.
+  int32_t doc_sep = -1;
+  int64_t chunks = 1;
+  std::vector<int64_t> doc_start;
 };
+
+// How find_documents and take_tokens cut a row of S into chunks for `parts` token parts: 1 chunk
+// (the whole row) for parts = 1, else the 2·parts zigzag chunks (check_zigzag).
+int64_t document_chunks(int64_t S, int parts);
 
 // This rank's tokens of its replica's rows, on the device: every token of each row (parts = 1),
 // or zigzag chunks `index` and 2·parts-1-index of each row (parts > 1; docs/layouts.md). Local
@@ -214,7 +227,15 @@ struct LocalTokens {
   // I64 [S] positions of a row's keys after gather_sequence (the parts' chunks in rank order);
   // equal to q_pos when parts = 1.
   Tensor k_pos;
-  Tensor tok_pos;  // I64 [n] position of every local token (RoPE)
+  Tensor tok_pos;  // I64 [n] position of every local token (RoPE); with documents, in its document
+  bool documents = false;
+  // The attention kernels' document positions (q_doc_pos) of rows [b0, b1): with documents the
+  // tokens' positions in their documents (tok_pos, so the mask and RoPE agree by construction);
+  // without, the empty view (no document bound, today's kernels bit for bit).
+  TensorView doc_pos(int64_t b0, int64_t b1) const {
+    return documents ? tok_pos.view().slice(b0 * nl, b1 * nl) : TensorView();
+  }
+  TensorView doc_pos() const { return doc_pos(0, B); }
 };
 // Takes the tokens of part `index` of `parts` from the replica's rows (after check_zigzag when
 // parts > 1) and uploads them.
@@ -364,6 +385,11 @@ class LayoutCommon : public Layout {
   // Ids in [0, V) at every position token_need(B, S) names; a clear error otherwise.
   void check_tokens(const Batch& batch) const;
   double reduce_loss(double local_sum, int64_t tokens);
+  // With documents: where each chunk's document starts (rb.doc_start) and how many labels the
+  // whole batch counts (rb.counted, rb.grad_scale). Each rank scans only the chunks it reads;
+  // the group all-gathers, per row and chunk, the last separator and the separator count (host
+  // control traffic), and the world sums the replicas' counts. Collective over the world.
+  void find_documents(const Batch& batch, ReplicaBatch& rb);
   double step(const Batch& batch, bool backward);
 
   std::string name_;

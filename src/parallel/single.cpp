@@ -47,7 +47,7 @@ class SingleLayout final : public LayoutCommon {
     block::qkv_forward(be_, ad_, attn_weights(P), xn, t.tok_pos.view(), s.q.view(), s.k.view(),
                        s.v.view());
     block::attention_forward(be_, ad_, t.B, s.q.view(), s.k.view(), s.v.view(), t.q_pos.view(),
-                             t.k_pos.view(), s.o.view(), s.lse.view());
+                             t.k_pos.view(), s.o.view(), s.lse.view(), t.doc_pos());
     block::out_proj_forward(be_, store_.w(P.wo), s.o.view(), s.x2.view());
   }
   void attention_backward(int l, const LocalTokens& t, TensorView xn, const block::LayerSaved& s,
@@ -61,7 +61,7 @@ class SingleLayout final : public LayoutCommon {
     block::out_proj_backward(be_, store_.w(P.wo), s.o.view(), dx, d_o.view(), store_.g(P.wo));
     block::attention_backward(be_, ad_, t.B, s.q.view(), s.k.view(), s.v.view(), t.q_pos.view(),
                               t.k_pos.view(), s.o.view(), s.lse.view(), d_o.view(), dq.view(),
-                              dk.view(), dv.view());
+                              dk.view(), dv.view(), t.doc_pos());
     block::qkv_backward(be_, ad_, attn_weights(P), attn_grads(P), xn, t.tok_pos.view(), dq.view(),
                         dk.view(), dv.view(), dxn);
   }

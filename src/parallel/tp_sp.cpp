@@ -86,7 +86,8 @@ TpSpCoords tp_sp_coords(int group_rank, int D, int T) {
 namespace {
 
 constexpr MemCategory kWork = MemCategory::Workspace;
-constexpr int32_t kIgnoreIndex = -100;  // labels that count neither in the loss nor its gradient
+constexpr int32_t kIgnoreIndex = block::kIgnoreIndex;  // labels that count neither in the loss
+                                                       // nor its gradient
 
 // Where backward writes a set of parameters' gradients when Σ > 1. Each
 // sequence shard computes a partial gradient from its own tokens: the partials
@@ -276,7 +277,7 @@ class TpSpLayout final : public LayoutCommon {
       gather_sequence(be_, *sp_, t, v.view(), s.v.view(), staging);
     }
     block::attention_forward(be_, ad_, t.B, s.q.view(), s.k.view(), s.v.view(), t.q_pos.view(),
-                             t.k_pos.view(), s.o.view(), s.lse.view());
+                             t.k_pos.view(), s.o.view(), s.lse.view(), t.doc_pos());
     row_parallel_add(s.x2.view(), [&](TensorView y) {  // Megatron's g
       block::out_proj_forward(be_, store_.w(P.wo), s.o.view(), y);
     });
@@ -293,7 +294,7 @@ class TpSpLayout final : public LayoutCommon {
     Tensor dv = Tensor::zeros(s.v.shape(), DType::F32, kWork, dev);
     block::attention_backward(be_, ad_, t.B, s.q.view(), s.k.view(), s.v.view(), t.q_pos.view(),
                               t.k_pos.view(), s.o.view(), s.lse.view(), d_o.view(), dq.view(),
-                              dk.view(), dv.view());
+                              dk.view(), dv.view(), t.doc_pos());
     d_o = Tensor();
     if (sigma_ > 1) {  // this rank's keys' gradients, summed over every rank's queries
       Tensor dk_local = Tensor::f32({t.n, ad_.hkv, ad_.d}, kWork, dev);

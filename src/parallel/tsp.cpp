@@ -54,7 +54,7 @@ namespace {
 
 constexpr MemCategory kComm = MemCategory::Comm;
 constexpr MemCategory kWork = MemCategory::Workspace;
-constexpr int32_t kIgnoreIndex = -100;  // labels the loss skips (the kernels' ignore_index)
+constexpr int32_t kIgnoreIndex = block::kIgnoreIndex;  // labels the loss skips
 
 class TspLayout final : public LayoutCommon, public TspTrafficReport {
  public:
@@ -335,7 +335,8 @@ void TspLayout::attention_forward(int l, const LocalTokens& t, TensorView xn,
       const int64_t q0 = b * t.nl, k0 = b * t.S;
       block::attention_forward(be_, ad_, 1, g.q.slice(q0, q0 + t.nl), K.slice(k0, k0 + t.S),
                                V.slice(k0, k0 + t.S), t.q_pos.view(), t.k_pos.view(),
-                               g.o.slice(q0, q0 + t.nl), g.lse.slice(q0, q0 + t.nl));
+                               g.o.slice(q0, q0 + t.nl), g.lse.slice(q0, q0 + t.nl),
+                               t.doc_pos(b, b + 1));
       progress();
     }
     block::out_proj_forward(be_, aw.wo, g.o, y);  // local accumulation, no all-reduce
@@ -408,7 +409,7 @@ void TspLayout::attention_backward(int l, const LocalTokens& t, TensorView xn,
       const auto kr = [&](TensorView x) { return x.slice(k0, k0 + t.S); };
       block::attention_backward(be_, ad_, 1, qr(g.q), kr(K), kr(V), t.q_pos.view(), t.k_pos.view(),
                                 qr(g.o), qr(g.lse), qr(d_o.view()), qr(dq.view()), kr(dK.view()),
-                                kr(dV.view()));
+                                kr(dV.view()), t.doc_pos(b, b + 1));
       progress();
     }
     TensorView dk_own = dK.view(), dv_own = dV.view();  // D = 1: the whole sequence is local

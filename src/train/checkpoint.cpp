@@ -299,6 +299,7 @@ std::string TrainerState::to_json_string() const {
   j["batch"] = batch;
   j["seq"] = seq;
   j["accum"] = accum;
+  j["doc_sep"] = doc_sep;
   j["config_hash"] = config_hash;
   j["layout"] = layout;
   j["tp"] = tp;
@@ -358,6 +359,7 @@ TrainerState TrainerState::from_json_string(const std::string& text, const std::
     s.batch = j.at("batch").get<int64_t>();
     s.seq = j.at("seq").get<int64_t>();
     s.accum = j.at("accum").get<int64_t>();
+    s.doc_sep = j.value("doc_sep", int64_t{-1});  // absent before documents: none
     s.config_hash = j.at("config_hash").get<std::string>();
     s.layout = j.at("layout").get<std::string>();
     tp = j.at("tp").get<int64_t>();
@@ -383,6 +385,8 @@ TrainerState TrainerState::from_json_string(const std::string& text, const std::
   TSP_CHECK(s.batch > 0 && s.seq > 0 && s.accum > 0, "{}",
             bad(fmt::format("batch {}, seq {}, accum {} (each must be positive)", s.batch, s.seq,
                             s.accum)));
+  TSP_CHECK(s.doc_sep >= -1, "{}",
+            bad(fmt::format("doc_sep {} is not a token id nor -1", s.doc_sep)));
   constexpr int64_t kMaxRanks = 1 << 24;
   TSP_CHECK(world >= 1 && world <= kMaxRanks && dp >= 1 && tp >= 1 && world % dp == 0 &&
                 (world / dp) % tp == 0,

@@ -198,6 +198,7 @@ DataLoader::DataLoader(std::shared_ptr<const Corpus> corpus, DataOptions options
   TSP_CHECK(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1), got {}",
             o.val_fraction);
   TSP_CHECK(o.val_windows >= 0, "--val-windows must be >= 0, got {}", o.val_windows);
+  TSP_CHECK(o.doc_sep >= -1, "--doc-sep must be a token id or -1 (none), got {}", o.doc_sep);
   // Sizes are checked before anything is allocated: a batch holds B·(S+1) int32 tokens (plus B
   // window starts) on every rank, so an impossible --batch or --seq fails here with the option's
   // name instead of growing until the kernel kills the job.
@@ -279,6 +280,7 @@ Batch DataLoader::make_batch(const std::vector<int64_t>& starts) const {
   Batch batch;
   batch.B = B;
   batch.S = S;
+  batch.doc_sep = options_.doc_sep;
   batch.tokens.assign(B * W, kTokenNotRead);
   const int64_t r0 = need_.row_begin, r1 = need_.row_end < 0 ? B : need_.row_end;
   TSP_CHECK(0 <= r0 && r0 <= r1 && r1 <= B, "token need rows [{}, {}) outside a batch of {} rows",

@@ -1,6 +1,7 @@
 // CUDA attention (src/backend/cuda/attention.h):
 //   1. the reference kernels against a host fp64 implementation written here (F32 and BF16, any
-//      d, GQA, positions causal / offset / zigzag / shuffled / a query that sees no key);
+//      d, GQA, positions causal / offset / zigzag / shuffled / a query that sees no key / packed
+//      documents);
 //   2. the flash kernels (BF16, d 64 and 128; both versions, v1 and v2) against the reference
 //      kernels on the same inputs,
 //      within bounds derived per element from the extra bf16 roundings of the flash path;
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -78,7 +80,7 @@ struct Dev {
 
 // ---- problems ---------------------------------------------------------------------------------
 
-enum class Pos { Causal, Offset, Zigzag, Shuffled, Blind };
+enum class Pos { Causal, Offset, Zigzag, Shuffled, Blind, Documents };
 const char* pos_name(Pos p) {
   switch (p) {
     case Pos::Causal:
@@ -91,6 +93,8 @@ const char* pos_name(Pos p) {
       return "shuffled";
     case Pos::Blind:
       return "blind";
+    case Pos::Documents:
+      return "documents";
   }
   return "?";
 }
@@ -112,12 +116,14 @@ struct Problem {
   float scale;
   std::vector<float> q, k, v, dout, dq0, dk0, dv0;  // dq0.. : the gradients' prior contents (+=)
   std::vector<int64_t> q_pos, k_pos;
+  std::vector<int64_t> q_doc_pos;  // empty: no documents
 };
 
 // Positions: Causal (queries are the last nq of the keys' range, earlier ones may see nothing),
 // Offset (all queries after all keys), Zigzag (two contiguous ranges on each side, like a zigzag
 // chunk pair), Shuffled (causal positions in random order), Blind (causal, but query 0 is before
-// every key and sees none).
+// every key and sees none), Documents (causal, in packed documents of random lengths 1 to 40: each
+// query also has its position in its document, q_doc_pos).
 Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
   Problem p;
   p.c = c;
@@ -150,6 +156,20 @@ Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
     std::shuffle(p.q_pos.begin(), p.q_pos.end(), rng);
   }
   if (c.pos == Pos::Blind) p.q_pos[0] = -1;
+  if (c.pos == Pos::Documents) {
+    // doc_start[x] for every position x in [0, nk): documents of 1 to 40 positions.
+    std::vector<int64_t> start(std::max<int64_t>(c.nk, 1));
+    std::uniform_int_distribution<int64_t> len(1, 40);
+    for (int64_t x = 0, s0 = 0, next = len(rng); x < c.nk; ++x) {
+      if (x == next) s0 = x, next = x + len(rng);
+      start[x] = s0;
+    }
+    p.q_doc_pos.resize(c.nq);
+    for (int64_t i = 0; i < c.nq; ++i) {
+      const int64_t x = p.q_pos[i];
+      p.q_doc_pos[i] = x < 0 ? 0 : x - start[x];
+    }
+  }
   return p;
 }
 
@@ -186,6 +206,7 @@ HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
       for (int64_t j = 0; j < c.nk; ++j) {
         s[j] = -kInf;
         if (p.k_pos[j] > p.q_pos[i]) continue;
+        if (!p.q_doc_pos.empty() && p.k_pos[j] < p.q_pos[i] - p.q_doc_pos[i]) continue;
         const float* kj = &p.k[(j * c.hkv + hk) * d];
         double dot = 0;
         for (int64_t e = 0; e < d; ++e) dot += double(qi[e]) * kj[e];
@@ -290,6 +311,8 @@ double max_abs(const std::vector<float>& x) {
 // Device tensors of a problem, with q/k/v/o in `dt`.
 struct DevProblem {
   Dev q, k, v, qp, kp, o, lse, dout, dq, dk, dv;
+  std::unique_ptr<Dev> qd;  // q_doc_pos, with documents only
+  TensorView doc_view() const { return qd ? qd->view : TensorView(); }
   DevProblem(const Problem& p, DType dt)
       : q(p.q, {p.c.nq, p.c.hq, p.c.d}, dt),
         k(p.k, {p.c.nk, p.c.hkv, p.c.d}, dt),
@@ -301,23 +324,25 @@ struct DevProblem {
         dout(p.dout, {p.c.nq, p.c.hq, p.c.d}, DType::F32),
         dq(p.dq0, {p.c.nq, p.c.hq, p.c.d}, DType::F32),
         dk(p.dk0, {p.c.nk, p.c.hkv, p.c.d}, DType::F32),
-        dv(p.dv0, {p.c.nk, p.c.hkv, p.c.d}, DType::F32) {}
+        dv(p.dv0, {p.c.nk, p.c.hkv, p.c.d}, DType::F32) {
+    if (!p.q_doc_pos.empty()) qd = std::make_unique<Dev>(p.q_doc_pos);
+  }
 };
 
 using FwdFn = void (*)(TensorView, TensorView, TensorView, TensorView, TensorView, TensorView,
-                       TensorView, float, cudaStream_t);
+                       TensorView, TensorView, float, cudaStream_t);
 using BwdFn = void (*)(TensorView, TensorView, TensorView, TensorView, TensorView, TensorView,
-                       TensorView, TensorView, TensorView, TensorView, TensorView, float,
-                       cudaStream_t);
+                       TensorView, TensorView, TensorView, TensorView, TensorView, TensorView,
+                       float, cudaStream_t);
 
 void run_fwd(FwdFn f, DevProblem& dp, const Problem& p) {
-  f(dp.q.view, dp.k.view, dp.v.view, dp.qp.view, dp.kp.view, dp.o.view, dp.lse.view, p.scale,
-    nullptr);
+  f(dp.q.view, dp.k.view, dp.v.view, dp.qp.view, dp.kp.view, dp.doc_view(), dp.o.view, dp.lse.view,
+    p.scale, nullptr);
   TSP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 void run_bwd(BwdFn f, DevProblem& dp, const Problem& p) {
-  f(dp.q.view, dp.k.view, dp.v.view, dp.qp.view, dp.kp.view, dp.o.view, dp.lse.view, dp.dout.view,
-    dp.dq.view, dp.dk.view, dp.dv.view, p.scale, nullptr);
+  f(dp.q.view, dp.k.view, dp.v.view, dp.qp.view, dp.kp.view, dp.doc_view(), dp.o.view, dp.lse.view,
+    dp.dout.view, dp.dq.view, dp.dk.view, dp.dv.view, p.scale, nullptr);
   TSP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -325,14 +350,15 @@ std::vector<Case> small_cases() {
   std::vector<Case> cs;
   const int64_t ns[] = {1, 5, 64, 130};
   const int heads[][2] = {{4, 4}, {8, 2}, {8, 1}};
-  const Pos ps[] = {Pos::Causal, Pos::Offset, Pos::Zigzag, Pos::Shuffled, Pos::Blind};
+  const Pos ps[] = {Pos::Causal,   Pos::Offset, Pos::Zigzag,
+                    Pos::Shuffled, Pos::Blind,  Pos::Documents};
   int i = 0;
   for (int d : {8, 64, 128})
     for (int64_t nq : ns)
       for (int64_t nk : ns) {
         // A rotating choice of heads and positions keeps the count small but covers each.
         const auto& hh = heads[i % 3];
-        cs.push_back({nq, nk, hh[0], hh[1], d, ps[i % 5]});
+        cs.push_back({nq, nk, hh[0], hh[1], d, ps[i % 6]});
         ++i;
       }
   cs.push_back({7, 9, 2, 1, 200, Pos::Causal});  // a head dim past 128 (reference only)
@@ -443,6 +469,7 @@ std::vector<Case> flash_cases() {
     // Over 32 key tiles of 64 / query tiles of 32: v2's tile bitmasks span several words.
     cs.push_back({600, 2200, 2, 1, d, Pos::Causal});
     cs.push_back({1100, 1100, 2, 2, d, Pos::Zigzag});
+    cs.push_back({300, 300, 4, 2, d, Pos::Documents});  // served by the reference kernels
   }
   return cs;
 }

@@ -594,8 +594,8 @@ TEST(CudaBackend, cuda_AttentionGqaPositionsAndMerge) {
       Pair q = random_pair({nq, hq, d}, t, 49), k = random_pair({nk, hkv, d}, t, 50);
       Pair v = random_pair({nk, hkv, d}, t, 51);
       Pair o = random_pair({nq, hq, d}, t, 52), lse = random_pair({nq, hq}, DType::F32, 53);
-      gpu().attention_forward(q.g, k.g, v.g, qpos.g, kpos.g, o.g, lse.g, scale);
-      cpu().attention_forward(q.c, k.c, v.c, qpos.c, kpos.c, o.c, lse.c, scale);
+      gpu().attention_forward(q.g, k.g, v.g, qpos.g, kpos.g, TensorView(), o.g, lse.g, scale);
+      cpu().attention_forward(q.c, k.c, v.c, qpos.c, kpos.c, TensorView(), o.c, lse.c, scale);
       // fp32: sums over nk keys (nk·u32); bf16 flash rounds P to bf16 before P·V (2^-8 relative
       // per term) and o once: 2^-7 normwise, one ulp elementwise.
       const bool bf = t == DType::BF16;
@@ -612,10 +612,10 @@ TEST(CudaBackend, cuda_AttentionGqaPositionsAndMerge) {
       Pair dq = random_pair({nq, hq, d}, DType::F32, 55),
            dk = random_pair({nk, hkv, d}, DType::F32, 56);
       Pair dv = random_pair({nk, hkv, d}, DType::F32, 57);
-      gpu().attention_backward(q.g, k.g, v.g, qpos.g, kpos.g, oc.g, lc.g, dout.g, dq.g, dk.g, dv.g,
-                               scale);
-      cpu().attention_backward(q.c, k.c, v.c, qpos.c, kpos.c, oc.c, lc.c, dout.c, dq.c, dk.c, dv.c,
-                               scale);
+      gpu().attention_backward(q.g, k.g, v.g, qpos.g, kpos.g, TensorView(), oc.g, lc.g, dout.g,
+                               dq.g, dk.g, dv.g, scale);
+      cpu().attention_backward(q.c, k.c, v.c, qpos.c, kpos.c, TensorView(), oc.c, lc.c, dout.c,
+                               dq.c, dk.c, dv.c, scale);
       // bf16 flash: dout, P and dS are rounded to bf16 for their products (each 2^-8 relative),
       // three roundings in a chain: 2^-5 normwise leaves room for cancellation in dS.
       const double btol = bf ? 1.0 / 32 : 8 * (nk + nq + d) * kU32;

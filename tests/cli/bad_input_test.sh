@@ -121,6 +121,13 @@ expect_error "generate: negative --seed" "--seed: must be >= 0, got -5" \
 expect_error "generate: --top-p 0" "--top-p 0 must be in (0, 1]" \
   tsp1 generate --model model --prompt hi --top-p 0
 bench1() { tsp1 bench --model model --layouts single "$@"; }
+# --doc-sep: a token id of the model (the vocabulary of model here: 0 to 255) or -1.
+expect_error "grad: --doc-sep V" "--doc-sep 256 is not a token id of the model (0 to 255)" \
+  tsp1 grad --model model --tokens tokens.bin --batch 2 --seq 16 --doc-sep 256 --out g.st
+expect_error "train: --doc-sep -2" "--doc-sep -2 is not a token id of the model" \
+  train1 corpus.txt --doc-sep -2
+expect_error "bench: --doc-sep 1000" "--doc-sep 1000 is not a token id of the model" \
+  bench1 --seq 16 --doc-sep 1000
 expect_error "bench: --seq not a number" '"abc" is not a positive integer' bench1 --seq 16,abc
 expect_error "bench: --seq 0" '"0" is not a positive integer' bench1 --seq 0
 expect_error "bench: --batch 2^62" "does not fit in 64 bits" \

@@ -2,11 +2,13 @@
 // the widened path and the native AVX512_BF16 path against a double-precision oracle on the same
 // (bf16-valued) inputs, with the error bounds of src/ops/cpu/attention_bf16.cpp checked element
 // by element; GQA, arbitrary positions, queries that see no key, n_k = 0, odd key counts, the
-// bf16 merge, threads and bad input.
+// bf16 merge, threads and bad input; packed documents (the q_doc_pos bound) in every path and the
+// skipping of key tiles no query can see.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -42,9 +44,24 @@ struct Case {
   int64_t H, Hkv, d;
   float scale;
   std::vector<int64_t> q_pos, k_pos;
+  std::vector<int64_t> q_doc_pos = {};  // documents: position of each query in its document
   int64_t n_q() const { return static_cast<int64_t>(q_pos.size()); }
+  // Whether query i sees key j (the rule of tsp/ops/attention.h, written out independently).
+  bool visible(int64_t i, int64_t j) const {
+    if (k_pos[j] > q_pos[i]) return false;
+    return q_doc_pos.empty() || k_pos[j] >= q_pos[i] - q_doc_pos[i];
+  }
   int64_t n_k() const { return static_cast<int64_t>(k_pos.size()); }
 };
+
+// Positions in their documents of tokens at `pos`, documents starting at `starts` (increasing,
+// starts[0] = 0).
+std::vector<int64_t> doc_positions(const std::vector<int64_t>& pos,
+                                   const std::vector<int64_t>& starts) {
+  std::vector<int64_t> out;
+  for (int64_t x : pos) out.push_back(x - *(std::upper_bound(starts.begin(), starts.end(), x) - 1));
+  return out;
+}
 
 std::vector<Case> cases() {
   std::mt19937 rng(7);
@@ -67,6 +84,18 @@ std::vector<Case> cases() {
   // head_dim % 32 != 0: the widened path (d = 16: the fp32 fast path; d = 8: the reference).
   cs.push_back({"gqa2_d16_widened", 4, 2, 16, 0.3f, iota_pos(40, 10), iota_pos(50, 0)});
   cs.push_back({"gqa2_d8_widened", 4, 2, 8, 0.35f, iota_pos(20, 10), iota_pos(30, 0)});
+  // Packed documents over 200 tokens (native path: d = 64), some spanning tiles, some of one
+  // token, so tiles below the document starts are skipped; and the widened path with documents.
+  {
+    Case c{"gqa2_d64_documents", 4, 2, 64, 0.125f, iota_pos(200, 0), iota_pos(200, 0)};
+    c.q_doc_pos = doc_positions(c.q_pos, {0, 1, 2, 90, 91, 150, 151, 152, 199});
+    cs.push_back(c);
+  }
+  {
+    Case c{"gqa2_d16_documents_widened", 4, 2, 16, 0.3f, iota_pos(50, 0), iota_pos(50, 0)};
+    c.q_doc_pos = doc_positions(c.q_pos, {0, 7, 8, 30});
+    cs.push_back(c);
+  }
   return cs;
 }
 
@@ -103,6 +132,7 @@ AttentionBf16Params params(const Case& c, const Data& x, Out& out) {
   p.scale = c.scale;
   p.q = x.q.data(), p.k = x.k.data(), p.v = x.v.data();
   p.q_pos = c.q_pos.data(), p.k_pos = c.k_pos.data();
+  p.q_doc_pos = c.q_doc_pos.empty() ? nullptr : c.q_doc_pos.data();
   p.o = out.o.data(), p.lse = out.lse.data();
   return p;
 }
@@ -139,7 +169,7 @@ Oracle oracle(const Case& c, const Data& x, const std::vector<bf16>& o_given) {
       double m = -kInf;
       for (int64_t j = 0; j < nk; ++j) {
         P[j] = -kInf;
-        if (c.k_pos[j] > c.q_pos[i]) continue;
+        if (!c.visible(i, j)) continue;
         double s = 0;
         for (int64_t e = 0; e < d; ++e) s += Q(i, h, e) * K(j, h, e);
         P[j] = s * c.scale;
@@ -356,6 +386,44 @@ TEST(AttentionBf16, NoKeysGivesZeroOutputMinusInfLseAndNoGradient) {
   p.dout = x.dout.data(), p.dq = dq.data();
   attention_backward(p);
   for (float g : dq) EXPECT_EQ(g, 0.5f);  // += nothing
+}
+
+TEST(AttentionBf16, DocumentsSkipKeyTilesNoQueryCanSee) {
+  // As in the fp32 test (tests/ops/attention_test.cpp): queries at [128, 256) in the document
+  // starting at 128, NaN keys and values at [0, 128). Skipped tiles leave every result finite and
+  // equal, bit for bit, to attention over the keys [128, 256) alone. d = 64 (the native path where
+  // the CPU has AVX512_BF16, else the widened one).
+  Case docs{"skip", 4, 2, 64, 0.125f, iota_pos(128, 128), iota_pos(256, 0)};
+  docs.q_doc_pos = doc_positions(docs.q_pos, {0, 128});
+  Data x(docs, 31);
+  const int64_t row = docs.Hkv * docs.d;
+  for (int64_t e = 0; e < 128 * row; ++e)
+    x.k[e] = x.v[e] = bf16(std::numeric_limits<float>::quiet_NaN());
+  Case alone{"alone", 4, 2, 64, 0.125f, iota_pos(128, 128), iota_pos(128, 128)};
+  Data y = x;
+  y.k.erase(y.k.begin(), y.k.begin() + 128 * row);
+  y.v.erase(y.v.begin(), y.v.begin() + 128 * row);
+  auto run = [](const Case& c, const Data& d) {
+    Out out(c);
+    AttentionBf16BackwardParams p;
+    static_cast<AttentionBf16Params&>(p) = params(c, d, out);
+    attention_forward(p);
+    std::vector<float> dq(d.q.size(), 0.f), dk(d.k.size(), 0.f), dv(d.v.size(), 0.f);
+    p.dout = d.dout.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+    attention_backward(p);
+    std::vector<float> o(out.o.size());
+    for (size_t i = 0; i < o.size(); ++i) o[i] = float(out.o[i]);
+    return std::vector<std::vector<float>>{o, out.lse, dq, dk, dv};
+  };
+  const auto got = run(docs, x), want = run(alone, y);
+  for (int t = 0; t < 3; ++t)  // o, lse, dq
+    EXPECT_EQ(0, std::memcmp(got[t].data(), want[t].data(), got[t].size() * sizeof(float))) << t;
+  for (int t = 3; t < 5; ++t) {  // dk, dv: zero for the skipped keys, equal for the others
+    for (int64_t e = 0; e < 128 * row; ++e) ASSERT_EQ(got[t][e], 0.f) << t << " at " << e;
+    EXPECT_EQ(
+        0, std::memcmp(got[t].data() + 128 * row, want[t].data(), want[t].size() * sizeof(float)))
+        << t;
+  }
 }
 
 TEST(AttentionBf16, MergeOfDisjointKeySetsMatchesTheFullSet) {

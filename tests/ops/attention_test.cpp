@@ -1,6 +1,7 @@
 // Causal attention at explicit positions: the fast (blocked AVX-512) path and the scalar reference
 // against a naive double-precision oracle that builds the full score matrix (fine at these sizes),
-// plus finite differences, the exact merge and decode against a cache.
+// plus finite differences, the exact merge and decode against a cache; packed documents (the
+// q_doc_pos bound) in every path, and the skipping of key tiles no query can see.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -34,6 +35,14 @@ std::vector<int64_t> zigzag_local(int64_t S, int64_t D, int64_t r) {
   p.insert(p.end(), hi.begin(), hi.end());
   return p;
 }
+// Positions in their documents of tokens at positions `pos`, for documents starting at `starts`
+// (increasing, starts[0] = 0): x - (the last start <= x).
+std::vector<int64_t> doc_positions(const std::vector<int64_t>& pos,
+                                   const std::vector<int64_t>& starts) {
+  std::vector<int64_t> out;
+  for (int64_t x : pos) out.push_back(x - *(std::upper_bound(starts.begin(), starts.end(), x) - 1));
+  return out;
+}
 // Keys after an all-gather over the ranks: rank order, so positions are NOT sorted.
 std::vector<int64_t> zigzag_gathered(int64_t S, int64_t D) {
   std::vector<int64_t> p;
@@ -49,7 +58,13 @@ struct Case {
   int64_t H, Hkv, d;
   float scale;
   std::vector<int64_t> q_pos, k_pos;
+  std::vector<int64_t> q_doc_pos = {};  // documents: position of each query in its document
   int64_t n_q() const { return static_cast<int64_t>(q_pos.size()); }
+  // Whether query i sees key j (the rule of tsp/ops/attention.h, written out independently).
+  bool visible(int64_t i, int64_t j) const {
+    if (k_pos[j] > q_pos[i]) return false;
+    return q_doc_pos.empty() || k_pos[j] >= q_pos[i] - q_doc_pos[i];
+  }
   int64_t n_k() const { return static_cast<int64_t>(k_pos.size()); }
 };
 
@@ -83,6 +98,7 @@ AttentionParams params(const Case& c, const Data& x, Out& out) {
   p.scale = c.scale;
   p.q = x.q.data(), p.k = x.k.data(), p.v = x.v.data();
   p.q_pos = c.q_pos.data(), p.k_pos = c.k_pos.data();
+  p.q_doc_pos = c.q_doc_pos.empty() ? nullptr : c.q_doc_pos.data();
   p.o = out.o.data(), p.lse = out.lse.data();
   return p;
 }
@@ -111,7 +127,7 @@ Naive naive(const Case& c, const Data& x) {
       double m = -kInf;
       for (int64_t j = 0; j < nk; ++j) {
         double s = -kInf;
-        if (c.k_pos[j] <= c.q_pos[i]) {
+        if (c.visible(i, j)) {
           s = 0;
           for (int64_t e = 0; e < d; ++e) s += Q(i, h, e) * K(j, h, e);
           s *= c.scale;
@@ -196,6 +212,27 @@ std::vector<Case> cases() {
   }
   // head_dim not a multiple of 16: served by the reference path.
   cs.push_back({"gqa2_d8_reference", 4, 2, 8, 0.35f, iota_pos(20, 10), iota_pos(30, 0)});
+  // Packed documents. Self-attention over 200 tokens in documents of 1 to 90 tokens (some span
+  // several tiles, some are a single token), so tiles are skipped below the document starts.
+  {
+    Case c{"mha_d32_documents", 2, 2, 32, 0.3f, iota_pos(200, 0), iota_pos(200, 0)};
+    std::vector<int64_t> starts = {0, 1, 2, 90, 91, 150, 151, 152, 199};
+    c.q_doc_pos = doc_positions(c.q_pos, starts);
+    cs.push_back(c);
+  }
+  {  // Rank 1 of a D=4 zigzag over S=512 (its chunks [64, 128) and [384, 448)) against the
+     // gathered keys: documents cross chunks and ranks, the second chunk's first document began
+     // in another rank's chunk.
+    Case c{"gqa2_d64_zigzag_documents", 4, 2, 64, 0.125f, zigzag_local(512, 4, 1),
+           zigzag_gathered(512, 4)};
+    c.q_doc_pos = doc_positions(c.q_pos, {0, 70, 100, 300, 400, 401, 447});
+    cs.push_back(c);
+  }
+  {  // The reference path (d = 8) with documents, and a query whose document is one token.
+    Case c{"gqa2_d8_documents", 4, 2, 8, 0.35f, iota_pos(30, 0), iota_pos(30, 0)};
+    c.q_doc_pos = doc_positions(c.q_pos, {0, 5, 6, 17});
+    cs.push_back(c);
+  }
   return cs;
 }
 
@@ -360,6 +397,75 @@ TEST(Attention, QueryThatSeesNoKeyHasZeroOutputAndNoGradient) {
   attention_forward(params(none, y, o2));
   for (float l : o2.lse) EXPECT_EQ(l, -std::numeric_limits<float>::infinity());
   for (float v : o2.o) EXPECT_EQ(v, 0.f);
+}
+
+// Forward and backward on the public path: o, lse, dq, dk, dv.
+std::vector<std::vector<float>> run_both(const Case& c, const Data& x) {
+  Out out(c);
+  AttentionBackwardParams p;
+  static_cast<AttentionParams&>(p) = params(c, x, out);
+  attention_forward(p);
+  std::vector<float> dq(x.q.size(), 0.f), dk(x.k.size(), 0.f), dv(x.v.size(), 0.f);
+  p.dout = x.dout.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  attention_backward(p);
+  return {out.o, out.lse, dq, dk, dv};
+}
+
+TEST(Attention, DocumentsSkipKeyTilesNoQueryCanSee) {
+  // Queries at [128, 256), keys at [0, 256), documents starting at 0 and 128: no query sees a key
+  // of [0, 128), i.e. the first two key tiles of 64. Those keys hold NaN: a tile that was
+  // computed and masked would still multiply 0 · NaN into o and the gradients, so finite results
+  // prove the tiles are skipped. And the results must equal, bit for bit, attention over the
+  // keys [128, 256) alone (the same tiles in the same order), with dk, dv of the skipped keys
+  // untouched. d = 32 (fast path where built) and d = 8 (reference path).
+  for (int64_t d : {int64_t{32}, int64_t{8}}) {
+    SCOPED_TRACE("d=" + std::to_string(d));
+    Case docs{"skip", 4, 2, d, 0.3f, iota_pos(128, 128), iota_pos(256, 0)};
+    docs.q_doc_pos = doc_positions(docs.q_pos, {0, 128});
+    Data x(docs, 21);
+    const int64_t row = docs.Hkv * d;
+    for (int64_t e = 0; e < 128 * row; ++e)
+      x.k[e] = x.v[e] = std::numeric_limits<float>::quiet_NaN();
+    Case alone{"alone", 4, 2, d, 0.3f, iota_pos(128, 128), iota_pos(128, 128)};
+    Data y = x;
+    y.k.erase(y.k.begin(), y.k.begin() + 128 * row);
+    y.v.erase(y.v.begin(), y.v.begin() + 128 * row);
+    const auto got = run_both(docs, x), want = run_both(alone, y);
+    for (int t = 0; t < 3; ++t)  // o, lse, dq
+      EXPECT_EQ(0, std::memcmp(got[t].data(), want[t].data(), got[t].size() * sizeof(float))) << t;
+    for (int t = 3; t < 5; ++t) {  // dk, dv: zero for the skipped keys, equal for the others
+      for (int64_t e = 0; e < 128 * row; ++e) ASSERT_EQ(got[t][e], 0.f) << t << " at " << e;
+      EXPECT_EQ(
+          0, std::memcmp(got[t].data() + 128 * row, want[t].data(), want[t].size() * sizeof(float)))
+          << t;
+    }
+  }
+}
+
+TEST(Attention, OneDocumentEqualsNoDocumentsBitwise) {
+  // Every query in one document starting at position 0 (q_doc_pos = q_pos): the document bound
+  // hides nothing, and every path must give today's causal results bit for bit.
+  for (Case c : cases()) {
+    if (!c.q_doc_pos.empty() || *std::min_element(c.q_pos.begin(), c.q_pos.end()) < 0 ||
+        *std::min_element(c.k_pos.begin(), c.k_pos.end()) < 0)
+      continue;
+    SCOPED_TRACE(c.name);
+    const Data x(c, 22);
+    const auto plain = run_both(c, x);
+    c.q_doc_pos = c.q_pos;
+    const auto one_doc = run_both(c, x);
+    for (size_t t = 0; t < plain.size(); ++t)
+      EXPECT_EQ(0, std::memcmp(plain[t].data(), one_doc[t].data(), plain[t].size() * sizeof(float)))
+          << t;
+  }
+}
+
+TEST(Attention, NegativeDocumentPositionIsRejected) {
+  Case c{"bad_doc", 2, 2, 16, 0.25f, iota_pos(4, 0), iota_pos(4, 0)};
+  c.q_doc_pos = {0, 1, -1, 0};
+  const Data x(c, 23);
+  Out out(c);
+  EXPECT_THROW(attention_forward(params(c, x, out)), Error);
 }
 
 TEST(Attention, BackwardMatchesCentralFiniteDifferences) {

@@ -84,6 +84,32 @@ TEST(FsdpCp, MatchesSingle) {
   }
 }
 
+// Packed documents crossing zigzag chunks and ranks (about one token in five a separator; at
+// D = 8 the chunks are 2 tokens) equal single with the same documents, fp32 and bf16; one
+// document per row equals no documents bit for bit.
+TEST(FsdpCp, DocumentsMatchSingle) {
+  for (int dp : dp_choices()) {
+    for (DType dt : {DType::F32, DType::BF16}) {
+      test::LayoutCase lc;
+      lc.layout = "fsdp-cp";
+      lc.dp = dp;
+      lc.dtype = dt;
+      lc.config = model_of(kModels[2]);  // GQA g = 4, tied
+      lc.B = 2 * dp;
+      lc.S = 32;
+      lc.doc_sep = 5;
+      test::check_layout_against_single(test::world(), lc);
+    }
+    test::LayoutCase one;
+    one.layout = "fsdp-cp";
+    one.dp = dp;
+    one.config = model_of(kModels[0]);
+    one.B = 2 * dp;
+    one.S = 32;
+    test::check_one_document_is_bitwise(test::world(), one);
+  }
+}
+
 TEST(FsdpCp, BitwiseEqualToSingleAtDegreeOne) {
   // Every rank on its own (D = 1, R = 1): the harness then requires bit-for-bit
   // equality of the loss and of every gradient, whatever the world size.

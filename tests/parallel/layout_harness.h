@@ -101,6 +101,19 @@ inline Batch random_batch(int64_t B, int64_t S, int64_t V, uint64_t seed) {
   return b;
 }
 
+// Packed documents in a batch: about one token in `every` becomes the separator `sep` (the rest
+// stay random, and any other token equal to sep is moved off it), deterministic in seed. With
+// every = 0 no separator remains: each row is one document. Sets batch.doc_sep = sep.
+inline void add_documents(Batch& b, int32_t sep, int64_t V, uint64_t seed, int every = 5) {
+  uint64_t x = seed * 0xD1B54A32D192ED03ull + 7;
+  for (int32_t& t : b.tokens) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    if (t == sep) t = static_cast<int32_t>((sep + 1) % V);
+    if (every > 0 && x % static_cast<uint64_t>(every) == 0) t = sep;
+  }
+  b.doc_sep = sep;
+}
+
 struct LayoutCase {
   std::string layout = "single";
   int tp = 1;    // tp-sp only
@@ -113,6 +126,7 @@ struct LayoutCase {
   DType dtype = DType::F32;       // the compute dtype of the layout AND of the single reference
   Device device = Device::cpu();  // where the layout under test runs (the reference: the CPU)
   double rtol = 0;                // 0: kLayoutRtol for f32, kLayoutRtolBf16 for bf16
+  int32_t doc_sep = -1;           // >= 0: packed documents (add_documents) with this separator
   double tolerance() const {
     return rtol > 0 ? rtol : dtype == DType::BF16 ? kLayoutRtolBf16 : kLayoutRtol;
   }
@@ -174,7 +188,8 @@ inline GradMap gather_grads(Layout& layout) {
 
 inline LayoutCaseResult check_layout_against_single(Communicator& world, const LayoutCase& lc) {
   LayoutCaseResult res;
-  const Batch batch = random_batch(lc.B, lc.S, lc.config.vocab_size, lc.batch_seed);
+  Batch batch = random_batch(lc.B, lc.S, lc.config.vocab_size, lc.batch_seed);
+  if (lc.doc_sep >= 0) add_documents(batch, lc.doc_sep, lc.config.vocab_size, lc.batch_seed);
   const RandomWeights weights(lc.weight_seed);
   int group_size = 0, replicas = 0;
   GradMap got;
@@ -283,6 +298,35 @@ inline LayoutCaseResult check_layout_against_single(Communicator& world, const L
     }
   }
   return res;
+}
+
+// A batch whose rows are each one document (a separator id is given, none occurs) must give
+// today's results bit for bit: the same positions, the same mask (the document bound hides nothing
+// at positions >= 0), the same labels and the same count. The layout of lc on the whole world,
+// loss on every rank and every gathered gradient on rank 0.
+inline void check_one_document_is_bitwise(Communicator& world, const LayoutCase& lc) {
+  Batch plain = random_batch(lc.B, lc.S, lc.config.vocab_size, lc.batch_seed);
+  const int32_t sep = static_cast<int32_t>(lc.config.vocab_size - 1);
+  add_documents(plain, sep, lc.config.vocab_size, lc.batch_seed, /*every=*/0);
+  Batch docs = plain;
+  plain.doc_sep = -1;
+  ParallelConfig pc;
+  pc.layout = lc.layout;
+  pc.tp = lc.tp;
+  pc.dp = lc.dp;
+  pc.dtype = lc.dtype;
+  std::unique_ptr<Layout> layout = make_layout(lc.config, pc, world);
+  layout->load(RandomWeights(lc.weight_seed));
+  const double l_plain = layout->forward_backward(plain);
+  const GradMap g_plain = gather_grads(*layout);
+  layout->zero_grads();
+  const double l_docs = layout->forward_backward(docs);
+  const GradMap g_docs = gather_grads(*layout);
+  EXPECT_EQ(l_plain, l_docs) << lc.layout << ": one document per row changed the loss";
+  if (world.rank() != 0) return;
+  for (const auto& [name, g] : g_plain)
+    EXPECT_EQ(0, std::memcmp(g.data(), g_docs.at(name).data(), g.size() * sizeof(float)))
+        << lc.layout << ": one document per row changed the gradient of " << name;
 }
 
 // Gradient accumulation: forward_backward(b1) then forward_backward(b2) without zero_grads must

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
+#include <string>
 
 #include "model/reference_model.h"
 #include "mpi_test_util.h"
@@ -98,6 +100,119 @@ TEST(Single, DataParallelEqualsOneRank) {
       std::printf("# single dp=%d tie=%d: max rel err %.2e (%s)\n", lc.dp, tie, r.max_rel_err,
                   r.worst_param.c_str());
   }
+}
+
+// ---- packed documents (docs/layouts.md, "Documents") ------------------------------------------
+
+TEST(Single, DocumentsWithDataParallelism) {
+  // Documents crossing rows and replicas: the mean divides by the labels counted over the whole
+  // batch (all replicas), so R replicas equal one rank (bitwise at R = 1).
+  test::LayoutCase lc;
+  lc.layout = "single";
+  lc.dp = test::world().size();
+  lc.config = test::tiny_config(8, 4, 2, false);
+  lc.B = 8;
+  lc.S = 16;
+  lc.doc_sep = 3;
+  test::check_layout_against_single(test::world(), lc);
+  lc.doc_sep = -1;
+  test::check_one_document_is_bitwise(test::world(), lc);
+}
+
+TEST(Single, PackedDocumentsEqualEachDocumentOnItsOwn) {
+  // Two rows of S = 24 packed with documents (separator 7): row 0 has separators at inputs 6, 7
+  // (a document that is only its separator) and 15, and its last document is cut by the row's
+  // end; row 1 has separators at inputs 3 and 20 and one as its last label (token 24). Single
+  // with documents on the packed batch must equal running every document as its own row: the
+  // loss sums (mean · counted labels) and the gradients of the sums (gradient · counted).
+  //
+  // Tolerance: both run the same per-token operations; they differ only in GEMM row counts (a
+  // token's dot products may be blocked differently), in the order the weight gradients sum over
+  // tokens (one GEMM over the packed rows; per document here, added in double), and in the
+  // rounding of the gradient scale (1/counted vs 1/S_k, 2^-24 relative). The attention of a
+  // query sees the same keys in the same order in both (d = 8: the reference kernel). So the
+  // harness's argument for kLayoutRtol holds: K·2^-24 per sum (K <= 64), over ~6 chained stages,
+  // 2.3e-5 worst case, under 1e-4. A document leaking into another (a missing mask, a RoPE
+  // position not restarted, a separator's label counted) moves the loss or a gradient by 1e-2
+  // or more.
+  const LlamaConfig c = test::tiny_config(8, 4, 2, false);
+  const int32_t sep = 7;
+  const int64_t S = 24;
+  Batch packed = test::random_batch(2, S, c.vocab_size, 17);
+  for (int32_t& t : packed.tokens)
+    if (t == sep) t = sep + 1;
+  for (int64_t x : {6, 7, 15}) packed.tokens[x] = sep;
+  for (int64_t x : {3, 20, 24}) packed.tokens[(S + 1) + x] = sep;
+  packed.doc_sep = sep;
+
+  std::unique_ptr<Communicator> self = test::world().split(test::world().rank(), 0);
+  ParallelConfig pc;
+  std::unique_ptr<Layout> single = make_layout(c, pc, *self);
+  single->load(RandomWeights(11));
+  const double mean = single->forward_backward(packed);
+  const test::GradMap g_packed = test::gather_grads(*single);
+
+  // Every document as its own row: tokens [s, e] where e is a separator at an input position, or
+  // the row's last token; S_k = e - s inputs (none for a document that is only its separator).
+  double loss_sum = 0;
+  int64_t counted = 0;
+  std::map<std::string, std::vector<double>> g_sum;
+  for (int64_t b = 0; b < 2; ++b) {
+    const int32_t* row = packed.tokens.data() + b * (S + 1);
+    for (int64_t s0 = 0, x = 0; x <= S; ++x) {
+      if (!(x == S || row[x] == sep)) continue;
+      const int64_t Sk = x - s0;
+      if (Sk > 0) {
+        Batch doc;
+        doc.B = 1;
+        doc.S = Sk;
+        doc.tokens.assign(row + s0, row + x + 1);
+        single->zero_grads();
+        loss_sum += single->forward_backward(doc) * static_cast<double>(Sk);
+        counted += Sk;
+        for (const auto& [name, g] : test::gather_grads(*single)) {
+          std::vector<double>& acc = g_sum[name];
+          acc.resize(g.size());
+          for (size_t i = 0; i < g.size(); ++i) acc[i] += static_cast<double>(g[i]) * Sk;
+        }
+      }
+      s0 = x + 1;
+    }
+  }
+  EXPECT_EQ(counted, 2 * S - 5);  // five separators at input positions
+  const double packed_sum = mean * static_cast<double>(counted);
+  EXPECT_NEAR(packed_sum, loss_sum, test::kLayoutRtol * loss_sum);
+  for (const auto& [name, want] : g_sum) {
+    const std::vector<float>& got = g_packed.at(name);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double d = static_cast<double>(got[i]) * counted - want[i];
+      num += d * d;
+      den += want[i] * want[i];
+    }
+    ASSERT_GT(den, 0) << name;
+    EXPECT_LE(std::sqrt(num / den), test::kLayoutRtol) << name;
+  }
+}
+
+TEST(Single, RejectsBadDocumentSeparators) {
+  const LlamaConfig c = test::tiny_config(8, 8, 2, false);
+  ParallelConfig pc;
+  pc.dp = test::world().size();
+  std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
+  layout->load(RandomWeights(1));
+  Batch b = test::random_batch(4, 8, c.vocab_size, 1);
+  b.doc_sep = static_cast<int32_t>(c.vocab_size);
+  EXPECT_NE(error_of([&] { layout->forward_backward(b); }).find("outside the vocabulary"),
+            std::string::npos);
+  b.doc_sep = -2;
+  EXPECT_NE(error_of([&] { layout->forward(b); }).find("must be a token id, or -1"),
+            std::string::npos);
+  // Every label after a separator: nothing to count.
+  Batch all_sep = test::random_batch(4, 1, c.vocab_size, 2);
+  for (int64_t r = 0; r < 4; ++r) all_sep.tokens[r * 2] = 9;
+  all_sep.doc_sep = 9;
+  EXPECT_NE(error_of([&] { layout->forward(all_sep); }).find("counts no token"), std::string::npos);
 }
 
 TEST(Single, GradientsAccumulateAcrossCalls) {

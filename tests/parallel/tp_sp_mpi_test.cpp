@@ -102,6 +102,26 @@ TEST(TpSp, MatchesSingleEveryGradient) {
   check_every_config_against_single(DType::F32);
 }
 
+// Packed documents (about one token in five a separator, crossing the zigzag chunks of the Σ
+// sequence ranks) in every configuration, fp32 and bf16, against single with the same documents;
+// one document per row equals no documents bit for bit.
+TEST(TpSp, DocumentsMatchSingle) {
+  const int W = test::world().size();
+  const Model m = models()[0];
+  for (const Config& cf : configs_for(W)) {
+    if (cf.tensor_degree() > m.max_T) continue;
+    for (DType dt : {DType::F32, DType::BF16}) {
+      test::LayoutCase lc = make_case(cf, m, dt);
+      lc.S = 32;
+      lc.doc_sep = 5;
+      test::check_layout_against_single(test::world(), lc);
+    }
+    test::LayoutCase one = make_case(cf, m);
+    one.S = 32;
+    test::check_one_document_is_bitwise(test::world(), one);
+  }
+}
+
 // The same in bf16 mixed precision against single in bf16 (the harness's kLayoutRtolBf16, and
 // bitwise at D = 1, R = 1): every row-parallel partial sum and every reduction is fp32, so each
 // sub-block output is rounded to bf16 once, as in single.

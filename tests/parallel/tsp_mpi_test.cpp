@@ -81,6 +81,39 @@ TEST(Tsp, MatchesSingle) {
   }
 }
 
+// Packed documents (docs/layouts.md, "Documents"): about one token in five a separator, so
+// documents of a few tokens cross zigzag chunks and ranks (at D = 8 the chunks are 2 tokens), and
+// the layout must equal single with the same documents (the harness's tolerance; bitwise at D = 1,
+// R = 1); fp32 and bf16. A batch of one document per row (separator given, absent) equals the
+// batch without documents bit for bit at every D.
+TEST(Tsp, DocumentsMatchSingle) {
+  const int W = test::world().size();
+  for (int dp : dp_choices()) {
+    for (DType dt : {DType::F32, DType::BF16}) {
+      test::LayoutCase lc;
+      lc.layout = "tsp";
+      lc.dp = dp;
+      lc.dtype = dt;
+      lc.config = test::tiny_config(16, 8, 2, false);  // GQA g = 2, D up to 8
+      lc.B = 2 * dp;
+      lc.S = 32;
+      lc.doc_sep = 5;
+      const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+      if (test::world().rank() == 0)
+        std::printf("# tsp documents D=%d R=%d %s: loss %.9f (single %.9f), max rel err %.2e\n",
+                    W / dp, dp, std::string(dtype_name(dt)).c_str(), r.loss, r.ref_loss,
+                    r.max_rel_err);
+    }
+    test::LayoutCase one;
+    one.layout = "tsp";
+    one.dp = dp;
+    one.config = test::tiny_config(16, 8, 2, false);
+    one.B = 2 * dp;
+    one.S = 32;
+    test::check_one_document_is_bitwise(test::world(), one);
+  }
+}
+
 // The same in bf16 mixed precision, against single in bf16: weights, K/V and the residual stream
 // in bf16, gradients and reductions in fp32. The harness's kLayoutRtolBf16 (layout_harness.h:
 // every sub-block output rounded to bf16 once, 6 rounded stages) applies; at D = 1, R = 1 it

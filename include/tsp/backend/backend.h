@@ -138,12 +138,18 @@ class Backend {
   // q [nq, hq, d] at q_pos I64 [nq]; k, v [nk, hkv, d] at k_pos I64 [nk]; query i sees key j iff
   // k_pos[j] <= q_pos[i]. o [nq, hq, d] (=), lse F32 [nq, hq] (=; -inf and o = 0 for a query that
   // sees no key). q, k, v, o share one dtype (F32 or BF16); accumulation and statistics are fp32.
+  // Packed documents: q_doc_pos I64 [nq] (empty: no documents) is each query's position in its
+  // document (its RoPE position), so its document starts at q_pos[i] - q_doc_pos[i] and it sees
+  // key j iff q_pos[i] - q_doc_pos[i] <= k_pos[j] <= q_pos[i]; key blocks no query of a block can
+  // see (above the causal limit or below every document start) are skipped.
   virtual void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                                 TensorView k_pos, TensorView o, TensorView lse, float scale) = 0;
+                                 TensorView k_pos, TensorView q_doc_pos, TensorView o,
+                                 TensorView lse, float scale) = 0;
   // dout F32 [nq, hq, d] -> dq F32 [nq, hq, d] (+=), dk, dv F32 [nk, hkv, d] (+=).
   virtual void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                                  TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                                  TensorView dq, TensorView dk, TensorView dv, float scale) = 0;
+                                  TensorView k_pos, TensorView q_doc_pos, TensorView o,
+                                  TensorView lse, TensorView dout, TensorView dq, TensorView dk,
+                                  TensorView dv, float scale) = 0;
   // Exact merge of two partial attentions of the same queries over disjoint key sets:
   // (o_a, lse_a) <- ((o_a·e^lse_a + o_b·e^lse_b) / (e^lse_a + e^lse_b), log of the sum).
   virtual void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b,

@@ -36,6 +36,11 @@ namespace tsp::block {
 // at equal n the GEMM shapes (and results) are identical.
 inline constexpr int64_t kTokenChunk = 512;
 
+// The label value the loss kernels skip (Backend::cross_entropy's ignore_index): neither counted in
+// the loss nor given a gradient. Layouts put it where a label must not count (the label after a
+// document separator: docs/layouts.md, "Documents").
+inline constexpr int32_t kIgnoreIndex = -100;
+
 // ---- Attention of one head group -------------------------------------------------------------
 
 struct AttnDims {
@@ -75,15 +80,17 @@ void qkv_backward(Backend& be, const AttnDims& a, const AttnWeights& w, const At
 
 // Causal attention of B independent rows. q [B·nq, hq, d] at q_pos I64 [nq], k, v [B·nk, hkv, d]
 // at k_pos I64 [nk] (the same positions in every row: the zigzag map cuts every row alike)
-// -> o [B·nq, hq, d] (=), lse F32 [B·nq, hq] (=).
+// -> o [B·nq, hq, d] (=), lse F32 [B·nq, hq] (=). Packed documents: q_doc_pos I64 [B·nq], each
+// query's position in its document (its RoPE position; documents differ from row to row), limits
+// every query to the keys of its own document (Backend::attention_forward); empty: no documents.
 void attention_forward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
                        TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
-                       TensorView lse);
+                       TensorView lse, TensorView q_doc_pos = {});
 // dout F32 [B·nq, hq, d] -> dq F32 [B·nq, hq, d] (+=), dk, dv F32 [B·nk, hkv, d] (+=).
 void attention_backward(Backend& be, const AttnDims& a, int64_t B, TensorView q, TensorView k,
                         TensorView v, TensorView q_pos, TensorView k_pos, TensorView o,
                         TensorView lse, TensorView dout, TensorView dq, TensorView dk,
-                        TensorView dv);
+                        TensorView dv, TensorView q_doc_pos = {});
 
 // o [n, hq·d], wo [h, hq·d] -> y [n, h] (+=): a head group's share of the output projection.
 void out_proj_forward(Backend& be, TensorView wo, TensorView o, TensorView y);

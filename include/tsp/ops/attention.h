@@ -1,6 +1,10 @@
 // Causal attention with GQA at explicit global positions, flash-style (blocked, online softmax,
 // O(N) memory: never an n_q × n_k matrix). Query i sees key j iff k_pos[j] <= q_pos[i], so
 // zigzag chunks, partial key sets and decode against a cache all use the same kernel.
+// Packed documents (docs/layouts.md, "Documents"): with q_doc_pos set, query i is token
+// q_doc_pos[i] of its document (its RoPE position), so its document starts at global position
+// q_pos[i] - q_doc_pos[i], and it sees key j iff q_pos[i] - q_doc_pos[i] <= k_pos[j] <= q_pos[i].
+// Key tiles below every query's document start are skipped like those above the causal limit.
 // Layouts: q, o, dq, do [n_q, n_heads, d]; k, v, dk, dv [n_k, n_kv_heads, d]; lse [n_q, n_heads].
 // Query head hq reads kv head hq / (n_heads / n_kv_heads).
 #pragma once
@@ -20,7 +24,9 @@ struct AttentionParams {
   const float* v = nullptr;
   const int64_t* q_pos = nullptr;  // [n_q]
   const int64_t* k_pos = nullptr;  // [n_k]
-  float* o = nullptr;              // [n_q, n_heads, d] (=)
+  // [n_q] position of each query in its document (>= 0, <= q_pos); null: no documents.
+  const int64_t* q_doc_pos = nullptr;
+  float* o = nullptr;  // [n_q, n_heads, d] (=)
   // [n_q, n_heads] natural-log log-sum-exp of the scaled scores; -inf (and o = 0) for a query
   // that sees no key, so merging with another key set stays exact.
   float* lse = nullptr;
@@ -56,14 +62,15 @@ void attention_merge(float* o_a, float* lse_a, const float* o_b, const float* ls
 struct AttentionBf16Params {
   int64_t n_q = 0, n_k = 0;
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
-  float scale = 0.f;               // usually 1/sqrt(head_dim)
-  const bf16* q = nullptr;         // [n_q, n_heads, d]
-  const bf16* k = nullptr;         // [n_k, n_kv_heads, d]
-  const bf16* v = nullptr;         // [n_k, n_kv_heads, d]
-  const int64_t* q_pos = nullptr;  // [n_q]
-  const int64_t* k_pos = nullptr;  // [n_k]
-  bf16* o = nullptr;               // [n_q, n_heads, d] (=); 0 for a query that sees no key
-  float* lse = nullptr;            // [n_q, n_heads] fp32; -inf for a query that sees no key
+  float scale = 0.f;                   // usually 1/sqrt(head_dim)
+  const bf16* q = nullptr;             // [n_q, n_heads, d]
+  const bf16* k = nullptr;             // [n_k, n_kv_heads, d]
+  const bf16* v = nullptr;             // [n_k, n_kv_heads, d]
+  const int64_t* q_pos = nullptr;      // [n_q]
+  const int64_t* k_pos = nullptr;      // [n_k]
+  const int64_t* q_doc_pos = nullptr;  // [n_q] position in its document; null: no documents
+  bf16* o = nullptr;                   // [n_q, n_heads, d] (=); 0 for a query that sees no key
+  float* lse = nullptr;                // [n_q, n_heads] fp32; -inf for a query that sees no key
 };
 
 void attention_forward(const AttentionBf16Params& p);

@@ -42,9 +42,16 @@ struct ParallelConfig {
 // chunks' inputs and their labels). Every other position may hold anything, conventionally
 // kTokenNotRead: the layout neither validates nor reads it. The positions it reads must hold ids
 // in [0, V), else forward / forward_backward throw tsp::Error (so a wrong need fails loudly).
+//
+// Packed documents (docs/layouts.md, "Documents"): with doc_sep >= 0 a token equal to doc_sep ends
+// its document (it belongs to the document it ends). Within a row, attention never crosses a
+// document boundary, RoPE positions restart at 0 with every document, the label after a separator
+// (the next document's first token) is not counted in the loss, and every row starts a document
+// at position 0. The mean loss divides by the labels counted over the whole batch.
 struct Batch {
   int64_t B = 0, S = 0;
   std::vector<int32_t> tokens;  // [B, S+1], row-major
+  int32_t doc_sep = -1;         // separator token id, in [0, V); -1: no documents
 };
 inline constexpr int32_t kTokenNotRead = -1;
 

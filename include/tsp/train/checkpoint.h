@@ -54,6 +54,7 @@ struct TrainerState {
   int64_t samples = 0;  // training windows consumed (the data position)
   uint64_t seed = 0;    // data and initialisation seed
   int64_t batch = 0, seq = 0, accum = 0;
+  int64_t doc_sep = -1;     // document separator of the data (--doc-sep); -1: none
   std::string config_hash;  // of the model configuration (config_fingerprint)
   std::string layout;       // what wrote it (informational: any layout can resume)
   int tp = 1, dp = 1, world = 1;

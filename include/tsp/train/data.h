@@ -58,6 +58,7 @@ struct DataOptions {
   uint64_t seed = 1337;
   double val_fraction = 0.05;  // the last 5% of the corpus is held out
   int64_t val_windows = 32;    // evaluated windows, evenly spaced over the held-out part
+  int32_t doc_sep = -1;        // packed documents: every batch's Batch::doc_sep (-1: none)
 };
 
 // Which tokens of a batch this rank reads: TokenNeed and kTokenNotRead (tsp/parallel/layout.h).

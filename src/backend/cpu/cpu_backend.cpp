@@ -404,7 +404,8 @@ class CpuBackend final : public Backend {
 
   // ---- attention ----------------------------------------------------------------------------
   static AttentionParams params(const TensorView& q, const TensorView& k, const TensorView& q_pos,
-                                const TensorView& k_pos, float scale, const char* op) {
+                                const TensorView& k_pos, const TensorView& q_doc_pos, float scale,
+                                const char* op) {
     TSP_CHECK(q.rank() == 3 && k.rank() == 3 && q.dim(2) == k.dim(2),
               "{}: q must be [nq, hq, d] and k, v [nk, hkv, d], got {} and {}", op,
               shape_str(q.shape()), shape_str(k.shape()));
@@ -412,6 +413,10 @@ class CpuBackend final : public Backend {
     check_dtype(k_pos, DType::I64, op, "k_pos");
     check_numel(q_pos, q.dim(0), op, "q_pos");
     check_numel(k_pos, k.dim(0), op, "k_pos");
+    if (!q_doc_pos.empty()) {
+      check_dtype(q_doc_pos, DType::I64, op, "q_doc_pos");
+      check_numel(q_doc_pos, q.dim(0), op, "q_doc_pos");
+    }
     AttentionParams p;
     p.n_q = q.dim(0);
     p.n_k = k.dim(0);
@@ -421,13 +426,15 @@ class CpuBackend final : public Backend {
     p.scale = scale;
     p.q_pos = q_pos.data_as<int64_t>();
     p.k_pos = k_pos.data_as<int64_t>();
+    p.q_doc_pos = q_doc_pos.empty() ? nullptr : q_doc_pos.data_as<int64_t>();
     return p;
   }
   void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                         TensorView k_pos, TensorView o, TensorView lse, float scale) override {
+                         TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                         float scale) override {
     const char* op = "attention_forward";
-    check_host({&q, &k, &v, &q_pos, &k_pos, &o, &lse}, op);
-    AttentionParams p = params(q, k, q_pos, k_pos, scale, op);
+    check_host({&q, &k, &v, &q_pos, &k_pos, &q_doc_pos, &o, &lse}, op);
+    AttentionParams p = params(q, k, q_pos, k_pos, q_doc_pos, scale, op);
     check_numel(v, k.numel(), op, "v");
     check_numel(o, q.numel(), op, "o");
     check_numel(lse, p.n_q * p.n_heads, op, "lse");
@@ -436,6 +443,7 @@ class CpuBackend final : public Backend {
       AttentionBf16Params b;
       b.n_q = p.n_q, b.n_k = p.n_k, b.n_heads = p.n_heads, b.n_kv_heads = p.n_kv_heads;
       b.head_dim = p.head_dim, b.scale = p.scale, b.q_pos = p.q_pos, b.k_pos = p.k_pos;
+      b.q_doc_pos = p.q_doc_pos;
       b.q = q.data_as<bf16>(), b.k = k.data_as<bf16>(), b.v = v.data_as<bf16>();
       b.o = o.data_as<bf16>(), b.lse = lse.f32();
       tsp::attention_forward(b);
@@ -453,12 +461,13 @@ class CpuBackend final : public Backend {
     oo.finish();
   }
   void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                          TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                          TensorView dq, TensorView dk, TensorView dv, float scale) override {
+                          TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                          TensorView dout, TensorView dq, TensorView dk, TensorView dv,
+                          float scale) override {
     const char* op = "attention_backward";
-    check_host({&q, &k, &v, &q_pos, &k_pos, &o, &lse, &dout, &dq, &dk, &dv}, op);
+    check_host({&q, &k, &v, &q_pos, &k_pos, &q_doc_pos, &o, &lse, &dout, &dq, &dk, &dv}, op);
     AttentionBackwardParams p;
-    static_cast<AttentionParams&>(p) = params(q, k, q_pos, k_pos, scale, op);
+    static_cast<AttentionParams&>(p) = params(q, k, q_pos, k_pos, q_doc_pos, scale, op);
     check_numel(v, k.numel(), op, "v");
     check_numel(o, q.numel(), op, "o");
     check_numel(dout, q.numel(), op, "dout");
@@ -471,6 +480,7 @@ class CpuBackend final : public Backend {
       AttentionBf16BackwardParams b;
       b.n_q = p.n_q, b.n_k = p.n_k, b.n_heads = p.n_heads, b.n_kv_heads = p.n_kv_heads;
       b.head_dim = p.head_dim, b.scale = p.scale, b.q_pos = p.q_pos, b.k_pos = p.k_pos;
+      b.q_doc_pos = p.q_doc_pos;
       b.q = q.data_as<bf16>(), b.k = k.data_as<bf16>(), b.v = v.data_as<bf16>();
       b.o = o.data_as<bf16>(), b.lse = lse.f32();
       b.dout = dout.f32(), b.dq = dq.f32(), b.dk = dk.f32(), b.dv = dv.f32();

@@ -82,12 +82,22 @@ attn::Shape common(const TensorView& q, const TensorView& k, const TensorView& v
   return sh;
 }
 
+// q_doc_pos: empty (no documents) or I64 [nq]; the kernels' pointer (null when empty).
+const int64_t* doc_positions(const TensorView& q_doc_pos, int64_t nq, const char* op) {
+  if (q_doc_pos.empty()) return nullptr;
+  check_numel(q_doc_pos, nq, op, "q_doc_pos [nq]");
+  check_dtype(q_doc_pos, DType::I64, op, "q_doc_pos");
+  return static_cast<const int64_t*>(q_doc_pos.data());
+}
+
 attn::Fwd forward_params(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                         TensorView k_pos, TensorView o, TensorView lse, float scale) {
+                         TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                         float scale) {
   const char* op = "attention_forward";
-  check_device({&q, &k, &v, &q_pos, &k_pos, &o, &lse}, op);
+  check_device({&q, &k, &v, &q_pos, &k_pos, &q_doc_pos, &o, &lse}, op);
   attn::Fwd p;
   p.sh = common(q, k, v, q_pos, k_pos, o, lse, scale, op, p.bf16);
+  p.q_doc_pos = doc_positions(q_doc_pos, p.sh.nq, op);
   p.q = q.data(), p.k = k.data(), p.v = v.data();
   p.q_pos = static_cast<const int64_t*>(q_pos.data());
   p.k_pos = static_cast<const int64_t*>(k_pos.data());
@@ -97,12 +107,14 @@ attn::Fwd forward_params(TensorView q, TensorView k, TensorView v, TensorView q_
 }
 
 attn::Bwd backward_params(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                          TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                          TensorView dq, TensorView dk, TensorView dv, float scale) {
+                          TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                          TensorView dout, TensorView dq, TensorView dk, TensorView dv,
+                          float scale) {
   const char* op = "attention_backward";
-  check_device({&q, &k, &v, &q_pos, &k_pos, &o, &lse, &dout, &dq, &dk, &dv}, op);
+  check_device({&q, &k, &v, &q_pos, &k_pos, &q_doc_pos, &o, &lse, &dout, &dq, &dk, &dv}, op);
   attn::Bwd p;
   p.sh = common(q, k, v, q_pos, k_pos, o, lse, scale, op, p.bf16);
+  p.q_doc_pos = doc_positions(q_doc_pos, p.sh.nq, op);
   check_numel(dout, q.numel(), op, "dout");
   check_numel(dq, q.numel(), op, "dq");
   check_numel(dk, k.numel(), op, "dk");
@@ -188,16 +200,25 @@ const char* flash_version_name(FlashVersion v) {
   return v == FlashVersion::V1 ? "v1" : "v2";
 }
 
+// Whether a call goes to the flash kernels: BF16 with a head dim they serve, and no documents (the
+// flash kernels implement only the causal bound so far; the reference kernels apply the document
+// mask, so a call with documents is correct on every path, and slower).
+template <class Params>
+bool flash_serves(const Params& p) {
+  return p.bf16 && attn::flash_supported(p.sh.d) && p.q_doc_pos == nullptr;
+}
+
 bool attention_flash_supported(DType dtype, int64_t head_dim) {
   return dtype == DType::BF16 && head_dim <= attn::kReferenceMaxHeadDim &&
          attn::flash_supported(static_cast<int>(head_dim));
 }
 
 void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
-                       TensorView o, TensorView lse, float scale, cudaStream_t s) {
-  const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, o, lse, scale);
+                       TensorView q_doc_pos, TensorView o, TensorView lse, float scale,
+                       cudaStream_t s) {
+  const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale);
   if (p.sh.nq == 0) return;
-  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o})) {
+  if (flash_serves(p) && aligned16({p.q, p.k, p.v, p.o})) {
     if (flash_version() == FlashVersion::V2 && attn::flash_v2_supported(p.sh))
       TSP_CUDA_CHECK(attn::flash_forward_v2(p, s));
     else
@@ -207,11 +228,13 @@ void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_po
 }
 
 void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s) {
-  const attn::Bwd p = backward_params(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale);
+                        TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                        TensorView dout, TensorView dq, TensorView dk, TensorView dv, float scale,
+                        cudaStream_t s) {
+  const attn::Bwd p =
+      backward_params(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv, scale);
   if (p.sh.nq == 0 || p.sh.nk == 0) return;  // nothing is visible: += adds nothing
-  if (p.bf16 && attn::flash_supported(p.sh.d) && aligned16({p.q, p.k, p.v, p.o, p.dout})) {
+  if (flash_serves(p) && aligned16({p.q, p.k, p.v, p.o, p.dout})) {
     if (flash_version() == FlashVersion::V2 && attn::flash_v2_supported(p.sh) &&
         aligned8({p.dq, p.dk, p.dv}))
       TSP_CUDA_CHECK(attn::flash_backward_v2(p, s));
@@ -229,16 +252,19 @@ void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorVie
 namespace reference {
 
 void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
-                       TensorView o, TensorView lse, float scale, cudaStream_t s) {
-  const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, o, lse, scale);
+                       TensorView q_doc_pos, TensorView o, TensorView lse, float scale,
+                       cudaStream_t s) {
+  const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale);
   if (p.sh.nq == 0) return;
   TSP_CUDA_CHECK(attn::reference_forward(p, s));
 }
 
 void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s) {
-  const attn::Bwd p = backward_params(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale);
+                        TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                        TensorView dout, TensorView dq, TensorView dk, TensorView dv, float scale,
+                        cudaStream_t s) {
+  const attn::Bwd p =
+      backward_params(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv, scale);
   if (p.sh.nq == 0 || p.sh.nk == 0) return;
   TSP_CUDA_CHECK(attn::reference_backward(p, s));
 }

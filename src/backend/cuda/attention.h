@@ -6,7 +6,8 @@
 //   query head h reads kv head h / (hq / hkv). o like q (=), lse F32 [nq, hq] (=; -inf and o = 0
 //   for a query that sees no key). q, k, v, o share one dtype, F32 or BF16; statistics and
 //   accumulation are fp32. Backward: dout F32 [nq, hq, d] -> dq F32 [nq, hq, d] (+=), dk, dv F32
-//   [nk, hkv, d] (+=).
+//   [nk, hkv, d] (+=). Documents: q_doc_pos I64 [nq] (empty: none), query i sees key j iff
+//   q_pos[i] - q_doc_pos[i] <= k_pos[j] <= q_pos[i].
 //
 // Paths (attention.cpp chooses):
 //   * flash (attention_flash.cu): BF16 q/k/v/o with d = 64 or 128. Tensor cores (mma.sync
@@ -25,7 +26,8 @@
 //     v2, read once per process (at the first call that needs it), selects one;
 //     set_flash_version overrides it (bench_attention --flash, the tests). Shapes beyond v2's
 //     limits (over 262144 queries or 524288 keys) take v1.
-//   * reference (attention_reference.cu): everything else (F32, or any d up to 256). One warp per
+//   * reference (attention_reference.cu): everything else (F32, or any d up to 256, and every call
+//     with documents: the flash kernels do not apply the document bound yet). One warp per
 //     (query, head), fp32 online softmax; deterministic.
 // Every call is queued on stream `s` and returns without waiting; all tensors must be on the
 // device that is current and `s` must belong to it.
@@ -38,10 +40,12 @@
 namespace tsp::cuda {
 
 void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
-                       TensorView o, TensorView lse, float scale, cudaStream_t s);
+                       TensorView q_doc_pos, TensorView o, TensorView lse, float scale,
+                       cudaStream_t s);
 void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s);
+                        TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                        TensorView dout, TensorView dq, TensorView dk, TensorView dv, float scale,
+                        cudaStream_t s);
 // (o_a, lse_a) <- ((o_a·e^lse_a + o_b·e^lse_b) / (e^lse_a + e^lse_b), log of the sum); o_a, o_b
 // [nq, hq, d] F32 or BF16 (each), lse F32 [nq, hq].
 void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
@@ -60,10 +64,12 @@ bool attention_flash_supported(DType dtype, int64_t head_dim);
 // The simple kernels, for any d up to 256 and F32 or BF16: the tests' baseline for the flash path.
 namespace reference {
 void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos, TensorView k_pos,
-                       TensorView o, TensorView lse, float scale, cudaStream_t s);
+                       TensorView q_doc_pos, TensorView o, TensorView lse, float scale,
+                       cudaStream_t s);
 void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                        TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                        TensorView dq, TensorView dk, TensorView dv, float scale, cudaStream_t s);
+                        TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                        TensorView dout, TensorView dq, TensorView dk, TensorView dv, float scale,
+                        cudaStream_t s);
 void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorView lse_b,
                      cudaStream_t s);
 }  // namespace reference

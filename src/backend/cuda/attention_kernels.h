@@ -4,7 +4,8 @@
 // format strings do not compile under nvcc), so the caller wraps every call in TSP_CUDA_CHECK.
 //
 // Layouts (all contiguous, row-major): q, o [nq, hq, d]; k, v [nk, hkv, d]; lse F32 [nq, hq];
-// q_pos I64 [nq], k_pos I64 [nk]; dout, dq F32 [nq, hq, d]; dk, dv F32 [nk, hkv, d].
+// q_pos I64 [nq], k_pos I64 [nk]; q_doc_pos I64 [nq] or null (documents: query i sees key j iff
+// q_pos[i] - q_doc_pos[i] <= k_pos[j] <= q_pos[i]); dout, dq F32 [nq, hq, d]; dk, dv F32 [nk, hkv, d].
 // Query head h reads kv head h / (hq / hkv) (the CPU's mapping, src/ops/cpu/attention_reference.cpp).
 #pragma once
 
@@ -24,6 +25,7 @@ struct Fwd {
   bool bf16 = false;  // q, k, v, o are __nv_bfloat16 (else float)
   const void *q = nullptr, *k = nullptr, *v = nullptr;
   const int64_t *q_pos = nullptr, *k_pos = nullptr;
+  const int64_t* q_doc_pos = nullptr;  // [nq] position in its document; null: no documents
   void* o = nullptr;
   float* lse = nullptr;
   float scale = 1.f;
@@ -34,6 +36,7 @@ struct Bwd {
   bool bf16 = false;  // q, k, v, o are __nv_bfloat16 (else float)
   const void *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
   const int64_t *q_pos = nullptr, *k_pos = nullptr;
+  const int64_t* q_doc_pos = nullptr;  // [nq] position in its document; null: no documents
   const float *lse = nullptr, *dout = nullptr;
   float *dq = nullptr, *dk = nullptr, *dv = nullptr;  // accumulated (+=)
   float scale = 1.f;

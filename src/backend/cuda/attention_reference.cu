@@ -2,7 +2,8 @@
 // the correctness baseline of the flash kernels (attention_flash.cu) and the path for shapes the
 // flash kernels do not cover. The maths is the CPU reference's (src/ops/cpu/attention_reference.cpp):
 //
-//   s_j  = scale · q_i·k_j            for keys with k_pos[j] <= q_pos[i] (the others are absent)
+//   s_j  = scale · q_i·k_j            for keys with k_pos[j] <= q_pos[i] and, with documents,
+//                                     k_pos[j] >= q_pos[i] - q_doc_pos[i] (the others are absent)
 //   lse  = log Σ_j e^{s_j}             (-inf, and o = 0, when no key is visible)
 //   o_i  = Σ_j e^{s_j - lse} v_j
 //   backward: P_j = e^{s_j - lse}, D_i = dout_i·o_i, dS_j = P_j (dout_i·v_j - D_i),
@@ -66,13 +67,20 @@ __device__ __forceinline__ float dot_row(const float (&x)[kPerLane], const T* ro
   return warp_sum(s);
 }
 
+// Where query i's document starts: q_pos - q_doc_pos, or no lower bound without documents
+// (q_doc_pos null). Query i sees key j iff doc_start <= k_pos[j] <= q_pos[i].
+__device__ __forceinline__ int64_t doc_start(const int64_t* q_pos, const int64_t* q_doc_pos,
+                                             int64_t i) {
+  return q_doc_pos ? q_pos[i] - q_doc_pos[i] : INT64_MIN;
+}
+
 // One warp per (query i, head h); grid covers nq·hq warps.
 template <class T>
 __global__ void __launch_bounds__(32 * kWarps)
     forward_kernel(Shape sh, const T* __restrict__ q, const T* __restrict__ k,
                    const T* __restrict__ v, const int64_t* __restrict__ q_pos,
-                   const int64_t* __restrict__ k_pos, T* __restrict__ o, float* __restrict__ lse,
-                   float scale) {
+                   const int64_t* __restrict__ k_pos, const int64_t* __restrict__ q_doc_pos,
+                   T* __restrict__ o, float* __restrict__ lse, float scale) {
   const int lane = threadIdx.x % 32;
   const int64_t w = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;
   if (w >= sh.nq * sh.hq) return;
@@ -80,10 +88,10 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int h = static_cast<int>(w % sh.hq), hk = h / (sh.hq / sh.hkv), d = sh.d;
   float qi[kPerLane], acc[kPerLane] = {};
   load_row(q + w * d, d, lane, qi);
-  const int64_t qp = q_pos[i];
+  const int64_t qp = q_pos[i], lo = doc_start(q_pos, q_doc_pos, i);
   float m = -INFINITY, l = 0.f;  // running max and sum of e^{s - m}
   for (int64_t j = 0; j < sh.nk; ++j) {
-    if (k_pos[j] > qp) continue;  // warp-uniform
+    if (k_pos[j] > qp || k_pos[j] < lo) continue;  // warp-uniform
     const int64_t kv = (j * sh.hkv + hk) * d;
     const float s = scale * dot_row(qi, k + kv, d, lane);
     const float m_new = fmaxf(m, s);
@@ -112,8 +120,8 @@ __global__ void __launch_bounds__(32 * kWarps)
     backward_dq_kernel(Shape sh, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const T* __restrict__ o,
                        const int64_t* __restrict__ q_pos, const int64_t* __restrict__ k_pos,
-                       const float* __restrict__ lse, const float* __restrict__ dout,
-                       float* __restrict__ dq, float scale) {
+                       const int64_t* __restrict__ q_doc_pos, const float* __restrict__ lse,
+                       const float* __restrict__ dout, float* __restrict__ dq, float scale) {
   const int lane = threadIdx.x % 32;
   const int64_t w = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;
   if (w >= sh.nq * sh.hq) return;
@@ -125,9 +133,9 @@ __global__ void __launch_bounds__(32 * kWarps)
   load_row(q + w * d, d, lane, qi);
   load_row(dout + w * d, d, lane, doi);
   const float Di = dot_row(doi, o + w * d, d, lane);
-  const int64_t qp = q_pos[i];
+  const int64_t qp = q_pos[i], lo = doc_start(q_pos, q_doc_pos, i);
   for (int64_t j = 0; j < sh.nk; ++j) {
-    if (k_pos[j] > qp) continue;
+    if (k_pos[j] > qp || k_pos[j] < lo) continue;
     const int64_t kv = (j * sh.hkv + hk) * d;
     const float P = expf(scale * dot_row(qi, k + kv, d, lane) - L);
     const float dS = P * (dot_row(doi, v + kv, d, lane) - Di);
@@ -151,8 +159,9 @@ __global__ void __launch_bounds__(32 * kWarps)
     backward_dkdv_kernel(Shape sh, const T* __restrict__ q, const T* __restrict__ k,
                          const T* __restrict__ v, const T* __restrict__ o,
                          const int64_t* __restrict__ q_pos, const int64_t* __restrict__ k_pos,
-                         const float* __restrict__ lse, const float* __restrict__ dout,
-                         float* __restrict__ dk, float* __restrict__ dv, float scale) {
+                         const int64_t* __restrict__ q_doc_pos, const float* __restrict__ lse,
+                         const float* __restrict__ dout, float* __restrict__ dk,
+                         float* __restrict__ dv, float scale) {
   const int lane = threadIdx.x % 32;
   const int64_t w = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;
   if (w >= sh.nk * sh.hkv) return;
@@ -163,7 +172,7 @@ __global__ void __launch_bounds__(32 * kWarps)
   load_row(v + w * d, d, lane, vj);
   const int64_t kp = k_pos[j];
   for (int64_t i = 0; i < sh.nq; ++i) {
-    if (kp > q_pos[i]) continue;
+    if (kp > q_pos[i] || kp < doc_start(q_pos, q_doc_pos, i)) continue;
     for (int h = hk * g; h < (hk + 1) * g; ++h) {
       const int64_t r = i * sh.hq + h;
       const float L = lse[r];
@@ -238,11 +247,12 @@ cudaError_t reference_forward(const Fwd& p, cudaStream_t s) {
     using T = __nv_bfloat16;
     forward_kernel<T><<<warp_blocks(warps), 32 * kWarps, 0, s>>>(
         p.sh, static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
-        p.q_pos, p.k_pos, static_cast<T*>(p.o), p.lse, p.scale);
+        p.q_pos, p.k_pos, p.q_doc_pos, static_cast<T*>(p.o), p.lse, p.scale);
   } else {
     forward_kernel<float><<<warp_blocks(warps), 32 * kWarps, 0, s>>>(
         p.sh, static_cast<const float*>(p.q), static_cast<const float*>(p.k),
-        static_cast<const float*>(p.v), p.q_pos, p.k_pos, static_cast<float*>(p.o), p.lse, p.scale);
+        static_cast<const float*>(p.v), p.q_pos, p.k_pos, p.q_doc_pos, static_cast<float*>(p.o),
+        p.lse, p.scale);
   }
   return cudaGetLastError();
 }
@@ -252,10 +262,10 @@ static cudaError_t reference_backward_t(const Bwd& p, cudaStream_t s) {
   const T *q = static_cast<const T*>(p.q), *k = static_cast<const T*>(p.k);
   const T *v = static_cast<const T*>(p.v), *o = static_cast<const T*>(p.o);
   backward_dq_kernel<T><<<warp_blocks(p.sh.nq * p.sh.hq), 32 * kWarps, 0, s>>>(
-      p.sh, q, k, v, o, p.q_pos, p.k_pos, p.lse, p.dout, p.dq, p.scale);
+      p.sh, q, k, v, o, p.q_pos, p.k_pos, p.q_doc_pos, p.lse, p.dout, p.dq, p.scale);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   backward_dkdv_kernel<T><<<warp_blocks(p.sh.nk * p.sh.hkv), 32 * kWarps, 0, s>>>(
-      p.sh, q, k, v, o, p.q_pos, p.k_pos, p.lse, p.dout, p.dk, p.dv, p.scale);
+      p.sh, q, k, v, o, p.q_pos, p.k_pos, p.q_doc_pos, p.lse, p.dout, p.dk, p.dv, p.scale);
   return cudaGetLastError();
 }
 

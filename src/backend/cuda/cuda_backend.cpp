@@ -321,15 +321,19 @@ class CudaBackend final : public Backend {
 
   // ---- attention (attention.h: reference and flash kernels, the CPU's semantics) ------------
   void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                         TensorView k_pos, TensorView o, TensorView lse, float scale) override {
-    check_here({&q, &k, &v, &q_pos, &k_pos, &o, &lse}, "attention_forward");
-    cuda::attention_forward(q, k, v, q_pos, k_pos, o, lse, scale, stream());
+                         TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                         float scale) override {
+    check_here({&q, &k, &v, &q_pos, &k_pos, &q_doc_pos, &o, &lse}, "attention_forward");
+    cuda::attention_forward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale, stream());
   }
   void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
-                          TensorView k_pos, TensorView o, TensorView lse, TensorView dout,
-                          TensorView dq, TensorView dk, TensorView dv, float scale) override {
-    check_here({&q, &k, &v, &q_pos, &k_pos, &o, &lse, &dout, &dq, &dk, &dv}, "attention_backward");
-    cuda::attention_backward(q, k, v, q_pos, k_pos, o, lse, dout, dq, dk, dv, scale, stream());
+                          TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
+                          TensorView dout, TensorView dq, TensorView dk, TensorView dv,
+                          float scale) override {
+    check_here({&q, &k, &v, &q_pos, &k_pos, &q_doc_pos, &o, &lse, &dout, &dq, &dk, &dv},
+               "attention_backward");
+    cuda::attention_backward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv, scale,
+                             stream());
   }
   void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b,
                        TensorView lse_b) override {

@@ -31,6 +31,13 @@ void validate_shapes(const Params& p, const char* who) {
               who, p.n_q);
     if (p.n_k > 0)
       TSP_CHECK(p.k && p.v && p.k_pos, "{}: k, v and k_pos must be set when n_k={}", who, p.n_k);
+    // A query's document starts at or before it: q_doc_pos >= 0. (A negative value would
+    // silently let the query see keys after it.)
+    for (int64_t i = 0; p.q_doc_pos && i < p.n_q; ++i)
+      TSP_CHECK(p.q_doc_pos[i] >= 0,
+                "{}: query {} at position {} has document position {}; a query's position in its "
+                "document is >= 0",
+                who, i, p.q_pos[i], p.q_doc_pos[i]);
   }
 }
 

@@ -84,16 +84,54 @@ inline PosRange load_query_positions(const int64_t* q_pos, int64_t nq, int64_t b
   return r;
 }
 
-// Sᵀ[j][i] = -inf where key j is after query i (k_pos[j] > q_pos[i]). Sᵀ [nk][bq].
+// With documents (q_doc_pos non-null) each query also has a lower bound: the global position where
+// its document starts, q_pos - q_doc_pos. Lanes of the tile's queries (pads: INT64_MAX, though the
+// pads' q lane already hides every key) and the real lanes' min / max. Without documents nothing is
+// loaded: the callers keep the causal-only path, bit for bit.
+inline PosRange load_query_doc_starts(const int64_t* q_pos, const int64_t* q_doc_pos, int64_t nq,
+                                      int64_t bq, int64_t* lanes) {
+  PosRange r;
+  for (int64_t i = 0; i < bq; ++i) {
+    lanes[i] = i < nq ? q_pos[i] - q_doc_pos[i] : std::numeric_limits<int64_t>::max();
+    if (i < nq) r.min = std::min(r.min, lanes[i]), r.max = std::max(r.max, lanes[i]);
+  }
+  return r;
+}
+
+// What a key tile is to a query tile: skipped (no query sees any key: every key is after every
+// query, or before every query's document start), fully visible (no element-wise mask), or masked.
+struct TileMask {
+  bool skip = false, masked = false;
+};
+// kr: the key tile's positions; qr: the query tile's; ds: its document starts (nullptr: none).
+inline TileMask classify_tile(const PosRange& kr, const PosRange& qr, const PosRange* ds) {
+  TileMask t;
+  t.skip = kr.min > qr.max || (ds && kr.max < ds->min);
+  t.masked = kr.max > qr.min || (ds && kr.min < ds->max);
+  return t;
+}
+
+// The 16 lanes [v, v + 16) of a key at kp that a query cannot see: after it (kp > q_pos), or
+// before its document's start (kp < doc_start; only with documents, ds_lanes non-null).
+inline __mmask16 hidden_lanes(__m512i kp, const int64_t* q_lanes, const int64_t* ds_lanes,
+                              int64_t v) {
+  __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
+  __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
+  if (ds_lanes) {
+    lo |= _mm512_cmplt_epi64_mask(kp, _mm512_loadu_si512(ds_lanes + v));
+    hi |= _mm512_cmplt_epi64_mask(kp, _mm512_loadu_si512(ds_lanes + v + 8));
+  }
+  return static_cast<__mmask16>(lo | (hi << 8));
+}
+
+// Sᵀ[j][i] = -inf where query i cannot see key j (hidden_lanes). Sᵀ [nk][bq].
 inline void apply_causal_mask(float* st, int64_t nk, int64_t bq, const int64_t* k_pos,
-                              const int64_t* q_lanes) {
+                              const int64_t* q_lanes, const int64_t* ds_lanes = nullptr) {
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < nk; ++j) {
     const __m512i kp = _mm512_set1_epi64(k_pos[j]);
     for (int64_t v = 0; v < bq; v += 16) {
-      const __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
-      const __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
-      const __mmask16 hidden = static_cast<__mmask16>(lo | (hi << 8));
+      const __mmask16 hidden = hidden_lanes(kp, q_lanes, ds_lanes, v);
       float* s = st + j * bq + v;
       _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_loadu_ps(s), hidden, neg_inf));
     }

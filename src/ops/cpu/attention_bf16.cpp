@@ -84,6 +84,7 @@ struct Widened {
     p.n_q = b.n_q, p.n_k = b.n_k, p.n_heads = b.n_heads, p.n_kv_heads = b.n_kv_heads;
     p.head_dim = b.head_dim, p.scale = b.scale;
     p.q = ptr(q), p.k = ptr(k), p.v = ptr(v), p.q_pos = b.q_pos, p.k_pos = b.k_pos;
+    p.q_doc_pos = b.q_doc_pos;
     p.o = ptr(o), p.lse = b.lse;
   }
   Widened(const AttentionBf16BackwardParams& b)
@@ -256,19 +257,18 @@ Tensor pack_keys(const bf16* x, int64_t n_k, int64_t n_kv_heads, int64_t d) {
   return t;
 }
 
-// Sᵀ [nk][bq] ← mult·Sᵀ, and -inf where key j is after query i (k_pos[j] > q_pos[i]). Scaling
-// here (not in the packed Q, which would round q·scale to bf16 again) keeps the scores fp32-exact.
+// Sᵀ [nk][bq] ← mult·Sᵀ, and -inf where query i cannot see key j (hidden_lanes: after it, or
+// before its document's start). Scaling here (not in the packed Q, which would round q·scale to
+// bf16 again) keeps the scores fp32-exact.
 void scale_and_mask(float* st, int64_t nk, int64_t bq, float mult, const int64_t* k_pos,
-                    const int64_t* q_lanes) {
+                    const int64_t* q_lanes, const int64_t* ds_lanes) {
   const __m512 c = _mm512_set1_ps(mult), neg_inf = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < nk; ++j) {
     const __m512i kp = _mm512_set1_epi64(k_pos[j]);
     for (int64_t v = 0; v < bq; v += 16) {
       float* s = st + j * bq + v;
-      const __mmask8 lo = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v));
-      const __mmask8 hi = _mm512_cmpgt_epi64_mask(kp, _mm512_loadu_si512(q_lanes + v + 8));
       _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_mul_ps(_mm512_loadu_ps(s), c),
-                                             static_cast<__mmask16>(lo | (hi << 8)), neg_inf));
+                                             hidden_lanes(kp, q_lanes, ds_lanes, v), neg_inf));
     }
   }
 }
@@ -305,9 +305,13 @@ void forward_query_tile(const AttentionBf16Params& p, const Geometry& G,
   const int64_t d = G.d, bq = (nq + 15) / 16 * 16;
   const ForwardScratch S(scratch, d);
   alignas(64) int64_t q_lanes[kBq];
+  alignas(64) int64_t ds_lanes[kBq];  // document starts (with documents only)
 
   pack_cols_transposed(p.q + i0 * G.q_stride + h * d, G.q_stride, nq, bq, d, S.qp);
   const PosRange qr = load_query_positions(p.q_pos + i0, nq, bq, q_lanes);
+  const bool docs = p.q_doc_pos != nullptr;
+  const PosRange ds =
+      docs ? load_query_doc_starts(p.q_pos + i0, p.q_doc_pos + i0, nq, bq, ds_lanes) : PosRange{};
   std::fill(S.m, S.m + bq, kNegInf);
   std::fill(S.l, S.l + bq, 0.f);
   std::fill(S.acc, S.acc + nq * d, 0.f);
@@ -316,8 +320,9 @@ void forward_query_tile(const AttentionBf16Params& p, const Geometry& G,
   const int64_t n2 = (p.n_k + 1) / 2;
   const float mult = p.scale * kLog2e;
   for (int64_t kt = 0; kt < static_cast<int64_t>(key_ranges.size()); ++kt) {
-    const PosRange kr = key_ranges[kt];
-    if (kr.min > qr.max) continue;  // every key of the tile is after every query
+    // Skip a tile no query sees: every key after every query, or before every document start.
+    const TileMask tm = classify_tile(key_ranges[kt], qr, docs ? &ds : nullptr);
+    if (tm.skip) continue;
     const int64_t j0 = kt * kBk, nk = std::min(kBk, p.n_k - j0), nk2 = (nk + 1) / 2;
 
     // Sᵀ [nk][bq] = K [nk, d] · Qᵀ [d, bq]: A = K rows (pairs along d), B = Q pairs along d.
@@ -325,8 +330,9 @@ void forward_query_tile(const AttentionBf16Params& p, const Geometry& G,
               bq, false);
     // Scores in base-2 units are cs·Sᵀ: a tile under the mask is scaled and masked in place (then
     // cs = 1); any other tile is scaled on the fly (max of c·s, exponent c·s - m by one FMA).
-    const bool masked = kr.max > qr.min;
-    if (masked) scale_and_mask(S.st, nk, bq, mult, p.k_pos + j0, q_lanes);
+    const bool masked = tm.masked;
+    if (masked)
+      scale_and_mask(S.st, nk, bq, mult, p.k_pos + j0, q_lanes, docs ? ds_lanes : nullptr);
     const __m512 cs = _mm512_set1_ps(masked ? 1.f : mult);
 
     // Online softmax, 16 queries at a time; P is written as bf16 pairs along keys.
@@ -420,6 +426,7 @@ void backward_query_tile(const AttentionBf16BackwardParams& p, const Geometry& G
   const int64_t d = G.d, bq = (nq + 15) / 16 * 16;
   const BackwardScratch S(scratch, d);
   alignas(64) int64_t q_lanes[kBq];
+  alignas(64) int64_t ds_lanes[kBq];  // document starts (with documents only)
 
   const bf16* q = p.q + i0 * G.q_stride + h * d;
   const float* dout = p.dout + i0 * G.q_stride + h * d;
@@ -430,6 +437,9 @@ void backward_query_tile(const AttentionBf16BackwardParams& p, const Geometry& G
   pack_rows(q, G.q_stride, nq, bq / 2, d, S.qi);
   pack_rows(dout, G.q_stride, nq, bq / 2, d, S.doi);
   const PosRange qr = load_query_positions(p.q_pos + i0, nq, bq, q_lanes);
+  const bool docs = p.q_doc_pos != nullptr;
+  const PosRange ds =
+      docs ? load_query_doc_starts(p.q_pos + i0, p.q_doc_pos + i0, nq, bq, ds_lanes) : PosRange{};
   for (int64_t i = 0; i < bq; ++i) {
     // +inf makes P = 2^(s - inf) = 0 for pads and for a query that saw no key (lse = -inf).
     const float lse = i < nq ? p.lse[(i0 + i) * G.n_heads + h] : kNegInf;
@@ -445,8 +455,8 @@ void backward_query_tile(const AttentionBf16BackwardParams& p, const Geometry& G
   const float mult = p.scale * kLog2e;
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int64_t kt = 0; kt < static_cast<int64_t>(key_ranges.size()); ++kt) {
-    const PosRange kr = key_ranges[kt];
-    if (kr.min > qr.max) continue;
+    const TileMask tm = classify_tile(key_ranges[kt], qr, docs ? &ds : nullptr);
+    if (tm.skip) continue;
     const int64_t j0 = kt * kBk, nk = std::min(kBk, p.n_k - j0), nk2 = (nk + 1) / 2;
     const bf16* k = p.k + j0 * G.kv_stride + kv_off;
     const bf16* v = p.v + j0 * G.kv_stride + kv_off;
@@ -455,8 +465,9 @@ void backward_query_tile(const AttentionBf16BackwardParams& p, const Geometry& G
 
     // Pᵀ [nk][bq] = 2^(scale·log2e·K·Qᵀ - lse2), masked entries 0; also as bf16 rows.
     tile_gemm(nk, bq, d / 2, k, G.kv_stride, 2, S.qp, 2 * bq, S.st, bq, false);
-    const bool masked = kr.max > qr.min;  // as in the forward: scaled in place or on the fly
-    if (masked) scale_and_mask(S.st, nk, bq, mult, p.k_pos + j0, q_lanes);
+    const bool masked = tm.masked;  // as in the forward: scaled in place or on the fly
+    if (masked)
+      scale_and_mask(S.st, nk, bq, mult, p.k_pos + j0, q_lanes, docs ? ds_lanes : nullptr);
     const __m512 cs = _mm512_set1_ps(masked ? 1.f : mult);
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t vq = 0; vq < bq; vq += 16) {

@@ -120,25 +120,30 @@ void forward_query_tile(const AttentionParams& p, const Geometry& G,
   float* l = m + kBq;           // [bq]      running Σ 2^{s - m}
   float* alpha = l + kBq;       // [bq]      rescale factor of this key tile
   alignas(64) int64_t q_lanes[kBq];
+  alignas(64) int64_t ds_lanes[kBq];  // document starts (with documents only)
 
   const float* q = p.q + i0 * G.q_stride + h * d;
   pack_transposed(q, G.q_stride, nq, bq, d, p.scale * kLog2e, qt);
   const PosRange qr = load_query_positions(p.q_pos + i0, nq, bq, q_lanes);
+  const bool docs = p.q_doc_pos != nullptr;
+  const PosRange ds =
+      docs ? load_query_doc_starts(p.q_pos + i0, p.q_doc_pos + i0, nq, bq, ds_lanes) : PosRange{};
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.f);
   std::fill(acc, acc + nq * d, 0.f);
 
   const int64_t kv_off = (h / G.group) * d;
   for (int64_t kt = 0; kt < static_cast<int64_t>(key_ranges.size()); ++kt) {
-    const PosRange kr = key_ranges[kt];
-    if (kr.min > qr.max) continue;  // every key of the tile is after every query
+    // Skip a tile no query sees: every key after every query, or before every document start.
+    const TileMask tm = classify_tile(key_ranges[kt], qr, docs ? &ds : nullptr);
+    if (tm.skip) continue;
     const int64_t j0 = kt * kBk, nk = std::min(kBk, p.n_k - j0);
     const float* k = p.k + j0 * G.kv_stride + kv_off;
     const float* v = p.v + j0 * G.kv_stride + kv_off;
 
     // Sᵀ [nk][bq] = K [nk, d] · Qᵀ [d, bq]
     tile_gemm(nk, bq, d, k, G.kv_stride, 1, qt, bq, st, bq, false);
-    if (kr.max > qr.min) apply_causal_mask(st, nk, bq, p.k_pos + j0, q_lanes);
+    if (tm.masked) apply_causal_mask(st, nk, bq, p.k_pos + j0, q_lanes, docs ? ds_lanes : nullptr);
 
     // Online softmax, 16 queries at a time: new max, rescale factor, probabilities, sums.
     for (int64_t vq = 0; vq < bq; vq += 16) {
@@ -204,6 +209,7 @@ void backward_query_tile(const AttentionBackwardParams& p, const Geometry& G,
   float* lse2 = dpt + kBk * kBq;  // [bq] lse in base 2; +inf for queries without keys and pads
   float* Dv = lse2 + kBq;         // [bq] D_i = dout_i · o_i
   alignas(64) int64_t q_lanes[kBq];
+  alignas(64) int64_t ds_lanes[kBq];  // document starts (with documents only)
 
   const float* q = p.q + i0 * G.q_stride + h * d;
   const float* dout = p.dout + i0 * G.q_stride + h * d;
@@ -212,6 +218,9 @@ void backward_query_tile(const AttentionBackwardParams& p, const Geometry& G,
   pack_transposed(q, G.q_stride, nq, bq, d, p.scale * kLog2e, qt);
   pack_transposed(dout, G.q_stride, nq, bq, d, 1.f, dot);
   const PosRange qr = load_query_positions(p.q_pos + i0, nq, bq, q_lanes);
+  const bool docs = p.q_doc_pos != nullptr;
+  const PosRange ds =
+      docs ? load_query_doc_starts(p.q_pos + i0, p.q_doc_pos + i0, nq, bq, ds_lanes) : PosRange{};
   for (int64_t i = 0; i < bq; ++i) {
     // +inf makes P = 2^(s - inf) = 0 for pads and for a query that saw no key (lse = -inf):
     // no gradient, without relying on -inf - (-inf) = NaN being flushed by exp2_ps.
@@ -225,8 +234,8 @@ void backward_query_tile(const AttentionBackwardParams& p, const Geometry& G,
   const int64_t kv_off = (h / G.group) * d;
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int64_t kt = 0; kt < static_cast<int64_t>(key_ranges.size()); ++kt) {
-    const PosRange kr = key_ranges[kt];
-    if (kr.min > qr.max) continue;
+    const TileMask tm = classify_tile(key_ranges[kt], qr, docs ? &ds : nullptr);
+    if (tm.skip) continue;
     const int64_t j0 = kt * kBk, nk = std::min(kBk, p.n_k - j0);
     const float* k = p.k + j0 * G.kv_stride + kv_off;
     const float* v = p.v + j0 * G.kv_stride + kv_off;
@@ -235,7 +244,7 @@ void backward_query_tile(const AttentionBackwardParams& p, const Geometry& G,
 
     // Pᵀ [nk][bq] = 2^(K·Qᵀ - lse2), masked entries 0
     tile_gemm(nk, bq, d, k, G.kv_stride, 1, qt, bq, st, bq, false);
-    if (kr.max > qr.min) apply_causal_mask(st, nk, bq, p.k_pos + j0, q_lanes);
+    if (tm.masked) apply_causal_mask(st, nk, bq, p.k_pos + j0, q_lanes, docs ? ds_lanes : nullptr);
     for (int64_t j = 0; j < nk; ++j)
       for (int64_t vq = 0; vq < bq; vq += 16) {
         float* s = st + j * bq + vq;

@@ -1,7 +1,9 @@
 // Reference causal attention: one (query, head) at a time, double accumulators, no blocking.
 // It is the readable statement of the maths and the oracle the fast path is tested against.
 //
-//   s_j  = scale · q_i·k_j            for keys with k_pos[j] <= q_pos[i] (the others are absent)
+//   s_j  = scale · q_i·k_j            for the keys query i sees: k_pos[j] <= q_pos[i] and, with
+//                                     documents, k_pos[j] >= q_pos[i] - q_doc_pos[i] (the others
+//                                     are absent)
 //   lse  = log Σ_j e^{s_j}             (-inf when no key is visible)
 //   o_i  = Σ_j e^{s_j - lse} v_j       (0 when no key is visible)
 //
@@ -23,6 +25,12 @@ double dot(const float* a, const float* b, int64_t d) {
   return s;
 }
 
+// Whether query i sees key j (the header's rule).
+bool visible(const AttentionParams& p, int64_t i, int64_t j) {
+  if (p.k_pos[j] > p.q_pos[i]) return false;
+  return !p.q_doc_pos || p.k_pos[j] >= p.q_pos[i] - p.q_doc_pos[i];
+}
+
 }  // namespace
 
 void forward_reference(const AttentionParams& p) {
@@ -37,7 +45,7 @@ void forward_reference(const AttentionParams& p) {
       // Pass 1: the largest visible score, so the exponentials below cannot overflow.
       double m = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j < p.n_k; ++j) {
-        if (p.k_pos[j] > p.q_pos[i]) continue;
+        if (!visible(p, i, j)) continue;
         m = std::max(m, p.scale * dot(qi, p.k + j * kv_stride + kv_off, d));
       }
       if (m == -std::numeric_limits<double>::infinity()) {  // no visible key
@@ -49,7 +57,7 @@ void forward_reference(const AttentionParams& p) {
       double l = 0;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t j = 0; j < p.n_k; ++j) {
-        if (p.k_pos[j] > p.q_pos[i]) continue;
+        if (!visible(p, i, j)) continue;
         const double w = std::exp(p.scale * dot(qi, p.k + j * kv_stride + kv_off, d) - m);
         l += w;
         const float* vj = p.v + j * kv_stride + kv_off;
@@ -75,7 +83,7 @@ void backward_reference(const AttentionBackwardParams& p) {
       const int64_t kv_off = (h / g) * d;
       std::fill(dqi.begin(), dqi.end(), 0.0);
       for (int64_t j = 0; j < p.n_k; ++j) {
-        if (p.k_pos[j] > p.q_pos[i]) continue;
+        if (!visible(p, i, j)) continue;
         const float* kj = p.k + j * kv_stride + kv_off;
         const float* vj = p.v + j * kv_stride + kv_off;
         const double P = std::exp(p.scale * dot(qi, kj, d) - lse);
