@@ -743,29 +743,28 @@ double LayoutCommon::step(const Batch& batch, bool backward) {
   // The optimizer updated the fp32 master weights since the last step: round them into the compute
   // copy (nothing to do under f32).
   store_.refresh_compute();
-  if (store_.zero()) {
+  TensorView g = store_.grad_slab();
+  if (backward && store_.zero()) {
     // ZeRO-1: the gradient slab is this backward's scratch; run() reduce-scatters its buckets over
     // the replicas as they become final, and the sums of this replica's parts accumulate in the
     // store's partition (so gradient accumulation needs no scaling).
-    if (backward) store_.begin_backward();
-    Tensor loss = Tensor::zeros({1}, DType::F64, MemCategory::Workspace, device());
-    run(rb, backward, loss.view());
-    if (backward) {
-      store_.start_bucket_reductions(-1, *replicas_);
-      store_.finish_reductions();
-    }
-    return reduce_loss(be_.host_f64(loss.view()), batch.B * batch.S);
+    store_.begin_backward();
+  } else if (backward && R_ > 1) {
+    // The replica all-reduce below sums the whole gradient slab, including what earlier calls
+    // accumulated (identical on every replica after their own all-reduce). Pre-scaling it by 1/R
+    // makes the sum come back to the old value plus the new contributions of every replica,
+    // without a second gradient buffer. (The 1/R scaling is exact for R a power of two; the sums
+    // round as any all-reduce does.)
+    be_.scale(g, 1.0f / static_cast<float>(R_));
   }
-  TensorView g = store_.grad_slab();
-  // The replica all-reduce below sums the whole gradient slab, including what earlier calls
-  // accumulated (identical on every replica after their own all-reduce). Pre-scaling it by 1/R
-  // makes the sum come back to the old value plus the new contributions of every replica, without
-  // a second gradient buffer. (The 1/R scaling is exact for R a power of two; the sums round as any
-  // all-reduce does.)
-  if (backward && R_ > 1) be_.scale(g, 1.0f / static_cast<float>(R_));
   Tensor loss = Tensor::zeros({1}, DType::F64, MemCategory::Workspace, device());
   run(rb, backward, loss.view());
-  if (backward && R_ > 1) replicas_->all_reduce(g.data(), g.numel(), DType::F32);
+  if (backward && store_.zero()) {
+    store_.start_bucket_reductions(-1, *replicas_);  // the end bucket, and any left
+    store_.finish_reductions();
+  } else if (backward && R_ > 1) {
+    replicas_->all_reduce(g.data(), g.numel(), DType::F32);
+  }
   // The step's one host synchronisation: this rank's loss sum.
   return reduce_loss(be_.host_f64(loss.view()), rb.counted);
 }
