@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
@@ -31,7 +32,50 @@ struct PlanOptions {
   // ZeRO stage over the replicas (training): 1 = optimizer state sharded over R, as `tsp train`
   // does by default (docs/cost-model.md §4.5).
   int zero = 1;
+  // Activation recomputation of the training rows: none | selective | full | auto (per row, the
+  // fastest mode whose memory fits).
+  std::string recompute = "auto";
+  bool max_seq = false;  // the longest trainable sequence of each layout instead of the table
 };
+
+// The modes `--recompute` tries, cheapest in time first.
+std::vector<plan::Recompute> recompute_modes(const std::string& arg) {
+  using plan::Recompute;
+  if (arg == "auto") return {Recompute::None, Recompute::Selective, Recompute::Full};
+  return {plan::parse_recompute(arg)};
+}
+
+// One row of the table: the estimate with the mode `--recompute` chose, and (training) the
+// memory without recomputation, to say when recomputation is what makes the row fit.
+struct Row {
+  plan::Estimate est;
+  double none_gb = 0;
+};
+Row estimate_row(plan::Workload w, const plan::LayoutSpec& l, const plan::Hardware& hw,
+                 const std::vector<plan::Recompute>& modes) {
+  Row r;
+  if (w.mode != plan::Mode::Train) {
+    r.est = plan::estimate(w, l, hw);
+    r.none_gb = r.est.memory.total() / 1e9;
+    return r;
+  }
+  bool have = false;
+  for (plan::Recompute m : modes) {
+    w.recompute = m;
+    const plan::Estimate e = plan::estimate(w, l, hw);
+    if (m == plan::Recompute::None) r.none_gb = e.memory.total() / 1e9;
+    // the first mode that fits is the fastest (modes are ordered by cost); if none fits, the
+    // last (the smallest) is shown
+    if (!have || !r.est.fits) r.est = e;
+    have = true;
+    if (e.fits) break;
+  }
+  if (modes.front() != plan::Recompute::None) {
+    w.recompute = plan::Recompute::None;
+    r.none_gb = plan::estimate(w, l, hw).memory.total() / 1e9;
+  }
+  return r;
+}
 
 // Our implementation (include/tsp/plan/measure.h) for a training step of one layout: peak memory
 // per rank by the model of what the code allocates, and the bytes a rank sends per step.
@@ -67,6 +111,71 @@ LlamaConfig load_model(const std::string& arg) {
   return llama_preset(arg);
 }
 
+// `--max-seq`: per layout, the longest sequence (tokens) it can train with the workload's batch on
+// this cluster, and the recomputation mode that reaches it (auto: the mode with the longest S;
+// ties go to the cheaper mode).
+int run_max_seq(const PlanOptions& o, plan::Workload w, const plan::Hardware& hw,
+                const std::vector<plan::LayoutSpec>& layouts) {
+  using namespace tsp::plan;
+  TSP_CHECK(w.mode == Mode::Train, "--max-seq is about training; drop --prefill / --decode");
+  const std::vector<Recompute> modes = recompute_modes(o.recompute);
+  std::vector<MaxSeq> best;
+  for (const LayoutSpec& l : layouts) {
+    MaxSeq b;
+    for (Recompute m : modes) {
+      w.recompute = m;
+      MaxSeq r = max_seq(w, l, hw);
+      if (b.S == 0 || r.S > b.S) b = r;
+      if (b.S == 0) b.at.recompute = m;
+    }
+    best.push_back(b);
+  }
+  if (o.json) {
+    nlohmann::json rows = nlohmann::json::array();
+    for (const MaxSeq& m : best)
+      rows.push_back(
+          {{"label", m.layout.label()},
+           {"name", m.layout.name},
+           {"D", m.layout.D},
+           {"R", m.layout.R},
+           {"max_seq_tokens", m.S},
+           {"seq_step_tokens", m.step},
+           {"recompute", std::string(recompute_name(m.at.recompute))},
+           {"memory_gb", m.S > 0 ? nlohmann::json(m.at.memory.total() / 1e9) : nlohmann::json()},
+           {"tokens_per_s", m.S > 0 ? nlohmann::json(m.at.tokens_per_s) : nlohmann::json()}});
+    nlohmann::json doc = {{"model", o.model},
+                          {"batch", w.B},
+                          {"gpus", o.gpus},
+                          {"hardware", hw.name},
+                          {"capacity_gb", hw.mem_capacity / 1e9},
+                          {"zero", o.zero},
+                          {"recompute_option", o.recompute},
+                          {"max_seq", rows}};
+    std::printf("%s\n", doc.dump(2).c_str());
+    return 0;
+  }
+  std::printf(
+      "# tsp plan --max-seq  model=%s  B=%lld sequences  gpus=%d  hw=%s (%.0f GB per GPU)  "
+      "--recompute %s  --zero %d\n"
+      "# the longest sequence each layout can train: S in tokens (a multiple of step_tokens, the "
+      "zigzag granularity), memory per GPU in GB at that S, tokens/s of the whole job\n",
+      o.model.c_str(), (long long)w.B, o.gpus, hw.name.c_str(), hw.mem_capacity / 1e9,
+      o.recompute.c_str(), o.zero);
+  std::printf("%-31s %14s %11s %9s %10s %12s\n", "#layout", "max_S_tokens", "step_tokens",
+              "recompute", "memory_GB", "tokens/s");
+  for (const MaxSeq& m : best) {
+    if (m.S == 0)
+      std::printf("%-31s %14s %11lld %9s %10s %12s\n", m.layout.label().c_str(), "none fits",
+                  (long long)m.step, "-", "-", "-");
+    else
+      std::printf("%-31s %14lld %11lld %9s %10.2f %12.4g\n", m.layout.label().c_str(),
+                  (long long)m.S, (long long)m.step,
+                  std::string(recompute_name(m.at.recompute)).c_str(), m.at.memory.total() / 1e9,
+                  m.at.tokens_per_s);
+  }
+  return 0;
+}
+
 int run_plan(const PlanOptions& o) {
   using namespace tsp::plan;
   TSP_CHECK(o.train + o.prefill + o.decode <= 1, "choose one of --train, --prefill, --decode");
@@ -96,11 +205,20 @@ int run_plan(const PlanOptions& o) {
   // ZeRO shards optimizer state: it applies to training steps only.
   const bool train = w.mode == Mode::Train;
   const int zero = train ? o.zero : 0;
+  if (o.max_seq) w.S = 2 * static_cast<int64_t>(o.gpus);  // every zigzag split of the GPUs divides
+  if (o.recompute != "auto") parse_recompute(o.recompute);  // a clear error for a wrong mode
   std::vector<LayoutSpec> layouts = enumerate_layouts(w, o.gpus, o.degree);
   TSP_CHECK(!layouts.empty(), "no layout divides this model and workload on {} GPUs", o.gpus);
   for (LayoutSpec& l : layouts) l.zero = zero;
+  if (o.max_seq) return run_max_seq(o, w, hw, layouts);
+  const std::vector<Recompute> modes = recompute_modes(o.recompute);
   std::vector<Estimate> all;
-  for (const LayoutSpec& l : layouts) all.push_back(estimate(w, l, hw));
+  std::vector<double> none_gb;
+  for (const LayoutSpec& l : layouts) {
+    const Row r = estimate_row(w, l, hw, modes);
+    all.push_back(r.est);
+    none_gb.push_back(r.none_gb);
+  }
   // Our implementation's own figures apply to training steps (what `tsp train` runs).
   const bool ours = w.mode == Mode::Train;
   std::vector<Ours> mine;
@@ -108,6 +226,15 @@ int run_plan(const PlanOptions& o) {
     for (const LayoutSpec& l : layouts) mine.push_back(ours_of(w, l, dtype));
   std::string reason;
   const int best = recommend(all, &reason);
+  // When the recommended row fits only thanks to recomputation, say so.
+  std::string recompute_note;
+  if (train && best >= 0 && all[best].recompute != Recompute::None &&
+      none_gb[best] * 1e9 > hw.mem_capacity)
+    recompute_note = fmt::format(
+        "{} fits only with activation recomputation: --recompute {} ({:.1f} GB per GPU; without "
+        "recomputation {:.1f} GB > {:.0f} GB)",
+        all[best].layout.label(), recompute_name(all[best].recompute),
+        all[best].memory.total() / 1e9, none_gb[best], hw.mem_capacity / 1e9);
 
   // How the recommendation changes with the other ZeRO stage (training with replicas only: at
   // R = 1 both stages are the same layout).
@@ -119,7 +246,7 @@ int run_plan(const PlanOptions& o) {
   if (compare_zero) {
     for (LayoutSpec l : layouts) {
       l.zero = 1 - zero;
-      other.push_back(estimate(w, l, hw));
+      other.push_back(estimate_row(w, l, hw, modes).est);
     }
     other_best = recommend(other, nullptr);
   }
@@ -135,6 +262,7 @@ int run_plan(const PlanOptions& o) {
     doc["gpus"] = o.gpus;
     doc["gpus_per_node"] = hw.gpus_per_node;
     doc["zero"] = zero;
+    doc["recompute_option"] = train ? o.recompute : "none";
     doc["hardware"] = {{"name", hw.name},
                        {"peak_tflops", hw.peak_flops / 1e12},
                        {"gemm_eff", hw.gemm_eff},
@@ -156,6 +284,8 @@ int run_plan(const PlanOptions& o) {
                             {"T", e.layout.D / e.layout.token_shards()},
                             {"S", e.layout.token_shards()},
                             {"R", e.layout.R},
+                            {"recompute", std::string(recompute_name(e.recompute))},
+                            {"memory_gb_without_recompute", none_gb[i]},
                             {"memory_gb", mem},
                             {"fits", e.fits},
                             {"comm_bytes",
@@ -176,6 +306,7 @@ int run_plan(const PlanOptions& o) {
     doc["layouts"] = rows;
     doc["recommendation"] = best >= 0 ? nlohmann::json(all[best].layout.label()) : nlohmann::json();
     doc["reason"] = reason;
+    doc["recompute_note"] = recompute_note;
     if (compare_zero) {
       nlohmann::json alt = {{"zero", 1 - zero}};
       if (other_best >= 0) {
@@ -217,19 +348,26 @@ int run_plan(const PlanOptions& o) {
         zero == 1 ? "with R > 1 optimizer state / R; gradients reduce-scattered (overlapped), "
                     "weights all-gathered after the step (exposed)"
                   : "whole optimizer state per replica; gradients all-reduced (overlapped)");
+  if (train)
+    std::printf(
+        "# recompute (--recompute %s): activation recomputation of each row (none | selective | "
+        "full; auto: the fastest that fits); docs/cost-model.md §3.2\n",
+        o.recompute.c_str());
   if (ours)
     std::printf(
         "# ours_*: our implementation in %s (fp32 master weights, gradients and AdamW moments; "
         "docs/cost-model.md §5): peak GB per rank, GB sent per rank per step\n",
         o.dtype.c_str());
-  std::printf("%-31s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %10s %9s %9s %12s", "#layout",
-              "weights_GB", "grads_GB", "optim_GB", "activ_GB", "comm_GB", "wkspace_GB", "total_GB",
-              "fits", "intra_GB", "inter_GB", "replica_GB", "exposed_s", "step_s", "tokens/s");
+  std::printf("%-31s %-9s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %10s %9s %9s %12s", "#layout",
+              "recompute", "weights_GB", "grads_GB", "optim_GB", "activ_GB", "comm_GB",
+              "wkspace_GB", "total_GB", "fits", "intra_GB", "inter_GB", "replica_GB", "exposed_s",
+              "step_s", "tokens/s");
   if (ours) std::printf(" %8s %12s", "ours_GB", "ours_sent_GB");
   std::printf("\n");
   for (size_t i = 0; i < all.size(); ++i) {
     const Estimate& e = all[i];
-    std::printf("%-31s", e.layout.label().c_str());
+    std::printf("%-31s %-9s", e.layout.label().c_str(),
+                std::string(train ? recompute_name(e.recompute) : "-").c_str());
     const int widths[kNumMemCategories] = {10, 8, 8, 8, 8, 10};
     for (int c = 0; c < kNumMemCategories; ++c)
       std::printf(" %*.2f", widths[c], e.memory.bytes[c] / 1e9);
@@ -243,6 +381,7 @@ int run_plan(const PlanOptions& o) {
     std::printf("\n");
   }
   std::printf("recommendation: %s\n", reason.c_str());
+  if (!recompute_note.empty()) std::printf("recomputation: %s\n", recompute_note.c_str());
   if (compare_zero) {
     if (other_best < 0) {
       std::printf("with --zero %d: no layout fits in GPU memory\n", 1 - zero);
@@ -295,6 +434,17 @@ const CommandRegistration kPlan{Command{
                      "optimizer state and gradients are all-reduced. Default 1, as `tsp train`. "
                      "The recommendation with the other stage is printed too")
           ->capture_default_str();
+      sub.add_option("--recompute", o->recompute,
+                     "activation recomputation of the training rows: none (keep every "
+                     "activation), selective (recompute the normed inputs and the MLP's "
+                     "gate/up/act), full (keep each layer's input, replay the layer in backward; "
+                     "under tsp its weight shards travel again), auto (per row, the fastest mode "
+                     "that fits; the table says which). docs/cost-model.md §3.2")
+          ->capture_default_str();
+      sub.add_flag("--max-seq", o->max_seq,
+                   "instead of the table: the longest sequence (tokens) each layout can train "
+                   "on --gpus GPUs of --hw with --batch and --recompute (auto: the mode that "
+                   "reaches the longest), the memory per GPU there and the mode used");
       sub.add_flag("--calibrate", o->calibrate,
                    "with --hw local: measure GEMM rate and copy bandwidth first");
       return [o](Communicator*) { return run_plan(*o); };

@@ -25,6 +25,24 @@ std::string_view mode_name(Mode m) {
   return "?";
 }
 
+std::string_view recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::None:
+      return "none";
+    case Recompute::Selective:
+      return "selective";
+    case Recompute::Full:
+      return "full";
+  }
+  return "?";
+}
+
+Recompute parse_recompute(const std::string& s) {
+  for (Recompute r : {Recompute::None, Recompute::Selective, Recompute::Full})
+    if (s == recompute_name(r)) return r;
+  TSP_FAIL("unknown recomputation mode '{}'; use none, selective or full", s);
+}
+
 // ---- the registered layout models -----------------------------------------------------------
 
 const LayoutModel* find_layout_model(const std::string& name) {
@@ -228,10 +246,12 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
   MemoryBreakdown mb;
   using C = MemCategory;
   mb[C::Weights] = a.weight_bytes * params_here;
+  // The framework's own memory (runtime, communication library, allocator slack), every mode.
+  mb[C::Workspace] = a.framework_bytes;
   if (train) {
     // ZeRO-1 keeps whole gradients (they are reduce-scattered, then each replica reads its 1/R)
     // but each replica owns 1/R of the fp32 master weights and AdamW moments (docs §4.5).
-    mb[C::Grads] = a.grad_bytes * params_here;
+    mb[C::Grads] = (a.grad_bytes + a.grad_lowp_bytes) * params_here;
     mb[C::Optimizer] = a.optimizer_bytes * params_here / (zero1(l) ? l.R : 1);
     // The bucket copy belongs to an all-reduce from per-parameter gradients (PyTorch DDP). The
     // replicas' reduce-scatter of ZeRO-1 runs in place on the flat gradient buffer, each bucket
@@ -243,23 +263,39 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
   }
 
   if (train) {
-    // Saved per layer: layer input, q and o (and the attention log-sum-exp), K and V as the
-    // attention consumed them (docs §3.2).
-    const double per_layer = N * s.h / sp.t * ab                  // x_in
-                             + 2 * N * s.h / (sp.t * sp.hd) * ab  // q, o
-                             + N * s.nh / (sp.t * sp.hd) * 4.0    // lse, fp32
-                             + model.saved_kv(w, l, a);
-    mb[C::Activations] = per_layer * s.L;
+    // Saved per layer and rank (docs §3.2), by recomputation mode. t: token shards, hd: head
+    // shards of q, o and of the MLP width.
+    const double x = N * s.h / sp.t * ab;                 // layer input; also x2
+    const double normed = 2 * N * s.h / sp.t * ab;        // the two RMSNorm outputs
+    const double qo = 2 * N * s.h / (sp.t * sp.hd) * ab;  // q, o
+    const double lse = N * s.nh / (sp.t * sp.hd) * 4.0;   // log-sum-exp, fp32
+    const double mlp = 3 * N * (static_cast<double>(s.I) / sp.hd) / sp.t * ab;  // gate, up, act
+    const double selective_layer = 2 * x + qo + lse + model.saved_kv(w, l, a);
+    const double none_layer = selective_layer + normed + mlp;
+    switch (w.recompute) {
+      case Recompute::None:
+        mb[C::Activations] = none_layer * s.L;
+        break;
+      case Recompute::Selective:
+        mb[C::Activations] = selective_layer * s.L;
+        break;
+      case Recompute::Full:
+        // every layer's input, and the replayed layer's None set while its backward runs (whose
+        // input is that layer's checkpoint: counted once)
+        mb[C::Activations] = x * (s.L - 1) + none_layer;
+        break;
+    }
 
     // Transients of the busiest moment: the backward of one layer, or the loss (docs §3.3).
+    // The layer's backward workspace is the layout's (the same in every mode).
     const LayoutModel::Transients layer = model.layer_transients(w, l, a);
     // Loss: fp32 logits and their gradient for this rank's tokens and vocabulary columns.
     const double loss_ws = 2 * N / sp.t * model.loss_vocab_cols(w.model, l) * 4.0;
     if (layer.work + layer.comm >= loss_ws) {
-      mb[C::Workspace] = layer.work;
+      mb[C::Workspace] += layer.work;
       mb[C::Comm] += layer.comm;
     } else {
-      mb[C::Workspace] = loss_ws;
+      mb[C::Workspace] += loss_ws;
     }
   } else {
     // Inference: the K/V cache of every layer (tokens split by token shards, heads by the head
@@ -267,11 +303,11 @@ MemoryBreakdown memory_of(const Workload& w, const LayoutSpec& l, const MemoryAs
     mb[C::Activations] = 2.0 * s.L * w.B * ctx * s.kv / (sp.t * model.kv_cache_heads_split(l)) * ab;
     if (w.mode == Mode::Prefill) {
       // one layer's forward in flight
-      mb[C::Workspace] = 2 * N * s.h / sp.t * ab + 2 * N * s.h / (sp.t * sp.hd) * ab +
-                         3 * N * model.prefill_mlp_cols(w.model, l) / sp.t * ab;
+      mb[C::Workspace] += 2 * N * s.h / sp.t * ab + 2 * N * s.h / (sp.t * sp.hd) * ab +
+                          3 * N * model.prefill_mlp_cols(w.model, l) / sp.t * ab;
       mb[C::Comm] = model.prefill_comm(w, l, a);
     } else {
-      mb[C::Workspace] = 4.0 * w.B * (s.h + s.I) * ab;  // one token's activations
+      mb[C::Workspace] += 4.0 * w.B * (s.h + s.I) * ab;  // one token's activations
       mb[C::Comm] = model.decode_comm(w, l, a);
     }
   }
@@ -315,6 +351,7 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   const Split sp = model.split(l);
   Estimate est;
   est.layout = l;
+  est.recompute = w.mode == Mode::Train ? w.recompute : Recompute::None;
   est.memory = memory_of(w, l, a);
   est.fits = est.memory.total() <= hw.mem_capacity;
 
@@ -345,18 +382,25 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   }
   const double t_gemm = gemm_f / gemm_rate;
   const double t_attn = attn_f / attn_rate;
-  // Training recomputes o_proj, gate and up (docs §3.2), then backward costs 2x the GEMMs and
-  // 2.5x the attention forward (flash attention's backward: 5 matmuls against 2).
-  const double recompute = (static_cast<double>(s.h) * s.h + 2.0 * s.I * s.h) / Pm;
+  // Backward: 2x the GEMMs and 2.5x the attention forward (flash attention's backward: 5 matmuls
+  // against 2; it recomputes the attention's internals in every mode). Recomputation (docs
+  // §4.1): selective runs the gate/up GEMMs again; full replays the whole layer's forward.
+  const Recompute rc = train ? w.recompute : Recompute::None;
+  const double gate_up = 2.0 * s.I * s.h / Pm;  // of the block's GEMMs
   double t_fwd = t_gemm + t_attn;
-  double t_bwd = train ? (recompute + 2) * t_gemm + 2.5 * t_attn : 0;
+  const double t_bwd =
+      train ? (2 + (rc == Recompute::Selective ? gate_up : 0)) * t_gemm + 2.5 * t_attn : 0;
   if (decode) {
     // Decode is bound by reading this rank's weights and K/V cache from memory.
     const double read = Pm / model.decode_weight_split(l) * we +
                         2.0 * w.B * w.S * s.kv / model.decode_kv_split(l) * e;
     t_fwd = std::max(t_fwd, read / hw.mem_bw);
   }
-  double layer_flops = gemm_f + attn_f + (train ? (recompute + 2) * gemm_f + 2.5 * attn_f : 0);
+  const double t_replay = rc == Recompute::Full ? t_fwd : 0;
+  const double layer_flops =
+      gemm_f + attn_f +
+      (train ? (2 + (rc == Recompute::Selective ? gate_up : 0)) * gemm_f + 2.5 * attn_f : 0) +
+      (rc == Recompute::Full ? gemm_f + attn_f : 0);
 
   // Per-layer communication time, split into what is exposed and what can hide (docs §4.2): the
   // layout's model says what its layer sends.
@@ -380,6 +424,14 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   in.decode = decode;
   LayerTime lt;
   model.layer_time(in, lt);
+  if (rc == Recompute::Full) {
+    // The replayed forward moves what the forward moved (under tsp: the attention-shard
+    // broadcasts, the MLP ring and the K/V gathers again), overlapped with its compute the way
+    // the forward's is: the layout's forward, asked once more.
+    TimeInputs replay = in;
+    replay.train = false;
+    model.layer_time(replay, lt);
+  }
   if (decode && l.D > 1)
     // Weight-stationary decode: per layer, small collectives of the new tokens' activations
     // (docs §4.4); latency bound.
@@ -388,7 +440,7 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   // Whole step: L layers per micro-batch, LM head and loss (vocab split like the weights), then
   // the data-parallel gradient reduction, overlapped with the backward of all but the last layer.
   const double head_f = (train ? 3 : 1) * 2 * N * s.V * s.h / D;
-  const double per_micro = s.L * (t_fwd + t_bwd) + head_f / gemm_rate;
+  const double per_micro = s.L * (t_fwd + t_replay + t_bwd) + head_f / gemm_rate;
   const double compute = w.micro_batches * per_micro;
   // Data-parallel traffic over the R replicas (docs §4.5), spread per layer for the overlap rule
   // (buckets launched as layers finish their backward):
@@ -412,8 +464,9 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
       dp_bytes.add(dp_axis, 2.0 * (R - 1) / R * params * ge);
     }
   }
-  const double grad_exposed =
-      train ? std::max(0.0, s.L * grad_sync - (s.L - 1) * t_bwd) : 0;  // last micro-batch only
+  const double grad_exposed = train
+                                  ? std::max(0.0, s.L * grad_sync - (s.L - 1) * (t_replay + t_bwd))
+                                  : 0;  // last micro-batch only
   est.compute_s = compute;
   est.exposed_comm_s = w.micro_batches * s.L * lt.exposed + grad_exposed + weight_gather_s;
   est.comm_replica_bytes = dp_bytes.intra + dp_bytes.inter;
@@ -424,6 +477,42 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   const double tokens = decode ? l.R * w.B : l.R * w.micro_batches * static_cast<double>(w.B * w.S);
   est.tokens_per_s = tokens / est.step_s;
   return est;
+}
+
+int64_t seq_step(const LayoutSpec& l) {
+  const int64_t t = l.token_shards();
+  return t > 1 ? 2 * t : 1;  // zigzag: 2·t equal chunks of every sequence
+}
+
+MaxSeq max_seq(const Workload& w0, const LayoutSpec& l, const Hardware& hw,
+               const MemoryAssumptions& a) {
+  Workload w = w0;
+  w.mode = Mode::Train;
+  MaxSeq out;
+  out.layout = l;
+  out.step = seq_step(l);
+  auto fits = [&](int64_t k) {
+    w.S = k * out.step;
+    return memory_of(w, l, a).total() <= hw.mem_capacity;
+  };
+  // Memory is nondecreasing in S (every term is a nonnegative multiple of S or S², or constant),
+  // so bisect on the multiple k of the step. The bound keeps B·S far inside int64.
+  const int64_t k_max = (int64_t{1} << 40) / (out.step * std::max<int64_t>(w.B, 1));
+  if (!fits(1)) return out;
+  int64_t lo = 1, hi = 2;  // fits(lo); hi: first candidate not yet known
+  while (hi <= k_max && fits(hi)) {
+    lo = hi;
+    hi *= 2;
+  }
+  hi = std::min(hi, k_max + 1);  // fits(lo), !fits(hi) or hi beyond the bound
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (fits(mid) ? lo : hi) = mid;
+  }
+  w.S = lo * out.step;
+  out.S = w.S;
+  out.at = estimate(w, l, hw, a);
+  return out;
 }
 
 int recommend(const std::vector<Estimate>& all, std::string* reason) {

@@ -23,6 +23,21 @@ namespace tsp::plan {
 enum class Mode { Train, Prefill, Decode };
 std::string_view mode_name(Mode m);  // "train", "prefill", "decode"
 
+// Activation recomputation of a training step (docs/cost-model.md §3.2). Per layer:
+//  - None: keep every tensor the backward reads: the layer input x, the normed inputs of the
+//    attention and of the MLP, q, K/V (as the layout's attention consumed them), o, the attention's
+//    log-sum-exp, the post-attention residual x2, the MLP's gate, up and act = silu(gate)·up.
+//  - Selective: keep x, q, K/V, o, log-sum-exp and x2; recompute in backward the two normed inputs
+//    and the MLP's gate, up, act (the gate/up GEMMs again). The attention's internals (scores,
+//    probabilities) are recomputed by the flash-attention backward in every mode.
+//  - Full: keep only each layer's input; the backward replays the layer's forward (one more
+//    forward of every layer, with its communication: under tsp the attention-shard broadcasts,
+//    the MLP ring and the K/V gathers again) and holds that layer's None set meanwhile.
+enum class Recompute { None, Selective, Full };
+std::string_view recompute_name(Recompute r);  // "none", "selective", "full"
+// "none" | "selective" | "full"; throws tsp::Error naming them otherwise.
+Recompute parse_recompute(const std::string& s);
+
 // One parallel layout of one model replica (the layout group, D ranks) with R data-parallel
 // replicas on top: world = D·R. For tp-sp, D = T·Σ with T (tensor) the inner, fastest-varying
 // axis of the rank numbering and Σ (sequence) the outer one; other layouts have T=D,Σ=1 (tp),
@@ -53,6 +68,8 @@ struct Workload {
   int64_t S = 2048;
   int micro_batches = 1;
   Mode mode = Mode::Train;
+  // Training only. Full is the paper's configuration (docs/cost-model.md §3.4).
+  Recompute recompute = Recompute::Full;
   int64_t tokens_per_microbatch() const { return mode == Mode::Decode ? B : B * S; }
 };
 
@@ -86,22 +103,42 @@ Hardware hardware_profile(const std::string& name);
 Hardware calibrate_local();
 
 // The assumptions behind the memory figures, one set for every layout (docs/cost-model.md §3).
+// The default is the set that reproduces the paper's published peaks and the shape of its memory
+// curve (§3.4, with Recompute::Full): a bf16 mixed-precision stack whose model state is DeepSpeed's
+// bf16-optimizer accounting (bf16 weights and gradients, fp32 master weights, fp32 gradient
+// accumulator, two fp32 AdamW moments: 20 bytes per parameter) plus a constant framework overhead.
 struct MemoryAssumptions {
-  // Bytes per parameter, as in the ZeRO paper's mixed-precision AdamW accounting:
-  double weight_bytes = 2;      // bf16 working weights
-  double grad_bytes = 2;        // bf16 gradients
+  double weight_bytes = 2;      // bf16 working weights (and every weight transfer)
+  double grad_bytes = 4;        // fp32 gradient accumulator (and every gradient reduction)
+  double grad_lowp_bytes = 2;   // bf16 gradient as autograd produces it, beside the accumulator
   double optimizer_bytes = 12;  // fp32 master copy + two fp32 AdamW moments
   int act_bytes = 2;            // activations and communication buffers (bf16)
+  // Per GPU, whatever the model and the sequence: the runtime's context, the communication
+  // library's buffers and the caching allocator's slack over the live tensors (a measured peak
+  // is the allocator's reserved memory). Counted as workspace. §3.4 says where 6 GB comes from.
+  double framework_bytes = 6e9;
   // sp and tp-sp keep the gathered K/V for backward, as autograd does with the input of the
   // attention kernel (and as src/parallel/tp_sp.cpp does). tsp (per head group) and fsdp-cp save
   // only the local k, v and re-gather in backward, as their implementations do, whatever this says.
   bool sp_keeps_gathered_kv = true;
   // A rank whose weight gradients must be all-reduced (weights replicated inside the group, as
   // under sp and tp-sp's Σ axis, or across R > 1 replicas) holds a flat bucket copy of its gradient
-  // shard, so the reduction can overlap backward (PyTorch DDP's default). Counted as comm.
-  // ZeRO-1's reduce-scatter over the replicas runs in place on the flat gradient buffer and needs
-  // none (docs/cost-model.md §4.5); an all-reduce inside the group (sp, tp-sp's Σ) still does.
+  // shard (grad_bytes per parameter), so the reduction can overlap backward (PyTorch DDP's
+  // default). Counted as comm. ZeRO-1's reduce-scatter over the replicas runs in place on the flat
+  // gradient buffer and needs none (docs/cost-model.md §4.5); an all-reduce inside the group (sp,
+  // tp-sp's Σ) still does.
   bool grad_bucket_copy = true;
+
+  // ZeRO's mixed-precision accounting (Rajbhandari et al., 2020): bf16 weights and gradients,
+  // fp32 master + moments = 16 bytes per parameter, no framework overhead (the planner's
+  // assumption set before the curve of §3.4; kept for comparison).
+  static MemoryAssumptions zero16() {
+    MemoryAssumptions a;
+    a.grad_bytes = 2;
+    a.grad_lowp_bytes = 0;
+    a.framework_bytes = 0;
+    return a;
+  }
 };
 
 // Memory per rank by tracker category, in bytes.
@@ -188,10 +225,24 @@ struct Estimate {
   // (all-reduce of the gradients, or ZeRO-1's reduce-scatter of the gradients + all-gather of the
   // updated weights), per GPU per step (received).
   double comm_replica_bytes = 0;
+  Recompute recompute = Recompute::None;  // the workload's mode (training)
 };
 
 Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
                   const MemoryAssumptions& a = {});
+
+// The longest sequence a layout can train (Mode::Train, the workload's B, recompute and model)
+// on `hw`: the largest S, a multiple of seq_step(), whose memory per GPU fits the capacity.
+// S = 0 when not even S = seq_step() fits. Memory grows with S, so the search is a bisection.
+struct MaxSeq {
+  LayoutSpec layout;
+  int64_t S = 0;     // tokens per sequence
+  int64_t step = 1;  // the layout's granularity in S (zigzag: 2 x token shards)
+  Estimate at;       // the estimate at S (when S > 0)
+};
+int64_t seq_step(const LayoutSpec& l);
+MaxSeq max_seq(const Workload& w, const LayoutSpec& l, const Hardware& hw,
+               const MemoryAssumptions& a = {});
 
 // The recommendation: highest predicted tokens/s among layouts that fit (ties: less memory).
 // Returns the index into `all`, or -1 when nothing fits; `reason` says why.
