@@ -702,8 +702,9 @@ class TpSpModel final : public LayoutModel {
     if (kind_ == Kind::Tp || (kind_ == Kind::TpSp && t > 1)) {
       const double Nl = in.N / sg;
       const double ar = t_all_reduce(t_axis, Nl * h * e);
-      // forward 2, recomputed o_proj 1, backward 2: each on the critical path
-      const int count = in.train ? 5 : 2;
+      // forward 2, backward 2, each on the critical path (a full recomputation's replay of the
+      // forward's 2 is added by estimate())
+      const int count = in.train ? 4 : 2;
       out.exposed += count * ar;
       out.bytes.add(t_axis, count * 2.0 * (t_axis.k - 1) / t_axis.k * Nl * h * e);
     }
