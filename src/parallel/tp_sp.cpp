@@ -755,8 +755,11 @@ class TpSpModel final : public LayoutModel {
     const int64_t n = in.Br * in.S / sg, all = in.Br * in.S, hq = s.nh / t, hkv = s.nkv / t;
     const int64_t qw = hq * d, kw = hkv * d, Ft = s.F / t, Vt = s.V / t;
     const int64_t r = std::min(n, kChunk);
-    // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1.
-    const int64_t act = s.L * saved_bytes(s, n, hq, hkv, sg > 1 ? all : n, e) + kF32 * n;
+    // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1; under full recomputation
+    // checkpoints and one whole set (LocalInputs::saved_through). The final norm's rstd.
+    const int64_t set = saved_bytes(s, n, hq, hkv, sg > 1 ? all : n, e), checkpoint = e.act * n * h;
+    const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
+    const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     // Σ > 1: the gradients of embedding / final norm / LM head are staged (Comm, fp32) through
     // the whole backward, each layer's in its own stage buffer during its backward.
     const int64_t outer_stage = sg > 1 ? kF32 * (Vt * h * (s.tied ? 1 : 2) + h) : 0;
@@ -786,7 +789,7 @@ class TpSpModel final : public LayoutModel {
       out.push_back({act, stage + (in.Br > 1 ? kF32 * all * kw : 0),
                      base + kF32 * (n * qw + 2 * all * kw + 2 * n * kw)});
     // loss head (forward): one [r, V/T] logits chunk; T > 1: statistics
-    out.push_back({act, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
+    out.push_back({act_head, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * Vt + e.narrow(r * Vt)});
   }
   void outside_traffic(const LocalInputs& in, StepTraffic& tr) const override {

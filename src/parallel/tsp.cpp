@@ -758,7 +758,11 @@ class TspModel final : public LayoutModel {
     const int64_t n = in.Br * in.S / D, all = in.Br * in.S, hq = s.nh / D, hkv = s.nkv / D;
     const int64_t qw = hq * d, kw = hkv * d, f = s.F / D, vs = s.V / D;
     const int64_t r = std::min(n, kChunk);
-    const int64_t act = s.L * saved_bytes(s, n, s.nh, s.nkv, n, e) + kF32 * n;
+    // Every head of the local tokens saved per layer (under full recomputation checkpoints and
+    // one whole set: LocalInputs::saved_through), and the final norm's rstd.
+    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e), checkpoint = e.act * n * h;
+    const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
+    const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     // Grads: the replicated norms' gradients collected for one all-reduce at the end
     const int64_t norm_grads = D > 1 ? kF32 * (2 * s.L + 1) * h : 0;
     const int64_t tokens = token_bytes(n, n / in.Br, in.S);
@@ -794,7 +798,7 @@ class TspModel final : public LayoutModel {
     // loss head backward ring: the shard in hand (+ the next when D > 2), accumulators (+ part),
     // logits and dlogits chunks (dlogits narrowed for the GEMMs), running statistics; before
     // run() allocates dx.
-    out.push_back({act,
+    out.push_back({act_head,
                    (D > 2 ? 2 : 1) * e.weight * vs * h + kF32 * (2 * vs * h + (D > 2 ? vs * h : 0)),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * (2 * r * vs + 3 * n) +
                        e.narrow(r * vs)});
