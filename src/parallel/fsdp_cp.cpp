@@ -719,7 +719,9 @@ class FsdpCpModel final : public LayoutModel {
       }
     }
     // gather the layer (prefetched during the previous layer: hides behind its compute);
-    // backward gathers again and reduce-scatters the gradients, hidden behind backward compute
+    // backward gathers again and reduce-scatters the gradients, hidden behind backward compute.
+    // A replay (full recomputation) uses the backward's gather: K/V only (replay_comm).
+    if (in.replay) return;
     const double layer_params = in.Pm + 2.0 * s.h;  // the matrices and the two norms
     const double block = layer_params / D * in.we;
     const double ag = t_all_gather(group, block);

@@ -159,8 +159,7 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
   const BlockComm blk = block_comm(m, l, N, e, /*regather_kv=*/false);
   // Full recomputation: the backward replays every block's forward first (LayoutCommon::run),
   // with the communication the layout's replay_comm names.
-  const Traffic replay =
-      recompute == Recompute::Full && l.D > 1 ? model.replay_comm(m, l, N, e) : Traffic{};
+  const Traffic replay = recompute == Recompute::Full ? replay_comm(m, l, N, e) : Traffic{};
   for (int64_t i = 0; i < s.L; ++i) {
     t.forward += blk.forward;
     t.backward += blk.backward;

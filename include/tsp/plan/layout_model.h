@@ -74,6 +74,9 @@ struct TimeInputs {
   double in_proj_bwd = 0;        // the backward of the input projections
   bool train = false;
   bool decode = false;
+  // The backward's replay of the layer's forward (full recomputation): what the layout's
+  // replay_comm moves, not necessarily the whole forward's traffic.
+  bool replay = false;
   Axis group;  // the D ranks of the layout group
 };
 struct LayerTime {
