@@ -788,6 +788,20 @@ class TpSpModel final : public LayoutModel {
     if (sg > 1)
       out.push_back({act, stage + (in.Br > 1 ? kF32 * all * kw : 0),
                      base + kF32 * (n * qw + 2 * all * kw + 2 * n * kw)});
+    // Full recomputation: the backward replays each layer's forward with dx and dxn alive. Its
+    // busiest points are in the MLP forward: under T > 1 inside row_parallel_add, whose fp32
+    // partial sum [n, h] (Comm) holds while mlp_forward's chunk buffers (fp32 gate and up, the
+    // activation in the compute dtype) work, and then while the all-reduced sum is added into
+    // the residual (under bf16 the backend's add widens the bf16 residual into an fp32 [n, h]
+    // temporary). Layer L-1's replay precedes the first staging of a layer's gradients; the
+    // replays below it find that stage buffer kept (GradStage reuses it).
+    if (in.recompute == Recompute::Full)
+      for (int64_t rl = s.L - 1; rl >= std::max<int64_t>(0, s.L - 2); --rl) {
+        const int64_t act_rl = in.saved_through(rl, set, checkpoint) + kF32 * n;
+        const int64_t comm_rl = (rl == s.L - 1 ? outer_stage : stage) + (t > 1 ? kF32 * n * h : 0);
+        out.push_back({act_rl, comm_rl, base + 2 * kF32 * r * Ft + e.act * r * Ft});
+        if (t > 1 && e.mixed()) out.push_back({act_rl, comm_rl, base + kF32 * n * h});
+      }
     // loss head (forward): one [r, V/T] logits chunk; T > 1: statistics
     out.push_back({act_head, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * Vt + e.narrow(r * Vt)});

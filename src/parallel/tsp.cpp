@@ -795,6 +795,14 @@ class TspModel final : public LayoutModel {
                        std::max({e.narrow(n * h), e.narrow(n * qw),
                                  attention_backward_transient(d, hq, hkv, n / in.Br, in.S, e)}),
                    norm_grads});
+    // Full recomputation under bf16: the backward's replay of a layer's attention ends with
+    // finish_sum, the rounds' fp32 sum [n, h] (Workspace) added into the bf16 residual through
+    // the backend's fp32 widening of it ([n, h], Workspace), while K and V of the last head group
+    // (and with B > 1 their staging) are still held; dx and dxn are alive. (Under f32 the rounds
+    // add straight into the residual: no such moment.)
+    if (in.recompute == Recompute::Full && e.mixed())
+      out.push_back({act, 2 * e.act * all * kw,
+                     base + (rows ? 2 * e.act * all * kw : 0) + 2 * kF32 * n * h, norm_grads});
     // loss head backward ring: the shard in hand (+ the next when D > 2), accumulators (+ part),
     // logits and dlogits chunks (dlogits narrowed for the GEMMs), running statistics; before
     // run() allocates dx.
