@@ -26,6 +26,12 @@
 //   a full-size gradient buffer, then reduce-scatter it (non-blocking: it completes during the
 //   next layer's backward) and add the rank's piece into its gradient shard.
 // Last, the embedding's gradient (lookup rows, plus the head's part when tied) is reduce-scattered.
+// Under --recompute full the recipe replays layer l's forward at the start of its backward
+// (layout_common.h): begin_layer_replay acquires the layer's unit (and starts the prefetch of l-1)
+// as begin_layer_backward would, the replay's attention all-gathers K/V into the fresh saved set
+// (saved_[l] points at it), and begin_layer_backward then finds the unit in hand: the weights are
+// gathered once per layer in the backward either way, and the replay's traffic is counted in the
+// layer's backward record.
 //
 // The order above is the layer recipe of layout_common.h: this file implements its hooks, and the
 // unit schedule rides on them (part_done: free the unit just used, wait for the next and start

@@ -48,7 +48,9 @@
 //
 // Saving policy: block.h's, except that K and V are kept as gathered ([B, S]
 // keys, the cost model's sp_keeps_gathered_kv) so backward needs no second
-// all-gather.
+// all-gather. Under --recompute full only each layer's input is kept and the
+// backward replays the layer's forward, all-reduces and K/V all-gathers
+// included (layout_common.h), counted in the layer's backward traffic.
 //
 // Mixed precision (bf16 compute dtype): the activations (x, xn, q, k, v, o)
 // and the K/V all-gathers are bf16; the softmax statistics and their gather,

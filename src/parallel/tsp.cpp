@@ -32,6 +32,11 @@
 // and the MLP ring's steps accumulate in an F32 [n, h] buffer added to x2 / x at the end (under
 // f32 they add straight into the residual, which is the same arithmetic).
 //
+// Under --recompute full the recipe replays each layer's forward at the start of its backward
+// (layout_common.h): the attention rounds (broadcasts, K/V gathers) and the MLP ring run once more,
+// recorded in the layer's backward traffic; the hooks keep no state between layers, so nothing
+// else changes.
+//
 // No rank ever allocates a whole layer's weights or weight gradients, or [n, V] logits.
 // With overlap off every transfer is waited for as soon as it is started; the arithmetic (and
 // its order) is the same, so results are bitwise identical. At D = 1 every loop degenerates to
