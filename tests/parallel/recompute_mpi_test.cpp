@@ -131,6 +131,26 @@ TEST(Recompute, FullIsBitwiseSelectiveWithReplicasAndDocuments) {
   }
 }
 
+// Gradient accumulation (repeated forward_backward without zero_grads) under full: the replay
+// state of each call (fsdp-cp's unit schedule and saved set pointers, tp-sp's gradient stages)
+// starts afresh, so two calls add up to the sum of the two separate gradients (the harness's
+// 1e-6 bound, derived there).
+TEST(Recompute, FullAccumulatesOverCalls) {
+  for (const std::string layout : {"tsp", "fsdp-cp", "tp-sp"}) {
+    ParallelConfig pc;
+    pc.layout = layout;
+    pc.recompute = Recompute::Full;
+    const int D = test::world().size();
+    if (layout == "tp-sp") pc.tp = D >= 4 ? 2 : D;
+    const LlamaConfig c = model();
+    std::unique_ptr<Layout> l = make_layout(c, pc, test::world());
+    l->load(RandomWeights(1234));
+    test::check_gradient_accumulation(*l, test::random_batch(4, 16, c.vocab_size, 1),
+                                      test::random_batch(4, 16, c.vocab_size, 2),
+                                      layout + " --recompute full");
+  }
+}
+
 TEST(Recompute, NoneIsRejectedWithTheModesThatWork) {
   ParallelConfig pc;
   pc.layout = "single";
