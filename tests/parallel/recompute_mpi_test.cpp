@@ -5,7 +5,8 @@
 // bit for bit and the backward then runs exactly as under selective: the loss and every gradient
 // must be BITWISE equal to selective's, for every layout at 1, 2 and 4 ranks, fp32 and bf16, with
 // overlap on and off, under ZeRO-1 replicas and with packed documents. No layout reorders
-// anything under full, so there is no tolerance anywhere in this file.
+// anything under full, so there is no tolerance in the bitwise checks. The replay's traffic is
+// recorded in each layer's backward and equals plan::replay_comm.
 // tsp-test-ranks: 1 2 4
 #include <gtest/gtest.h>
 
@@ -14,9 +15,13 @@
 #include <fmt/format.h>
 
 #include "mpi_test_util.h"
+#include "parallel/fsdp_cp.h"
 #include "parallel/layout_harness.h"
 #include "parallel/registry.h"
+#include "parallel/tp_sp.h"
+#include "parallel/tsp.h"
 #include "tsp/parallel/layout.h"
+#include "tsp/plan/measure.h"
 
 namespace tsp {
 namespace {
@@ -148,6 +153,59 @@ TEST(Recompute, FullAccumulatesOverCalls) {
     test::check_gradient_accumulation(*l, test::random_batch(4, 16, c.vocab_size, 1),
                                       test::random_batch(4, 16, c.vocab_size, 2),
                                       layout + " --recompute full");
+  }
+}
+
+// The layouts' per-layer traffic records under full: each layer's forward record is selective's,
+// and its backward record is selective's plus the replay, which is exactly plan::replay_comm (the
+// layer's forward traffic again, except fsdp-cp's, whose backward gathers the layer once for both:
+// its replay adds only the K/V all-gathers).
+struct LayerRecords {
+  std::vector<CommStats> forward, backward;
+};
+LayerRecords records_of(const Layout& layout) {
+  if (const auto* t = dynamic_cast<const TspTrafficReport*>(&layout))
+    return {t->last_traffic().layer_forward, t->last_traffic().layer_backward};
+  if (const TpSpTraffic* t = tp_sp_traffic(layout)) return {t->layer_forward, t->layer_backward};
+  if (const FsdpCpTraffic* t = fsdp_cp_traffic(layout))
+    return {t->layer_forward, t->layer_backward};
+  return {};
+}
+
+TEST(Recompute, ReplayTrafficIsRecordedInEachLayersBackward) {
+  const int W = test::world().size();
+  if (W == 1) GTEST_SKIP() << "no traffic inside a one-rank group";
+  const LlamaConfig c = model();
+  const Batch batch = test::random_batch(4, 16, c.vocab_size, 5);
+  for (const std::string name : {"tp", "sp", "tp-sp", "tsp", "fsdp-cp"}) {
+    LayerRecords rec[2];
+    plan::LayoutSpec spec;
+    for (int full = 0; full < 2; ++full) {
+      ParallelConfig pc;
+      pc.layout = name;
+      pc.recompute = full ? Recompute::Full : Recompute::Selective;
+      if (name == "tp-sp") pc.tp = W >= 4 ? 2 : W;
+      std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
+      layout->load(RandomWeights(1234));
+      layout->forward_backward(batch);
+      rec[full] = records_of(*layout);
+      spec = plan::layout_spec_of(*layout, W);
+    }
+    const plan::Traffic replay =
+        plan::replay_comm(c, spec, batch.B * batch.S, plan::ElemBytes::of(DType::F32));
+    EXPECT_GT(replay.sent, 0) << name;
+    ASSERT_EQ(rec[0].backward.size(), static_cast<size_t>(c.num_hidden_layers)) << name;
+    ASSERT_EQ(rec[1].backward.size(), rec[0].backward.size()) << name;
+    for (size_t l = 0; l < rec[0].backward.size(); ++l) {
+      const std::string at = fmt::format("{} layer {} (rank {})", name, l, test::world().rank());
+      EXPECT_EQ(rec[1].forward[l].total_sent(), rec[0].forward[l].total_sent()) << at;
+      EXPECT_EQ(rec[1].forward[l].total_received(), rec[0].forward[l].total_received()) << at;
+      EXPECT_EQ(rec[1].backward[l].total_sent(), rec[0].backward[l].total_sent() + replay.sent)
+          << at;
+      EXPECT_EQ(rec[1].backward[l].total_received(),
+                rec[0].backward[l].total_received() + replay.received)
+          << at;
+    }
   }
 }
 
