@@ -61,6 +61,7 @@ struct BenchOptions {
   uint64_t seed = 1234;
   bool json = false;
   bool no_overlap = false;
+  std::string recompute = "selective";  // comma-separated --recompute modes, each a set of rows
   ComputeOptions compute;
 };
 
@@ -114,6 +115,7 @@ int default_tp(int D) {
 
 struct Row {
   std::string layout, degrees, status;  // status: "ok", or why the layout did not run
+  std::string recompute = "selective";  // --recompute of the row
   int D = 1, T = 1, R = 1, zero = 0;
   int64_t S = 0;
   MemorySnapshot mem;          // of the rank with the largest peak
@@ -133,12 +135,15 @@ double mean_over(Communicator& c, double v) {
 
 // Runs one layout on `comm` (the world, or rank 0 alone for single). Collective over comm.
 Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& weights,
-               const std::string& name, const Batch& batch, Communicator& comm) {
+               const std::string& name, const Batch& batch, plan::Recompute recompute,
+               Communicator& comm) {
   Row row;
   row.layout = name;
   row.S = batch.S;
+  row.recompute = std::string(plan::recompute_name(recompute));
   ParallelConfig pc;
   pc.layout = name;
+  pc.recompute = recompute;
   pc.dp = name == "single" ? 1 : o.dp;
   pc.zero = o.zero;
   pc.overlap = !o.no_overlap;
@@ -156,7 +161,8 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     double predicted = 0;
     try {
       predicted = plan::predict_local_memory(c, plan::layout_spec_of(*layout, comm.size()), batch.B,
-                                             batch.S, /*optimizer=*/true, layout->compute_dtype())
+                                             batch.S, /*optimizer=*/true, layout->compute_dtype(),
+                                             recompute)
                       .total();
     } catch (const Error&) {
       predicted = 0;  // no local model of this layout
@@ -208,7 +214,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   row.mem.peak_total = best[2 * kNumMemCategories];
   try {
     row.pred = plan::predict_local_memory(c, spec, batch.B, batch.S, /*optimizer=*/true,
-                                          layout->compute_dtype());
+                                          layout->compute_dtype(), recompute);
     row.have_pred = true;
   } catch (const Error&) {
     row.have_pred = false;  // no local model of this layout: the column says "-"
@@ -246,6 +252,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     w.model = c;
     w.B = batch.B / spec.R;
     w.S = batch.S;
+    w.recompute = recompute;
     row.pred_step_ms = plan::estimate(w, spec, plan::hardware_profile("local")).step_s * 1e3;
   } catch (const Error&) {
     row.pred_step_ms = -1;
@@ -264,27 +271,30 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
       "# pred_MB/err%%: src/plan/measure.cpp's model of this implementation; comm MB received per\n"
       "# rank per step (fwd = forward(), bwd = forward_backward() - forward(), upd = the optimizer\n"
       "# step's weight all-gather under ZeRO-1); step_ms median (forward, backward and update);\n"
-      "# blocked_ms in wait()/blocking calls; pred_ms: cost model, --hw local; dloss vs single\n",
+      "# blocked_ms in wait()/blocking calls; pred_ms: cost model, --hw local; dloss vs single;\n"
+      "# recompute: the row's --recompute (selective: today's saving policy; full: each layer's\n"
+      "# input only, its forward replayed in the backward)\n",
       tsp::git_revision().c_str(), tsp::cpu_description().c_str(), sysconf(_SC_NPROCESSORS_ONLN),
       host, world, compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
       (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
       (long long)c.intermediate_size, (long long)c.vocab_size, (long long)o.batch, o.repeats,
       o.no_overlap ? "off" : "on", o.compute.describe().c_str());
   std::printf(
-      "#%-7s %-12s %6s %9s %8s %7s %7s %7s %7s %7s %8s %6s %8s %8s %8s %9s %10s %9s %8s %10s\n",
-      "layout", "degrees", "S", "peak_MB", "weights", "grads", "optim", "activ", "comm", "wkspace",
-      "pred_MB", "err%", "fwd_MB", "bwd_MB", "upd_MB", "step_ms", "tokens/s", "blocked", "pred_ms",
-      "dloss");
+      "#%-7s %-12s %6s %-9s %9s %8s %7s %7s %7s %7s %7s %8s %6s %8s %8s %8s %9s %10s %9s %8s "
+      "%10s\n",
+      "layout", "degrees", "S", "recompute", "peak_MB", "weights", "grads", "optim", "activ",
+      "comm", "wkspace", "pred_MB", "err%", "fwd_MB", "bwd_MB", "upd_MB", "step_ms", "tokens/s",
+      "blocked", "pred_ms", "dloss");
 }
 
 void print_row(const Row& r) {
   if (r.status != "ok") {
-    std::printf(" %-7s %-12s %6lld  skipped: %s\n", r.layout.c_str(), "-", (long long)r.S,
-                r.status.c_str());
+    std::printf(" %-7s %-12s %6lld %-9s  skipped: %s\n", r.layout.c_str(), "-", (long long)r.S,
+                r.recompute.c_str(), r.status.c_str());
     return;
   }
-  std::printf(" %-7s %-12s %6lld %9.2f", r.layout.c_str(), r.degrees.c_str(), (long long)r.S,
-              to_mb(r.mem.peak_total));
+  std::printf(" %-7s %-12s %6lld %-9s %9.2f", r.layout.c_str(), r.degrees.c_str(), (long long)r.S,
+              r.recompute.c_str(), to_mb(r.mem.peak_total));
   for (int i = 0; i < kNumMemCategories; ++i) std::printf(" %7.2f", to_mb(r.mem.at_peak[i]));
   if (r.have_pred)
     std::printf(" %8.2f %+6.1f", r.pred.total() / 1e6,
@@ -308,6 +318,7 @@ nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world, const std
   j["dtype"] = dtype;
   j["layout"] = r.layout;
   j["S"] = r.S;
+  j["recompute"] = r.recompute;
   j["world"] = world;
   j["model"] = {{"h", c.hidden_size},
                 {"L", c.num_hidden_layers},
@@ -382,8 +393,11 @@ int run_bench(const BenchOptions& o, Communicator& world) {
               o.seqs, s);
     seqs.push_back(v);
   }
-  TSP_CHECK(!layouts.empty() && !seqs.empty(),
-            "bench: --layouts and --seq need at least one value");
+  std::vector<plan::Recompute> modes;
+  for (const std::string& m : split_list(o.recompute))
+    modes.push_back(checked_recompute(m, "bench"));
+  TSP_CHECK(!layouts.empty() && !seqs.empty() && !modes.empty(),
+            "bench: --layouts, --seq and --recompute need at least one value");
   // single runs on world rank 0 alone: the whole model on one rank.
   std::unique_ptr<Communicator> solo = world.split(world.rank() == 0 ? 0 : 1, world.rank());
 
@@ -391,60 +405,64 @@ int run_bench(const BenchOptions& o, Communicator& world) {
   if (print && !o.json) print_header(o, c, world.size());
   for (int64_t S : seqs) {
     const Batch batch = make_batch(o, c, S);
-    double ref_loss = 0;
+    double ref_loss = 0;  // single's, the first mode that runs it (every mode: the same loss)
     bool have_ref = false;
-    for (const std::string& name : layouts) {
-      Row row;
-      row.layout = name;
-      row.S = S;
-      if (!find_layout(name)) {
-        row.status = fmt::format("layout '{}' is not available in this build (registered: {})",
-                                 name, layout_names_str());
-      } else {
-        // Configuration errors (degrees that do not divide heads, FFN, vocabulary, zigzag
-        // chunks, S beyond max_position_embeddings) are raised identically on every rank of the
-        // communicator running the layout, before any collective: skip the row.
-        auto skipped = [&](const Error& e) {
-          Row r;
-          r.layout = name;
-          r.S = S;
-          r.status = e.what();
-          return r;
-        };
-        if (name == "single") {
-          // Only rank 0 runs it; the others must meet it at the barrier whatever happens there.
-          if (world.rank() == 0) {
+    for (const plan::Recompute mode : modes)
+      for (const std::string& name : layouts) {
+        Row row;
+        row.layout = name;
+        row.S = S;
+        row.recompute = std::string(plan::recompute_name(mode));
+        if (!find_layout(name)) {
+          row.status = fmt::format("layout '{}' is not available in this build (registered: {})",
+                                   name, layout_names_str());
+        } else {
+          // Configuration errors (degrees that do not divide heads, FFN, vocabulary, zigzag
+          // chunks, S beyond max_position_embeddings) are raised identically on every rank of the
+          // communicator running the layout, before any collective: skip the row.
+          auto skipped = [&](const Error& e) {
+            Row r;
+            r.layout = name;
+            r.S = S;
+            r.recompute = std::string(plan::recompute_name(mode));
+            r.status = e.what();
+            return r;
+          };
+          if (name == "single") {
+            // Only rank 0 runs it; the others must meet it at the barrier whatever happens there.
+            if (world.rank() == 0) {
+              try {
+                row = run_layout(o, c, *weights, name, batch, mode, *solo);
+              } catch (const Error& e) {
+                row = skipped(e);
+              }
+            }
+            world.barrier();
+          } else {
             try {
-              row = run_layout(o, c, *weights, name, batch, *solo);
+              row = run_layout(o, c, *weights, name, batch, mode, world);
             } catch (const Error& e) {
               row = skipped(e);
             }
           }
-          world.barrier();
-        } else {
-          try {
-            row = run_layout(o, c, *weights, name, batch, world);
-          } catch (const Error& e) {
-            row = skipped(e);
-          }
+        }
+        if (name == "single" && row.status == "ok" && !have_ref)
+          ref_loss = row.loss, have_ref = true;
+        if (have_ref && row.status == "ok") {
+          row.have_ref = true;
+          row.loss_diff = row.loss - ref_loss;
+        }
+        if (print) {
+          if (o.json)
+            std::printf("%s\n", row_json(row, c, world.size(),
+                                         std::string(dtype_name(o.compute.parsed_dtype())))
+                                    .dump()
+                                    .c_str());
+          else
+            print_row(row);
+          std::fflush(stdout);
         }
       }
-      if (name == "single" && row.status == "ok") ref_loss = row.loss, have_ref = true;
-      if (have_ref && row.status == "ok") {
-        row.have_ref = true;
-        row.loss_diff = row.loss - ref_loss;
-      }
-      if (print) {
-        if (o.json)
-          std::printf("%s\n", row_json(row, c, world.size(),
-                                       std::string(dtype_name(o.compute.parsed_dtype())))
-                                  .dump()
-                                  .c_str());
-        else
-          print_row(row);
-        std::fflush(stdout);
-      }
-    }
   }
   return 0;
 }
@@ -481,6 +499,10 @@ const CommandRegistration kBench{Command{
       sub.add_option("--doc-sep", o->doc_sep, kDocSepHelp)->capture_default_str();
       sub.add_flag("--json", o->json, "one JSON object per row instead of the table");
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
+      sub.add_option("--recompute", o->recompute,
+                     std::string(kRecomputeHelp) +
+                         "; comma-separated modes (e.g. selective,full) run every layout in each")
+          ->capture_default_str();
       o->compute.add_to(sub);
       return [o](Communicator* world) { return run_bench(*o, *world); };
     }}};

@@ -25,6 +25,7 @@ struct GradOptions {
   int64_t batch = 0, seq = 0;
   int64_t doc_sep = -1;  // --doc-sep
   bool no_overlap = false;
+  std::string recompute = "selective";  // --recompute
   ComputeOptions compute;
 };
 
@@ -65,6 +66,7 @@ int run_grad(const GradOptions& o, Communicator& world) {
   const Batch batch = read_batch(o, dir.config);
   ParallelConfig pc = o.parallel;
   pc.overlap = !o.no_overlap;
+  pc.recompute = checked_recompute(o.recompute, "grad");
   pc.device = o.compute.parsed_device();
   pc.dtype = o.compute.parsed_dtype();
   std::unique_ptr<Layout> layout = make_layout(dir.config, pc, world);
@@ -72,10 +74,10 @@ int run_grad(const GradOptions& o, Communicator& world) {
   // moments) before the weights are read: a batch too large for this machine is an error here.
   double predicted = 0;
   try {
-    predicted =
-        plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()), batch.B,
-                                   batch.S, /*optimizer=*/false, layout->compute_dtype())
-            .total();
+    predicted = plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
+                                           batch.B, batch.S, /*optimizer=*/false,
+                                           layout->compute_dtype(), pc.recompute)
+                    .total();
   } catch (const Error&) {
     predicted = 0;  // a layout without a memory model: nothing to check against
   }
@@ -107,11 +109,12 @@ int run_grad(const GradOptions& o, Communicator& world) {
     w.set_metadata("dp", std::to_string(pc.dp));
     w.set_metadata("tp", std::to_string(pc.tp));
     w.set_metadata("batch", fmt::format("{}x{}", batch.B, batch.S));
+    w.set_metadata("recompute", o.recompute);
     w.write(o.out);
     std::printf("loss %.9f  layout %s  world %d (dp %d, tp %d)  B=%" PRId64 " S=%" PRId64
-                "  wrote %s (%zu gradients + loss)\n",
+                "  recompute %s  wrote %s (%zu gradients + loss)\n",
                 loss, pc.layout.c_str(), world.size(), pc.dp, pc.tp, batch.B, batch.S,
-                o.out.c_str(), grads.size());
+                o.recompute.c_str(), o.out.c_str(), grads.size());
   }
   world.barrier();  // the file exists when any rank returns
   return 0;
@@ -140,6 +143,7 @@ const CommandRegistration kGrad{Command{
       sub.add_option("--out", o->out, "output safetensors file")->required();
       sub.add_option("--doc-sep", o->doc_sep, kDocSepHelp)->capture_default_str();
       sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
+      sub.add_option("--recompute", o->recompute, kRecomputeHelp)->capture_default_str();
       o->compute.add_to(sub);
       return [o](Communicator* world) { return run_grad(*o, *world); };
     }}};

@@ -86,7 +86,12 @@ struct Ours {
   double memory = 0;   // bytes per rank
   double traffic = 0;  // bytes sent per rank per step (all micro-batches)
 };
-Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype) {
+// `recompute`: the row's mode; our implementation has no none (it keeps selective's set at most),
+// so a none row shows selective's figures.
+Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype,
+             plan::Recompute recompute) {
+  const plan::Recompute rc =
+      recompute == plan::Recompute::Full ? recompute : plan::Recompute::Selective;
   Ours o;
   const int64_t B = w.B * l.R;  // the whole job's rows (each replica takes B of them)
   try {
@@ -97,8 +102,8 @@ Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype) {
     return o;
   }
   o.valid = true;
-  o.memory = plan::predict_local_memory(w.model, l, B, w.S, /*optimizer=*/true, dtype).total();
-  const plan::StepTraffic t = plan::predict_local_traffic(w.model, l, B, w.S, 0, dtype);
+  o.memory = plan::predict_local_memory(w.model, l, B, w.S, /*optimizer=*/true, dtype, rc).total();
+  const plan::StepTraffic t = plan::predict_local_traffic(w.model, l, B, w.S, 0, dtype, rc);
   o.traffic =
       static_cast<double>(w.micro_batches) * static_cast<double>(t.forward.sent + t.backward.sent);
   return o;
@@ -223,7 +228,8 @@ int run_plan(const PlanOptions& o) {
   const bool ours = w.mode == Mode::Train;
   std::vector<Ours> mine;
   if (ours)
-    for (const LayoutSpec& l : layouts) mine.push_back(ours_of(w, l, dtype));
+    for (size_t i = 0; i < layouts.size(); ++i)
+      mine.push_back(ours_of(w, layouts[i], dtype, all[i].recompute));
   std::string reason;
   const int best = recommend(all, &reason);
   // When the recommended row fits only thanks to recomputation, say so.
@@ -356,7 +362,8 @@ int run_plan(const PlanOptions& o) {
   if (ours)
     std::printf(
         "# ours_*: our implementation in %s (fp32 master weights, gradients and AdamW moments; "
-        "docs/cost-model.md §5): peak GB per rank, GB sent per rank per step\n",
+        "docs/cost-model.md §5) with the row's recomputation (none: selective, the most it "
+        "keeps): peak GB per rank, GB sent per rank per step\n",
         o.dtype.c_str());
   std::printf("%-31s %-9s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %10s %9s %9s %12s", "#layout",
               "recompute", "weights_GB", "grads_GB", "optim_GB", "activ_GB", "comm_GB",

@@ -41,6 +41,7 @@ struct TrainOptions {
   int tp = 1, dp = 1;
   int zero = 1;  // ZeRO stage over the --dp replicas (no effect at --dp 1)
   bool no_overlap = false;
+  std::string recompute = "selective";  // --recompute
   ComputeOptions compute;
   int64_t steps = 500, stop_at = -1, batch = 8, seq = 256, accum = 1, warmup = 50;
   double lr = 3e-3, min_lr_ratio = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, wd = 0.1, clip = 1.0;
@@ -93,6 +94,7 @@ void validate_options(const TrainOptions& o) {
             "--zero must be 0 (every replica keeps the whole optimizer state) or 1 (it is "
             "partitioned over the --dp replicas), got {}",
             o.zero);
+  checked_recompute(o.recompute, "train");
   TSP_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number, got {}", o.lr);
   TSP_CHECK(finite_in(o.min_lr_ratio, 0, 1), "--min-lr-ratio must lie in [0, 1], got {}",
             o.min_lr_ratio);
@@ -152,7 +154,9 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   spec.T = o.layout == "tp" ? D : (o.layout == "tp-sp" ? o.tp : 1);
   spec.zero = o.zero;
   const double predicted =
-      plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype()).total();
+      plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype(),
+                                 checked_recompute(o.recompute, "train"))
+          .total();
   require_memory(static_cast<int64_t>(predicted), what, hint);
 }
 
@@ -277,6 +281,7 @@ int run_train(TrainOptions o, Communicator& world) {
   par.dp = o.dp;
   par.zero = o.zero;
   par.overlap = !o.no_overlap;
+  par.recompute = checked_recompute(o.recompute, "train");
   par.device = o.compute.parsed_device();
   par.dtype = o.compute.parsed_dtype();
   std::unique_ptr<Layout> layout = make_layout(*config, par, world);
@@ -322,11 +327,11 @@ int run_train(TrainOptions o, Communicator& world) {
   const int64_t tokens_per_step = checked_product({o.batch, o.seq, o.accum}, "tokens per step");
   say(fmt::format(
       "tsp train: {} parameters (h={} L={} heads={}/{} ffn={} V={}), layout {} D={} R={}{} on "
-      "{} ranks, {}",
+      "{} ranks, {}, recompute {}",
       config->num_parameters(), config->hidden_size, config->num_hidden_layers,
       config->num_attention_heads, config->num_key_value_heads, config->intermediate_size,
       config->vocab_size, layout->name(), layout->group().size(), layout->replicas().size(),
-      layout->zero_stage() == 1 ? " ZeRO-1" : "", world.size(), o.compute.describe()));
+      layout->zero_stage() == 1 ? " ZeRO-1" : "", world.size(), o.compute.describe(), o.recompute));
   say(fmt::format(
       "data {}: {} tokens ({}), {} for training, {} held out ({} windows); {} tokens per step "
       "(batch {} x seq {} x accum {}), steps {} -> {}",
@@ -517,6 +522,7 @@ const CommandRegistration registration{Command{
                      "all-reduced); no effect at --dp 1")
           ->capture_default_str();
       sub.add_flag("--no-overlap", o->no_overlap, "tsp: blocking transfers instead of prefetching");
+      sub.add_option("--recompute", o->recompute, kRecomputeHelp)->capture_default_str();
       o->compute.add_to(sub);
       sub.add_option("--steps", o->steps, "optimizer steps in total (the schedule ends here)")
           ->capture_default_str();

@@ -12,6 +12,7 @@
 #include "tsp/comm/communicator.h"
 #include "tsp/core/error.h"
 #include "tsp/model/params.h"
+#include "tsp/plan/cost_model.h"
 
 namespace tsp::cli {
 
@@ -56,6 +57,24 @@ inline constexpr const char* kDocSepHelp =
     "positions restart, the label after a separator is not counted); -1: none";
 // The id as a Batch carries it; tsp::Error naming the command and the option unless
 // -1 <= id < vocab.
+// --recompute on grad, train and bench (ParallelConfig::recompute; docs/layouts.md,
+// "Recomputation").
+inline constexpr const char* kRecomputeHelp =
+    "activation recomputation: selective keeps each layer's input, q, k, v, o, log-sum-exp and "
+    "post-attention residual and recomputes the normed inputs and the MLP's gate/up; full keeps "
+    "only each layer's input and replays the layer's forward (with its communication) in the "
+    "backward; identical gradients. none (keep everything) is modelled by tsp plan only";
+// The mode; tsp::Error naming the command, the option and the modes the engine runs.
+inline plan::Recompute checked_recompute(const std::string& mode, const char* cmd) {
+  TSP_CHECK(mode == "selective" || mode == "full",
+            "{}: --recompute {} is not a mode the layouts run; use selective (the default) or "
+            "full{}",
+            cmd, mode,
+            mode == "none" ? " (none, keeping the normed inputs and the MLP's gate/up too, is "
+                             "modelled by tsp plan only)"
+                           : "");
+  return plan::parse_recompute(mode);
+}
 inline int32_t checked_doc_sep(int64_t id, int64_t vocab, const char* cmd) {
   TSP_CHECK(id == -1 || (0 <= id && id < vocab),
             "{}: --doc-sep {} is not a token id of the model (0 to {}), nor -1 for no documents",

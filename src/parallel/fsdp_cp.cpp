@@ -26,6 +26,12 @@
 //   a full-size gradient buffer, then reduce-scatter it (non-blocking: it completes during the
 //   next layer's backward) and add the rank's piece into its gradient shard.
 // Last, the embedding's gradient (lookup rows, plus the head's part when tied) is reduce-scattered.
+// Under --recompute full the recipe replays layer l's forward at the start of its backward
+// (layout_common.h): begin_layer_replay acquires the layer's unit (and starts the prefetch of l-1)
+// as begin_layer_backward would, the replay's attention all-gathers K/V into the fresh saved set
+// (saved_[l] points at it), and begin_layer_backward then finds the unit in hand: the weights are
+// gathered once per layer in the backward either way, and the replay's traffic is counted in the
+// layer's backward record.
 //
 // The order above is the layer recipe of layout_common.h: this file implements its hooks, and the
 // unit schedule rides on them (part_done: free the unit just used, wait for the next and start
@@ -229,6 +235,8 @@ class FsdpCpLayout final : public LayoutCommon {
   TensorView grad_target(int param) override { return cur_grads_.g(param); }
 
   // ---- backward ----------------------------------------------------------------------------
+  void begin_layer_replay(int l) override;
+  void end_layer_replay(int) override { replaying_ = false; }
   void begin_layer_backward(int l) override;
   void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
                     TensorView dxn) override {
@@ -253,6 +261,11 @@ class FsdpCpLayout final : public LayoutCommon {
     if (u < L()) return u + 1 < L() ? u + 1 : head_unit();
     return -1;
   }
+  // Where layer l's forward traffic is recorded: its forward, or its backward while the backward
+  // replays it (full recomputation).
+  CommStats& layer_forward_rec(int l) {
+    return replaying_ ? traffic_.layer_backward[l] : traffic_.layer_forward[l];
+  }
   CommStats& forward_rec(int u) {
     if (u < L()) return traffic_.layer_forward[u];
     return u == embed_unit() ? traffic_.embedding_forward : traffic_.head_forward;
@@ -273,6 +286,8 @@ class FsdpCpLayout final : public LayoutCommon {
   Gathered acquire(int unit, CommStats& rec);
   // Forward: free the unit just used, wait for unit u and start the prefetch of the one after.
   void enter_forward_unit(int u);
+  // Backward (or its replay): layer l's weights in cur_, and the prefetch of layer l-1 started.
+  void acquire_layer_for_backward(int l);
   FullGrads new_grads(const Unit& u) const;
   void start_reduce_scatter(FullGrads& g, CommStats& rec);
   void finish(FullGrads& g);  // wait; add this rank's pieces into its gradient shards; free
@@ -302,7 +317,8 @@ class FsdpCpLayout final : public LayoutCommon {
 
   // State of the step in progress (reset by embed_forward, the recipe's first hook).
   const LocalTokens* tokens_ = nullptr;
-  bool backward_ = false;                        // learnt in head_loss (dxn non-empty)
+  bool backward_ = false;   // learnt in head_loss (dxn non-empty)
+  bool replaying_ = false;  // between begin_layer_replay and end_layer_replay (full recompute)
   std::vector<const block::LayerSaved*> saved_;  // [L] each layer's saved k, v (re-gathered)
 
   Gathered cur_;         // the unit computing now
@@ -422,6 +438,7 @@ void FsdpCpLayout::embed_forward(const LocalTokens& t, TensorView x) {
   live_ = LiveUnits();
   tokens_ = &t;
   backward_ = false;
+  replaying_ = false;
   saved_.assign(L(), nullptr);
 
   enter_forward_unit(embed_unit());
@@ -434,7 +451,7 @@ void FsdpCpLayout::attention_forward(int l, const LocalTokens& t, TensorView xn,
   saved_[l] = &s;  // the recipe keeps s until this layer's backward: k, v are re-gathered from it
   block::qkv_forward(be_, ad_, attn_w(P), xn, t.tok_pos.view(), s.q.view(), s.k.view(), s.v.view());
   // K / V of the whole sequence from the group ([B·S, hkv, d] at t.k_pos), in the compute dtype.
-  start_kv_gather(t, s, traffic_.layer_forward[l]);
+  start_kv_gather(t, s, layer_forward_rec(l));
   finish_kv_gather(t);
   for (int64_t b = 0; b < t.B; ++b) {  // one row at a time: a progress point between rows
     const TensorView q = s.q.slice(b * t.nl, (b + 1) * t.nl);
@@ -506,10 +523,26 @@ void FsdpCpLayout::part_done(Part part, int layer) {
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// Full recomputation: the replay of layer l's forward needs the layer's weights, so the unit is
+// acquired here (from the prefetch slot, as begin_layer_backward would) and the next one's
+// prefetch starts; begin_layer_backward then finds it in hand and the unit schedule is the one
+// without recomputation, entered one replay earlier. The replay's K/V all-gather is counted in
+// the layer's backward, and begin_layer_backward re-gathers K/V from the replayed k, v as usual
+// (saved_[l] points at the replay's set).
+void FsdpCpLayout::begin_layer_replay(int l) {
+  replaying_ = true;
+  acquire_layer_for_backward(l);
+}
+
+void FsdpCpLayout::acquire_layer_for_backward(int l) {
+  if (cur_.unit() == &units_.at(l)) return;  // the replay acquired it
+  cur_ = acquire(l, traffic_.layer_backward[l]);
+  if (overlap() && l > 0) next_ = start_gather(l - 1, traffic_.layer_backward[l - 1]);
+}
+
 void FsdpCpLayout::begin_layer_backward(int l) {
   CommStats& rec = traffic_.layer_backward[l];
-  cur_ = acquire(l, rec);
-  if (overlap() && l > 0) next_ = start_gather(l - 1, traffic_.layer_backward[l - 1]);
+  acquire_layer_for_backward(l);
   cur_grads_ = new_grads(units_[l]);
   // Re-gather K / V (only the local k, v were saved); it moves while the MLP backward computes.
   start_kv_gather(*tokens_, *saved_[l], rec);
@@ -627,6 +660,17 @@ class FsdpCpModel final : public LayoutModel {
     return c;
   }
 
+  // Full recomputation in our implementation: the replay gathers the layer's weights for itself
+  // AND the backward that follows (FsdpCpLayout::begin_layer_replay), so it adds only its K/V
+  // all-gathers; the backward still re-gathers K/V from the replayed k, v.
+  Traffic replay_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N,
+                      const ElemBytes& e) const override {
+    const int64_t D = l.D, kv_elems = (N / D) * shape_of(m).kv;
+    Traffic t = all_gather(D, kv_elems * e.act);
+    t += all_gather(D, kv_elems * e.act);
+    return t;
+  }
+
   // ---- §3 the paper's memory --------------------------------------------------------------
   double saved_kv(const Workload& w, const LayoutSpec& l,
                   const MemoryAssumptions& a) const override {
@@ -681,7 +725,9 @@ class FsdpCpModel final : public LayoutModel {
       }
     }
     // gather the layer (prefetched during the previous layer: hides behind its compute);
-    // backward gathers again and reduce-scatters the gradients, hidden behind backward compute
+    // backward gathers again and reduce-scatters the gradients, hidden behind backward compute.
+    // A replay (full recomputation) uses the backward's gather: K/V only (replay_comm).
+    if (in.replay) return;
     const double layer_params = in.Pm + 2.0 * s.h;  // the matrices and the two norms
     const double block = layer_params / D * in.we;
     const double ag = t_all_gather(group, block);
@@ -730,20 +776,23 @@ class FsdpCpModel final : public LayoutModel {
     const int64_t xs = tokens + 2 * e.act * n * h;  // run(): the tokens, x, xn
     // The head (forward and backward fused): all L layers saved; the head unit and the
     // prefetched layer L-1 gathered; the head's full gradients (and, tied, the embedding's).
-    const int64_t act_all = s.L * saved + kF32 * n;  // + rstd of the final norm
+    // + rstd of the final norm; under full recomputation checkpoints (LocalInputs::saved_all)
+    const int64_t checkpoint = e.act * n * h;
+    const int64_t act_all = in.saved_all(s.L, saved, checkpoint) + kF32 * n;
     const int64_t head_comm =
         e.weight * (head_unit.full + next) + kF32 * (head_grads.full + embed_full);
     out.push_back({act_all, head_comm, xs + kF32 * n * h + kF32 * r * s.V + e.narrow(r * s.V)});
     out.push_back({act_all, head_comm, xs + 3 * kF32 * n * h});  // + dx, norm-backward temp
     out.push_back({act_all, head_comm + kF32 * head_grads.piece, xs + 2 * kF32 * n * h});
     // The last layer's forward: it and the head unit gathered, K/V received and laid out.
-    out.push_back({act_all, e.weight * (layer.full + head_unit.full) + 2 * e.act * kv_all,
+    out.push_back({in.saved_through(s.L - 1, saved, checkpoint) + kF32 * n,
+                   e.weight * (layer.full + head_unit.full) + 2 * e.act * kv_all,
                    tokens + 2 * e.act * n * h + 2 * e.act * kv_all});
     // Backward of layer l (all saved activations up to l): its weights, the prefetch of l-1, its
     // full-size gradients being accumulated, the previous unit's gradients still in their
     // reduce-scatter (full + pieces: the head's for l = L-1, a layer's after that).
     for (int64_t l = s.L - 1; l >= std::max<int64_t>(0, s.L - 2); --l) {
-      const int64_t act = (l + 1) * saved + kF32 * n;
+      const int64_t act = in.saved_through(l, saved, checkpoint) + kF32 * n;
       const int64_t prev =
           kF32 * (l == s.L - 1 ? head_grads.full + head_grads.piece : layer.full + layer.piece);
       const int64_t outer = e.weight * (layer.full + (l > 0 ? layer.full : 0)) + kF32 * layer.full +

@@ -114,6 +114,11 @@ std::unique_ptr<Layout> make_layout(const LlamaConfig& config, const ParallelCon
             "--tp {} only applies to the tp-sp layout (layout '{}' uses all D ranks of its group); "
             "drop --tp or use --layout tp-sp",
             parallel.tp, parallel.layout);
+  TSP_CHECK(parallel.recompute != plan::Recompute::None,
+            "--recompute none (also keep the normed inputs and the MLP's gate/up/act for the "
+            "backward) is modelled by tsp plan but not implemented by the layouts; use "
+            "--recompute selective (the default: those are recomputed, everything else is kept) "
+            "or --recompute full (keep only each layer's input)");
   return info->make(config, parallel, world);
 }
 
@@ -897,12 +902,20 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
   embed_forward(t, x.view());
   part_done(Part::EmbeddingForward, -1);
 
-  // Forward-only keeps one layer's activations at a time; backward keeps all L.
+  // Forward-only keeps one layer's activations at a time; backward keeps all L (selective), or
+  // under full recomputation only each layer's input: the checkpoint s.x stays, the rest of s is
+  // freed after the layer, so at most one layer's whole set exists at once.
+  const bool full = backward && full_recompute();
   std::vector<block::LayerSaved> saved(backward ? L : 1);
   for (int l = 0; l < L; ++l) {
     block::LayerSaved& s = saved[backward ? l : 0];
     if (s.x.empty()) allocate_saved(s, t);
     layer_forward(l, t, s, x.view(), xn.view());
+    if (full) {
+      Tensor checkpoint = std::move(s.x);
+      s = block::LayerSaved();
+      s.x = std::move(checkpoint);
+    }
     part_done(Part::LayerForward, l);
   }
 
@@ -919,6 +932,18 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
                               rstd_f.view(), dx.view(), grad_target(idx_.final_norm));
   part_done(Part::HeadBackward, -1);
   for (int l = L - 1; l >= 0; --l) {
+    if (full) {
+      // Replay the layer's forward from its checkpoint. x (the residual stream) is free once the
+      // final norm's backward has read it: it takes the checkpoint, which is freed before the
+      // fresh set is allocated (so L-1 checkpoints and one whole set at most), and receives the
+      // replay's output, which nobody reads. xn is rebuilt by layer_backward.
+      be_.copy(saved[l].x.view(), x.view());
+      saved[l] = block::LayerSaved();
+      allocate_saved(saved[l], t);
+      begin_layer_replay(l);
+      layer_forward(l, t, saved[l], x.view(), xn.view());
+      end_layer_replay(l);
+    }
     layer_backward(l, t, saved[l], dx.view(), xn.view(), dxn.view());
     saved[l] = block::LayerSaved();  // this layer's activations are no longer needed
     part_done(Part::LayerBackward, l);

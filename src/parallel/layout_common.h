@@ -259,6 +259,15 @@ LocalTokens take_tokens(Backend& be, const ReplicaBatch& rb, int parts, int inde
 //   xn = final_norm(x)                           | dx = final_normᵀ(dxn)
 //   loss += head(xn) [hook]; dxn with backward   |
 //
+// Recomputation (ParallelConfig::recompute, docs/layouts.md "Recomputation"): under selective the
+// forward keeps every layer's LayerSaved, as drawn. Under full it keeps only each layer's input
+// s.x (the checkpoint) and frees the rest of s after the layer; the backward of layer l first
+// REPLAYS layer_forward(l) from the checkpoint into a fresh LayerSaved, between
+// begin_layer_replay(l) and end_layer_replay(l), with the layout's hooks and their communication,
+// then runs layer_backward(l) on it. The replay is the same arithmetic on the same inputs, so it
+// rebuilds s bit for bit and the gradients equal selective's bitwise. part_done(LayerForward) is
+// not called for a replay: its traffic is counted in the layer's backward.
+//
 // Norm gradients go to grad_target(param): the store by default; a layout whose group ranks hold
 // different tokens of replicated norms collects them elsewhere and reduces them in a hook.
 class LayoutCommon : public Layout {
@@ -311,6 +320,11 @@ class LayoutCommon : public Layout {
   // gradients), after the whole backward (e.g. one all-reduce of replicated norms' gradients),
   // and at the end of each part of the step (traffic records).
   virtual void begin_layer_backward(int l) {}
+  // Under full recomputation, around the replay of layer l's forward in the backward (before
+  // begin_layer_backward(l)): a layout whose forward hooks keep per-step state in the forward's
+  // order (fsdp-cp's unit schedule, traffic records) adapts it here. Default no-ops.
+  virtual void begin_layer_replay(int l) {}
+  virtual void end_layer_replay(int l) {}
   virtual void end_layer_backward(int l) {}
   virtual void end_backward(const LocalTokens& t) {}
   enum class Part {
@@ -365,6 +379,7 @@ class LayoutCommon : public Layout {
   int replica() const { return replica_; }
   const ParallelConfig& parallel() const { return parallel_; }
   DType act_dtype() const { return parallel_.dtype; }
+  bool full_recompute() const { return parallel_.recompute == plan::Recompute::Full; }
   Device device() const { return be_.device(); }
   int head_param() const { return config_.tie_word_embeddings ? idx_.embed : idx_.lm_head; }
 

@@ -143,14 +143,18 @@ class SingleModel final : public LayoutModel {
     const ElemBytes& e = in.e;
     const int64_t n = in.Br * in.S, h = s.h, d = s.d, qw = s.nh * d, kw = s.nkv * d;
     const int64_t r = std::min(n, kChunk);
-    // All L layers saved (block::LayerSaved) and the final norm's rstd.
-    const int64_t act = s.L * saved_bytes(s, n, s.nh, s.nkv, n, e) + kF32 * n;
+    // The layers' saved activations (block::LayerSaved; under full recomputation checkpoints
+    // and one whole set, LocalInputs::saved_through) and the final norm's rstd: at the loss head,
+    // and in the backward of the last layer (its replay first under full), the busiest.
+    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e), checkpoint = e.act * n * h;
+    const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
+    const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
     // run(): the tokens, x and xn [n, h] (compute dtype), dxn [n, h] fp32 ...
     const int64_t tokens = token_bytes(n, in.S, in.S);
     const int64_t fwd = tokens + 2 * e.act * n * h + kF32 * n * h;
     // loss head, forward and backward fused: one [r, V] fp32 logits chunk (dlogits in place),
     // narrowed for the backward GEMMs under bf16.
-    out.push_back({act, 0, fwd + kF32 * r * s.V + e.narrow(r * s.V)});
+    out.push_back({act_head, 0, fwd + kF32 * r * s.V + e.narrow(r * s.V)});
     // ... and, through the backward, dx [n, h] fp32.
     const int64_t base = fwd + kF32 * n * h;
     // mlp_backward: g, u, da, du fp32 and act (compute dtype) chunks; inside, a dy or da chunk

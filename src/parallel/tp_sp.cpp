@@ -48,7 +48,9 @@
 //
 // Saving policy: block.h's, except that K and V are kept as gathered ([B, S]
 // keys, the cost model's sp_keeps_gathered_kv) so backward needs no second
-// all-gather.
+// all-gather. Under --recompute full only each layer's input is kept and the
+// backward replays the layer's forward, all-reduces and K/V all-gathers
+// included (layout_common.h), counted in the layer's backward traffic.
 //
 // Mixed precision (bf16 compute dtype): the activations (x, xn, q, k, v, o)
 // and the K/V all-gathers are bf16; the softmax statistics and their gather,
@@ -756,8 +758,11 @@ class TpSpModel final : public LayoutModel {
     const int64_t n = in.Br * in.S / sg, all = in.Br * in.S, hq = s.nh / t, hkv = s.nkv / t;
     const int64_t qw = hq * d, kw = hkv * d, Ft = s.F / t, Vt = s.V / t;
     const int64_t r = std::min(n, kChunk);
-    // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1.
-    const int64_t act = s.L * saved_bytes(s, n, hq, hkv, sg > 1 ? all : n, e) + kF32 * n;
+    // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1; under full recomputation
+    // checkpoints and one whole set (LocalInputs::saved_through). The final norm's rstd.
+    const int64_t set = saved_bytes(s, n, hq, hkv, sg > 1 ? all : n, e), checkpoint = e.act * n * h;
+    const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
+    const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     // Σ > 1: the gradients of embedding / final norm / LM head are staged (Comm, fp32) through
     // the whole backward, each layer's in its own stage buffer during its backward.
     const int64_t outer_stage = sg > 1 ? kF32 * (Vt * h * (s.tied ? 1 : 2) + h) : 0;
@@ -786,8 +791,22 @@ class TpSpModel final : public LayoutModel {
     if (sg > 1)
       out.push_back({act, stage + (in.Br > 1 ? kF32 * all * kw : 0),
                      base + kF32 * (n * qw + 2 * all * kw + 2 * n * kw)});
+    // Full recomputation: the backward replays each layer's forward with dx and dxn alive. Its
+    // busiest points are in the MLP forward: under T > 1 inside row_parallel_add, whose fp32
+    // partial sum [n, h] (Comm) holds while mlp_forward's chunk buffers (fp32 gate and up, the
+    // activation in the compute dtype) work, and then while the all-reduced sum is added into
+    // the residual (under bf16 the backend's add widens the bf16 residual into an fp32 [n, h]
+    // temporary). Layer L-1's replay precedes the first staging of a layer's gradients; the
+    // replays below it find that stage buffer kept (GradStage reuses it).
+    if (in.recompute == Recompute::Full)
+      for (int64_t rl = s.L - 1; rl >= std::max<int64_t>(0, s.L - 2); --rl) {
+        const int64_t act_rl = in.saved_through(rl, set, checkpoint) + kF32 * n;
+        const int64_t comm_rl = (rl == s.L - 1 ? outer_stage : stage) + (t > 1 ? kF32 * n * h : 0);
+        out.push_back({act_rl, comm_rl, base + 2 * kF32 * r * Ft + e.act * r * Ft});
+        if (t > 1 && e.mixed()) out.push_back({act_rl, comm_rl, base + kF32 * n * h});
+      }
     // loss head (forward): one [r, V/T] logits chunk; T > 1: statistics
-    out.push_back({act, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
+    out.push_back({act_head, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * Vt + e.narrow(r * Vt)});
   }
   void outside_traffic(const LocalInputs& in, StepTraffic& tr) const override {

@@ -32,6 +32,11 @@
 // and the MLP ring's steps accumulate in an F32 [n, h] buffer added to x2 / x at the end (under
 // f32 they add straight into the residual, which is the same arithmetic).
 //
+// Under --recompute full the recipe replays each layer's forward at the start of its backward
+// (layout_common.h): the attention rounds (broadcasts, K/V gathers) and the MLP ring run once more,
+// recorded in the layer's backward traffic; the hooks keep no state between layers, so nothing
+// else changes.
+//
 // No rank ever allocates a whole layer's weights or weight gradients, or [n, V] logits.
 // With overlap off every transfer is waited for as soon as it is started; the arithmetic (and
 // its order) is the same, so results are bitwise identical. At D = 1 every loop degenerates to
@@ -758,7 +763,11 @@ class TspModel final : public LayoutModel {
     const int64_t n = in.Br * in.S / D, all = in.Br * in.S, hq = s.nh / D, hkv = s.nkv / D;
     const int64_t qw = hq * d, kw = hkv * d, f = s.F / D, vs = s.V / D;
     const int64_t r = std::min(n, kChunk);
-    const int64_t act = s.L * saved_bytes(s, n, s.nh, s.nkv, n, e) + kF32 * n;
+    // Every head of the local tokens saved per layer (under full recomputation checkpoints and
+    // one whole set: LocalInputs::saved_through), and the final norm's rstd.
+    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e), checkpoint = e.act * n * h;
+    const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
+    const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     // Grads: the replicated norms' gradients collected for one all-reduce at the end
     const int64_t norm_grads = D > 1 ? kF32 * (2 * s.L + 1) * h : 0;
     const int64_t tokens = token_bytes(n, n / in.Br, in.S);
@@ -791,10 +800,18 @@ class TspModel final : public LayoutModel {
                        std::max({e.narrow(n * h), e.narrow(n * qw),
                                  attention_backward_transient(d, hq, hkv, n / in.Br, in.S, e)}),
                    norm_grads});
+    // Full recomputation under bf16: the backward's replay of a layer's attention ends with
+    // finish_sum, the rounds' fp32 sum [n, h] (Workspace) added into the bf16 residual through
+    // the backend's fp32 widening of it ([n, h], Workspace), while K and V of the last head group
+    // (and with B > 1 their staging) are still held; dx and dxn are alive. (Under f32 the rounds
+    // add straight into the residual: no such moment.)
+    if (in.recompute == Recompute::Full && e.mixed())
+      out.push_back({act, 2 * e.act * all * kw,
+                     base + (rows ? 2 * e.act * all * kw : 0) + 2 * kF32 * n * h, norm_grads});
     // loss head backward ring: the shard in hand (+ the next when D > 2), accumulators (+ part),
     // logits and dlogits chunks (dlogits narrowed for the GEMMs), running statistics; before
     // run() allocates dx.
-    out.push_back({act,
+    out.push_back({act_head,
                    (D > 2 ? 2 : 1) * e.weight * vs * h + kF32 * (2 * vs * h + (D > 2 ? vs * h : 0)),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * (2 * r * vs + 3 * n) +
                        e.narrow(r * vs)});

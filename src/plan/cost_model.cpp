@@ -121,6 +121,11 @@ BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int e
   return block_comm(m, l, N, ElemBytes::uniform(elem_bytes), regather_kv);
 }
 
+Traffic replay_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, const ElemBytes& e) {
+  if (l.D == 1) return {};
+  return layout_model(l.name).replay_comm(m, l, N, e);
+}
+
 // ---- validation and enumeration -------------------------------------------------------------
 
 namespace {
@@ -427,9 +432,11 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   if (rc == Recompute::Full) {
     // The replayed forward moves what the forward moved (under tsp: the attention-shard
     // broadcasts, the MLP ring and the K/V gathers again), overlapped with its compute the way
-    // the forward's is: the layout's forward, asked once more.
+    // the forward's is: the layout's forward, asked once more (TimeInputs::replay: fsdp-cp's
+    // backward gathers the layer once for the replay and itself, replay_comm).
     TimeInputs replay = in;
     replay.train = false;
+    replay.replay = true;
     model.layer_time(replay, lt);
   }
   if (decode && l.D > 1)

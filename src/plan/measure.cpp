@@ -107,10 +107,14 @@ MemoryBreakdown predict_state_memory(const LlamaConfig& m, const LayoutSpec& l, 
 }
 
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
-                                     int64_t S, bool optimizer, DType compute) {
+                                     int64_t S, bool optimizer, DType compute,
+                                     Recompute recompute) {
   const LayoutModel& model = layout_model(l.name);
   TSP_CHECK(B % l.R == 0, "predict_local_memory: B={} rows do not split over R={} replicas", B,
             l.R);
+  TSP_CHECK(recompute != Recompute::None,
+            "predict_local_memory: our implementation has no --recompute none (make_layout "
+            "rejects it); predict selective or full");
   const ElemBytes e = ElemBytes::of(compute);
   const MemoryBreakdown state = predict_state_memory(m, l, optimizer, compute);
 
@@ -120,6 +124,7 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
   in.Br = B / l.R;
   in.S = S;
   in.e = e;
+  in.recompute = recompute;
   std::vector<Moment> moments;
   model.local_moments(in, moments);
   TSP_CHECK(!moments.empty(), "predict_local_memory: the model of layout '{}' gives no moment",
@@ -138,8 +143,11 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
 }
 
 StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int64_t B, int64_t S,
-                                  int group_rank, DType compute) {
+                                  int group_rank, DType compute, Recompute recompute) {
   const LayoutModel& model = layout_model(l.name);
+  TSP_CHECK(recompute != Recompute::None,
+            "predict_local_traffic: our implementation has no --recompute none (make_layout "
+            "rejects it); predict selective or full");
   const Dims s = dims_of(m);
   const int64_t Br = B / l.R, N = Br * S;
   const ElemBytes e = ElemBytes::of(compute);
@@ -149,9 +157,13 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
   // One source of truth for the blocks: block_comm (sp and tp-sp keep the gathered K/V, as
   // tp_sp.cpp does; tsp and fsdp-cp re-gather whatever regather_kv says).
   const BlockComm blk = block_comm(m, l, N, e, /*regather_kv=*/false);
+  // Full recomputation: the backward replays every block's forward first (LayoutCommon::run),
+  // with the communication the layout's replay_comm names.
+  const Traffic replay = recompute == Recompute::Full ? replay_comm(m, l, N, e) : Traffic{};
   for (int64_t i = 0; i < s.L; ++i) {
     t.forward += blk.forward;
     t.backward += blk.backward;
+    t.backward += replay;
   }
   LocalInputs in;
   in.m = &m;

@@ -36,6 +36,15 @@ if "$tsp" compare "$tmp/gother.safetensors" "$tmp/g1.safetensors" --rtol 1e-4 >/
   fail "compare accepted the gradients of a different model"
 fi
 
+# --recompute full replays each layer's forward in the backward: the same arithmetic, so the same
+# bits as the default (selective); tests/parallel/recompute_mpi_test.cpp covers every layout.
+run_grad 2 --model "$tmp/model" --layout tsp --out "$tmp/gsel.safetensors" >/dev/null
+run_grad 2 --model "$tmp/model" --layout tsp --recompute full --out "$tmp/gfull.safetensors" \
+  > "$tmp/full.txt"
+grep -q "recompute full" "$tmp/full.txt" || { cat "$tmp/full.txt"; fail "grad does not say the mode"; }
+"$tsp" compare "$tmp/gfull.safetensors" "$tmp/gsel.safetensors" --rtol 0 >/dev/null ||
+  fail "--recompute full changed the gradients"
+
 expect_error() {  # message-substring, command...
   local want=$1; shift
   if "$@" >"$tmp/err.txt" 2>&1; then fail "expected an error containing '$want': $*"; fi
@@ -56,6 +65,9 @@ expect_error "use --dp 2" \
   --out "$tmp/x.safetensors"
 expect_error "unknown layout 'nope'" \
   mpiexec -n 1 "$tsp" grad --model "$tmp/model" --tokens "$tmp/tokens.bin" --layout nope \
+  --batch 2 --seq 16 --out "$tmp/x.safetensors"
+expect_error "--recompute none is not a mode the layouts run; use selective (the default) or full" \
+  mpiexec -n 1 "$tsp" grad --model "$tmp/model" --tokens "$tmp/tokens.bin" --recompute none \
   --batch 2 --seq 16 --out "$tmp/x.safetensors"
 [ ! -e "$tmp/x.safetensors" ] || fail "a failed run left an output file"
 echo "grad_test: OK"

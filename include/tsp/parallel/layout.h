@@ -16,6 +16,7 @@
 #include "tsp/core/tensor.h"
 #include "tsp/model/config.h"
 #include "tsp/model/params.h"
+#include "tsp/plan/cost_model.h"  // plan::Recompute: one enum and one spelling for planner and engine
 
 namespace tsp {
 
@@ -28,7 +29,15 @@ struct ParallelConfig {
   // updated weights all-gathered (docs/layouts.md, "Data parallelism").
   int zero = 0;
   bool overlap = true;  // tsp: prefetch / double-buffer transfers (false: blocking)
-  Device device;        // where weights, activations and compute live (Backend)
+  // Activation recomputation of a training step (docs/cost-model.md §3.2; docs/layouts.md,
+  // "Recomputation"). Selective (today's and the default): each layer keeps x, q, k, v, o, lse,
+  // x2 and the norms' 1/rms, and its backward recomputes the normed inputs and the MLP's
+  // gate/up/act. Full: each layer keeps only its input x; its backward first replays the layer's
+  // forward (communication included) into a fresh LayerSaved, then runs as under selective, so
+  // the gradients are bit-identical. None (also keep the normed inputs and gate/up/act) is
+  // modelled by the planner but not implemented by the engine: make_layout rejects it.
+  plan::Recompute recompute = plan::Recompute::Selective;
+  Device device;  // where weights, activations and compute live (Backend)
   // Compute dtype: F32, or BF16 mixed precision (bf16 weight copies, activations and transfers;
   // fp32 master weights, gradients, statistics and accumulation; docs/design.md).
   DType dtype = DType::F32;

@@ -202,6 +202,11 @@ BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, DType
 BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, int elem_bytes,
                      bool regather_kv = false);
 
+// What the backward's replay of one block's forward moves under full recomputation (docs §4.1):
+// the block's forward traffic again, except where the backward already brings it (fsdp-cp gathers
+// the layer's weights once for the replay and the backward). Zero at D = 1.
+Traffic replay_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N, const ElemBytes& e);
+
 // Validates a layout against the model and workload; throws tsp::Error saying what would work
 // ("tp degree 64 does not divide n_kv_heads=32; use D in {1,2,4,8,16,32}").
 void check_layout(const LlamaConfig& m, const LayoutSpec& l, const Workload& w);

@@ -74,6 +74,9 @@ struct TimeInputs {
   double in_proj_bwd = 0;        // the backward of the input projections
   bool train = false;
   bool decode = false;
+  // The backward's replay of the layer's forward (full recomputation): what the layout's
+  // replay_comm moves, not necessarily the whole forward's traffic.
+  bool replay = false;
   Axis group;  // the D ranks of the layout group
 };
 struct LayerTime {
@@ -95,6 +98,22 @@ struct LocalInputs {
   const LayoutSpec* l = nullptr;
   int64_t Br = 0, S = 0;  // rows of this replica, tokens per row
   ElemBytes e;            // element sizes of the compute dtype
+  // Selective or Full (ParallelConfig::recompute; the engine has no None).
+  Recompute recompute = Recompute::Selective;
+
+  // The saved activations (bytes, MemCategory::Activations) while layer l's forward, its replay
+  // or its backward runs (LayoutCommon::run): `set` is one layer's whole block::LayerSaved,
+  // `checkpoint` its input x alone. Selective: layers 0..l keep their sets (those above l were
+  // freed by their backward, or are not made yet). Full: layers 0..l-1 keep their checkpoints and
+  // layer l its whole set (being filled by the forward or the replay, read by the backward).
+  int64_t saved_through(int64_t l, int64_t set, int64_t checkpoint) const {
+    return recompute == Recompute::Full ? l * checkpoint + set : (l + 1) * set;
+  }
+  // ... at the loss head, between the last forward and the first backward: every layer's set, or
+  // under full every layer's checkpoint.
+  int64_t saved_all(int64_t L, int64_t set, int64_t checkpoint) const {
+    return L * (recompute == Recompute::Full ? checkpoint : set);
+  }
 };
 
 class LayoutModel {
@@ -115,6 +134,14 @@ class LayoutModel {
   // ---- §2 traffic of one block (D > 1; block_comm answers zero at D = 1) -------------------
   virtual BlockComm block_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N,
                                const ElemBytes& e, bool regather_kv) const = 0;
+  // What OUR implementation moves when the backward replays one block's forward (full
+  // recomputation, LayoutCommon::run): by default the block's forward traffic again; a layout
+  // whose backward already brings something the replay needs (fsdp-cp: the layer's weights)
+  // says less.
+  virtual Traffic replay_comm(const LlamaConfig& m, const LayoutSpec& l, int64_t N,
+                              const ElemBytes& e) const {
+    return block_comm(m, l, N, e, false).forward;
+  }
 
   // ---- §3 the paper's memory: the layout-specific pieces of memory_of() ---------------------
   // Whether the weight gradients are replicated inside the group (sp, tp-sp's Σ axis): they are

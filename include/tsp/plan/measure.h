@@ -31,7 +31,8 @@ namespace tsp::plan {
 // Returns the bytes by category at the moment the total peaks (MemorySnapshot::at_peak), for the
 // rank with the largest peak.
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
-                                     int64_t S, bool optimizer, DType compute = DType::F32);
+                                     int64_t S, bool optimizer, DType compute = DType::F32,
+                                     Recompute recompute = Recompute::Selective);
 
 // The part of it that lives for the whole run: the ShardStore's slabs (weights, gradients, and
 // under ZeRO-1 the replica's partition) and the AdamW moments when `optimizer`. Exact bytes.
@@ -49,7 +50,8 @@ struct StepTraffic {
   Traffic update;
 };
 StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int64_t B, int64_t S,
-                                  int group_rank, DType compute = DType::F32);
+                                  int group_rank, DType compute = DType::F32,
+                                  Recompute recompute = Recompute::Selective);
 
 // Runs `call` and returns the traffic it caused on this rank over every communicator the layout
 // uses: `world` (the loss reduction, whose control traffic stays apart in CommStats::control),
