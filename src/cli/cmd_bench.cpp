@@ -22,6 +22,7 @@
 #include <array>
 #include <charconv>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -62,6 +63,8 @@ struct BenchOptions {
   bool json = false;
   bool no_overlap = false;
   std::string recompute = "selective";  // comma-separated --recompute modes, each a set of rows
+  double mem_limit_mb = 0;              // --mem-limit: the longest-sequence search instead
+  int64_t seq_step = 256;               // --seq-step: its granularity
   ComputeOptions compute;
 };
 
@@ -357,6 +360,171 @@ nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world, const std
   return j;
 }
 
+// ---- --mem-limit: the longest sequence each layout trains within a memory cap -------------------
+//
+// For each layout and recomputation mode: the predicted longest S (a multiple of --seq-step) whose
+// step predict_local_memory keeps within the cap, by bisection (memory grows with S); then the
+// measured one: a real training step (forward_backward + AdamW, run_layout) at that S, and the
+// next multiples up while the largest rank's measured peak stays within the cap, or down until it
+// does. The cap is checked after each step, on the measured peak, agreed over the ranks (a rank
+// stopping alone would leave the others in a collective): nothing is enforced at allocation time.
+struct Longest {
+  std::string layout, recompute, degrees, status = "ok";
+  int64_t pred_S = 0, meas_S = 0, tried_above = 0;
+  double pred_mb = 0, meas_mb = 0, above_mb = 0;  // at pred_S, at meas_S, at the first S above
+};
+
+Longest longest_sequence(const BenchOptions& o, const LlamaConfig& c, const WeightSource& weights,
+                         const std::string& name, plan::Recompute mode, Communicator& comm) {
+  Longest r;
+  r.layout = name;
+  r.recompute = std::string(plan::recompute_name(mode));
+  const double cap = o.mem_limit_mb * 1e6;
+  const int64_t step = o.seq_step, max_S = c.max_position_embeddings / step * step;
+  TSP_CHECK(max_S >= step,
+            "bench: --seq-step {} exceeds the model's max_position_embeddings {}; use a smaller "
+            "--seq-step or a model with longer positions",
+            step, c.max_position_embeddings);
+  // The layout's spec (its degrees do not depend on S), from a layout built once.
+  plan::LayoutSpec spec;
+  {
+    ParallelConfig pc;
+    pc.layout = name;
+    pc.recompute = mode;
+    pc.dp = name == "single" ? 1 : o.dp;
+    pc.zero = o.zero;
+    pc.dtype = o.compute.parsed_dtype();
+    pc.device = o.compute.parsed_device();
+    if (name == "tp-sp") pc.tp = o.tp > 0 ? o.tp : default_tp(comm.size() / pc.dp);
+    std::unique_ptr<Layout> layout = make_layout(c, pc, comm);
+    spec = plan::layout_spec_of(*layout, comm.size());
+  }
+  r.degrees = name == "tp-sp" ? fmt::format("T={} S={}", spec.T, spec.D / spec.T)
+                              : fmt::format("D={}", spec.D);
+  if (spec.R > 1) r.degrees += fmt::format(" R={}", spec.R);
+  auto predicted = [&](int64_t S) {
+    return plan::predict_local_memory(c, spec, o.batch, S, true, o.compute.parsed_dtype(), mode)
+        .total();
+  };
+  int64_t lo = 0, hi = max_S / step + 1;  // multiples of step: lo fits (0: none yet), hi does not
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    (predicted(mid * step) <= cap ? lo : hi) = mid;
+  }
+  TSP_CHECK(lo > 0,
+            "bench: layout {} does not fit within --mem-limit {} MB even at --seq-step {} "
+            "(predicted {:.2f} MB); raise the cap or lower the step",
+            name, o.mem_limit_mb, step, predicted(step) / 1e6);
+  r.pred_S = lo * step;
+  r.pred_mb = predicted(r.pred_S) / 1e6;
+
+  // Measured: one step at S, the largest rank's peak against the cap.
+  auto peak_at = [&](int64_t S) {
+    BenchOptions one = o;
+    one.repeats = 1;
+    const Batch batch = make_batch(one, c, S);
+    return static_cast<double>(run_layout(one, c, weights, name, batch, mode, comm).mem.peak_total);
+  };
+  int64_t S = r.pred_S;
+  double peak = peak_at(S);
+  if (peak <= cap) {
+    // Up while the next multiple still fits (the model is exact, so this is one more step).
+    for (;;) {
+      const int64_t next = S + step;
+      if (next > max_S) break;
+      const double p = peak_at(next);
+      if (p > cap) {
+        r.tried_above = next;
+        r.above_mb = p / 1e6;
+        break;
+      }
+      S = next, peak = p;
+    }
+  } else {
+    r.tried_above = S;
+    r.above_mb = peak / 1e6;
+    while (S > step && peak > cap) {
+      S -= step;
+      peak = peak_at(S);
+    }
+    TSP_CHECK(peak <= cap, "bench: layout {} exceeds --mem-limit {} MB even at --seq-step {}", name,
+              o.mem_limit_mb, step);
+  }
+  r.meas_S = S;
+  r.meas_mb = peak / 1e6;
+  return r;
+}
+
+int run_longest(const BenchOptions& o, const LlamaConfig& c, const WeightSource& weights,
+                const std::vector<std::string>& layouts, const std::vector<plan::Recompute>& modes,
+                Communicator& world) {
+  TSP_CHECK(std::isfinite(o.mem_limit_mb) && o.mem_limit_mb > 0,
+            "bench: --mem-limit must be a positive number of MB, got {}", o.mem_limit_mb);
+  TSP_CHECK(o.seq_step >= 1, "bench: --seq-step must be at least 1 token, got {}", o.seq_step);
+  std::unique_ptr<Communicator> solo = world.split(world.rank() == 0 ? 0 : 1, world.rank());
+  const bool print = world.rank() == 0;
+  if (print && !o.json)
+    std::printf(
+        "# tsp bench --mem-limit %.1f MB: the longest S (multiple of %lld) each layout trains with "
+        "peak memory per rank within the cap; world=%d B=%lld %s\n"
+        "# pred_S: predict_local_memory's longest S (pred_MB there); meas_S: the longest S whose "
+        "measured step (forward_backward + AdamW) stayed within the cap (meas_MB: its peak, the "
+        "largest rank); above: the first S tried beyond it and its measured peak\n"
+        "#%-7s %-9s %-10s %8s %8s %8s %8s %8s %9s\n",
+        o.mem_limit_mb, (long long)o.seq_step, world.size(), (long long)o.batch,
+        o.compute.describe().c_str(), "layout", "recompute", "degrees", "pred_S", "pred_MB",
+        "meas_S", "meas_MB", "above_S", "above_MB");
+  for (const plan::Recompute mode : modes)
+    for (const std::string& name : layouts) {
+      Longest r;
+      r.layout = name;
+      r.recompute = std::string(plan::recompute_name(mode));
+      auto attempt = [&](Communicator& comm) {
+        try {
+          r = longest_sequence(o, c, weights, name, mode, comm);
+        } catch (const Error& e) {
+          r.status = e.what();
+        }
+      };
+      if (name == "single") {  // rank 0 alone, as in the table
+        if (world.rank() == 0) attempt(*solo);
+        world.barrier();
+      } else {
+        attempt(world);
+      }
+      if (!print) continue;
+      if (o.json) {
+        nlohmann::json j;
+        j["layout"] = r.layout;
+        j["recompute"] = r.recompute;
+        j["status"] = r.status;
+        j["mem_limit_mb"] = o.mem_limit_mb;
+        if (r.status == "ok") {
+          j["degrees"] = r.degrees;
+          j["predicted_max_seq"] = r.pred_S;
+          j["predicted_mb"] = r.pred_mb;
+          j["measured_max_seq"] = r.meas_S;
+          j["measured_mb"] = r.meas_mb;
+          if (r.tried_above > 0) j["above"] = {{"seq", r.tried_above}, {"measured_mb", r.above_mb}};
+        }
+        std::printf("%s\n", j.dump().c_str());
+      } else if (r.status != "ok") {
+        std::printf(" %-7s %-9s skipped: %s\n", r.layout.c_str(), r.recompute.c_str(),
+                    r.status.c_str());
+      } else {
+        std::printf(" %-7s %-9s %-10s %8lld %8.2f %8lld %8.2f", r.layout.c_str(),
+                    r.recompute.c_str(), r.degrees.c_str(), (long long)r.pred_S, r.pred_mb,
+                    (long long)r.meas_S, r.meas_mb);
+        if (r.tried_above > 0)
+          std::printf(" %8lld %9.2f\n", (long long)r.tried_above, r.above_mb);
+        else
+          std::printf(" %8s %9s\n", "-", "-");
+      }
+      std::fflush(stdout);
+    }
+  return 0;
+}
+
 int run_bench(const BenchOptions& o, Communicator& world) {
   TSP_CHECK(o.model.empty() != o.config_file.empty(),
             "bench: give exactly one of --model DIR (weights from model.safetensors) or --config "
@@ -398,6 +566,7 @@ int run_bench(const BenchOptions& o, Communicator& world) {
     modes.push_back(checked_recompute(m, "bench"));
   TSP_CHECK(!layouts.empty() && !seqs.empty() && !modes.empty(),
             "bench: --layouts, --seq and --recompute need at least one value");
+  if (o.mem_limit_mb != 0) return run_longest(o, c, *weights, layouts, modes, world);
   // single runs on world rank 0 alone: the whole model on one rank.
   std::unique_ptr<Communicator> solo = world.split(world.rank() == 0 ? 0 : 1, world.rank());
 
@@ -502,6 +671,15 @@ const CommandRegistration kBench{Command{
       sub.add_option("--recompute", o->recompute,
                      std::string(kRecomputeHelp) +
                          "; comma-separated modes (e.g. selective,full) run every layout in each")
+          ->capture_default_str();
+      sub.add_option("--mem-limit", o->mem_limit_mb,
+                     "instead of the table: the longest sequence (a multiple of --seq-step) each "
+                     "layout and --recompute mode trains with a peak per rank within this many MB, "
+                     "predicted and measured (a real step at each S tried); --seq is ignored")
+          ->check(CLI::PositiveNumber);
+      sub.add_option("--seq-step", o->seq_step,
+                     "granularity of the --mem-limit search, tokens (a multiple of 2·D for the "
+                     "zigzag layouts)")
           ->capture_default_str();
       o->compute.add_to(sub);
       return [o](Communicator* world) { return run_bench(*o, *world); };
