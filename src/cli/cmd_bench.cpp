@@ -275,8 +275,9 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
       "# rank per step (fwd = forward(), bwd = forward_backward() - forward(), upd = the optimizer\n"
       "# step's weight all-gather under ZeRO-1); step_ms median (forward, backward and update);\n"
       "# blocked_ms in wait()/blocking calls; pred_ms: cost model, --hw local; dloss vs single;\n"
-      "# recompute: the row's --recompute (selective: today's saving policy; full: each layer's\n"
-      "# input only, its forward replayed in the backward)\n",
+      "# recompute: the row's --recompute (none: every activation kept; selective: the normed\n"
+      "# inputs and MLP gate/up/act recomputed; full: each layer's input only, its forward\n"
+      "# replayed in the backward)\n",
       tsp::git_revision().c_str(), tsp::cpu_description().c_str(), sysconf(_SC_NPROCESSORS_ONLN),
       host, world, compute_threads(), (long long)c.hidden_size, (long long)c.num_hidden_layers,
       (long long)c.num_attention_heads, (long long)c.num_key_value_heads,

@@ -60,19 +60,16 @@ inline constexpr const char* kDocSepHelp =
 // --recompute on grad, train and bench (ParallelConfig::recompute; docs/layouts.md,
 // "Recomputation").
 inline constexpr const char* kRecomputeHelp =
-    "activation recomputation: selective keeps each layer's input, q, k, v, o, log-sum-exp and "
-    "post-attention residual and recomputes the normed inputs and the MLP's gate/up; full keeps "
-    "only each layer's input and replays the layer's forward (with its communication) in the "
-    "backward; identical gradients. none (keep everything) is modelled by tsp plan only";
-// The mode; tsp::Error naming the command, the option and the modes the engine runs.
+    "activation recomputation: none keeps every activation the backward reads; selective keeps "
+    "each layer's input, q, k, v, o, log-sum-exp and post-attention residual and recomputes the "
+    "normed inputs and the MLP's gate/up/act; full keeps only each layer's input and replays the "
+    "layer's forward (with its communication) in the backward; identical gradients";
+// The mode; tsp::Error naming the command, the option and the modes.
 inline plan::Recompute checked_recompute(const std::string& mode, const char* cmd) {
-  TSP_CHECK(mode == "selective" || mode == "full",
-            "{}: --recompute {} is not a mode the layouts run; use selective (the default) or "
-            "full{}",
-            cmd, mode,
-            mode == "none" ? " (none, keeping the normed inputs and the MLP's gate/up too, is "
-                             "modelled by tsp plan only)"
-                           : "");
+  TSP_CHECK(mode == "none" || mode == "selective" || mode == "full",
+            "{}: --recompute {} is not a recomputation mode; use none, selective (the default) "
+            "or full",
+            cmd, mode);
   return plan::parse_recompute(mode);
 }
 inline int32_t checked_doc_sep(int64_t id, int64_t vocab, const char* cmd) {

@@ -272,10 +272,11 @@ class SeqShardedEngine final : public EngineBase {
   // tsp: MLP ring; step k uses slice s = p - k while it travels p -> p+1. xn [n, h], y (+=).
   void tsp_mlp_ring(int l, TensorView xn, TensorView y) {
     const block::MlpWeights own = mlp_weights(l);
-    ring_forward(schedule(), mlp_pack_, {own.wg, own.wu, own.wd}, /*keep_last=*/false,
-                 [&](int, const Pieces& w) {
-                   block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y, [&] { group_->progress(); });
-                 });
+    ring_forward(
+        schedule(), mlp_pack_, {own.wg, own.wu, own.wd}, /*keep_last=*/false,
+        [&](int, const Pieces& w) {
+          block::mlp_forward(be_, {w[0], w[1], w[2]}, xn, y, {}, [&] { group_->progress(); });
+        });
   }
 
   // The weight-moving schedules of the tsp forward run on the group in the compute dtype, each

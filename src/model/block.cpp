@@ -110,17 +110,27 @@ TensorView rows(TensorView t, int64_t t0, int64_t m, int64_t cols) {
 }  // namespace
 
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
-                 const std::function<void()>& after_chunk) {
+                 const MlpSaved& keep, const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
   const int64_t chunk = std::min(n, kTokenChunk);
-  Tensor g = Tensor::f32({chunk, f}, kWork, be.device());
-  Tensor u = Tensor::f32({chunk, f}, kWork, be.device());
-  // The activation feeds the down projection: in the compute dtype of the weights.
-  Tensor act({chunk, f}, w.wd.dtype(), kWork, be.device());
+  TSP_CHECK(keep.empty() || (keep.gate.numel() == n * f && keep.up.numel() == n * f &&
+                             keep.act.numel() == n * f && keep.act.dtype() == w.wd.dtype()),
+            "mlp_forward: kept activations of {} / {} / {} elements for [{}, {}]",
+            keep.gate.numel(), keep.up.numel(), keep.act.numel(), n, f);
+  // Without `keep`: one chunk's gate and up (fp32) and activation, which feeds the down
+  // projection in the compute dtype of the weights.
+  Tensor g, u, act;
+  if (keep.empty()) {
+    g = Tensor::f32({chunk, f}, kWork, be.device());
+    u = Tensor::f32({chunk, f}, kWork, be.device());
+    act = Tensor({chunk, f}, w.wd.dtype(), kWork, be.device());
+  }
   for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
     const int64_t m = std::min(kTokenChunk, n - t0);
-    const TensorView x = rows(xn, t0, m, h), gv = g.window(0, {m, f}), uv = u.window(0, {m, f}),
-                     av = act.window(0, {m, f});
+    const TensorView x = rows(xn, t0, m, h);
+    const TensorView gv = keep.empty() ? g.window(0, {m, f}) : rows(keep.gate, t0, m, f);
+    const TensorView uv = keep.empty() ? u.window(0, {m, f}) : rows(keep.up, t0, m, f);
+    const TensorView av = keep.empty() ? act.window(0, {m, f}) : rows(keep.act, t0, m, f);
     be.linear_forward(x, w.wg, gv, false);
     be.linear_forward(x, w.wu, uv, false);
     be.swiglu_forward(gv, uv, av);
@@ -130,24 +140,39 @@ void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
 }
 
 void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& gr, TensorView xn,
-                  TensorView dy, TensorView dxn, const std::function<void()>& after_chunk) {
+                  TensorView dy, TensorView dxn, const MlpSaved& keep,
+                  const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
   const int64_t chunk = std::min(n, kTokenChunk);
   const Device dev = be.device();
-  Tensor g = Tensor::f32({chunk, f}, kWork, dev);
-  Tensor u = Tensor::f32({chunk, f}, kWork, dev);
-  Tensor act({chunk, f}, w.wd.dtype(), kWork, dev);
+  TSP_CHECK(keep.empty() || (keep.gate.numel() == n * f && keep.up.numel() == n * f &&
+                             keep.act.numel() == n * f),
+            "mlp_backward: kept activations of {} / {} / {} elements for [{}, {}]",
+            keep.gate.numel(), keep.up.numel(), keep.act.numel(), n, f);
+  Tensor g, u, act;  // the recomputed chunk (selective), as mlp_forward computed it
+  if (keep.empty()) {
+    g = Tensor::f32({chunk, f}, kWork, dev);
+    u = Tensor::f32({chunk, f}, kWork, dev);
+    act = Tensor({chunk, f}, w.wd.dtype(), kWork, dev);
+  }
   Tensor da = Tensor::f32({chunk, f}, kWork, dev);  // da, then dg (swiglu_backward allows it)
   Tensor du = Tensor::f32({chunk, f}, kWork, dev);
   for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
     const int64_t m = std::min(kTokenChunk, n - t0);
-    const TensorView x = rows(xn, t0, m, h), gv = g.window(0, {m, f}), uv = u.window(0, {m, f}),
-                     av = act.window(0, {m, f}), dav = da.window(0, {m, f}),
-                     duv = du.window(0, {m, f});
-    // Recompute the gate/up activations (policy: not saved, see block.h).
-    be.linear_forward(x, w.wg, gv, false);
-    be.linear_forward(x, w.wu, uv, false);
-    be.swiglu_forward(gv, uv, av);
+    const TensorView x = rows(xn, t0, m, h), dav = da.window(0, {m, f}), duv = du.window(0, {m, f});
+    TensorView gv, uv, av;
+    if (keep.empty()) {  // recompute the gate/up activations (selective)
+      gv = g.window(0, {m, f});
+      uv = u.window(0, {m, f});
+      av = act.window(0, {m, f});
+      be.linear_forward(x, w.wg, gv, false);
+      be.linear_forward(x, w.wu, uv, false);
+      be.swiglu_forward(gv, uv, av);
+    } else {  // kept by mlp_forward (none)
+      gv = rows(keep.gate, t0, m, f);
+      uv = rows(keep.up, t0, m, f);
+      av = rows(keep.act, t0, m, f);
+    }
     // down: y = a·wdᵀ  ->  da = dy·wd, dwd += dyᵀ·a
     be.zero(dav);
     be.linear_backward(rows(dy, t0, m, h), av, w.wd, dav, gr.dwd);
@@ -205,9 +230,31 @@ void LayerSaved::allocate(int64_t n, int64_t h, int64_t hq, int64_t hkv, int64_t
   rstd2 = Tensor::f32({n}, A, device);
 }
 
+void LayerSaved::allocate_kept(int64_t n, int64_t h, int64_t slices, int64_t f, DType act_dtype,
+                               Device device) {
+  const auto A = MemCategory::Activations;
+  xn1 = Tensor({n, h}, act_dtype, A, device);
+  xn2 = Tensor({n, h}, act_dtype, A, device);
+  gate = Tensor::f32({slices * n, f}, A, device);
+  up = Tensor::f32({slices * n, f}, A, device);
+  act = Tensor({slices * n, f}, act_dtype, A, device);
+}
+
+MlpSaved LayerSaved::mlp(int64_t i, int64_t slices) const {
+  if (gate.empty()) return {};
+  const int64_t rows = gate.dim(0) / slices, f = gate.dim(1);
+  TSP_CHECK(slices >= 1 && i >= 0 && i < slices && rows * slices == gate.dim(0),
+            "LayerSaved::mlp: slice {} of {} of kept activations [{}, {}]", i, slices, gate.dim(0),
+            f);
+  return {gate.window(i * rows * f, {rows, f}), up.window(i * rows * f, {rows, f}),
+          act.window(i * rows * f, {rows, f})};
+}
+
 int64_t LayerSaved::bytes() const {
   int64_t b = 0;
-  for (const Tensor* t : {&x, &rstd1, &q, &k, &v, &o, &lse, &x2, &rstd2}) b += t->nbytes();
+  for (const Tensor* t :
+       {&x, &rstd1, &q, &k, &v, &o, &lse, &x2, &rstd2, &xn1, &xn2, &gate, &up, &act})
+    b += t->nbytes();
   return b;
 }
 

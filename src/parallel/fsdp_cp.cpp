@@ -224,9 +224,10 @@ class FsdpCpLayout final : public LayoutCommon {
   // ---- forward: embedding, layers, head, one gathered unit at a time ------------------------
   void embed_forward(const LocalTokens& t, TensorView x) override;
   void attention_forward(int l, const LocalTokens& t, TensorView xn, block::LayerSaved& s) override;
-  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) override {
+  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x,
+                   block::LayerSaved& s) override {
     const ParamIndex::Layer& P = idx_.layers[l];
-    block::mlp_forward(be_, mlp_w(P), xn, x, [this] { progress(); });
+    block::mlp_forward(be_, mlp_w(P), xn, x, s.mlp(), [this] { progress(); });
   }
   void head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
                  TensorView dxn) override;
@@ -238,10 +239,10 @@ class FsdpCpLayout final : public LayoutCommon {
   void begin_layer_replay(int l) override;
   void end_layer_replay(int) override { replaying_ = false; }
   void begin_layer_backward(int l) override;
-  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
-                    TensorView dxn) override {
+  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy, TensorView dxn,
+                    const block::LayerSaved& s) override {
     const ParamIndex::Layer& P = idx_.layers[l];
-    block::mlp_backward(be_, mlp_w(P), mlp_g(P), xn, dy, dxn, [this] { progress(); });
+    block::mlp_backward(be_, mlp_w(P), mlp_g(P), xn, dy, dxn, s.mlp(), [this] { progress(); });
   }
   void attention_backward(int l, const LocalTokens& t, TensorView xn, const block::LayerSaved& s,
                           TensorView dx, TensorView dxn) override;
@@ -763,7 +764,7 @@ class FsdpCpModel final : public LayoutModel {
     const int64_t D = in.l->D, h = s.h, d = s.d;
     const int64_t n = in.Br * in.S / D, all = in.Br * in.S, qw = s.nh * d, kw = s.nkv * d;
     const int64_t r = std::min(n, kChunk);
-    const int64_t saved = saved_bytes(s, n, s.nh, s.nkv, n, e);
+    const int64_t saved = saved_bytes(s, n, s.nh, s.nkv, n, e) + in.kept(n, h, s.F);
     const UnitSize layer = unit_size(block_param_numels(s), D);
     const UnitSize head_grads =
         unit_size(s.tied ? std::vector<int64_t>{h} : std::vector<int64_t>{h, s.V * h},
@@ -801,9 +802,9 @@ class FsdpCpModel final : public LayoutModel {
       const int64_t kv_in = 2 * e.act * kv_all;    // K/V receive buffers
       // MLP backward while K/V are re-gathered into their receive buffers; inside, a dy or da
       // chunk narrowed to bf16 for the GEMMs
-      out.push_back({act, outer + kv_in,
-                     base + 4 * kF32 * r * s.F + e.act * r * s.F +
-                         std::max(e.narrow(r * s.F), e.narrow(r * h))});
+      out.push_back(
+          {act, outer + kv_in,
+           base + in.mlp_backward_work(r, s.F) + std::max(e.narrow(r * s.F), e.narrow(r * h))});
       out.push_back({act, outer + kv_in, base + kF32 * n * h});  // norm-backward temp
       // With B > 1 rows, K/V are laid out [B, S, kv] (Workspace) from the receive buffers, which
       // are then freed, and dK/dV's reduce-scatter needs a send buffer; with one row the

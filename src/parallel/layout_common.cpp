@@ -114,11 +114,6 @@ std::unique_ptr<Layout> make_layout(const LlamaConfig& config, const ParallelCon
             "--tp {} only applies to the tp-sp layout (layout '{}' uses all D ranks of its group); "
             "drop --tp or use --layout tp-sp",
             parallel.tp, parallel.layout);
-  TSP_CHECK(parallel.recompute != plan::Recompute::None,
-            "--recompute none (also keep the normed inputs and the MLP's gate/up/act for the "
-            "backward) is modelled by tsp plan but not implemented by the layouts; use "
-            "--recompute selective (the default: those are recomputed, everything else is kept) "
-            "or --recompute full (keep only each layer's input)");
   return info->make(config, parallel, world);
 }
 
@@ -854,34 +849,53 @@ void LayoutCommon::allocate_saved(block::LayerSaved& s, const LocalTokens& t) co
              config_.head_dim(), act_dtype(), device());
 }
 
+void LayoutCommon::allocate_layer(block::LayerSaved& s, const LocalTokens& t, bool kept) const {
+  allocate_saved(s, t);
+  if (kept)
+    s.allocate_kept(t.n, config_.hidden_size, mlp_slices(), mlp_slice_rows(), act_dtype(),
+                    device());
+}
+
+// xn [n, h] is the run's normed-input buffer; under --recompute none the layer's own s.xn1 and
+// s.xn2 take its place (the same kernels write them, so every value is the same).
 void LayoutCommon::layer_forward(int l, const LocalTokens& t, block::LayerSaved& s, TensorView x,
                                  TensorView xn) {
   const ParamIndex::Layer& P = idx_.layers[l];
   const float eps = static_cast<float>(config_.rms_norm_eps);
+  const TensorView xn1 = s.kept() ? s.xn1.view() : xn, xn2 = s.kept() ? s.xn2.view() : xn;
   be_.copy(x, s.x.view());
-  be_.rmsnorm_forward(s.x.view(), norm_weight(P.input_norm), xn, s.rstd1.view(), eps);
+  be_.rmsnorm_forward(s.x.view(), norm_weight(P.input_norm), xn1, s.rstd1.view(), eps);
   be_.copy(s.x.view(), s.x2.view());  // x2 = x + attention(norm1(x))·Woᵀ
-  attention_forward(l, t, xn, s);
-  be_.rmsnorm_forward(s.x2.view(), norm_weight(P.post_norm), xn, s.rstd2.view(), eps);
+  attention_forward(l, t, xn1, s);
+  be_.rmsnorm_forward(s.x2.view(), norm_weight(P.post_norm), xn2, s.rstd2.view(), eps);
   be_.copy(s.x2.view(), x);  // x = x2 + mlp(norm2(x2))
-  mlp_forward(l, t, xn, x);
+  mlp_forward(l, t, xn2, x, s);
 }
 
-// dx F32 [n, h]: d(layer output) in, d(layer input) out.
+// dx F32 [n, h]: d(layer output) in, d(layer input) out. The normed inputs are recomputed into xn
+// (selective, full), or read from s (none).
 void LayoutCommon::layer_backward(int l, const LocalTokens& t, const block::LayerSaved& s,
                                   TensorView dx, TensorView xn, TensorView dxn) {
   const ParamIndex::Layer& P = idx_.layers[l];
   begin_layer_backward(l);
   // MLP sub-block: x_out = x2 + mlp(norm2(x2)); dx = d x_out becomes d x2.
-  be_.rmsnorm_apply(s.x2.view(), norm_weight(P.post_norm), s.rstd2.view(), xn);
+  TensorView xn2 = xn;
+  if (s.kept())
+    xn2 = s.xn2.view();
+  else
+    be_.rmsnorm_apply(s.x2.view(), norm_weight(P.post_norm), s.rstd2.view(), xn);
   be_.zero(dxn);
-  mlp_backward(l, t, xn, dx, dxn);
+  mlp_backward(l, t, xn2, dx, dxn, s);
   block::rmsnorm_backward_add(be_, dxn, s.x2.view(), norm_weight(P.post_norm), s.rstd2.view(), dx,
                               grad_target(P.post_norm));
   // Attention sub-block: x2 = x + attention(norm1(x))·Woᵀ; dx becomes d x.
-  be_.rmsnorm_apply(s.x.view(), norm_weight(P.input_norm), s.rstd1.view(), xn);
+  TensorView xn1 = xn;
+  if (s.kept())
+    xn1 = s.xn1.view();
+  else
+    be_.rmsnorm_apply(s.x.view(), norm_weight(P.input_norm), s.rstd1.view(), xn);
   be_.zero(dxn);
-  attention_backward(l, t, xn, s, dx, dxn);
+  attention_backward(l, t, xn1, s, dx, dxn);
   block::rmsnorm_backward_add(be_, dxn, s.x.view(), norm_weight(P.input_norm), s.rstd1.view(), dx,
                               grad_target(P.input_norm));
   end_layer_backward(l);
@@ -902,14 +916,16 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
   embed_forward(t, x.view());
   part_done(Part::EmbeddingForward, -1);
 
-  // Forward-only keeps one layer's activations at a time; backward keeps all L (selective), or
-  // under full recomputation only each layer's input: the checkpoint s.x stays, the rest of s is
-  // freed after the layer, so at most one layer's whole set exists at once.
+  // Forward-only keeps one layer's activations at a time; backward keeps all L (selective; under
+  // none with the normed inputs and MLP activations besides), or under full recomputation only
+  // each layer's input: the checkpoint s.x stays, the rest of s is freed after the layer, so at
+  // most one layer's whole set exists at once.
   const bool full = backward && full_recompute();
+  const bool kept = backward && parallel_.recompute == plan::Recompute::None;
   std::vector<block::LayerSaved> saved(backward ? L : 1);
   for (int l = 0; l < L; ++l) {
     block::LayerSaved& s = saved[backward ? l : 0];
-    if (s.x.empty()) allocate_saved(s, t);
+    if (s.x.empty()) allocate_layer(s, t, kept);
     layer_forward(l, t, s, x.view(), xn.view());
     if (full) {
       Tensor checkpoint = std::move(s.x);
@@ -939,7 +955,7 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
       // replay's output, which nobody reads. xn is rebuilt by layer_backward.
       be_.copy(saved[l].x.view(), x.view());
       saved[l] = block::LayerSaved();
-      allocate_saved(saved[l], t);
+      allocate_layer(saved[l], t, /*kept=*/false);
       begin_layer_replay(l);
       layer_forward(l, t, saved[l], x.view(), xn.view());
       end_layer_replay(l);

@@ -251,10 +251,10 @@ LocalTokens take_tokens(Backend& be, const ReplicaBatch& rb, int parts, int inde
 //   x = embed(ids)                    [hook]     | embed_backward(dx)                   [hook]
 //   per layer l:                                 | per layer l, in reverse:
 //     s.x = x; xn = norm1(x) -> s.rstd1          |   xn = norm2(s.x2) (recomputed from rstd2)
-//     s.x2 = x; attention(l, xn, s)   [hook]     |   dxn = 0; mlp_backward(l, xn, dx, dxn) [hook]
+//     s.x2 = x; attention(l, xn, s)   [hook]     |   dxn = 0; mlp_backward(l, xn, dx, dxn, s) [hook]
 //       (s.x2 += attn(xn)·Woᵀ; fills s.q..lse)  |   dx += norm2ᵀ(dxn)
 //     xn = norm2(s.x2) -> s.rstd2                |   xn = norm1(s.x); dxn = 0
-//     x = s.x2; mlp(l, xn, x)         [hook]     |   attention_backward(l, xn, s, dx, dxn) [hook]
+//     x = s.x2; mlp(l, xn, x, s)      [hook]     |   attention_backward(l, xn, s, dx, dxn) [hook]
 //       (x += mlp(xn))                           |   dx += norm1ᵀ(dxn)
 //   xn = final_norm(x)                           | dx = final_normᵀ(dxn)
 //   loss += head(xn) [hook]; dxn with backward   |
@@ -266,7 +266,11 @@ LocalTokens take_tokens(Backend& be, const ReplicaBatch& rb, int parts, int inde
 // begin_layer_replay(l) and end_layer_replay(l), with the layout's hooks and their communication,
 // then runs layer_backward(l) on it. The replay is the same arithmetic on the same inputs, so it
 // rebuilds s bit for bit and the gradients equal selective's bitwise. part_done(LayerForward) is
-// not called for a replay: its traffic is counted in the layer's backward.
+// not called for a replay: its traffic is counted in the layer's backward. Under none the forward
+// also keeps the normed inputs (s.xn1, s.xn2: the forward writes them instead of xn and the
+// backward reads them instead of recomputing) and the MLP activations (s.gate, s.up, s.act,
+// filled by block::mlp_forward and read by block::mlp_backward): the same values, so the
+// gradients equal selective's bitwise too.
 //
 // Norm gradients go to grad_target(param): the store by default; a layout whose group ranks hold
 // different tokens of replicated norms collects them elsewhere and reduces them in a hook.
@@ -306,11 +310,14 @@ class LayoutCommon : public Layout {
   // dx F32 [n, h] = d s.x2 -> dxn F32 [n, h] (+=) d xn, and the attention weights' gradients.
   virtual void attention_backward(int l, const LocalTokens& t, TensorView xn,
                                   const block::LayerSaved& s, TensorView dx, TensorView dxn) = 0;
-  // x [n, h] (+=) mlp(xn).
-  virtual void mlp_forward(int l, const LocalTokens& t, TensorView xn, TensorView x) = 0;
-  // dy F32 [n, h] -> dxn F32 [n, h] (+=), and the MLP weights' gradients.
+  // x [n, h] (+=) mlp(xn). Under --recompute none s holds the MLP activations' storage
+  // (s.mlp(i, mlp_slices()) for slice i, given to block::mlp_forward); else s.mlp() is empty.
+  virtual void mlp_forward(int l, const LocalTokens& t, TensorView xn, TensorView x,
+                           block::LayerSaved& s) = 0;
+  // dy F32 [n, h] -> dxn F32 [n, h] (+=), and the MLP weights' gradients (block::mlp_backward
+  // with the same slices of s as the forward).
   virtual void mlp_backward(int l, const LocalTokens& t, TensorView xn, TensorView dy,
-                            TensorView dxn) = 0;
+                            TensorView dxn, const block::LayerSaved& s) = 0;
   // loss F64 [1] (+=) the sum of t's token losses (this rank's share: see counts_loss); with a
   // non-empty dxn F32 [n, h] (=) also its gradient for the loss scaled by grad_scale, and the
   // head's weight gradients.
@@ -354,6 +361,11 @@ class LayoutCommon : public Layout {
   virtual TensorView norm_weight(int param) { return store_.w(param); }
   // Saved activations of one layer for n local tokens (default: block::LayerSaved of every head).
   virtual void allocate_saved(block::LayerSaved& s, const LocalTokens& t) const;
+  // The FFN slices whose MLP activations a rank computes for its n tokens, as --recompute none
+  // keeps them: mlp_slices() slices of mlp_slice_rows() FFN rows each (default one slice of every
+  // row; tp, tp-sp: their FFN shard; tsp: the D shards of its ring).
+  virtual int64_t mlp_slices() const { return 1; }
+  virtual int64_t mlp_slice_rows() const { return config_.intermediate_size; }
   // How this rank's tokens are cut: parts and index for take_tokens (default: all tokens).
   virtual int token_parts() const { return 1; }
   virtual int token_index() const { return 0; }
@@ -392,6 +404,8 @@ class LayoutCommon : public Layout {
 
  private:
   void run(const ReplicaBatch& rb, bool backward, TensorView loss);
+  // allocate_saved, and with `kept` (--recompute none) LayerSaved::allocate_kept.
+  void allocate_layer(block::LayerSaved& s, const LocalTokens& t, bool kept) const;
   void layer_forward(int l, const LocalTokens& t, block::LayerSaved& s, TensorView x,
                      TensorView xn);
   void layer_backward(int l, const LocalTokens& t, const block::LayerSaved& s, TensorView dx,

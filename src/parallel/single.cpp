@@ -66,13 +66,14 @@ class SingleLayout final : public LayoutCommon {
                         dk.view(), dv.view(), dxn);
   }
 
-  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) override {
-    block::mlp_forward(be_, mlp_weights(idx_.layers[l]), xn, x);
+  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x,
+                   block::LayerSaved& s) override {
+    block::mlp_forward(be_, mlp_weights(idx_.layers[l]), xn, x, s.mlp());
   }
-  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
-                    TensorView dxn) override {
+  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy, TensorView dxn,
+                    const block::LayerSaved& s) override {
     const ParamIndex::Layer& P = idx_.layers[l];
-    block::mlp_backward(be_, mlp_weights(P), mlp_grads(P), xn, dy, dxn);
+    block::mlp_backward(be_, mlp_weights(P), mlp_grads(P), xn, dy, dxn, s.mlp());
   }
 
   void head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
@@ -143,10 +144,12 @@ class SingleModel final : public LayoutModel {
     const ElemBytes& e = in.e;
     const int64_t n = in.Br * in.S, h = s.h, d = s.d, qw = s.nh * d, kw = s.nkv * d;
     const int64_t r = std::min(n, kChunk);
-    // The layers' saved activations (block::LayerSaved; under full recomputation checkpoints
-    // and one whole set, LocalInputs::saved_through) and the final norm's rstd: at the loss head,
+    // The layers' saved activations (block::LayerSaved, with what none keeps besides; under full
+    // recomputation checkpoints and one whole set, LocalInputs::saved_through) and the final
+    // norm's rstd: at the loss head,
     // and in the backward of the last layer (its replay first under full), the busiest.
-    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e), checkpoint = e.act * n * h;
+    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e) + in.kept(n, h, s.F),
+                  checkpoint = e.act * n * h;
     const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
     // run(): the tokens, x and xn [n, h] (compute dtype), dxn [n, h] fp32 ...
@@ -157,11 +160,11 @@ class SingleModel final : public LayoutModel {
     out.push_back({act_head, 0, fwd + kF32 * r * s.V + e.narrow(r * s.V)});
     // ... and, through the backward, dx [n, h] fp32.
     const int64_t base = fwd + kF32 * n * h;
-    // mlp_backward: g, u, da, du fp32 and act (compute dtype) chunks; inside, a dy or da chunk
+    // mlp_backward: its chunk buffers (LocalInputs::mlp_backward_work); inside, a dy or da chunk
     // narrowed to bf16 for the GEMMs.
-    out.push_back({act, 0,
-                   base + 4 * kF32 * r * s.F + e.act * r * s.F +
-                       std::max(e.narrow(r * s.F), e.narrow(r * h))});
+    out.push_back(
+        {act, 0,
+         base + in.mlp_backward_work(r, s.F) + std::max(e.narrow(r * s.F), e.narrow(r * h))});
     // rmsnorm_backward_add: its fp32 temp [n, h] (the bf16 norm kernels read bf16 directly).
     out.push_back({act, 0, base + kF32 * n * h});
     // attention backward: d_o, dq, dk, dv fp32 of every token; inside, dy narrowed for o_proj's

@@ -313,16 +313,19 @@ class TpSpLayout final : public LayoutCommon {
   }
 
   // ---- MLP: FFN slice t, its output all-reduced over T ----
-  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) override {
+  int64_t mlp_slice_rows() const override { return config_.intermediate_size / T_; }
+  void mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x,
+                   block::LayerSaved& s) override {
     const ParamIndex::Layer& P = idx_.layers[l];
     row_parallel_add(x, [&](TensorView y) {  // Megatron's g
-      block::mlp_forward(be_, mlp_weights(P), xn, y);
+      block::mlp_forward(be_, mlp_weights(P), xn, y, s.mlp());
     });
   }
-  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
-                    TensorView dxn) override {
+  void mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy, TensorView dxn,
+                    const block::LayerSaved& s) override {
     const ParamIndex::Layer& P = idx_.layers[l];
-    block::mlp_backward(be_, mlp_weights(P), {grad(P.wg), grad(P.wu), grad(P.wd)}, xn, dy, dxn);
+    block::mlp_backward(be_, mlp_weights(P), {grad(P.wg), grad(P.wu), grad(P.wd)}, xn, dy, dxn,
+                        s.mlp());
     if (T_ > 1) all_reduce_sum(be_, *tp_, dxn);  // f's dual
   }
 
@@ -758,9 +761,11 @@ class TpSpModel final : public LayoutModel {
     const int64_t n = in.Br * in.S / sg, all = in.Br * in.S, hq = s.nh / t, hkv = s.nkv / t;
     const int64_t qw = hq * d, kw = hkv * d, Ft = s.F / t, Vt = s.V / t;
     const int64_t r = std::min(n, kChunk);
-    // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1; under full recomputation
-    // checkpoints and one whole set (LocalInputs::saved_through). The final norm's rstd.
-    const int64_t set = saved_bytes(s, n, hq, hkv, sg > 1 ? all : n, e), checkpoint = e.act * n * h;
+    // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1, and under none the normed inputs
+    // and the MLP activations of the rank's FFN shard; under full recomputation checkpoints and
+    // one whole set (LocalInputs::saved_through). The final norm's rstd.
+    const int64_t set = saved_bytes(s, n, hq, hkv, sg > 1 ? all : n, e) + in.kept(n, h, Ft),
+                  checkpoint = e.act * n * h;
     const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
     const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     // Σ > 1: the gradients of embedding / final norm / LM head are staged (Comm, fp32) through
@@ -773,11 +778,11 @@ class TpSpModel final : public LayoutModel {
     const int64_t tokens = token_bytes(n, n / in.Br, in.S);
     const int64_t base = tokens + 2 * e.act * n * h + 2 * kF32 * n * h;
     const int64_t kv_rows = sg > 1 ? all : n;
-    // MLP backward chunk buffers (fp32 g, u, da, du; act in the compute dtype); inside, a dy or
-    // da chunk narrowed to bf16 for the GEMMs
+    // MLP backward chunk buffers (LocalInputs::mlp_backward_work); inside, a dy or da chunk
+    // narrowed to bf16 for the GEMMs
     out.push_back(
         {act, stage,
-         base + 4 * kF32 * r * Ft + e.act * r * Ft + std::max(e.narrow(r * Ft), e.narrow(r * h))});
+         base + in.mlp_backward_work(r, Ft) + std::max(e.narrow(r * Ft), e.narrow(r * h))});
     out.push_back({act, stage, base + kF32 * n * h});  // rmsnorm_backward_add's temp
     // attention backward: d_o, dq, dk and dv of every key (fp32); inside, dy or dq narrowed, or
     // the attention kernel's transients for one row

@@ -122,9 +122,13 @@ class TspLayout final : public LayoutCommon, public TspTrafficReport {
   void attention_forward(int l, const LocalTokens& t, TensorView xn, block::LayerSaved& s) override;
   void attention_backward(int l, const LocalTokens& t, TensorView xn, const block::LayerSaved& s,
                           TensorView dx, TensorView dxn) override;
-  void mlp_forward(int l, const LocalTokens& t, TensorView xn, TensorView x) override;
-  void mlp_backward(int l, const LocalTokens& t, TensorView xn, TensorView dy,
-                    TensorView dxn) override;
+  // --recompute none keeps the activations of each of the D FFN shards the ring brings.
+  int64_t mlp_slices() const override { return D(); }
+  int64_t mlp_slice_rows() const override { return f_; }
+  void mlp_forward(int l, const LocalTokens& t, TensorView xn, TensorView x,
+                   block::LayerSaved& s) override;
+  void mlp_backward(int l, const LocalTokens& t, TensorView xn, TensorView dy, TensorView dxn,
+                    const block::LayerSaved& s) override;
   void head_loss(const LocalTokens& t, TensorView xn, float grad_scale, TensorView loss,
                  TensorView dxn) override;
   TensorView grad_target(int param) override;
@@ -438,25 +442,30 @@ void TspLayout::attention_backward(int l, const LocalTokens& t, TensorView xn,
 
 // ---- MLP: weight ring --------------------------------------------------------------------------
 
-// x [n, h] (+=) Σ_s mlp_s(xn) over the D FFN slices as they pass.
-void TspLayout::mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x) {
+// x [n, h] (+=) Σ_s mlp_s(xn) over the D FFN slices as they pass. Under --recompute none slice
+// s's activations are kept in s.mlp(s, D), whatever step of the ring brings it.
+void TspLayout::mlp_forward(int l, const LocalTokens&, TensorView xn, TensorView x,
+                            block::LayerSaved& saved) {
   Tensor sum;
   const TensorView y = begin_sum(x, sum);
   ring_forward(schedule(), mlp_pack_, mlp_own_w(idx_.layers[l]), /*keep_last=*/false,
-               [&](int, const Pieces& w) {
-                 block::mlp_forward(be_, mlp_weights(w), xn, y, [&] { progress(); });
+               [&](int s, const Pieces& w) {
+                 block::mlp_forward(be_, mlp_weights(w), xn, y, saved.mlp(s, D()),
+                                    [&] { progress(); });
                });
   finish_sum(x, sum);
 }
 
-// dy F32 [n, h] -> dxn F32 [n, h] (+=); each slice's weight gradient travels to its owner.
+// dy F32 [n, h] -> dxn F32 [n, h] (+=); each slice's weight gradient travels to its owner. The
+// backward ring visits the slices in another order than the forward's: each reads its own kept
+// activations by slice index.
 void TspLayout::mlp_backward(int l, const LocalTokens&, TensorView xn, TensorView dy,
-                             TensorView dxn) {
+                             TensorView dxn, const block::LayerSaved& saved) {
   const ParamIndex::Layer& P = idx_.layers[l];
   ring_backward(mlp_pack_, mlp_own_w(P), Tensor(), mlp_pack_, mlp_own_g(P),
-                [&](int, const Pieces& w, const Pieces& g) {
+                [&](int s, const Pieces& w, const Pieces& g) {
                   block::mlp_backward(be_, mlp_weights(w), mlp_grads(g), xn, dy, dxn,
-                                      [&] { progress(); });
+                                      saved.mlp(s, D()), [&] { progress(); });
                 });
 }
 
@@ -763,9 +772,11 @@ class TspModel final : public LayoutModel {
     const int64_t n = in.Br * in.S / D, all = in.Br * in.S, hq = s.nh / D, hkv = s.nkv / D;
     const int64_t qw = hq * d, kw = hkv * d, f = s.F / D, vs = s.V / D;
     const int64_t r = std::min(n, kChunk);
-    // Every head of the local tokens saved per layer (under full recomputation checkpoints and
-    // one whole set: LocalInputs::saved_through), and the final norm's rstd.
-    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e), checkpoint = e.act * n * h;
+    // Every head of the local tokens saved per layer, under none with the normed inputs and the
+    // activations of all D FFN shards (under full recomputation checkpoints and one whole set:
+    // LocalInputs::saved_through), and the final norm's rstd.
+    const int64_t set = saved_bytes(s, n, s.nh, s.nkv, n, e) + in.kept(n, h, s.F),
+                  checkpoint = e.act * n * h;
     const int64_t act = in.saved_through(s.L - 1, set, checkpoint) + kF32 * n;
     const int64_t act_head = in.saved_all(s.L, set, checkpoint) + kF32 * n;
     // Grads: the replicated norms' gradients collected for one all-reduce at the end
@@ -781,10 +792,9 @@ class TspModel final : public LayoutModel {
     // MLP ring backward (ring_backward): two weight buffers (compute dtype), two travelling fp32
     // accumulators (+ the step's part when D > 2); mlp_backward's chunk buffers and, inside, a dy
     // or da chunk narrowed to bf16 for the GEMMs.
-    out.push_back(
-        {act, 2 * e.weight * mlp_shard + kF32 * (2 * mlp_shard + (D > 2 ? mlp_shard : 0)),
-         base + 4 * kF32 * r * f + e.act * r * f + std::max(e.narrow(r * f), e.narrow(r * h)),
-         norm_grads});
+    out.push_back({act, 2 * e.weight * mlp_shard + kF32 * (2 * mlp_shard + (D > 2 ? mlp_shard : 0)),
+                   base + in.mlp_backward_work(r, f) + std::max(e.narrow(r * f), e.narrow(r * h)),
+                   norm_grads});
     // attention rounds backward: two broadcast buffers (compute dtype), two fp32 partial-gradient
     // buffers; K and V of head group r for the whole sequence (compute dtype): with B = 1 the
     // all-gather lands in them (Comm), else in gather_sequence's staging (Comm) and they are the

@@ -73,6 +73,16 @@ int64_t store_elements(const Dims& s, int64_t w, bool split_norms, int zero_repl
   return s.L * padded(layer) + padded(end);
 }
 
+int64_t LocalInputs::kept(int64_t n, int64_t h, int64_t f) const {
+  if (recompute != Recompute::None) return 0;
+  return 2 * e.act * n * h + (2 * kF32 + e.act) * n * f;
+}
+
+int64_t LocalInputs::mlp_backward_work(int64_t r, int64_t f) const {
+  const int64_t grads = 2 * kF32 * r * f;  // da (then dg), du
+  return recompute == Recompute::None ? grads : grads + 2 * kF32 * r * f + e.act * r * f;
+}
+
 LayoutSpec LayoutModel::spec_of(Layout& layout, int D, int R) const {
   return {layout.name(), D, 1, R};
 }
@@ -112,9 +122,6 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
   const LayoutModel& model = layout_model(l.name);
   TSP_CHECK(B % l.R == 0, "predict_local_memory: B={} rows do not split over R={} replicas", B,
             l.R);
-  TSP_CHECK(recompute != Recompute::None,
-            "predict_local_memory: our implementation has no --recompute none (make_layout "
-            "rejects it); predict selective or full");
   const ElemBytes e = ElemBytes::of(compute);
   const MemoryBreakdown state = predict_state_memory(m, l, optimizer, compute);
 
@@ -145,9 +152,6 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
 StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int64_t B, int64_t S,
                                   int group_rank, DType compute, Recompute recompute) {
   const LayoutModel& model = layout_model(l.name);
-  TSP_CHECK(recompute != Recompute::None,
-            "predict_local_traffic: our implementation has no --recompute none (make_layout "
-            "rejects it); predict selective or full");
   const Dims s = dims_of(m);
   const int64_t Br = B / l.R, N = Br * S;
   const ElemBytes e = ElemBytes::of(compute);
@@ -158,7 +162,8 @@ StepTraffic predict_local_traffic(const LlamaConfig& m, const LayoutSpec& l, int
   // tp_sp.cpp does; tsp and fsdp-cp re-gather whatever regather_kv says).
   const BlockComm blk = block_comm(m, l, N, e, /*regather_kv=*/false);
   // Full recomputation: the backward replays every block's forward first (LayoutCommon::run),
-  // with the communication the layout's replay_comm names.
+  // with the communication the layout's replay_comm names. None moves what selective moves (what
+  // it keeps is computed from data every rank already has).
   const Traffic replay = recompute == Recompute::Full ? replay_comm(m, l, N, e) : Traffic{};
   for (int64_t i = 0; i < s.L; ++i) {
     t.forward += blk.forward;

@@ -36,14 +36,17 @@ if "$tsp" compare "$tmp/gother.safetensors" "$tmp/g1.safetensors" --rtol 1e-4 >/
   fail "compare accepted the gradients of a different model"
 fi
 
-# --recompute full replays each layer's forward in the backward: the same arithmetic, so the same
-# bits as the default (selective); tests/parallel/recompute_mpi_test.cpp covers every layout.
+# --recompute full replays each layer's forward in the backward and none keeps what selective
+# recomputes: the same arithmetic, so the same bits as the default (selective);
+# tests/parallel/recompute_mpi_test.cpp covers every layout.
 run_grad 2 --model "$tmp/model" --layout tsp --out "$tmp/gsel.safetensors" >/dev/null
-run_grad 2 --model "$tmp/model" --layout tsp --recompute full --out "$tmp/gfull.safetensors" \
-  > "$tmp/full.txt"
-grep -q "recompute full" "$tmp/full.txt" || { cat "$tmp/full.txt"; fail "grad does not say the mode"; }
-"$tsp" compare "$tmp/gfull.safetensors" "$tmp/gsel.safetensors" --rtol 0 >/dev/null ||
-  fail "--recompute full changed the gradients"
+for mode in full none; do
+  run_grad 2 --model "$tmp/model" --layout tsp --recompute $mode --out "$tmp/g$mode.safetensors" \
+    > "$tmp/$mode.txt"
+  grep -q "recompute $mode" "$tmp/$mode.txt" || { cat "$tmp/$mode.txt"; fail "grad does not say the mode"; }
+  "$tsp" compare "$tmp/g$mode.safetensors" "$tmp/gsel.safetensors" --rtol 0 >/dev/null ||
+    fail "--recompute $mode changed the gradients"
+done
 
 expect_error() {  # message-substring, command...
   local want=$1; shift
@@ -66,8 +69,8 @@ expect_error "use --dp 2" \
 expect_error "unknown layout 'nope'" \
   mpiexec -n 1 "$tsp" grad --model "$tmp/model" --tokens "$tmp/tokens.bin" --layout nope \
   --batch 2 --seq 16 --out "$tmp/x.safetensors"
-expect_error "--recompute none is not a mode the layouts run; use selective (the default) or full" \
-  mpiexec -n 1 "$tsp" grad --model "$tmp/model" --tokens "$tmp/tokens.bin" --recompute none \
+expect_error "--recompute keep is not a recomputation mode; use none, selective (the default) or full" \
+  mpiexec -n 1 "$tsp" grad --model "$tmp/model" --tokens "$tmp/tokens.bin" --recompute keep \
   --batch 2 --seq 16 --out "$tmp/x.safetensors"
 [ ! -e "$tmp/x.safetensors" ] || fail "a failed run left an output file"
 echo "grad_test: OK"

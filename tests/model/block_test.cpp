@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <type_traits>
@@ -307,6 +308,54 @@ TEST(BlockMaths, FfnSlicesComposeToWholeMlp) {
 }
 TEST(BlockMaths, FfnSlicesComposeToWholeMlpBf16) {
   ffn_slices_compose_to_whole_mlp<bf16>(kFfnSliceTolBf16);
+}
+
+// --recompute none: the MLP activations kept by the forward (MlpSaved) give the backward exactly
+// what selective's recomputation gives (the same kernels on the same operands), so the output and
+// every gradient are bitwise equal; n spans three token chunks, so a chunk reading another's rows
+// of the kept activations would show.
+template <typename T>
+void kept_mlp_activations_equal_recomputed() {
+  Backend& be = cpu();
+  const int64_t h = 16, F = 24, n = 2 * block::kTokenChunk + 37;
+  const auto wg = as<T>(randn(F * h, 41, 0.3f)), wu = as<T>(randn(F * h, 42, 0.3f)),
+             wd = as<T>(randn(h * F, 43, 0.3f)), xn = as<T>(randn(n * h, 44));
+  const auto dy = randn(n * h, 45);
+  const block::MlpWeights W{tv(wg, {F, h}), tv(wu, {F, h}), tv(wd, {h, F})};
+  struct Run {
+    std::vector<T> y;
+    std::vector<float> dxn, dwg, dwu, dwd;
+  };
+  auto run = [&](const block::MlpSaved& keep) {
+    Run r{std::vector<T>(n * h, T(0.f)), std::vector<float>(n * h, 0.f),
+          std::vector<float>(F * h, 0.f), std::vector<float>(F * h, 0.f),
+          std::vector<float>(h * F, 0.f)};
+    block::mlp_forward(be, W, tv(xn, {n, h}), tv(r.y, {n, h}), keep);
+    block::mlp_backward(be, W, {tv(r.dwg, {F, h}), tv(r.dwu, {F, h}), tv(r.dwd, {h, F})},
+                        tv(xn, {n, h}), tv(dy, {n, h}), tv(r.dxn, {n, h}), keep);
+    return r;
+  };
+  const Run recomputed = run({});
+  std::vector<float> gate(n * F, 0.f), up(n * F, 0.f);
+  std::vector<T> act(n * F, T(0.f));
+  const Run kept = run({tv(gate, {n, F}), tv(up, {n, F}), tv(act, {n, F})});
+  EXPECT_EQ(std::memcmp(kept.y.data(), recomputed.y.data(), n * h * sizeof(T)), 0);
+  EXPECT_EQ(kept.dxn, recomputed.dxn);
+  EXPECT_EQ(kept.dwg, recomputed.dwg);
+  EXPECT_EQ(kept.dwu, recomputed.dwu);
+  EXPECT_EQ(kept.dwd, recomputed.dwd);
+  // The last token's kept gate is its row of xn·wgᵀ (the forward filled every chunk).
+  double g_last = 0;
+  for (int64_t k = 0; k < h; ++k)
+    g_last += double(float(xn[(n - 1) * h + k])) * double(float(wg[(F - 1) * h + k]));
+  EXPECT_NEAR(gate[n * F - 1], g_last, 1e-4 * (1 + std::abs(g_last)));
+}
+
+TEST(BlockMaths, KeptMlpActivationsEqualRecomputed) {
+  kept_mlp_activations_equal_recomputed<float>();
+}
+TEST(BlockMaths, KeptMlpActivationsEqualRecomputedBf16) {
+  kept_mlp_activations_equal_recomputed<bf16>();
 }
 
 // Attention over keys gathered in zigzag order at explicit positions against natural order.

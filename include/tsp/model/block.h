@@ -19,7 +19,9 @@
 // What a layer saves for backward (the same policy for every layout; docs/layouts.md):
 //   x [n, h] block input, rstd1 [n], q [n, hq, d] and k, v [n, hkv, d] after RoPE (local tokens),
 //   o [n, hq·d] attention output, lse [n, hq], x2 [n, h] the residual after attention, rstd2 [n].
-//   Normed inputs are recomputed from (x, rstd); the MLP's gate/up activations are recomputed.
+//   Under --recompute selective (the default) the normed inputs are recomputed from (x, rstd) and
+//   the MLP's gate/up/act are recomputed from the normed input; under --recompute none they are
+//   kept too (LayerSaved::allocate_kept, MlpSaved).
 #pragma once
 
 #include <cstdint>
@@ -108,13 +110,25 @@ struct MlpWeights {  // compute dtype
 struct MlpGrads {  // F32, same shapes; an empty view skips that gradient
   TensorView dwg, dwu, dwd;
 };
-// xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of kTokenChunk rows.
+// The MLP activations of one FFN slice of f rows kept from forward to backward (--recompute none):
+// gate = xn·wgᵀ and up = xn·wuᵀ F32 [n, f] (the precision swiglu_backward reads), act =
+// silu(gate)·up [n, f] in the compute dtype (what the down projection and its weight gradient
+// read). Empty views: nothing kept, the backward recomputes them (selective).
+struct MlpSaved {
+  TensorView gate, up, act;
+  bool empty() const { return gate.empty(); }
+};
+// xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of kTokenChunk rows; with
+// a non-empty `keep` the chunks' gate/up/act are written there (=) instead of a workspace.
 // after_chunk (optional) runs after each chunk: a layout's communication progress point.
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
-                 const std::function<void()>& after_chunk = {});
-// dy F32 [n, h] -> dxn F32 [n, h] (+=), dwg, dwu, dwd (+=). Recomputes gate/up from xn.
+                 const MlpSaved& keep = {}, const std::function<void()>& after_chunk = {});
+// dy F32 [n, h] -> dxn F32 [n, h] (+=), dwg, dwu, dwd (+=). Reads gate/up/act from `keep` as
+// mlp_forward wrote them, or (empty) recomputes them from xn with the same operations, so the
+// gradients are bitwise the same either way.
 void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& g, TensorView xn, TensorView dy,
-                  TensorView dxn, const std::function<void()>& after_chunk = {});
+                  TensorView dxn, const MlpSaved& keep = {},
+                  const std::function<void()>& after_chunk = {});
 
 // ---- RMSNorm helper --------------------------------------------------------------------------
 
@@ -136,7 +150,8 @@ void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, f
 
 // n tokens held by this rank, hq / hkv heads whose q, k, v this rank keeps (all heads under
 // sp/tsp/single, the group's heads under tp). All in MemCategory::Activations; x, q, k, v, o, x2
-// in the compute dtype `act`, rstd and lse in F32.
+// in the compute dtype `act`, rstd and lse in F32. Under --recompute none also the normed inputs
+// and the MLP activations (allocate_kept).
 struct LayerSaved {
   Tensor x;      // [n, h]     block input (residual stream)
   Tensor rstd1;  // [n]        input_layernorm's 1/rms
@@ -147,7 +162,19 @@ struct LayerSaved {
   Tensor lse;    // [n, hq]
   Tensor x2;     // [n, h]     residual after attention = MLP block input
   Tensor rstd2;  // [n]        post_attention_layernorm's 1/rms
+  // --recompute none only (empty otherwise):
+  Tensor xn1;       // [n, h]  input_layernorm(x), compute dtype
+  Tensor xn2;       // [n, h]  post_attention_layernorm(x2), compute dtype
+  Tensor gate, up;  // F32 [slices][n, f] the MLP's gate and up projections
+  Tensor act;       // [slices][n, f] silu(gate)·up, compute dtype
   void allocate(int64_t n, int64_t h, int64_t hq, int64_t hkv, int64_t d, DType act, Device device);
+  // The tensors --recompute none keeps besides: the two normed inputs and the MLP activations of
+  // `slices` FFN slices of f rows each for the n tokens (one slice: all of the rank's FFN rows;
+  // tsp: the D slices its ring brings, each [n, f] contiguous).
+  void allocate_kept(int64_t n, int64_t h, int64_t slices, int64_t f, DType act, Device device);
+  bool kept() const { return !xn1.empty(); }
+  // The MLP activations of slice i of `slices` (empty views when nothing is kept).
+  MlpSaved mlp(int64_t i = 0, int64_t slices = 1) const;
   int64_t bytes() const;
 };
 

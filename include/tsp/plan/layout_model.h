@@ -96,10 +96,18 @@ struct Moment {
 struct LocalInputs {
   const LlamaConfig* m = nullptr;
   const LayoutSpec* l = nullptr;
-  int64_t Br = 0, S = 0;  // rows of this replica, tokens per row
-  ElemBytes e;            // element sizes of the compute dtype
-  // Selective or Full (ParallelConfig::recompute; the engine has no None).
-  Recompute recompute = Recompute::Selective;
+  int64_t Br = 0, S = 0;                       // rows of this replica, tokens per row
+  ElemBytes e;                                 // element sizes of the compute dtype
+  Recompute recompute = Recompute::Selective;  // ParallelConfig::recompute
+
+  // What one layer's set keeps beside selective's under none (block::LayerSaved::allocate_kept):
+  // the two normed inputs [n, h] in the compute dtype and the MLP activations of the f FFN rows
+  // the rank computes for its n tokens (gate and up fp32, act in the compute dtype); 0 in the
+  // other modes. Bytes.
+  int64_t kept(int64_t n, int64_t h, int64_t f) const;
+  // block::mlp_backward's chunk buffers for r token rows of f FFN rows: da and du fp32, and
+  // (selective, full) the recomputed gate and up fp32 and act in the compute dtype. Bytes.
+  int64_t mlp_backward_work(int64_t r, int64_t f) const;
 
   // The saved activations (bytes, MemCategory::Activations) while layer l's forward, its replay
   // or its backward runs (LayoutCommon::run): `set` is one layer's whole block::LayerSaved,
