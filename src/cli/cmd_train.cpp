@@ -418,8 +418,8 @@ int run_train(TrainOptions o, Communicator& world) {
     double accum_scale = 1;
     if (o.doc_sep >= 0 && o.accum > 1) {
       // Documents: micro-batches count different numbers of labels (those after a separator are
-      // not), so a mean of their means would weigh a token of a sparser one more. Count them all
-      // first, then divide every micro-batch's loss sum by the step's total: the returned losses
+      // not), so a mean of their means would weigh a token of one counting fewer more. Count all
+      // of them first, then divide every micro-batch's loss sum by the step's total: the losses
       // and the accumulated gradients add up to the step's exact token mean and its gradient
       // (Batch::loss_denominator; docs/layouts.md, "Documents").
       std::vector<Batch> micros;
