@@ -410,16 +410,39 @@ int run_train(TrainOptions o, Communicator& world) {
   for (int64_t step = start_step; step < stop; ++step) {
     const auto t0 = clock::now();
     layout->zero_grads();
-    double loss_sum = 0;
     const int64_t read_before = loader.tokens_read();
-    for (int64_t micro = 0; micro < o.accum; ++micro) {
-      loss_sum += layout->forward_backward(
-          loader.train_rows(sample_base + ((step - start_step) * o.accum + micro) * o.batch));
+    auto micro_batch = [&](int64_t micro) {
+      return loader.train_rows(sample_base + ((step - start_step) * o.accum + micro) * o.batch);
+    };
+    // The gradient summed over the micro-batches is scaled by accum_scale to the step's mean.
+    double accum_scale = 1;
+    if (o.doc_sep >= 0 && o.accum > 1) {
+      // Documents: micro-batches count different numbers of labels (those after a separator are
+      // not), so a mean of their means would weigh a token of one counting fewer more. Count all
+      // of them first, then divide every micro-batch's loss sum by the step's total: the losses
+      // and the accumulated gradients add up to the step's exact token mean and its gradient
+      // (Batch::loss_denominator; docs/layouts.md, "Documents").
+      std::vector<Batch> micros;
+      int64_t counted = 0;
+      for (int64_t micro = 0; micro < o.accum; ++micro) {
+        micros.push_back(micro_batch(micro));
+        counted += layout->counted_labels(micros.back());
+      }
+      loss = 0;
+      for (Batch& b : micros) {
+        b.loss_denominator = counted;
+        loss += layout->forward_backward(b);
+      }
+    } else {
+      // Every micro-batch counts B·S labels: the mean of the means is the token mean.
+      double loss_sum = 0;
+      for (int64_t micro = 0; micro < o.accum; ++micro)
+        loss_sum += layout->forward_backward(micro_batch(micro));
+      loss = loss_sum / static_cast<double>(o.accum);
+      // Each micro-batch's gradient is that of its mean loss: 1/accum makes the sum a mean.
+      accum_scale = 1.0 / static_cast<double>(o.accum);
     }
-    loss = loss_sum / static_cast<double>(o.accum);
     const int64_t read_this_step = loader.tokens_read() - read_before;
-    // Each micro-batch's gradient is that of its mean loss: 1/accum makes the sum a mean.
-    const double accum_scale = 1.0 / static_cast<double>(o.accum);
     const double norm = global_grad_norm(opt.shards(), *layout, world, accum_scale);
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
       // Loss and norm are identical on every rank, so every rank stops here together.

@@ -735,11 +735,32 @@ double LayoutCommon::reduce_loss(double local_sum, int64_t tokens) {
   return world_.sum_host(mine) / static_cast<double>(tokens);
 }
 
-double LayoutCommon::step(const Batch& batch, bool backward) {
+ReplicaBatch LayoutCommon::prepare(const Batch& batch) {
   ReplicaBatch rb = replica_batch(batch);
   check_batch(rb);
   check_tokens(batch);
   if (batch.doc_sep >= 0) find_documents(batch, rb);
+  return rb;
+}
+
+int64_t LayoutCommon::counted_labels(const Batch& batch) {
+  return prepare(batch).counted;
+}
+
+double LayoutCommon::step(const Batch& batch, bool backward) {
+  ReplicaBatch rb = prepare(batch);
+  // The divisor of the loss sum and of the gradient: the batch's own count, or the caller's
+  // (gradient accumulation: the step's total count, so every token of the step weighs the same).
+  int64_t denominator = rb.counted;
+  if (batch.loss_denominator != 0) {
+    TSP_CHECK(batch.loss_denominator >= rb.counted,
+              "loss denominator {} is below the {} labels the batch counts; pass the sum of "
+              "Layout::counted_labels over the micro-batches of the step, or 0 for the batch's own",
+              batch.loss_denominator, rb.counted);
+    world_.check_same(batch.loss_denominator, "loss denominator (Batch::loss_denominator)");
+    denominator = batch.loss_denominator;
+    rb.grad_scale = static_cast<float>(1.0 / static_cast<double>(denominator));
+  }
   // The optimizer updated the fp32 master weights since the last step: round them into the compute
   // copy (nothing to do under f32).
   store_.refresh_compute();
@@ -766,7 +787,7 @@ double LayoutCommon::step(const Batch& batch, bool backward) {
     replicas_->all_reduce(g.data(), g.numel(), DType::F32);
   }
   // The step's one host synchronisation: this rank's loss sum.
-  return reduce_loss(be_.host_f64(loss.view()), rb.counted);
+  return reduce_loss(be_.host_f64(loss.view()), denominator);
 }
 
 // ---- documents (docs/layouts.md, "Documents") --------------------------------------------------

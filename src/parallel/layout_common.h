@@ -197,7 +197,8 @@ struct ReplicaBatch {
   std::vector<int32_t> inputs;  // [B, S]
   std::vector<int32_t> labels;  // [B, S]
   // Multiply into dlogits: 1 / (counted labels of the WHOLE batch, all replicas), so that summing
-  // the replicas' gradients gives the gradient of the mean loss.
+  // the replicas' gradients gives the gradient of the mean loss; 1 / Batch::loss_denominator
+  // where the caller gives one (step).
   float grad_scale = 0;
   int64_t counted = 0;  // labels counted in the loss over the whole batch (B·S without documents)
   // Packed documents (Batch::doc_sep >= 0; docs/layouts.md, "Documents"). The row is cut into
@@ -292,6 +293,8 @@ class LayoutCommon : public Layout {
   // reduce the loss.
   double forward_backward(const Batch& batch) override;
   double forward(const Batch& batch) override;
+  // prepare(batch).counted: the same checks and document scan as a step.
+  int64_t counted_labels(const Batch& batch) override;
   // This replica's rows, and in each row input_ranges(S) (after check_batch on B and S).
   TokenNeed token_need(int64_t B, int64_t S) const override;
 
@@ -419,6 +422,9 @@ class LayoutCommon : public Layout {
   // the group all-gathers, per row and chunk, the last separator and the separator count (host
   // control traffic), and the world sums the replicas' counts. Collective over the world.
   void find_documents(const Batch& batch, ReplicaBatch& rb);
+  // Everything a step does before computing: this replica's rows, the layout's and the tokens'
+  // checks, and with documents find_documents (rb.counted). Collective over the world.
+  ReplicaBatch prepare(const Batch& batch);
   double step(const Batch& batch, bool backward);
 
   std::string name_;

@@ -20,6 +20,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -28,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
 #include "tsp/comm/communicator.h"
 #include "tsp/core/memory.h"
 #include "tsp/parallel/layout.h"
@@ -327,6 +329,99 @@ inline void check_one_document_is_bitwise(Communicator& world, const LayoutCase&
   for (const auto& [name, g] : g_plain)
     EXPECT_EQ(0, std::memcmp(g.data(), g_docs.at(name).data(), g.size() * sizeof(float)))
         << lc.layout << ": one document per row changed the gradient of " << name;
+}
+
+// Gradient accumulation with packed documents (docs/layouts.md, "Documents"): two micro-batches
+// run with the step's shared denominator (Layout::counted_labels of each, summed, as
+// Batch::loss_denominator) must give one batch holding both: the sum of their returned losses is
+// its mean loss and the accumulated gradient its gradient. Micro-batch 1 (lc.B rows of lc.S) has
+// about one separator in five; in micro-batch 2 every input is a separator but three, so it
+// counts n2 = 3 labels against micro-batch 1's n1 ~ 4/5·B·S: averaging the two micro-batches'
+// means (the trainer's arithmetic without documents) would weigh each of its tokens
+// (n1 + n2)/(2·n2) times what the exact mean does (9 at B·S = 64).
+// The layout of lc on the whole world, loss on every rank, gradients on rank 0.
+//
+// Tolerance: the two runs apply the same per-token operations with the same gradient scale
+// (the float 1/(n1 + n2)); they differ only in how many rows one call holds (the weight
+// gradients sum over the tokens in one GEMM or in two added into the slab; a layout's sharded
+// sums group them in other ways too), i.e. in fp32 summation order: the harness's argument for
+// kLayoutRtol holds as it is, 1e-4 norm-wise (measured ~1e-7). The loss sums are doubles: s1/N +
+// s2/N against (s1 + s2)/N adds ~1e-16. Over-weighting micro-batch 2 moves the gradients by O(1)
+// (measured 7-11 norm-wise; required > 1e-2) and the loss by more than 10x the tolerance
+// (measured 3e-2 to 1.2e-1 at losses near 4.9), which the checks require: the comparison can
+// fail.
+inline void check_accumulation_with_documents(Communicator& world, const LayoutCase& lc) {
+  const int64_t V = lc.config.vocab_size, B = lc.B, S = lc.S;
+  const int32_t sep = lc.doc_sep >= 0 ? lc.doc_sep : 5;
+  Batch b1 = random_batch(B, S, V, lc.batch_seed);
+  add_documents(b1, sep, V, lc.batch_seed);
+  Batch b2 = random_batch(B, S, V, lc.batch_seed + 1);
+  b2.doc_sep = sep;
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t x = 0; x < S; ++x) b2.tokens[r * (S + 1) + x] = sep;
+  // Three counted labels: those of inputs 1 and S/2 of row 0 and of input S-1 of the last row.
+  for (int64_t at : {int64_t{1}, S / 2, B * (S + 1) - 2}) b2.tokens[at] = (sep + 1) % V;
+  Batch both = b1;  // rows of b1, then rows of b2
+  both.B = 2 * B;
+  both.tokens.insert(both.tokens.end(), b2.tokens.begin(), b2.tokens.end());
+
+  ParallelConfig pc;
+  pc.layout = lc.layout;
+  pc.tp = lc.tp;
+  pc.dp = lc.dp;
+  pc.zero = lc.zero;
+  pc.dtype = lc.dtype;
+  std::unique_ptr<Layout> layout = make_layout(lc.config, pc, world);
+  layout->load(RandomWeights(lc.weight_seed));
+
+  const int64_t n1 = layout->counted_labels(b1), n2 = layout->counted_labels(b2);
+  EXPECT_EQ(n2, 3) << lc.layout << ": micro-batch 2 counts the labels of its 3 other inputs";
+  EXPECT_EQ(layout->counted_labels(both), n1 + n2) << lc.layout;
+  const double l_both = layout->forward_backward(both);
+  const GradMap g_both = gather_grads(*layout);
+
+  layout->zero_grads();
+  b1.loss_denominator = b2.loss_denominator = n1 + n2;
+  const double l_acc = layout->forward_backward(b1) + layout->forward_backward(b2);
+  const GradMap g_acc = gather_grads(*layout);
+  EXPECT_LE(std::abs(l_acc - l_both), kLayoutRtol * l_both)
+      << lc.layout << ": micro-batches with the shared denominator: loss " << l_acc
+      << " vs one batch holding both " << l_both;
+
+  // The mean of the micro-batches' own means, for contrast (what the trainer computed before).
+  layout->zero_grads();
+  b1.loss_denominator = b2.loss_denominator = 0;
+  const double l_means = (layout->forward_backward(b1) + layout->forward_backward(b2)) / 2;
+  const GradMap g_means = gather_grads(*layout);
+  // Near the random init every token's loss is close to ln V, so the means differ less than
+  // the gradients do (those move by O(1), checked below); still far beyond the tolerance.
+  EXPECT_GT(std::abs(l_means - l_both), 10 * kLayoutRtol * l_both)
+      << lc.layout << ": the case does not tell the exact mean from the mean of the means";
+
+  // A denominator below the batch's own count is a caller's bug.
+  b1.loss_denominator = n1 - 1;
+  const std::string error = error_of([&] { layout->forward(b1); });
+  EXPECT_NE(error.find("is below the"), std::string::npos) << error;
+
+  if (world.rank() != 0) return;
+  double worst = 0, means_worst = 0;
+  for (const auto& [name, want] : g_both) {
+    const std::vector<float>& got = g_acc.at(name);
+    const double err = norm_rel_err(got.data(), want.data(), static_cast<int64_t>(got.size()));
+    worst = std::max(worst, err);
+    EXPECT_LE(err, kLayoutRtol) << lc.layout << ": accumulated gradient of " << name
+                                << " vs one batch holding both micro-batches";
+    means_worst = std::max(means_worst, norm_rel_err(g_means.at(name).data(), want.data(),
+                                                     static_cast<int64_t>(got.size())));
+  }
+  EXPECT_GT(means_worst, 1e-2) << lc.layout
+                               << ": the case does not tell the gradients of the "
+                                  "exact mean and of the mean of the means apart";
+  std::printf(
+      "# %s accumulation with documents (n1 %lld, n2 %lld): loss %.9f vs %.9f, worst "
+      "gradient rel err %.2e (mean of the means: loss %.9f, gradient rel err %.2e)\n",
+      lc.layout.c_str(), static_cast<long long>(n1), static_cast<long long>(n2), l_acc, l_both,
+      worst, l_means, means_worst);
 }
 
 // Gradient accumulation: forward_backward(b1) then forward_backward(b2) without zero_grads must

@@ -195,6 +195,20 @@ TEST(Single, PackedDocumentsEqualEachDocumentOnItsOwn) {
   }
 }
 
+TEST(Single, AccumulationWithDocumentsIsTheExactTokenMean) {
+  // Two micro-batches with the step's shared denominator equal one batch holding both, across
+  // R = world replicas (each replica counts its rows; the world sums), and a micro-batch counting
+  // 3 labels is not over-weighted (layout_harness.h).
+  test::LayoutCase lc;
+  lc.layout = "single";
+  lc.dp = test::world().size();
+  lc.config = test::tiny_config(8, 4, 2, false);
+  lc.B = 4;
+  lc.S = 16;
+  lc.doc_sep = 3;
+  test::check_accumulation_with_documents(test::world(), lc);
+}
+
 TEST(Single, RejectsBadDocumentSeparators) {
   const LlamaConfig c = test::tiny_config(8, 8, 2, false);
   ParallelConfig pc;

@@ -119,6 +119,23 @@ TEST(Tsp, DocumentsMatchSingle) {
 // every sub-block output rounded to bf16 once, 6 rounded stages) applies; at D = 1, R = 1 it
 // demands bit-for-bit equality with single in bf16. Overlap off on one MHA and one GQA model
 // (the schedules' blocking variants; that they compute the same is OverlapOffIsBitwiseIdentical).
+
+// Gradient accumulation with documents (layout_harness.h): the group's ranks read different
+// chunks, so counted_labels needs the group's scan (find_documents); D = world and D·R = world.
+TEST(Tsp, AccumulationWithDocumentsIsTheExactTokenMean) {
+  const int W = test::world().size();
+  for (int dp : dp_choices()) {
+    test::LayoutCase lc;
+    lc.layout = "tsp";
+    lc.dp = dp;
+    lc.config = test::tiny_config(16, 8, 2, false);
+    lc.B = 2 * dp;
+    lc.S = 32;
+    lc.doc_sep = 5;
+    if (test::world().rank() == 0) std::printf("# D=%d R=%d\n", W / dp, dp);
+    test::check_accumulation_with_documents(test::world(), lc);
+  }
+}
 TEST(Tsp, Bf16MatchesSingle) {
   const int W = test::world().size();
   for (int dp : dp_choices()) {

@@ -57,10 +57,17 @@ struct ParallelConfig {
 // document boundary, RoPE positions restart at 0 with every document, the label after a separator
 // (the next document's first token) is not counted in the loss, and every row starts a document
 // at position 0. The mean loss divides by the labels counted over the whole batch.
+//
+// Gradient accumulation over micro-batches that count different numbers of labels (documents):
+// loss_denominator > 0 replaces the batch's own count as the divisor of the loss it returns and
+// of its gradient. A caller that sets every micro-batch's to their total count
+// (Layout::counted_labels, summed) gets the step's exact token mean as the SUM of the returned
+// losses and its gradient as the sum of the accumulated ones (docs/layouts.md, "Documents").
 struct Batch {
   int64_t B = 0, S = 0;
-  std::vector<int32_t> tokens;  // [B, S+1], row-major
-  int32_t doc_sep = -1;         // separator token id, in [0, V); -1: no documents
+  std::vector<int32_t> tokens;   // [B, S+1], row-major
+  int32_t doc_sep = -1;          // separator token id, in [0, V); -1: no documents
+  int64_t loss_denominator = 0;  // > 0: divide the loss sum by this; 0: by the counted labels
 };
 inline constexpr int32_t kTokenNotRead = -1;
 
@@ -135,10 +142,16 @@ class Layout {
   // Forward and backward of one micro-batch. Gradients are ACCUMULATED into the shards (so
   // gradient accumulation is repeated calls), scaled so that one call on the whole batch gives the
   // gradient of the mean loss over all counted tokens of the batch, all-reduced across replicas.
-  // Returns that mean loss, identical on every rank.
+  // Returns that mean loss, identical on every rank. With batch.loss_denominator > 0 both the
+  // loss and the gradient are of (sum of the counted tokens' losses) / loss_denominator instead.
   virtual double forward_backward(const Batch& batch) = 0;
-  // Loss only (validation), identical on every rank.
+  // Loss only (validation), identical on every rank (loss_denominator as above).
   virtual double forward(const Batch& batch) = 0;
+  // The labels the batch counts in its loss over all replicas: B·S, less the labels that follow
+  // a document separator (Batch::doc_sep). Validates the batch as forward does, with the same
+  // errors. Collective over the world (with documents the ranks of a group read different
+  // chunks); identical on every rank.
+  virtual int64_t counted_labels(const Batch& batch) = 0;
   // The backend every operation of this layout runs on, and its compute dtype.
   virtual Backend& backend() const = 0;
   virtual DType compute_dtype() const = 0;
