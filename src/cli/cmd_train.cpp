@@ -64,12 +64,24 @@ std::vector<int64_t> all_gather_counts(Communicator& world, int64_t mine) {
   return world.gather_host(mine);
 }
 
-// Mean validation loss over the held-out windows (every rank gets the same
-// value).
+// Mean validation loss per counted token over the held-out windows (every rank gets the same
+// value). Without documents every batch counts B·S labels, so the mean of the batches' means is
+// the token mean; with documents the batches count different numbers, so every batch's loss sum
+// is divided by the total count (Batch::loss_denominator), as the training step does.
 double validate(Layout& layout, const DataLoader& loader) {
   const int64_t n = loader.num_val_batches();
   if (n == 0) return -1;
   double sum = 0;
+  if (n > 1 && loader.val_batch(0).doc_sep >= 0) {
+    int64_t counted = 0;
+    for (int64_t i = 0; i < n; ++i) counted += layout.counted_labels(loader.val_batch(i));
+    for (int64_t i = 0; i < n; ++i) {
+      Batch b = loader.val_batch(i);
+      b.loss_denominator = counted;
+      sum += layout.forward(b);
+    }
+    return sum;
+  }
   for (int64_t i = 0; i < n; ++i) sum += layout.forward(loader.val_batch(i));
   return sum / static_cast<double>(n);
 }

@@ -4,7 +4,9 @@
 # K·B rows (the same rows: window n = (step·accum + micro)·B + row), losses and saved weights, to
 # fp32 rounding; under single, tsp at 2 ranks and data parallelism. A checkpoint of such a run
 # resumes bit for bit. (The micro-batches count different numbers of labels, those after a
-# separator being ignored, so averaging their means would weigh their tokens differently.)
+# separator being ignored, so averaging their means would weigh their tokens differently.) The
+# validation loss is the token mean of the held-out windows too: 8 windows in 2 batches of 4 give
+# the loss of 1 batch of 8.
 # Usage: bash train_accum_documents_test.sh <build-dir> <source-dir>
 source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
@@ -19,7 +21,7 @@ JSON
 # The separator is the space (byte 32): about one token in six, so a row of 32 holds several short
 # documents and the labels a micro-batch of 4 rows counts vary by several between micro-batches.
 common=(--dtype fp32 --data corpus.txt --config config.json --seq 32 --steps 8 --warmup 2
-  --lr 3e-3 --val-every 0 --progress lines --log-every 100 --doc-sep 32)
+  --lr 3e-3 --val-every 4 --val-windows 8 --progress lines --log-every 100 --doc-sep 32)
 train() {  # ranks, extra args...
   local n=$1
   shift
@@ -56,6 +58,14 @@ train 1 --batch 8 --metrics ref.jsonl --save ck_ref
 train 1 --batch 4 --accum 2 --metrics single_a2.jsonl --save ck_single_a2
 compare ref.jsonl single_a2.jsonl "single --accum 2"
 compare_weights ck_single_a2 ck_ref "single --accum 2"
+# Validation at steps 4 and 8, same weights to the bound above: the same bound for the losses.
+val_losses() { grep -o '"val_loss":[^,}]*' "$1" | cut -d: -f2; }
+[ "$(val_losses ref.jsonl | wc -l)" -eq 2 ] || fail "reference: expected 2 validation losses"
+paste -d' ' <(val_losses ref.jsonl) <(val_losses single_a2.jsonl) |
+  awk '{d = $1 - $2; if (d < 0) d = -d; if (d > 2e-5) bad = 1; if (d > m) m = d; n++}
+    END {printf "validation, batches of 4 vs 8         %d checks  max |difference| %.2e\n", n, m;
+         exit bad || n != 2}' ||
+  fail "validation with documents: 2 batches of 4 windows differ from 1 batch of 8 beyond 2e-5"
 train 1 --batch 2 --accum 4 --metrics single_a4.jsonl
 compare ref.jsonl single_a4.jsonl "single --accum 4"
 train 2 --layout tsp --batch 4 --accum 2 --metrics tsp_a2.jsonl --save ck_tsp_a2
