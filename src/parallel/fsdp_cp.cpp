@@ -806,10 +806,11 @@ class FsdpCpModel final : public LayoutModel {
           {act, outer + kv_in,
            base + in.mlp_backward_work(r, s.F) + std::max(e.narrow(r * s.F), e.narrow(r * h))});
       out.push_back({act, outer + kv_in, base + kF32 * n * h});  // norm-backward temp
-      // With B > 1 rows, K/V are laid out [B, S, kv] (Workspace) from the receive buffers, which
-      // are then freed, and dK/dV's reduce-scatter needs a send buffer; with one row the
-      // all-gather lands in K/V themselves (Comm) and the reduce-scatter sends dK/dV in place.
-      const bool rows = in.Br > 1;
+      // With B > 1 rows over D > 1 ranks, K/V are laid out [B, S, kv] (Workspace) from the
+      // receive buffers, which are then freed, and dK/dV's reduce-scatter needs a send buffer;
+      // with one row or one rank the all-gather lands in K/V themselves (Comm) and the
+      // reduce-scatter sends dK/dV in place (gather_sequence_in_place).
+      const bool rows = in.Br > 1 && D > 1;
       if (rows) out.push_back({act, outer + kv_in, base + kF32 * n * qw + 2 * e.act * kv_all});
       // attention backward: d_o, dq, K, V, dK, dV of every key; inside, dy or dq narrowed, or
       // the attention kernel's transients for one row
@@ -818,8 +819,9 @@ class FsdpCpModel final : public LayoutModel {
            base + kF32 * (2 * n * qw + 2 * kv_all) + (rows ? 2 * e.act * kv_all : 0) +
                std::max({e.narrow(n * h), e.narrow(n * qw),
                          attention_backward_transient(d, s.nh, s.nkv, n / in.Br, in.S, e)})});
-      // dK/dV reduce-scatter: send buffer (B > 1), dK, dV, local dk, dv
-      out.push_back({act, outer + (rows ? kF32 * kv_all : 0) + (rows ? 0 : kv_in),
+      // dK/dV reduce-scatter: send buffer (B > 1), dK, dV, local dk, dv; K and V (either layout)
+      // were freed before it
+      out.push_back({act, outer + (rows ? kF32 * kv_all : 0),
                      base + kF32 * (2 * n * qw + 2 * kv_all + 2 * n * kw)});
       // q/k/v backward and the input norm's backward temp
       out.push_back({act, outer, base + kF32 * (2 * n * qw + 2 * n * kw + n * h)});

@@ -784,13 +784,15 @@ class TpSpModel final : public LayoutModel {
         {act, stage,
          base + in.mlp_backward_work(r, Ft) + std::max(e.narrow(r * Ft), e.narrow(r * h))});
     out.push_back({act, stage, base + kF32 * n * h});  // rmsnorm_backward_add's temp
-    // attention backward: d_o, dq, dk and dv of every key (fp32); inside, dy or dq narrowed, or
-    // the attention kernel's transients for one row
-    out.push_back(
-        {act, stage,
-         base + kF32 * (2 * n * qw + 2 * kv_rows * kw) +
-             std::max({e.narrow(n * h), e.narrow(n * qw),
-                       attention_backward_transient(d, hq, hkv, n / in.Br, kv_rows / in.Br, e)})});
+    // attention backward (fp32 gradients), in its order: d_o alone, with dy narrowed inside
+    // o_proj's backward; d_o, dq, dk and dv of every key, with the attention kernel's transients
+    // for one row; after d_o is freed (and dk, dv reduced to the local tokens), dq, dk, dv with dq
+    // narrowed for the q projection's backward
+    out.push_back({act, stage, base + kF32 * n * qw + e.narrow(n * h)});
+    out.push_back({act, stage,
+                   base + kF32 * (2 * n * qw + 2 * kv_rows * kw) +
+                       attention_backward_transient(d, hq, hkv, n / in.Br, kv_rows / in.Br, e)});
+    out.push_back({act, stage, base + kF32 * (n * qw + 2 * n * kw) + e.narrow(n * qw)});
     // reduce-scatter of dV: dq, full dK/dV, dk_local, dv_local, and reduce_scatter_sequence's
     // send buffer when rows must be reordered (B > 1)
     if (sg > 1)
