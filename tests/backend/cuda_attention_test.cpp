@@ -3,8 +3,11 @@
 //      d, GQA, positions causal / offset / zigzag / shuffled / a query that sees no key / packed
 //      documents);
 //   2. the flash kernels (BF16, d 64 and 128; both versions, v1 and v2) against the reference
-//      kernels on the same inputs,
-//      within bounds derived per element from the extra bf16 roundings of the flash path;
+//      kernels on the same inputs, with and without packed documents (several per call, spanning
+//      tiles, boundaries on tile edges, one-token documents, zigzag / shuffled / offset positions,
+//      queries that see no key), within bounds derived per element from the extra bf16 roundings
+//      of the flash path; and key tiles hidden by the document bound holding NaN, which only
+//      skipped tiles leave out of the results;
 //   3. the LSE merge against the host.
 // Without a CUDA device every test is skipped (GTEST_SKIP "no CUDA device").
 #include <cuda_runtime.h>
@@ -80,7 +83,20 @@ struct Dev {
 
 // ---- problems ---------------------------------------------------------------------------------
 
-enum class Pos { Causal, Offset, Zigzag, Shuffled, Blind, Documents };
+enum class Pos {
+  Causal,
+  Offset,
+  Zigzag,
+  Shuffled,
+  Blind,
+  Documents,
+  // Documents with other positions and lengths (make() describes each):
+  DocsLong,
+  DocsTileEdge,
+  DocsZigzag,
+  DocsShuffled,
+  DocsOffset
+};
 const char* pos_name(Pos p) {
   switch (p) {
     case Pos::Causal:
@@ -95,6 +111,16 @@ const char* pos_name(Pos p) {
       return "blind";
     case Pos::Documents:
       return "documents";
+    case Pos::DocsLong:
+      return "docs-long";
+    case Pos::DocsTileEdge:
+      return "docs-tile-edge";
+    case Pos::DocsZigzag:
+      return "docs-zigzag";
+    case Pos::DocsShuffled:
+      return "docs-shuffled";
+    case Pos::DocsOffset:
+      return "docs-offset";
   }
   return "?";
 }
@@ -119,11 +145,49 @@ struct Problem {
   std::vector<int64_t> q_doc_pos;  // empty: no documents
 };
 
+// Packed documents over every position of the problem: a document begins at the lowest position
+// and wherever begins(x) holds; q_doc_pos[i] = q_pos[i] - (the start of the document holding it).
+template <class Begins>
+void set_documents(Problem& p, Begins begins) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  for (const auto* v : {&p.q_pos, &p.k_pos})
+    for (int64_t x : *v) lo = std::min(lo, x), hi = std::max(hi, x);
+  std::vector<int64_t> start(hi - lo + 1);
+  for (int64_t x = lo, s0 = lo; x <= hi; ++x) {
+    if (x > lo && begins(x)) s0 = x;
+    start[x - lo] = s0;
+  }
+  p.q_doc_pos.resize(p.q_pos.size());
+  for (size_t i = 0; i < p.q_pos.size(); ++i) p.q_doc_pos[i] = p.q_pos[i] - start[p.q_pos[i] - lo];
+}
+
+// Random document lengths: 1 with probability 1/4 (one-token documents), else 1 to max_len.
+template <class Rng>
+std::vector<bool> random_begins(int64_t n_positions, int64_t max_len, Rng& rng) {
+  std::vector<bool> b(n_positions, false);
+  std::uniform_int_distribution<int64_t> len(1, max_len);
+  std::uniform_int_distribution<int> one(0, 3);
+  for (int64_t x = 0; x < n_positions; x += one(rng) == 0 ? 1 : len(rng)) b[x] = true;
+  return b;
+}
+
 // Positions: Causal (queries are the last nq of the keys' range, earlier ones may see nothing),
 // Offset (all queries after all keys), Zigzag (two contiguous ranges on each side, like a zigzag
 // chunk pair), Shuffled (causal positions in random order), Blind (causal, but query 0 is before
 // every key and sees none), Documents (causal, in packed documents of random lengths 1 to 40: each
-// query also has its position in its document, q_doc_pos).
+// query also has its position in its document, q_doc_pos). With documents as well:
+//   DocsLong      causal; documents of 1 to 300 positions (spanning tiles), a quarter one-token;
+//   DocsTileEdge  causal (use nq = nk: query and key tiles start at the same positions); documents
+//                 begin at every multiple of 64 (an edge of the 32- and 64-row tiles, and of
+//                 the 128-row tiles at multiples of 128), at multiples of 32
+//                 in [256, 384) (edges of 32-query tiles), at 96·m + 33 and at 128·m + 127 (a
+//                 one-token document ending on a tile edge), at 200·m + 150 and + 151 (one-token);
+//   DocsZigzag    the zigzag layouts' order: keys are four chunks of nk/4 positions stored in the
+//                 order 0, 3, 1, 2 (a gather of two ranks' chunk pairs); queries the first nq/2
+//                 positions of chunk 0 and of chunk 3 (use nq <= nk/2); documents 1 to 100;
+//   DocsShuffled  causal positions in random order, documents 1 to 60;
+//   DocsOffset    queries after all keys (as Offset), documents of 1 to 120 over all positions:
+//                 queries whose document starts after the last key see none (lse -inf, o = 0).
 Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
   Problem p;
   p.c = c;
@@ -169,6 +233,33 @@ Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
       const int64_t x = p.q_pos[i];
       p.q_doc_pos[i] = x < 0 ? 0 : x - start[x];
     }
+  }
+  if (c.pos == Pos::DocsLong || c.pos == Pos::DocsShuffled) {
+    if (c.pos == Pos::DocsShuffled) {
+      std::shuffle(p.k_pos.begin(), p.k_pos.end(), rng);
+      std::shuffle(p.q_pos.begin(), p.q_pos.end(), rng);
+    }
+    const std::vector<bool> b = random_begins(c.nk, c.pos == Pos::DocsLong ? 300 : 60, rng);
+    set_documents(p, [&](int64_t x) { return b[x]; });
+  }
+  if (c.pos == Pos::DocsTileEdge)
+    set_documents(p, [](int64_t x) {
+      return x % 64 == 0 || (x >= 256 && x < 384 && x % 32 == 0) || x % 96 == 33 ||
+             x % 128 == 127 || x % 200 == 150 || x % 200 == 151;
+    });
+  if (c.pos == Pos::DocsZigzag) {
+    const int64_t ch = c.nk / 4;
+    TSP_CHECK(c.nk % 4 == 0 && c.nq % 2 == 0 && c.nq / 2 <= ch, "DocsZigzag: bad case {}", c.str());
+    const int64_t order[4] = {0, 3, 1, 2};
+    for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = order[j / ch] * ch + j % ch;
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = i < c.nq / 2 ? i : 3 * ch + (i - c.nq / 2);
+    const std::vector<bool> b = random_begins(c.nk, 100, rng);
+    set_documents(p, [&](int64_t x) { return b[x]; });
+  }
+  if (c.pos == Pos::DocsOffset) {
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = c.nk + 7 + i;
+    const std::vector<bool> b = random_begins(c.nk + 7 + c.nq, 120, rng);
+    set_documents(p, [&](int64_t x) { return b[x]; });
   }
   return p;
 }
@@ -469,7 +560,15 @@ std::vector<Case> flash_cases() {
     // Over 32 key tiles of 64 / query tiles of 32: v2's tile bitmasks span several words.
     cs.push_back({600, 2200, 2, 1, d, Pos::Causal});
     cs.push_back({1100, 1100, 2, 2, d, Pos::Zigzag});
-    cs.push_back({300, 300, 4, 2, d, Pos::Documents});  // served by the reference kernels
+    cs.push_back({300, 300, 4, 2, d, Pos::Documents});
+  }
+  // Packed documents (make() describes the layouts), GQA groups of 4, 4 and 2, 1 and 2.
+  for (int d : {64, 128}) {
+    cs.push_back({700, 700, 8, 2, d, Pos::DocsLong});
+    cs.push_back({512, 512, 4, 1, d, Pos::DocsTileEdge});
+    cs.push_back({256, 512, 4, 2, d, Pos::DocsZigzag});
+    cs.push_back({130, 300, 8, 2, d, Pos::DocsShuffled});
+    cs.push_back({200, 300, 4, 4, d, Pos::DocsOffset});
   }
   return cs;
 }
@@ -569,6 +668,86 @@ TEST(CudaAttention, FlashBackwardMatchesReference) {
       if (HasFailure()) return;
     }
   });
+}
+
+// Key tiles that the document bound hides from every query are skipped, not computed and masked:
+// queries at [128, 256) in documents that all start at or after 128 (starts 128, 160, 161 (a
+// one-token document), 192, 224, 250: on tile edges of 32, 64 and 128 rows), keys at [0, 256)
+// whose first 128 (the first two key tiles of 64, the first of 128) hold NaN in k and v. A tile
+// that was computed and masked would still multiply 0·NaN into o and the gradients. So: o, lse,
+// dq, dk, dv within the bounds above of the reference (which never reads a key it does not see),
+// every value finite (expect_close rejects NaN), dk and dv of the NaN keys untouched (bit for
+// bit their prior contents), and o and lse equal, bit for bit, to the flash forward over the
+// keys [128, 256) alone (the same tiles in the same order). GQA 8 on 2, d = 64 and 128.
+TEST(CudaAttention, FlashSkipsKeyTilesHiddenByDocuments) {
+  SKIP_WITHOUT_GPU();
+  for (int d : {64, 128}) {
+    const Case c{128, 256, 8, 2, d, Pos::Causal};  // q_pos = 128 + i, k_pos = j
+    Problem p = make(c, true, 400 + d);
+    set_documents(p, [](int64_t x) {
+      return x == 128 || x == 160 || x == 161 || x == 192 || x == 224 || x == 250;
+    });
+    const int64_t hidden = 128 * c.hkv * c.d;  // elements of the keys [0, 128) in k, v, dk, dv
+    for (int64_t e = 0; e < hidden; ++e) p.k[e] = p.v[e] = std::numeric_limits<float>::quiet_NaN();
+    Problem alone = p;  // the keys [128, 256) only
+    alone.c.nk = 128;
+    alone.k.erase(alone.k.begin(), alone.k.begin() + hidden);
+    alone.v.erase(alone.v.begin(), alone.v.begin() + hidden);
+    alone.dk0.erase(alone.dk0.begin(), alone.dk0.begin() + hidden);
+    alone.dv0.erase(alone.dv0.begin(), alone.dv0.begin() + hidden);
+    alone.k_pos.erase(alone.k_pos.begin(), alone.k_pos.begin() + 128);
+    for_each_flash_version([&] {
+      SCOPED_TRACE("d=" + std::to_string(d));
+      DevProblem ref(p, DType::BF16), fast(p, DType::BF16), fast_alone(alone, DType::BF16);
+      run_fwd(reference::attention_forward, ref, p);
+      run_fwd(attention_forward, fast, p);
+      run_fwd(attention_forward, fast_alone, alone);
+      const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
+      const std::vector<float> o = fast.o.get(), lse = fast.lse.get();
+      // max|v| over the keys the queries see (the NaN keys are not among them).
+      const double vmax = max_abs(alone.v);
+      expect_close(
+          o, o_ref,
+          [&](size_t i) {
+            return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4;
+          },
+          "flash o vs reference, NaN keys hidden by documents", c);
+      expect_close(
+          lse, lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
+          "flash lse vs reference, NaN keys hidden by documents", c);
+      expect_close(
+          o, fast_alone.o.get(), [](size_t) { return 0.0; }, "flash o vs the visible keys alone",
+          c);
+      expect_close(
+          lse, fast_alone.lse.get(), [](size_t) { return 0.0; },
+          "flash lse vs the visible keys alone", c);
+
+      // Backward from the reference's o and lse on both paths (as FlashBackwardMatchesReference).
+      TSP_CUDA_CHECK(
+          cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o_ref.size() * 2, cudaMemcpyDeviceToDevice));
+      TSP_CUDA_CHECK(
+          cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+      run_bwd(reference::attention_backward, ref, p);
+      run_bwd(attention_backward, fast, p);
+      const HostOut h = host_attention(p, &o_ref);
+      const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+      const std::vector<float> dk_fast = fast.dk.get(), dv_fast = fast.dv.get();
+      expect_close(
+          fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
+          "flash dq vs reference, NaN keys hidden by documents", c);
+      expect_close(
+          dk_fast, dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
+          "flash dk vs reference, NaN keys hidden by documents", c);
+      expect_close(
+          dv_fast, dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
+          "flash dv vs reference, NaN keys hidden by documents", c);
+      for (int64_t e = 0; e < hidden; ++e) {
+        ASSERT_EQ(dk_fast[e], p.dk0[e]) << "dk of a hidden key changed, element " << e;
+        ASSERT_EQ(dv_fast[e], p.dv0[e]) << "dv of a hidden key changed, element " << e;
+      }
+    });
+    if (HasFailure()) return;
+  }
 }
 
 // ---- 3. merge ---------------------------------------------------------------------------------

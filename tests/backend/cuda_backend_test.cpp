@@ -577,7 +577,8 @@ TEST(CudaBackend, cuda_OnlineSoftmaxOverTwoShards) {
 
 // GQA (4 query heads on 2 kv heads) at explicit, unsorted positions; query 0 sees no key (its
 // position is below every key's): lse -inf and o = 0 on both devices. Then the merge of two
-// partial attentions over disjoint key sets.
+// partial attentions over disjoint key sets. Without and with packed documents (starting at 0,
+// 10, 25, 26 (a one-token document), 40 and 56; query 0 stays blind).
 TEST(CudaBackend, cuda_AttentionGqaPositionsAndMerge) {
   REQUIRE_GPU();
   const int64_t nq = 21, nk = 37, hq = 4, hkv = 2;
@@ -587,52 +588,64 @@ TEST(CudaBackend, cuda_AttentionGqaPositionsAndMerge) {
   for (auto& p : qp) p = 10 + rng() % 60;
   qp[0] = 3;
   Pair qpos = int_pair(qp), kpos = int_pair(kp);
-  for (DType t : {DType::F32, DType::BF16})
-    for (int64_t d : {int64_t{64}, int64_t{40}}) {  // 64: the flash path in bf16; 40: reference
-      const std::string tag = std::string(dtype_name(t)) + " d=" + std::to_string(d);
-      const float scale = 1.f / std::sqrt(static_cast<float>(d));
-      Pair q = random_pair({nq, hq, d}, t, 49), k = random_pair({nk, hkv, d}, t, 50);
-      Pair v = random_pair({nk, hkv, d}, t, 51);
-      Pair o = random_pair({nq, hq, d}, t, 52), lse = random_pair({nq, hq}, DType::F32, 53);
-      gpu().attention_forward(q.g, k.g, v.g, qpos.g, kpos.g, TensorView(), o.g, lse.g, scale);
-      cpu().attention_forward(q.c, k.c, v.c, qpos.c, kpos.c, TensorView(), o.c, lse.c, scale);
-      // fp32: sums over nk keys (nk·u32); bf16 flash rounds P to bf16 before P·V (2^-8 relative
-      // per term) and o once: 2^-7 normwise, one ulp elementwise.
-      const bool bf = t == DType::BF16;
-      expect_close("attention o " + tag, o.g, o.c, bf ? kBf16Ulp : 4 * (nk + d) * kU32,
-                   bf16_extra(t));
-      expect_close("attention lse " + tag, lse.g, lse.c, 4 * (nk + d) * kU32);
-      const std::vector<float> l = host_f32(gpu(), lse.g), og = host_f32(gpu(), o.g);
-      for (int64_t h = 0; h < hq; ++h) EXPECT_EQ(l[h], -INFINITY) << "query 0 sees no key";
-      for (int64_t i = 0; i < hq * d; ++i) ASSERT_EQ(og[i], 0.f) << "query 0's output, " << i;
-      // Backward, accumulating into random dq, dk, dv; from the CPU's o and lse on both devices.
-      Pair oc = make_pair({nq, hq, d}, t, host_f32(cpu(), o.c));
-      Pair lc = make_pair({nq, hq}, DType::F32, host_f32(cpu(), lse.c));
-      Pair dout = random_pair({nq, hq, d}, DType::F32, 54);
-      Pair dq = random_pair({nq, hq, d}, DType::F32, 55),
-           dk = random_pair({nk, hkv, d}, DType::F32, 56);
-      Pair dv = random_pair({nk, hkv, d}, DType::F32, 57);
-      gpu().attention_backward(q.g, k.g, v.g, qpos.g, kpos.g, TensorView(), oc.g, lc.g, dout.g,
-                               dq.g, dk.g, dv.g, scale);
-      cpu().attention_backward(q.c, k.c, v.c, qpos.c, kpos.c, TensorView(), oc.c, lc.c, dout.c,
-                               dq.c, dk.c, dv.c, scale);
-      // bf16 flash: dout, P and dS are rounded to bf16 for their products (each 2^-8 relative),
-      // three roundings in a chain: 2^-5 normwise leaves room for cancellation in dS.
-      const double btol = bf ? 1.0 / 32 : 8 * (nk + nq + d) * kU32;
-      expect_close("attention dq " + tag, dq.g, dq.c, btol);
-      expect_close("attention dk " + tag, dk.g, dk.c, btol);
-      expect_close("attention dv " + tag, dv.g, dv.c, btol);
-      // Merge: (o, lse) with a second partial over other keys; rows with -inf on one side.
-      Pair o2 = random_pair({nq, hq, d}, t, 58);
-      std::vector<float> l2 = random_values(nq * hq, 59, -2, 2);
-      l2[5] = -INFINITY;
-      Pair lse2 = make_pair({nq, hq}, DType::F32, l2);
-      Pair oa = make_pair({nq, hq, d}, t, host_f32(cpu(), o.c));
-      gpu().attention_merge(oa.g, lc.g, o2.g, lse2.g);
-      cpu().attention_merge(oa.c, lc.c, o2.c, lse2.c);
-      expect_close("attention_merge o " + tag, oa.g, oa.c, 16 * kU32, bf16_extra(t));
-      expect_close("attention_merge lse " + tag, lc.g, lc.c, 16 * kU32);
-    }
+  std::vector<int64_t> qd(nq);  // q_doc_pos: the position minus its document's start
+  for (int64_t i = 0; i < nq; ++i) {
+    int64_t start = 0;
+    for (int64_t s : {10, 25, 26, 40, 56})
+      if (qp[i] >= s) start = s;
+    qd[i] = qp[i] - start;
+  }
+  Pair qdoc = int_pair(qd);
+  for (bool docs : {false, true})
+    for (DType t : {DType::F32, DType::BF16})
+      for (int64_t d : {int64_t{64}, int64_t{40}}) {  // 64: the flash path in bf16; 40: reference
+        const std::string tag =
+            std::string(dtype_name(t)) + " d=" + std::to_string(d) + (docs ? " documents" : "");
+        const TensorView qdoc_g = docs ? qdoc.g.view() : TensorView(),
+                         qdoc_c = docs ? qdoc.c.view() : TensorView();
+        const float scale = 1.f / std::sqrt(static_cast<float>(d));
+        Pair q = random_pair({nq, hq, d}, t, 49), k = random_pair({nk, hkv, d}, t, 50);
+        Pair v = random_pair({nk, hkv, d}, t, 51);
+        Pair o = random_pair({nq, hq, d}, t, 52), lse = random_pair({nq, hq}, DType::F32, 53);
+        gpu().attention_forward(q.g, k.g, v.g, qpos.g, kpos.g, qdoc_g, o.g, lse.g, scale);
+        cpu().attention_forward(q.c, k.c, v.c, qpos.c, kpos.c, qdoc_c, o.c, lse.c, scale);
+        // fp32: sums over nk keys (nk·u32); bf16 flash rounds P to bf16 before P·V (2^-8 relative
+        // per term) and o once: 2^-7 normwise, one ulp elementwise.
+        const bool bf = t == DType::BF16;
+        expect_close("attention o " + tag, o.g, o.c, bf ? kBf16Ulp : 4 * (nk + d) * kU32,
+                     bf16_extra(t));
+        expect_close("attention lse " + tag, lse.g, lse.c, 4 * (nk + d) * kU32);
+        const std::vector<float> l = host_f32(gpu(), lse.g), og = host_f32(gpu(), o.g);
+        for (int64_t h = 0; h < hq; ++h) EXPECT_EQ(l[h], -INFINITY) << "query 0 sees no key";
+        for (int64_t i = 0; i < hq * d; ++i) ASSERT_EQ(og[i], 0.f) << "query 0's output, " << i;
+        // Backward, accumulating into random dq, dk, dv; from the CPU's o and lse on both devices.
+        Pair oc = make_pair({nq, hq, d}, t, host_f32(cpu(), o.c));
+        Pair lc = make_pair({nq, hq}, DType::F32, host_f32(cpu(), lse.c));
+        Pair dout = random_pair({nq, hq, d}, DType::F32, 54);
+        Pair dq = random_pair({nq, hq, d}, DType::F32, 55),
+             dk = random_pair({nk, hkv, d}, DType::F32, 56);
+        Pair dv = random_pair({nk, hkv, d}, DType::F32, 57);
+        gpu().attention_backward(q.g, k.g, v.g, qpos.g, kpos.g, qdoc_g, oc.g, lc.g, dout.g, dq.g,
+                                 dk.g, dv.g, scale);
+        cpu().attention_backward(q.c, k.c, v.c, qpos.c, kpos.c, qdoc_c, oc.c, lc.c, dout.c, dq.c,
+                                 dk.c, dv.c, scale);
+        // bf16 flash: dout, P and dS are rounded to bf16 for their products (each 2^-8 relative),
+        // three roundings in a chain: 2^-5 normwise leaves room for cancellation in dS.
+        const double btol = bf ? 1.0 / 32 : 8 * (nk + nq + d) * kU32;
+        expect_close("attention dq " + tag, dq.g, dq.c, btol);
+        expect_close("attention dk " + tag, dk.g, dk.c, btol);
+        expect_close("attention dv " + tag, dv.g, dv.c, btol);
+        // Merge: (o, lse) with a second partial over other keys; rows with -inf on one side.
+        Pair o2 = random_pair({nq, hq, d}, t, 58);
+        std::vector<float> l2 = random_values(nq * hq, 59, -2, 2);
+        l2[5] = -INFINITY;
+        Pair lse2 = make_pair({nq, hq}, DType::F32, l2);
+        Pair oa = make_pair({nq, hq, d}, t, host_f32(cpu(), o.c));
+        gpu().attention_merge(oa.g, lc.g, o2.g, lse2.g);
+        cpu().attention_merge(oa.c, lc.c, o2.c, lse2.c);
+        expect_close("attention_merge o " + tag, oa.g, oa.c, 16 * kU32, bf16_extra(t));
+        expect_close("attention_merge lse " + tag, lc.g, lc.c, 16 * kU32);
+      }
 }
 
 // ---- optimizer ---------------------------------------------------------------------------------

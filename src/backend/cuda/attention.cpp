@@ -200,12 +200,11 @@ const char* flash_version_name(FlashVersion v) {
   return v == FlashVersion::V1 ? "v1" : "v2";
 }
 
-// Whether a call goes to the flash kernels: BF16 with a head dim they serve, and no documents (the
-// flash kernels implement only the causal bound so far; the reference kernels apply the document
-// mask, so a call with documents is correct on every path, and slower).
+// Whether a call goes to the flash kernels: BF16 with a head dim they serve, with or without
+// documents (both flash versions apply the document bound; attention.h).
 template <class Params>
 bool flash_serves(const Params& p) {
-  return p.bf16 && attn::flash_supported(p.sh.d) && p.q_doc_pos == nullptr;
+  return p.bf16 && attn::flash_supported(p.sh.d);
 }
 
 bool attention_flash_supported(DType dtype, int64_t head_dim) {

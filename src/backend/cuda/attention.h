@@ -10,10 +10,15 @@
 //   q_pos[i] - q_doc_pos[i] <= k_pos[j] <= q_pos[i].
 //
 // Paths (attention.cpp chooses):
-//   * flash (attention_flash.cu): BF16 q/k/v/o with d = 64 or 128. Tensor cores (mma.sync
-//     m16n8k16, bf16 inputs, fp32 accumulation), FlashAttention-2 schedule, key tiles that no
-//     query of a tile can see are skipped (decided from the positions at run time). Extra
-//     rounding against the reference: P is rounded to bf16 before P·V and dP; dout is rounded to
+//   * flash (attention_flash.cu): BF16 q/k/v/o with d = 64 or 128, with or without documents.
+//     Tensor cores (mma.sync m16n8k16, bf16 inputs, fp32 accumulation), FlashAttention-2
+//     schedule, key tiles that no query of a tile can see are skipped (decided from the positions
+//     and, with documents, the document starts at run time: a key tile below every document start
+//     of a query tile is skipped like one above every query; with documents the kernels are
+//     separate template instances, so the calls without documents run the causal-only code).
+//     The document bound in the flash kernels (both versions) has NOT YET RUN ON A GPU: it waits
+//     for cuda_attention_test's document cases (scripts/gpu_check.sh). Extra rounding against
+//     the reference: P is rounded to bf16 before P·V and dP; dout is rounded to
 //     bf16 for the dV and dP products; dS is rounded to bf16 for the dK and dQ products. dq is
 //     accumulated with fp32 atomics (its summation order varies between runs); dk, dv do not.
 //     Two versions of the flash kernels: v1 (attention_flash.cu, the default: the version that has
@@ -26,9 +31,8 @@
 //     v2, read once per process (at the first call that needs it), selects one;
 //     set_flash_version overrides it (bench_attention --flash, the tests). Shapes beyond v2's
 //     limits (over 262144 queries or 524288 keys) take v1.
-//   * reference (attention_reference.cu): everything else (F32, or any d up to 256, and every call
-//     with documents: the flash kernels do not apply the document bound yet). One warp per
-//     (query, head), fp32 online softmax; deterministic.
+//   * reference (attention_reference.cu): everything else (F32, or any d up to 256, with or
+//     without documents). One warp per (query, head), fp32 online softmax; deterministic.
 // Every call is queued on stream `s` and returns without waiting; all tensors must be on the
 // device that is current and `s` must belong to it.
 #pragma once

@@ -2,13 +2,19 @@
 // statistics, FlashAttention-2 schedule (Dao 2023), mma.sync.m16n8k16 (bf16 -> f32) through inline
 // PTX, operands brought from shared memory with ldmatrix, tiles loaded with cp.async.
 //
-// Masking is by explicit positions (query i sees key j iff k_pos[j] <= q_pos[i]); nothing assumes
+// Masking is by explicit positions (query i sees key j iff k_pos[j] <= q_pos[i]; with documents
+// also k_pos[j] >= s_i = q_pos[i] - q_doc_pos[i], where query i's document starts); nothing assumes
 // positions sorted. Per pair of tiles the block decides from the positions, with one barrier
 // predicate each (__syncthreads_or / _and):
-//   skip  no key of the key tile is visible to any query of the query tile
-//         (min k_pos > max q_pos: the causal upper triangle, K/V rounds from the future);
-//   full  every query sees every key (max k_pos <= min q_pos): no element-wise mask;
+//   skip  no key of the key tile is visible to any query of the query tile: no pair (i, j) with
+//         s_i <= k_pos[j] <= q_pos[i] (without documents: min k_pos > max q_pos, the causal upper
+//         triangle, K/V rounds from the future; with documents also every key before every
+//         document start of the tile, e.g. earlier documents of a packed row);
+//   full  every query sees every key (max k_pos <= min q_pos, and with documents min k_pos >=
+//         max s_i): no element-wise mask;
 //   else  element-wise mask.
+// Documents are a template parameter (DOCS): the kernels without them are the causal-only code,
+// instruction for instruction; the launcher picks the instantiation from q_doc_pos (null: none).
 // Rows past the end of a tile get sentinel positions (queries INT64_MIN, keys INT64_MAX), so the
 // element-wise mask removes them and they never make a tile "full"; their shared-memory rows are
 // zero-filled so no stale or NaN data enters a product.
@@ -51,6 +57,7 @@ struct Args {
   const float* lse;
   bf16* o_out;
   float scale;
+  const int64_t* q_doc_pos;  // [nq] position in its document; read only by the DOCS kernels
 };
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -62,7 +69,7 @@ constexpr int fwd_smem_bytes() {
   return (kFwdBR + 4 * kFwdBC) * (D + 8) * 2 + 2 * kFwdBC * 8;
 }
 
-template <int D>
+template <int D, bool DOCS>
 __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
   constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -70,7 +77,7 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
   bf16* Ks = Qs + BR * LD;                                         // [2][BC][LD]
   bf16* Vs = Ks + 2 * BC * LD;                                     // [2][BC][LD]
   int64_t* kpos_s = reinterpret_cast<int64_t*>(Vs + 2 * BC * LD);  // [2][BC]
-  __shared__ int64_t red[2][kFwdWarps];
+  __shared__ int64_t red[DOCS ? 4 : 2][kFwdWarps];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const Shape sh = a.sh;
@@ -86,21 +93,41 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
   load_tile<D, NT>(Qs, a.q + q0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
   cp_async_commit();
 
-  // This thread's two query rows: warp·16 + g and + 8.
-  int64_t qp[2];
+  // This thread's two query rows: warp·16 + g and + 8; with documents also where their documents
+  // start, ds = q_pos - q_doc_pos (rows past the end: kNoKey, which no min takes and which hides
+  // every key, though their kNoQuery position already does).
+  int64_t qp[2], ds[2];
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
     qp[e] = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
+    if constexpr (DOCS) ds[e] = r < nq_tile ? qp[e] - a.q_doc_pos[q0 + r] : kNoKey;
   }
   {
     const int64_t mx = warp_max(max(qp[0], qp[1])), mn = warp_min(min(qp[0], qp[1]));
     if (lane == 0) red[0][warp] = mx, red[1][warp] = mn;
+    if constexpr (DOCS) {
+      const int64_t dmn = warp_min(min(ds[0], ds[1])), dmx = warp_max(max(ds[0], ds[1]));
+      if (lane == 0) red[2][warp] = dmn, red[3][warp] = dmx;
+    }
   }
   __syncthreads();
   int64_t q_max = red[0][0], q_min = red[1][0];
   for (int w = 1; w < kFwdWarps; ++w) q_max = max(q_max, red[0][w]), q_min = min(q_min, red[1][w]);
+  // With documents: ds_min, the lowest key position any query of the tile may see, and ds_max,
+  // the latest document start (kNoKey when the tile has rows past the end: never full, as q_min
+  // = kNoQuery already makes it).
+  int64_t ds_min = 0, ds_max = 0;
+  if constexpr (DOCS) {
+    ds_min = red[2][0], ds_max = red[3][0];
+    for (int w = 1; w < kFwdWarps; ++w)
+      ds_min = min(ds_min, red[2][w]), ds_max = max(ds_max, red[3][w]);
+  }
 
   // The first needed key tile at or after j (n_tiles if none); its positions go to kpos_s[b].
+  // Needed: some key lies in [ds_min, q_max] (without documents: some key <= q_max). A visible
+  // pair (i, j) has ds_min <= s_i <= k_pos[j] <= q_pos[i] <= q_max, so a tile with no key in that
+  // range has none and is skipped; keys past the end (kNoKey) are above q_max. Full: every key
+  // <= q_min (so <= every q_pos[i]) and, with documents, >= ds_max (so >= every s_i).
   auto next_tile = [&](int j, int b, bool& full) {
     for (; j < n_tiles; ++j) {
       int64_t kp = kNoKey;
@@ -109,8 +136,8 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
         if (jj < sh.nk) kp = a.k_pos[jj];
         kpos_s[b * BC + tid] = kp;
       }
-      if (__syncthreads_or(tid < BC && kp <= q_max)) {
-        full = __syncthreads_and(tid >= BC || kp <= q_min);
+      if (__syncthreads_or(tid < BC && kp <= q_max && (!DOCS || kp >= ds_min))) {
+        full = __syncthreads_and(tid >= BC || (kp <= q_min && (!DOCS || kp >= ds_max)));
         return j;
       }
     }
@@ -165,7 +192,8 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float s = S[n][e] * sl2;
-        if (!full && kpos_s[buf * BC + n * 8 + 2 * t + (e & 1)] > qp[e >> 1]) s = -INFINITY;
+        const int64_t kp = kpos_s[buf * BC + n * 8 + 2 * t + (e & 1)];
+        if (!full && (kp > qp[e >> 1] || (DOCS && kp < ds[e >> 1]))) s = -INFINITY;
         S[n][e] = s;
         mx[e >> 1] = fmaxf(mx[e >> 1], s);
       }
@@ -232,12 +260,14 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
 
 constexpr int kBwdWarps = 4, kBwdBC = 16 * kBwdWarps;
 
-template <int D, int BR>
+// K, V, Q, dO; dSᵀ; qpos, lse, D of the query tile (and its document starts, with documents).
+template <int D, int BR, bool DOCS>
 constexpr int bwd_smem_bytes() {
-  return (2 * kBwdBC + 2 * BR) * (D + 8) * 2 + kBwdBC * (BR + 8) * 2 + BR * (8 + 4 + 4);
+  return (2 * kBwdBC + 2 * BR) * (D + 8) * 2 + kBwdBC * (BR + 8) * 2 + BR * (8 + 4 + 4) +
+         (DOCS ? BR * 8 : 0);
 }
 
-template <int D, int BR>
+template <int D, int BR, bool DOCS>
 __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) {
   constexpr int BC = kBwdBC, LD = D + 8, LDS = BR + 8, NT = 32 * kBwdWarps;
   constexpr int TPR = NT / BR;        // threads per row converting dout
@@ -254,6 +284,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) 
   int64_t* qpos_s = reinterpret_cast<int64_t*>(dSs + BC * LDS);  // [BR]
   float* lse_s = reinterpret_cast<float*>(qpos_s + BR);          // [BR] lse·log2(e)
   float* D_s = lse_s + BR;                                       // [BR] dout·o
+  int64_t* ds_s = reinterpret_cast<int64_t*>(D_s + BR);          // [BR] document starts (DOCS only)
   __shared__ int64_t red[2][kBwdWarps];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -289,9 +320,18 @@ __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) 
       const int nq_tile = static_cast<int>(min(int64_t{BR}, sh.nq - i0));
       int64_t qp = kNoQuery;
       if (tid < BR && tid < nq_tile) qp = a.q_pos[i0 + tid];
-      if (!__syncthreads_or(tid < BR && qp >= k_min)) continue;  // no query sees a key
+      // With documents, where query tid's document starts (rows past the end: kNoKey).
+      int64_t ds = kNoKey;
+      if (DOCS && tid < BR && tid < nq_tile) ds = qp - a.q_doc_pos[i0 + tid];
+      // The mirror of the forward's test: the tile is needed if some query's visible range
+      // [ds, qp] meets [k_min, k_max] (a visible pair (i, j) has k_min <= k_pos[j] <= q_pos[i]
+      // and s_i <= k_pos[j] <= k_max); else no query sees a key. Rows past the end have qp =
+      // kNoQuery < k_min. Full: every query sees [k_min, k_max] whole (qp >= k_max and, with
+      // documents, ds <= k_min); keys past the end make k_max = kNoKey: never full.
+      if (!__syncthreads_or(tid < BR && qp >= k_min && (!DOCS || ds <= k_max))) continue;
       if (tid < BR) qpos_s[tid] = qp;
-      const bool full = __syncthreads_and(tid >= BR || qp >= k_max);
+      if (DOCS && tid < BR) ds_s[tid] = ds;
+      const bool full = __syncthreads_and(tid >= BR || (qp >= k_max && (!DOCS || ds <= k_min)));
 
       load_tile<D, NT>(Qs, a.q + i0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
       cp_async_commit();
@@ -347,7 +387,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) 
         for (int e = 0; e < 4; ++e) {
           const int col = n * 8 + 2 * t + (e & 1);
           float p = ex2(P[n][e] * sl2 - lse_s[col]);
-          if (!full && kp[e >> 1] > qpos_s[col]) p = 0.f;
+          if (!full && (kp[e >> 1] > qpos_s[col] || (DOCS && kp[e >> 1] < ds_s[col]))) p = 0.f;
           P[n][e] = p;
         }
       }
@@ -457,27 +497,27 @@ constexpr int bwd_br() {
   return D == 64 ? 64 : 32;
 }
 
-template <int D>
+template <int D, bool DOCS>
 cudaError_t forward_d(const Args& a, cudaStream_t s) {
   constexpr int bytes = fwd_smem_bytes<D>();
-  cudaError_t e = cudaFuncSetAttribute(flash_forward_kernel<D>,
+  cudaError_t e = cudaFuncSetAttribute(flash_forward_kernel<D, DOCS>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((a.sh.nq + kFwdBR - 1) / kFwdBR),
                   static_cast<unsigned>(a.sh.hq));
-  flash_forward_kernel<D><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
+  flash_forward_kernel<D, DOCS><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
   return cudaGetLastError();
 }
 
-template <int D>
+template <int D, bool DOCS>
 cudaError_t backward_d(const Args& a, cudaStream_t s) {
-  constexpr int BR = bwd_br<D>(), bytes = bwd_smem_bytes<D, BR>();
-  cudaError_t e = cudaFuncSetAttribute(flash_backward_kernel<D, BR>,
+  constexpr int BR = bwd_br<D>(), bytes = bwd_smem_bytes<D, BR, DOCS>();
+  cudaError_t e = cudaFuncSetAttribute(flash_backward_kernel<D, BR, DOCS>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((a.sh.nk + kBwdBC - 1) / kBwdBC),
                   static_cast<unsigned>(a.sh.hkv));
-  flash_backward_kernel<D, BR><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
+  flash_backward_kernel<D, BR, DOCS><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
   return cudaGetLastError();
 }
 
@@ -500,7 +540,9 @@ cudaError_t flash_forward(const Fwd& p, cudaStream_t s) {
   a.o_out = static_cast<bf16*>(p.o);
   a.lse_out = p.lse;
   a.scale = p.scale;
-  return p.sh.d == 64 ? forward_d<64>(a, s) : forward_d<128>(a, s);
+  a.q_doc_pos = p.q_doc_pos;
+  if (p.q_doc_pos) return p.sh.d == 64 ? forward_d<64, true>(a, s) : forward_d<128, true>(a, s);
+  return p.sh.d == 64 ? forward_d<64, false>(a, s) : forward_d<128, false>(a, s);
 }
 
 cudaError_t flash_backward(const Bwd& p, cudaStream_t s) {
@@ -520,7 +562,9 @@ cudaError_t flash_backward(const Bwd& p, cudaStream_t s) {
   a.dk = p.dk;
   a.dv = p.dv;
   a.scale = p.scale;
-  return p.sh.d == 64 ? backward_d<64>(a, s) : backward_d<128>(a, s);
+  a.q_doc_pos = p.q_doc_pos;
+  if (p.q_doc_pos) return p.sh.d == 64 ? backward_d<64, true>(a, s) : backward_d<128, true>(a, s);
+  return p.sh.d == 64 ? backward_d<64, false>(a, s) : backward_d<128, false>(a, s);
 }
 
 }  // namespace tsp::cuda::attn

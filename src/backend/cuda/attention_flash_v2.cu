@@ -26,6 +26,13 @@
 //   one block): dK, dV of the kv head are summed over its G query heads with fp32 atomics at the
 //   end of each block (so dk, dv are no longer bitwise deterministic, like dq). dQ: 128 keys per
 //   block halve the atomics against v1's 64 and each is a float2 (sm_90 vector atomic).
+// * Documents (q_doc_pos non-null): query i also hides keys before its document's start
+//   s_i = q_pos[i] - q_doc_pos[i]. The kernels take them as a template parameter (DOCS), so the
+//   instantiations without documents are the causal-only code; with documents the tile tests gain
+//   the lower bound (needed: the tile's key range meets [min s_i, max q_pos]; full: it lies in
+//   [max s_i, min q_pos]; derivations at build_masks' calls) and the element-wise mask hides
+//   k_pos < s_i. The backward precomputes per query tile min / max s_i (tile_bounds of s) and a
+//   padded copy of s that travels with Q like the positions.
 // Scratch (positions, bounds, bf16 dout, D, lse2) comes from the stream-ordered allocator
 // (cudaMallocAsync / cudaFreeAsync on the call's stream).
 #include <cuda_bf16.h>
@@ -47,9 +54,10 @@ constexpr int kMaskWords = 256;
 // ---- pre-kernels ------------------------------------------------------------------------------
 
 // One warp per tile of `tile` rows of pos[n]: tile_min / tile_max over the rows (rows past n count
-// as `pad`), and the padded copy padded[n_tiles·tile] (pad past n).
-__global__ void tile_bounds_kernel(const int64_t* pos, int64_t n, int tile, int n_tiles,
-                                   int64_t pad, int64_t* tile_min, int64_t* tile_max,
+// as `pad`), and the padded copy padded[n_tiles·tile] (pad past n). With doc_pos (non-null) the
+// values are the document starts pos[i] - doc_pos[i] instead of the positions.
+__global__ void tile_bounds_kernel(const int64_t* pos, const int64_t* doc_pos, int64_t n, int tile,
+                                   int n_tiles, int64_t pad, int64_t* tile_min, int64_t* tile_max,
                                    int64_t* padded) {
   const int w = static_cast<int>((blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32);
   const int lane = threadIdx.x % 32;
@@ -57,7 +65,7 @@ __global__ void tile_bounds_kernel(const int64_t* pos, int64_t n, int tile, int 
   int64_t lo = INT64_MAX, hi = INT64_MIN;
   for (int r = lane; r < tile; r += 32) {
     const int64_t i = int64_t{w} * tile + r;
-    const int64_t p = i < n ? pos[i] : pad;
+    const int64_t p = i < n ? (doc_pos ? pos[i] - doc_pos[i] : pos[i]) : pad;
     padded[i] = p;
     lo = min(lo, p);
     hi = max(hi, p);
@@ -67,12 +75,13 @@ __global__ void tile_bounds_kernel(const int64_t* pos, int64_t n, int tile, int 
   if (lane == 0) tile_min[w] = lo, tile_max[w] = hi;
 }
 
-cudaError_t tile_bounds(const int64_t* pos, int64_t n, int tile, int n_tiles, int64_t pad,
-                        int64_t* tile_min, int64_t* tile_max, int64_t* padded, cudaStream_t s) {
+cudaError_t tile_bounds(const int64_t* pos, const int64_t* doc_pos, int64_t n, int tile,
+                        int n_tiles, int64_t pad, int64_t* tile_min, int64_t* tile_max,
+                        int64_t* padded, cudaStream_t s) {
   const int warps_per_block = 8;
   const unsigned blocks = static_cast<unsigned>((n_tiles + warps_per_block - 1) / warps_per_block);
-  tile_bounds_kernel<<<blocks, 32 * warps_per_block, 0, s>>>(pos, n, tile, n_tiles, pad, tile_min,
-                                                             tile_max, padded);
+  tile_bounds_kernel<<<blocks, 32 * warps_per_block, 0, s>>>(pos, doc_pos, n, tile, n_tiles, pad,
+                                                             tile_min, tile_max, padded);
   return cudaGetLastError();
 }
 
@@ -150,14 +159,18 @@ struct FwdArgs {
   bf16* o;
   float* lse;
   float scale;
+  const int64_t* q_doc_pos;  // [nq] position in its document; read only by the DOCS kernel
 };
 
-template <int D>
+// Q, K and V (two buffers each), key positions, two masks (and the query tile's document starts,
+// with documents).
+template <int D, bool DOCS>
 constexpr int fwd_smem_bytes() {
-  return (kFwdBR + 4 * kFwdBC) * (D + 8) * 2 + 2 * kFwdBC * 8 + 2 * kMaskWords * 4;
+  return (kFwdBR + 4 * kFwdBC) * (D + 8) * 2 + 2 * kFwdBC * 8 + 2 * kMaskWords * 4 +
+         (DOCS ? kFwdBR * 8 : 0);
 }
 
-template <int D>
+template <int D, bool DOCS>
 __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(FwdArgs a) {
   constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps, MW = kFwdMW;
   constexpr int SUB = D == 128 ? 32 : 64;  // keys per softmax step (see the loop)
@@ -168,7 +181,8 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   int64_t* kpos_s = reinterpret_cast<int64_t*>(Vs + 2 * BC * LD);   // [2][BC]
   uint32_t* need_s = reinterpret_cast<uint32_t*>(kpos_s + 2 * BC);  // [kMaskWords]
   uint32_t* full_s = need_s + kMaskWords;                           // [kMaskWords]
-  __shared__ int64_t red[2][kFwdWarps];
+  int64_t* ds_s = reinterpret_cast<int64_t*>(full_s + kMaskWords);  // [BR] (DOCS only)
+  __shared__ int64_t red[DOCS ? 4 : 2][kFwdWarps];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const Shape sh = a.sh;
@@ -185,27 +199,52 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   load_tile<D, NT>(Qs, a.q + q0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
   cp_async_commit();
 
-  // Query positions in shared memory (registers are short at d = 128), with the block's min / max.
+  // Query positions in shared memory (registers are short at d = 128), with the block's min / max;
+  // with documents also where their documents start, s = q_pos - q_doc_pos (rows past the end:
+  // kNoKey, which no min takes and which hides every key), with its min / max.
   __shared__ int64_t qpos_s[BR];
-  int64_t qmx = kNoQuery, qmn = kNoKey;
+  int64_t qmx = kNoQuery, qmn = kNoKey, dmx = kNoQuery, dmn = kNoKey;
   for (int r = tid; r < BR; r += NT) {
     const int64_t p = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
     qpos_s[r] = p;
     qmx = max(qmx, p);
     qmn = min(qmn, p);
+    if constexpr (DOCS) {
+      const int64_t ds = r < nq_tile ? p - a.q_doc_pos[q0 + r] : kNoKey;
+      ds_s[r] = ds;
+      dmx = max(dmx, ds);
+      dmn = min(dmn, ds);
+    }
   }
   {
     const int64_t mx = warp_max(qmx), mn = warp_min(qmn);
     if (lane == 0) red[0][warp] = mx, red[1][warp] = mn;
+    if constexpr (DOCS) {
+      const int64_t dx = warp_max(dmx), dn = warp_min(dmn);
+      if (lane == 0) red[2][warp] = dx, red[3][warp] = dn;
+    }
   }
   __syncthreads();
   int64_t q_max = red[0][0], q_min = red[1][0];
   for (int w = 1; w < kFwdWarps; ++w) q_max = max(q_max, red[0][w]), q_min = min(q_min, red[1][w]);
-  // Key tile t is needed if some key is visible to some query, full if every query sees every key
-  // (padded keys make kt_max = kNoKey: never full).
+  // ds_min: the lowest key position a query of the block may see; ds_max: the latest document
+  // start (kNoKey when the block has rows past the end: never full, as q_min = kNoQuery makes it).
+  int64_t ds_max = 0, ds_min = 0;
+  if constexpr (DOCS) {
+    ds_max = red[2][0], ds_min = red[3][0];
+    for (int w = 1; w < kFwdWarps; ++w)
+      ds_max = max(ds_max, red[2][w]), ds_min = min(ds_min, red[3][w]);
+  }
+  // Key tile t is needed if some key may be visible to some query: its range [kt_min, kt_max]
+  // meets [ds_min, q_max] (without documents: kt_min <= q_max). A visible pair (i, j) has
+  // ds_min <= s_i <= k_pos[j] <= q_pos[i] <= q_max and kt_min <= k_pos[j] <= kt_max, so a tile
+  // failing the test has none. (Padded keys make the last tile's kt_max kNoKey, so the document
+  // bound never skips that tile: conservative.) Full if every query sees every key: kt_max <=
+  // q_min and, with documents, kt_min >= ds_max (padded keys make kt_max = kNoKey: never full).
   build_masks<NT>(
-      need_s, full_s, n_tiles, tid, [&](int kt) { return a.kt_min[kt] <= q_max; },
-      [&](int kt) { return a.kt_max[kt] <= q_min; });
+      need_s, full_s, n_tiles, tid,
+      [&](int kt) { return a.kt_min[kt] <= q_max && (!DOCS || a.kt_max[kt] >= ds_min); },
+      [&](int kt) { return a.kt_max[kt] <= q_min && (!DOCS || a.kt_min[kt] >= ds_max); });
 
   auto load_kv = [&](int j, int b) {
     const int64_t k0 = int64_t{j} * BC;
@@ -267,8 +306,9 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float s = S[mi][n][e] * sl2;
-            if (!full && kp[n * 8 + 2 * t + (e & 1)] > qpos_s[row0 + 16 * mi + g + 8 * (e >> 1)])
-              s = -INFINITY;
+            const int64_t kpj = kp[n * 8 + 2 * t + (e & 1)];
+            const int row = row0 + 16 * mi + g + 8 * (e >> 1);
+            if (!full && (kpj > qpos_s[row] || (DOCS && kpj < ds_s[row]))) s = -INFINITY;
             S[mi][n][e] = s;
             mx[e >> 1] = fmaxf(mx[e >> 1], s);
           }
@@ -362,6 +402,9 @@ struct BwdArgs {
   float *lse2, *delta;  // [hq][nq_pad]: lse·log2(e) (+inf: P = 0), dout·o
   float *dq, *dk, *dv;
   float scale;
+  // Documents (DOCS kernel only): document starts q_pos - q_doc_pos padded with kNoKey [nq_pad],
+  // and their min / max per query tile [n_qt].
+  const int64_t *dstart_pad, *dt_min, *dt_max;
 };
 
 // One warp per (query row < nq_pad, head): do16, delta, lse2 (see BwdArgs).
@@ -396,32 +439,41 @@ __global__ void bwd_prep_kernel(BwdArgs a) {
   }
 }
 
-template <int D, int BR>
-constexpr int bwd_smem_bytes() {
-  // K, V; two buffers of (Q, dO, qpos, lse2, delta); dSᵀ; two masks.
-  return 2 * kBwdBC * (D + 8) * 2 + 2 * (2 * BR * (D + 8) * 2 + BR * (8 + 4 + 4)) +
-         kBwdBC * (BR + 8) * 2 + 2 * kMaskWords * 4;
+// One query tile buffer: Q, dO [BR][D + 8] bf16, qpos, lse2, delta (and document starts, with
+// documents).
+template <int D, int BR, bool DOCS>
+constexpr int bwd_buf_bytes() {
+  return 2 * BR * (D + 8) * 2 + BR * (8 + 4 + 4) + (DOCS ? BR * 8 : 0);
 }
 
-template <int D, int BR>
+template <int D, int BR, bool DOCS>
+constexpr int bwd_smem_bytes() {
+  // K, V; two query tile buffers; dSᵀ; two masks.
+  return 2 * kBwdBC * (D + 8) * 2 + 2 * bwd_buf_bytes<D, BR, DOCS>() + kBwdBC * (BR + 8) * 2 +
+         2 * kMaskWords * 4;
+}
+
+template <int D, int BR, bool DOCS>
 __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(BwdArgs a) {
   constexpr int BC = kBwdBC, LD = D + 8, LDS = BR + 8, NT = 32 * kBwdWarps;
   constexpr int MT = BR / 16;         // dQ: m16 tiles of the query tile
   constexpr int CG = kBwdWarps / MT;  // dQ: column groups (warp = mt + MT·cg)
   constexpr int DC = D / CG;          // dQ: columns per warp
   static_assert(kBwdWarps % MT == 0 && DC % 16 == 0, "tile shape");
-  constexpr int kBufBytes = 2 * BR * LD * 2 + BR * (8 + 4 + 4);
+  constexpr int kBufBytes = bwd_buf_bytes<D, BR, DOCS>();
   static_assert(kBufBytes % 16 == 0 && (BR * LD * 2) % 16 == 0, "16-byte aligned buffers");
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* Ks = reinterpret_cast<bf16*>(smem);  // [BC][LD]
   bf16* Vs = Ks + BC * LD;                   // [BC][LD]
   unsigned char* bufs = reinterpret_cast<unsigned char*>(Vs + BC * LD);
-  // Buffer b: Q [BR][LD], dO [BR][LD], qpos [BR], lse2 [BR], delta [BR].
+  // Buffer b: Q [BR][LD], dO [BR][LD], qpos [BR], lse2 [BR], delta [BR], document starts [BR]
+  // (DOCS only; 16-byte aligned: it follows 2·BR·LD·2 + 16·BR bytes).
   auto Qb = [&](int b) { return reinterpret_cast<bf16*>(bufs + b * kBufBytes); };
   auto dOb = [&](int b) { return Qb(b) + BR * LD; };
   auto qposb = [&](int b) { return reinterpret_cast<int64_t*>(dOb(b) + BR * LD); };
   auto lseb = [&](int b) { return reinterpret_cast<float*>(qposb(b) + BR); };
   auto deltab = [&](int b) { return lseb(b) + BR; };
+  auto dsb = [&](int b) { return reinterpret_cast<int64_t*>(deltab(b) + BR); };
   bf16* dSs = reinterpret_cast<bf16*>(bufs + 2 * kBufBytes);       // [BC][LDS] dSᵀ [key][query]
   uint32_t* need_s = reinterpret_cast<uint32_t*>(dSs + BC * LDS);  // [kMaskWords]
   uint32_t* full_s = need_s + kMaskWords;                          // [kMaskWords]
@@ -452,11 +504,16 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
   __syncthreads();
   int64_t k_min = red[0][0], k_max = red[1][0];
   for (int w = 1; w < kBwdWarps; ++w) k_min = min(k_min, red[0][w]), k_max = max(k_max, red[1][w]);
-  // Query tile t is needed if some query sees some key, full if every query sees every key
-  // (padded queries make qt_min = kNoQuery, padded keys k_max = kNoKey: never full).
+  // Query tile t is needed if some query may see some key: the keys' range [k_min, k_max] meets
+  // [dt_min, qt_max] (without documents: qt_max >= k_min). A visible pair (i, j) has k_min <=
+  // k_pos[j] <= q_pos[i] <= qt_max and dt_min <= s_i <= k_pos[j] <= k_max, so a tile failing the
+  // test has none (the forward's test, mirrored; padded queries carry s = kNoKey, which no dt_min
+  // takes). Full if every query sees every key: qt_min >= k_max and, with documents, dt_max <=
+  // k_min (padded queries make qt_min = kNoQuery, padded keys k_max = kNoKey: never full).
   build_masks<NT>(
-      need_s, full_s, n_qt, tid, [&](int qt) { return a.qt_max[qt] >= k_min; },
-      [&](int qt) { return a.qt_min[qt] >= k_max; });
+      need_s, full_s, n_qt, tid,
+      [&](int qt) { return a.qt_max[qt] >= k_min && (!DOCS || a.dt_min[qt] <= k_max); },
+      [&](int qt) { return a.qt_min[qt] >= k_max && (!DOCS || a.dt_max[qt] <= k_min); });
 
   auto load_q = [&](int qt, int b) {
     const int64_t i0 = int64_t{qt} * BR;
@@ -466,6 +523,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
     copy_chunks<NT>(qposb(b), a.qpos_pad + i0, BR * 8 / 16, tid);
     copy_chunks<NT>(lseb(b), a.lse2 + h * a.nq_pad + i0, BR * 4 / 16, tid);
     copy_chunks<NT>(deltab(b), a.delta + h * a.nq_pad + i0, BR * 4 / 16, tid);
+    if constexpr (DOCS) copy_chunks<NT>(dsb(b), a.dstart_pad + i0, BR * 8 / 16, tid);
   };
 
   int qt = next_set(need_s, 0, n_qt);
@@ -494,6 +552,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
     const int64_t* qpos_s = qposb(buf);
     const float* lse_s = lseb(buf);
     const float* D_s = deltab(buf);
+    const int64_t* ds_s = dsb(buf);  // DOCS only
 
     // Sᵀ = K·Qᵀ for this warp's 16 keys × BR queries, then Pᵀ.
     float P[BR / 8][4] = {};
@@ -515,7 +574,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
       for (int e = 0; e < 4; ++e) {
         const int col = n * 8 + 2 * t + (e & 1);
         float p = ex2(P[n][e] * sl2 - lse_s[col]);
-        if (!full && kp[e >> 1] > qpos_s[col]) p = 0.f;
+        if (!full && (kp[e >> 1] > qpos_s[col] || (DOCS && kp[e >> 1] < ds_s[col]))) p = 0.f;
         P[n][e] = p;
       }
     }
@@ -632,9 +691,9 @@ struct Carve {
   }
 };
 
-template <int D>
+template <int D, bool DOCS>
 cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
-  constexpr int BC = kFwdBC, BR = kFwdBR, bytes = fwd_smem_bytes<D>();
+  constexpr int BC = kFwdBC, BR = kFwdBR, bytes = fwd_smem_bytes<D, DOCS>();
   const Shape& sh = p.sh;
   const int n_kt = static_cast<int>((sh.nk + BC - 1) / BC);
   FwdArgs a{};
@@ -646,6 +705,7 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
   a.o = static_cast<bf16*>(p.o);
   a.lse = p.lse;
   a.scale = p.scale;
+  a.q_doc_pos = p.q_doc_pos;
   // n_kt = 0 (no keys): no tile is needed, the kernel writes o = 0, lse = -inf.
   Carve cv;
   const size_t o_pad = cv.take<int64_t>(int64_t{n_kt} * BC), o_min = cv.take<int64_t>(n_kt),
@@ -656,23 +716,24 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
   int64_t* kpos_pad = reinterpret_cast<int64_t*>(scratch + o_pad);
   int64_t* kt_min = reinterpret_cast<int64_t*>(scratch + o_min);
   int64_t* kt_max = reinterpret_cast<int64_t*>(scratch + o_max);
-  if (n_kt > 0) e = tile_bounds(p.k_pos, sh.nk, BC, n_kt, kNoKey, kt_min, kt_max, kpos_pad, s);
+  if (n_kt > 0)
+    e = tile_bounds(p.k_pos, nullptr, sh.nk, BC, n_kt, kNoKey, kt_min, kt_max, kpos_pad, s);
   a.kpos_pad = kpos_pad, a.kt_min = kt_min, a.kt_max = kt_max;
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(flash_forward_v2_kernel<D>,
+    e = cudaFuncSetAttribute(flash_forward_v2_kernel<D, DOCS>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nq + BR - 1) / BR));
-    flash_forward_v2_kernel<D><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
+    flash_forward_v2_kernel<D, DOCS><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
     e = cudaGetLastError();
   }
   const cudaError_t ef = cudaFreeAsync(scratch, s);
   return e != cudaSuccess ? e : ef;
 }
 
-template <int D>
+template <int D, bool DOCS>
 cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
-  constexpr int BR = bwd_br<D>(), BC = kBwdBC, bytes = bwd_smem_bytes<D, BR>();
+  constexpr int BR = bwd_br<D>(), BC = kBwdBC, bytes = bwd_smem_bytes<D, BR, DOCS>();
   const Shape& sh = p.sh;
   const int n_qt = static_cast<int>((sh.nq + BR - 1) / BR);
   const int64_t nq_pad = int64_t{n_qt} * BR;
@@ -694,6 +755,12 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
   const size_t o_pad = cv.take<int64_t>(nq_pad), o_min = cv.take<int64_t>(n_qt),
                o_max = cv.take<int64_t>(n_qt), o_do = cv.take<bf16>(nq_pad * sh.hq * D),
                o_lse = cv.take<float>(nq_pad * sh.hq), o_delta = cv.take<float>(nq_pad * sh.hq);
+  size_t o_dpad = 0, o_dmin = 0, o_dmax = 0;  // document starts: padded copy, tile min / max
+  if constexpr (DOCS) {
+    o_dpad = cv.take<int64_t>(nq_pad);
+    o_dmin = cv.take<int64_t>(n_qt);
+    o_dmax = cv.take<int64_t>(n_qt);
+  }
   char* scratch = nullptr;
   cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&scratch), cv.off, s);
   if (e != cudaSuccess) return e;
@@ -704,18 +771,27 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
   a.do16 = reinterpret_cast<bf16*>(scratch + o_do);
   a.lse2 = reinterpret_cast<float*>(scratch + o_lse);
   a.delta = reinterpret_cast<float*>(scratch + o_delta);
-  e = tile_bounds(p.q_pos, sh.nq, BR, n_qt, kNoQuery, qt_min, qt_max, qpos_pad, s);
+  e = tile_bounds(p.q_pos, nullptr, sh.nq, BR, n_qt, kNoQuery, qt_min, qt_max, qpos_pad, s);
+  if (DOCS && e == cudaSuccess) {
+    // Document starts, padded with kNoKey: no tile minimum takes it, and it hides every key (as
+    // the padded query's kNoQuery position already does).
+    int64_t* dstart_pad = reinterpret_cast<int64_t*>(scratch + o_dpad);
+    int64_t* dt_min = reinterpret_cast<int64_t*>(scratch + o_dmin);
+    int64_t* dt_max = reinterpret_cast<int64_t*>(scratch + o_dmax);
+    a.dstart_pad = dstart_pad, a.dt_min = dt_min, a.dt_max = dt_max;
+    e = tile_bounds(p.q_pos, p.q_doc_pos, sh.nq, BR, n_qt, kNoKey, dt_min, dt_max, dstart_pad, s);
+  }
   if (e == cudaSuccess) {
     const int64_t warps = nq_pad * sh.hq;
     bwd_prep_kernel<D><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, s>>>(a);
     e = cudaGetLastError();
   }
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(flash_backward_v2_kernel<D, BR>,
+    e = cudaFuncSetAttribute(flash_backward_v2_kernel<D, BR, DOCS>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nk + BC - 1) / BC));
-    flash_backward_v2_kernel<D, BR><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
+    flash_backward_v2_kernel<D, BR, DOCS><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
     e = cudaGetLastError();
   }
   const cudaError_t ef = cudaFreeAsync(scratch, s);
@@ -737,13 +813,15 @@ bool flash_v2_supported(const Shape& sh) {
 cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s) {
   if (!p.bf16 || !flash_v2_supported(p.sh)) return cudaErrorInvalidValue;
   if (p.sh.nq == 0) return cudaSuccess;
-  return p.sh.d == 64 ? forward_d<64>(p, s) : forward_d<128>(p, s);
+  if (p.q_doc_pos) return p.sh.d == 64 ? forward_d<64, true>(p, s) : forward_d<128, true>(p, s);
+  return p.sh.d == 64 ? forward_d<64, false>(p, s) : forward_d<128, false>(p, s);
 }
 
 cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s) {
   if (!p.bf16 || !flash_v2_supported(p.sh)) return cudaErrorInvalidValue;
   if (p.sh.nq == 0 || p.sh.nk == 0) return cudaSuccess;
-  return p.sh.d == 64 ? backward_d<64>(p, s) : backward_d<128>(p, s);
+  if (p.q_doc_pos) return p.sh.d == 64 ? backward_d<64, true>(p, s) : backward_d<128, true>(p, s);
+  return p.sh.d == 64 ? backward_d<64, false>(p, s) : backward_d<128, false>(p, s);
 }
 
 }  // namespace tsp::cuda::attn

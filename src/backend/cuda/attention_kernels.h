@@ -53,7 +53,7 @@ cudaError_t reference_backward(const Bwd& p, cudaStream_t s);
 cudaError_t merge(void* o_a, bool a_bf16, float* lse_a, const void* o_b, bool b_bf16,
                   const float* lse_b, int64_t rows, int d, cudaStream_t s);
 
-// ---- flash kernels (attention_flash.cu): BF16, d in {64, 128}, tensor cores ----
+// ---- flash kernels (attention_flash.cu): BF16, d in {64, 128}, tensor cores, documents too ----
 bool flash_supported(int d);
 cudaError_t flash_forward(const Fwd& p, cudaStream_t s);
 // dq accumulates through fp32 atomics (summation order varies from run to run); dk, dv are owned
