@@ -22,6 +22,22 @@ expect_failure() {
   echo "ok: $what"
 }
 
+# metric FILE [FIELD]: the values of FIELD (default loss) in a metrics JSONL file (tsp train
+# --metrics), one per line ("loss" does not match "val_loss").
+metric() { grep -o "\"${2:-loss}\":[^,}]*" "$1" | cut -d: -f2; }
+# compare_metric REF RUN LABEL TOL [FIELD] [FIRST]: |run - ref| <= TOL (absolute) for FIELD
+# (default loss) at every line of RUN, against REF's lines from FIRST on (default 1: a resumed run
+# starts later); prints the largest difference; fails beyond TOL, or when nothing was compared.
+compare_metric() {
+  local field=${5:-loss}
+  paste -d' ' <(metric "$1" "$field" | tail -n +"${6:-1}") <(metric "$2" "$field") |
+    awk -v label="$3" -v tol="$4" -v field="$field" '
+      {d = $1 - $2; if (d < 0) d = -d; if (d > tol) bad = 1; if (d > m) m = d; n++}
+      END {printf "%-34s %2d steps  max |%s - reference| %.2e\n", label, n, field, m;
+           exit bad || n == 0}' ||
+    fail "$3: $field differs from the reference run beyond $4"
+}
+
 # skip_without_cuda_device: a GPU shell test (tests/<area>/cuda_*_test.sh) ends here, successfully,
 # with the skip line ctest looks for (tests/CMakeLists.txt), when no CUDA device is visible.
 skip_without_cuda_device() {

@@ -22,7 +22,6 @@ train() {  # ranks, extra args...
   shift
   mpiexec -n "$n" "$tsp" train "${common[@]}" "$@" > /dev/null
 }
-losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
 # Every layout computes the same function in another summation order (fp32 throughout). At this
 # learning rate training is smooth (gradient norms 1.5-4, no spikes), the ~1e-7 relative
 # gradient differences stay that small through AdamW, and the losses (3-5.5 nats) agree to
@@ -31,14 +30,11 @@ losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
 # a 100x margin; a missing or double-counted gradient contribution, a wrong shard update or
 # another data order moves the loss by > 1e-3 within a few steps.
 compare() {  # reference metrics, metrics, label, [first step]
-  paste -d' ' <(losses "$1" | tail -n +"${4:-1}") <(losses "$2") |
-    awk -v label="$3" '{d = $1 - $2; if (d < 0) d = -d; if (d > 2e-5) bad = 1; if (d > m) m = d; n++}
-      END {printf "%-28s %2d steps  max |loss - single| %.2e\n", label, n, m; exit bad || n == 0}' ||
-    fail "$3: losses differ from single beyond 2e-5"
+  compare_metric "$1" "$2" "$3" 2e-5 loss "${4:-1}"
 }
 
 train 1 --layout single --metrics single.jsonl --save ck_single --save-every 10
-[ "$(losses single.jsonl | wc -l)" -eq 20 ] || fail "single: expected 20 metrics lines"
+[ "$(metric single.jsonl | wc -l)" -eq 20 ] || fail "single: expected 20 metrics lines"
 train 4 --layout single --dp 4 --metrics single_dp4.jsonl
 compare single.jsonl single_dp4.jsonl "single --dp 4"
 train 4 --layout tsp --metrics tsp.jsonl --save ck_tsp --save-every 10
@@ -113,7 +109,7 @@ compare single.jsonl z4_to_single.jsonl "resume R=4 Z1 -> single" 11
 # losses of steps 11-20 are those of the uninterrupted run, digit for digit.
 train 4 --layout tp --dp 2 --zero 1 --stop-at 10 --save ck_tp_z1
 train 4 --layout tp --dp 2 --zero 1 --resume ck_tp_z1 --metrics tp_z1_resumed.jsonl
-diff <(losses dp_tp_2_1.jsonl | tail -n +11) <(losses tp_z1_resumed.jsonl) > /dev/null ||
+diff <(metric dp_tp_2_1.jsonl | tail -n +11) <(metric tp_z1_resumed.jsonl) > /dev/null ||
   fail "tp --dp 2 --zero 1: resuming at step 10 changed the losses of steps 11-20"
 echo "resume tp --dp 2 --zero 1 -> same           bit-exact"
 echo "PASS"
