@@ -86,12 +86,9 @@ struct Ours {
   double memory = 0;   // bytes per rank
   double traffic = 0;  // bytes sent per rank per step (all micro-batches)
 };
-// `recompute`: the row's mode; our implementation has no none (it keeps selective's set at most),
-// so a none row shows selective's figures.
+// `recompute`: the row's mode (our layouts run all three).
 Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype,
-             plan::Recompute recompute) {
-  const plan::Recompute rc =
-      recompute == plan::Recompute::Full ? recompute : plan::Recompute::Selective;
+             plan::Recompute rc) {
   Ours o;
   const int64_t B = w.B * l.R;  // the whole job's rows (each replica takes B of them)
   try {
@@ -362,8 +359,8 @@ int run_plan(const PlanOptions& o) {
   if (ours)
     std::printf(
         "# ours_*: our implementation in %s (fp32 master weights, gradients and AdamW moments; "
-        "docs/cost-model.md §5) with the row's recomputation (none: selective, the most it "
-        "keeps): peak GB per rank, GB sent per rank per step\n",
+        "docs/cost-model.md §5) with the row's recomputation: peak GB per rank, GB sent per rank "
+        "per step\n",
         o.dtype.c_str());
   std::printf("%-31s %-9s %10s %8s %8s %8s %8s %10s %8s %4s %10s %10s %10s %9s %9s %12s", "#layout",
               "recompute", "weights_GB", "grads_GB", "optim_GB", "activ_GB", "comm_GB",

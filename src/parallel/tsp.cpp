@@ -690,8 +690,10 @@ class TspModel final : public LayoutModel {
     const double N = static_cast<double>(w.tokens_per_microbatch()), D = l.D, ab = a.act_bytes;
     const double kv_group = N * s.kv / D * ab;  // one head group's K or V, all tokens
     const double mlp_cols = static_cast<double>(s.I) / D;
-    const double base_ws = 2 * N * s.h / D * ab;  // recomputed norm output, dx
-    const double mlp_ws = base_ws + 4 * N * mlp_cols / D * ab;
+    // Only selective rebuilds the norm output and gate, up, act in the backward (LayoutModel's).
+    const double rebuilt = w.recompute == Recompute::Selective ? 1 : 0;
+    const double base_ws = (1 + rebuilt) * N * s.h / D * ab;  // dx, recomputed norm output
+    const double mlp_ws = base_ws + (1 + 3 * rebuilt) * N * mlp_cols / D * ab;
     const double mlp_comm = l.D > 1 ? 2.0 * s.mlp_params() / D * a.weight_bytes +
                                           (l.D > 2 ? 3.0 : 2.0) * s.mlp_params() / D * a.grad_bytes
                                     : 0;

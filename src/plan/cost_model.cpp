@@ -206,10 +206,13 @@ LayoutModel::Transients LayoutModel::layer_transients(const Workload& w, const L
   const double N = static_cast<double>(w.tokens_per_microbatch()), h = w.model.hidden_size;
   const double ab = a.act_bytes;
   const double mlp_cols = static_cast<double>(w.model.intermediate_size) / sp.hd;
+  // Only selective rebuilds the norm output and gate, up, act inside the backward; none kept them,
+  // and full's replay saved them (it holds the layer's none set, §3.2).
+  const double rebuilt = w.recompute == Recompute::Selective ? 1 : 0;
   Transients t;
-  t.work = 2 * N * h / sp.t * ab              // recomputed norm output, dx
-           + 2 * N * h / (sp.t * sp.hd) * ab  // dq, do
-           + 4 * N * mlp_cols / sp.t * ab;    // gate, up, act, one gradient
+  t.work = (1 + rebuilt) * N * h / sp.t * ab          // dx, recomputed norm output
+           + 2 * N * h / (sp.t * sp.hd) * ab          // dq, do
+           + (1 + 3 * rebuilt) * N * mlp_cols / sp.t * ab;  // one gradient, gate, up, act
   return t;
 }
 
