@@ -273,8 +273,9 @@ inline std::vector<double> times(std::vector<double> x, double k) {
 }
 
 // Every element within bound[i] + slack of the oracle (no bound: slack alone); equal infinities
-// pass. Reports the first element out of bounds (and stops there); returns the worst
-// err / (bound + slack), so a failure message (and SCOPED_TRACE) says how close it came.
+// pass, a NaN never does (`!(err <= tol)`: err > tol alone is false for NaN). Reports the first
+// element out of bounds (and stops there); returns the worst err / (bound + slack), so a failure
+// message (and SCOPED_TRACE) says how close it came.
 template <class T>
 double expect_within(const std::vector<T>& got, const std::vector<double>& want,
                      const std::vector<double>& bound, double slack, const char* what) {
@@ -285,7 +286,7 @@ double expect_within(const std::vector<T>& got, const std::vector<double>& want,
     const double err = std::abs(double(got[i]) - want[i]);
     const double tol = (bound.empty() ? 0.0 : bound[i]) + slack;
     worst = std::max(worst, err / tol);
-    if (err > tol) {
+    if (!(err <= tol)) {
       ADD_FAILURE() << what << " at " << i << ": got " << double(got[i]) << ", want " << want[i]
                     << ", error " << err << " > bound " << tol;
       break;
