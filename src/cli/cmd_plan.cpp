@@ -87,8 +87,7 @@ struct Ours {
   double traffic = 0;  // bytes sent per rank per step (all micro-batches)
 };
 // `recompute`: the row's mode (our layouts run all three).
-Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype,
-             plan::Recompute rc) {
+Ours ours_of(const plan::Workload& w, const plan::LayoutSpec& l, DType dtype, plan::Recompute rc) {
   Ours o;
   const int64_t B = w.B * l.R;  // the whole job's rows (each replica takes B of them)
   try {

@@ -210,8 +210,8 @@ LayoutModel::Transients LayoutModel::layer_transients(const Workload& w, const L
   // and full's replay saved them (it holds the layer's none set, §3.2).
   const double rebuilt = w.recompute == Recompute::Selective ? 1 : 0;
   Transients t;
-  t.work = (1 + rebuilt) * N * h / sp.t * ab          // dx, recomputed norm output
-           + 2 * N * h / (sp.t * sp.hd) * ab          // dq, do
+  t.work = (1 + rebuilt) * N * h / sp.t * ab                // dx, recomputed norm output
+           + 2 * N * h / (sp.t * sp.hd) * ab                // dq, do
            + (1 + 3 * rebuilt) * N * mlp_cols / sp.t * ab;  // one gradient, gate, up, act
   return t;
 }

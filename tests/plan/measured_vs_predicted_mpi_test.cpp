@@ -78,8 +78,8 @@ TEST(MeasuredVsPredicted, MemoryAndTrafficOfEveryLayout) {
   Communicator& world = test::world();
   const int W = world.size();
   int ran = 0;
-  for (const plan::Recompute mode : {plan::Recompute::None, plan::Recompute::Selective,
-                                     plan::Recompute::Full})
+  for (const plan::Recompute mode :
+       {plan::Recompute::None, plan::Recompute::Selective, plan::Recompute::Full})
     for (const DType dtype : {DType::F32, DType::BF16})
       for (const Case& k : cases()) {
         const Batch batch = random_batch(k.config, k.B, k.S);
