@@ -30,12 +30,12 @@ struct ParallelConfig {
   int zero = 0;
   bool overlap = true;  // tsp: prefetch / double-buffer transfers (false: blocking)
   // Activation recomputation of a training step (docs/cost-model.md §3.2; docs/layouts.md,
-  // "Recomputation"). Selective (today's and the default): each layer keeps x, q, k, v, o, lse,
-  // x2 and the norms' 1/rms, and its backward recomputes the normed inputs and the MLP's
-  // gate/up/act. Full: each layer keeps only its input x; its backward first replays the layer's
-  // forward (communication included) into a fresh LayerSaved, then runs as under selective, so
-  // the gradients are bit-identical. None (also keep the normed inputs and gate/up/act) is
-  // modelled by the planner but not implemented by the engine: make_layout rejects it.
+  // "Recomputation"). Selective (the default): each layer keeps x, q, k, v, o, lse, x2 and the
+  // norms' 1/rms, and its backward recomputes the normed inputs and the MLP's gate/up/act. None:
+  // each layer also keeps the normed inputs and gate/up/act, and its backward reads them. Full:
+  // each layer keeps only its input x; its backward first replays the layer's forward
+  // (communication included) into a fresh LayerSaved, then runs as under selective. The three
+  // give bit-identical gradients.
   plan::Recompute recompute = plan::Recompute::Selective;
   Device device;  // where weights, activations and compute live (Backend)
   // Compute dtype: F32, or BF16 mixed precision (bf16 weight copies, activations and transfers;
