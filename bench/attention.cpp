@@ -2,7 +2,7 @@
 // kv heads, head dim).
 //   bench_attention [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] [--dtype f32|bf16|both]
 //                   [--device cpu|cuda[:N]] [--heads H --kv-heads HKV] [--json]
-//                   [--flash v1|v2|both]
+//                   [--flash v1|v2|both] [--doc-len L]
 // --flash (--device cuda): which version of the CUDA flash kernels to time (attention.h; default:
 // the process's, TSP_CUDA_FLASH or v2); both: every row for v1, then for v2 ("flash" in JSON).
 // --device cuda: the GPU backend's attention (backend_for(Device::cuda(N)).attention_forward /
@@ -17,6 +17,11 @@
 // full-square 4·S²·d and 10·S²·d). %peak is against 116 GFLOP/s per compute thread (measured fp32
 // FMA peak of one Zen 4 core, docs/platform-notes.md). Each row also checks a sample of 16 query
 // rows against the scalar reference path (o for forward, dq for backward): max_err and ok.
+// --doc-len L: packed documents of L tokens (the last one shorter), q_doc_pos = position mod L
+// (docs/layouts.md, "Documents"): a query sees only the keys of its own document, and the kernels
+// skip the key tiles no query of a tile can see. The FLOPs then count only what the documents
+// need: S² becomes Σ len² over the documents, so the speed-up over --doc-len 0 (no documents)
+// shows how much of the masked work is skipped (a time ratio S²/Σlen² means all of it).
 #include <time.h>
 #include <algorithm>
 #include <chrono>
@@ -98,6 +103,20 @@ SampledErrors sampled_errors(const O& o, const ORef& o_ref, const std::vector<fl
   return err;
 }
 
+// Packed documents of L tokens (L = 0: none): each token's position in its document, and the
+// attention work's S² replaced by Σ len² over the documents.
+std::vector<int64_t> doc_positions(int64_t S, int64_t L) {
+  std::vector<int64_t> out;
+  if (L > 0)
+    for (int64_t i = 0; i < S; ++i) out.push_back(i % L);
+  return out;
+}
+double squared_tokens(int64_t S, int64_t L) {
+  if (L <= 0 || L >= S) return double(S) * S;
+  const int64_t full = S / L, rest = S % L;
+  return double(full) * L * L + double(rest) * rest;
+}
+
 std::vector<tsp::bf16> to_bf16(const std::vector<float>& x) {
   std::vector<tsp::bf16> out(x.size());
   tsp::convert_f32_to_bf16(x.data(), out.data(), static_cast<int64_t>(x.size()));
@@ -105,9 +124,11 @@ std::vector<tsp::bf16> to_bf16(const std::vector<float>& x) {
 }
 
 // One configuration: times forward and backward, checks sampled rows against the reference.
-void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<Row>& rows);
+void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int64_t doc_len, int repeats,
+              std::vector<Row>& rows);
 
-void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<Row>& rows) {
+void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int64_t doc_len, int repeats,
+         std::vector<Row>& rows) {
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   auto rnd = [&](int64_t n) {
@@ -127,6 +148,8 @@ void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.q_pos = pos.data(), p.k_pos = pos.data();
   p.o = o.data(), p.lse = lse.data(), p.dout = dout.data();
   p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  const std::vector<int64_t> doc_pos = doc_positions(S, doc_len);
+  p.q_doc_pos = doc_pos.empty() ? nullptr : doc_pos.data();
 
   std::vector<double> t_fwd, t_bwd, c_fwd, c_bwd;
   for (int r = 0; r <= repeats; ++r) {  // r = 0 is a warm-up
@@ -148,17 +171,19 @@ void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<
   std::vector<int64_t> idx(ns);
   for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % S;
   std::vector<float> qs, dos, os, lses;
-  std::vector<int64_t> ps;
+  std::vector<int64_t> ps, ds;
   for (int64_t i : idx) {
     qs.insert(qs.end(), q.begin() + i * H * d, q.begin() + (i + 1) * H * d);
     dos.insert(dos.end(), dout.begin() + i * H * d, dout.begin() + (i + 1) * H * d);
     ps.push_back(pos[i]);
+    if (!doc_pos.empty()) ds.push_back(doc_pos[i]);
   }
   std::vector<float> o_ref(ns * H * d), lse_ref(ns * H), dq_ref(ns * H * d, 0.f),
       dk_ref(S * Hkv * d, 0.f), dv_ref(S * Hkv * d, 0.f);
   tsp::AttentionBackwardParams r = p;
   r.n_q = ns, r.q = qs.data(), r.q_pos = ps.data(), r.o = o_ref.data(), r.lse = lse_ref.data();
   r.dout = dos.data(), r.dq = dq_ref.data(), r.dk = dk_ref.data(), r.dv = dv_ref.data();
+  r.q_doc_pos = ds.empty() ? nullptr : ds.data();
   tsp::attn::forward_reference(r);
   tsp::attn::backward_reference(r);
   const SampledErrors err = sampled_errors(o, o_ref, dq, dq_ref, idx, H * d);
@@ -176,7 +201,8 @@ void run(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<
 // backward) to bf16: |Δo| <= 2^-8·(|o| + max|v|) <= 2^-7 here (inputs in (-1, 1)); for dq the
 // bound is relative to Σ|terms| (tests/ops/attention_bf16_test.cpp checks it per element), so the
 // bench's sanity threshold is 1e-2 of the largest dq of the sample.
-void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::vector<Row>& rows) {
+void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int64_t doc_len, int repeats,
+              std::vector<Row>& rows) {
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   auto rnd = [&](int64_t n) {
@@ -198,6 +224,8 @@ void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::ve
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.q_pos = pos.data(), p.k_pos = pos.data();
   p.o = o.data(), p.lse = lse.data(), p.dout = dout.data();
   p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  const std::vector<int64_t> doc_pos = doc_positions(S, doc_len);
+  p.q_doc_pos = doc_pos.empty() ? nullptr : doc_pos.data();
 
   std::vector<double> t_fwd, t_bwd, c_fwd, c_bwd;
   for (int r = 0; r <= repeats; ++r) {  // r = 0 is a warm-up
@@ -214,7 +242,7 @@ void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::ve
   }
 
   const int64_t ns = 16;
-  std::vector<int64_t> idx(ns), ps;
+  std::vector<int64_t> idx(ns), ps, ds;
   for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % S;
   std::vector<tsp::bf16> qs, os;
   std::vector<float> dos;
@@ -223,6 +251,7 @@ void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::ve
     os.insert(os.end(), o.begin() + i * H * d, o.begin() + (i + 1) * H * d);
     dos.insert(dos.end(), dout.begin() + i * H * d, dout.begin() + (i + 1) * H * d);
     ps.push_back(pos[i]);
+    if (!doc_pos.empty()) ds.push_back(doc_pos[i]);
   }
   std::vector<tsp::bf16> o_ref(ns * H * d);
   std::vector<float> lse_ref(ns * H), dq_ref(ns * H * d, 0.f), dk_ref(S * Hkv * d, 0.f),
@@ -230,6 +259,7 @@ void run_bf16(int64_t S, int64_t H, int64_t Hkv, int64_t d, int repeats, std::ve
   tsp::AttentionBf16BackwardParams r = p;
   r.n_q = ns, r.q = qs.data(), r.q_pos = ps.data(), r.o = o_ref.data(), r.lse = lse_ref.data();
   r.dout = dos.data(), r.dq = dq_ref.data(), r.dk = dk_ref.data(), r.dv = dv_ref.data();
+  r.q_doc_pos = ds.empty() ? nullptr : ds.data();
   tsp::attn::forward_reference_bf16(r);
   r.o = os.data();  // backward from the o the fast path produced, as the timed backward did
   tsp::attn::backward_reference_bf16(r);
@@ -269,7 +299,7 @@ struct DeviceRow {
 // the CPU reference (the tolerances of the CPU rows: o within 2^-7 absolute for bf16, dq within
 // 1e-2 of the sample's largest |dq|).
 void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t Hkv, int64_t d,
-                int repeats, std::vector<DeviceRow>& rows) {
+                int64_t doc_len, int repeats, std::vector<DeviceRow>& rows) {
   using tsp::Tensor, tsp::MemCategory;
   const tsp::Device dev = be.device();
   const bool bf = dt == tsp::DType::BF16;
@@ -295,18 +325,20 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
   const Tensor tq = upload(q, {S, H, d}, dt), tk = upload(k, {S, Hkv, d}, dt),
                tv = upload(v, {S, Hkv, d}, dt), tdo = upload(dout, {S, H, d}, tsp::DType::F32);
   const Tensor tpos = be.device_copy(pos, kW);
+  const std::vector<int64_t> doc_pos = doc_positions(S, doc_len);
+  const Tensor tdoc = doc_pos.empty() ? Tensor() : be.device_copy(doc_pos, kW);
   Tensor to({S, H, d}, dt, kW, dev), tlse = Tensor::f32({S, H}, kW, dev);
   Tensor tdq = Tensor::f32({S, H, d}, kW, dev), tdk = Tensor::f32({S, Hkv, d}, kW, dev),
          tdv = Tensor::f32({S, Hkv, d}, kW, dev);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   auto fwd = [&] {
-    be.attention_forward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(),
-                         tsp::TensorView(), to.view(), tlse.view(), scale);
+    be.attention_forward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), tdoc.view(),
+                         to.view(), tlse.view(), scale);
   };
   auto bwd = [&] {
-    be.attention_backward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(),
-                          tsp::TensorView(), to.view(), tlse.view(), tdo.view(), tdq.view(),
-                          tdk.view(), tdv.view(), scale);
+    be.attention_backward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), tdoc.view(),
+                          to.view(), tlse.view(), tdo.view(), tdq.view(), tdk.view(), tdv.view(),
+                          scale);
   };
   auto timed = [&](auto&& f, int inner) {
     be.synchronize();
@@ -336,7 +368,7 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
     be.download(tdq.view(), dq_dev.data());
   }
   const int64_t ns = 16;
-  std::vector<int64_t> idx(ns), ps;
+  std::vector<int64_t> idx(ns), ps, ds;
   for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % S;
   std::vector<float> qs, dos, os;
   for (int64_t i : idx) {
@@ -344,6 +376,7 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
     dos.insert(dos.end(), dout.begin() + i * H * d, dout.begin() + (i + 1) * H * d);
     os.insert(os.end(), o_dev.begin() + i * H * d, o_dev.begin() + (i + 1) * H * d);
     ps.push_back(pos[i]);
+    if (!doc_pos.empty()) ds.push_back(doc_pos[i]);
   }
   // fp32 reference on the (bf16-valued) inputs: forward for o, then backward from the device's o.
   std::vector<float> o_ref(ns * H * d), lse_ref(ns * H), dq_ref(ns * H * d, 0.f),
@@ -353,6 +386,7 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
   r.q = qs.data(), r.k = k.data(), r.v = v.data(), r.q_pos = ps.data(), r.k_pos = pos.data();
   r.o = o_ref.data(), r.lse = lse_ref.data(), r.dout = dos.data();
   r.dq = dq_ref.data(), r.dk = dk_ref.data(), r.dv = dv_ref.data();
+  r.q_doc_pos = ds.empty() ? nullptr : ds.data();
   tsp::attn::forward_reference(r);
   r.o = os.data();
   tsp::attn::backward_reference(r);
@@ -369,7 +403,8 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
 // --device cuda: prints the table (or JSON lines) of run_device.
 int main_device(const std::string& device_name, const std::vector<int64_t>& sizes,
                 const std::vector<int64_t>& head_dims, int64_t H, int64_t Hkv,
-                const std::string& dtype, int repeats, bool json, const std::string& flash) {
+                const std::string& dtype, int64_t doc_len, int repeats, bool json,
+                const std::string& flash) {
   tsp::Backend& be = tsp::backend_for(tsp::parse_device(device_name));
   const std::string dev = be.device().str();
   if (!json) {
@@ -378,6 +413,11 @@ int main_device(const std::string& device_name, const std::vector<int64_t>& size
     fmt::print(
         "# causal, positions 0..S-1; FLOPs: forward 2*S^2*d*hq (4*S^2*d*hq / 2: QK^T and PV, causal "
         "half), backward 2.5x forward, fwd+bwd 7*S^2*d*hq\n");
+    if (doc_len > 0)
+      fmt::print(
+          "# documents of {} tokens (q_doc_pos = position mod {}): S^2 above is the sum of "
+          "their len^2\n",
+          doc_len, doc_len);
     fmt::print("# {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10} {:>8} {:>10} {:>9} {:>3}\n", "dtype",
                "pass", "S", "heads", "kv", "d", "ms", "TFLOP/s", "tok/s", "max_err", "ok");
   }
@@ -399,22 +439,22 @@ int main_device(const std::string& device_name, const std::vector<int64_t>& size
       for (int64_t S : sizes)
         for (int64_t d : head_dims) {
           std::vector<DeviceRow> rows;
-          run_device(be, dt, S, H, Hkv, d, repeats, rows);
+          run_device(be, dt, S, H, Hkv, d, doc_len, repeats, rows);
           for (const DeviceRow& r : rows) {
             const double per_head = r.pass[0] == 'f' && r.pass[1] == 'o' ? 2.0
                                     : r.pass[0] == 'b'                   ? 5.0
                                                                          : 7.0;
-            const double flops = per_head * double(r.S) * r.S * r.d * r.H;
+            const double flops = per_head * squared_tokens(r.S, doc_len) * r.d * r.H;
             const double tflops = flops / (r.ms * 1e-3) / 1e12;
             const double tok_s = r.S / (r.ms * 1e-3);
             if (json)
               fmt::print(
                   "{{\"bench\":\"attention\",\"impl\":\"tsp\",\"flash\":\"{}\",\"device\":\"{}\","
-                  "\"dtype\":\"{}\","
+                  "\"dtype\":\"{}\",\"doc_len\":{},"
                   "\"pass\":\"{}\",\"causal\":true,\"S\":{},\"heads\":{},\"kv_heads\":{},"
                   "\"head_dim\":{},\"ms\":{:.4f},\"inner\":{},\"tflops\":{:.2f},\"gflops\":{:.1f},"
                   "\"tokens_per_s\":{:.0f},\"max_err\":{:.3e},\"ok\":{}}}\n",
-                  fname, dev, dts, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner, tflops,
+                  fname, dev, dts, doc_len, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner, tflops,
                   tflops * 1e3, tok_s, r.max_err, r.ok);
             else
               fmt::print(
@@ -436,6 +476,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> sizes = {1024, 4096}, head_dims = {64};
   std::string dtype, device = "cpu", flash;
   int64_t heads = 0, kv_heads = 0;  // 0: the defaults of the device (CPU: 8 with 8 and 2 kv)
+  int64_t doc_len = 0;              // --doc-len: packed documents of this many tokens (0: none)
   bool sizes_given = false, dims_given = false;
   auto list = [](char* arg) {
     std::vector<int64_t> out;
@@ -458,6 +499,8 @@ int main(int argc, char** argv) {
       heads = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--kv-heads") && a + 1 < argc) {
       kv_heads = std::atoll(argv[++a]);
+    } else if (!std::strcmp(argv[a], "--doc-len") && a + 1 < argc) {
+      doc_len = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--flash") && a + 1 < argc &&
                (!std::strcmp(argv[a + 1], "v1") || !std::strcmp(argv[a + 1], "v2") ||
                 !std::strcmp(argv[a + 1], "both"))) {
@@ -470,7 +513,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] "
                    "[--dtype f32|bf16|both] [--device cpu|cuda[:N]] [--heads H] [--kv-heads HKV] "
-                   "[--json] [--flash v1|v2|both]\n",
+                   "[--json] [--flash v1|v2|both] [--doc-len L]\n",
                    argv[0]);
       return 2;
     }
@@ -481,6 +524,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (doc_len < 0) {
+    std::fprintf(stderr, "bench_attention: --doc-len must be >= 0 tokens (0: no documents)\n");
+    return 2;
+  }
   if (heads < 0 || kv_heads < 0 || (heads && kv_heads && heads % kv_heads != 0)) {
     std::fprintf(stderr, "bench_attention: need --kv-heads dividing --heads\n");
     return 2;
@@ -490,8 +537,8 @@ int main(int argc, char** argv) {
       if (!sizes_given) sizes = {4096, 8192, 16384, 32768};
       if (!dims_given) head_dims = {128};
       const int64_t H = heads ? heads : 32, Hkv = kv_heads ? kv_heads : (heads ? heads : 8);
-      return main_device(device, sizes, head_dims, H, Hkv, dtype.empty() ? "bf16" : dtype, repeats,
-                         json, flash);
+      return main_device(device, sizes, head_dims, H, Hkv, dtype.empty() ? "bf16" : dtype, doc_len,
+                         repeats, json, flash);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "bench_attention: %s\n", e.what());
       return 1;
@@ -508,6 +555,11 @@ int main(int argc, char** argv) {
         dtype, peak, repeats);
     fmt::print(
         "# causal, positions 0..S-1; FLOPs: forward 2*S^2*d*heads, backward 5*S^2*d*heads\n");
+    if (doc_len > 0)
+      fmt::print(
+          "# documents of {} tokens (q_doc_pos = position mod {}): S^2 above is the sum of "
+          "their len^2\n",
+          doc_len, doc_len);
     fmt::print(
         "# ms, tok/s, GFLOP/s, %peak: wall-clock medians; cpu_ms, cpu_GF/s: process CPU time "
         "(insensitive to other load on the machine)\n");
@@ -522,21 +574,22 @@ int main(int argc, char** argv) {
                                : std::vector<int64_t>{8, 2}) {  // default: MHA, then GQA g = 4
         const int64_t H = heads ? heads : 8;
         std::vector<Row> rows;
-        if (dtype != "bf16") run(S, H, Hkv, d, repeats, rows);
-        if (dtype != "f32") run_bf16(S, H, Hkv, d, repeats, rows);
+        if (dtype != "bf16") run(S, H, Hkv, d, doc_len, repeats, rows);
+        if (dtype != "f32") run_bf16(S, H, Hkv, d, doc_len, repeats, rows);
         for (const Row& r : rows) {
-          const double flops = (r.pass[0] == 'f' ? 2.0 : 5.0) * r.S * r.S * r.d * r.H;
+          const double flops =
+              (r.pass[0] == 'f' ? 2.0 : 5.0) * squared_tokens(r.S, doc_len) * r.d * r.H;
           const double gflops = flops / (r.ms * 1e-3) / 1e9;
           const double tok_s = r.S / (r.ms * 1e-3);
           const double gflops_cpu = flops / (r.cpu_ms * 1e-3 / threads) / 1e9;
           if (json)
             fmt::print(
-                "{{\"bench\":\"attention\",\"dtype\":\"{}\",\"pass\":\"{}\",\"S\":{},\"heads\":{},\"kv_heads\":{},"
+                "{{\"bench\":\"attention\",\"dtype\":\"{}\",\"doc_len\":{},\"pass\":\"{}\",\"S\":{},\"heads\":{},\"kv_heads\":{},"
                 "\"head_dim\":{},\"threads\":{},\"ms\":{:.3f},\"cpu_ms\":{:.3f},"
                 "\"tokens_per_s\":{:.1f},\"gflops\":{:.2f},\"pct_peak\":{:.1f},"
                 "\"gflops_cpu\":{:.2f},\"max_err\":{:.3e},\"ok\":{}}}\n",
-                r.dtype, r.pass, r.S, r.H, r.Hkv, r.d, threads, r.ms, r.cpu_ms, tok_s, gflops,
-                100 * gflops / peak, gflops_cpu, r.max_err, r.ok);
+                r.dtype, doc_len, r.pass, r.S, r.H, r.Hkv, r.d, threads, r.ms, r.cpu_ms, tok_s,
+                gflops, 100 * gflops / peak, gflops_cpu, r.max_err, r.ok);
           else
             fmt::print(
                 "  {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.2f} {:>10.2f} {:>9.0f} {:>8.1f} {:>6.1f} "

@@ -9,7 +9,8 @@
 #   OUTDIR/report.md      environment, every step PASS / FAIL / SKIP (with why) and its time, the
 #                         benchmark tables with the ratios to PyTorch and the targets
 #   OUTDIR/steps.json     the same steps, machine-readable
-#   OUTDIR/attention.json, block.json, tsp_bench.json   raw benchmark rows (JSON lines)
+#   OUTDIR/attention.json, attention_docs.json, block.json, tsp_bench.json   raw benchmark rows
+#                         (JSON lines)
 #   OUTDIR/logs.tar.gz    every step's log and env.txt
 #
 # Binaries, in this order: --prebuilt DIR (a build tree, an unpacked bundle, or a folder holding
@@ -289,6 +290,10 @@ block_args=(--h 4096 --heads 32 --kv-heads 8 --ffn 14336 --seq 8192 --repeats 5)
 if [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
   step "bench attention tsp" 120 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash both \
     --sizes $sizes --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention.json'"
+  # Packed documents of 4K tokens in a 32K row (issue 11): the flash kernels skip the key tiles
+  # outside a query tile's documents, so the time should fall towards 1/8 of the row without them.
+  step "bench attention tsp documents" 60 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash both \
+    --sizes 32768 --doc-len 4096 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention_docs.json'"
   step "bench attention torch" 120 bash -c "set -o pipefail; python3 '$repo/bench/torch_attention.py' --sizes $sizes \
     --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 --json | tee -a '$out/attention.json'"
   step "bench block tsp" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
@@ -312,8 +317,8 @@ EOF
 else
   why="no device"
   [ $have_gpu -eq 1 ] && why="no binaries"
-  for s in "bench attention tsp" "bench attention torch" "bench block tsp" "bench block torch" \
-    "tsp bench demo" "tsp bench 1b"; do
+  for s in "bench attention tsp" "bench attention tsp documents" "bench attention torch" \
+    "bench block tsp" "bench block torch" "tsp bench demo" "tsp bench 1b"; do
     skip "$s" "$why"
   done
 fi
@@ -373,6 +378,27 @@ if att:
                   f'{f(tf("tsp", "backward"))} | {f(a)} | {f(tf("torch", "forward"))} | '
                   f'{f(tf("torch", "backward"))} | {f(b)} | {ratio} | '
                   f'{"yes" if oks and all(oks) else "NO" if oks else "–"} |')
+
+docs = rows('attention_docs.json')
+if docs:
+    md += ['', '## Attention with packed documents, bf16 (flash kernels)', '',
+           'Documents of `doc_len` tokens; the work counted is Σ len² instead of S², so the same '
+           'TFLOP/s with and without documents means every masked tile is skipped. ideal: the time '
+           'ratio S²/Σlen².', '',
+           '| S | doc_len | flash | pass | ms with documents | ms without | speed-up | ideal | TFLOP/s | ok |',
+           '|---:|---:|---|---|---:|---:|---:|---:|---:|---|']
+    for r in docs:
+        base = [b for b in att if b.get('impl', 'tsp') == 'tsp' and b.get('S') == r.get('S') and
+                b.get('flash') == r.get('flash') and b.get('pass') == r.get('pass') and
+                b.get('head_dim') == r.get('head_dim') and not b.get('doc_len')]
+        S, L = r.get('S', 0), r.get('doc_len', 0)
+        ideal = S * S / (S // L * L * L + (S % L) ** 2) if L else 1
+        b = base[0]['ms'] if base else None
+        without = '%.3f' % b if b else '–'
+        speedup = '%.2f×' % (b / r['ms']) if b else '–'
+        md.append(f"| {S} | {L} | {r.get('flash')} | {r.get('pass')} | {r.get('ms'):.3f} | "
+                  f"{without} | {speedup} | {ideal:.1f}× | {r.get('tflops')} | "
+                  f"{'yes' if r.get('ok') else 'NO'} |")
 
 blk = rows('block.json')
 if blk:
