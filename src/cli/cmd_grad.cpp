@@ -72,19 +72,21 @@ int run_grad(const GradOptions& o, Communicator& world) {
   std::unique_ptr<Layout> layout = make_layout(dir.config, pc, world);
   // The step's memory on this rank (the project's model of its own allocations, without AdamW
   // moments) before the weights are read: a batch too large for this machine is an error here.
-  double predicted = 0;
-  try {
-    predicted = plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
-                                           batch.B, batch.S, /*optimizer=*/false,
-                                           layout->compute_dtype(), pc.recompute)
-                    .total();
-  } catch (const Error&) {
-    predicted = 0;  // a layout without a memory model: nothing to check against
-  }
-  require_memory(static_cast<int64_t>(std::min(predicted, 9e18)),
-                 fmt::format("grad: --batch {} --seq {} (layout {}, {} ranks)", batch.B, batch.S,
-                             pc.layout, world.size()),
-                 "use a smaller --batch or --seq, or more ranks");
+  auto predict = [&](plan::Recompute mode) {
+    try {
+      return plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
+                                        batch.B, batch.S, /*optimizer=*/false,
+                                        layout->compute_dtype(), mode)
+          .total();
+    } catch (const Error&) {
+      return 0.0;  // a layout without a memory model: nothing to check against
+    }
+  };
+  require_memory(
+      static_cast<int64_t>(std::min(predict(pc.recompute), 9e18)),
+      fmt::format("grad: --batch {} --seq {} (layout {}, {} ranks)", batch.B, batch.S, pc.layout,
+                  world.size()),
+      "use a smaller --batch or --seq, or more ranks" + recompute_hint(pc.recompute, predict));
   layout->load(ModelDirWeights(dir));
   const double loss = layout->forward_backward(batch);
 

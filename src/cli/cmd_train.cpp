@@ -165,11 +165,12 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   spec.R = o.dp;
   spec.T = o.layout == "tp" ? D : (o.layout == "tp-sp" ? o.tp : 1);
   spec.zero = o.zero;
-  const double predicted =
-      plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype(),
-                                 checked_recompute(o.recompute, "train"))
-          .total();
-  require_memory(static_cast<int64_t>(predicted), what, hint);
+  auto predict = [&](plan::Recompute mode) {
+    return plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype(), mode)
+        .total();
+  };
+  const plan::Recompute mode = checked_recompute(o.recompute, "train");
+  require_memory(static_cast<int64_t>(predict(mode)), what, hint + recompute_hint(mode, predict));
 }
 
 int run_train(TrainOptions o, Communicator& world) {

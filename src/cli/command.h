@@ -11,6 +11,7 @@
 #include "tsp/backend/backend.h"
 #include "tsp/comm/communicator.h"
 #include "tsp/core/error.h"
+#include "tsp/core/limits.h"
 #include "tsp/model/params.h"
 #include "tsp/plan/cost_model.h"
 
@@ -71,6 +72,19 @@ inline plan::Recompute checked_recompute(const std::string& mode, const char* cm
             "or full",
             cmd, mode);
   return plan::parse_recompute(mode);
+}
+// The end of a memory error's hint (require_memory): what each mode that recomputes more than
+// `mode` would need per rank by `predict` (plan::predict_local_memory of the same step), e.g.
+// ", or --recompute full (3.1 GB per rank predicted)": recomputation trades step time for
+// activation memory. Empty under full.
+inline std::string recompute_hint(plan::Recompute mode,
+                                  const std::function<double(plan::Recompute)>& predict) {
+  std::string out;
+  for (const plan::Recompute m : {plan::Recompute::Selective, plan::Recompute::Full})
+    if (static_cast<int>(m) > static_cast<int>(mode))
+      out += fmt::format(", or --recompute {} ({} per rank predicted)", plan::recompute_name(m),
+                         format_bytes(predict(m)));
+  return out;
 }
 inline int32_t checked_doc_sep(int64_t id, int64_t vocab, const char* cmd) {
   TSP_CHECK(id == -1 || (0 <= id && id < vocab),

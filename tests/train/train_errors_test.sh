@@ -85,6 +85,15 @@ EOF
 # Sizes beyond what 64 bits or this machine can hold fail at once (they used to hang).
 expect_error "--batch 2^62" "does not fit in 64 bits" --data corpus.txt --batch 4611686018427387904 --seq 1
 expect_error "--batch beyond memory" "more than the" --data corpus.txt --batch 2000000 --seq 32
+# A batch whose layer inputs fit but whose saved activations do not (about 3 KB per token here
+# under selective, 0.5 KB of them layer inputs): the error says what full recomputation would need.
+# (MemTotal in kB from awk, the arithmetic in bash: awk's integers may stop at 2^31.) One step and
+# a time limit, so a machine where the check passed would fail here at once, not train for long.
+mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+[ "${mem_kb:-0}" -gt 0 ] || fail "no MemTotal in /proc/meminfo"
+expect_failure "--batch beyond memory under selective" "or --recompute full (" \
+  timeout 60 "$tsp" train "${common[@]}" --data corpus.txt --steps 1 \
+  --batch $((mem_kb * 1024 / 1500 / 32)) --seq 32
 sed 's/"intermediate_size": *[0-9]*/"intermediate_size": 40000000000/' ck/config.json > huge.json
 expect_error "a model beyond memory" "the model state (weights, gradients, AdamW moments)" \
   --data corpus.txt --config huge.json --batch 2 --seq 32
