@@ -22,6 +22,14 @@ expect_failure() {
   echo "ok: $what"
 }
 
+# write_verses N FILE: a small text corpus of N numbered lines, varied enough (a hashed number in
+# each) that training on it is not trivial; the training shell tests' data.
+write_verses() {
+  local i
+  for i in $(seq 1 "$1"); do
+    echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
+  done > "$2"
+}
 # metric FILE [FIELD]: the values of FIELD (default loss) in a metrics JSONL file (tsp train
 # --metrics), one per line ("loss" does not match "val_loss").
 metric() { grep -o "\"${2:-loss}\":[^,}]*" "$1" | cut -d: -f2; }

@@ -68,11 +68,11 @@ std::vector<int64_t> all_gather_counts(Communicator& world, int64_t mine) {
 // value). Without documents every batch counts B·S labels, so the mean of the batches' means is
 // the token mean; with documents the batches count different numbers, so every batch's loss sum
 // is divided by the total count (Batch::loss_denominator), as the training step does.
-double validate(Layout& layout, const DataLoader& loader) {
+double validate(Layout& layout, const DataLoader& loader, bool documents) {
   const int64_t n = loader.num_val_batches();
   if (n == 0) return -1;
   double sum = 0;
-  if (n > 1 && loader.val_batch(0).doc_sep >= 0) {
+  if (documents && n > 1) {
     int64_t counted = 0;
     for (int64_t i = 0; i < n; ++i) counted += layout.counted_labels(loader.val_batch(i));
     for (int64_t i = 0; i < n; ++i) {
@@ -487,7 +487,7 @@ int run_train(TrainOptions o, Communicator& world) {
     m.elapsed_s = std::chrono::duration<double>(clock::now() - t_start).count();
     const bool last = step + 1 == stop;
     if (o.val_every > 0 && ((step + 1) % o.val_every == 0 || last)) {
-      last_val = m.val_loss = validate(*layout, loader);
+      last_val = m.val_loss = validate(*layout, loader, o.doc_sep >= 0);
     }
     max_memory_peaks(world, m);
     {

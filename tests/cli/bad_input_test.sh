@@ -14,9 +14,7 @@ expect_error() { expect_failure "$@"; }
 tsp1() { "$tsp" "$@"; }
 
 "$tsp" init --preset tiny --seed 1 --out model > /dev/null
-for i in $(seq 1 300); do
-  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
-done > corpus.txt
+write_verses 300 corpus.txt
 "$tsp" encode --text corpus.txt --out tokens.bin > /dev/null
 
 # ---- config.json ----------------------------------------------------------------------------

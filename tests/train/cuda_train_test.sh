@@ -17,9 +17,7 @@ cd "$tmp"
 
 skip_without_cuda_device
 
-for i in $(seq 1 1500); do
-  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
-done > corpus.txt
+write_verses 1500 corpus.txt
 # Every sharded dimension (8 heads, 4 kv heads, FFN 128, vocabulary 256) divides by 2; S = 32.
 cat > config.json << 'JSON'
 {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 4,

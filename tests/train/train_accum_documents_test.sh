@@ -11,9 +11,7 @@
 source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
-for i in $(seq 1 1500); do
-  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
-done > corpus.txt
+write_verses 1500 corpus.txt
 cat > config.json << 'JSON'
 {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 8,
  "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 256}

@@ -5,9 +5,7 @@
 source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
-for i in $(seq 1 1500); do
-  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
-done > corpus.txt
+write_verses 1500 corpus.txt
 common=(--preset tiny --layout single --batch 4 --seq 32 --warmup 1 --val-every 0
   --progress lines)
 # expect_error "what" "message fragment" train-args...: the run must fail and say the fragment.

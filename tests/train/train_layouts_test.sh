@@ -6,9 +6,7 @@
 source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
-for i in $(seq 1 1500); do
-  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
-done > corpus.txt
+write_verses 1500 corpus.txt
 # Every sharded dimension (8 heads, 8 kv heads, FFN 128, vocabulary 256) divides by 4; S = 32
 # cuts into 2D = 8 zigzag chunks.
 cat > config.json << 'JSON'

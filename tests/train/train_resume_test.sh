@@ -11,9 +11,7 @@
 source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
-for i in $(seq 1 1500); do
-  echo "verse $i: and the earth was without form, and void; and darkness $((i * 7919 % 1000))."
-done > corpus.txt
+write_verses 1500 corpus.txt
 common=(--data corpus.txt --preset tiny --batch 4 --seq 32 --steps 8 --warmup 2 --lr 1e-2
   --val-every 4 --val-windows 4 --progress lines --log-every 100)
 train() {  # ranks, extra args...
