@@ -34,6 +34,7 @@
 
 #include "cli/command.h"
 #include "parallel/registry.h"
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/error.h"
 #include "tsp/core/limits.h"
 #include "tsp/core/machine.h"
@@ -157,10 +158,12 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
   std::unique_ptr<Layout> layout = make_layout(c, pc, comm);
   {
     // The step's memory on this rank (the model of our allocations the table reports next to the
-    // measurement), before the weights are read: a row too large for this machine is skipped
-    // with the reason instead of exhausting memory. The smallest machine of the job decides, so
-    // every rank skips the row alike (a rank skipping alone would leave the others hanging).
-    const int64_t have = comm.agree_min(physical_memory_bytes());
+    // measurement), before the weights are read: a row too large for the memory its tensors live
+    // in (this machine's, or the GPU's, shared by the ranks that use it) is skipped with the reason
+    // instead of exhausting it. The smallest share of the job decides, so every rank skips the row
+    // alike (a rank skipping alone would leave the others hanging).
+    const MemoryPool pool = memory_pool(pc.device, comm);
+    const int64_t share = comm.agree_min(pool.bytes / std::max(1, pool.ranks));
     double predicted = 0;
     try {
       predicted = plan::predict_local_memory(c, plan::layout_spec_of(*layout, comm.size()), batch.B,
@@ -170,11 +173,13 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     } catch (const Error&) {
       predicted = 0;  // no local model of this layout
     }
-    TSP_CHECK(predicted <= static_cast<double>(have),
-              "bench: layout {} at --batch {} --seq {} needs {} per rank, more than the {} the "
-              "smallest machine of the job has; use a smaller --batch or --seq, or more ranks",
-              name, batch.B, batch.S, format_bytes(predicted),
-              format_bytes(static_cast<double>(have)));
+    TSP_CHECK(
+        predicted <= static_cast<double>(share),
+        "bench: layout {} at --batch {} --seq {} needs {} per rank, more than the {} per rank "
+        "that {} has for its {} rank{} (the smallest share of the job); use a smaller "
+        "--batch or --seq, or more ranks",
+        name, batch.B, batch.S, format_bytes(predicted), format_bytes(static_cast<double>(share)),
+        pool.place, pool.ranks, pool.ranks == 1 ? "" : "s");
   }
   layout->load(weights);
   AdamW opt(*layout, AdamWConfig{});

@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "cli/command.h"
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/error.h"
 #include "tsp/core/limits.h"
 #include "tsp/infer/engine.h"
@@ -72,7 +73,8 @@ int run_generate(const GenerateCliOptions& o, Communicator& world) {
                        share,
                    fmt::format("generate: the K/V cache of prompt ({} tokens) + --max-new {}",
                                prompt.size(), o.max_new),
-                   "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)");
+                   "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)",
+                   memory_pool(o.compute.parsed_device(), world));
   }
   engine->load(ModelDirWeights(dir));
 

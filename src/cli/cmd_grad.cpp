@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "cli/command.h"
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/error.h"
 #include "tsp/core/limits.h"
 #include "tsp/model/params.h"
@@ -86,7 +87,8 @@ int run_grad(const GradOptions& o, Communicator& world) {
       static_cast<int64_t>(std::min(predict(pc.recompute), 9e18)),
       fmt::format("grad: --batch {} --seq {} (layout {}, {} ranks)", batch.B, batch.S, pc.layout,
                   world.size()),
-      "use a smaller --batch or --seq, or more ranks" + recompute_hint(pc.recompute, predict));
+      "use a smaller --batch or --seq, or more ranks" + recompute_hint(pc.recompute, predict),
+      memory_pool(pc.device, world));
   layout->load(ModelDirWeights(dir));
   const double loss = layout->forward_backward(batch);
 

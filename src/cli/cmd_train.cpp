@@ -20,6 +20,7 @@
 
 #include "cli/command.h"
 #include "parallel/registry.h"
+#include "tsp/comm/device_comm.h"
 #include "tsp/core/error.h"
 #include "tsp/core/limits.h"
 #include "tsp/model/params.h"
@@ -133,7 +134,8 @@ void validate_options(const TrainOptions& o) {
 // against this machine before anything is allocated: an impossible --batch or --seq fails here
 // with a message instead of growing until the kernel kills the job. Every product of sizes is
 // checked for overflow first.
-void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_size) {
+void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_size,
+                      const MemoryPool& pool) {
   checked_product({o.batch, o.seq, o.accum}, "tokens per step (--batch × --seq × --accum)");
   checked_product({o.batch, o.seq + 1}, "tokens per micro-batch (--batch × (--seq + 1))");
   checked_product({o.steps, o.accum, o.batch},
@@ -151,14 +153,14 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   const int64_t tokens = checked_mul(o.batch / o.dp, o.seq, "tokens per replica");
   const int64_t floor_bytes = checked_product(
       {tokens / D + 1, c.num_hidden_layers, c.hidden_size, 4}, "activation memory per rank");
-  require_memory(floor_bytes, what, hint);
+  require_memory(floor_bytes, what, hint, pool);
   // Likewise for the model: weights, gradients and two AdamW moments (16 bytes per parameter), at
   // least 1/D of them on each rank.
   require_memory(checked_mul(c.num_parameters() / D + 1, 16, "model state per rank"),
                  fmt::format("the model state (weights, gradients, AdamW moments) of {} "
                              "parameters over {} ranks",
                              c.num_parameters(), D),
-                 "use a smaller model or more ranks (a larger layout degree)");
+                 "use a smaller model or more ranks (a larger layout degree)", pool);
   plan::LayoutSpec spec;
   spec.name = o.layout;
   spec.D = D;
@@ -170,7 +172,8 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
         .total();
   };
   const plan::Recompute mode = checked_recompute(o.recompute, "train");
-  require_memory(static_cast<int64_t>(predict(mode)), what, hint + recompute_hint(mode, predict));
+  require_memory(static_cast<int64_t>(predict(mode)), what, hint + recompute_hint(mode, predict),
+                 pool);
 }
 
 int run_train(TrainOptions o, Communicator& world) {
@@ -257,7 +260,9 @@ int run_train(TrainOptions o, Communicator& world) {
   TSP_CHECK(o.seq <= config->max_position_embeddings,
             "--seq {} exceeds the model's max_position_embeddings {}; use --seq <= {}", o.seq,
             config->max_position_embeddings, config->max_position_embeddings);
-  check_run_memory(o, *config, world.size());
+  // Checked against the memory the tensors will live in: this machine's, or the GPU's (shared by
+  // the ranks that compute on it).
+  check_run_memory(o, *config, world.size(), memory_pool(o.compute.parsed_device(), world));
   if (root && !o.save.empty()) {
     check_checkpoint_target(o.save, checkpoint_bytes(*config));
     std::string base = o.save;

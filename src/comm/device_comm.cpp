@@ -120,6 +120,22 @@ bool ranks_on_distinct_gpus(Communicator& group, Device device, std::string* why
   return true;
 }
 
+MemoryPool memory_pool(Device device, Communicator& group) {
+  if (device.is_cpu()) return host_memory_pool();
+  const CudaCommHooks* hooks = cuda_comm_hooks();
+  TSP_CHECK(hooks != nullptr && hooks->device_uuid != nullptr,
+            "--device {}: this build has no CUDA support", device.str());
+  MemoryPool pool;
+  pool.bytes = allocator_for(device).capacity_bytes();
+  pool.place = fmt::format("the GPU {}", device.str());
+  const std::array<int64_t, 2> uuid = hooks->device_uuid(device.index);
+  const std::vector<int64_t> all = group.gather_host(std::span<const int64_t>(uuid.data(), 2));
+  pool.ranks = 0;
+  for (int r = 0; r < group.size(); ++r)
+    pool.ranks += all[2 * r] == uuid[0] && all[2 * r + 1] == uuid[1];
+  return pool;
+}
+
 std::unique_ptr<Communicator> make_data_communicator(std::unique_ptr<Communicator> mpi_group,
                                                      Device device) {
   if (device.is_cpu()) return mpi_group;  // before reading the environment: CPU runs unchanged

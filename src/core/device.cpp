@@ -1,4 +1,5 @@
 #include "tsp/core/device.h"
+#include "tsp/core/limits.h"
 
 #include <array>
 #include <charconv>
@@ -78,6 +79,7 @@ class CpuAllocator final : public Allocator {
   }
   void zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+  int64_t capacity_bytes() const override { return physical_memory_bytes(); }
   void copy_from_host(void* dst, const void* host, size_t bytes) override {
     std::memmove(dst, host, bytes);
   }

@@ -71,24 +71,31 @@ int local_ranks() {
   }
 }
 
-void require_memory(int64_t bytes, std::string_view what, std::string_view hint) {
-  const int64_t have = physical_memory_bytes();
-  const int ranks = local_ranks();
-  // Every rank on this machine holds its own share, so the node needs ranks × bytes.
-  int64_t node = 0;
-  const bool overflow = __builtin_mul_overflow(bytes, static_cast<int64_t>(ranks), &node);
+MemoryPool host_memory_pool() {
+  return {physical_memory_bytes(), local_ranks(), "this machine"};
+}
+
+void require_memory(int64_t bytes, std::string_view what, std::string_view hint,
+                    const MemoryPool& pool) {
+  const int64_t have = pool.bytes;
+  const int ranks = std::max(1, pool.ranks);
+  // Every rank drawing on the pool holds its own share, so the pool needs ranks × bytes.
+  int64_t all = 0;
+  const bool overflow = __builtin_mul_overflow(bytes, static_cast<int64_t>(ranks), &all);
   if (ranks == 1 || overflow) {
-    TSP_CHECK(bytes <= have && !overflow,
-              "{} needs {} per rank, more than the {} this machine has; {}", what,
+    TSP_CHECK(bytes <= have && !overflow, "{} needs {} per rank, more than the {} {} has; {}", what,
               format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(have)),
-              hint);
+              pool.place, hint);
     return;
   }
-  TSP_CHECK(node <= have,
-            "{} needs {} per rank, {} for the {} ranks on this machine, more than the {} this "
-            "machine has; {}",
-            what, format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(node)),
-            ranks, format_bytes(static_cast<double>(have)), hint);
+  TSP_CHECK(all <= have,
+            "{} needs {} per rank, {} for the {} ranks on {}, more than the {} it has; {}", what,
+            format_bytes(static_cast<double>(bytes)), format_bytes(static_cast<double>(all)), ranks,
+            pool.place, format_bytes(static_cast<double>(have)), hint);
+}
+
+void require_memory(int64_t bytes, std::string_view what, std::string_view hint) {
+  require_memory(bytes, what, hint, host_memory_pool());
 }
 
 }  // namespace tsp

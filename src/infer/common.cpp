@@ -74,13 +74,13 @@ int64_t WeightShards::bytes() const {
 // ---- KvCache -----------------------------------------------------------------------------------
 
 void KvCache::reset(Backend& be, int64_t layers, int64_t capacity, int64_t heads, int64_t d,
-                    DType dtype) {
+                    DType dtype, const MemoryPool& pool) {
   // K and V of every layer: checked before anything is allocated (capacity grows with --max-new).
   require_memory(
       checked_product({2, layers, capacity, heads, d, static_cast<int64_t>(dtype_size(dtype))},
                       "generate: K/V cache bytes"),
       fmt::format("generate: a K/V cache of {} positions", capacity),
-      "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)");
+      "use a smaller --max-new or a shorter prompt, or more ranks (sp, tsp)", pool);
   be_ = &be;
   k_.clear();
   v_.clear();
@@ -229,6 +229,8 @@ EngineBase::EngineBase(std::string name, const LlamaConfig& config, Communicator
   config_.validate();
   // The data path on a GPU: NCCL or MPI staging (comm/device_comm.h); on the CPU the split itself.
   group_ = make_data_communicator(world.split(one_rank ? world.rank() : 0, world.rank()), device);
+  // What the K/V cache is checked against (KvCache::reset): every rank of world builds its engine.
+  memory_ = memory_pool(device, world);
   D_ = group_->size();
   p_ = group_->rank();
 }

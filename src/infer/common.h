@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "parallel/layout_common.h"
+#include "tsp/core/limits.h"
 #include "tsp/infer/engine.h"
 #include "tsp/model/block.h"
 
@@ -45,7 +46,9 @@ class WeightShards {
 // the host for bookkeeping, and as a device I64 [capacity] for the attention kernel). ----------
 class KvCache {
  public:
-  void reset(Backend& be, int64_t layers, int64_t capacity, int64_t heads, int64_t d, DType dtype);
+  // Checks the K/V bytes against `pool` (the memory they live in, core/limits.h) first.
+  void reset(Backend& be, int64_t layers, int64_t capacity, int64_t heads, int64_t d, DType dtype,
+             const MemoryPool& pool);
   // Reserves the next slots for tokens at `pos` (in every layer); returns the first one's index.
   int64_t append(const std::vector<int64_t>& pos);
   // Keys / values of the cached tokens [size, heads, d], and of slots [slot, slot + n).
@@ -163,6 +166,7 @@ class EngineBase : public Engine {
   int D_ = 1, p_ = 0;
   WeightShards w_;
   KvCache cache_;
+  MemoryPool memory_;    // where the cache lives (memory_pool of the device over world)
   int64_t seq_len_ = 0;  // positions used so far (prompt + decoded)
   int64_t max_len_ = 0;  // prompt + extra
   int64_t decoded_ = 0;  // decode() calls since prefill

@@ -74,7 +74,7 @@ class SeqShardedEngine final : public EngineBase {
     const PromptSplit sp = split_prompt(n_prompt, D_, p_);
     const int64_t n = sp.n_max, nl = sp.n_local();  // rows computed (padded), tokens owned
     cache_.reset(be_, c.num_hidden_layers, nl + decode_share(extra, D_, p_), c.num_key_value_heads,
-                 ad_.d, dtype_);
+                 ad_.d, dtype_, memory_);
     cache_.append(sp.pos);
 
     std::vector<int32_t> ids_host(nl);

@@ -43,7 +43,7 @@ class TensorParallelEngine final : public EngineBase {
   std::vector<float> prefill(const std::vector<int32_t>& prompt, int64_t extra) override {
     begin(prompt, extra);
     const int64_t P = static_cast<int64_t>(prompt.size());
-    cache_.reset(be_, config_.num_hidden_layers, P + extra, ad_.hkv, ad_.d, dtype_);
+    cache_.reset(be_, config_.num_hidden_layers, P + extra, ad_.hkv, ad_.d, dtype_, memory_);
     std::vector<int64_t> pos(P);
     std::iota(pos.begin(), pos.end(), 0);
     return forward(prompt, pos);

@@ -389,6 +389,11 @@ class PlainCudaAllocator final : public Allocator {
   void copy_to_host(void* host, const void* src, size_t bytes) override {
     TSP_CUDA_CHECK(cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
   }
+  int64_t capacity_bytes() const override {
+    size_t free_b = 0, total_b = 0;
+    TSP_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    return static_cast<int64_t>(total_b);
+  }
 };
 
 void ensure_allocator() {

@@ -350,6 +350,28 @@ TEST(CudaCollectives, MpiStagingOfDeviceBuffers) {
   run_all_modes(*c, dev.index, "mpi staging");
 }
 
+// memory_pool of a GPU: its total memory, and every rank of the group that computes on it (on a
+// one-GPU machine all of them, so the count is the group size; with a GPU per rank it would be 1).
+// The CPU's pool is the host's.
+TEST(CudaCollectives, MemoryPoolCountsTheRanksOnEachGpu) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  const Device dev = resolve_device("cuda");
+  Communicator& w = world();
+  const MemoryPool pool = memory_pool(dev, w);
+  size_t free_b = 0, total_b = 0;
+  ASSERT_EQ(cudaSetDevice(dev.index), cudaSuccess);
+  ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
+  EXPECT_EQ(pool.bytes, static_cast<int64_t>(total_b));
+  EXPECT_EQ(pool.place, "the GPU " + dev.str());
+  // One GPU (the lent test machines): every rank shares it. Several: at least this rank.
+  if (cuda::device_count() == 1)
+    EXPECT_EQ(pool.ranks, w.size());
+  else
+    EXPECT_GE(pool.ranks, 1);
+  const MemoryPool host = memory_pool(Device::cpu(), w);
+  EXPECT_EQ(host.place, "this machine");
+}
+
 TEST(CudaCollectives, Nccl) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
   const Device dev = resolve_device("cuda");

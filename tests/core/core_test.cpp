@@ -295,5 +295,28 @@ TEST(Limits, MemoryRequirementCountsTheRanksOnThisMachine) {
   }
 }
 
+// A GPU is its own pool: its memory and the ranks that compute on it, named in the message (the
+// pool a CUDA run builds with memory_pool is checked on a GPU, tests/comm/cuda_collectives_mpi_test).
+TEST(Limits, MemoryRequirementAgainstAnotherPool) {
+  const MemoryPool gpu{80'000'000'000, 2, "the GPU cuda:0"};
+  EXPECT_NO_THROW(require_memory(40'000'000'000, "a step", "hint", gpu));
+  const std::string two =
+      message_of([&] { require_memory(40'000'000'001, "a step", "use fewer tokens", gpu); });
+  EXPECT_NE(two.find("a step needs 40.0 GB per rank, 80.0 GB for the 2 ranks on the GPU cuda:0, "
+                     "more than the 80.0 GB it has; use fewer tokens"),
+            std::string::npos)
+      << two;
+  const MemoryPool alone{80'000'000'000, 1, "the GPU cuda:1"};
+  EXPECT_NO_THROW(require_memory(80'000'000'000, "a step", "hint", alone));
+  const std::string one =
+      message_of([&] { require_memory(80'000'000'001, "a step", "hint", alone); });
+  EXPECT_NE(one.find("more than the 80.0 GB the GPU cuda:1 has"), std::string::npos) << one;
+  // The host pool is this machine's memory and the ranks on it.
+  const MemoryPool host = host_memory_pool();
+  EXPECT_EQ(host.bytes, physical_memory_bytes());
+  EXPECT_EQ(host.ranks, local_ranks());
+  EXPECT_EQ(host.place, "this machine");
+}
+
 }  // namespace
 }  // namespace tsp

@@ -8,7 +8,8 @@
 #     load: the host reads uploaded, moments copied on the device);
 #   - 100 steps in bf16 mixed precision track the CPU's bf16 run (bounds below);
 #   - `tsp grad` gradients on the GPU equal the CPU's (tsp compare, kLayoutRtol), single and tsp;
-#   - `tsp bench --device cuda` runs every layout at 2 ranks and their losses agree.
+#   - `tsp bench --device cuda` runs every layout at 2 ranks and their losses agree;
+#   - a step beyond the GPU's memory is refused up front, naming the GPU and its ranks.
 # Without a CUDA device it prints "[tsp-cuda-test] SKIPPED: no CUDA device" and succeeds (ctest
 # reports it skipped: tests/CMakeLists.txt).
 # Usage: bash cuda_train_test.sh <build-dir> <source-dir>
@@ -120,4 +121,10 @@ grep -o '"loss_diff":[^,}]*' bench.jsonl | cut -d: -f2 |
   awk '{d = $1 < 0 ? -$1 : $1; if (d > m) m = d; if (!(d <= 1e-4)) bad = 1}
        END {printf "bench cuda fp32: 5 layouts, max |loss - single| %.2e\n", m; exit bad}' ||
   fail "bench: a layout's loss differs from single on the GPU"
+# ---- memory checks against the GPU's own memory --------------------------------------------------
+# A step far beyond any GPU (20M windows: the kept layer inputs alone are 164 GB per rank) is
+# refused before anything is allocated, naming the GPU and the two ranks that share it: the check
+# counts the GPU's memory and its ranks, not the host's (which would say "this machine").
+expect_failure "train beyond the GPU's memory" "for the 2 ranks on the GPU cuda:0" \
+  mpiexec -n 2 "$tsp" train "${common[@]}" --layout tsp --device cuda --batch 20000000
 echo "cuda_train_test: OK"

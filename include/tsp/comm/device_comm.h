@@ -21,6 +21,7 @@
 
 #include "tsp/comm/communicator.h"
 #include "tsp/core/device.h"
+#include "tsp/core/limits.h"
 
 namespace tsp {
 
@@ -54,6 +55,14 @@ bool ranks_on_distinct_gpus(Communicator& group, Device device, std::string* why
 // the count when cuda:N is out of range. Not collective: may be called any number of times.
 Device resolve_device(std::string_view text);
 int local_rank_from_environment();  // -1 when no launcher variable is set
+
+// The memory a rank's tensors on `device` come from (core/limits.h, MemoryPool), for
+// require_memory. The CPU: host_memory_pool(), with no communication. A GPU: its total memory
+// (Allocator::capacity_bytes) and the ranks of `group` that compute on that very GPU, found by
+// gathering the device UUIDs over the control API, so the count is right however the ranks were
+// mapped to GPUs (--device cuda or cuda:N, one node or several). Collective over `group` for a
+// GPU: every rank of the group must call it.
+MemoryPool memory_pool(Device device, Communicator& group);
 
 // ---- hooks the CUDA build registers (src/comm/cuda/nccl.cpp); none in a CPU build ----
 

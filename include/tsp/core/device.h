@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -42,6 +43,9 @@ class Allocator {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // both on this device
   virtual void copy_from_host(void* dst, const void* host, size_t bytes) = 0;
   virtual void copy_to_host(void* host, const void* src, size_t bytes) = 0;  // synchronises
+  // The memory this device has, in bytes: the machine's physical memory (or its cgroup limit) for
+  // the CPU, the GPU's total memory for a CUDA device. What require_memory compares with.
+  virtual int64_t capacity_bytes() const = 0;
 };
 
 // The allocator of a device. The CPU's always exists; another device's exists once its backend

@@ -26,10 +26,24 @@ int64_t physical_memory_bytes();
 // without one).
 int local_ranks();
 
-// Throws tsp::Error when `bytes` (what this process is about to hold for `what`), times the ranks
-// on this machine that each hold as much (local_ranks), exceeds this machine's physical memory:
+// Where a rank's tensors live, for require_memory: how many bytes that memory has, how many ranks
+// of the job draw on it (each holding as much as this one), and its name in messages. The host:
+// this machine's physical memory shared by local_ranks() ranks ("this machine"). A GPU: its own
+// memory shared by the ranks that compute on it (comm/device_comm.h, memory_pool; "the GPU cuda:0").
+struct MemoryPool {
+  int64_t bytes = 0;
+  int ranks = 1;
+  std::string place;
+};
+MemoryPool host_memory_pool();
+
+// Throws tsp::Error when `bytes` (what this process is about to hold for `what` in `pool`), times
+// the ranks that each hold as much in it, exceeds the pool's memory:
 // "<what> needs 1.2 TB per rank, more than the 24.0 GB this machine has; <hint>" (with
 // "..., 4.8 TB for the 4 ranks on this machine, ..." when several ranks share it).
+void require_memory(int64_t bytes, std::string_view what, std::string_view hint,
+                    const MemoryPool& pool);
+// The same for host memory (host_memory_pool()).
 void require_memory(int64_t bytes, std::string_view what, std::string_view hint);
 
 // "1.2 TB", "24.0 GB", "512 kB": decimal units, for messages.

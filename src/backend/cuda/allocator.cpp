@@ -60,6 +60,17 @@ class CachingAllocator final : public Allocator {
 
   Device device() const override { return Device::cuda(device_); }
 
+  // The GPU's total memory. The CUDA context, cuBLASLt's workspace and NCCL's buffers come out of
+  // it too and are not tensors: require_memory's callers compare the project's model of the
+  // tensors with this, so a prediction within a few hundred MB of it can still meet the
+  // allocator's out-of-memory error (which then names every size).
+  int64_t capacity_bytes() const override {
+    set_device(device_);
+    size_t free_b = 0, total_b = 0;
+    TSP_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    return static_cast<int64_t>(total_b);
+  }
+
   void* allocate(size_t bytes) override {
     const size_t size = allocator_block_size(bytes);
     {
