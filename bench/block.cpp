@@ -5,7 +5,7 @@
 //
 //   bench_block [--h 1024] [--heads 16] [--kv-heads 16] [--ffn 2816] [--seq 1024] [--batch 1]
 //               [--dtype bf16|fp32] [--threads 2] [--repeats 5] [--device cpu|cuda[:N]] [--json]
-//               [--gemm-rate] [--profile]
+//               [--gemm-rate] [--profile] [--recompute selective|none]
 //
 // --device cuda: the same block on the GPU backend (timed between backend.synchronize() calls),
 // and the model-FLOP utilisation (MFU): model TFLOP/s over the card's bf16 GEMM rate measured here
@@ -27,8 +27,11 @@
 //   GEMMs      6·N·P,  P = h·(hq·d) + 2·h·(hkv·d) + (hq·d)·h + 3·h·F  (fwd 2·N·P, bwd 4·N·P)
 //   attention  7·B·S²·hq·d: causal halves of QKᵀ and PV forward (2·S²·d per head) and of the five
 //              backward products (5·S²·d per head)
-// Recomputation is not counted: our backward recomputes the MLP's gate/up (2·N·2·h·F more FLOPs
-// really executed), PyTorch's autograd keeps them. Norms, RoPE, SwiGLU and softmax are O(N·h) and
+// Recomputation is not counted: under --recompute selective (the default, what the layouts do by
+// default) our backward recomputes the MLP's gate/up (2·N·2·h·F more FLOPs really executed) and
+// the two norms; PyTorch's autograd keeps them. --recompute none keeps them as autograd does (the
+// normed inputs and the MLP's gate, up and act: LayerSaved::allocate_kept, as the layouts keep
+// them under --recompute none), so both sides then execute the same GEMMs. Norms, RoPE, SwiGLU and softmax are O(N·h) and
 // not counted on either side.
 #include <algorithm>
 #include <chrono>
@@ -62,6 +65,7 @@ struct Options {
   std::string dtype;  // empty: default_compute_dtype of the backend
   std::string device = "cpu";
   bool json = false, gemm_rate = false, profile = false;
+  bool keep = false;  // --recompute none: keep the normed inputs and the MLP activations
 };
 
 double now_s() {
@@ -102,15 +106,24 @@ Options parse(int argc, char** argv) {
       o.gemm_rate = true;
     else if (a == "--profile")
       o.profile = true;
-    else if (a == "--help" || a == "-h") {
+    else if (a == "--recompute") {
+      const std::string m = next();
+      TSP_CHECK(m == "selective" || m == "none",
+                "bench_block: --recompute {} is not selective or none (full replays a layout's "
+                "layer, which one block on its own has not got)",
+                m);
+      o.keep = m == "none";
+    } else if (a == "--help" || a == "-h") {
       std::printf(
           "bench_block [--h H] [--heads NH] [--kv-heads NKV] [--ffn F] [--seq S] [--batch B]\n"
           "            [--dtype bf16|fp32] [--threads T] [--repeats R] [--device cpu|cuda[:N]]\n"
-          "            [--gemm-rate] [--json] [--profile]\n"
+          "            [--gemm-rate] [--json] [--profile] [--recompute selective|none]\n"
           "One Llama block forward+backward with tsp's block maths, in the compute dtype (default\n"
           "%s here: the backend's default); prints GFLOP/s and tokens/s (median of R timed\n"
           "repeats after one warm-up). --profile: after the timing, one more step with every\n"
-          "backend call timed (CUDA events on a GPU), as a table per op and per op and shape.\n",
+          "backend call timed (CUDA events on a GPU), as a table per op and per op and shape.\n"
+          "--recompute none: keep the normed inputs and the MLP's gate/up/act for the backward\n"
+          "(as PyTorch's autograd does) instead of recomputing them (selective, the default).\n",
           std::string(dtype_name(default_compute_dtype(backend_for(Device::cpu())))).c_str());
       std::exit(0);
     } else {
@@ -551,29 +564,33 @@ int main(int argc, char** argv) try {
   Tensor dv = Tensor::f32({n, ad.hkv, ad.d}, kWork, dev);
   block::LayerSaved s;
   s.allocate(n, h, ad.hq, ad.hkv, ad.d, act, dev);
+  if (o.keep) s.allocate_kept(n, h, /*slices=*/1, F, act, dev);
+  // The normed inputs: kept (--recompute none) or one buffer recomputed in backward.
+  const TensorView xn1 = o.keep ? s.xn1.view() : xn.view();
+  const TensorView xn2 = o.keep ? s.xn2.view() : xn.view();
 
   // One forward + backward: the layer recipe (LayoutCommon::layer_forward / layer_backward) with
   // the single layout's attention and MLP, y = block(x_in), then dx = ∂(dy·y)/∂x_in.
   auto step = [&](Backend& b) {
     // Forward.                                                   x [n, h] -> y = x [n, h]
     b.copy(x_in.view(), s.x.view());
-    b.rmsnorm_forward(s.x.view(), w.norm1.view(), xn.view(), s.rstd1.view(), eps);
+    b.rmsnorm_forward(s.x.view(), w.norm1.view(), xn1, s.rstd1.view(), eps);
     b.copy(s.x.view(), s.x2.view());  // x2 = x + attention(norm1(x))·Woᵀ
-    block::qkv_forward(b, ad, aw, xn.view(), tok_pos.view(), s.q.view(), s.k.view(), s.v.view());
+    block::qkv_forward(b, ad, aw, xn1, tok_pos.view(), s.q.view(), s.k.view(), s.v.view());
     block::attention_forward(b, ad, B, s.q.view(), s.k.view(), s.v.view(), q_pos.view(),
                              q_pos.view(), s.o.view(), s.lse.view());
     block::out_proj_forward(b, w.wo.view(), s.o.view(), s.x2.view());
-    b.rmsnorm_forward(s.x2.view(), w.norm2.view(), xn.view(), s.rstd2.view(), eps);
+    b.rmsnorm_forward(s.x2.view(), w.norm2.view(), xn2, s.rstd2.view(), eps);
     b.copy(s.x2.view(), x.view());  // x = x2 + mlp(norm2(x2))
-    block::mlp_forward(b, mw, xn.view(), x.view());
+    block::mlp_forward(b, mw, xn2, x.view(), s.mlp());
     // Backward.                                                  dy [n, h] -> dx [n, h]
     b.copy(dy.view(), dx.view());
-    b.rmsnorm_apply(s.x2.view(), w.norm2.view(), s.rstd2.view(), xn.view());
+    if (!o.keep) b.rmsnorm_apply(s.x2.view(), w.norm2.view(), s.rstd2.view(), xn2);
     b.zero(dxn.view());
-    block::mlp_backward(b, mw, mg, xn.view(), dx.view(), dxn.view());
+    block::mlp_backward(b, mw, mg, xn2, dx.view(), dxn.view(), s.mlp());
     block::rmsnorm_backward_add(b, dxn.view(), s.x2.view(), w.norm2.view(), s.rstd2.view(),
                                 dx.view(), g.norm2.view());
-    b.rmsnorm_apply(s.x.view(), w.norm1.view(), s.rstd1.view(), xn.view());
+    if (!o.keep) b.rmsnorm_apply(s.x.view(), w.norm1.view(), s.rstd1.view(), xn1);
     b.zero(dxn.view());
     b.zero(dq.view());
     b.zero(dk.view());
@@ -582,7 +599,7 @@ int main(int argc, char** argv) try {
     block::attention_backward(b, ad, B, s.q.view(), s.k.view(), s.v.view(), q_pos.view(),
                               q_pos.view(), s.o.view(), s.lse.view(), d_o.view(), dq.view(),
                               dk.view(), dv.view());
-    block::qkv_backward(b, ad, aw, ag, xn.view(), tok_pos.view(), dq.view(), dk.view(), dv.view(),
+    block::qkv_backward(b, ad, aw, ag, xn1, tok_pos.view(), dq.view(), dk.view(), dv.view(),
                         dxn.view());
     block::rmsnorm_backward_add(b, dxn.view(), s.x.view(), w.norm1.view(), s.rstd1.view(),
                                 dx.view(), g.norm1.view());
@@ -631,15 +648,18 @@ int main(int argc, char** argv) try {
         "\"heads\": %lld, \"kv_heads\": %lld, "
         "\"ffn\": %lld, \"seq\": %lld, \"batch\": %lld, \"threads\": %d, \"repeats\": %d, "
         "\"median_ms\": %.3f, \"min_ms\": %.3f, \"gflop\": %.4f, \"gflops\": %.2f, "
-        "\"tokens_per_s\": %.1f, \"gemm_tflops\": %.1f, \"mfu\": %.4f, \"finite\": %s}\n",
+        "\"tokens_per_s\": %.1f, \"gemm_tflops\": %.1f, \"mfu\": %.4f, \"recompute\": \"%s\", "
+        "\"finite\": %s}\n",
         dev.str().c_str(), dt.c_str(), (long long)h, (long long)o.heads, (long long)o.kv_heads,
         (long long)F, (long long)S, (long long)B, o.threads, o.repeats, med * 1e3,
-        times.front() * 1e3, flops / 1e9, gflops, tok_s, gemm, mfu, finite ? "true" : "false");
+        times.front() * 1e3, flops / 1e9, gflops, tok_s, gemm, mfu, o.keep ? "none" : "selective",
+        finite ? "true" : "false");
   } else {
     std::printf(
-        "# bench_block  machine=%s  device=%s  backend=%s  threads=%d  repeats=%d  dtype=%s\n",
+        "# bench_block  machine=%s  device=%s  backend=%s  threads=%d  repeats=%d  dtype=%s  "
+        "recompute=%s\n",
         tsp::cpu_description().c_str(), dev.str().c_str(), be.name().c_str(), o.threads, o.repeats,
-        dt.c_str());
+        dt.c_str(), o.keep ? "none" : "selective");
     if (gemm > 0)
       std::printf(
           "# bf16 GEMM rate (linear_forward, %d^3): %.1f TFLOP/s; MFU = model TFLOP/s / it\n",

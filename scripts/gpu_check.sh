@@ -298,6 +298,13 @@ if [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
     --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 --json | tee -a '$out/attention.json'"
   step "bench block tsp" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
     ${block_args[*]} --json | tee -a '$out/block.json'"
+  # The same block keeping the normed inputs and the MLP activations, as PyTorch's autograd does
+  # (--recompute none: no gate/up GEMMs replayed in backward), then one step of it with every
+  # backend call timed (bench_block --profile; its tables go to block_profile.txt).
+  step "bench block tsp none" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
+    ${block_args[*]} --recompute none --json | tee -a '$out/block.json'"
+  step "bench block tsp profile" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
+    ${block_args[*]} --repeats 1 --recompute none --profile --json >/dev/null 2>'$out/block_profile.txt'"
   step "bench block torch" 120 bash -c "set -o pipefail; python3 '$repo/bench/torch_block.py' --device cuda --dtype bf16 \
     ${block_args[*]} --json | tee -a '$out/block.json'"
   # tsp bench, one GPU, layout single: the demo preset and a 1B-class model (Llama 3.2 1B's shape,
@@ -318,7 +325,8 @@ else
   why="no device"
   [ $have_gpu -eq 1 ] && why="no binaries"
   for s in "bench attention tsp" "bench attention tsp documents" "bench attention torch" \
-    "bench block tsp" "bench block torch" "tsp bench demo" "tsp bench 1b"; do
+    "bench block tsp" "bench block tsp none" "bench block tsp profile" "bench block torch" \
+    "tsp bench demo" "tsp bench 1b"; do
     skip "$s" "$why"
   done
 fi
@@ -405,16 +413,20 @@ if blk:
     md += ['', '## Llama block forward+backward, bf16 (h=4096, I=14336, 32/8 heads, S=8192)', '',
            'Model FLOPs as in bench/block.cpp (6·N·P for the GEMMs + 7·S²·hq·d causal attention). '
            'Targets: tsp ≥ 1.0× PyTorch eager, MFU ≥ 40% of the measured bf16 GEMM rate.', '',
-           '| impl | ms | tokens/s | TFLOP/s | GEMM TFLOP/s (8192³) | MFU | finite |', '|---|---:|---:|---:|---:|---:|---|']
+           'recompute: selective recomputes the norms and the MLP gate/up in backward (the layouts\' '
+           'default); none keeps them, as PyTorch\'s autograd does. The per-op profile of the none '
+           'step is in block_profile.txt.', '',
+           '| impl | recompute | ms | tokens/s | TFLOP/s | GEMM TFLOP/s (8192³) | MFU | finite | tsp / PyTorch |',
+           '|---|---|---:|---:|---:|---:|---:|---|---:|']
+    p = [r for r in blk if r.get('impl') == 'torch']
     for r in blk:
         g = r.get('gemm_tflops')
-        md.append(f"| {r.get('impl')} ({r.get('attention', '')}) | {r.get('median_ms')} | {r.get('tokens_per_s')} | "
+        vs = (f"**{r['tokens_per_s'] / p[0]['tokens_per_s']:.2f}×**"
+              if r.get('impl') == 'tsp' and p and p[0].get('tokens_per_s') else '–')
+        md.append(f"| {r.get('impl')} {r.get('attention', '')} | {r.get('recompute', '–')} | "
+                  f"{r.get('median_ms')} | {r.get('tokens_per_s')} | "
                   f"{r.get('gflops', 0) / 1000:.1f} | {g if g else '–'} | "
-                  f"{(str(round(100 * r['mfu'], 1)) + '%') if r.get('mfu') else '–'} | {r.get('finite')} |")
-    t = [r for r in blk if r.get('impl') == 'tsp']
-    p = [r for r in blk if r.get('impl') == 'torch']
-    if t and p:
-        md.append(f"\ntsp / PyTorch tokens/s: **{t[0]['tokens_per_s'] / p[0]['tokens_per_s']:.2f}×**")
+                  f"{(str(round(100 * r['mfu'], 1)) + '%') if r.get('mfu') else '–'} | {r.get('finite')} | {vs} |")
 
 tb = rows('tsp_bench.json')
 if tb:
