@@ -11,6 +11,7 @@
 #   OUTDIR/steps.json     the same steps, machine-readable
 #   OUTDIR/attention.json, attention_docs.json, block.json, tsp_bench.json   raw benchmark rows
 #                         (JSON lines)
+#   OUTDIR/block_profile.txt   per-op GPU times of one block step (bench_block --profile)
 #   OUTDIR/logs.tar.gz    every step's log and env.txt
 #
 # Binaries, in this order: --prebuilt DIR (a build tree, an unpacked bundle, or a folder holding
