@@ -233,10 +233,10 @@ TEST(AttentionBf16, MergeOfDisjointKeySetsMatchesTheFullSet) {
 
 TEST(AttentionBf16, MergeHandlesEmptySidesBitExactly) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  std::vector<bf16> oa = {bf16(0.3f), bf16(-1.7f), bf16(9.f), bf16(9.f), bf16(2.f), bf16(2.f)};
-  std::vector<bf16> ob = {
-      bf16(5.f), bf16(5.f), bf16(0.25f), bf16(-3.f), bf16(std::numeric_limits<float>::quiet_NaN()),
-      bf16(1.f)};
+  // An empty side's o is never read: NaN there must not reach the result (0·NaN would).
+  const bf16 nan = bf16(std::numeric_limits<float>::quiet_NaN());
+  std::vector<bf16> oa = {bf16(0.3f), bf16(-1.7f), nan, nan, bf16(2.f), bf16(2.f)};
+  std::vector<bf16> ob = {nan, nan, bf16(0.25f), bf16(-3.f), nan, bf16(1.f)};
   std::vector<float> la = {0.5f, ninf, ninf}, lb = {ninf, 1.5f, ninf};
   const std::vector<bf16> oa0 = oa;
   attention_merge(oa.data(), la.data(), ob.data(), lb.data(), 3, 1, 2);

@@ -302,8 +302,10 @@ TEST(Attention, MergeOfDisjointKeySetsIsExact) {
 
 TEST(Attention, MergeHandlesEmptySidesBitExactly) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  float o_a[4] = {1, 2, 3, 4}, lse_a[2] = {0.5f, ninf};
-  const float o_b[4] = {9, 9, 5, 6}, lse_b[2] = {ninf, 1.5f};
+  // An empty side's o is never read: NaN there must not reach the result (0·NaN would).
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  float o_a[4] = {1, 2, nan, nan}, lse_a[2] = {0.5f, ninf};
+  const float o_b[4] = {nan, nan, 5, 6}, lse_b[2] = {ninf, 1.5f};
   attention_merge(o_a, lse_a, o_b, lse_b, 2, 1, 2);
   EXPECT_EQ(o_a[0], 1.f);  // b empty
   EXPECT_EQ(o_a[1], 2.f);
