@@ -15,7 +15,9 @@
 // --profile: after the timed repeats (whose numbers it leaves alone), one more step through a
 // timing decorator of the backend (ProfilingBackend): every backend call's time (CUDA events around
 // it on the compute stream; wall time on the CPU), summed per op and per op and shapes, with the
-// share of the step and the time between calls (launch gaps, host work). Under --json on stderr.
+// share of the step and the time between calls (launch gaps, host work), and the GEMMs' TFLOP/s
+// (2·m·n·k per product: how far each GEMM shape, e.g. the MLP's 512-token chunks, is from the
+// card's rate). Under --json on stderr.
 //
 // --dtype is the compute dtype (default: the backend's, default_compute_dtype: bf16 where bf16 is
 // native). In bf16 the block runs as a layout runs it in mixed precision: the weights are bf16
@@ -43,6 +45,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <fmt/format.h>
 
 #ifdef TSP_WITH_CUDA
 #include "backend/cuda/cuda_common.h"  // compute_stream: the profiler's events are ordered on it
@@ -228,6 +232,7 @@ class ProfilingBackend final : public Backend {
     std::string key;
     int calls = 0;
     double ms = 0;
+    double flops = 0;  // the GEMMs' 2·m·n·k per product; 0 for other ops
   };
   // After stop(): waits for the device, then sums the calls per op (by_shape: per op and shapes).
   std::vector<Row> rows(bool by_shape, double* step_ms) {
@@ -239,6 +244,7 @@ class ProfilingBackend final : public Backend {
       row.key = by_shape ? r.op + " " + r.shapes : r.op;
       row.calls += 1;
       row.ms += elapsed_ms(r);
+      row.flops += r.flops;
     }
     *step_ms = elapsed_ms(pool_[0]);
     std::vector<Row> out;
@@ -297,12 +303,16 @@ class ProfilingBackend final : public Backend {
   }
 
   void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate) override {
-    timed(accumulate ? "linear_forward (+=)" : "linear_forward", {x, w, y},
-          [&] { inner_.linear_forward(x, w, y, accumulate); });
+    timed(
+        accumulate ? "linear_forward (+=)" : "linear_forward", {x, w, y},
+        [&] { inner_.linear_forward(x, w, y, accumulate); }, gemm_flops(x, w, 1));
   }
   void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx,
                        TensorView dw) override {
-    timed("linear_backward", {dy, x, w}, [&] { inner_.linear_backward(dy, x, w, dx, dw); });
+    // dx = dy·W and dW = dyᵀ·x: one product each, for the ones asked for.
+    timed(
+        "linear_backward", {dy, x, w}, [&] { inner_.linear_backward(dy, x, w, dx, dw); },
+        gemm_flops(x, w, !dx.empty() + !dw.empty()));
   }
 
   void rmsnorm_forward(TensorView x, TensorView w, TensorView y, TensorView rstd,
@@ -396,7 +406,15 @@ class ProfilingBackend final : public Backend {
     cudaEvent_t start = nullptr, end = nullptr;
 #endif
     double t0 = 0, t1 = 0;  // wall seconds (CPU)
+    double flops = 0;
   };
+
+  // `products` GEMMs of the linear layer x [.., k] · w [n, k]ᵀ: 2·m·n·k each, m = x's rows.
+  static double gemm_flops(const TensorView& x, const TensorView& w, int products) {
+    const double k = static_cast<double>(w.dim(1)), n = static_cast<double>(w.dim(0));
+    const double m = static_cast<double>(x.numel()) / k;
+    return 2.0 * m * n * k * products;
+  }
 
   bool on_gpu() const {
     return !inner_.device().is_cpu();
@@ -458,11 +476,12 @@ class ProfilingBackend final : public Backend {
   // Pool indices, not references, across the call: the call itself may not add records (the
   // inner backend is not this one), but begin() of a nested call would grow the pool.
   template <class F>
-  void timed(const char* op, std::initializer_list<TensorView> views, F&& call) {
+  void timed(const char* op, std::initializer_list<TensorView> views, F&& call, double flops = 0) {
     const size_t i = used_;
     begin(op, shapes_of(views));
     call();
     end(pool_[i]);
+    pool_[i].flops = flops;
   }
 
   Backend& inner_;
@@ -480,13 +499,16 @@ void print_profile(ProfilingBackend& prof, FILE* out) {
     std::fprintf(out, "# profile %s: one forward+backward, %.3f ms (%s)\n",
                  by_shape ? "per op and shapes (30 largest)" : "per op", step_ms,
                  prof.device().is_cpu() ? "wall time" : "CUDA events on the compute stream");
-    std::fprintf(out, "  %-*s %6s %10s %7s\n", by_shape ? 72 : 24, "op", "calls", "total_ms",
-                 "%step");
+    std::fprintf(out, "  %-*s %6s %10s %7s %9s\n", by_shape ? 72 : 24, "op", "calls", "total_ms",
+                 "%step", "TFLOP/s");
     int shown = 0;
     for (const auto& r : rows) {
       if (by_shape && ++shown > 30) break;
-      std::fprintf(out, "  %-*s %6d %10.3f %6.1f%%\n", by_shape ? 72 : 24, r.key.c_str(), r.calls,
-                   r.ms, step_ms > 0 ? 100 * r.ms / step_ms : 0.0);
+      // The GEMMs' rate (2·m·n·k per product over the op's time), to compare with the card's.
+      const std::string rate =
+          r.flops > 0 && r.ms > 0 ? fmt::format("{:.1f}", r.flops / (r.ms * 1e-3) / 1e12) : "";
+      std::fprintf(out, "  %-*s %6d %10.3f %6.1f%% %9s\n", by_shape ? 72 : 24, r.key.c_str(),
+                   r.calls, r.ms, step_ms > 0 ? 100 * r.ms / step_ms : 0.0, rate.c_str());
     }
     if (!by_shape)
       std::fprintf(out, "  %-24s %6s %10.3f %6.1f%%\n  %-24s %6s %10.3f %6.1f%%\n", "(all ops)", "",
