@@ -16,11 +16,14 @@
 //     and, with documents, the document starts at run time: a key tile below every document start
 //     of a query tile is skipped like one above every query; with documents the kernels are
 //     separate template instances, so the calls without documents run the causal-only code).
-//     The document bound in the flash kernels (both versions) has NOT YET RUN ON A GPU: it waits
-//     for cuda_attention_test's document cases (scripts/gpu_check.sh). Extra rounding against
-//     the reference: P is rounded to bf16 before P·V and dP; dout is rounded to
-//     bf16 for the dV and dP products; dS is rounded to bf16 for the dK and dQ products. dq is
-//     accumulated with fp32 atomics (its summation order varies between runs); dk, dv do not.
+//     These tile rules (skip, and "full": no element-wise mask) and the padding sentinels are in
+//     attention_tile_rules.h, shared by v1 and v2 and checked against brute force over every pair
+//     on the CPU (tests/backend/attention_tile_rules_test.cpp). The document bound in the flash
+//     kernels (both versions) has NOT YET RUN ON A GPU: it waits for cuda_attention_test's
+//     document cases (scripts/gpu_check.sh). Extra rounding against the reference: P is
+//     rounded to bf16 before P·V and dP; dout is rounded to bf16 for the dV and dP products; dS
+//     is rounded to bf16 for the dK and dQ products. dq is accumulated with fp32 atomics (its
+//     summation order varies between runs); dk, dv do not.
 //     Two versions of the flash kernels: v1 (attention_flash.cu, the default: the version that has
 //     passed the tests on a GPU, an H200) and v2 (attention_flash_v2.cu, NOT YET RUN ON A GPU:
 //     precomputed tile bounds, heaviest blocks first, 2 forward blocks per SM, a backward of 8

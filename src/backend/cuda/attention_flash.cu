@@ -5,7 +5,8 @@
 // Masking is by explicit positions (query i sees key j iff k_pos[j] <= q_pos[i]; with documents
 // also k_pos[j] >= s_i = q_pos[i] - q_doc_pos[i], where query i's document starts); nothing assumes
 // positions sorted. Per pair of tiles the block decides from the positions, with one barrier
-// predicate each (__syncthreads_or / _and):
+// predicate each (__syncthreads_or / _and) over the rows of one tile of tile_needed / tile_full
+// (attention_tile_rules.h, checked on the CPU by attention_tile_rules_test):
 //   skip  no key of the key tile is visible to any query of the query tile: no pair (i, j) with
 //         s_i <= k_pos[j] <= q_pos[i] (without documents: min k_pos > max q_pos, the causal upper
 //         triangle, K/V rounds from the future; with documents also every key before every
@@ -99,8 +100,8 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
   int64_t qp[2], ds[2];
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
-    qp[e] = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
-    if constexpr (DOCS) ds[e] = r < nq_tile ? qp[e] - a.q_doc_pos[q0 + r] : kNoKey;
+    qp[e] = query_row(a.q_pos + q0, r, r < nq_tile);
+    if constexpr (DOCS) ds[e] = doc_start_row(qp[e], a.q_doc_pos + q0, r, r < nq_tile);
   }
   {
     const int64_t mx = warp_max(max(qp[0], qp[1])), mn = warp_min(min(qp[0], qp[1]));
@@ -133,11 +134,12 @@ __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
       int64_t kp = kNoKey;
       if (tid < BC) {
         const int64_t jj = int64_t{j} * BC + tid;
-        if (jj < sh.nk) kp = a.k_pos[jj];
+        kp = key_row(a.k_pos, jj, jj < sh.nk);
         kpos_s[b * BC + tid] = kp;
       }
-      if (__syncthreads_or(tid < BC && kp <= q_max && (!DOCS || kp >= ds_min))) {
-        full = __syncthreads_and(tid >= BC || (kp <= q_min && (!DOCS || kp >= ds_max)));
+      // Each key as a tile of one (k_min = k_max = kp), ORed / ANDed over the tile's BC rows.
+      if (__syncthreads_or(tid < BC && tile_needed<DOCS>(q_max, ds_min, kp, kp))) {
+        full = __syncthreads_and(tid >= BC || tile_full<DOCS>(q_min, ds_max, kp, kp));
         return j;
       }
     }
@@ -301,7 +303,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) 
   int64_t kp[2];  // this thread's two key rows: warp·16 + g and + 8
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
-    kp[e] = r < nk_tile ? a.k_pos[k0 + r] : kNoKey;
+    kp[e] = key_row(a.k_pos + k0, r, r < nk_tile);
   }
   {
     const int64_t mn = warp_min(min(kp[0], kp[1])), mx = warp_max(max(kp[0], kp[1]));
@@ -319,19 +321,20 @@ __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) 
       const int64_t i0 = int64_t{qt} * BR;
       const int nq_tile = static_cast<int>(min(int64_t{BR}, sh.nq - i0));
       int64_t qp = kNoQuery;
-      if (tid < BR && tid < nq_tile) qp = a.q_pos[i0 + tid];
+      if (tid < BR) qp = query_row(a.q_pos + i0, tid, tid < nq_tile);
       // With documents, where query tid's document starts (rows past the end: kNoKey).
       int64_t ds = kNoKey;
-      if (DOCS && tid < BR && tid < nq_tile) ds = qp - a.q_doc_pos[i0 + tid];
+      if (DOCS && tid < BR) ds = doc_start_row(qp, a.q_doc_pos + i0, tid, tid < nq_tile);
       // The mirror of the forward's test: the tile is needed if some query's visible range
       // [ds, qp] meets [k_min, k_max] (a visible pair (i, j) has k_min <= k_pos[j] <= q_pos[i]
       // and s_i <= k_pos[j] <= k_max); else no query sees a key. Rows past the end have qp =
       // kNoQuery < k_min. Full: every query sees [k_min, k_max] whole (qp >= k_max and, with
-      // documents, ds <= k_min); keys past the end make k_max = kNoKey: never full.
-      if (!__syncthreads_or(tid < BR && qp >= k_min && (!DOCS || ds <= k_max))) continue;
+      // documents, ds <= k_min); keys past the end make k_max = kNoKey: never full. Each query
+      // as a tile of one (q_max = q_min = qp, s_min = s_max = ds), ORed / ANDed over BR rows.
+      if (!__syncthreads_or(tid < BR && tile_needed<DOCS>(qp, ds, k_min, k_max))) continue;
       if (tid < BR) qpos_s[tid] = qp;
       if (DOCS && tid < BR) ds_s[tid] = ds;
-      const bool full = __syncthreads_and(tid >= BR || (qp >= k_max && (!DOCS || ds <= k_min)));
+      const bool full = __syncthreads_and(tid >= BR || tile_full<DOCS>(qp, ds, k_min, k_max));
 
       load_tile<D, NT>(Qs, a.q + i0 * q_stride + h * D, q_stride, BR, nq_tile, tid);
       cp_async_commit();

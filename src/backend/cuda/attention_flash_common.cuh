@@ -1,6 +1,7 @@
 // Shared device helpers of the flash attention kernels (attention_flash.cu: v1,
 // attention_flash_v2.cu: v2): constants, PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16 bf16),
-// fragment helpers and warp reductions. Included by .cu files only (device code).
+// fragment helpers and warp reductions (the tile-level masking rules and the sentinels are in
+// attention_tile_rules.h). Included by .cu files only (device code).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,13 +9,13 @@
 
 #include <cstdint>
 
+#include "backend/cuda/attention_tile_rules.h"
+
 namespace tsp::cuda::attn::flash {
 
 using bf16 = __nv_bfloat16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int64_t kNoQuery = INT64_MIN;  // position of a query row past the end: sees nothing
-constexpr int64_t kNoKey = INT64_MAX;    // position of a key row past the end: seen by nothing
 
 // ---- PTX wrappers ---------------------------------------------------------------------------
 

@@ -30,9 +30,10 @@
 //   s_i = q_pos[i] - q_doc_pos[i]. The kernels take them as a template parameter (DOCS), so the
 //   instantiations without documents are the causal-only code; with documents the tile tests gain
 //   the lower bound (needed: the tile's key range meets [min s_i, max q_pos]; full: it lies in
-//   [max s_i, min q_pos]; derivations at build_masks' calls) and the element-wise mask hides
-//   k_pos < s_i. The backward precomputes per query tile min / max s_i (tile_bounds of s) and a
-//   padded copy of s that travels with Q like the positions.
+//   [max s_i, min q_pos]; tile_needed / tile_full of attention_tile_rules.h, derived there and
+//   checked on the CPU by attention_tile_rules_test) and the element-wise mask hides k_pos < s_i.
+//   The backward precomputes per query tile min / max s_i (tile_bounds of s) and a padded copy of
+//   s that travels with Q like the positions.
 // Scratch (positions, bounds, bf16 dout, D, lse2) comes from the stream-ordered allocator
 // (cudaMallocAsync / cudaFreeAsync on the call's stream).
 #include <cuda_bf16.h>
@@ -53,34 +54,26 @@ constexpr int kMaskWords = 256;
 
 // ---- pre-kernels ------------------------------------------------------------------------------
 
-// One warp per tile of `tile` rows of pos[n]: tile_min / tile_max over the rows (rows past n count
-// as `pad`), and the padded copy padded[n_tiles·tile] (pad past n). With doc_pos (non-null) the
-// values are the document starts pos[i] - doc_pos[i] instead of the positions.
-__global__ void tile_bounds_kernel(const int64_t* pos, const int64_t* doc_pos, int64_t n, int tile,
-                                   int n_tiles, int64_t pad, int64_t* tile_min, int64_t* tile_max,
+// One warp per tile of `tile` rows of pos[n] (kind: query or key positions, or with doc_pos the
+// document starts pos[i] - doc_pos[i]): tile_min / tile_max over the rows and the padded copy
+// padded[n_tiles·tile], rows past n as their sentinel (tile_rows, attention_tile_rules.h).
+__global__ void tile_bounds_kernel(Rows kind, const int64_t* pos, const int64_t* doc_pos, int64_t n,
+                                   int tile, int n_tiles, int64_t* tile_min, int64_t* tile_max,
                                    int64_t* padded) {
   const int w = static_cast<int>((blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32);
   const int lane = threadIdx.x % 32;
   if (w >= n_tiles) return;
-  int64_t lo = INT64_MAX, hi = INT64_MIN;
-  for (int r = lane; r < tile; r += 32) {
-    const int64_t i = int64_t{w} * tile + r;
-    const int64_t p = i < n ? (doc_pos ? pos[i] - doc_pos[i] : pos[i]) : pad;
-    padded[i] = p;
-    lo = min(lo, p);
-    hi = max(hi, p);
-  }
-  lo = warp_min(lo);
-  hi = warp_max(hi);
+  const TileBounds b = tile_rows(kind, pos, doc_pos, n, tile, w, lane, 32, padded);
+  const int64_t lo = warp_min(b.lo), hi = warp_max(b.hi);
   if (lane == 0) tile_min[w] = lo, tile_max[w] = hi;
 }
 
-cudaError_t tile_bounds(const int64_t* pos, const int64_t* doc_pos, int64_t n, int tile,
-                        int n_tiles, int64_t pad, int64_t* tile_min, int64_t* tile_max,
-                        int64_t* padded, cudaStream_t s) {
+cudaError_t tile_bounds(Rows kind, const int64_t* pos, const int64_t* doc_pos, int64_t n, int tile,
+                        int n_tiles, int64_t* tile_min, int64_t* tile_max, int64_t* padded,
+                        cudaStream_t s) {
   const int warps_per_block = 8;
   const unsigned blocks = static_cast<unsigned>((n_tiles + warps_per_block - 1) / warps_per_block);
-  tile_bounds_kernel<<<blocks, 32 * warps_per_block, 0, s>>>(pos, doc_pos, n, tile, n_tiles, pad,
+  tile_bounds_kernel<<<blocks, 32 * warps_per_block, 0, s>>>(kind, pos, doc_pos, n, tile, n_tiles,
                                                              tile_min, tile_max, padded);
   return cudaGetLastError();
 }
@@ -205,12 +198,12 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   __shared__ int64_t qpos_s[BR];
   int64_t qmx = kNoQuery, qmn = kNoKey, dmx = kNoQuery, dmn = kNoKey;
   for (int r = tid; r < BR; r += NT) {
-    const int64_t p = r < nq_tile ? a.q_pos[q0 + r] : kNoQuery;
+    const int64_t p = query_row(a.q_pos + q0, r, r < nq_tile);
     qpos_s[r] = p;
     qmx = max(qmx, p);
     qmn = min(qmn, p);
     if constexpr (DOCS) {
-      const int64_t ds = r < nq_tile ? p - a.q_doc_pos[q0 + r] : kNoKey;
+      const int64_t ds = doc_start_row(p, a.q_doc_pos + q0, r, r < nq_tile);
       ds_s[r] = ds;
       dmx = max(dmx, ds);
       dmn = min(dmn, ds);
@@ -243,8 +236,8 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   // q_min and, with documents, kt_min >= ds_max (padded keys make kt_max = kNoKey: never full).
   build_masks<NT>(
       need_s, full_s, n_tiles, tid,
-      [&](int kt) { return a.kt_min[kt] <= q_max && (!DOCS || a.kt_max[kt] >= ds_min); },
-      [&](int kt) { return a.kt_max[kt] <= q_min && (!DOCS || a.kt_min[kt] >= ds_max); });
+      [&](int kt) { return tile_needed<DOCS>(q_max, ds_min, a.kt_min[kt], a.kt_max[kt]); },
+      [&](int kt) { return tile_full<DOCS>(q_min, ds_max, a.kt_min[kt], a.kt_max[kt]); });
 
   auto load_kv = [&](int j, int b) {
     const int64_t k0 = int64_t{j} * BC;
@@ -495,7 +488,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
   int64_t kp[2];  // this thread's two key rows: warp·16 + g and + 8
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
-    kp[e] = r < nk_tile ? a.k_pos[k0 + r] : kNoKey;
+    kp[e] = key_row(a.k_pos + k0, r, r < nk_tile);
   }
   {
     const int64_t mn = warp_min(min(kp[0], kp[1])), mx = warp_max(max(kp[0], kp[1]));
@@ -510,10 +503,13 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
   // test has none (the forward's test, mirrored; padded queries carry s = kNoKey, which no dt_min
   // takes). Full if every query sees every key: qt_min >= k_max and, with documents, dt_max <=
   // k_min (padded queries make qt_min = kNoQuery, padded keys k_max = kNoKey: never full).
+  // (dt_min, dt_max exist only with documents; without, tile_needed / tile_full ignore them.)
   build_masks<NT>(
       need_s, full_s, n_qt, tid,
-      [&](int qt) { return a.qt_max[qt] >= k_min && (!DOCS || a.dt_min[qt] <= k_max); },
-      [&](int qt) { return a.qt_min[qt] >= k_max && (!DOCS || a.dt_max[qt] <= k_min); });
+      [&](int qt) {
+        return tile_needed<DOCS>(a.qt_max[qt], DOCS ? a.dt_min[qt] : 0, k_min, k_max);
+      },
+      [&](int qt) { return tile_full<DOCS>(a.qt_min[qt], DOCS ? a.dt_max[qt] : 0, k_min, k_max); });
 
   auto load_q = [&](int qt, int b) {
     const int64_t i0 = int64_t{qt} * BR;
@@ -717,7 +713,7 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
   int64_t* kt_min = reinterpret_cast<int64_t*>(scratch + o_min);
   int64_t* kt_max = reinterpret_cast<int64_t*>(scratch + o_max);
   if (n_kt > 0)
-    e = tile_bounds(p.k_pos, nullptr, sh.nk, BC, n_kt, kNoKey, kt_min, kt_max, kpos_pad, s);
+    e = tile_bounds(Rows::kKeys, p.k_pos, nullptr, sh.nk, BC, n_kt, kt_min, kt_max, kpos_pad, s);
   a.kpos_pad = kpos_pad, a.kt_min = kt_min, a.kt_max = kt_max;
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(flash_forward_v2_kernel<D, DOCS>,
@@ -771,7 +767,7 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
   a.do16 = reinterpret_cast<bf16*>(scratch + o_do);
   a.lse2 = reinterpret_cast<float*>(scratch + o_lse);
   a.delta = reinterpret_cast<float*>(scratch + o_delta);
-  e = tile_bounds(p.q_pos, nullptr, sh.nq, BR, n_qt, kNoQuery, qt_min, qt_max, qpos_pad, s);
+  e = tile_bounds(Rows::kQueries, p.q_pos, nullptr, sh.nq, BR, n_qt, qt_min, qt_max, qpos_pad, s);
   if (DOCS && e == cudaSuccess) {
     // Document starts, padded with kNoKey: no tile minimum takes it, and it hides every key (as
     // the padded query's kNoQuery position already does).
@@ -779,7 +775,8 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
     int64_t* dt_min = reinterpret_cast<int64_t*>(scratch + o_dmin);
     int64_t* dt_max = reinterpret_cast<int64_t*>(scratch + o_dmax);
     a.dstart_pad = dstart_pad, a.dt_min = dt_min, a.dt_max = dt_max;
-    e = tile_bounds(p.q_pos, p.q_doc_pos, sh.nq, BR, n_qt, kNoKey, dt_min, dt_max, dstart_pad, s);
+    e = tile_bounds(Rows::kDocStarts, p.q_pos, p.q_doc_pos, sh.nq, BR, n_qt, dt_min, dt_max,
+                    dstart_pad, s);
   }
   if (e == cudaSuccess) {
     const int64_t warps = nq_pad * sh.hq;
