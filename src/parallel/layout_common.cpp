@@ -349,7 +349,7 @@ TensorView ShardStore::value(int entry) const {
   const Entry& e = entries_.at(entry);
   TSP_CHECK(!values_.empty(),
             "the whole fp32 master of a shard is not kept under ZeRO-1 with bf16");
-  if (zero()) check_gathered(buckets_[e.bucket], "its fp32 values");  // F32: the gathered slab
+  if (zero()) check_gathered(buckets_[e.bucket], "fp32 values");  // F32: the gathered slab
   return values_.window(e.offset, e.shape);
 }
 
@@ -360,19 +360,19 @@ TensorView ShardStore::grad(int entry) const {
 
 TensorView ShardStore::compute(int entry) const {
   const Entry& e = entries_.at(entry);
-  if (zero()) check_gathered(buckets_[e.bucket], "its weights");
+  if (zero()) check_gathered(buckets_[e.bucket], "the weights");
   return (compute_.empty() ? values_ : compute_).window(e.offset, e.shape);
 }
 
 TensorView ShardStore::master_part(const Bucket& b) const {
-  check_gathered(b, "this replica's master part");
+  check_gathered(b, "this replica's master values");
   return master_.empty() ? values_.window(owned_begin(b), {b.part})
                          : master_.window(b.owned, {b.part});
 }
 
 void ShardStore::check_gathered(const Bucket& b, const char* what) const {
   TSP_CHECK(!b.gather,
-            "ZeRO-1: {} of the gradient bucket of {} are read while the bucket's all-gather over "
+            "ZeRO-1: {} in the gradient bucket of {} are read while the bucket's all-gather over "
             "the replicas (ShardStore::sync_compute) is still in flight; wait for it first "
             "(ShardStore::wait_gathers_through before the layer's forward, or wait_gathers)",
             what,
