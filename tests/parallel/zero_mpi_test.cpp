@@ -3,7 +3,11 @@
 // single's loss and gradients (the harness's fp32 and bf16 bounds); at R = 2 its gradients, its
 // update and the loss after it are bit-identical to the all-reduce's (--zero 0), since a sum of
 // two terms does not depend on the order; gradient accumulation over micro-batches adds up; and
-// the optimizer's parameters are the replica's parts, covering every element exactly once.
+// the optimizer's parameters are the replica's parts, covering every element exactly once; the
+// update's all-gathers, left in flight for the next forward, give the blocking schedule's (and at
+// R = 2 --zero 0's) losses, gradients and weights bit for bit over several steps, and a layout
+// destroyed with them in flight (normally or while an exception unwinds) neither hangs nor breaks
+// the world.
 // tsp-test-ranks: 2 4
 #include <gtest/gtest.h>
 
