@@ -673,7 +673,9 @@ const CommandRegistration kBench{Command{
           ->check(kNotNegative);  // a negative one would wrap around
       sub.add_option("--doc-sep", o->doc_sep, kDocSepHelp)->capture_default_str();
       sub.add_flag("--json", o->json, "one JSON object per row instead of the table");
-      sub.add_flag("--no-overlap", o->no_overlap, "blocking transfers (tsp: no prefetch)");
+      sub.add_flag("--no-overlap", o->no_overlap,
+                   "blocking transfers (tsp, fsdp-cp: no prefetch; ZeRO-1: the weight all-gather "
+                   "waited for in the update)");
       sub.add_option("--recompute", o->recompute,
                      std::string(kRecomputeHelp) +
                          "; comma-separated modes (e.g. selective,full) run every layout in each")

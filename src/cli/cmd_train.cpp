@@ -562,7 +562,9 @@ const CommandRegistration registration{Command{
                      "weights all-gathered), 0 keeps a whole copy on every replica (gradients "
                      "all-reduced); no effect at --dp 1")
           ->capture_default_str();
-      sub.add_flag("--no-overlap", o->no_overlap, "tsp: blocking transfers instead of prefetching");
+      sub.add_flag("--no-overlap", o->no_overlap,
+                   "blocking transfers instead of prefetching (tsp, fsdp-cp; ZeRO-1: the weight "
+                   "all-gather waited for in the update)");
       sub.add_option("--recompute", o->recompute, kRecomputeHelp)->capture_default_str();
       o->compute.add_to(sub);
       sub.add_option("--steps", o->steps, "optimizer steps in total (the schedule ends here)")

@@ -337,6 +337,11 @@ class FsdpCpLayout final : public LayoutCommon {
 
 Gathered FsdpCpLayout::start_gather(int unit, CommStats& rec) {
   const Unit& u = units_.at(unit);
+  // ZeRO-1: this reads the store's weights ahead of the recipe (the next unit is gathered while
+  // the previous one computes), so it waits here for the unit's bucket of the last update's
+  // all-gather over the replicas (the layer's; the end bucket for the embedding and the head),
+  // and with it for the earlier ones (ShardStore::wait_gathers_through).
+  store_.wait_gathers_through(unit < L() ? unit : -1);
   Gathered g(u, live_, act_dtype(), device());
   counted(rec, [&] {
     // Piece p of every rank, in rank order, is the full row-major tensor: each parameter's

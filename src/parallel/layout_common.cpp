@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <numeric>
 
@@ -271,7 +272,7 @@ void ShardStore::allocate(const std::vector<ParamSpec>& specs, Communicator& gro
     std::reverse(keys.begin(), keys.end());  // L-1, ..., 0, then -1
     const int64_t quantum = std::lcm<int64_t>(16, R);
     for (int key : keys) {
-      Bucket b{key, total_, 0, 0, 0, nullptr, false};
+      Bucket b{key, total_, 0, 0, 0, nullptr, false, nullptr};
       for (Entry& e : entries_) {
         if (partition_.bucket_of_param[e.param] != key) continue;
         e.offset = total_;
@@ -348,6 +349,7 @@ TensorView ShardStore::value(int entry) const {
   const Entry& e = entries_.at(entry);
   TSP_CHECK(!values_.empty(),
             "the whole fp32 master of a shard is not kept under ZeRO-1 with bf16");
+  if (zero()) check_gathered(buckets_[e.bucket], "fp32 values");  // F32: the gathered slab
   return values_.window(e.offset, e.shape);
 }
 
@@ -358,12 +360,24 @@ TensorView ShardStore::grad(int entry) const {
 
 TensorView ShardStore::compute(int entry) const {
   const Entry& e = entries_.at(entry);
+  if (zero()) check_gathered(buckets_[e.bucket], "the weights");
   return (compute_.empty() ? values_ : compute_).window(e.offset, e.shape);
 }
 
 TensorView ShardStore::master_part(const Bucket& b) const {
+  check_gathered(b, "this replica's master values");
   return master_.empty() ? values_.window(owned_begin(b), {b.part})
                          : master_.window(b.owned, {b.part});
+}
+
+void ShardStore::check_gathered(const Bucket& b, const char* what) const {
+  TSP_CHECK(!b.gather,
+            "ZeRO-1: {} in the gradient bucket of {} are read while the bucket's all-gather over "
+            "the replicas (ShardStore::sync_compute) is still in flight; wait for it first "
+            "(ShardStore::wait_gathers_through before the layer's forward, or wait_gathers)",
+            what,
+            b.key < 0 ? std::string("the end (embedding, final norm, head)")
+                      : fmt::format("layer {}", b.key));
 }
 
 void ShardStore::zero_grads() {
@@ -414,6 +428,7 @@ std::vector<ParamShard> ShardStore::shards(const std::vector<ParamSpec>& specs) 
 
 void ShardStore::load(const WeightSource& src, const std::vector<ParamSpec>& specs) {
   TSP_CHECK(allocated_, "ShardStore::load before allocate()");
+  wait_gathers();  // a gather in flight still writes the compute copy
   for (int i = 0; i < size(); ++i) {
     const Entry& e = entries_[i];
     if (!values_.empty() && values_.device().is_cpu()) {  // straight into the master slab
@@ -477,22 +492,57 @@ void ShardStore::finish_reductions() {
 
 void ShardStore::sync_compute(Communicator& replicas) {
   if (!zero()) return;
+  wait_gathers();  // two updates with no forward between: the last one's gathers are over first
   const TensorView slab = compute_.empty() ? values_.view() : compute_.view();
   const DType dt = slab.dtype();
-  std::vector<RequestPtr> pending;
-  for (const Bucket& b : buckets_) {
+  // buckets_ is in backward order (layer L-1 … 0, then the end bucket); the forward reads the
+  // end bucket first (embedding), then layer 0, 1, …: start them in that order, so the first
+  // waited for is the first started.
+  for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it) {
+    Bucket& b = *it;
     // Round the owned master part into its place (under F32 it is that place already), then
-    // gather every replica's part of the bucket in place, in the compute dtype.
+    // gather every replica's part of the bucket in place, in the compute dtype. Left in flight:
+    // each bucket is waited for before its first read (wait_gathers_through).
     const TensorView mine = slab.window(owned_begin(b), {b.part});
     if (!compute_.empty()) backend_->copy(master_part(b), mine);
-    pending.push_back(
-        replicas.iall_gather(mine.data(), slab.window(b.begin, {b.length}).data(), b.part, dt));
+    b.gather =
+        replicas.iall_gather(mine.data(), slab.window(b.begin, {b.length}).data(), b.part, dt);
   }
-  for (RequestPtr& r : pending) r->wait();
+}
+
+void ShardStore::wait_gathers_through(int layer) {
+  // In the order sync_compute started them (the end bucket first).
+  for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it) {
+    if (it->key > layer || !it->gather) continue;
+    it->gather->wait();
+    it->gather = nullptr;
+  }
+}
+
+bool ShardStore::gathering() const {
+  for (const Bucket& b : buckets_)
+    if (b.gather) return true;
+  return false;
+}
+
+void ShardStore::settle_gathers() noexcept {
+  if (!gathering()) return;
+  if (std::uncaught_exceptions() > 0) {
+    // The gathered slab stays allocated (reachable, so no leak report) for the life of the
+    // process: an abandoned transfer may still write it. The job is about to abort.
+    static std::vector<Tensor>* const kept = new std::vector<Tensor>();
+    kept->push_back(std::move(compute_.empty() ? values_ : compute_));
+  }
+  // Without an exception each Request's destructor waits (aborting the job if MPI reports a
+  // failure: a destructor cannot throw); with one, it lets the transfer go (MpiTransfer).
+  for (Bucket& b : buckets_) b.gather = nullptr;
 }
 
 Tensor ShardStore::assemble_over_replicas(bool grads, Communicator& replicas) const {
   if (!zero()) return {};
+  TSP_CHECK(!gathering(),
+            "ShardStore::assemble_over_replicas while the weights' all-gathers are in flight; "
+            "call wait_gathers first");
   Tensor full = Tensor::zeros({total_}, DType::F32, MemCategory::Workspace, backend_->device());
   for (const Bucket& b : buckets_) {
     const TensorView mine = full.window(owned_begin(b), {b.part});
@@ -620,7 +670,8 @@ void LayoutCommon::gather(bool grads,
                           const std::function<void(const ParamSpec&, TensorView)>& sink) {
   // Under ZeRO-1 each replica holds its part of the master values and reduced gradients: every
   // replica takes part in assembling them (the other replicas' weights in the compute copy are
-  // rounded, so the fp32 masters travel).
+  // rounded, so the fp32 masters travel). The last update's all-gathers are over first.
+  store_.wait_gathers();
   const Tensor full = store_.assemble_over_replicas(grads, *replicas_);
   // Every replica holds the same values (and, after forward_backward, the same gradients), so
   // replica 0 alone reassembles; its group rank 0 is world rank 0.
@@ -934,6 +985,14 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
 
   Tensor x({n, h}, act_dtype(), kWork, dev);   // residual stream of the local tokens
   Tensor xn({n, h}, act_dtype(), kWork, dev);  // normed input of a sub-block
+  // ZeRO-1: the last update's all-gathers over the replicas (ShardStore::sync_compute) are
+  // waited for here, each bucket right before the forward first reads it, so the gathers of the
+  // later layers move behind the earlier layers' compute (on the CPU they advance inside MPI
+  // calls: the layouts' own, and the waits). The end bucket (embedding, final norm, LM head and
+  // the parameters a layout reduces at the end) comes first, then one bucket per layer. A layout
+  // that reads the store ahead of the recipe waits there itself (fsdp-cp's unit prefetch);
+  // reading a bucket in flight throws (ShardStore::compute).
+  store_.wait_gathers_through(-1);
   embed_forward(t, x.view());
   part_done(Part::EmbeddingForward, -1);
 
@@ -947,6 +1006,7 @@ void LayoutCommon::run(const ReplicaBatch& rb, bool backward, TensorView loss) {
   for (int l = 0; l < L; ++l) {
     block::LayerSaved& s = saved[backward ? l : 0];
     if (s.x.empty()) allocate_layer(s, t, kept);
+    store_.wait_gathers_through(l);
     layer_forward(l, t, s, x.view(), xn.view());
     if (full) {
       Tensor checkpoint = std::move(s.x);

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -91,9 +92,18 @@ struct ReplicaPartition {
 //     slab's own owned parts; under BF16 a compact slab of 1/R, the full bf16 compute copy stays);
 //   - the AdamW moments live in compact slabs of the partition (Optimizer), 1/R of the whole;
 //   - after the optimizer step, sync_compute() rounds the owned master parts into the compute
-//     copy and all-gathers every bucket of it over the replicas.
+//     copy and STARTS the all-gather of every bucket of it over the replicas, in the order the next
+//     forward reads them (the end bucket, then layer 0, 1, ...). It does not wait: the forward
+//     waits for each bucket just before its first read (wait_gathers_through, from
+//     LayoutCommon::run), so the gathers of the later layers move behind the earlier layers'
+//     compute; everything else that reads or writes the store waits for all of them first
+//     (wait_gathers). Reading a bucket still in flight is an error (TSP_CHECK in compute()).
 class ShardStore {
  public:
+  ShardStore() = default;
+  ShardStore(const ShardStore&) = delete;
+  ShardStore& operator=(const ShardStore&) = delete;
+  ~ShardStore() { settle_gathers(); }
   // Declare a shard of specs[param] before allocate(); returns its entry index. A parameter may be
   // declared at most once per rank.
   int add(int param, ShardMap map, bool replicated_in_group);
@@ -103,9 +113,11 @@ class ShardStore {
                 DType compute, ReplicaPartition partition = {});
 
   int size() const { return static_cast<int>(entries_.size()); }
-  int entry_of(int param) const;        // -1 when this rank holds no shard of it
-  TensorView grad(int entry) const;     // fp32 (under ZeRO-1: this backward's local sums)
-  TensorView compute(int entry) const;  // the compute-dtype copy (the master itself under F32)
+  int entry_of(int param) const;     // -1 when this rank holds no shard of it
+  TensorView grad(int entry) const;  // fp32 (under ZeRO-1: this backward's local sums)
+  // The compute-dtype copy (the master itself under F32). Under ZeRO-1 its bucket must not be in
+  // flight (wait_gathers_through / wait_gathers first); a TSP_CHECK says so otherwise.
+  TensorView compute(int entry) const;
   // Shorthands by parameter index (throw if not held): the weights to compute with, and the
   // gradient to accumulate into.
   TensorView w(int param) const { return compute(entry_of_checked(param)); }
@@ -117,11 +129,16 @@ class ShardStore {
   // Elements of every slab (shards, their alignment and the buckets' padding).
   int64_t slab_elements() const { return total_; }
 
+  // The gradients only: no all-gather of sync_compute writes or reads them, so no wait.
   void zero_grads();
   // Round the master values into the compute copy (no-op under F32 and under ZeRO-1, where
-  // sync_compute does it). LayoutCommon calls it before every step, so an update is always seen.
+  // sync_compute does it: nothing to wait for). LayoutCommon calls it before every step, so an
+  // update is always seen.
   void refresh_compute();
+  // The optimizer's views: whole shards, or under ZeRO-1 this replica's parts (no gather may be
+  // in flight: wait_gathers first).
   std::vector<ParamShard> shards(const std::vector<ParamSpec>& specs) const;
+  // Waits for the gathers in flight first (it writes every slab).
   void load(const WeightSource& src, const std::vector<ParamSpec>& specs);
   // Reassemble each full parameter (fp32 master values or gradients) on group rank 0, in
   // canonical order, and pass it to sink there as host memory. Collective over the group. Each
@@ -141,10 +158,26 @@ class ShardStore {
   void finish_reductions();
   // After the optimizer updated the partition's master values: the compute copy of every bucket,
   // rounded from the owners' masters and all-gathered over the replicas. Collective over them.
+  // Waits for the previous call's gathers (if no forward did), then rounds and STARTS the
+  // gathers, the end bucket first and then layer 0, 1, ... (the forward's order of use), and
+  // returns with them in flight: wait_gathers_through / wait_gathers finish them.
   void sync_compute(Communicator& replicas);
+  // Wait for the gathers of every bucket whose key is <= layer (-1: the end bucket only, which
+  // holds the embedding, final norm and LM head, read first). Issued in that order, so each call
+  // waits only for what the previous ones left.
+  void wait_gathers_through(int layer);
+  // Wait for every gather in flight.
+  void wait_gathers() { wait_gathers_through(std::numeric_limits<int>::max()); }
+  bool gathering() const;  // whether any gather is in flight
+  // Before the slabs or the replicas' communicator go away: wait for every gather in flight or,
+  // while an exception unwinds the stack (a replica may never take part: the job is about to
+  // abort, run_mpi_main), keep the gathered slab allocated for the rest of the process and let
+  // the requests go unwaited, as MpiTransfer does with its own buffers. No rank waits forever and
+  // no transfer writes into freed memory. The destructor and ~LayoutCommon call it.
+  void settle_gathers() noexcept;
   // The whole fp32 slab of master values (grads = false) or reduced gradients, on every replica,
   // all-gathered from the partitions; an empty tensor without ZeRO-1 (the store's own slabs are
-  // whole). Collective over the replicas.
+  // whole). Collective over the replicas. No gather may be in flight (wait_gathers first).
   Tensor assemble_over_replicas(bool grads, Communicator& replicas) const;
 
  private:
@@ -165,7 +198,12 @@ class ShardStore {
     int64_t owned;      // elements into the partition's compact slabs
     RequestPtr reduce;  // the reduce-scatter in flight
     bool started = false;
+    // The all-gather of its compute copy in flight (sync_compute); null once waited for. While it
+    // is set, nothing may read the bucket (compute(), master_part()).
+    RequestPtr gather;
   };
+  // Throws unless bucket b's gather has been waited for; `what` names the read.
+  void check_gathered(const Bucket& b, const char* what) const;
   int entry_of_checked(int param) const;
   TensorView value(int entry) const;  // fp32 master, whole shard (not under ZeRO-1 with BF16)
   // This replica's part of bucket b in the full slabs, and its place in the partition.
@@ -283,10 +321,23 @@ class LayoutCommon : public Layout {
   Communicator& replicas() override { return *replicas_; }
   Backend& backend() const override { return be_; }
   DType compute_dtype() const override { return parallel_.dtype; }
+  // The store's gathers in flight are waited for (or, while an exception unwinds, abandoned with
+  // their slab kept: ShardStore::settle_gathers) before replicas_ is destroyed.
+  ~LayoutCommon() override { store_.settle_gathers(); }
   void load(const WeightSource& src) override { store_.load(src, specs_); }
   void zero_grads() override { store_.zero_grads(); }
-  std::vector<ParamShard> parameters() override { return store_.shards(specs_); }
-  void parameters_updated() override { store_.sync_compute(*replicas_); }
+  std::vector<ParamShard> parameters() override {
+    store_.wait_gathers();
+    return store_.shards(specs_);
+  }
+  // Under ZeRO-1 the replicas' all-gathers of the update are left in flight for the next forward
+  // to wait for bucket by bucket (run); --no-overlap (ParallelConfig::overlap = false) waits for
+  // them here instead, the blocking schedule.
+  void parameters_updated() override {
+    store_.sync_compute(*replicas_);
+    if (!parallel_.overlap) store_.wait_gathers();
+  }
+  void wait_parameters() override { store_.wait_gathers(); }
   int zero_stage() const override { return store_.zero() ? 1 : 0; }
   void gather(bool grads, const std::function<void(const ParamSpec&, TensorView)>& sink) override;
   // Validate, take this replica's rows, run the recipe, all-reduce gradients over replicas,

@@ -457,7 +457,8 @@ Estimate estimate(const Workload& w, const LayoutSpec& l, const Hardware& hw,
   //  - zero = 0: all-reduce of the gradient shard, 2(R-1)/R · shard · ge;
   //  - ZeRO-1: reduce-scatter of the gradient shard, (R-1)/R · shard · ge, overlapped the same
   //    way; after the optimizer step, the all-gather of the updated weights in the compute dtype,
-  //    (R-1)/R · shard · we, which blocks before the next forward: exposed in full.
+  //    (R-1)/R · shard · we, counted exposed in full: an upper bound (the engine waits for each
+  //    bucket as the next forward reaches it, so part of it may hide; docs §4.5).
   double grad_sync = lt.grad_sync;
   double weight_gather_s = 0;
   if (train && l.R > 1) {

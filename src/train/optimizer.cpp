@@ -60,6 +60,9 @@ AdamW::AdamW(Layout& layout, AdamWConfig config) : AdamW(layout.parameters(), co
 }
 
 void AdamW::step(double lr, double grad_scale) {
+  // The last update's all-gathers (ZeRO-1) send the master parts written below: they must be
+  // over. After a forward they are (it waits for every bucket), so this costs nothing in a step.
+  if (layout_ != nullptr) layout_->wait_parameters();
   ++t_;
   const double b1 = config_.beta1, b2 = config_.beta2;
   const double bias1 = 1.0 - std::pow(b1, static_cast<double>(t_));

@@ -3,16 +3,22 @@
 // single's loss and gradients (the harness's fp32 and bf16 bounds); at R = 2 its gradients, its
 // update and the loss after it are bit-identical to the all-reduce's (--zero 0), since a sum of
 // two terms does not depend on the order; gradient accumulation over micro-batches adds up; and
-// the optimizer's parameters are the replica's parts, covering every element exactly once.
+// the optimizer's parameters are the replica's parts, covering every element exactly once; the
+// update's all-gathers, left in flight for the next forward, give the blocking schedule's (and at
+// R = 2 --zero 0's) losses, gradients and weights bit for bit over several steps, and a layout
+// destroyed with them in flight (normally or while an exception unwinds) neither hangs nor breaks
+// the world.
 // tsp-test-ranks: 2 4
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
 
 #include "mpi_test_util.h"
 #include "parallel/layout_harness.h"
 #include "parallel/registry.h"
+#include "tsp/comm/mpi.h"
 #include "tsp/parallel/layout.h"
 #include "tsp/train/optimizer.h"
 
@@ -128,6 +134,118 @@ TEST(Zero, TwoReplicasEqualAllReduceBitForBit) {
         ++ran;
       }
   EXPECT_GE(ran, 10);
+}
+
+// One training run: its losses, gradients and weights, and how many of the replicas' requests
+// each update left in flight.
+struct TrainRun {
+  std::vector<double> losses;      // forward_backward of each step, then forward after the last
+  std::vector<GradMap> grads;      // after each step's forward_backward
+  GradMap values;                  // after the last update
+  std::vector<int64_t> in_flight;  // replicas' requests pending right after each update
+};
+
+// Three steps (zero_grads, forward_backward, AdamW), then a second update with no forward
+// between (the first one's gathers must be over before the master parts change), a forward
+// alone (validation's path), and the weights gathered. Nothing reads the weights between an
+// update and the next forward, so under the prefetched schedule every bucket's gather is still in
+// flight when the forward reaches it (the gradients are gathered after forward_backward, when
+// the forward has waited for every bucket).
+TrainRun train_run(const std::string& name, int R, int zero, bool overlap, DType dtype,
+                   const LlamaConfig& c) {
+  ParallelConfig pc;
+  pc.layout = name;
+  pc.dp = R;
+  pc.zero = zero;
+  pc.dtype = dtype;
+  pc.overlap = overlap;
+  std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
+  layout->load(RandomWeights(1234));
+  AdamW opt(*layout, AdamWConfig{});
+  TrainRun run;
+  const int64_t B = 2 * R;
+  for (int step = 0; step < 3; ++step) {
+    layout->zero_grads();
+    run.losses.push_back(
+        layout->forward_backward(test::random_batch(B, 16, c.vocab_size, 20 + step)));
+    run.grads.push_back(test::gather_grads(*layout));
+    opt.step(1e-2, 1.0);
+    run.in_flight.push_back(pending_requests(layout->replicas()));
+  }
+  opt.step(1e-2, 1.0);
+  run.in_flight.push_back(pending_requests(layout->replicas()));
+  run.losses.push_back(layout->forward(test::random_batch(B, 16, c.vocab_size, 30)));
+  run.values = gather_values(*layout);
+  return run;
+}
+
+void expect_same_run(const TrainRun& a, const TrainRun& b, const std::string& what) {
+  ASSERT_EQ(a.losses.size(), b.losses.size());
+  for (size_t i = 0; i < a.losses.size(); ++i)
+    EXPECT_EQ(a.losses[i], b.losses[i]) << what << ": loss " << i;  // exact: identical on ranks
+  for (size_t i = 0; i < a.grads.size(); ++i)
+    expect_bitwise(a.grads[i], b.grads[i], fmt::format("{}: gradients of step {}", what, i));
+  expect_bitwise(a.values, b.values, what + ": weights after the last update");
+}
+
+// The post-update all-gathers of ZeRO-1 are left in flight and waited for bucket by bucket in
+// the next forward (ShardStore::sync_compute, LayoutCommon::run); only the waiting moves, so
+// every loss, gradient and weight over several steps equals the blocking schedule's
+// (--no-overlap: sync_compute's gathers waited for before parameters_updated returns) bit for
+// bit, and at R = 2 also --zero 0's (the sum of two terms has one order). Every layout, fp32 and
+// bf16, R = 2 and 4 (single: R = the world). in_flight checks that the schedule under test
+// really leaves one gather per bucket pending (the layers, and the end bucket) and the blocking
+// one none.
+TEST(Zero, PrefetchedWeightGatherIsBitwiseOverSteps) {
+  const LlamaConfig c = test::tiny_config(8, 4, 3, false);
+  const int64_t buckets = c.num_hidden_layers + 1;
+  int ran = 0;
+  for (int R : replica_choices())
+    for (const LayoutInfo& info : registered_layouts())
+      for (const DType dtype : {DType::F32, DType::BF16}) {
+        if (!runs_at(info.name, R)) continue;
+        const std::string what = fmt::format("{} R={} {}", info.name, R, dtype_name(dtype));
+        SCOPED_TRACE(what);
+        const TrainRun prefetched = train_run(info.name, R, 1, /*overlap=*/true, dtype, c);
+        const TrainRun blocking = train_run(info.name, R, 1, /*overlap=*/false, dtype, c);
+        for (int64_t n : prefetched.in_flight) EXPECT_EQ(n, buckets) << "gathers left in flight";
+        for (int64_t n : blocking.in_flight) EXPECT_EQ(n, 0) << "the blocking schedule waits";
+        expect_same_run(prefetched, blocking, what + " against the blocking schedule");
+        if (R == 2) {
+          const TrainRun all_reduce = train_run(info.name, R, 0, /*overlap=*/true, dtype, c);
+          expect_same_run(prefetched, all_reduce, what + " against --zero 0");
+        }
+        ++ran;
+      }
+  EXPECT_GE(ran, 10);
+}
+
+// No exit path hangs or leaves a transfer writing freed memory: a layout destroyed with its
+// gathers in flight waits for them, and one destroyed while an exception unwinds (every rank
+// throws here) lets them go and keeps their slab (ShardStore::settle_gathers); the world goes on
+// working afterwards, and a fresh layout trains.
+TEST(Zero, DestroyedWithGathersInFlight) {
+  const LlamaConfig c = test::tiny_config(8, 4, 2, false);
+  const int W = test::world().size();
+  const Batch batch = test::random_batch(2 * W, 16, c.vocab_size, 9);
+  auto updated = [&] {
+    std::unique_ptr<Layout> layout = build("fsdp-cp", W, 1, DType::BF16, c);
+    AdamW opt(*layout, AdamWConfig{});
+    layout->forward_backward(batch);
+    opt.step(1e-2, 1.0);
+    EXPECT_GT(pending_requests(layout->replicas()), 0);
+    return layout;
+  };
+  updated().reset();  // waits
+  try {
+    std::unique_ptr<Layout> layout = updated();
+    throw Error("an error with the weights' all-gathers in flight");
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("in flight"), std::string::npos);
+  }
+  EXPECT_EQ(test::world().sum_host(1.0), static_cast<double>(W));
+  const double loss = build("fsdp-cp", W, 1, DType::BF16, c)->forward_backward(batch);
+  EXPECT_TRUE(std::isfinite(loss));
 }
 
 // Two forward_backward calls without zero_grads accumulate: the partition's gradient is the sum

@@ -167,6 +167,12 @@ class Layout {
   // computes with up to date (under ZeRO-1: round the owned parts and all-gather them over the
   // replicas; collective over them). AdamW(Layout&, ...) calls it after every step.
   virtual void parameters_updated() = 0;
+  // Wait for what parameters_updated() left in flight (ZeRO-1: the replicas' all-gathers of the
+  // updated weights, which the next forward otherwise waits for bucket by bucket, behind its
+  // compute). The layout's own methods wait for what they touch; code that writes parameters()'
+  // views outside them calls this first (AdamW::step does). Reading this replica's parts of them
+  // needs no wait: a gather only sends them. Default: nothing is ever left in flight.
+  virtual void wait_parameters() {}
   // The ZeRO stage in effect: 1 when the optimizer state is partitioned over R > 1 replicas.
   virtual int zero_stage() const = 0;
   // Reassemble full tensors on world rank 0, one parameter at a time in canonical order:
