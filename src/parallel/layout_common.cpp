@@ -510,11 +510,17 @@ void ShardStore::sync_compute(Communicator& replicas) {
   }
 }
 
-void ShardStore::wait_gathers_through(int layer) {
+void ShardStore::finish_gathers_through(int layer, bool host) {
   // In the order sync_compute started them (the end bucket first).
   for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it) {
     if (it->key > layer || !it->gather) continue;
-    it->gather->wait();
+    // join_compute: every later read of the bucket is a device operation queued after this call
+    // (on the compute stream, or on a communicator's stream, which first waits for the compute
+    // stream), so ordering them after the transfer is enough.
+    if (host)
+      it->gather->wait();
+    else
+      it->gather->join_compute();
     it->gather = nullptr;
   }
 }

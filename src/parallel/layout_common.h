@@ -162,12 +162,14 @@ class ShardStore {
   // gathers, the end bucket first and then layer 0, 1, ... (the forward's order of use), and
   // returns with them in flight: wait_gathers_through / wait_gathers finish them.
   void sync_compute(Communicator& replicas);
-  // Wait for the gathers of every bucket whose key is <= layer (-1: the end bucket only, which
+  // Finish the gathers of every bucket whose key is <= layer (-1: the end bucket only, which
   // holds the embedding, final norm and LM head, read first). Issued in that order, so each call
-  // waits only for what the previous ones left.
-  void wait_gathers_through(int layer);
-  // Wait for every gather in flight.
-  void wait_gathers() { wait_gathers_through(std::numeric_limits<int>::max()); }
+  // waits only for what the previous ones left. For the forward, whose reads of the weights are
+  // device operations: Request::join_compute, so on a GPU the compute stream waits for the
+  // transfer and the host runs on (on the CPU, and for host-staged transfers, it is wait()).
+  void wait_gathers_through(int layer) { finish_gathers_through(layer, /*host=*/false); }
+  // Wait for every gather in flight, on the host (what follows may read the slabs anywhere).
+  void wait_gathers() { finish_gathers_through(std::numeric_limits<int>::max(), /*host=*/true); }
   bool gathering() const;  // whether any gather is in flight
   // Before the slabs or the replicas' communicator go away: wait for every gather in flight or,
   // while an exception unwinds the stack (a replica may never take part: the job is about to
@@ -202,6 +204,8 @@ class ShardStore {
     // is set, nothing may read the bucket (compute(), master_part()).
     RequestPtr gather;
   };
+  // Request::wait (host) or Request::join_compute for the buckets with key <= layer.
+  void finish_gathers_through(int layer, bool host);
   // Throws unless bucket b's gather has been waited for; `what` names the read.
   void check_gathered(const Bucket& b, const char* what) const;
   int entry_of_checked(int param) const;
