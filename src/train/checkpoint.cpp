@@ -564,7 +564,12 @@ std::string StateHealth::describe() const {
 StateHealth check_state_health(const AdamW& opt, Layout& layout, Communicator& world) {
   const int group_rank = layout.group().rank(), replica_rank = layout.replicas().rank();
   Backend& be = layout.backend();
-  // Counted on the device into three scalars, read back once.
+  // Counted on the device into three scalars, read back once. Right after a ZeRO-1 step under
+  // fp32, the master parts read here are this replica's own blocks of the compute slab that the
+  // step's in-place all-gathers are still sending from (ShardStore::sync_compute). Reading them
+  // is safe on both transports (neither MPI's nor NCCL's in-place all-gather writes a rank's own
+  // block), although MPI's text reserves the whole receive buffer until completion; waiting here
+  // instead would put the gathers back in front of the next forward every step.
   Tensor counts = Tensor::zeros({3}, DType::I64, MemCategory::Workspace, be.device());
   const auto& shards = opt.shards();
   for (size_t i = 0; i < shards.size(); ++i) {
