@@ -564,12 +564,13 @@ std::string StateHealth::describe() const {
 StateHealth check_state_health(const AdamW& opt, Layout& layout, Communicator& world) {
   const int group_rank = layout.group().rank(), replica_rank = layout.replicas().rank();
   Backend& be = layout.backend();
-  // Counted on the device into three scalars, read back once. Right after a ZeRO-1 step under
-  // fp32, the master parts read here are this replica's own blocks of the compute slab that the
-  // step's in-place all-gathers are still sending from (ShardStore::sync_compute). Reading them
-  // is safe on both transports (neither MPI's nor NCCL's in-place all-gather writes a rank's own
-  // block), although MPI's text reserves the whole receive buffer until completion; waiting here
-  // instead would put the gathers back in front of the next forward every step.
+  // Under ZeRO-1 in fp32 the master parts counted here are this replica's blocks of the compute
+  // slab, which the step's in-place all-gathers (ShardStore::sync_compute) may still be moving:
+  // MPI reserves the whole receive buffer until completion (an algorithm may park other blocks in
+  // ours on the way), so they are waited for first. Under bf16 the masters are a separate slab
+  // and the gathers stay in flight for the next forward.
+  if (layout.zero_stage() == 1 && layout.compute_dtype() == DType::F32) layout.wait_parameters();
+  // Counted on the device into three scalars, read back once.
   Tensor counts = Tensor::zeros({3}, DType::I64, MemCategory::Workspace, be.device());
   const auto& shards = opt.shards();
   for (size_t i = 0; i < shards.size(); ++i) {
