@@ -35,8 +35,8 @@
 //   The backward precomputes per query tile min / max s_i (tile_bounds of s) and a padded copy of
 //   s that travels with Q like the positions.
 // Scratch (positions, bounds, bf16 dout, D, lse2) is one Workspace tensor of the device's caching
-// allocator per call (scratch.h: counted by the MemoryTracker; the call's stream must be the
-// compute stream), freed when the launcher returns.
+// allocator per call (scratch.h: counted by the MemoryTracker; free of waits on the compute
+// stream, ordered explicitly on another), freed when the launcher returns.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

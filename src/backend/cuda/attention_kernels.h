@@ -66,7 +66,7 @@ cudaError_t flash_backward(const Bwd& p, cudaStream_t s);
 bool flash_v2_supported(const Shape& sh);
 // dk, dv as well as dq accumulate through fp32 atomics (float2: dq, dk, dv must be 8-byte aligned).
 // Both take their scratch from the device's caching allocator as a Workspace tensor (scratch.h),
-// counted by the MemoryTracker: s must be the device's compute stream.
+// counted by the MemoryTracker (on another stream than the compute stream, at the cost of a wait).
 cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s);
 cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s);
 
