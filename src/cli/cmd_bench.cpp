@@ -168,7 +168,7 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     try {
       predicted = plan::predict_local_memory(c, plan::layout_spec_of(*layout, comm.size()), batch.B,
                                              batch.S, /*optimizer=*/true, layout->compute_dtype(),
-                                             recompute)
+                                             recompute, plan::memory_target_of(pc.device))
                       .total();
     } catch (const Error&) {
       predicted = 0;  // no local model of this layout
@@ -221,8 +221,10 @@ Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& 
     row.mem.at_peak[i] = best[i], row.mem.peak[i] = best[kNumMemCategories + i];
   row.mem.peak_total = best[2 * kNumMemCategories];
   try {
+    // The model of the backend the row ran on (its transients differ: docs/cost-model.md).
     row.pred = plan::predict_local_memory(c, spec, batch.B, batch.S, /*optimizer=*/true,
-                                          layout->compute_dtype(), recompute);
+                                          layout->compute_dtype(), recompute,
+                                          plan::memory_target_of(pc.device));
     row.have_pred = true;
   } catch (const Error&) {
     row.have_pred = false;  // no local model of this layout: the column says "-"
@@ -409,7 +411,8 @@ Longest longest_sequence(const BenchOptions& o, const LlamaConfig& c, const Weig
                               : fmt::format("D={}", spec.D);
   if (spec.R > 1) r.degrees += fmt::format(" R={}", spec.R);
   auto predicted = [&](int64_t S) {
-    return plan::predict_local_memory(c, spec, o.batch, S, true, o.compute.parsed_dtype(), mode)
+    return plan::predict_local_memory(c, spec, o.batch, S, true, o.compute.parsed_dtype(), mode,
+                                      plan::memory_target_of(o.compute.parsed_device()))
         .total();
   };
   int64_t lo = 0, hi = max_S / step + 1;  // multiples of step: lo fits (0: none yet), hi does not

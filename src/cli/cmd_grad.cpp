@@ -77,7 +77,8 @@ int run_grad(const GradOptions& o, Communicator& world) {
     try {
       return plan::predict_local_memory(dir.config, plan::layout_spec_of(*layout, world.size()),
                                         batch.B, batch.S, /*optimizer=*/false,
-                                        layout->compute_dtype(), mode)
+                                        layout->compute_dtype(), mode,
+                                        plan::memory_target_of(pc.device))
           .total();
     } catch (const Error&) {
       return 0.0;  // a layout without a memory model: nothing to check against

@@ -168,7 +168,8 @@ void check_run_memory(const TrainOptions& o, const LlamaConfig& c, int world_siz
   spec.T = o.layout == "tp" ? D : (o.layout == "tp-sp" ? o.tp : 1);
   spec.zero = o.zero;
   auto predict = [&](plan::Recompute mode) {
-    return plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype(), mode)
+    return plan::predict_local_memory(c, spec, o.batch, o.seq, true, o.compute.parsed_dtype(), mode,
+                                      plan::memory_target_of(o.compute.parsed_device()))
         .total();
   };
   const plan::Recompute mode = checked_recompute(o.recompute, "train");

@@ -787,13 +787,25 @@ class FsdpCpModel final : public LayoutModel {
     const int64_t act_all = in.saved_all(s.L, saved, checkpoint) + kF32 * n;
     const int64_t head_comm =
         e.weight * (head_unit.full + next) + kF32 * (head_grads.full + embed_full);
-    out.push_back({act_all, head_comm, xs + kF32 * n * h + kF32 * r * s.V + e.narrow(r * s.V)});
-    out.push_back({act_all, head_comm, xs + 3 * kF32 * n * h});  // + dx, norm-backward temp
+    out.push_back({act_all, head_comm,
+                   xs + kF32 * n * h + kF32 * r * s.V +
+                       std::max(e.narrow(r * s.V), in.row_loss(r))});  // lm_head_loss, as single
+    out.push_back({act_all, head_comm, xs + 3 * kF32 * n * h});        // + dx, norm-backward temp
     out.push_back({act_all, head_comm + kF32 * head_grads.piece, xs + 2 * kF32 * n * h});
     // The last layer's forward: it and the head unit gathered, K/V received and laid out.
-    out.push_back({in.saved_through(s.L - 1, saved, checkpoint) + kF32 * n,
-                   e.weight * (layer.full + head_unit.full) + 2 * e.act * kv_all,
-                   tokens + 2 * e.act * n * h + 2 * e.act * kv_all});
+    const int64_t act_fwd = in.saved_through(s.L - 1, saved, checkpoint) + kF32 * n,
+                  comm_fwd = e.weight * (layer.full + head_unit.full);
+    out.push_back(
+        {act_fwd, comm_fwd + 2 * e.act * kv_all, tokens + 2 * e.act * n * h + 2 * e.act * kv_all});
+    // ... then, K/V freed, o_proj accumulating into the bf16 x2 (under CUDA widened to fp32,
+    // in.accumulate_widening: [n, h]) and the MLP adding into x chunk by chunk (selective and
+    // full: gate, up fp32 and act per chunk of r rows; the down projection's widened [r, h]).
+    out.push_back({act_fwd, comm_fwd, tokens + 2 * e.act * n * h + in.accumulate_widening(n * h)});
+    out.push_back(
+        {act_fwd, comm_fwd,
+         tokens + 2 * e.act * n * h +
+             (in.recompute == Recompute::None ? 0 : 2 * kF32 * r * s.F + e.act * r * s.F) +
+             in.accumulate_widening(r * h)});
     // Backward of layer l (all saved activations up to l): its weights, the prefetch of l-1, its
     // full-size gradients being accumulated, the previous unit's gradients still in their
     // reduce-scatter (full + pieces: the head's for l = L-1, a layer's after that).
@@ -823,7 +835,7 @@ class FsdpCpModel final : public LayoutModel {
           {act, outer + (rows ? 0 : kv_in),
            base + kF32 * (2 * n * qw + 2 * kv_all) + (rows ? 2 * e.act * kv_all : 0) +
                std::max({e.narrow(n * h), e.narrow(n * qw),
-                         attention_backward_transient(d, s.nh, s.nkv, n / in.Br, in.S, e)})});
+                         in.attention_backward_transient(d, s.nh, s.nkv, n / in.Br, in.S)})});
       // dK/dV reduce-scatter: send buffer (B > 1), dK, dV, local dk, dv; K and V (either layout)
       // were freed before it
       out.push_back({act, outer + (rows ? kF32 * kv_all : 0),

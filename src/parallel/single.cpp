@@ -137,8 +137,13 @@ class SingleModel final : public LayoutModel {
 
   // Our implementation: LayoutCommon::run's recipe with single's hooks on all n = B·S tokens of
   // the replica. Every term names its tensor; e.act / e.weight are the compute dtype's sizes,
-  // gradients fp32; e.narrow is the CPU backend's transient bf16 copy of an fp32 operand of a
-  // bf16 GEMM (fp32 gradients dy); zero under fp32.
+  // gradients fp32; e.narrow is the backend's transient bf16 copy of an fp32 operand of a bf16
+  // GEMM (fp32 gradients dy; CPU and CUDA alike); zero under fp32. The backend ops' other
+  // transients are LocalInputs' (in.attention_backward_transient, in.row_loss). Under CUDA and
+  // bf16 the forward's accumulating GEMMs (o_proj into x2, the down projection into x) widen
+  // their output to fp32 (in.accumulate_widening: [n, h] and [r, h]); no moment below needs
+  // them: the forward holds x, xn and at most the widened [n, h], the backward at the same
+  // saved activations x, xn, dxn, dx and rmsnorm_backward_add's [n, h] temp at least.
   void local_moments(const LocalInputs& in, std::vector<Moment>& out) const override {
     const Dims s = dims_of(*in.m);
     const ElemBytes& e = in.e;
@@ -155,9 +160,11 @@ class SingleModel final : public LayoutModel {
     // run(): the tokens, x and xn [n, h] (compute dtype), dxn [n, h] fp32 ...
     const int64_t tokens = token_bytes(n, in.S, in.S);
     const int64_t fwd = tokens + 2 * e.act * n * h + kF32 * n * h;
-    // loss head, forward and backward fused: one [r, V] fp32 logits chunk (dlogits in place),
-    // narrowed for the backward GEMMs under bf16.
-    out.push_back({act_head, 0, fwd + kF32 * r * s.V + e.narrow(r * s.V)});
+    // loss head, forward and backward fused: one [r, V] fp32 logits chunk (dlogits in place);
+    // with it, first cross_entropy's per-row loss (CUDA), then dlogits narrowed for the backward
+    // GEMMs (bf16).
+    out.push_back(
+        {act_head, 0, fwd + kF32 * r * s.V + std::max(e.narrow(r * s.V), in.row_loss(r))});
     // ... and, through the backward, dx [n, h] fp32.
     const int64_t base = fwd + kF32 * n * h;
     // mlp_backward: its chunk buffers (LocalInputs::mlp_backward_work); inside, a dy or da chunk
@@ -174,7 +181,7 @@ class SingleModel final : public LayoutModel {
     out.push_back({act, 0,
                    base + grads +
                        std::max({e.narrow(n * h), e.narrow(n * qw),
-                                 attention_backward_transient(d, s.nh, s.nkv, in.S, in.S, e)})});
+                                 in.attention_backward_transient(d, s.nh, s.nkv, in.S, in.S)})});
   }
 };
 

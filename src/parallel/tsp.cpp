@@ -810,19 +810,23 @@ class TspModel final : public LayoutModel {
                    base + kF32 * (2 * n * qw + 2 * all * kw + 2 * n * kw) +
                        (rows ? 2 * e.act * all * kw : 0) +
                        std::max({e.narrow(n * h), e.narrow(n * qw),
-                                 attention_backward_transient(d, hq, hkv, n / in.Br, in.S, e)}),
+                                 in.attention_backward_transient(d, hq, hkv, n / in.Br, in.S)}),
                    norm_grads});
     // Full recomputation under bf16: the backward's replay of a layer's attention ends with
-    // finish_sum, the rounds' fp32 sum [n, h] (Workspace) added into the bf16 residual through
-    // the backend's fp32 widening of it ([n, h], Workspace), while K and V of the last head group
-    // (and with B > 1 their staging) are still held; dx and dxn are alive. (Under f32 the rounds
-    // add straight into the residual: no such moment.)
+    // finish_sum, the rounds' fp32 sum [n, h] (Workspace) added into the bf16 residual (on the
+    // CPU through the backend's fp32 widening of it, [n, h] Workspace: in.add_widening), while K
+    // and V of the last head group (and with B > 1 their staging) are still held; dx and dxn are
+    // alive. (Under f32 the rounds add straight into the residual: no such moment.)
     if (in.recompute == Recompute::Full && e.mixed())
-      out.push_back({act, 2 * e.act * all * kw,
-                     base + (rows ? 2 * e.act * all * kw : 0) + 2 * kF32 * n * h, norm_grads});
+      out.push_back(
+          {act, 2 * e.act * all * kw,
+           base + (rows ? 2 * e.act * all * kw : 0) + kF32 * n * h + in.add_widening(n * h),
+           norm_grads});
     // loss head backward ring: the shard in hand (+ the next when D > 2), accumulators (+ part),
     // logits and dlogits chunks (dlogits narrowed for the GEMMs), running statistics; before
-    // run() allocates dx.
+    // run() allocates dx. (CUDA's online_softmax_loss adds an F64 [n] at the end of the forward
+    // ring, when neither the accumulators nor dlogits exist yet: below this moment whenever
+    // 8·vs·h + 4·r·vs >= 8n, i.e. at every shape with vs·h >= n.)
     out.push_back({act_head,
                    (D > 2 ? 2 : 1) * e.weight * vs * h + kF32 * (2 * vs * h + (D > 2 ? vs * h : 0)),
                    tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * (2 * r * vs + 3 * n) +

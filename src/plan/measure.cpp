@@ -11,6 +11,9 @@
 #include <vector>
 
 #include "ops/cpu/attention_internal.h"
+#ifdef TSP_WITH_CUDA
+#include "backend/cuda/attention.h"  // flash_version(): which flash kernels a CUDA run takes
+#endif
 #include "plan/model_util.h"
 #include "tsp/core/error.h"
 #include "tsp/ops/gemm.h"
@@ -39,6 +42,58 @@ int64_t attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t
     return packed + kF32 * threads * (2 * d * kBq + 2 * kBk * kBq + 3 * kBk * kBq / 2 + 2 * kBq);
   }
   return kF32 * (2 * nq * hq * d + 2 * nk * hkv * d) + attention_backward_scratch(d, hkv);
+}
+
+int64_t flash_v2_backward_scratch(int64_t nq, int64_t hq, int64_t d) {
+  // backward_d's Carve: every piece rounded up to 256 bytes; query tiles of BR = 32 rows
+  // (bwd_br), nq_pad = 32·n_qt. The padded query positions I64 [nq_pad], the tiles' min and max
+  // I64 [n_qt] each, dout in bf16 [nq_pad, hq, d], lse·log2(e) and D = dout·o F32 [hq, nq_pad]
+  // each. (With documents three more: the padded starts I64 [nq_pad] and their tiles' min, max.)
+  constexpr int64_t kBR = 32;
+  const auto piece = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+  const int64_t n_qt = (nq + kBR - 1) / kBR, nq_pad = n_qt * kBR;
+  return piece(8 * nq_pad) + 2 * piece(8 * n_qt) + piece(2 * nq_pad * hq * d) +
+         2 * piece(kF32 * nq_pad * hq);
+}
+
+namespace {
+// Whether the CUDA backend's bf16 attention takes the v2 flash kernels for this call
+// (attention.cpp: flash_serves, then flash_v2_supported; the views of the layouts are aligned):
+// head dim 64 or 128, at most 8192 key tiles of 64 and query tiles of 32, grids within 65535.
+bool cuda_flash_v2_serves(int64_t d, int64_t hq, int64_t nq, int64_t nk) {
+  const int64_t max_tiles = 8192;
+  return (d == 64 || d == 128) && (nk + 63) / 64 <= max_tiles && (nq + 31) / 32 <= max_tiles &&
+         (nq + 127) / 128 <= 65535 && (nk + 127) / 128 <= 65535 && hq <= 65535;
+}
+}  // namespace
+
+int64_t LocalInputs::attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t nq,
+                                                  int64_t nk) const {
+  if (!target.cuda()) return plan::attention_backward_transient(d, hq, hkv, nq, nk, e);
+  if (e.mixed() && target.flash_v2 && cuda_flash_v2_serves(d, hq, nq, nk))
+    return flash_v2_backward_scratch(nq, hq, d);
+  return 0;
+}
+
+int64_t LocalInputs::add_widening(int64_t n) const {
+  return !target.cuda() && e.mixed() ? kF32 * n : 0;
+}
+
+int64_t LocalInputs::accumulate_widening(int64_t n) const {
+  return target.cuda() && e.mixed() ? kF32 * n : 0;
+}
+
+int64_t LocalInputs::row_loss(int64_t m) const {
+  return target.cuda() ? 8 * m : 0;
+}
+
+MemoryTarget memory_target_of(Device device) {
+  MemoryTarget t;
+  t.device = device.kind;
+#ifdef TSP_WITH_CUDA
+  if (t.cuda()) t.flash_v2 = cuda::flash_version() == cuda::FlashVersion::V2;
+#endif
+  return t;
 }
 
 int64_t params_held(const Dims& s, int64_t w, bool split_norms) {
@@ -117,8 +172,8 @@ MemoryBreakdown predict_state_memory(const LlamaConfig& m, const LayoutSpec& l, 
 }
 
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
-                                     int64_t S, bool optimizer, DType compute,
-                                     Recompute recompute) {
+                                     int64_t S, bool optimizer, DType compute, Recompute recompute,
+                                     MemoryTarget target) {
   const LayoutModel& model = layout_model(l.name);
   TSP_CHECK(B % l.R == 0, "predict_local_memory: B={} rows do not split over R={} replicas", B,
             l.R);
@@ -132,6 +187,7 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
   in.S = S;
   in.e = e;
   in.recompute = recompute;
+  in.target = target;
   std::vector<Moment> moments;
   model.local_moments(in, moments);
   TSP_CHECK(!moments.empty(), "predict_local_memory: the model of layout '{}' gives no moment",

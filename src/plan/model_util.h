@@ -96,6 +96,11 @@ int64_t attention_backward_scratch(int64_t d, int64_t kv_heads);
 int64_t attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t nq, int64_t nk,
                                      const ElemBytes& e);
 
+// The CUDA v2 flash backward's scratch for one call of nq queries × hq heads, head dim d, without
+// documents (attention_flash_v2.cu, backward_d): one Workspace tensor carved into 256-byte
+// aligned pieces. Bytes.
+int64_t flash_v2_backward_scratch(int64_t nq, int64_t hq, int64_t d);
+
 // ShardStore lays every shard 64-byte aligned (16 elements of its slabs): layout_common.cpp.
 inline int64_t aligned(int64_t n) {
   return (n + 15) / 16 * 16;

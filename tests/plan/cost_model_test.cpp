@@ -11,6 +11,7 @@
 #include "parallel/registry.h"
 #include "tsp/core/error.h"
 #include "tsp/plan/layout_model.h"
+#include "tsp/plan/measure.h"
 
 namespace tsp::plan {
 namespace {
@@ -584,6 +585,94 @@ TEST(CostModelMaxSeq, LongestFitsNextDoesNot) {
   // The tsp and tp numbers of docs/benchmarks.md: tsp D=8 trains longer sequences than tp D=8.
   EXPECT_GT(longest({"tsp", 8, 1, 1}, Recompute::Full).S,
             2 * longest({"tp", 8, 8, 1}, Recompute::Full).S);
+}
+
+// ---- our implementation on a GPU (docs/cost-model.md, "On a GPU") -------------------------------
+// The CUDA prediction differs from the CPU one by the transients the CUDA backend's ops allocate
+// instead of the CPU's. The differences below are derived by hand from the op-level rules, at
+// shapes where the busiest moment is known, not by calling the model's own helpers.
+
+LlamaConfig gpu_model(int64_t h, int64_t heads, int64_t F, int64_t V) {
+  LlamaConfig c;
+  c.hidden_size = h;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = heads;
+  c.intermediate_size = F;
+  c.num_hidden_layers = 2;
+  c.vocab_size = V;
+  c.max_position_embeddings = 4096;
+  return c;
+}
+
+MemoryTarget cuda_target(bool flash_v2) {
+  MemoryTarget t;
+  t.device = DeviceKind::CUDA;
+  t.flash_v2 = flash_v2;
+  return t;
+}
+
+TEST(LocalMemoryOnGpu, CpuTargetIsTheDefault) {
+  const MemoryTarget t = memory_target_of(Device::cpu());
+  EXPECT_EQ(t.device, DeviceKind::CPU);
+  EXPECT_FALSE(t.flash_v2);
+  const LlamaConfig c = gpu_model(64, 4, 128, 256);
+  const LayoutSpec l{"single", 1, 1, 1};
+  for (DType dt : {DType::F32, DType::BF16})
+    EXPECT_EQ(predict_local_memory(c, l, 2, 64, true, dt).total(),
+              predict_local_memory(c, l, 2, 64, true, dt, Recompute::Selective, t).total());
+}
+
+// single, a vocabulary large enough that the loss head (one [r, V] fp32 logits chunk, r = min(n,
+// 512) rows) is the busiest moment on both backends. CUDA's cross_entropy adds its per-row F64
+// loss [r] while the chunk is alive: under fp32 nothing else is, so CUDA is 8r bytes above the
+// CPU (Workspace). Under bf16 the row loss is freed before linear_backward narrows dlogits to bf16
+// (2·r·V bytes > 8r): the peak is the same on both.
+TEST(LocalMemoryOnGpu, LossHeadRowLoss) {
+  const LlamaConfig c = gpu_model(64, 4, 128, 8192);
+  const LayoutSpec l{"single", 1, 1, 1};
+  for (const auto& [B, S] : {std::pair<int64_t, int64_t>{2, 64}, {4, 256}}) {
+    const int64_t r = std::min<int64_t>(B * S, 512);
+    SCOPED_TRACE(fmt::format("B={} S={}", B, S));
+    const MemoryBreakdown cpu = predict_local_memory(c, l, B, S, true, DType::F32);
+    const MemoryBreakdown gpu = predict_local_memory(c, l, B, S, true, DType::F32,
+                                                     Recompute::Selective, cuda_target(false));
+    EXPECT_EQ(gpu[MemCategory::Workspace] - cpu[MemCategory::Workspace], 8.0 * r);
+    EXPECT_EQ(gpu.total() - cpu.total(), 8.0 * r);
+    const MemoryBreakdown cpu16 = predict_local_memory(c, l, B, S, true, DType::BF16);
+    const MemoryBreakdown gpu16 = predict_local_memory(c, l, B, S, true, DType::BF16,
+                                                       Recompute::Selective, cuda_target(false));
+    EXPECT_EQ(gpu16.total(), cpu16.total());
+  }
+}
+
+// single under bf16 with a narrow MLP and a small vocabulary: the busiest moment is the attention
+// backward (d_o, dq, dk, dv fp32 of every token, beside x, xn, dxn, dx). Inside it, with the v1
+// flash kernels (no scratch), the largest transient is dq (or dy) narrowed to bf16, 2·n·h bytes
+// (h = heads·d). The v2 kernels instead allocate, per row of S queries (query tiles of 32 rows,
+// pieces rounded up to 256 bytes): padded positions 8·S, two tile bounds of S/32 I64 each (one
+// 256-byte piece each), dout in bf16 2·S·heads·d, lse2 and delta 4·S·heads each. With B = 1 the
+// dout copy equals the narrowed dq, so v2 is above v1 by 8·S + 2·256 + 8·S·heads (Workspace).
+TEST(LocalMemoryOnGpu, FlashV2ScratchInTheAttentionBackward) {
+  for (const auto& [heads, S] : {std::pair<int64_t, int64_t>{4, 256}, {8, 512}}) {
+    const int64_t d = 64;
+    const LlamaConfig c = gpu_model(heads * d, heads, 64, 256);
+    const LayoutSpec l{"single", 1, 1, 1};
+    SCOPED_TRACE(fmt::format("heads={} S={}", heads, S));
+    ASSERT_LE(S / 32 * 8, 256) << "the tile bounds fit one 256-byte piece each";
+    const MemoryBreakdown v1 = predict_local_memory(c, l, 1, S, true, DType::BF16,
+                                                    Recompute::Selective, cuda_target(false));
+    const MemoryBreakdown v2 = predict_local_memory(c, l, 1, S, true, DType::BF16,
+                                                    Recompute::Selective, cuda_target(true));
+    const double expected = 8.0 * S + 2 * 256 + 8.0 * S * heads;
+    EXPECT_EQ(v2[MemCategory::Workspace] - v1[MemCategory::Workspace], expected);
+    EXPECT_EQ(v2.total() - v1.total(), expected);
+    // fp32 attention runs the reference kernels under either version: no scratch.
+    EXPECT_EQ(
+        predict_local_memory(c, l, 1, S, true, DType::F32, Recompute::Selective, cuda_target(true))
+            .total(),
+        predict_local_memory(c, l, 1, S, true, DType::F32, Recompute::Selective, cuda_target(false))
+            .total());
+  }
 }
 
 }  // namespace

@@ -99,6 +99,24 @@ struct LocalInputs {
   int64_t Br = 0, S = 0;                       // rows of this replica, tokens per row
   ElemBytes e;                                 // element sizes of the compute dtype
   Recompute recompute = Recompute::Selective;  // ParallelConfig::recompute
+  MemoryTarget target;                         // the backend whose transients are counted
+
+  // ---- the backend ops' own transients (Workspace; docs/cost-model.md, "On a GPU"), bytes ----
+  // attention_backward's for one call of nq queries × hq heads against nk keys × hkv heads (one
+  // row of the batch): the CPU's attention_backward_transient; under CUDA the v2 flash kernels'
+  // scratch (flash_v2_backward_scratch) when they serve the call, else none (v1 flash and the
+  // reference kernels allocate nothing).
+  int64_t attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t nq,
+                                       int64_t nk) const;
+  // add(y, x) with a bf16 y and an fp32 x, n elements: the CPU backend adds in an fp32 copy of y
+  // (F32Out, cpu_backend.cpp), 4n; the CUDA kernel adds in place, 0. 0 under f32.
+  int64_t add_widening(int64_t n) const;
+  // linear_forward accumulating into a bf16 y of n elements: the CUDA backend runs the GEMM into
+  // an fp32 copy of y (gemm.cpp, "Precision"), 4n; oneDNN's sum post-op needs none, 0.
+  int64_t accumulate_widening(int64_t n) const;
+  // cross_entropy of m rows: the CUDA backend's per-row F64 loss (row_loss [m], summed in a fixed
+  // order), 8m; none on the CPU.
+  int64_t row_loss(int64_t m) const;
 
   // What one layer's set keeps beside selective's under none (block::LayerSaved::allocate_kept):
   // the two normed inputs [n, h] in the compute dtype and the MLP activations of the f FFN rows

@@ -19,20 +19,39 @@
 #include <functional>
 
 #include "tsp/comm/communicator.h"
+#include "tsp/core/device.h"
 #include "tsp/model/config.h"
 #include "tsp/parallel/layout.h"
 #include "tsp/plan/cost_model.h"
 
 namespace tsp::plan {
 
+// The backend whose allocations a prediction counts. The layouts and block.cpp allocate the same
+// tensors on every device, but the backends' ops allocate different transients (the table "On a
+// GPU" of docs/cost-model.md): under CUDA, no CPU attention scratch and no fp32 widening of a bf16
+// add's output, but an F64 per-row loss in cross_entropy and, with the v2 flash kernels, their
+// scratch in the bf16 attention backward. The default is the CPU backend (and the planner's
+// callers need nothing else).
+struct MemoryTarget {
+  DeviceKind device = DeviceKind::CPU;
+  // CUDA: bf16 attention with head_dim 64 or 128 runs the v2 flash kernels (TSP_CUDA_FLASH=v2,
+  // cuda::set_flash_version); false: v1, the default, which allocates nothing.
+  bool flash_v2 = false;
+  bool cuda() const { return device == DeviceKind::CUDA; }
+};
+// The target of a run whose backend is `device`'s, in this process: under CUDA the flash version
+// the backend will use (cuda::flash_version()); the CPU target for the CPU or a build without CUDA.
+MemoryTarget memory_target_of(Device device);
+
 // Peak memory per rank of one training step of our implementation: layout `l` (D ranks, R
 // replicas), micro-batch of B rows of S tokens over the whole job (each replica takes B/R rows),
-// AdamW moments allocated when `optimizer`, compute dtype `compute` (ParallelConfig::dtype).
-// Returns the bytes by category at the moment the total peaks (MemorySnapshot::at_peak), for the
-// rank with the largest peak.
+// AdamW moments allocated when `optimizer`, compute dtype `compute` (ParallelConfig::dtype), on
+// the backend `target`. Returns the bytes by category at the moment the total peaks
+// (MemorySnapshot::at_peak), for the rank with the largest peak.
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
                                      int64_t S, bool optimizer, DType compute = DType::F32,
-                                     Recompute recompute = Recompute::Selective);
+                                     Recompute recompute = Recompute::Selective,
+                                     MemoryTarget target = {});
 
 // The part of it that lives for the whole run: the ShardStore's slabs (weights, gradients, and
 // under ZeRO-1 the replica's partition) and the AdamW moments when `optimizer`. Exact bytes.

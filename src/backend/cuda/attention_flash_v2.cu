@@ -34,8 +34,9 @@
 //   checked on the CPU by attention_tile_rules_test) and the element-wise mask hides k_pos < s_i.
 //   The backward precomputes per query tile min / max s_i (tile_bounds of s) and a padded copy of
 //   s that travels with Q like the positions.
-// Scratch (positions, bounds, bf16 dout, D, lse2) comes from the stream-ordered allocator
-// (cudaMallocAsync / cudaFreeAsync on the call's stream).
+// Scratch (positions, bounds, bf16 dout, D, lse2) is one Workspace tensor of the device's caching
+// allocator per call (scratch.h: counted by the MemoryTracker; free of waits on the compute
+// stream, ordered explicitly on another), freed when the launcher returns.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -43,6 +44,7 @@
 
 #include "backend/cuda/attention_flash_common.cuh"
 #include "backend/cuda/attention_kernels.h"
+#include "backend/cuda/scratch.h"
 
 namespace tsp::cuda::attn {
 namespace {
@@ -706,9 +708,9 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
   Carve cv;
   const size_t o_pad = cv.take<int64_t>(int64_t{n_kt} * BC), o_min = cv.take<int64_t>(n_kt),
                o_max = cv.take<int64_t>(n_kt);
-  char* scratch = nullptr;
-  cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&scratch), cv.off > 0 ? cv.off : 256, s);
-  if (e != cudaSuccess) return e;
+  const Scratch held(cv.off > 0 ? cv.off : 256, s);  // a tracked Workspace tensor (scratch.h)
+  char* scratch = held.data();
+  cudaError_t e = cudaSuccess;
   int64_t* kpos_pad = reinterpret_cast<int64_t*>(scratch + o_pad);
   int64_t* kt_min = reinterpret_cast<int64_t*>(scratch + o_min);
   int64_t* kt_max = reinterpret_cast<int64_t*>(scratch + o_max);
@@ -723,8 +725,7 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
     flash_forward_v2_kernel<D, DOCS><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
     e = cudaGetLastError();
   }
-  const cudaError_t ef = cudaFreeAsync(scratch, s);
-  return e != cudaSuccess ? e : ef;
+  return e;  // `held` goes back to the allocator's cache, after the queued kernels (scratch.h)
 }
 
 template <int D, bool DOCS>
@@ -757,9 +758,9 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
     o_dmin = cv.take<int64_t>(n_qt);
     o_dmax = cv.take<int64_t>(n_qt);
   }
-  char* scratch = nullptr;
-  cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&scratch), cv.off, s);
-  if (e != cudaSuccess) return e;
+  const Scratch held(cv.off, s);  // a tracked Workspace tensor (scratch.h)
+  char* scratch = held.data();
+  cudaError_t e = cudaSuccess;
   int64_t* qpos_pad = reinterpret_cast<int64_t*>(scratch + o_pad);
   int64_t* qt_min = reinterpret_cast<int64_t*>(scratch + o_min);
   int64_t* qt_max = reinterpret_cast<int64_t*>(scratch + o_max);
@@ -791,8 +792,7 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
     flash_backward_v2_kernel<D, BR, DOCS><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
     e = cudaGetLastError();
   }
-  const cudaError_t ef = cudaFreeAsync(scratch, s);
-  return e != cudaSuccess ? e : ef;
+  return e;  // `held` goes back to the allocator's cache, after the queued kernels (scratch.h)
 }
 
 }  // namespace

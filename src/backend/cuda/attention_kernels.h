@@ -65,7 +65,8 @@ cudaError_t flash_backward(const Bwd& p, cudaStream_t s);
 // and 262144 queries); attention.cpp falls back to v1 otherwise.
 bool flash_v2_supported(const Shape& sh);
 // dk, dv as well as dq accumulate through fp32 atomics (float2: dq, dk, dv must be 8-byte aligned).
-// Both allocate their scratch with cudaMallocAsync on s.
+// Both take their scratch from the device's caching allocator as a Workspace tensor (scratch.h),
+// counted by the MemoryTracker (on another stream than the compute stream, at the cost of a wait).
 cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s);
 cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s);
 
