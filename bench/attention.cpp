@@ -2,9 +2,11 @@
 // kv heads, head dim).
 //   bench_attention [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] [--dtype f32|bf16|both]
 //                   [--device cpu|cuda[:N]] [--heads H --kv-heads HKV] [--json]
-//                   [--flash v1|v2|both] [--doc-len L]
+//                   [--flash v1|v2|cudnn|both|all] [--doc-len L]
 // --flash (--device cuda): which version of the CUDA flash kernels to time (attention.h; default:
-// the process's, TSP_CUDA_FLASH or v2); both: every row for v1, then for v2 ("flash" in JSON).
+// the process's, TSP_CUDA_FLASH or v1); both: every row for v1, then for v2; all: v1, v2, then
+// cudnn (cuDNN's fused attention for the calls it covers, v1 for the others: with --doc-len, v1
+// throughout; left out, with a note on stderr, where cuDNN is unavailable) ("flash" in JSON).
 // --device cuda: the GPU backend's attention (backend_for(Device::cuda(N)).attention_forward /
 // _backward), defaults bf16, S = 4K..32K, 32 query / 8 kv heads, d = 128 (issue 10's shapes);
 // ms are medians over repeats of a timed loop between backend.synchronize() calls, TFLOP/s with the
@@ -423,14 +425,21 @@ int main_device(const std::string& device_name, const std::vector<int64_t>& size
   }
   std::vector<std::string> versions = {flash};
   if (flash == "both") versions = {"v1", "v2"};
+  if (flash == "all") versions = {"v1", "v2", "cudnn"};
   for (const std::string& fv : versions)
     for (const std::string& dts : {std::string("f32"), std::string("bf16")}) {
       if (dtype != "both" && dtype != dts) continue;
       std::string fname = "-";
 #ifdef TSP_WITH_CUDA
+      if (fv == "cudnn" && flash == "all" && be.device().kind == tsp::DeviceKind::CUDA &&
+          !tsp::cuda::cudnn_attention_unavailable().empty()) {
+        fmt::print(stderr, "# cudnn rows left out: {}\n", tsp::cuda::cudnn_attention_unavailable());
+        continue;
+      }
       if (!fv.empty())
-        tsp::cuda::set_flash_version(fv == "v1" ? tsp::cuda::FlashVersion::V1
-                                                : tsp::cuda::FlashVersion::V2);
+        tsp::cuda::set_flash_version(fv == "v1"   ? tsp::cuda::FlashVersion::V1
+                                     : fv == "v2" ? tsp::cuda::FlashVersion::V2
+                                                  : tsp::cuda::FlashVersion::Cudnn);
       if (be.device().kind == tsp::DeviceKind::CUDA)
         fname = tsp::cuda::flash_version_name(tsp::cuda::flash_version());
 #endif
@@ -503,7 +512,8 @@ int main(int argc, char** argv) {
       doc_len = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--flash") && a + 1 < argc &&
                (!std::strcmp(argv[a + 1], "v1") || !std::strcmp(argv[a + 1], "v2") ||
-                !std::strcmp(argv[a + 1], "both"))) {
+                !std::strcmp(argv[a + 1], "cudnn") || !std::strcmp(argv[a + 1], "both") ||
+                !std::strcmp(argv[a + 1], "all"))) {
       flash = argv[++a];
     } else if (!std::strcmp(argv[a], "--dtype") && a + 1 < argc &&
                (!std::strcmp(argv[a + 1], "f32") || !std::strcmp(argv[a + 1], "bf16") ||
@@ -513,7 +523,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] "
                    "[--dtype f32|bf16|both] [--device cpu|cuda[:N]] [--heads H] [--kv-heads HKV] "
-                   "[--json] [--flash v1|v2|both] [--doc-len L]\n",
+                   "[--json] [--flash v1|v2|cudnn|both|all] [--doc-len L]\n",
                    argv[0]);
       return 2;
     }

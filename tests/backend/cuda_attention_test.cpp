@@ -8,6 +8,11 @@
 //      queries that see no key), within bounds derived per element from the extra bf16 roundings
 //      of the flash path; and key tiles hidden by the document bound holding NaN, which only
 //      skipped tiles leave out of the results;
+//   2b. the cuDNN path (TSP_CUDA_FLASH=cudnn: contiguous runs only) against the reference kernels,
+//      forward and backward (accumulating onto non-zero gradients), with bounds derived from its
+//      bf16 roundings; that covered calls run on cuDNN and the others (non-contiguous positions,
+//      documents, q0 < k0, small nq) do not and still give the reference's result; and the
+//      backward of one key chunk from merged statistics;
 //   3. the LSE merge against the host.
 // Without a CUDA device every test is skipped (GTEST_SKIP "no CUDA device").
 #include <cuda_runtime.h>
@@ -95,7 +100,11 @@ enum class Pos {
   DocsTileEdge,
   DocsZigzag,
   DocsShuffled,
-  DocsOffset
+  DocsOffset,
+  // Contiguous runs for the cuDNN path (make() describes each):
+  Prefix,
+  Past,
+  Before
 };
 const char* pos_name(Pos p) {
   switch (p) {
@@ -121,6 +130,12 @@ const char* pos_name(Pos p) {
       return "docs-shuffled";
     case Pos::DocsOffset:
       return "docs-offset";
+    case Pos::Prefix:
+      return "prefix";
+    case Pos::Past:
+      return "past";
+    case Pos::Before:
+      return "before";
   }
   return "?";
 }
@@ -188,6 +203,13 @@ std::vector<bool> random_begins(int64_t n_positions, int64_t max_len, Rng& rng) 
 //   DocsShuffled  causal positions in random order, documents 1 to 60;
 //   DocsOffset    queries after all keys (as Offset), documents of 1 to 120 over all positions:
 //                 queries whose document starts after the last key see none (lse -inf, o = 0).
+// Contiguous runs (the cuDNN path's cases; Causal and Offset are runs too):
+//   Prefix        a later query chunk against a key prefix that ends before the last query:
+//                 k_pos = j, q_pos = nk/2 + i (q0 = nk/2 > k0 = 0; use nq > nk/2 so nk < q0 + nq);
+//   Past          keys extending past the last query: k_pos = 5 + j, q_pos = 20 + i (use nk > nq
+//                 + 15: the keys from 20 + nq on are seen by no query);
+//   Before        queries starting before the keys: k_pos = 50 + j, q_pos = i (q0 < k0: the first
+//                 50 queries see no key).
 Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
   Problem p;
   p.c = c;
@@ -256,6 +278,16 @@ Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
     const std::vector<bool> b = random_begins(c.nk, 100, rng);
     set_documents(p, [&](int64_t x) { return b[x]; });
   }
+  if (c.pos == Pos::Prefix)
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = c.nk / 2 + i;
+  if (c.pos == Pos::Past) {
+    for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = 5 + j;
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = 20 + i;
+  }
+  if (c.pos == Pos::Before) {
+    for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = 50 + j;
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = i;
+  }
   if (c.pos == Pos::DocsOffset) {
     for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = c.nk + 7 + i;
     const std::vector<bool> b = random_begins(c.nk + 7 + c.nq, 120, rng);
@@ -270,6 +302,9 @@ struct HostOut {
   std::vector<double> o, lse, dq, dk, dv;
   // Per-element error scales of the flash path's bf16 roundings (see FlashBackward).
   std::vector<double> bq, bk, bv;
+  // The cuDNN path's extra term: D = rowsum(dO∘O) from the bf16-rounded dout (see
+  // CudnnBackwardMatchesReference).
+  std::vector<double> cq, ck;
 };
 
 // o_in: the o the backward reads (the device's stored o). Gradients include the prior contents.
@@ -285,6 +320,8 @@ HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
   r.bq.assign(r.dq.size(), 0.0);
   r.bk.assign(r.dk.size(), 0.0);
   r.bv.assign(r.dv.size(), 0.0);
+  r.cq.assign(r.dq.size(), 0.0);
+  r.ck.assign(r.dk.size(), 0.0);
   // bf16 unit roundoff: 8 significant bits, so rounding to nearest errs by at most half an ulp,
   // 2^-8 relative (2^-9 is half an ulp only just below a power of two).
   const double u = std::ldexp(1.0, -8);
@@ -321,8 +358,11 @@ HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
       // Backward from the stored o.
       const float* doi = &p.dout[(i * c.hq + h) * d];
       const float* os = &(*o_in)[(i * c.hq + h) * d];
-      double D = 0;
-      for (int64_t e = 0; e < d; ++e) D += double(doi[e]) * os[e];
+      double D = 0, Dabs = 0;
+      for (int64_t e = 0; e < d; ++e) {
+        D += double(doi[e]) * os[e];
+        Dabs += std::abs(double(doi[e]) * os[e]);
+      }
       for (int64_t j = 0; j < c.nk; ++j) {
         if (s[j] == -kInf) continue;
         const float* kj = &p.k[(j * c.hkv + hk) * d];
@@ -346,6 +386,9 @@ HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
           r.bv[ko + e] += 2 * u * P * std::abs(doi[e]);
           r.bk[ko + e] += p.scale * e_dS * std::abs(qi[e]);
           r.bq[qo + e] += p.scale * e_dS * std::abs(kj[e]);
+          // cuDNN's D reads dout rounded to bf16: |ΔD| <= u·Σ|dout·o|, |ΔdS| <= P·|ΔD|.
+          r.ck[ko + e] += p.scale * P * u * Dabs * std::abs(qi[e]);
+          r.cq[qo + e] += p.scale * P * u * Dabs * std::abs(kj[e]);
         }
       }
     }
@@ -593,8 +636,11 @@ TEST(CudaAttention, FlashVersionSelection) {
   EXPECT_EQ(flash_version(), FlashVersion::V1);
   set_flash_version(FlashVersion::V2);
   EXPECT_EQ(flash_version(), FlashVersion::V2);
+  set_flash_version(FlashVersion::Cudnn);
+  EXPECT_EQ(flash_version(), FlashVersion::Cudnn);
   EXPECT_STREQ(flash_version_name(FlashVersion::V1), "v1");
   EXPECT_STREQ(flash_version_name(FlashVersion::V2), "v2");
+  EXPECT_STREQ(flash_version_name(FlashVersion::Cudnn), "cudnn");
   set_flash_version(before);
 }
 
@@ -748,6 +794,220 @@ TEST(CudaAttention, FlashSkipsKeyTilesHiddenByDocuments) {
     });
     if (HasFailure()) return;
   }
+}
+
+// ---- 2b. the cuDNN path against the reference kernels --------------------------------------
+
+// Runs body with the cuDNN path selected (set_flash_version(Cudnn)), then restores the version in
+// force. Skipped in a build without the path; a build WITH it fails when libcudnn.so.9 does not
+// load (the GPU check must run these tests, not skip them).
+#define SKIP_WITHOUT_CUDNN()                                                                     \
+  SKIP_WITHOUT_GPU();                                                                            \
+  if (!cudnn_attention_built()) GTEST_SKIP() << "this build has no cuDNN path (TSP_WITH_CUDNN)"; \
+  ASSERT_EQ(cudnn_attention_unavailable(), "")
+
+template <class F>
+void with_cudnn(F body) {
+  const FlashVersion before = flash_version();
+  set_flash_version(FlashVersion::Cudnn);
+  SCOPED_TRACE("flash version cudnn");
+  body();
+  set_flash_version(before);
+}
+
+// Cases the path covers (contiguous runs from q0 >= k0, nq >= 64): from 0 (nq = nk), a later
+// query chunk after a key prefix (q0 > k0, nk > nq, nk < q0 + nq), keys past the last query (nk'
+// < nk), queries after every key (no mask); GQA 32/8, 8/2 and MHA; d 64 and 128.
+std::vector<Case> cudnn_covered_cases() {
+  std::vector<Case> cs;
+  for (int d : {64, 128}) {
+    cs.push_back({64, 64, 4, 4, d, Pos::Causal});      // from 0, MHA, the smallest nq covered
+    cs.push_back({256, 256, 32, 8, d, Pos::Causal});   // from 0, GQA 32/8
+    cs.push_back({200, 300, 8, 2, d, Pos::Prefix});    // q0 = 150, nk = 300 < q0 + nq = 350
+    cs.push_back({130, 700, 32, 8, d, Pos::Causal});   // q0 = 570 = nk - nq: the band's bound
+    cs.push_back({100, 300, 4, 4, d, Pos::Past});      // nk' = 115 of 300
+    cs.push_back({96, 200, 8, 2, d, Pos::Offset});     // after every key: no mask
+    cs.push_back({1000, 1000, 4, 2, d, Pos::Causal});  // several tiles of every size
+  }
+  return cs;
+}
+
+// Cases it must NOT take (they give the reference's result through the flash path): positions
+// that are not runs (shuffled, zigzag, a query before every key), documents, q0 < k0, and nq
+// below 64.
+std::vector<Case> cudnn_uncovered_cases() {
+  std::vector<Case> cs;
+  for (int d : {64, 128}) {
+    cs.push_back({130, 300, 8, 2, d, Pos::Shuffled});
+    cs.push_back({200, 200, 4, 4, d, Pos::Zigzag});
+    cs.push_back({65, 65, 8, 1, d, Pos::Blind});
+    cs.push_back({300, 300, 4, 2, d, Pos::Documents});
+    cs.push_back({128, 128, 8, 2, d, Pos::Before});
+    cs.push_back({63, 63, 8, 2, d, Pos::Causal});
+  }
+  return cs;
+}
+
+// Forward: the flash bound (FlashForwardMatchesReference): cuDNN's fused kernels also round P to
+// bf16 before P·V and o once to bf16, with fp32 scores and statistics:
+//   |o − o_ref| <= 2^-8·|o_ref| + 2^-9·max|v| + 1e-4,  |lse − lse_ref| <= 1e-4·(1 + |lse|).
+// Covered calls must run on cuDNN (cudnn_attention_calls grows by one), the others must not.
+TEST(CudaAttention, CudnnForwardMatchesReference) {
+  SKIP_WITHOUT_CUDNN();
+  with_cudnn([&] {
+    uint32_t seed = 500;
+    for (bool covered : {true, false}) {
+      for (const Case& c : covered ? cudnn_covered_cases() : cudnn_uncovered_cases()) {
+        const Problem p = make(c, true, seed++);
+        DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+        run_fwd(reference::attention_forward, ref, p);
+        const int64_t calls = cudnn_attention_calls();
+        run_fwd(attention_forward, fast, p);
+        EXPECT_EQ(cudnn_attention_calls() - calls, covered ? 1 : 0)
+            << (covered ? "a covered call did not run on cuDNN: "
+                        : "an uncovered call ran on cuDNN: ")
+            << c.str();
+        const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
+        const double vmax = max_abs(p.v);
+        expect_close(
+            fast.o.get(), o_ref,
+            [&](size_t i) {
+              return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4;
+            },
+            "cudnn o vs reference", c);
+        expect_close(
+            fast.lse.get(), lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
+            "cudnn lse vs reference", c);
+        if (HasFailure()) return;
+      }
+    }
+  });
+}
+
+// Backward from the reference's o and lse on both paths. cuDNN's roundings: those of the flash
+// path (HostOut::bq, bk, bv: dout, P and dS to bf16 in the products), plus
+//   * D = rowsum(dO∘O) from dout rounded to bf16 (the flash path reads fp32 dout there):
+//     |ΔD| <= u·Σ|dout·o|, so |ΔdS| <= P·u·Σ|dout·o| more (HostOut::cq, ck);
+//   * this call's dq, dk, dv written in bf16, then added to the prior contents: the call's part
+//     (ref − prior) rounded once, <= 2^-8·|ref − prior|.
+// Tolerance: those + 1e-4·(1 + |ref|), as the flash tests. Keys no query sees (Past: past the
+// last query, left out of the cuDNN call) keep their dk, dv bit for bit.
+TEST(CudaAttention, CudnnBackwardMatchesReference) {
+  SKIP_WITHOUT_CUDNN();
+  with_cudnn([&] {
+    uint32_t seed = 600;
+    for (bool covered : {true, false}) {
+      for (const Case& c : covered ? cudnn_covered_cases() : cudnn_uncovered_cases()) {
+        const Problem p = make(c, true, seed++);
+        DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+        run_fwd(reference::attention_forward, ref, p);
+        const std::vector<float> o = ref.o.get();
+        TSP_CUDA_CHECK(
+            cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
+        TSP_CUDA_CHECK(
+            cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+        run_bwd(reference::attention_backward, ref, p);
+        const int64_t calls = cudnn_attention_calls();
+        run_bwd(attention_backward, fast, p);
+        EXPECT_EQ(cudnn_attention_calls() - calls, covered ? 1 : 0)
+            << (covered ? "a covered call did not run on cuDNN: "
+                        : "an uncovered call ran on cuDNN: ")
+            << c.str();
+        const HostOut h = host_attention(p, &o);
+        const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+        const std::vector<float> dk_fast = fast.dk.get(), dv_fast = fast.dv.get();
+        const double r = std::ldexp(1.0, -8);
+        expect_close(
+            fast.dq.get(), dq,
+            [&](size_t i) {
+              return h.bq[i] + h.cq[i] + r * std::abs(dq[i] - p.dq0[i]) +
+                     1e-4 * (1 + std::abs(dq[i]));
+            },
+            "cudnn dq vs reference", c);
+        expect_close(
+            dk_fast, dk,
+            [&](size_t i) {
+              return h.bk[i] + h.ck[i] + r * std::abs(dk[i] - p.dk0[i]) +
+                     1e-4 * (1 + std::abs(dk[i]));
+            },
+            "cudnn dk vs reference", c);
+        expect_close(
+            dv_fast, dv,
+            [&](size_t i) {
+              return h.bv[i] + r * std::abs(dv[i] - p.dv0[i]) + 1e-4 * (1 + std::abs(dv[i]));
+            },
+            "cudnn dv vs reference", c);
+        if (c.pos == Pos::Past) {
+          // Keys at 5 + j > 20 + nq - 1 (j >= nq + 15) are seen by no query.
+          for (int64_t e = (c.nq + 15) * c.hkv * c.d; e < c.nk * c.hkv * c.d; ++e) {
+            ASSERT_EQ(dk_fast[e], p.dk0[e]) << "dk of a key no query sees changed, element " << e;
+            ASSERT_EQ(dv_fast[e], p.dv0[e]) << "dv of a key no query sees changed, element " << e;
+          }
+        }
+        if (HasFailure()) return;
+      }
+    }
+  });
+}
+
+// Merged statistics: a backward over one chunk of keys receives the FINAL o and lse (merged over
+// every chunk) and must give that chunk's part of the gradients (cuDNN computes P = exp(scale·s −
+// lse) and D = rowsum(dO∘O) from what it is given). Queries [0, 512) against keys [0, 512): the
+// reference forward over all keys gives o, lse; the backward over the key chunk [0, 256) (covered:
+// k0 = 0 = q0, nk' = 256) on both paths, from those o, lse. Bounds as above.
+TEST(CudaAttention, CudnnBackwardOfAKeyChunkWithMergedStatistics) {
+  SKIP_WITHOUT_CUDNN();
+  with_cudnn([&] {
+    for (int d : {64, 128}) {
+      const Case c{512, 512, 8, 2, d, Pos::Causal};
+      const Problem whole = make(c, true, 700 + d);
+      Problem chunk = whole;  // keys [0, 256)
+      chunk.c.nk = 256;
+      const int64_t kept = 256 * c.hkv * c.d;
+      chunk.k.resize(kept), chunk.v.resize(kept), chunk.dk0.resize(kept), chunk.dv0.resize(kept);
+      chunk.k_pos.resize(256);
+      DevProblem all(whole, DType::BF16), ref(chunk, DType::BF16), fast(chunk, DType::BF16);
+      run_fwd(reference::attention_forward, all, whole);
+      const std::vector<float> o = all.o.get();
+      for (DevProblem* dp : {&ref, &fast}) {
+        TSP_CUDA_CHECK(
+            cudaMemcpy(dp->o.buf.p, all.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
+        TSP_CUDA_CHECK(
+            cudaMemcpy(dp->lse.buf.p, all.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+      }
+      run_bwd(reference::attention_backward, ref, chunk);
+      const int64_t calls = cudnn_attention_calls();
+      run_bwd(attention_backward, fast, chunk);
+      EXPECT_EQ(cudnn_attention_calls() - calls, 1) << "the chunk's backward did not run on cuDNN";
+      // The host bound of the chunk: host_attention over the chunk's keys, but P from the merged
+      // lse — host_attention computes its own lse over the chunk, whose P are larger (lse_chunk <=
+      // lse_all), so its per-element bounds are upper bounds for this call.
+      const HostOut h = host_attention(chunk, &o);
+      const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+      const double r = std::ldexp(1.0, -8);
+      expect_close(
+          fast.dq.get(), dq,
+          [&](size_t i) {
+            return h.bq[i] + h.cq[i] + r * std::abs(dq[i] - chunk.dq0[i]) +
+                   1e-4 * (1 + std::abs(dq[i]));
+          },
+          "cudnn dq of a key chunk vs reference", c);
+      expect_close(
+          fast.dk.get(), dk,
+          [&](size_t i) {
+            return h.bk[i] + h.ck[i] + r * std::abs(dk[i] - chunk.dk0[i]) +
+                   1e-4 * (1 + std::abs(dk[i]));
+          },
+          "cudnn dk of a key chunk vs reference", c);
+      expect_close(
+          fast.dv.get(), dv,
+          [&](size_t i) {
+            return h.bv[i] + r * std::abs(dv[i] - chunk.dv0[i]) + 1e-4 * (1 + std::abs(dv[i]));
+          },
+          "cudnn dv of a key chunk vs reference", c);
+      if (HasFailure()) return;
+    }
+  });
 }
 
 // ---- 3. merge ---------------------------------------------------------------------------------

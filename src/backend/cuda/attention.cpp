@@ -1,6 +1,7 @@
 // Entry points of the CUDA attention (attention.h): checks at the API boundary (shapes, dtypes,
-// devices, with messages that say what to fix), then the choice between the flash kernels
-// (attention_flash.cu: BF16, d = 64 or 128) and the reference kernels (attention_reference.cu).
+// devices, with messages that say what to fix), then the choice between cuDNN (opt-in,
+// attention_cudnn.cpp: the calls it covers exactly), the flash kernels (attention_flash.cu: BF16,
+// d = 64 or 128) and the reference kernels (attention_reference.cu).
 #include "backend/cuda/attention.h"
 
 #include <atomic>
@@ -11,6 +12,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/attention_kernels.h"
 #include "backend/cuda/cuda_common.h"
 #include "tsp/core/error.h"
@@ -179,11 +181,12 @@ FlashVersion flash_version() {
   // The default is v1, the version a GPU has verified (see attention.h).
   int from_env = static_cast<int>(FlashVersion::V1);
   if (env != nullptr && env[0] != '\0') {
-    TSP_CHECK(!std::strcmp(env, "v1") || !std::strcmp(env, "v2"),
-              "TSP_CUDA_FLASH={} is not a flash attention version: use v1 or v2 (or unset it for "
-              "the default, v1)",
+    TSP_CHECK(!std::strcmp(env, "v1") || !std::strcmp(env, "v2") || !std::strcmp(env, "cudnn"),
+              "TSP_CUDA_FLASH={} is not a flash attention version: use v1, v2 or cudnn (or unset "
+              "it for the default, v1)",
               env);
-    from_env = env[1] == '2' ? static_cast<int>(FlashVersion::V2) : from_env;
+    if (!std::strcmp(env, "v2")) from_env = static_cast<int>(FlashVersion::V2);
+    if (!std::strcmp(env, "cudnn")) from_env = static_cast<int>(FlashVersion::Cudnn);
   }
   // A concurrent set_flash_version wins over the environment.
   g_flash_version.compare_exchange_strong(v, from_env);
@@ -191,13 +194,25 @@ FlashVersion flash_version() {
 }
 
 void set_flash_version(FlashVersion v) {
-  TSP_CHECK(v == FlashVersion::V1 || v == FlashVersion::V2, "set_flash_version: bad version {}",
-            static_cast<int>(v));
+  TSP_CHECK(v == FlashVersion::V1 || v == FlashVersion::V2 || v == FlashVersion::Cudnn,
+            "set_flash_version: bad version {}", static_cast<int>(v));
   g_flash_version.store(static_cast<int>(v));
 }
 
 const char* flash_version_name(FlashVersion v) {
-  return v == FlashVersion::V1 ? "v1" : "v2";
+  return v == FlashVersion::V1 ? "v1" : v == FlashVersion::V2 ? "v2" : "cudnn";
+}
+
+bool cudnn_attention_built() {
+  return attn::cudnn_built();
+}
+
+std::string cudnn_attention_unavailable() {
+  return attn::cudnn_unavailable_reason();
+}
+
+int64_t cudnn_attention_calls() {
+  return attn::cudnn_calls_run();
 }
 
 // Whether a call goes to the flash kernels: BF16 with a head dim they serve, with or without
@@ -218,7 +233,9 @@ void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_po
   const attn::Fwd p = forward_params(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale);
   if (p.sh.nq == 0) return;
   if (flash_serves(p) && aligned16({p.q, p.k, p.v, p.o})) {
-    if (flash_version() == FlashVersion::V2 && attn::flash_v2_supported(p.sh))
+    const FlashVersion fv = flash_version();
+    if (fv == FlashVersion::Cudnn && attn::cudnn_forward(p, q.device().index, s)) return;
+    if (fv == FlashVersion::V2 && attn::flash_v2_supported(p.sh))
       TSP_CUDA_CHECK(attn::flash_forward_v2(p, s));
     else
       TSP_CUDA_CHECK(attn::flash_forward(p, s));
@@ -234,8 +251,9 @@ void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_p
       backward_params(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv, scale);
   if (p.sh.nq == 0 || p.sh.nk == 0) return;  // nothing is visible: += adds nothing
   if (flash_serves(p) && aligned16({p.q, p.k, p.v, p.o, p.dout})) {
-    if (flash_version() == FlashVersion::V2 && attn::flash_v2_supported(p.sh) &&
-        aligned8({p.dq, p.dk, p.dv}))
+    const FlashVersion fv = flash_version();
+    if (fv == FlashVersion::Cudnn && attn::cudnn_backward(p, q.device().index, s)) return;
+    if (fv == FlashVersion::V2 && attn::flash_v2_supported(p.sh) && aligned8({p.dq, p.dk, p.dv}))
       TSP_CUDA_CHECK(attn::flash_backward_v2(p, s));
     else
       TSP_CUDA_CHECK(attn::flash_backward(p, s));

@@ -28,12 +28,24 @@
 //     passed the tests on a GPU, an H200) and v2 (attention_flash_v2.cu, NOT YET RUN ON A GPU:
 //     precomputed tile bounds, heaviest blocks first, 2 forward blocks per SM, a backward of 8
 //     warps per (query head, 128 keys) with double-buffered query tiles; dk and dv also through
-//     fp32 atomics; its scratch comes from cudaMallocAsync, outside the memory tracker). v2
+//     fp32 atomics; its scratch is a tracked Workspace tensor, scratch.h). v2
 //     becomes the default once cuda_attention_test passes and bench_attention --flash both shows
 //     it faster on a GPU. The environment variable TSP_CUDA_FLASH=v1 or
 //     v2, read once per process (at the first call that needs it), selects one;
 //     set_flash_version overrides it (bench_attention --flash, the tests). Shapes beyond v2's
 //     limits (over 262144 queries or 524288 keys) take v1.
+//   * cudnn (attention_cudnn.cpp, opt-in: TSP_CUDA_FLASH=cudnn or set_flash_version(Cudnn); NOT
+//     YET RUN ON A GPU): cuDNN's fused attention (SDPA, through the header-only cuDNN frontend)
+//     for the flash-served calls it covers exactly (attention_cudnn_rules.h, checked on the CPU
+//     by tests/backend/attention_cudnn_rules_test.cpp): BF16, d = 64 or 128, no documents, nq >=
+//     64, and positions that are contiguous runs q_pos = [q0, q0 + nq), k_pos = [k0, k0 + nk)
+//     with q0 >= k0 (a causal band; keys past the last query are left out). The positions are on
+//     the device: each call checks them with a small kernel and one stream sync. Calls it does not
+//     cover, and shapes cuDNN does not support (logged once), take v1. Extra rounding (beyond the
+//     flash path's): the call's dq, dk, dv pass through bf16 before they are added. libcudnn.so.9
+//     is loaded at run time: without it TSP_CUDA_FLASH=cudnn fails naming what is missing, and
+//     nothing else changes. Built when CMake finds the cuDNN and frontend headers
+//     (TSP_WITH_CUDNN).
 //   * reference (attention_reference.cu): everything else (F32, or any d up to 256, with or
 //     without documents). One warp per (query, head), fp32 online softmax; deterministic.
 // Every call is queued on stream `s` and returns without waiting; all tensors must be on the
@@ -41,6 +53,9 @@
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
 
 #include "tsp/core/tensor.h"
 
@@ -59,11 +74,19 @@ void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b, TensorVie
                      cudaStream_t s);
 
 // The flash kernels' version (see above): TSP_CUDA_FLASH at the first call, else v1, until
-// set_flash_version. Thread-safe; a change applies to the calls made after it.
-enum class FlashVersion { V1 = 1, V2 = 2 };
+// set_flash_version. Thread-safe; a change applies to the calls made after it. Cudnn: cuDNN for
+// the calls it covers, v1 for the other flash-served calls.
+enum class FlashVersion { V1 = 1, V2 = 2, Cudnn = 3 };
 FlashVersion flash_version();
 void set_flash_version(FlashVersion v);
-const char* flash_version_name(FlashVersion v);  // "v1", "v2"
+const char* flash_version_name(FlashVersion v);  // "v1", "v2", "cudnn"
+
+// Whether this build has the cuDNN path (CMake's TSP_WITH_CUDNN), and "" when it can run here
+// (libcudnn.so.9 loads; tried once per process), else what is missing.
+bool cudnn_attention_built();
+std::string cudnn_attention_unavailable();
+// Calls the cuDNN path has run in this process (the tests check which calls took it).
+int64_t cudnn_attention_calls();
 
 // Whether the flash path serves this head dim and dtype (BF16, d = 64 or 128).
 bool attention_flash_supported(DType dtype, int64_t head_dim);

@@ -1,5 +1,5 @@
 // Raw-pointer launchers of the CUDA attention kernels (attention_reference.cu,
-// attention_flash.cu). attention.cpp checks shapes, dtypes and devices and calls these; each
+// attention_flash.cu, and the helpers of the cuDNN path in attention_cudnn_kernels.cu). attention.cpp checks shapes, dtypes and devices and calls these; each
 // returns the launch status because .cu files cannot build tsp::Error messages (fmt's consteval
 // format strings do not compile under nvcc), so the caller wraps every call in TSP_CUDA_CHECK.
 //
@@ -69,5 +69,21 @@ bool flash_v2_supported(const Shape& sh);
 // counted by the MemoryTracker (on another stream than the compute stream, at the cost of a wait).
 cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s);
 cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s);
+
+// ---- around the cuDNN path (attention_cudnn_kernels.cu; attention_cudnn.cpp calls them) ----
+// Whether q_pos and k_pos are contiguous ascending runs (attention_cudnn_rules.h: in_run), and
+// their starts: written on the device (bad = 0: both are runs), read by the host after a copy.
+struct PositionRuns {
+  int64_t q0 = 0, k0 = 0;
+  int32_t bad = 0;
+};
+// Clears out->bad, then checks every element (nq, nk >= 1); out is device memory.
+cudaError_t cudnn_check_positions(const int64_t* q_pos, int64_t nq, const int64_t* k_pos,
+                                  int64_t nk, PositionRuns* out, cudaStream_t s);
+// Ours lse F32 [nq, hq] <-> cuDNN's softmax statistics F32 [hq, nq] (its packed [b=1, h, s, 1]).
+cudaError_t cudnn_lse_to_stats(const float* lse, float* stats, int64_t nq, int hq, cudaStream_t s);
+cudaError_t cudnn_stats_to_lse(const float* stats, float* lse, int64_t nq, int hq, cudaStream_t s);
+// dst[i] += src[i] (src bf16) for n elements.
+cudaError_t cudnn_add_bf16(const void* src, float* dst, int64_t n, cudaStream_t s);
 
 }  // namespace tsp::cuda::attn

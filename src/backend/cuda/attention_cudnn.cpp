@@ -1,0 +1,502 @@
+// The cuDNN attention path (attention_cudnn.h; attention.h says when it runs). NOT YET RUN ON A
+// GPU. The only file that includes the cuDNN frontend (its headers take most of a minute to
+// compile); without TSP_HAVE_CUDNN (CMake's TSP_WITH_CUDNN off) it only says so.
+//
+// What cuDNN computes, and how it maps onto ours (frontend 1.32.0; the lines are quoted from its
+// headers):
+//   * Layout: cuDNN's tensors are [b, h, s, d] with arbitrary strides; ours are token-major
+//     [n, h, d] (b = 1): dims (1, h, n, d), strides (n·h·d, d, h·d, 1). GQA: K and V have hkv
+//     heads, query head h reads kv head h / (hq / hkv) (cuDNN's einsum "b (hk g) skv d", g =
+//     hq / hk, node/scaled_dot_product_flash_attention.h), our mapping.
+//   * Mask: attention_cudnn_rules.h (TOP_LEFT diagonal band, right bound q0 - k0, keys cut to nk').
+//   * Forward statistics (set_generate_stats(true)): the softmax node's Stats = max + log(Σ
+//     exp(x - max)) of the scaled, masked scores x = scale·q·k (node/softmax.h, "log" is
+//     PointwiseMode_t::LOG, the natural log; base 2 only with set_stats_use_log2, which we leave
+//     off), F32 — exactly our lse (src/ops/cpu/attention_reference.cpp: lse = log Σ e^{scale·q·k}).
+//     Layout [b, h, s, 1]; we declare it packed (strides h·s, s, 1, 1) in a Workspace tensor and
+//     transpose to our [nq, hq] (a strided Stats is only honoured by cuDNN >= 9.12 in the forward
+//     and >= 9.26 in the backward: "For cuDNN version below 9.26.0, a non-ragged Stats input of
+//     sdpa_backward must be a packed BHSD tensor").
+//   * Backward (CompositeSDPABackwardNode): softmax_sum = reduce(dO * O) over d ("mul_dO_O",
+//     "reduce_dO_o": D = rowsum(dO∘O) from the O given), then P = exp(scale·s - Stats) ("sub_s_m",
+//     then "exp_s", with the Stats given) — no renormalisation. So passing the FINAL o and lse (merged
+//     over K/V chunks) gives this chunk's part of the gradients, as our kernels do.
+//     cuDNN writes (=) dQ, dK, dV in the io dtype (bf16): they go to bf16 Workspace tensors and
+//     are added (+=) into our F32 gradients. dout (F32) is rounded to bf16 first (cuDNN's dO is
+//     the io dtype), as the flash path does.
+//   * Extra rounding against the reference (cuda_attention_test derives its bounds from these):
+//     forward: P to bf16 before P·V (cuDNN's fused kernels, like ours), o once to bf16; backward:
+//     dO to bf16 (in dP, dV and D), P and dS to bf16 for the products, and each of this call's
+//     dQ, dK, dV rounded once to bf16 before it is added to ours (relative 2^-8 of the call's
+//     part; the flash path adds fp32).
+//
+// Cost per call, before cuDNN runs: a position check (a small kernel, a 24-byte copy to pinned
+// host memory and a stream sync: the host waits for everything queued on the stream so far, then
+// decides; the GPU idles for the time it takes the host to queue the next kernels, ~10-20 µs),
+// the LSE transpose(s), and in the backward the dout rounding and three += kernels. Plans are built
+// once per (direction, device, nq, nk', hq, hkv, d, band, scale) and cached.
+#include "backend/cuda/attention_cudnn.h"
+
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+#include "backend/cuda/attention_cudnn_rules.h"
+#include "backend/cuda/cuda_common.h"
+#include "backend/cuda/gemm_cast.h"
+#include "tsp/core/error.h"
+#include "tsp/core/tensor.h"
+
+#if TSP_HAVE_CUDNN
+#include <dlfcn.h>
+
+#include <cudnn_frontend.h>
+
+// The frontend's dynamic-loading mode (NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING, set by CMake for
+// this file) calls cuDNN through dlsym on this handle, which the program must define and set
+// (cudnn_frontend_shim.h: "extern void *cudnn_dlhandle"); libcudnn is not linked.
+namespace cudnn_frontend {
+void* cudnn_dlhandle = nullptr;
+}
+#endif
+
+namespace tsp::cuda::attn {
+
+#if !TSP_HAVE_CUDNN
+
+bool cudnn_built() {
+  return false;
+}
+std::string cudnn_unavailable_reason() {
+  return "this build has no cuDNN attention path (CMake's TSP_WITH_CUDNN was off or found no "
+         "cuDNN / cuDNN frontend headers: see the configure output)";
+}
+int cudnn_loaded_version() {
+  return 0;
+}
+int64_t cudnn_calls_run() {
+  return 0;
+}
+bool cudnn_forward(const Fwd&, int, cudaStream_t) {
+  TSP_FAIL("TSP_CUDA_FLASH=cudnn: {}", cudnn_unavailable_reason());
+}
+bool cudnn_backward(const Bwd&, int, cudaStream_t) {
+  TSP_FAIL("TSP_CUDA_FLASH=cudnn: {}", cudnn_unavailable_reason());
+}
+
+#else
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+// ---- the library ------------------------------------------------------------------------------
+
+struct Library {
+  std::string missing;  // "" when loaded
+  int version = 0;
+};
+
+// dlopen once; the handle is never closed (cached plans and handles outlive any scope).
+const Library& library() {
+  static const Library lib = [] {
+    Library l;
+    dlerror();
+    void* h = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_GLOBAL);
+    if (h == nullptr) {
+      const char* err = dlerror();
+      l.missing = fmt::format(
+          "libcudnn.so.9 could not be loaded ({}): install cuDNN 9 for this CUDA (e.g. the pip "
+          "wheel nvidia-cudnn-cu13) and put the folder holding libcudnn.so.9 on LD_LIBRARY_PATH",
+          err ? err : "no dlerror");
+      return l;
+    }
+    fe::cudnn_dlhandle = h;
+    try {
+      l.version = static_cast<int>(fe::detail::get_backend_version());
+    } catch (const std::exception& e) {
+      l.missing = fmt::format("libcudnn.so.9 loaded but cudnnGetVersion failed: {}", e.what());
+      return l;
+    }
+    if (l.version < 90000)
+      l.missing = fmt::format("libcudnn.so.9 reports version {}, below 9.0.0", l.version);
+    else
+      std::fprintf(stderr, "tsp: cuDNN attention path: libcudnn %s loaded\n",
+                   fe::detail::convert_version_to_str(l.version).c_str());
+    return l;
+  }();
+  return lib;
+}
+
+void require_library() {
+  const Library& l = library();
+  TSP_CHECK(l.missing.empty(), "TSP_CUDA_FLASH=cudnn: {}", l.missing);
+}
+
+// ---- per device: the handle, the position check's buffers ------------------------------------
+
+struct DeviceState {
+  std::mutex m;  // the handle's stream binding + execute, and the position buffers
+  cudnnHandle_t handle = nullptr;
+  PositionRuns* runs_dev = nullptr;   // device scratch of the position check
+  PositionRuns* runs_host = nullptr;  // pinned: the copy the host reads
+};
+
+// Created on first use, never destroyed: destroying handles and plans during process exit races
+// with the CUDA runtime's own teardown. The 24-byte buffers are outside the memory tracker.
+DeviceState& device_state(int device) {
+  static std::mutex m;
+  static std::map<int, std::unique_ptr<DeviceState> > states;
+  std::lock_guard<std::mutex> lock(m);
+  std::unique_ptr<DeviceState>& st = states[device];
+  if (!st) {
+    auto s = std::make_unique<DeviceState>();
+    const cudnnStatus_t status = fe::detail::create_handle(&s->handle);
+    TSP_CHECK(status == CUDNN_STATUS_SUCCESS, "cuDNN attention: cudnnCreate on cuda:{} failed: {}",
+              device, fe::detail::get_error_string(status));
+    TSP_CUDA_CHECK(cudaMalloc(&s->runs_dev, sizeof(PositionRuns)));
+    TSP_CUDA_CHECK(cudaMallocHost(&s->runs_host, sizeof(PositionRuns)));
+    st = std::move(s);
+  }
+  return *st;
+}
+
+// ---- plans ------------------------------------------------------------------------------------
+
+enum Uid : int64_t { kQ = 1, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV };
+
+struct Key {
+  bool backward;
+  int device;
+  int64_t nq, nk;  // nk: the keys passed (nk')
+  int hq, hkv, d;
+  int64_t right_bound;  // or cudnn::kNoMask
+  uint32_t scale_bits;
+  auto tie() const {
+    return std::tie(backward, device, nq, nk, hq, hkv, d, right_bound, scale_bits);
+  }
+  bool operator<(const Key& o) const { return tie() < o.tie(); }
+  std::string str() const {
+    float scale;
+    std::memcpy(&scale, &scale_bits, 4);
+    return fmt::format(
+        "{} nq={} nk={} hq={} hkv={} d={} band={} scale={} on cuda:{}",
+        backward ? "backward" : "forward", nq, nk, hq, hkv, d,
+        right_bound == cudnn::kNoMask ? std::string("none") : "j-i<=" + std::to_string(right_bound),
+        scale, device);
+  }
+};
+
+struct Plan {
+  std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN does not support this key
+  int64_t workspace = 0;                    // bytes
+};
+
+// A token-major [n, h, d] bf16 tensor as cuDNN's [1, h, n, d].
+std::shared_ptr<fe::graph::Tensor_attributes> token_major(fe::graph::Graph& g, const char* name,
+                                                          Uid uid, int64_t n, int64_t h,
+                                                          int64_t d) {
+  return g.tensor(fe::graph::Tensor_attributes()
+                      .set_name(name)
+                      .set_uid(uid)
+                      .set_data_type(fe::DataType_t::BFLOAT16)
+                      .set_dim({1, h, n, d})
+                      .set_stride({n * h * d, d, h * d, 1}));
+}
+
+void set_token_major(fe::graph::Tensor_attributes& t, Uid uid, int64_t n, int64_t h, int64_t d) {
+  t.set_output(true)
+      .set_uid(uid)
+      .set_data_type(fe::DataType_t::BFLOAT16)
+      .set_dim({1, h, n, d})
+      .set_stride({n * h * d, d, h * d, 1});
+}
+
+// The softmax statistics, F32 [1, hq, nq, 1] packed (see the top).
+void set_stats(fe::graph::Tensor_attributes& t, int64_t nq, int64_t hq) {
+  t.set_uid(kStats)
+      .set_data_type(fe::DataType_t::FLOAT)
+      .set_dim({1, hq, nq, 1})
+      .set_stride({hq * nq, nq, 1, 1});
+}
+
+std::shared_ptr<fe::graph::Graph> make_graph(const Key& k) {
+  auto g = std::make_shared<fe::graph::Graph>();
+  g->set_io_data_type(fe::DataType_t::BFLOAT16)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  float scale;
+  std::memcpy(&scale, &k.scale_bits, 4);
+  auto q = token_major(*g, "q", kQ, k.nq, k.hq, k.d);
+  auto kk = token_major(*g, "k", kK, k.nk, k.hkv, k.d);
+  auto v = token_major(*g, "v", kV, k.nk, k.hkv, k.d);
+  const bool masked = k.right_bound != cudnn::kNoMask;
+  if (!k.backward) {
+    auto opts = fe::graph::SDPA_attributes()
+                    .set_name("tsp_attention_forward")
+                    .set_generate_stats(true)
+                    .set_attn_scale(scale);
+    if (masked)
+      opts.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+          .set_diagonal_band_right_bound(static_cast<int>(k.right_bound));
+    auto [o, stats] = g->sdpa(q, kk, v, opts);
+    set_token_major(*o, kO, k.nq, k.hq, k.d);
+    stats->set_output(true);
+    set_stats(*stats, k.nq, k.hq);
+  } else {
+    auto o = token_major(*g, "o", kO, k.nq, k.hq, k.d);
+    auto dout = token_major(*g, "dout", kDO, k.nq, k.hq, k.d);
+    auto stats = g->tensor(fe::graph::Tensor_attributes().set_name("stats"));
+    set_stats(*stats, k.nq, k.hq);
+    auto opts = fe::graph::SDPA_backward_attributes()
+                    .set_name("tsp_attention_backward")
+                    .set_attn_scale(scale);
+    if (masked)
+      opts.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+          .set_diagonal_band_right_bound(static_cast<int>(k.right_bound));
+    auto [dq, dk, dv] = g->sdpa_backward(q, kk, v, o, dout, stats, opts);
+    set_token_major(*dq, kDQ, k.nq, k.hq, k.d);
+    set_token_major(*dk, kDK, k.nk, k.hkv, k.d);
+    set_token_major(*dv, kDV, k.nk, k.hkv, k.d);
+  }
+  return g;
+}
+
+std::string fe_error(const fe::error_t& e) {
+  std::ostringstream s;
+  s << e.code;
+  return s.str() + ": " + e.err_msg;
+}
+
+// Builds the plan of k. Steps that say "not supported" (validation's GRAPH_NOT_SUPPORTED, no
+// engine from the heuristics, check_support, no plan that builds) give a null graph, logged once;
+// any other failure throws.
+Plan build_plan(const Key& k, cudnnHandle_t handle) {
+  Plan plan;
+  std::shared_ptr<fe::graph::Graph> g;
+  auto unsupported = [&](const char* step, const fe::error_t& e) {
+    std::fprintf(stderr,
+                 "tsp: cuDNN attention does not support %s (%s: %s); such calls take the flash "
+                 "path\n",
+                 k.str().c_str(), step, fe_error(e).c_str());
+    return Plan{};
+  };
+  auto fail = [&](const char* step, const std::string& msg) {
+    TSP_FAIL("cuDNN attention: {} failed for {}: {}", step, k.str(), msg);
+  };
+  try {
+    g = make_graph(k);
+    fe::error_t e = g->validate();
+    if (e.is_bad()) {
+      if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED) return unsupported("validate", e);
+      fail("validate", fe_error(e));
+    }
+    e = g->build_operation_graph(handle);
+    if (e.is_bad()) {
+      if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED)
+        return unsupported("build_operation_graph", e);
+      fail("build_operation_graph", fe_error(e));
+    }
+    if (e = g->create_execution_plans({fe::HeurMode_t::A}); e.is_bad())
+      return unsupported("create_execution_plans", e);
+    if (e = g->check_support(handle); e.is_bad()) return unsupported("check_support", e);
+    if (e = g->build_plans(handle); e.is_bad()) return unsupported("build_plans", e);
+    int64_t ws = 0;
+    if (e = g->get_workspace_size(ws); e.is_bad()) fail("get_workspace_size", fe_error(e));
+    plan.graph = std::move(g);
+    plan.workspace = ws;
+  } catch (const tsp::Error&) {
+    throw;
+  } catch (const std::exception& ex) {  // the frontend throws too (cudnnException, dlsym errors)
+    fail("building the plan", ex.what());
+  }
+  return plan;
+}
+
+const Plan& plan_for(const Key& k, cudnnHandle_t handle) {
+  static std::mutex m;
+  static std::map<Key, std::unique_ptr<Plan> > plans;
+  std::lock_guard<std::mutex> lock(m);  // a build takes milliseconds, once per key
+  std::unique_ptr<Plan>& p = plans[k];
+  if (!p) p = std::make_unique<Plan>(build_plan(k, handle));
+  return *p;
+}
+
+// ---- per call ---------------------------------------------------------------------------------
+
+bool aligned16(std::initializer_list<const void*> ps) {
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// The key of a call the path covers, or nullopt-like (covered = false). Queues the position check
+// on s and waits for it (one stream sync; see the top).
+struct Decision {
+  bool covered = false;
+  Key key{};
+};
+
+Decision decide(bool backward, const Shape& sh, bool documents, bool aligned, float scale,
+                const int64_t* q_pos, const int64_t* k_pos, int device, cudaStream_t s) {
+  Decision dec;
+  cudnn::CallShape c;
+  c.bf16 = true, c.d = sh.d, c.documents = documents, c.aligned = aligned;
+  c.nq = sh.nq, c.nk = sh.nk, c.hq = sh.hq, c.hkv = sh.hkv;
+  if (!cudnn::shape_covered(c)) return dec;
+  DeviceState& st = device_state(device);
+  PositionRuns runs;
+  {
+    std::lock_guard<std::mutex> lock(st.m);
+    TSP_CUDA_CHECK(cudnn_check_positions(q_pos, sh.nq, k_pos, sh.nk, st.runs_dev, s));
+    TSP_CUDA_CHECK(cudaMemcpyAsync(st.runs_host, st.runs_dev, sizeof(PositionRuns),
+                                   cudaMemcpyDeviceToHost, s));
+    TSP_CUDA_CHECK(cudaStreamSynchronize(s));
+    runs = *st.runs_host;
+  }
+  const cudnn::Coverage cov =
+      cudnn::positions_covered(sh.nq, sh.nk, runs.bad == 0, runs.q0, runs.k0);
+  if (!cov.covered) return dec;
+  dec.key.backward = backward;
+  dec.key.device = device;
+  dec.key.nq = sh.nq, dec.key.nk = cov.nk;
+  dec.key.hq = sh.hq, dec.key.hkv = sh.hkv, dec.key.d = sh.d;
+  dec.key.right_bound = cov.right_bound;
+  std::memcpy(&dec.key.scale_bits, &scale, 4);
+  dec.covered = true;
+  return dec;
+}
+
+// Workspace tensors belong to the compute stream's order (allocator.cpp). A call on another
+// stream (the tests pass the legacy default stream) first waits for the compute stream (the
+// allocations, poisoning included), and the compute stream waits for it before they are freed.
+void wait_for(cudaStream_t waiter, cudaStream_t on) {
+  cudaEvent_t e;
+  TSP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  TSP_CUDA_CHECK(cudaEventRecord(e, on));
+  TSP_CUDA_CHECK(cudaStreamWaitEvent(waiter, e, 0));
+  TSP_CUDA_CHECK(cudaEventDestroy(e));
+}
+
+Tensor workspace_bytes(int64_t bytes, int device) {
+  if (bytes <= 0) return Tensor();
+  return Tensor({(bytes + 7) / 8}, DType::I64, MemCategory::Workspace, Device::cuda(device));
+}
+
+std::atomic<int64_t> g_calls_run{0};
+
+void execute(const Key& k, const Plan& plan, std::unordered_map<int64_t, void*>& pack,
+             void* workspace, cudaStream_t s) {
+  DeviceState& st = device_state(k.device);
+  std::lock_guard<std::mutex> lock(st.m);  // the handle is bound to one stream at a time
+  try {
+    const cudnnStatus_t status = fe::detail::set_stream(st.handle, s);
+    TSP_CHECK(status == CUDNN_STATUS_SUCCESS, "cuDNN attention: cudnnSetStream failed for {}: {}",
+              k.str(), fe::detail::get_error_string(status));
+    const fe::error_t e = plan.graph->execute(st.handle, pack, workspace);
+    TSP_CHECK(e.is_good(), "cuDNN attention: execute failed for {}: {}", k.str(), fe_error(e));
+    g_calls_run.fetch_add(1, std::memory_order_relaxed);
+  } catch (const tsp::Error&) {
+    throw;
+  } catch (const std::exception& ex) {
+    TSP_FAIL("cuDNN attention: execute failed for {}: {}", k.str(), ex.what());
+  }
+}
+
+}  // namespace
+
+bool cudnn_built() {
+  return true;
+}
+
+std::string cudnn_unavailable_reason() {
+  return library().missing;
+}
+
+int cudnn_loaded_version() {
+  return library().version;
+}
+
+int64_t cudnn_calls_run() {
+  return g_calls_run.load(std::memory_order_relaxed);
+}
+
+bool cudnn_forward(const Fwd& p, int device, cudaStream_t s) {
+  require_library();
+  if (!p.bf16) return false;
+  const Decision dec = decide(false, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}),
+                              p.scale, p.q_pos, p.k_pos, device, s);
+  if (!dec.covered) return false;
+  const Key& k = dec.key;
+  const Plan& plan = plan_for(k, device_state(device).handle);
+  if (!plan.graph) return false;
+
+  const cudaStream_t cs = compute_stream(device);
+  Tensor stats({k.hq, k.nq}, DType::F32, MemCategory::Workspace, Device::cuda(device));
+  Tensor ws = workspace_bytes(plan.workspace, device);
+  if (s != cs) wait_for(s, cs);
+  std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(p.q)},
+                                             {kK, const_cast<void*>(p.k)},
+                                             {kV, const_cast<void*>(p.v)},
+                                             {kO, p.o},
+                                             {kStats, stats.data()}};
+  execute(k, plan, pack, ws.data(), s);
+  TSP_CUDA_CHECK(cudnn_stats_to_lse(static_cast<const float*>(stats.data()), p.lse, k.nq, k.hq, s));
+  if (s != cs) wait_for(cs, s);
+  return true;
+}
+
+bool cudnn_backward(const Bwd& p, int device, cudaStream_t s) {
+  require_library();
+  if (!p.bf16) return false;
+  const Decision dec = decide(true, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}),
+                              p.scale, p.q_pos, p.k_pos, device, s);
+  if (!dec.covered) return false;
+  const Key& k = dec.key;
+  const Plan& plan = plan_for(k, device_state(device).handle);
+  if (!plan.graph) return false;
+
+  const cudaStream_t cs = compute_stream(device);
+  const Device dev = Device::cuda(device);
+  const int64_t nq_elems = k.nq * k.hq * k.d, nk_elems = k.nk * k.hkv * k.d;
+  Tensor stats({k.hq, k.nq}, DType::F32, MemCategory::Workspace, dev);
+  Tensor dout({k.nq, k.hq, k.d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor dq({k.nq, k.hq, k.d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor dk({k.nk, k.hkv, k.d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor dv({k.nk, k.hkv, k.d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor ws = workspace_bytes(plan.workspace, device);
+  if (s != cs) wait_for(s, cs);
+  TSP_CUDA_CHECK(cudnn_lse_to_stats(p.lse, static_cast<float*>(stats.data()), k.nq, k.hq, s));
+  TSP_CUDA_CHECK(
+      launch_round_f32_to_bf16(p.dout, static_cast<__nv_bfloat16*>(dout.data()), nq_elems, s));
+  std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(p.q)},
+                                             {kK, const_cast<void*>(p.k)},
+                                             {kV, const_cast<void*>(p.v)},
+                                             {kO, const_cast<void*>(p.o)},
+                                             {kDO, dout.data()},
+                                             {kStats, stats.data()},
+                                             {kDQ, dq.data()},
+                                             {kDK, dk.data()},
+                                             {kDV, dv.data()}};
+  execute(k, plan, pack, ws.data(), s);
+  // Keys past nk' are seen by no query: their gradients (+= 0) stay as they are.
+  TSP_CUDA_CHECK(cudnn_add_bf16(dq.data(), p.dq, nq_elems, s));
+  TSP_CUDA_CHECK(cudnn_add_bf16(dk.data(), p.dk, nk_elems, s));
+  TSP_CUDA_CHECK(cudnn_add_bf16(dv.data(), p.dv, nk_elems, s));
+  if (s != cs) wait_for(cs, s);
+  return true;
+}
+
+#endif  // TSP_HAVE_CUDNN
+
+}  // namespace tsp::cuda::attn

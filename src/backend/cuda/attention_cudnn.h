@@ -1,0 +1,37 @@
+// The cuDNN attention path of the CUDA backend (attention_cudnn.cpp; attention.h says when it
+// runs): cuDNN's fused SDPA for the calls it covers exactly (attention_cudnn_rules.h). Only
+// attention_cudnn.cpp includes the cuDNN frontend; this header is plain.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "backend/cuda/attention_kernels.h"
+
+namespace tsp::cuda::attn {
+
+// Whether this build has the path (CMake's TSP_WITH_CUDNN found the cuDNN and frontend headers).
+bool cudnn_built();
+
+// "" when the path can run: the build has it and libcudnn.so.9 loaded (once per process, at the
+// first call); else what is missing, as a sentence.
+std::string cudnn_unavailable_reason();
+
+// The version of the loaded libcudnn (e.g. 91900 for 9.19.0); 0 when none is loaded.
+int cudnn_loaded_version();
+
+// Runs the call on cuDNN when the path covers it (the shape rules, then contiguous positions found
+// by a device check with one stream sync, then a plan cuDNN supports) and returns true; returns
+// false when it does not (then nothing but the position check was queued, and the caller takes the
+// flash path). `device`: the tensors' device, current on this thread. Throws tsp::Error when
+// cuDNN is unavailable (cudnn_unavailable_reason) or a cuDNN call fails.
+bool cudnn_forward(const Fwd& p, int device, cudaStream_t s);
+bool cudnn_backward(const Bwd& p, int device, cudaStream_t s);
+
+// Calls cuDNN has run (forward and backward) in this process: the tests check with it that the
+// calls they mean to be covered took the path and the others did not.
+int64_t cudnn_calls_run();
+
+}  // namespace tsp::cuda::attn
