@@ -10,7 +10,6 @@ set -euo pipefail
 version="$1"
 dest="$2"
 [ -f "$dest/include/cudnn_frontend.h" ] && exit 0
-command -v unzip >/dev/null || { echo "fetch_cudnn_frontend: unzip not found" >&2; exit 1; }
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
@@ -18,7 +17,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
   --platform manylinux_2_27_x86_64 -d "$tmp" "nvidia-cudnn-frontend==$version" >&2 ||
   { echo "fetch_cudnn_frontend: pip download nvidia-cudnn-frontend==$version failed" >&2; exit 1; }
 wheel="$(ls "$tmp"/nvidia_cudnn_frontend-*.whl | head -1)"
-unzip -q "$wheel" 'include/*' -d "$tmp/x"
+# The headers only (python's zipfile: no unzip needed).
+python3 - "$wheel" "$tmp/x" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('include/')])
+PY
 [ -f "$tmp/x/include/cudnn_frontend.h" ] ||
   { echo "fetch_cudnn_frontend: $wheel has no include/cudnn_frontend.h" >&2; exit 1; }
 mkdir -p "$(dirname "$dest")"
