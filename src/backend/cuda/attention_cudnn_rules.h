@@ -20,11 +20,7 @@
 #include <cstdint>
 #include <limits>
 
-#ifdef __CUDACC__
-#define TSP_HD __host__ __device__
-#else
-#define TSP_HD
-#endif
+#include "backend/cuda/host_device.h"
 
 namespace tsp::cuda::attn::cudnn {
 

@@ -21,11 +21,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define TSP_HD __host__ __device__
-#else
-#define TSP_HD
-#endif
+#include "backend/cuda/host_device.h"
 
 namespace tsp::cuda::attn::flash {
 
