@@ -52,6 +52,9 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
 fi
 grep -q '^TSP_WITH_CUDA:STRING=ON' "$build/CMakeCache.txt" ||
   die "$build is not configured with -DTSP_WITH_CUDA=ON"
+# Configure again: test sources added since the last configure must exist as targets before the
+# build below names them (the glob's re-check runs only inside a build, too late for make).
+cmake "$build" >/dev/null || die "configuring $build failed"
 mapfile -t cuda_tests < <(find tests -name 'cuda_*_test.cpp' -printf '%f\n' | sed 's/\.cpp$//' | sort)
 mapfile -t probes < <(find tests -name '*_probe.cpp' -printf '%f\n' | sed 's/\.cpp$//' | sort)
 targets=(tsp bench_attention bench_block "${cuda_tests[@]}" "${probes[@]}")
