@@ -480,6 +480,14 @@ void run_bwd(BwdFn f, DevProblem& dp, const Problem& p) {
   TSP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// A backward from the same forward on both paths: the reference's bf16 o and its lse into `fast`.
+void copy_forward(const DevProblem& ref, DevProblem& fast, const Case& c) {
+  TSP_CUDA_CHECK(
+      cudaMemcpy(fast.o.buf.p, ref.o.buf.p, c.nq * c.hq * c.d * 2, cudaMemcpyDeviceToDevice));
+  TSP_CUDA_CHECK(
+      cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+}
+
 std::vector<Case> small_cases() {
   std::vector<Case> cs;
   const int64_t ns[] = {1, 5, 64, 130};
@@ -649,6 +657,19 @@ TEST(CudaAttention, FlashVersionSelection) {
 // and statistics are fp32 in both (ex2.approx: ~2^-22 relative). So
 //   |o_flash − o_ref| <= 2^-8·|o_ref| + 2^-9·max|v| + 1e-4  (1e-4: the fp32 terms, as above);
 //   |lse_flash − lse_ref| <= 1e-4·(1 + |lse|).
+// `vmax` is max|v| over the keys the queries can see.
+void expect_forward_close(const std::vector<float>& o, const std::vector<float>& lse,
+                          const std::vector<float>& o_ref, const std::vector<float>& lse_ref,
+                          double vmax, const std::string& what, const Case& c) {
+  expect_close(
+      o, o_ref,
+      [&](size_t i) { return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4; },
+      what + " o vs reference", c);
+  expect_close(
+      lse, lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
+      what + " lse vs reference", c);
+}
+
 TEST(CudaAttention, FlashForwardMatchesReference) {
   SKIP_WITHOUT_GPU();
   for_each_flash_version([&] {
@@ -659,17 +680,8 @@ TEST(CudaAttention, FlashForwardMatchesReference) {
       ASSERT_TRUE(attention_flash_supported(DType::BF16, c.d));
       run_fwd(reference::attention_forward, ref, p);
       run_fwd(attention_forward, fast, p);
-      const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
-      const double vmax = max_abs(p.v);
-      expect_close(
-          fast.o.get(), o_ref,
-          [&](size_t i) {
-            return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4;
-          },
-          "flash o vs reference", c);
-      expect_close(
-          fast.lse.get(), lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
-          "flash lse vs reference", c);
+      expect_forward_close(fast.o.get(), fast.lse.get(), ref.o.get(), ref.lse.get(), max_abs(p.v),
+                           "flash", c);
       if (HasFailure()) return;
     }
   });
@@ -691,9 +703,7 @@ TEST(CudaAttention, FlashBackwardMatchesReference) {
       DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
       run_fwd(reference::attention_forward, ref, p);
       const std::vector<float> o = ref.o.get();
-      TSP_CUDA_CHECK(cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
-      TSP_CUDA_CHECK(
-          cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+      copy_forward(ref, fast, c);
       run_bwd(reference::attention_backward, ref, p);
       run_bwd(attention_backward, fast, p);
       const HostOut h = host_attention(p, &o);
@@ -752,15 +762,7 @@ TEST(CudaAttention, FlashSkipsKeyTilesHiddenByDocuments) {
       const std::vector<float> o = fast.o.get(), lse = fast.lse.get();
       // max|v| over the keys the queries see (the NaN keys are not among them).
       const double vmax = max_abs(alone.v);
-      expect_close(
-          o, o_ref,
-          [&](size_t i) {
-            return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4;
-          },
-          "flash o vs reference, NaN keys hidden by documents", c);
-      expect_close(
-          lse, lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
-          "flash lse vs reference, NaN keys hidden by documents", c);
+      expect_forward_close(o, lse, o_ref, lse_ref, vmax, "flash (NaN keys hidden by documents)", c);
       expect_close(
           o, fast_alone.o.get(), [](size_t) { return 0.0; }, "flash o vs the visible keys alone",
           c);
@@ -769,10 +771,7 @@ TEST(CudaAttention, FlashSkipsKeyTilesHiddenByDocuments) {
           "flash lse vs the visible keys alone", c);
 
       // Backward from the reference's o and lse on both paths (as FlashBackwardMatchesReference).
-      TSP_CUDA_CHECK(
-          cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o_ref.size() * 2, cudaMemcpyDeviceToDevice));
-      TSP_CUDA_CHECK(
-          cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+      copy_forward(ref, fast, c);
       run_bwd(reference::attention_backward, ref, p);
       run_bwd(attention_backward, fast, p);
       const HostOut h = host_attention(p, &o_ref);
@@ -867,17 +866,8 @@ TEST(CudaAttention, CudnnForwardMatchesReference) {
             << (covered ? "a covered call did not run on cuDNN: "
                         : "an uncovered call ran on cuDNN: ")
             << c.str();
-        const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
-        const double vmax = max_abs(p.v);
-        expect_close(
-            fast.o.get(), o_ref,
-            [&](size_t i) {
-              return std::ldexp(std::abs(o_ref[i]), -8) + std::ldexp(vmax, -9) + 1e-4;
-            },
-            "cudnn o vs reference", c);
-        expect_close(
-            fast.lse.get(), lse_ref, [&](size_t i) { return 1e-4 * (1 + std::abs(lse_ref[i])); },
-            "cudnn lse vs reference", c);
+        expect_forward_close(fast.o.get(), fast.lse.get(), ref.o.get(), ref.lse.get(), max_abs(p.v),
+                             "cudnn", c);
         if (HasFailure()) return;
       }
     }
@@ -902,10 +892,7 @@ TEST(CudaAttention, CudnnBackwardMatchesReference) {
         DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
         run_fwd(reference::attention_forward, ref, p);
         const std::vector<float> o = ref.o.get();
-        TSP_CUDA_CHECK(
-            cudaMemcpy(fast.o.buf.p, ref.o.buf.p, o.size() * 2, cudaMemcpyDeviceToDevice));
-        TSP_CUDA_CHECK(
-            cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
+        copy_forward(ref, fast, c);
         run_bwd(reference::attention_backward, ref, p);
         const int64_t calls = cudnn_attention_calls();
         run_bwd(attention_backward, fast, p);

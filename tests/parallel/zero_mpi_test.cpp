@@ -44,13 +44,15 @@ std::vector<LlamaConfig> models() {
   return {test::tiny_config(8, 8, 2, false), test::tiny_config(8, 4, 2, true)};
 }
 
+// overlap false: --no-overlap (under ZeRO-1, the blocking all-gather after the update).
 std::unique_ptr<Layout> build(const std::string& name, int R, int zero, DType dtype,
-                              const LlamaConfig& c) {
+                              const LlamaConfig& c, bool overlap = true) {
   ParallelConfig pc;
   pc.layout = name;
   pc.dp = R;
   pc.zero = zero;
   pc.dtype = dtype;
+  pc.overlap = overlap;
   std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
   layout->load(RandomWeights(1234));
   return layout;
@@ -153,14 +155,7 @@ struct TrainRun {
 // the forward has waited for every bucket).
 TrainRun train_run(const std::string& name, int R, int zero, bool overlap, DType dtype,
                    const LlamaConfig& c) {
-  ParallelConfig pc;
-  pc.layout = name;
-  pc.dp = R;
-  pc.zero = zero;
-  pc.dtype = dtype;
-  pc.overlap = overlap;
-  std::unique_ptr<Layout> layout = make_layout(c, pc, test::world());
-  layout->load(RandomWeights(1234));
+  std::unique_ptr<Layout> layout = build(name, R, zero, dtype, c, overlap);
   AdamW opt(*layout, AdamWConfig{});
   TrainRun run;
   const int64_t B = 2 * R;

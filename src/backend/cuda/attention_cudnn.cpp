@@ -431,15 +431,29 @@ int64_t cudnn_calls_run() {
   return g_calls_run.load(std::memory_order_relaxed);
 }
 
-bool cudnn_forward(const Fwd& p, int device, cudaStream_t s) {
+namespace {
+// The cached plan of a forward (Fwd) or backward (Bwd) call and its key, or null when cuDNN does
+// not take the call (not covered, or its graph unsupported on this device): the caller then takes
+// the flash kernels.
+template <class Params>
+const Plan* plan_for_call(bool backward, const Params& p, int device, cudaStream_t s, Key* key) {
   require_library();
-  if (!p.bf16) return false;
-  const Decision dec = decide(false, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}),
-                              p.scale, p.q_pos, p.k_pos, device, s);
-  if (!dec.covered) return false;
-  const Key& k = dec.key;
-  const Plan& plan = plan_for(k, device_state(device).handle);
-  if (!plan.graph) return false;
+  if (!p.bf16) return nullptr;
+  const Decision dec =
+      decide(backward, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}), p.scale,
+             p.q_pos, p.k_pos, device, s);
+  if (!dec.covered) return nullptr;
+  *key = dec.key;
+  const Plan& plan = plan_for(dec.key, device_state(device).handle);
+  return plan.graph ? &plan : nullptr;
+}
+}  // namespace
+
+bool cudnn_forward(const Fwd& p, int device, cudaStream_t s) {
+  Key k;
+  const Plan* found = plan_for_call(false, p, device, s, &k);
+  if (found == nullptr) return false;
+  const Plan& plan = *found;
 
   const cudaStream_t cs = compute_stream(device);
   Tensor stats({k.hq, k.nq}, DType::F32, MemCategory::Workspace, Device::cuda(device));
@@ -457,14 +471,10 @@ bool cudnn_forward(const Fwd& p, int device, cudaStream_t s) {
 }
 
 bool cudnn_backward(const Bwd& p, int device, cudaStream_t s) {
-  require_library();
-  if (!p.bf16) return false;
-  const Decision dec = decide(true, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}),
-                              p.scale, p.q_pos, p.k_pos, device, s);
-  if (!dec.covered) return false;
-  const Key& k = dec.key;
-  const Plan& plan = plan_for(k, device_state(device).handle);
-  if (!plan.graph) return false;
+  Key k;
+  const Plan* found = plan_for_call(true, p, device, s, &k);
+  if (found == nullptr) return false;
+  const Plan& plan = *found;
 
   const cudaStream_t cs = compute_stream(device);
   const Device dev = Device::cuda(device);
