@@ -16,7 +16,7 @@
 // timing decorator of the backend (ProfilingBackend): every backend call's time (CUDA events around
 // it on the compute stream; wall time on the CPU), summed per op and per op and shapes, with the
 // share of the step and the time between calls (launch gaps, host work), and the GEMMs' TFLOP/s
-// (2·m·n·k per product: how far each GEMM shape, e.g. the MLP's 512-token chunks, is from the
+// (2·m·n·k per product: how far each GEMM shape, e.g. the MLP's token chunks, is from the
 // card's rate). Under --json on stderr.
 //
 // --dtype is the compute dtype (default: the backend's, default_compute_dtype: bf16 where bf16 is

@@ -112,7 +112,7 @@ TensorView rows(TensorView t, int64_t t0, int64_t m, int64_t cols) {
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
                  const MlpSaved& keep, const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
-  const int64_t chunk = std::min(n, kTokenChunk);
+  const int64_t rows_at_once = token_chunk(be.device().kind), chunk = std::min(n, rows_at_once);
   TSP_CHECK(keep.empty() || (keep.gate.numel() == n * f && keep.up.numel() == n * f &&
                              keep.act.numel() == n * f && keep.act.dtype() == w.wd.dtype()),
             "mlp_forward: kept activations of {} / {} / {} elements for [{}, {}]",
@@ -125,8 +125,8 @@ void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
     u = Tensor::f32({chunk, f}, kWork, be.device());
     act = Tensor({chunk, f}, w.wd.dtype(), kWork, be.device());
   }
-  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
-    const int64_t m = std::min(kTokenChunk, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+    const int64_t m = std::min(rows_at_once, n - t0);
     const TensorView x = rows(xn, t0, m, h);
     const TensorView gv = keep.empty() ? g.window(0, {m, f}) : rows(keep.gate, t0, m, f);
     const TensorView uv = keep.empty() ? u.window(0, {m, f}) : rows(keep.up, t0, m, f);
@@ -143,8 +143,8 @@ void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& gr, TensorVi
                   TensorView dy, TensorView dxn, const MlpSaved& keep,
                   const std::function<void()>& after_chunk) {
   const int64_t f = w.wg.dim(0), h = w.wg.dim(1), n = xn.numel() / h;
-  const int64_t chunk = std::min(n, kTokenChunk);
   const Device dev = be.device();
+  const int64_t rows_at_once = token_chunk(dev.kind), chunk = std::min(n, rows_at_once);
   TSP_CHECK(keep.empty() || (keep.gate.numel() == n * f && keep.up.numel() == n * f &&
                              keep.act.numel() == n * f),
             "mlp_backward: kept activations of {} / {} / {} elements for [{}, {}]",
@@ -157,8 +157,8 @@ void mlp_backward(Backend& be, const MlpWeights& w, const MlpGrads& gr, TensorVi
   }
   Tensor da = Tensor::f32({chunk, f}, kWork, dev);  // da, then dg (swiglu_backward allows it)
   Tensor du = Tensor::f32({chunk, f}, kWork, dev);
-  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
-    const int64_t m = std::min(kTokenChunk, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+    const int64_t m = std::min(rows_at_once, n - t0);
     const TensorView x = rows(xn, t0, m, h), dav = da.window(0, {m, f}), duv = du.window(0, {m, f});
     TensorView gv, uv, av;
     if (keep.empty()) {  // recompute the gate/up activations (selective)
@@ -197,10 +197,10 @@ void rmsnorm_backward_add(Backend& be, TensorView dy, TensorView x, TensorView w
 void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, float grad_scale,
                   TensorView loss, TensorView dxn, TensorView dw) {
   const int64_t V = w.dim(0), h = w.dim(1), n = labels.numel();
-  const int64_t chunk = std::min(n, kTokenChunk);
+  const int64_t rows_at_once = token_chunk(be.device().kind), chunk = std::min(n, rows_at_once);
   Tensor logits = Tensor::f32({chunk, V}, kWork, be.device());
-  for (int64_t t0 = 0; t0 < n; t0 += kTokenChunk) {
-    const int64_t m = std::min(kTokenChunk, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+    const int64_t m = std::min(rows_at_once, n - t0);
     const TensorView x = rows(xn, t0, m, h), lv = logits.window(0, {m, V});
     be.linear_forward(x, w, lv, false);
     // dlogits overwrite the logits in place (allowed by the kernel), also when only the loss is

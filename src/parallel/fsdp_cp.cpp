@@ -768,7 +768,7 @@ class FsdpCpModel final : public LayoutModel {
     const ElemBytes& e = in.e;
     const int64_t D = in.l->D, h = s.h, d = s.d;
     const int64_t n = in.Br * in.S / D, all = in.Br * in.S, qw = s.nh * d, kw = s.nkv * d;
-    const int64_t r = std::min(n, kChunk);
+    const int64_t r = std::min(n, in.target.token_chunk());  // rows at once
     const int64_t saved = saved_bytes(s, n, s.nh, s.nkv, n, e) + in.kept(n, h, s.F);
     const UnitSize layer = unit_size(block_param_numels(s), D);
     const UnitSize head_grads =

@@ -148,7 +148,7 @@ class SingleModel final : public LayoutModel {
     const Dims s = dims_of(*in.m);
     const ElemBytes& e = in.e;
     const int64_t n = in.Br * in.S, h = s.h, d = s.d, qw = s.nh * d, kw = s.nkv * d;
-    const int64_t r = std::min(n, kChunk);
+    const int64_t r = std::min(n, in.target.token_chunk());  // rows at once
     // The layers' saved activations (block::LayerSaved, with what none keeps besides; under full
     // recomputation checkpoints and one whole set, LocalInputs::saved_through) and the final
     // norm's rstd: at the loss head,

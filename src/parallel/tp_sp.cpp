@@ -480,7 +480,7 @@ void TpSpLayout::check_tensor_split(const std::string& name) const {
 
 // Vocabulary-parallel cross-entropy of this rank's n tokens against its rows
 // [v0, v0 + V/T) of the LM head (T > 1). Logits exist only as a
-// [kTokenChunk, V/T] F32 workspace. Pass 1 folds each chunk into per-token
+// [token_chunk, V/T] F32 workspace. Pass 1 folds each chunk into per-token
 // (max, sum-exp, target logit); the T ranks' statistics (F32 in every compute
 // dtype) are all-gathered and merged in rank order, so every TP rank holds the
 // same full-vocabulary softmax statistics and loss (labels equal to
@@ -492,7 +492,8 @@ void TpSpLayout::vocab_parallel_loss(const LocalTokens& t, TensorView xn, float 
   const int64_t n = t.n, h = config_.hidden_size, Vs = config_.vocab_size / T_;
   const TensorView w = store_.w(head_param());
   const Device dev = device();
-  Tensor logits = Tensor::f32({std::min(n, block::kTokenChunk), Vs}, kWork, dev);
+  const int64_t rows_at_once = block::token_chunk(dev.kind);
+  Tensor logits = Tensor::f32({std::min(n, rows_at_once), Vs}, kWork, dev);
   // stats [3, n]: running max, running sum of exp(logit - max), target logit
   // (0 unless the label is in this shard, so the sum over ranks is exactly the
   // target logit).
@@ -501,8 +502,8 @@ void TpSpLayout::vocab_parallel_loss(const LocalTokens& t, TensorView xn, float 
                    target = stats.window(2 * n, {n});
   be_.fill(row_max, -std::numeric_limits<float>::infinity());
   be_.zero(stats.window(n, {2 * n}));  // sums and targets
-  for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
-    const int64_t m = std::min(block::kTokenChunk, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+    const int64_t m = std::min(rows_at_once, n - t0);
     const TensorView lv = logits.window(0, {m, Vs});
     be_.linear_forward(xn.window(t0 * h, {m, h}), w, lv, /*accumulate=*/false);
     be_.online_softmax_update(lv, t.labels.window(t0, {m}), row_max.window(t0, {m}),
@@ -521,8 +522,8 @@ void TpSpLayout::vocab_parallel_loss(const LocalTokens& t, TensorView xn, float 
   be_.online_softmax_loss(row_max, row_sum, target, t.labels.view(), loss, kIgnoreIndex);
   if (dxn.empty()) return;
 
-  for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
-    const int64_t m = std::min(block::kTokenChunk, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+    const int64_t m = std::min(rows_at_once, n - t0);
     const TensorView lv = logits.window(0, {m, Vs}), x = xn.window(t0 * h, {m, h}),
                      dx = dxn.window(t0 * h, {m, h});
     be_.linear_forward(x, w, lv, /*accumulate=*/false);
@@ -760,7 +761,7 @@ class TpSpModel final : public LayoutModel {
     const int64_t t = T(l), sg = Sg(l), h = s.h, d = s.d;
     const int64_t n = in.Br * in.S / sg, all = in.Br * in.S, hq = s.nh / t, hkv = s.nkv / t;
     const int64_t qw = hq * d, kw = hkv * d, Ft = s.F / t, Vt = s.V / t;
-    const int64_t r = std::min(n, kChunk);
+    const int64_t r = std::min(n, in.target.token_chunk());  // rows at once
     // Saved: K/V of the whole rows (gathered over Σ) when Σ > 1, and under none the normed inputs
     // and the MLP activations of the rank's FFN shard; under full recomputation checkpoints and
     // one whole set (LocalInputs::saved_through). The final norm's rstd.

@@ -491,7 +491,7 @@ void TspLayout::head_loss(const LocalTokens& t, TensorView xn, float grad_scale,
   Tensor row_sum = Tensor::zeros({n}, DType::F32, kWork, dev);
   Tensor target = Tensor::zeros({n}, DType::F32, kWork, dev);  // stays 0 on ignored tokens
   be_.fill(row_max.view(), -std::numeric_limits<float>::infinity());
-  const int64_t rows = std::min(n, block::kTokenChunk);
+  const int64_t rows_at_once = block::token_chunk(dev.kind), rows = std::min(n, rows_at_once);
   Tensor logits = Tensor::f32({rows, vs_}, kWork, dev);  // one shard of one token chunk at a time
   const Pieces own_w{store_.w(head)}, own_g{store_.g(head)};
   // Token chunk [t0, t0 + m): its normed inputs, labels, statistics and logits.
@@ -502,8 +502,8 @@ void TspLayout::head_loss(const LocalTokens& t, TensorView xn, float grad_scale,
   CommStats before = group().stats();
   Tensor in_hand = ring_forward(
       schedule(), vocab_pack_, own_w, /*keep_last=*/!dxn.empty(), [&](int s, const Pieces& w) {
-        for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
-          const int64_t m = std::min(block::kTokenChunk, n - t0);
+        for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+          const int64_t m = std::min(rows_at_once, n - t0);
           const TensorView lv = logits.window(0, {m, vs_});
           be_.linear_forward(chunk(xn, t0, m, h), w[0], lv, /*accumulate=*/false);
           be_.online_softmax_update(
@@ -524,8 +524,8 @@ void TspLayout::head_loss(const LocalTokens& t, TensorView xn, float grad_scale,
   Tensor dlogits = Tensor::f32({rows, vs_}, kWork, dev);
   ring_backward(vocab_pack_, own_w, std::move(in_hand), vocab_pack_, own_g,
                 [&](int s, const Pieces& w, const Pieces& g) {
-                  for (int64_t t0 = 0; t0 < n; t0 += block::kTokenChunk) {
-                    const int64_t m = std::min(block::kTokenChunk, n - t0);
+                  for (int64_t t0 = 0; t0 < n; t0 += rows_at_once) {
+                    const int64_t m = std::min(rows_at_once, n - t0);
                     const TensorView lv = logits.window(0, {m, vs_}),
                                      dl = dlogits.window(0, {m, vs_}), x = chunk(xn, t0, m, h);
                     be_.linear_forward(x, w[0], lv, false);
@@ -773,7 +773,7 @@ class TspModel final : public LayoutModel {
     const int64_t D = in.l->D, h = s.h, d = s.d;
     const int64_t n = in.Br * in.S / D, all = in.Br * in.S, hq = s.nh / D, hkv = s.nkv / D;
     const int64_t qw = hq * d, kw = hkv * d, f = s.F / D, vs = s.V / D;
-    const int64_t r = std::min(n, kChunk);
+    const int64_t r = std::min(n, in.target.token_chunk());  // rows at once
     // Every head of the local tokens saved per layer, under none with the normed inputs and the
     // activations of all D FFN shards (under full recomputation checkpoints and one whole set:
     // LocalInputs::saved_through), and the final norm's rstd.

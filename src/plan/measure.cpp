@@ -16,6 +16,7 @@
 #endif
 #include "plan/model_util.h"
 #include "tsp/core/error.h"
+#include "tsp/model/block.h"  // token_chunk
 #include "tsp/ops/gemm.h"
 #include "tsp/parallel/layout.h"
 
@@ -85,6 +86,10 @@ int64_t LocalInputs::accumulate_widening(int64_t n) const {
 
 int64_t LocalInputs::row_loss(int64_t m) const {
   return target.cuda() ? 8 * m : 0;
+}
+
+int64_t MemoryTarget::token_chunk() const {
+  return block::token_chunk(device);
 }
 
 MemoryTarget memory_target_of(Device device) {

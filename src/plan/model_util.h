@@ -68,7 +68,6 @@ inline Dims dims_of(const LlamaConfig& m) {
 }
 
 constexpr int64_t kF32 = 4;
-constexpr int64_t kChunk = 512;  // block::kTokenChunk (MLP and loss-head rows at once)
 
 // block::LayerSaved of n tokens, hq query heads and kv rows `kv_tokens` × hkv heads, bytes: x, x2,
 // q, k, v, o in the compute dtype; rstd1, rstd2 and lse fp32.

@@ -317,7 +317,7 @@ TEST(BlockMaths, FfnSlicesComposeToWholeMlpBf16) {
 template <typename T>
 void kept_mlp_activations_equal_recomputed() {
   Backend& be = cpu();
-  const int64_t h = 16, F = 24, n = 2 * block::kTokenChunk + 37;
+  const int64_t h = 16, F = 24, n = 2 * block::kTokenChunkCpu + 37;
   const auto wg = as<T>(randn(F * h, 41, 0.3f)), wu = as<T>(randn(F * h, 42, 0.3f)),
              wd = as<T>(randn(h * F, 43, 0.3f)), xn = as<T>(randn(n * h, 44));
   const auto dy = randn(n * h, 45);
@@ -446,7 +446,7 @@ TEST(BlockMaths, ZigzagKeysAtExplicitPositionsEqualNaturalOrderBf16) {
   zigzag_keys_equal_natural_order<bf16>(kZigzagTolBf16);
 }
 
-// The token-chunked MLP and loss head (chunks of kTokenChunk rows, the last one partial) against
+// The token-chunked MLP and loss head (chunks of kTokenChunkCpu rows on the CPU, the last one partial) against
 // naive double loops on the same (compute-dtype) values. Besides the results, the reference keeps
 // for every element the sum of the absolute values of its terms, which bounds what rounding one
 // factor of every term to bf16 can change: Σ_f |a_f·wd_jf| for y, Σ_v |dl_v·wh_vj| for dxn,
@@ -510,7 +510,7 @@ double norm2(const std::vector<double>& v) {
 template <typename T>
 void chunked_mlp_and_loss_head_match_double() {
   Backend& be = cpu();
-  const int64_t h = 8, F = 12, V = 20, n = block::kTokenChunk + 37;
+  const int64_t h = 8, F = 12, V = 20, n = block::kTokenChunkCpu + 37;
   const auto wg = as<T>(randn(F * h, 31, 0.4f)), wu = as<T>(randn(F * h, 32, 0.4f)),
              wd = as<T>(randn(h * F, 33, 0.4f)), wh = as<T>(randn(V * h, 34, 0.4f)),
              xn = as<T>(randn(n * h, 35));

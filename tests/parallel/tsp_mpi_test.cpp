@@ -166,7 +166,7 @@ TEST(Tsp, Bf16MatchesSingle) {
 }
 
 // Several rows per replica and a longer sequence, so attention crosses rows and chunks and the
-// MLP / loss work in more than one token chunk at D = 1 (n > kTokenChunk = 512).
+// MLP / loss work in more than one token chunk at D = 1 (n > block::kTokenChunkCpu = 512).
 TEST(Tsp, MatchesSingleLongerRows) {
   test::LayoutCase lc;
   lc.layout = "tsp";

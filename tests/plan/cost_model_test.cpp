@@ -622,26 +622,49 @@ TEST(LocalMemoryOnGpu, CpuTargetIsTheDefault) {
               predict_local_memory(c, l, 2, 64, true, dt, Recompute::Selective, t).total());
 }
 
-// single, a vocabulary large enough that the loss head (one [r, V] fp32 logits chunk, r = min(n,
-// 512) rows) is the busiest moment on both backends. CUDA's cross_entropy adds its per-row F64
-// loss [r] while the chunk is alive: under fp32 nothing else is, so CUDA is 8r bytes above the
-// CPU (Workspace). Under bf16 the row loss is freed before linear_backward narrows dlogits to bf16
-// (2·r·V bytes > 8r): the peak is the same on both.
-TEST(LocalMemoryOnGpu, LossHeadRowLoss) {
+// single, a vocabulary large enough that the loss head (one [r, V] fp32 logits chunk of r =
+// min(n, token_chunk) rows: 512 on the CPU, 2048 under CUDA) is the busiest moment on both
+// backends. CUDA's cross_entropy adds its per-row F64 loss [r] while the chunk is alive: under fp32
+// nothing else is, so CUDA is above the CPU by its larger chunk and the row loss, 4·(r_gpu −
+// r_cpu)·V + 8·r_gpu bytes (Workspace). Under bf16 the row loss is freed before linear_backward
+// narrows dlogits to bf16 (2·r·V bytes > 8r): CUDA is above by the larger chunk alone, fp32 logits
+// and their bf16 copy, (4 + 2)·(r_gpu − r_cpu)·V.
+TEST(LocalMemoryOnGpu, LossHeadChunkAndRowLoss) {
   const LlamaConfig c = gpu_model(64, 4, 128, 8192);
   const LayoutSpec l{"single", 1, 1, 1};
-  for (const auto& [B, S] : {std::pair<int64_t, int64_t>{2, 64}, {4, 256}}) {
-    const int64_t r = std::min<int64_t>(B * S, 512);
+  for (const auto& [B, S] : {std::pair<int64_t, int64_t>{2, 64}, {4, 256}, {2, 2048}}) {
+    const int64_t r_cpu = std::min<int64_t>(B * S, 512), r_gpu = std::min<int64_t>(B * S, 2048);
     SCOPED_TRACE(fmt::format("B={} S={}", B, S));
     const MemoryBreakdown cpu = predict_local_memory(c, l, B, S, true, DType::F32);
     const MemoryBreakdown gpu = predict_local_memory(c, l, B, S, true, DType::F32,
                                                      Recompute::Selective, cuda_target(false));
-    EXPECT_EQ(gpu[MemCategory::Workspace] - cpu[MemCategory::Workspace], 8.0 * r);
-    EXPECT_EQ(gpu.total() - cpu.total(), 8.0 * r);
+    const double fp32_above = 4.0 * (r_gpu - r_cpu) * c.vocab_size + 8.0 * r_gpu;
+    EXPECT_EQ(gpu[MemCategory::Workspace] - cpu[MemCategory::Workspace], fp32_above);
+    EXPECT_EQ(gpu.total() - cpu.total(), fp32_above);
     const MemoryBreakdown cpu16 = predict_local_memory(c, l, B, S, true, DType::BF16);
     const MemoryBreakdown gpu16 = predict_local_memory(c, l, B, S, true, DType::BF16,
                                                        Recompute::Selective, cuda_target(false));
-    EXPECT_EQ(gpu16.total(), cpu16.total());
+    EXPECT_EQ(gpu16.total() - cpu16.total(), 6.0 * (r_gpu - r_cpu) * c.vocab_size);
+  }
+}
+
+// single under fp32 with a wide MLP and a small vocabulary: the busiest moment is mlp_backward,
+// whose chunk buffers hold r = min(n, token_chunk) rows of F: da, du, the recomputed gate and up
+// fp32 and act (fp32 here), 20·r·F bytes. Under fp32 no other CUDA transient is alive then (no
+// narrowing, no widening), so CUDA is above the CPU by 20·(r_gpu − r_cpu)·F (Workspace).
+TEST(LocalMemoryOnGpu, MlpChunkBuffers) {
+  const LlamaConfig c = gpu_model(64, 4, 4096, 256);
+  const LayoutSpec l{"single", 1, 1, 1};
+  for (const auto& [B, S] :
+       {std::pair<int64_t, int64_t>{1, 256}, {1, 1000}, {1, 2048}, {2, 2048}}) {
+    const int64_t r_cpu = std::min<int64_t>(B * S, 512), r_gpu = std::min<int64_t>(B * S, 2048);
+    SCOPED_TRACE(fmt::format("B={} S={}", B, S));
+    const MemoryBreakdown cpu = predict_local_memory(c, l, B, S, true, DType::F32);
+    const MemoryBreakdown gpu = predict_local_memory(c, l, B, S, true, DType::F32,
+                                                     Recompute::Selective, cuda_target(false));
+    const double above = 20.0 * (r_gpu - r_cpu) * c.intermediate_size;
+    EXPECT_EQ(gpu[MemCategory::Workspace] - cpu[MemCategory::Workspace], above);
+    EXPECT_EQ(gpu.total() - cpu.total(), above);
   }
 }
 

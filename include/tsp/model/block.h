@@ -34,9 +34,24 @@
 namespace tsp::block {
 
 // Token rows processed at once by the MLP and the loss head: bounds their [rows, f] and
-// [rows, V] workspace independently of the sequence length. Every layout uses the same value, so
-// at equal n the GEMM shapes (and results) are identical.
-inline constexpr int64_t kTokenChunk = 512;
+// [rows, V] workspaces independently of the sequence length. Every layout uses the same value on a
+// device, so at equal n the GEMM shapes (and results) are identical.
+//
+// Per backend, because of the weight gradients: each chunk's dw [f, h] += dyᵀ·x (k = rows) reads
+// and writes the whole fp32 dw once, 8·f·h bytes, against 2·rows·f·h flops. At a GEMM rate R and a
+// memory bandwidth B, that traffic costs 4·R / (rows·B) of the GEMM's own time.
+// * CPU (oneDNN, ~0.4 TFLOP/s on 2 cores, ~20 GB/s): 4R/B ≈ 80 rows; 512 rows keep the traffic
+//   under 20% of the GEMM time.
+// * CUDA (cuBLASLt bf16, 776 TFLOP/s measured on an H200, 4.8 TB/s): 4R/B ≈ 650 rows, so 512-row
+//   chunks would make the MLP's dw GEMMs memory-bound (traffic 1.26× the GEMM time). 2048 rows
+//   bring it to 0.32×, mostly hidden behind other tiles' main loops. The chunk's buffers stay small
+//   beside a GPU's memory: the MLP backward's 18·rows·f bytes (0.53 GB at f = 14336), the loss
+//   head's fp32 logits 4·rows·V (1.05 GB at V = 128,256).
+inline constexpr int64_t kTokenChunkCpu = 512;
+inline constexpr int64_t kTokenChunkCuda = 2048;
+constexpr int64_t token_chunk(DeviceKind device) {
+  return device == DeviceKind::CUDA ? kTokenChunkCuda : kTokenChunkCpu;
+}
 
 // The label value the loss kernels skip (Backend::cross_entropy's ignore_index): neither counted in
 // the loss nor given a gradient. Layouts put it where a label must not count (the label after a
@@ -118,7 +133,7 @@ struct MlpSaved {
   TensorView gate, up, act;
   bool empty() const { return gate.empty(); }
 };
-// xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of kTokenChunk rows; with
+// xn [n, h] -> y [n, h] (+=) silu(xn·wgᵀ) ⊙ (xn·wuᵀ) · wdᵀ, in chunks of token_chunk rows; with
 // a non-empty `keep` the chunks' gate/up/act are written there (=) instead of a workspace.
 // after_chunk (optional) runs after each chunk: a layout's communication progress point.
 void mlp_forward(Backend& be, const MlpWeights& w, TensorView xn, TensorView y,
@@ -142,7 +157,7 @@ void rmsnorm_backward_add(Backend& be, TensorView dy, TensorView x, TensorView w
 // xn [n, h] final-normed, w [V, h] (LM head, or the embedding when tied), labels I32 [n].
 // loss F64 [1] (+=) the SUM of the token losses; when dxn is non-empty also dxn F32 [n, h] (=) and
 // dw F32 [V, h] (+=, if non-empty) for the loss scaled by grad_scale (1 / tokens of the whole batch
-// for a mean). Logits live only as a [kTokenChunk, V] workspace: forward and backward are fused.
+// for a mean). Logits live only as a [token_chunk, V] workspace: forward and backward are fused.
 void lm_head_loss(Backend& be, TensorView xn, TensorView w, TensorView labels, float grad_scale,
                   TensorView loss, TensorView dxn, TensorView dw);
 

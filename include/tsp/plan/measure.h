@@ -38,6 +38,8 @@ struct MemoryTarget {
   // cuda::set_flash_version); false: v1, the default, which allocates nothing.
   bool flash_v2 = false;
   bool cuda() const { return device == DeviceKind::CUDA; }
+  // The MLP's and the loss head's token rows at once on this device (block::token_chunk).
+  int64_t token_chunk() const;
 };
 // The target of a run whose backend is `device`'s, in this process: under CUDA the flash version
 // the backend will use (cuda::flash_version()); the CPU target for the CPU or a build without CUDA.
