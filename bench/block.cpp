@@ -17,7 +17,9 @@
 // it on the compute stream; wall time on the CPU), summed per op and per op and shapes, with the
 // share of the step and the time between calls (launch gaps, host work), and the GEMMs' TFLOP/s
 // (2·m·n·k per product: how far each GEMM shape, e.g. the MLP's token chunks, is from the
-// card's rate). Under --json on stderr.
+// card's rate), and every op's least memory traffic (each tensor it reads or writes, once) in GB
+// and over its time in GB/s (how far a memory-bound kernel is from the memory's bandwidth); totals
+// for the GEMMs, attention and the other ops. Under --json on stderr.
 //
 // --dtype is the compute dtype (default: the backend's, default_compute_dtype: bf16 where bf16 is
 // native). In bf16 the block runs as a layout runs it in mixed precision: the weights are bf16
@@ -233,6 +235,7 @@ class ProfilingBackend final : public Backend {
     int calls = 0;
     double ms = 0;
     double flops = 0;  // the GEMMs' 2·m·n·k per product; 0 for other ops
+    double bytes = 0;  // the least memory traffic of the calls (moved(): each tensor once)
   };
   // After stop(): waits for the device, then sums the calls per op (by_shape: per op and shapes).
   std::vector<Row> rows(bool by_shape, double* step_ms) {
@@ -245,6 +248,7 @@ class ProfilingBackend final : public Backend {
       row.calls += 1;
       row.ms += elapsed_ms(r);
       row.flops += r.flops;
+      row.bytes += r.bytes;
     }
     *step_ms = elapsed_ms(pool_[0]);
     std::vector<Row> out;
@@ -264,139 +268,192 @@ class ProfilingBackend final : public Backend {
   }
 
   void zero(TensorView t) override {
-    timed("zero", {t}, [&] { inner_.zero(t); });
+    timed(
+        "zero", {t}, [&] { inner_.zero(t); }, 0, moved({}, {t}));
   }
   void fill(TensorView t, float value) override {
-    timed("fill", {t}, [&] { inner_.fill(t, value); });
+    timed(
+        "fill", {t}, [&] { inner_.fill(t, value); }, 0, moved({}, {t}));
   }
   void copy(TensorView src, TensorView dst) override {
-    timed("copy", {src, dst}, [&] { inner_.copy(src, dst); });
+    timed(
+        "copy", {src, dst}, [&] { inner_.copy(src, dst); }, 0, moved({src}, {dst}));
   }
   void copy_2d(TensorView src, int64_t ss, TensorView dst, int64_t ds, int64_t rows,
                int64_t cols) override {
-    timed("copy_2d", {src, dst}, [&] { inner_.copy_2d(src, ss, dst, ds, rows, cols); });
+    timed(
+        "copy_2d", {src, dst}, [&] { inner_.copy_2d(src, ss, dst, ds, rows, cols); }, 0,
+        static_cast<double>(rows * cols) * (dtype_size(src.dtype()) + dtype_size(dst.dtype())));
   }
   void swap_leading_dims(TensorView src, TensorView dst) override {
-    timed("swap_leading_dims", {src}, [&] { inner_.swap_leading_dims(src, dst); });
+    timed(
+        "swap_leading_dims", {src}, [&] { inner_.swap_leading_dims(src, dst); }, 0,
+        moved({src}, {dst}));
   }
   void upload(const void* host, TensorView dst) override {
-    timed("upload", {dst}, [&] { inner_.upload(host, dst); });
+    timed(
+        "upload", {dst}, [&] { inner_.upload(host, dst); }, 0, moved({}, {dst}));
   }
   void download(TensorView src, void* host) override {
-    timed("download", {src}, [&] { inner_.download(src, host); });
+    timed(
+        "download", {src}, [&] { inner_.download(src, host); }, 0, moved({src}, {}));
   }
   void synchronize() override {
-    timed("synchronize", {}, [&] { inner_.synchronize(); });
+    timed(
+        "synchronize", {}, [&] { inner_.synchronize(); }, 0, 0);
   }
 
   void add(TensorView y, TensorView x) override {
-    timed("add", {y, x}, [&] { inner_.add(y, x); });
+    timed(
+        "add", {y, x}, [&] { inner_.add(y, x); }, 0, moved({y, x}, {y}));
   }
   void scale(TensorView y, float f) override {
-    timed("scale", {y}, [&] { inner_.scale(y, f); });
+    timed(
+        "scale", {y}, [&] { inner_.scale(y, f); }, 0, moved({y}, {y}));
   }
   void sum_squares(TensorView x, TensorView out) override {
-    timed("sum_squares", {x}, [&] { inner_.sum_squares(x, out); });
+    timed(
+        "sum_squares", {x}, [&] { inner_.sum_squares(x, out); }, 0, moved({x}, {out}));
   }
   void count_non_finite(TensorView x, TensorView out, bool also_negative) override {
-    timed("count_non_finite", {x}, [&] { inner_.count_non_finite(x, out, also_negative); });
+    timed(
+        "count_non_finite", {x}, [&] { inner_.count_non_finite(x, out, also_negative); }, 0,
+        moved({x}, {out}));
   }
 
   void linear_forward(TensorView x, TensorView w, TensorView y, bool accumulate) override {
     timed(
         accumulate ? "linear_forward (+=)" : "linear_forward", {x, w, y},
-        [&] { inner_.linear_forward(x, w, y, accumulate); }, gemm_flops(x, w, 1));
+        [&] { inner_.linear_forward(x, w, y, accumulate); }, gemm_flops(x, w, 1),
+        moved({x, w, accumulate ? y : TensorView{}}, {y}));
   }
   void linear_backward(TensorView dy, TensorView x, TensorView w, TensorView dx,
                        TensorView dw) override {
     // dx = dy·W and dW = dyᵀ·x: one product each, for the ones asked for.
     timed(
         "linear_backward", {dy, x, w}, [&] { inner_.linear_backward(dy, x, w, dx, dw); },
-        gemm_flops(x, w, !dx.empty() + !dw.empty()));
+        gemm_flops(x, w, !dx.empty() + !dw.empty()),
+        moved({dy, dx.empty() ? TensorView{} : w, dx, dw.empty() ? TensorView{} : x, dw},
+              {dx, dw}));
   }
 
   void rmsnorm_forward(TensorView x, TensorView w, TensorView y, TensorView rstd,
                        float eps) override {
-    timed("rmsnorm_forward", {x, y}, [&] { inner_.rmsnorm_forward(x, w, y, rstd, eps); });
+    timed(
+        "rmsnorm_forward", {x, y}, [&] { inner_.rmsnorm_forward(x, w, y, rstd, eps); }, 0,
+        moved({x, w}, {y, rstd}));
   }
   void rmsnorm_apply(TensorView x, TensorView w, TensorView rstd, TensorView y) override {
-    timed("rmsnorm_apply", {x, y}, [&] { inner_.rmsnorm_apply(x, w, rstd, y); });
+    timed(
+        "rmsnorm_apply", {x, y}, [&] { inner_.rmsnorm_apply(x, w, rstd, y); }, 0,
+        moved({x, w, rstd}, {y}));
   }
   void rmsnorm_backward(TensorView dy, TensorView x, TensorView w, TensorView rstd, TensorView dx,
                         TensorView dw) override {
-    timed("rmsnorm_backward", {dy, x}, [&] { inner_.rmsnorm_backward(dy, x, w, rstd, dx, dw); });
+    timed(
+        "rmsnorm_backward", {dy, x}, [&] { inner_.rmsnorm_backward(dy, x, w, rstd, dx, dw); }, 0,
+        moved({dy, x, w, rstd, dw}, {dx, dw}));
   }
   void rope_forward(TensorView x, TensorView pos, float theta) override {
-    timed("rope_forward", {x}, [&] { inner_.rope_forward(x, pos, theta); });
+    timed(
+        "rope_forward", {x}, [&] { inner_.rope_forward(x, pos, theta); }, 0, moved({x, pos}, {x}));
   }
   void rope_backward(TensorView dx, TensorView pos, float theta) override {
-    timed("rope_backward", {dx}, [&] { inner_.rope_backward(dx, pos, theta); });
+    timed(
+        "rope_backward", {dx}, [&] { inner_.rope_backward(dx, pos, theta); }, 0,
+        moved({dx, pos}, {dx}));
   }
   void swiglu_forward(TensorView g, TensorView u, TensorView a) override {
-    timed("swiglu_forward", {g, a}, [&] { inner_.swiglu_forward(g, u, a); });
+    timed(
+        "swiglu_forward", {g, a}, [&] { inner_.swiglu_forward(g, u, a); }, 0, moved({g, u}, {a}));
   }
   void swiglu_backward(TensorView da, TensorView g, TensorView u, TensorView dg,
                        TensorView du) override {
-    timed("swiglu_backward", {da}, [&] { inner_.swiglu_backward(da, g, u, dg, du); });
+    timed(
+        "swiglu_backward", {da}, [&] { inner_.swiglu_backward(da, g, u, dg, du); }, 0,
+        moved({da, g, u}, {dg, du}));
   }
   void embedding_forward(TensorView ids, TensorView table, TensorView out, int64_t v0) override {
-    timed("embedding_forward", {table, out},
-          [&] { inner_.embedding_forward(ids, table, out, v0); });
+    timed(
+        "embedding_forward", {table, out}, [&] { inner_.embedding_forward(ids, table, out, v0); },
+        0, moved({ids}, {out}) + rows_of(table, out));
   }
   void embedding_backward(TensorView ids, TensorView dout, TensorView dtable, int64_t v0) override {
-    timed("embedding_backward", {dout, dtable},
-          [&] { inner_.embedding_backward(ids, dout, dtable, v0); });
+    timed(
+        "embedding_backward", {dout, dtable},
+        [&] { inner_.embedding_backward(ids, dout, dtable, v0); }, 0,
+        moved({ids, dout}, {}) + 2 * rows_of(dtable, dout));
   }
   void cross_entropy(TensorView logits, TensorView labels, TensorView dlogits, float grad_scale,
                      TensorView loss, int32_t ignore_index) override {
-    timed("cross_entropy", {logits},
-          [&] { inner_.cross_entropy(logits, labels, dlogits, grad_scale, loss, ignore_index); });
+    timed(
+        "cross_entropy", {logits},
+        [&] { inner_.cross_entropy(logits, labels, dlogits, grad_scale, loss, ignore_index); }, 0,
+        moved({logits, labels}, {dlogits, loss}));
   }
   void online_softmax_update(TensorView logits, TensorView labels, TensorView row_max,
                              TensorView row_sum, TensorView target, int64_t v0) override {
-    timed("online_softmax_update", {logits},
-          [&] { inner_.online_softmax_update(logits, labels, row_max, row_sum, target, v0); });
+    timed(
+        "online_softmax_update", {logits},
+        [&] { inner_.online_softmax_update(logits, labels, row_max, row_sum, target, v0); }, 0,
+        moved({logits, labels, row_max, row_sum, target}, {row_max, row_sum, target}));
   }
   void online_softmax_merge(TensorView max_a, TensorView sum_a, TensorView max_b,
                             TensorView sum_b) override {
-    timed("online_softmax_merge", {max_a},
-          [&] { inner_.online_softmax_merge(max_a, sum_a, max_b, sum_b); });
+    timed(
+        "online_softmax_merge", {max_a},
+        [&] { inner_.online_softmax_merge(max_a, sum_a, max_b, sum_b); }, 0,
+        moved({max_a, sum_a, max_b, sum_b}, {max_a, sum_a}));
   }
   void online_softmax_backward(TensorView logits, TensorView labels, TensorView row_max,
                                TensorView row_sum, TensorView dlogits, int64_t v0, float grad_scale,
                                int32_t ignore_index) override {
-    timed("online_softmax_backward", {logits}, [&] {
-      inner_.online_softmax_backward(logits, labels, row_max, row_sum, dlogits, v0, grad_scale,
-                                     ignore_index);
-    });
+    timed(
+        "online_softmax_backward", {logits},
+        [&] {
+          inner_.online_softmax_backward(logits, labels, row_max, row_sum, dlogits, v0, grad_scale,
+                                         ignore_index);
+        },
+        0, moved({logits, labels, row_max, row_sum}, {dlogits}));
   }
   void online_softmax_loss(TensorView row_max, TensorView row_sum, TensorView target,
                            TensorView labels, TensorView loss, int32_t ignore_index) override {
-    timed("online_softmax_loss", {row_max}, [&] {
-      inner_.online_softmax_loss(row_max, row_sum, target, labels, loss, ignore_index);
-    });
+    timed(
+        "online_softmax_loss", {row_max},
+        [&] { inner_.online_softmax_loss(row_max, row_sum, target, labels, loss, ignore_index); },
+        0, moved({row_max, row_sum, target, labels}, {loss}));
   }
   void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
                          TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
                          float scale) override {
-    timed("attention_forward", {q, k},
-          [&] { inner_.attention_forward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale); });
+    timed(
+        "attention_forward", {q, k},
+        [&] { inner_.attention_forward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, scale); }, 0,
+        moved({q, k, v, q_pos, k_pos, q_doc_pos}, {o, lse}));
   }
   void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_pos,
                           TensorView k_pos, TensorView q_doc_pos, TensorView o, TensorView lse,
                           TensorView dout, TensorView dq, TensorView dk, TensorView dv,
                           float scale) override {
-    timed("attention_backward", {q, k}, [&] {
-      inner_.attention_backward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv, scale);
-    });
+    timed(
+        "attention_backward", {q, k},
+        [&] {
+          inner_.attention_backward(q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv,
+                                    scale);
+        },
+        0, moved({q, k, v, q_pos, k_pos, q_doc_pos, o, lse, dout, dq, dk, dv}, {dq, dk, dv}));
   }
   void attention_merge(TensorView o_a, TensorView lse_a, TensorView o_b,
                        TensorView lse_b) override {
-    timed("attention_merge", {o_a}, [&] { inner_.attention_merge(o_a, lse_a, o_b, lse_b); });
+    timed(
+        "attention_merge", {o_a}, [&] { inner_.attention_merge(o_a, lse_a, o_b, lse_b); }, 0,
+        moved({o_a, lse_a, o_b, lse_b}, {o_a, lse_a}));
   }
   void adamw(TensorView w, TensorView grad, TensorView m, TensorView v,
              const AdamWStep& step) override {
-    timed("adamw", {w}, [&] { inner_.adamw(w, grad, m, v, step); });
+    timed(
+        "adamw", {w}, [&] { inner_.adamw(w, grad, m, v, step); }, 0,
+        moved({w, grad, m, v}, {w, m, v}));
   }
 
  private:
@@ -406,8 +463,25 @@ class ProfilingBackend final : public Backend {
     cudaEvent_t start = nullptr, end = nullptr;
 #endif
     double t0 = 0, t1 = 0;  // wall seconds (CPU)
-    double flops = 0;
+    double flops = 0, bytes = 0;
   };
+
+  // The least memory traffic of a call: every tensor it reads, read once, and every tensor it
+  // writes, written once (a tensor it updates, such as an accumulated output, is in both lists;
+  // empty views count nothing). Above it lies what a kernel re-reads (GEMM operand tiles, the K/V
+  // that each query tile of attention visits), so for a memory-bound op bytes / time is the
+  // bandwidth it reaches, to compare with the card's.
+  static double moved(std::initializer_list<TensorView> read,
+                      std::initializer_list<TensorView> written) {
+    double b = 0;
+    for (const TensorView& v : read) b += static_cast<double>(v.nbytes());
+    for (const TensorView& v : written) b += static_cast<double>(v.nbytes());
+    return b;
+  }
+  // The rows of `table` that a lookup of `out`'s rows touches (one table row per output row).
+  static double rows_of(const TensorView& table, const TensorView& out) {
+    return static_cast<double>(out.numel()) * static_cast<double>(dtype_size(table.dtype()));
+  }
 
   // `products` GEMMs of the linear layer x [.., k] · w [n, k]ᵀ: 2·m·n·k each, m = x's rows.
   static double gemm_flops(const TensorView& x, const TensorView& w, int products) {
@@ -476,12 +550,14 @@ class ProfilingBackend final : public Backend {
   // Pool indices, not references, across the call: the call itself may not add records (the
   // inner backend is not this one), but begin() of a nested call would grow the pool.
   template <class F>
-  void timed(const char* op, std::initializer_list<TensorView> views, F&& call, double flops = 0) {
+  void timed(const char* op, std::initializer_list<TensorView> views, F&& call, double flops,
+             double bytes) {
     const size_t i = used_;
     begin(op, shapes_of(views));
     call();
     end(pool_[i]);
     pool_[i].flops = flops;
+    pool_[i].bytes = bytes;
   }
 
   Backend& inner_;
@@ -499,21 +575,48 @@ void print_profile(ProfilingBackend& prof, FILE* out) {
     std::fprintf(out, "# profile %s: one forward+backward, %.3f ms (%s)\n",
                  by_shape ? "per op and shapes (30 largest)" : "per op", step_ms,
                  prof.device().is_cpu() ? "wall time" : "CUDA events on the compute stream");
-    std::fprintf(out, "  %-*s %6s %10s %7s %9s\n", by_shape ? 72 : 24, "op", "calls", "total_ms",
-                 "%step", "TFLOP/s");
+    std::fprintf(out, "  %-*s %6s %10s %7s %9s %9s %8s\n", by_shape ? 72 : 24, "op", "calls",
+                 "total_ms", "%step", "TFLOP/s", "GB", "GB/s");
     int shown = 0;
     for (const auto& r : rows) {
       if (by_shape && ++shown > 30) break;
-      // The GEMMs' rate (2·m·n·k per product over the op's time), to compare with the card's.
+      // The GEMMs' rate (2·m·n·k per product over the op's time), to compare with the card's;
+      // every op's least traffic (moved()) over its time, to compare with the memory's bandwidth.
       const std::string rate =
           r.flops > 0 && r.ms > 0 ? fmt::format("{:.1f}", r.flops / (r.ms * 1e-3) / 1e12) : "";
-      std::fprintf(out, "  %-*s %6d %10.3f %6.1f%% %9s\n", by_shape ? 72 : 24, r.key.c_str(),
-                   r.calls, r.ms, step_ms > 0 ? 100 * r.ms / step_ms : 0.0, rate.c_str());
+      const std::string bandwidth =
+          r.bytes > 0 && r.ms > 0 ? fmt::format("{:.0f}", r.bytes / (r.ms * 1e-3) / 1e9) : "";
+      std::fprintf(out, "  %-*s %6d %10.3f %6.1f%% %9s %9.3f %8s\n", by_shape ? 72 : 24,
+                   r.key.c_str(), r.calls, r.ms, step_ms > 0 ? 100 * r.ms / step_ms : 0.0,
+                   rate.c_str(), r.bytes / 1e9, bandwidth.c_str());
     }
-    if (!by_shape)
-      std::fprintf(out, "  %-24s %6s %10.3f %6.1f%%\n  %-24s %6s %10.3f %6.1f%%\n", "(all ops)", "",
-                   sum, step_ms > 0 ? 100 * sum / step_ms : 0.0, "(between ops)", "", step_ms - sum,
-                   step_ms > 0 ? 100 * (step_ms - sum) / step_ms : 0.0);
+    if (by_shape) continue;
+    // Totals: every op, the time between them, the GEMMs, attention (compute-bound, timed in its
+    // own table by bench_attention), and the other ops: the memory-bound ones, whose least
+    // traffic over their time is the bandwidth they reach.
+    double gemm_ms = 0, gemm_flops = 0, attention_ms = 0, other_ms = 0, other_bytes = 0;
+    for (const auto& r : rows) {
+      if (r.flops > 0) {
+        gemm_ms += r.ms;
+        gemm_flops += r.flops;
+      } else if (r.key == "attention_forward" || r.key == "attention_backward") {
+        attention_ms += r.ms;
+      } else {
+        other_ms += r.ms;
+        other_bytes += r.bytes;
+      }
+    }
+    const auto share = [&](double ms) { return step_ms > 0 ? 100 * ms / step_ms : 0.0; };
+    std::fprintf(out, "  %-24s %6s %10.3f %6.1f%%\n", "(all ops)", "", sum, share(sum));
+    std::fprintf(out, "  %-24s %6s %10.3f %6.1f%%\n", "(between ops)", "", step_ms - sum,
+                 share(step_ms - sum));
+    std::fprintf(out, "  %-24s %6s %10.3f %6.1f%% %9.1f\n", "(GEMMs)", "", gemm_ms, share(gemm_ms),
+                 gemm_ms > 0 ? gemm_flops / (gemm_ms * 1e-3) / 1e12 : 0.0);
+    std::fprintf(out, "  %-24s %6s %10.3f %6.1f%%\n", "(attention)", "", attention_ms,
+                 share(attention_ms));
+    std::fprintf(out, "  %-24s %6s %10.3f %6.1f%% %9s %9.3f %8.0f\n", "(other ops)", "", other_ms,
+                 share(other_ms), "", other_bytes / 1e9,
+                 other_ms > 0 ? other_bytes / (other_ms * 1e-3) / 1e9 : 0.0);
   }
 }
 
