@@ -188,10 +188,12 @@ lib_dirs=()
 [ -n "$build" ] && lib_dirs+=("$build")
 # libcudnn.so.9: loaded at run time by the cuDNN attention path (TSP_CUDA_FLASH=cudnn), from the
 # nvidia-cudnn-cu13 wheel (nvidia/cudnn/lib) on the GPU image.
+have_cudnn=0
 for lib in libcudart.so.13 libcublasLt.so.13 libcublas.so.13 libnccl.so.2 libcudnn.so.9; do
   for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13.0/lib64 /usr/local/cuda-13.0/lib $py_dirs; do
     if [ -e "$d/$lib" ]; then
       [[ " ${lib_dirs[*]} " == *" $d "* ]] || lib_dirs+=("$d")
+      [ "$lib" != libcudnn.so.9 ] || have_cudnn=1
       echo "$lib: $d" >>"$env_txt"
       break
     fi
@@ -249,37 +251,78 @@ fi
 # Each cuda_* test executable directly (the same executables and rank counts ctest -L cuda runs),
 # multi-rank ones at the counts of their "// tsp-test-ranks:" line (default 1 2 4 8), all on this
 # one GPU. OMP threads: the cores shared among the ranks (the CPU references run in the tests).
+# Order: what never ran on a GPU and what the issue checks first, so that the tests' share of the
+# budget ends on the least needed ones; every executable not named below runs after them.
 cores=$(nproc)
 test_env=(env TSP_POISON_ALLOCATIONS=1 GTEST_COLOR=no)
 tests_deadline=$((budget * ${TSP_GPU_TESTS_SHARE:-55} / 100))
+# A gtest executable's processes: its gtest filters, one process each (a kernel fault poisons the
+# CUDA context of its process, so the flash v2 and cuDNN tests, never run on a GPU yet, run apart
+# from the v1 ones), or the whole executable.
+segments_of() {
+  case $1 in
+    cuda_attention_test) echo "-CudaFlash.*/v2:CudaAttention.Cudnn* CudaFlash.*/v2 CudaAttention.Cudnn*" ;;
+    *) echo "*" ;;
+  esac
+}
+# run_test NAME [VAR=VALUE ...]: the executable build/tests/NAME (its segments; MPI ones at their
+# rank counts) or the shell test NAME.sh, with the extra environment given.
+run_test() {
+  local name=$1 bin src ranks n seg label
+  shift
+  local extra=("$@") tag=""
+  [ ${#extra[@]} -eq 0 ] || tag=" (${extra[*]})"
+  if [ $((SECONDS - t_start)) -gt $tests_deadline ]; then
+    skip "test $name$tag" "time budget (tests get ${tests_deadline}s of ${budget}s)"
+    return 0
+  fi
+  bin="$build/tests/$name"
+  if [ -x "$bin" ] && [[ $name == *_mpi_test ]]; then
+    src=$(find "$repo/tests" -name "$name.cpp" | head -1)
+    ranks="1 2 4 8"
+    if [ -n "$src" ] && grep -q '^// tsp-test-ranks:' "$src"; then
+      ranks=$(grep -m1 '^// tsp-test-ranks:' "$src" | sed 's|^// tsp-test-ranks:||')
+    fi
+    [ -z "${TSP_GPU_RANKS:-}" ] || ranks=$TSP_GPU_RANKS
+    for n in $ranks; do
+      step "test $name np$n$tag" 180 "${test_env[@]}" "${extra[@]}" \
+        OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) mpiexec -n "$n" --oversubscribe "$bin"
+    done
+  elif [ -x "$bin" ]; then
+    local segs
+    read -ra segs <<<"$(segments_of "$name")"  # read -a: no pathname expansion of the filters
+    for seg in "${segs[@]}"; do
+      label="test $name$tag"
+      [ "$seg" = "*" ] || label="test $name [$seg]$tag"
+      step "$label" 180 "${test_env[@]}" "${extra[@]}" OMP_NUM_THREADS=$((cores > 8 ? 8 : cores)) \
+        "$bin" --gtest_filter="$seg"
+    done
+  else
+    src=$(find "$repo/tests" -name "$name.sh" | head -1)
+    if [ -z "$src" ]; then
+      record "test $name" FAIL 0 "no executable $bin and no tests/**/$name.sh"
+      return 0
+    fi
+    step "test $name$tag" 240 "${test_env[@]}" "${extra[@]}" bash "$src" "$build" "$repo"
+  fi
+}
 run_tests() {
-  local bin name src ranks n
-  for bin in "$build"/tests/cuda_*_test; do
-    [ -x "$bin" ] || continue
-    name=$(basename "$bin")
-    if [ $((SECONDS - t_start)) -gt $tests_deadline ]; then
-      skip "test $name" "time budget (tests get ${tests_deadline}s of ${budget}s)"
-      continue
-    fi
-    if [[ $name == *_mpi_test ]]; then
-      src=$(find "$repo/tests" -name "$name.cpp" | head -1)
-      ranks="1 2 4 8"
-      if [ -n "$src" ] && grep -q '^// tsp-test-ranks:' "$src"; then
-        ranks=$(grep -m1 '^// tsp-test-ranks:' "$src" | sed 's|^// tsp-test-ranks:||')
-      fi
-      for n in $ranks; do
-        step "test $name np$n" 180 "${test_env[@]}" OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) \
-          mpiexec -n "$n" --oversubscribe "$bin"
-      done
-    else
-      step "test $name" 180 "${test_env[@]}" OMP_NUM_THREADS=$((cores > 8 ? 8 : cores)) "$bin"
-    fi
+  local first=(cuda_backend_test cuda_gemm_test cuda_attention_test cuda_collectives_mpi_test
+    cuda_layouts_mpi_test cuda_train_test cuda_generate_test cuda_memory_mpi_test) name sh
+  for name in "${first[@]}"; do run_test "$name"; done
+  # Every layout at 2 ranks with the other attention paths (v1 is the default above).
+  TSP_GPU_RANKS=2 run_test cuda_layouts_mpi_test TSP_CUDA_FLASH=v2
+  if [ $have_cudnn -eq 1 ]; then
+    TSP_GPU_RANKS=2 run_test cuda_layouts_mpi_test TSP_CUDA_FLASH=cudnn
+  else
+    skip "test cuda_layouts_mpi_test np2 (TSP_CUDA_FLASH=cudnn)" "no libcudnn.so.9 on this machine"
+  fi
+  # Any other GPU test (added after this list was written).
+  for sh in "$build"/tests/cuda_*_test "$repo"/tests/*/cuda_*_test.sh; do
+    [ -e "$sh" ] || continue
+    name=$(basename "$sh" .sh)
+    [[ " ${first[*]} " == *" $name "* ]] || run_test "$name"
   done
-  local sh
-  while read -r sh; do
-    [ -n "$sh" ] || continue
-    step "test $(basename "$sh" .sh)" 240 "${test_env[@]}" bash "$sh" "$build" "$repo"
-  done < <(find "$repo/tests" -name 'cuda_*_test.sh' | sort)
 }
 if [ $have_bin -eq 1 ]; then
   run_tests

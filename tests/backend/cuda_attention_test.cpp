@@ -624,18 +624,26 @@ std::vector<Case> flash_cases() {
   return cs;
 }
 
-// Runs body once per flash kernel version (v1, v2; attention.h), then restores the version that
-// was in force. Failures name the version through the scoped trace.
-template <class F>
-void for_each_flash_version(F body) {
-  const FlashVersion before = flash_version();
-  for (FlashVersion v : {FlashVersion::V1, FlashVersion::V2}) {
-    set_flash_version(v);
-    SCOPED_TRACE(std::string("flash version ") + flash_version_name(v));
-    body();
+// The flash tests, once per kernel version (v1, v2; attention.h): CudaFlash.<test>/v1 and /v2,
+// each selecting its version for the test and restoring the one in force after it. Separate
+// tests, so a GPU run can take each version in a process of its own (scripts/gpu_check.sh does:
+// a kernel fault poisons the CUDA context of the process, and the other version's results must
+// survive it).
+class CudaFlash : public ::testing::TestWithParam<FlashVersion> {
+ protected:
+  void SetUp() override {
+    before_ = flash_version();
+    set_flash_version(GetParam());
   }
-  set_flash_version(before);
-}
+  void TearDown() override { set_flash_version(before_); }
+
+ private:
+  FlashVersion before_ = FlashVersion::V1;
+};
+INSTANTIATE_TEST_SUITE_P(, CudaFlash, ::testing::Values(FlashVersion::V1, FlashVersion::V2),
+                         [](const ::testing::TestParamInfo<FlashVersion>& i) {
+                           return std::string(flash_version_name(i.param));
+                         });
 
 // The version switch itself (host only: runs without a GPU).
 TEST(CudaAttention, FlashVersionSelection) {
@@ -670,21 +678,19 @@ void expect_forward_close(const std::vector<float>& o, const std::vector<float>&
       what + " lse vs reference", c);
 }
 
-TEST(CudaAttention, FlashForwardMatchesReference) {
+TEST_P(CudaFlash, ForwardMatchesReference) {
   SKIP_WITHOUT_GPU();
-  for_each_flash_version([&] {
-    uint32_t seed = 200;
-    for (const Case& c : flash_cases()) {
-      const Problem p = make(c, true, seed++);
-      DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
-      ASSERT_TRUE(attention_flash_supported(DType::BF16, c.d));
-      run_fwd(reference::attention_forward, ref, p);
-      run_fwd(attention_forward, fast, p);
-      expect_forward_close(fast.o.get(), fast.lse.get(), ref.o.get(), ref.lse.get(), max_abs(p.v),
-                           "flash", c);
-      if (HasFailure()) return;
-    }
-  });
+  uint32_t seed = 200;
+  for (const Case& c : flash_cases()) {
+    const Problem p = make(c, true, seed++);
+    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+    ASSERT_TRUE(attention_flash_supported(DType::BF16, c.d));
+    run_fwd(reference::attention_forward, ref, p);
+    run_fwd(attention_forward, fast, p);
+    expect_forward_close(fast.o.get(), fast.lse.get(), ref.o.get(), ref.lse.get(), max_abs(p.v),
+                         "flash", c);
+    if (HasFailure()) return;
+  }
 }
 
 // Backward bound, per element, computed by the host (HostOut::bq, bk, bv) from the flash path's
@@ -694,36 +700,34 @@ TEST(CudaAttention, FlashForwardMatchesReference) {
 // Tolerance: that bound + 1e-4·(1 + |ref|) (second-order terms and the fp32 differences of the
 // two paths, as in the reference tests). Both paths start from the reference's
 // o and lse.
-TEST(CudaAttention, FlashBackwardMatchesReference) {
+TEST_P(CudaFlash, BackwardMatchesReference) {
   SKIP_WITHOUT_GPU();
-  for_each_flash_version([&] {
-    uint32_t seed = 300;
-    for (const Case& c : flash_cases()) {
-      const Problem p = make(c, true, seed++);
-      DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
-      run_fwd(reference::attention_forward, ref, p);
-      const std::vector<float> o = ref.o.get();
-      copy_forward(ref, fast, c);
-      run_bwd(reference::attention_backward, ref, p);
-      run_bwd(attention_backward, fast, p);
-      const HostOut h = host_attention(p, &o);
-      const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
-      expect_close(
-          fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
-          "flash dq vs reference", c);
-      expect_close(
-          fast.dk.get(), dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
-          "flash dk vs reference", c);
-      expect_close(
-          fast.dv.get(), dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
-          "flash dv vs reference", c);
-      // And the reference itself against the host (fp32 bound), so the chain reaches fp64.
-      expect_close(
-          dk, h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); },
-          "reference dk vs host", c);
-      if (HasFailure()) return;
-    }
-  });
+  uint32_t seed = 300;
+  for (const Case& c : flash_cases()) {
+    const Problem p = make(c, true, seed++);
+    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+    run_fwd(reference::attention_forward, ref, p);
+    const std::vector<float> o = ref.o.get();
+    copy_forward(ref, fast, c);
+    run_bwd(reference::attention_backward, ref, p);
+    run_bwd(attention_backward, fast, p);
+    const HostOut h = host_attention(p, &o);
+    const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+    expect_close(
+        fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
+        "flash dq vs reference", c);
+    expect_close(
+        fast.dk.get(), dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
+        "flash dk vs reference", c);
+    expect_close(
+        fast.dv.get(), dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
+        "flash dv vs reference", c);
+    // And the reference itself against the host (fp32 bound), so the chain reaches fp64.
+    expect_close(
+        dk, h.dk, [&](size_t i) { return 1e-4 * (1 + std::abs(h.dk[i])); }, "reference dk vs host",
+        c);
+    if (HasFailure()) return;
+  }
 }
 
 // Key tiles that the document bound hides from every query are skipped, not computed and masked:
@@ -735,7 +739,7 @@ TEST(CudaAttention, FlashBackwardMatchesReference) {
 // every value finite (expect_close rejects NaN), dk and dv of the NaN keys untouched (bit for
 // bit their prior contents), and o and lse equal, bit for bit, to the flash forward over the
 // keys [128, 256) alone (the same tiles in the same order). GQA 8 on 2, d = 64 and 128.
-TEST(CudaAttention, FlashSkipsKeyTilesHiddenByDocuments) {
+TEST_P(CudaFlash, SkipsKeyTilesHiddenByDocuments) {
   SKIP_WITHOUT_GPU();
   for (int d : {64, 128}) {
     const Case c{128, 256, 8, 2, d, Pos::Causal};  // q_pos = 128 + i, k_pos = j
@@ -752,45 +756,42 @@ TEST(CudaAttention, FlashSkipsKeyTilesHiddenByDocuments) {
     alone.dk0.erase(alone.dk0.begin(), alone.dk0.begin() + hidden);
     alone.dv0.erase(alone.dv0.begin(), alone.dv0.begin() + hidden);
     alone.k_pos.erase(alone.k_pos.begin(), alone.k_pos.begin() + 128);
-    for_each_flash_version([&] {
-      SCOPED_TRACE("d=" + std::to_string(d));
-      DevProblem ref(p, DType::BF16), fast(p, DType::BF16), fast_alone(alone, DType::BF16);
-      run_fwd(reference::attention_forward, ref, p);
-      run_fwd(attention_forward, fast, p);
-      run_fwd(attention_forward, fast_alone, alone);
-      const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
-      const std::vector<float> o = fast.o.get(), lse = fast.lse.get();
-      // max|v| over the keys the queries see (the NaN keys are not among them).
-      const double vmax = max_abs(alone.v);
-      expect_forward_close(o, lse, o_ref, lse_ref, vmax, "flash (NaN keys hidden by documents)", c);
-      expect_close(
-          o, fast_alone.o.get(), [](size_t) { return 0.0; }, "flash o vs the visible keys alone",
-          c);
-      expect_close(
-          lse, fast_alone.lse.get(), [](size_t) { return 0.0; },
-          "flash lse vs the visible keys alone", c);
+    SCOPED_TRACE("d=" + std::to_string(d));
+    DevProblem ref(p, DType::BF16), fast(p, DType::BF16), fast_alone(alone, DType::BF16);
+    run_fwd(reference::attention_forward, ref, p);
+    run_fwd(attention_forward, fast, p);
+    run_fwd(attention_forward, fast_alone, alone);
+    const std::vector<float> o_ref = ref.o.get(), lse_ref = ref.lse.get();
+    const std::vector<float> o = fast.o.get(), lse = fast.lse.get();
+    // max|v| over the keys the queries see (the NaN keys are not among them).
+    const double vmax = max_abs(alone.v);
+    expect_forward_close(o, lse, o_ref, lse_ref, vmax, "flash (NaN keys hidden by documents)", c);
+    expect_close(
+        o, fast_alone.o.get(), [](size_t) { return 0.0; }, "flash o vs the visible keys alone", c);
+    expect_close(
+        lse, fast_alone.lse.get(), [](size_t) { return 0.0; },
+        "flash lse vs the visible keys alone", c);
 
-      // Backward from the reference's o and lse on both paths (as FlashBackwardMatchesReference).
-      copy_forward(ref, fast, c);
-      run_bwd(reference::attention_backward, ref, p);
-      run_bwd(attention_backward, fast, p);
-      const HostOut h = host_attention(p, &o_ref);
-      const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
-      const std::vector<float> dk_fast = fast.dk.get(), dv_fast = fast.dv.get();
-      expect_close(
-          fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
-          "flash dq vs reference, NaN keys hidden by documents", c);
-      expect_close(
-          dk_fast, dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
-          "flash dk vs reference, NaN keys hidden by documents", c);
-      expect_close(
-          dv_fast, dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
-          "flash dv vs reference, NaN keys hidden by documents", c);
-      for (int64_t e = 0; e < hidden; ++e) {
-        ASSERT_EQ(dk_fast[e], p.dk0[e]) << "dk of a hidden key changed, element " << e;
-        ASSERT_EQ(dv_fast[e], p.dv0[e]) << "dv of a hidden key changed, element " << e;
-      }
-    });
+    // Backward from the reference's o and lse on both paths (as CudaFlash.BackwardMatchesReference).
+    copy_forward(ref, fast, c);
+    run_bwd(reference::attention_backward, ref, p);
+    run_bwd(attention_backward, fast, p);
+    const HostOut h = host_attention(p, &o_ref);
+    const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+    const std::vector<float> dk_fast = fast.dk.get(), dv_fast = fast.dv.get();
+    expect_close(
+        fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
+        "flash dq vs reference, NaN keys hidden by documents", c);
+    expect_close(
+        dk_fast, dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
+        "flash dk vs reference, NaN keys hidden by documents", c);
+    expect_close(
+        dv_fast, dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
+        "flash dv vs reference, NaN keys hidden by documents", c);
+    for (int64_t e = 0; e < hidden; ++e) {
+      ASSERT_EQ(dk_fast[e], p.dk0[e]) << "dk of a hidden key changed, element " << e;
+      ASSERT_EQ(dv_fast[e], p.dv0[e]) << "dv of a hidden key changed, element " << e;
+    }
     if (HasFailure()) return;
   }
 }
@@ -847,7 +848,7 @@ std::vector<Case> cudnn_uncovered_cases() {
   return cs;
 }
 
-// Forward: the flash bound (FlashForwardMatchesReference): cuDNN's fused kernels also round P to
+// Forward: the flash bound (CudaFlash.ForwardMatchesReference): cuDNN's fused kernels also round P to
 // bf16 before P·V and o once to bf16, with fp32 scores and statistics:
 //   |o − o_ref| <= 2^-8·|o_ref| + 2^-9·max|v| + 1e-4,  |lse − lse_ref| <= 1e-4·(1 + |lse|).
 // Covered calls must run on cuDNN (cudnn_attention_calls grows by one), the others must not.
