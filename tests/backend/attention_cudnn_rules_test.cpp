@@ -1,17 +1,10 @@
-// The dispatch decision of the CUDA backend's cuDNN attention path
+// The shape decision of the CUDA backend's cuDNN attention path
 // (src/backend/cuda/attention_cudnn_rules.h), on the CPU: plain C++ here, this test runs in every
-// build (CPU-only and sanitizer builds included).
-//   1. shape_covered: each condition alone turns the path off.
-//   2. in_run: the position check's per-element test.
-//   3. positions_covered against brute force over every (query, key) pair: for contiguous runs
-//      from q0 >= k0 the band cuDNN applies (keys j < nk', and j - i <= right_bound unless there
-//      is no mask) is exactly our visibility k_pos[j] <= q_pos[i]; every query sees at least one
-//      key; and the keys left out (j >= nk') are seen by no query. Not covered: non-contiguous
-//      positions and q0 < k0 (a query would see no key).
+// build (CPU-only and sanitizer builds included). Each condition alone turns the path off. (The
+// positions' side, runs cut into one-band pieces: attention_cudnn_pieces_test.)
 #include <gtest/gtest.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "backend/cuda/attention_cudnn_rules.h"
 
@@ -56,76 +49,6 @@ TEST(CudnnAttentionRules, ShapeCoveredNeedsEveryCondition) {
   EXPECT_FALSE(shape_covered(c)) << "nk past 32 bits";
   c = covered_shape(), c.hq = 12, c.hkv = 8;
   EXPECT_FALSE(shape_covered(c)) << "hq not a multiple of hkv";
-}
-
-TEST(CudnnAttentionRules, InRun) {
-  const std::vector<int64_t> run = {5, 6, 7, 8};
-  for (int64_t i = 0; i < 4; ++i) EXPECT_TRUE(in_run(run.data(), i));
-  const std::vector<int64_t> gap = {5, 6, 8, 9}, down = {5, 4, 3}, same = {5, 5};
-  EXPECT_FALSE(in_run(gap.data(), 2));
-  EXPECT_FALSE(in_run(down.data(), 1));
-  EXPECT_FALSE(in_run(same.data(), 1));
-}
-
-// Brute force: every pair of a contiguous call against the band of its Coverage.
-void check_band(int64_t nq, int64_t nk, int64_t q0, int64_t k0) {
-  SCOPED_TRACE(::testing::Message() << "nq=" << nq << " nk=" << nk << " q0=" << q0 << " k0=" << k0);
-  const Coverage cov = positions_covered(nq, nk, true, q0, k0);
-  if (q0 < k0) {
-    EXPECT_FALSE(cov.covered);
-    return;
-  }
-  ASSERT_TRUE(cov.covered);
-  ASSERT_GE(cov.nk, 1);
-  ASSERT_LE(cov.nk, nk);
-  if (cov.right_bound != kNoMask) {
-    EXPECT_GE(cov.right_bound, 0);
-    EXPECT_LT(cov.right_bound, cov.nk - 1) << "a bound that masks nothing must be kNoMask";
-  }
-  for (int64_t i = 0; i < nq; ++i) {
-    int64_t seen = 0;
-    for (int64_t j = 0; j < nk; ++j) {
-      const bool ours = k0 + j <= q0 + i;
-      const bool band = j < cov.nk && (cov.right_bound == kNoMask || j - i <= cov.right_bound);
-      ASSERT_EQ(band, ours) << "pair (" << i << ", " << j << ")";
-      seen += band;
-    }
-    ASSERT_GE(seen, 1) << "query " << i << " sees no key";
-  }
-}
-
-TEST(CudnnAttentionRules, BandMatchesVisibility) {
-  // Self-attention from 0 (nq = nk), a later query chunk against a key prefix (q0 > k0, nk < q0 +
-  // nq: the band's bound q0 - k0), keys past the last query (truncated to nk'), queries after
-  // every key (no mask), q0 < k0 (not covered).
-  check_band(64, 64, 0, 0);
-  check_band(70, 130, 100, 0);
-  check_band(64, 300, 64, 0);
-  check_band(64, 300, 100, 50);
-  check_band(64, 20, 200, 0);
-  check_band(64, 64, 63, 0);
-  check_band(64, 64, 0, 1);
-  for (int64_t nq : {1, 3, 64})
-    for (int64_t nk : {1, 2, 5, 64, 100})
-      for (int64_t q0 : {0, 1, 7, 64, 99})
-        for (int64_t k0 : {0, 1, 7, 70}) check_band(nq, nk, q0, k0);
-  EXPECT_EQ(positions_covered(64, 64, true, 0, 0).right_bound, 0);
-  EXPECT_EQ(positions_covered(64, 64, true, 0, 0).nk, 64);
-  EXPECT_EQ(positions_covered(64, 300, true, 64, 0).nk, 128);
-  EXPECT_EQ(positions_covered(64, 300, true, 64, 0).right_bound, 64);
-  EXPECT_EQ(positions_covered(64, 20, true, 200, 0).right_bound, kNoMask);
-}
-
-TEST(CudnnAttentionRules, NotCovered) {
-  EXPECT_FALSE(positions_covered(64, 64, false, 0, 0).covered) << "non-contiguous";
-  EXPECT_FALSE(positions_covered(64, 64, true, 0, 1).covered) << "q0 < k0";
-  EXPECT_FALSE(positions_covered(64, 0, true, 0, 0).covered) << "no keys";
-  EXPECT_FALSE(positions_covered(0, 64, true, 0, 0).covered) << "no queries";
-  // Positions far apart: no 32-bit bound, but still exact (no mask, every key visible).
-  const Coverage far = positions_covered(64, 100, true, int64_t{1} << 40, 0);
-  EXPECT_TRUE(far.covered);
-  EXPECT_EQ(far.right_bound, kNoMask);
-  EXPECT_EQ(far.nk, 100);
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "backend/cuda/attention.h"
+#include "backend/cuda/attention_cudnn_pieces.h"
 #include "backend/cuda/cuda_common.h"
 #include "tsp/core/bf16.h"
 
@@ -104,7 +105,10 @@ enum class Pos {
   // Contiguous runs for the cuDNN path (make() describes each):
   Prefix,
   Past,
-  Before
+  Before,
+  // Several runs, the sequence-parallel layouts' (the cuDNN path cuts them into pieces):
+  GatheredChunks,
+  RoundChunks
 };
 const char* pos_name(Pos p) {
   switch (p) {
@@ -136,6 +140,10 @@ const char* pos_name(Pos p) {
       return "past";
     case Pos::Before:
       return "before";
+    case Pos::GatheredChunks:
+      return "gathered-chunks";
+    case Pos::RoundChunks:
+      return "round-chunks";
   }
   return "?";
 }
@@ -210,6 +218,11 @@ std::vector<bool> random_begins(int64_t n_positions, int64_t max_len, Rng& rng) 
 //                 + 15: the keys from 20 + nq on are seen by no query);
 //   Before        queries starting before the keys: k_pos = 50 + j, q_pos = i (q0 < k0: the first
 //                 50 queries see no key).
+// Zigzag chunks of 4 ranks, c = nk / 8 positions each (rank r holds chunks r and 7 − r):
+//   GatheredChunks  rank 1's queries (chunks 1 and 6; use nq = 2c) against every rank's chunks in
+//                   rank order (K/V all-gathered: chunks 0, 7, 1, 6, 2, 5, 3, 4);
+//   RoundChunks     rank 2's queries (chunks 2 and 5; use nq = nk = 2c, then c = nk / 2) against
+//                   rank 1's chunks (1 and 6: a K/V round).
 Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
   Problem p;
   p.c = c;
@@ -284,6 +297,17 @@ Problem make(const Case& c, bool bf16_inputs, uint32_t seed) {
     for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = 5 + j;
     for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = 20 + i;
   }
+  if (c.pos == Pos::GatheredChunks) {
+    const int64_t ch = c.nk / 8;
+    const int order[8] = {0, 7, 1, 6, 2, 5, 3, 4};
+    for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = order[j / ch] * ch + j % ch;
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = (i < ch ? 1 : 6) * ch + i % ch;
+  }
+  if (c.pos == Pos::RoundChunks) {
+    const int64_t ch = c.nk / 2;
+    for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = (j < ch ? 1 : 6) * ch + j % ch;
+    for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = (i < ch ? 2 : 5) * ch + i % ch;
+  }
   if (c.pos == Pos::Before) {
     for (int64_t j = 0; j < c.nk; ++j) p.k_pos[j] = 50 + j;
     for (int64_t i = 0; i < c.nq; ++i) p.q_pos[i] = i;
@@ -305,6 +329,9 @@ struct HostOut {
   // The cuDNN path's extra term: D = rowsum(dO∘O) from the bf16-rounded dout (see
   // CudnnBackwardMatchesReference).
   std::vector<double> cq, ck;
+  // Σ of the absolute values of each dk element's terms |scale·dS·q| (each dv element's, Σ P·|dout|,
+  // is bv / 2u): a bound on the sum of the parts that several cuDNN pieces add (each rounded).
+  std::vector<double> ak;
 };
 
 // o_in: the o the backward reads (the device's stored o). Gradients include the prior contents.
@@ -322,6 +349,7 @@ HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
   r.bv.assign(r.dv.size(), 0.0);
   r.cq.assign(r.dq.size(), 0.0);
   r.ck.assign(r.dk.size(), 0.0);
+  r.ak.assign(r.dk.size(), 0.0);
   // bf16 unit roundoff: 8 significant bits, so rounding to nearest errs by at most half an ulp,
   // 2^-8 relative (2^-9 is half an ulp only just below a power of two).
   const double u = std::ldexp(1.0, -8);
@@ -381,6 +409,7 @@ HostOut host_attention(const Problem& p, const std::vector<float>* o_in) {
         for (int64_t e = 0; e < d; ++e) {
           r.dv[ko + e] += P * doi[e];
           r.dk[ko + e] += p.scale * dS * qi[e];
+          r.ak[ko + e] += std::abs(p.scale * dS * qi[e]);
           r.dq[qo + e] += p.scale * dS * kj[e];
           // dV: P and dout each rounded to bf16 (2u relative per term).
           r.bv[ko + e] += 2 * u * P * std::abs(doi[e]);
@@ -828,13 +857,26 @@ std::vector<Case> cudnn_covered_cases() {
     cs.push_back({100, 300, 4, 4, d, Pos::Past});      // nk' = 115 of 300
     cs.push_back({96, 200, 8, 2, d, Pos::Offset});     // after every key: no mask
     cs.push_back({1000, 1000, 4, 2, d, Pos::Causal});  // several tiles of every size
+    // Several runs: 2 band pieces against K/V gathered in rank order (c = 64), and 2 unmasked
+    // pieces against a round's chunks (c = 80, keys already in position order).
+    cs.push_back({128, 512, 32, 8, d, Pos::GatheredChunks});
+    cs.push_back({160, 160, 8, 2, d, Pos::RoundChunks});
   }
   return cs;
 }
 
-// Cases it must NOT take (they give the reference's result through the flash path): positions
-// that are not runs (shuffled, zigzag, a query before every key), documents, q0 < k0, and nq
-// below 64.
+// The cuDNN calls a covered case takes: the pieces of its runs (attention_cudnn_pieces.h, checked
+// against brute force on the CPU by attention_cudnn_pieces_test).
+int64_t cudnn_pieces(const Problem& p) {
+  namespace cudnn = attn::cudnn;
+  const cudnn::PiecePlan plan = cudnn::plan_pieces(cudnn::runs_of(p.q_pos.data(), p.c.nq),
+                                                   cudnn::runs_of(p.k_pos.data(), p.c.nk));
+  return plan.covered ? static_cast<int64_t>(plan.pieces.size()) : 0;
+}
+
+// Cases it must NOT take (they give the reference's result through the flash path): more runs
+// than the run finder holds (shuffled; zigzag, whose first queries are runs of one), a query
+// before every key (blind, before), documents, and nq below 64.
 std::vector<Case> cudnn_uncovered_cases() {
   std::vector<Case> cs;
   for (int d : {64, 128}) {
@@ -848,10 +890,27 @@ std::vector<Case> cudnn_uncovered_cases() {
   return cs;
 }
 
+// The case lists against the positions' cut (host only: runs without a GPU). Every covered case
+// has pieces; the uncovered ones have none, except those the shape rules refuse before the
+// positions are looked at (documents, nq below 64).
+TEST(CudaAttention, CudnnCaseListsMatchTheirPieces) {
+  uint32_t seed = 0;
+  for (const Case& c : cudnn_covered_cases())
+    EXPECT_GT(cudnn_pieces(make(c, true, seed++)), 0) << c.str();
+  for (const Case& c : cudnn_uncovered_cases()) {
+    if (c.pos != Pos::Documents && c.nq >= attn::cudnn::kMinQueries) {
+      EXPECT_EQ(cudnn_pieces(make(c, true, seed++)), 0) << c.str();
+    }
+  }
+  EXPECT_EQ(cudnn_pieces(make({128, 512, 32, 8, 128, Pos::GatheredChunks}, true, 1)), 2);
+  EXPECT_EQ(cudnn_pieces(make({160, 160, 8, 2, 128, Pos::RoundChunks}, true, 1)), 2);
+}
+
 // Forward: the flash bound (CudaFlash.ForwardMatchesReference): cuDNN's fused kernels also round P to
 // bf16 before P·V and o once to bf16, with fp32 scores and statistics:
 //   |o − o_ref| <= 2^-8·|o_ref| + 2^-9·max|v| + 1e-4,  |lse − lse_ref| <= 1e-4·(1 + |lse|).
-// Covered calls must run on cuDNN (cudnn_attention_calls grows by one), the others must not.
+// Covered calls must run on cuDNN (cudnn_attention_calls grows by their pieces: one cuDNN call
+// each, disjoint query rows, so o and lse are each written once), the others must not.
 TEST(CudaAttention, CudnnForwardMatchesReference) {
   SKIP_WITHOUT_CUDNN();
   with_cudnn([&] {
@@ -861,9 +920,10 @@ TEST(CudaAttention, CudnnForwardMatchesReference) {
         const Problem p = make(c, true, seed++);
         DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
         run_fwd(reference::attention_forward, ref, p);
-        const int64_t calls = cudnn_attention_calls();
+        const int64_t calls = cudnn_attention_calls(), pieces = cudnn_pieces(p);
+        EXPECT_EQ(pieces > 0, covered) << c.str();
         run_fwd(attention_forward, fast, p);
-        EXPECT_EQ(cudnn_attention_calls() - calls, covered ? 1 : 0)
+        EXPECT_EQ(cudnn_attention_calls() - calls, pieces)
             << (covered ? "a covered call did not run on cuDNN: "
                         : "an uncovered call ran on cuDNN: ")
             << c.str();
@@ -880,7 +940,9 @@ TEST(CudaAttention, CudnnForwardMatchesReference) {
 //   * D = rowsum(dO∘O) from dout rounded to bf16 (the flash path reads fp32 dout there):
 //     |ΔD| <= u·Σ|dout·o|, so |ΔdS| <= P·u·Σ|dout·o| more (HostOut::cq, ck);
 //   * this call's dq, dk, dv written in bf16, then added to the prior contents: the call's part
-//     (ref − prior) rounded once, <= 2^-8·|ref − prior|.
+//     (ref − prior) rounded once, <= 2^-8·|ref − prior|; with several pieces (several runs) a key
+//     seen by more than one gets one rounded part from each, <= 2^-8·Σ|terms| (a query row lies
+//     in one piece: dq as before).
 // Tolerance: those + 1e-4·(1 + |ref|), as the flash tests. Keys no query sees (Past: past the
 // last query, left out of the cuDNN call) keep their dk, dv bit for bit.
 TEST(CudaAttention, CudnnBackwardMatchesReference) {
@@ -895,9 +957,10 @@ TEST(CudaAttention, CudnnBackwardMatchesReference) {
         const std::vector<float> o = ref.o.get();
         copy_forward(ref, fast, c);
         run_bwd(reference::attention_backward, ref, p);
-        const int64_t calls = cudnn_attention_calls();
+        const int64_t calls = cudnn_attention_calls(), pieces = cudnn_pieces(p);
+        EXPECT_EQ(pieces > 0, covered) << c.str();
         run_bwd(attention_backward, fast, p);
-        EXPECT_EQ(cudnn_attention_calls() - calls, covered ? 1 : 0)
+        EXPECT_EQ(cudnn_attention_calls() - calls, pieces)
             << (covered ? "a covered call did not run on cuDNN: "
                         : "an uncovered call ran on cuDNN: ")
             << c.str();
@@ -912,17 +975,21 @@ TEST(CudaAttention, CudnnBackwardMatchesReference) {
                      1e-4 * (1 + std::abs(dq[i]));
             },
             "cudnn dq vs reference", c);
+        // A key seen by several pieces gets several rounded parts: their sum of magnitudes is at
+        // most the sum of its terms' (HostOut::ak; for dv Σ P·|dout| = bv / 2u, so r·Σ = bv / 2).
+        const bool several = pieces > 1;
         expect_close(
             dk_fast, dk,
             [&](size_t i) {
-              return h.bk[i] + h.ck[i] + r * std::abs(dk[i] - p.dk0[i]) +
+              return h.bk[i] + h.ck[i] + (several ? r * h.ak[i] : r * std::abs(dk[i] - p.dk0[i])) +
                      1e-4 * (1 + std::abs(dk[i]));
             },
             "cudnn dk vs reference", c);
         expect_close(
             dv_fast, dv,
             [&](size_t i) {
-              return h.bv[i] + r * std::abs(dv[i] - p.dv0[i]) + 1e-4 * (1 + std::abs(dv[i]));
+              return h.bv[i] + (several ? h.bv[i] / 2 : r * std::abs(dv[i] - p.dv0[i])) +
+                     1e-4 * (1 + std::abs(dv[i]));
             },
             "cudnn dv vs reference", c);
         if (c.pos == Pos::Past) {

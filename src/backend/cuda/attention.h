@@ -36,13 +36,15 @@
 //     limits (over 262144 queries or 524288 keys) take v1.
 //   * cudnn (attention_cudnn.cpp, opt-in: TSP_CUDA_FLASH=cudnn or set_flash_version(Cudnn); NOT
 //     YET RUN ON A GPU): cuDNN's fused attention (SDPA, through the header-only cuDNN frontend)
-//     for the flash-served calls it covers exactly (attention_cudnn_rules.h, checked on the CPU
-//     by tests/backend/attention_cudnn_rules_test.cpp): BF16, d = 64 or 128, no documents, nq >=
-//     64, and positions that are contiguous runs q_pos = [q0, q0 + nq), k_pos = [k0, k0 + nk)
-//     with q0 >= k0 (a causal band; keys past the last query are left out). The positions are on
-//     the device: each call checks them with a small kernel and one stream sync. Calls it does not
-//     cover, and shapes cuDNN does not support (logged once), take v1. Extra rounding (beyond the
-//     flash path's): the call's dq, dk, dv pass through bf16 before they are added. libcudnn.so.9
+//     for the flash-served calls it covers exactly (attention_cudnn_rules.h and
+//     attention_cudnn_pieces.h, checked on the CPU by tests/backend/attention_cudnn_*_test.cpp):
+//     BF16, d = 64 or 128, no documents, nq >= 64, positions in at most 64 contiguous runs on
+//     each side (the layouts' zigzag chunks, K/V gathered in rank order or a K/V round's chunks),
+//     no two keys at one position, and every query seeing a key. Each run of queries becomes one
+//     or a few cuDNN calls of one causal band. The positions are on the device: each call finds
+//     their runs with a small kernel and one stream sync. Calls it does not cover, and shapes
+//     cuDNN does not support (logged once), take v1. Extra rounding (beyond the flash path's):
+//     each cuDNN call's dq, dk, dv pass through bf16 before they are added. libcudnn.so.9
 //     is loaded at run time: without it TSP_CUDA_FLASH=cudnn fails naming what is missing, and
 //     nothing else changes. Built when CMake finds the cuDNN and frontend headers
 //     (TSP_WITH_CUDNN).

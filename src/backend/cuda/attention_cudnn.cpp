@@ -9,6 +9,10 @@
 //     heads, query head h reads kv head h / (hq / hkv) (cuDNN's einsum "b (hk g) skv d", g =
 //     hq / hk, node/scaled_dot_product_flash_attention.h), our mapping.
 //   * Mask: attention_cudnn_rules.h (TOP_LEFT diagonal band, right bound q0 - k0, keys cut to nk').
+//     Positions in several runs (the zigzag chunks, K/V gathered in rank order) are cut into
+//     pieces of one band each (attention_cudnn_pieces.h): one cuDNN call per piece, on its own
+//     query rows, against the keys in position order (K and V gathered into that order when their
+//     memory order differs; their gradients added back run by run).
 //   * Forward statistics (set_generate_stats(true)): the softmax node's Stats = max + log(Σ
 //     exp(x - max)) of the scaled, masked scores x = scale·q·k (node/softmax.h, "log" is
 //     PointwiseMode_t::LOG, the natural log; base 2 only with set_stats_use_log2, which we leave
@@ -30,13 +34,16 @@
 //     dQ, dK, dV rounded once to bf16 before it is added to ours (relative 2^-8 of the call's
 //     part; the flash path adds fp32).
 //
-// Cost per call, before cuDNN runs: a position check (a small kernel, a 24-byte copy to pinned
-// host memory and a stream sync: the host waits for everything queued on the stream so far, then
-// decides; the GPU idles for the time it takes the host to queue the next kernels, ~10-20 µs),
-// the LSE transpose(s), and in the backward the dout rounding and three += kernels. Plans are built
-// once per (direction, device, nq, nk', hq, hkv, d, band, scale) and cached.
+// Cost per call, before cuDNN runs: the run finder (a small kernel, a 2 KB copy to pinned host
+// memory and a stream sync: the host waits for everything queued on the stream so far, then
+// decides; the GPU idles for the time it takes the host to queue the next kernels, ~10-20 µs);
+// per piece the LSE transpose(s), in the backward three += kernels (dK, dV: one per key run), once
+// the dout rounding, and with keys out of position order their gather (2·nk'·hkv·d bf16). Plans
+// are built once per (direction, device, nq, nk', hq, hkv, d, band, scale) and cached: a layout's
+// pieces repeat every step.
 #include "backend/cuda/attention_cudnn.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -50,7 +57,10 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
+#include "backend/cuda/attention_cudnn_pieces.h"
 #include "backend/cuda/attention_cudnn_rules.h"
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/gemm_cast.h"
@@ -340,41 +350,77 @@ bool aligned16(std::initializer_list<const void*> ps) {
   return true;
 }
 
-// The key of a call the path covers, or nullopt-like (covered = false). Queues the position check
-// on s and waits for it (one stream sync; see the top).
-struct Decision {
-  bool covered = false;
+// The cuDNN calls of one attention call: its cut into pieces (attention_cudnn_pieces.h), each
+// with its plan.
+struct PieceCall {
+  cudnn::Piece piece;
   Key key{};
+  const Plan* plan = nullptr;
+};
+struct CallPlan {
+  cudnn::PiecePlan cut;
+  std::vector<PieceCall> calls;
+  int64_t max_nq = 0, max_nk = 0;  // the largest piece's queries and keys (every piece reads a
+                                   // prefix of the sorted keys: max_nk of them are used)
+  int64_t workspace = 0;           // the largest plan's workspace, bytes
 };
 
-Decision decide(bool backward, const Shape& sh, bool documents, bool aligned, float scale,
-                const int64_t* q_pos, const int64_t* k_pos, int device, cudaStream_t s) {
-  Decision dec;
-  cudnn::CallShape c;
-  c.bf16 = true, c.d = sh.d, c.documents = documents, c.aligned = aligned;
-  c.nq = sh.nq, c.nk = sh.nk, c.hq = sh.hq, c.hkv = sh.hkv;
-  if (!cudnn::shape_covered(c)) return dec;
+// The runs of q_pos and k_pos, found on the device (queued on s) and read by the host after one
+// stream sync (see the top); empty when either side has more than kMaxRuns.
+using Runs = std::vector<cudnn::PosRun>;
+std::pair<Runs, Runs> find_runs(const int64_t* q_pos, int64_t nq, const int64_t* k_pos, int64_t nk,
+                                int device, cudaStream_t s) {
+  static_assert(kMaxPositionRuns == cudnn::kMaxRuns, "the device's slots are the planner's runs");
   DeviceState& st = device_state(device);
   PositionRuns runs;
   {
     std::lock_guard<std::mutex> lock(st.m);
-    TSP_CUDA_CHECK(cudnn_check_positions(q_pos, sh.nq, k_pos, sh.nk, st.runs_dev, s));
+    TSP_CUDA_CHECK(cudnn_find_runs(q_pos, nq, k_pos, nk, st.runs_dev, s));
     TSP_CUDA_CHECK(cudaMemcpyAsync(st.runs_host, st.runs_dev, sizeof(PositionRuns),
                                    cudaMemcpyDeviceToHost, s));
     TSP_CUDA_CHECK(cudaStreamSynchronize(s));
     runs = *st.runs_host;
   }
-  const cudnn::Coverage cov =
-      cudnn::positions_covered(sh.nq, sh.nk, runs.bad == 0, runs.q0, runs.k0);
-  if (!cov.covered) return dec;
-  dec.key.backward = backward;
-  dec.key.device = device;
-  dec.key.nq = sh.nq, dec.key.nk = cov.nk;
-  dec.key.hq = sh.hq, dec.key.hkv = sh.hkv, dec.key.d = sh.d;
-  dec.key.right_bound = cov.right_bound;
-  std::memcpy(&dec.key.scale_bits, &scale, 4);
-  dec.covered = true;
-  return dec;
+  if (runs.q_count > cudnn::kMaxRuns || runs.k_count > cudnn::kMaxRuns) return {};
+  Runs q, k;
+  for (int32_t r = 0; r < runs.q_count; ++r) q.push_back({runs.q_row[r], 0, runs.q_pos[r]});
+  for (int32_t r = 0; r < runs.k_count; ++r) k.push_back({runs.k_row[r], 0, runs.k_pos[r]});
+  return {cudnn::runs_from_starts(std::move(q), nq), cudnn::runs_from_starts(std::move(k), nk)};
+}
+
+// Whether cuDNN takes the call, and how: the shape rules, then the positions' runs cut into
+// pieces, then a supported plan for every piece (else the whole call takes the flash path).
+bool plan_call(bool backward, const Shape& sh, bool documents, bool aligned, float scale,
+               const int64_t* q_pos, const int64_t* k_pos, int device, cudaStream_t s,
+               CallPlan* out) {
+  cudnn::CallShape c;
+  c.bf16 = true, c.d = sh.d, c.documents = documents, c.aligned = aligned;
+  c.nq = sh.nq, c.nk = sh.nk, c.hq = sh.hq, c.hkv = sh.hkv;
+  if (!cudnn::shape_covered(c)) return false;
+  auto [q_runs, k_runs] = find_runs(q_pos, sh.nq, k_pos, sh.nk, device, s);
+  CallPlan call;
+  call.cut = cudnn::plan_pieces(q_runs, k_runs);
+  if (!call.cut.covered) return false;
+  for (const cudnn::Piece& pc : call.cut.pieces) {
+    PieceCall pcall;
+    pcall.piece = pc;
+    Key& k = pcall.key;
+    k.backward = backward;
+    k.device = device;
+    k.nq = pc.nq, k.nk = pc.nk;
+    k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
+    k.right_bound = pc.right_bound;
+    std::memcpy(&k.scale_bits, &scale, 4);
+    const Plan& plan = plan_for(k, device_state(device).handle);
+    if (!plan.graph) return false;
+    pcall.plan = &plan;
+    call.max_nq = std::max(call.max_nq, pc.nq);
+    call.max_nk = std::max(call.max_nk, pc.nk);
+    call.workspace = std::max(call.workspace, plan.workspace);
+    call.calls.push_back(pcall);
+  }
+  *out = std::move(call);
+  return true;
 }
 
 // Workspace tensors belong to the compute stream's order (allocator.cpp). A call on another
@@ -432,77 +478,130 @@ int64_t cudnn_calls_run() {
 }
 
 namespace {
-// The cached plan of a forward (Fwd) or backward (Bwd) call and its key, or null when cuDNN does
-// not take the call (not covered, or its graph unsupported on this device): the caller then takes
-// the flash kernels.
+// The cuDNN calls of a forward (Fwd) or backward (Bwd) call, or false when cuDNN does not take it
+// (not covered, or a piece's graph unsupported on this device): the caller then takes the flash
+// kernels.
 template <class Params>
-const Plan* plan_for_call(bool backward, const Params& p, int device, cudaStream_t s, Key* key) {
+bool plan_for_call(bool backward, const Params& p, int device, cudaStream_t s, CallPlan* call) {
   require_library();
-  if (!p.bf16) return nullptr;
-  const Decision dec =
-      decide(backward, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}), p.scale,
-             p.q_pos, p.k_pos, device, s);
-  if (!dec.covered) return nullptr;
-  *key = dec.key;
-  const Plan& plan = plan_for(dec.key, device_state(device).handle);
-  return plan.graph ? &plan : nullptr;
+  if (!p.bf16) return false;
+  return plan_call(backward, p.sh, p.q_doc_pos != nullptr, aligned16({p.q, p.k, p.v, p.o}), p.scale,
+                   p.q_pos, p.k_pos, device, s, call);
+}
+
+// Element `e` of a bf16 array.
+const void* bf16_at(const void* base, int64_t e) {
+  return static_cast<const char*>(base) + 2 * e;
+}
+void* bf16_at(void* base, int64_t e) {
+  return static_cast<char*>(base) + 2 * e;
+}
+
+// K and V with their keys in position order, as the pieces read them: k, v themselves when that
+// is their memory order, else bf16 copies [max_nk, hkv, d] gathered by runs (Workspace).
+struct SortedKeys {
+  const void *k = nullptr, *v = nullptr;
+  Tensor k_copy, v_copy;
+};
+SortedKeys sorted_keys(const CallPlan& call, const void* k, const void* v, int64_t row, int device,
+                       cudaStream_t s) {
+  SortedKeys out;
+  if (call.cut.keys_in_order) {
+    out.k = k, out.v = v;
+    return out;
+  }
+  const Device dev = Device::cuda(device);
+  out.k_copy = Tensor({call.max_nk, row}, DType::BF16, MemCategory::Workspace, dev);
+  out.v_copy = Tensor({call.max_nk, row}, DType::BF16, MemCategory::Workspace, dev);
+  int64_t base = 0;
+  for (const cudnn::PosRun& r : call.cut.keys) {
+    const int64_t n = std::min(r.len, call.max_nk - base);
+    if (n <= 0) break;
+    TSP_CUDA_CHECK(cudaMemcpyAsync(bf16_at(out.k_copy.data(), base * row), bf16_at(k, r.row * row),
+                                   2 * n * row, cudaMemcpyDeviceToDevice, s));
+    TSP_CUDA_CHECK(cudaMemcpyAsync(bf16_at(out.v_copy.data(), base * row), bf16_at(v, r.row * row),
+                                   2 * n * row, cudaMemcpyDeviceToDevice, s));
+    base += r.len;
+  }
+  out.k = out.k_copy.data(), out.v = out.v_copy.data();
+  return out;
+}
+
+// dst (F32, memory order) += src (bf16, the first nk sorted keys), run by run.
+void add_sorted(const CallPlan& call, const void* src, float* dst, int64_t nk, int64_t row,
+                cudaStream_t s) {
+  int64_t base = 0;
+  for (const cudnn::PosRun& r : call.cut.keys) {
+    const int64_t n = std::min(r.len, nk - base);
+    if (n <= 0) break;
+    TSP_CUDA_CHECK(cudnn_add_bf16(bf16_at(src, base * row), dst + r.row * row, n * row, s));
+    base += r.len;
+  }
 }
 }  // namespace
 
 bool cudnn_forward(const Fwd& p, int device, cudaStream_t s) {
-  Key k;
-  const Plan* found = plan_for_call(false, p, device, s, &k);
-  if (found == nullptr) return false;
-  const Plan& plan = *found;
+  CallPlan call;
+  if (!plan_for_call(false, p, device, s, &call)) return false;
 
   const cudaStream_t cs = compute_stream(device);
-  Tensor stats({k.hq, k.nq}, DType::F32, MemCategory::Workspace, Device::cuda(device));
-  Tensor ws = workspace_bytes(plan.workspace, device);
+  const int64_t hq = p.sh.hq, q_row = hq * p.sh.d, k_row = p.sh.hkv * p.sh.d;
+  Tensor stats({hq, call.max_nq}, DType::F32, MemCategory::Workspace, Device::cuda(device));
+  Tensor ws = workspace_bytes(call.workspace, device);
   if (s != cs) wait_for(s, cs);
-  std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(p.q)},
-                                             {kK, const_cast<void*>(p.k)},
-                                             {kV, const_cast<void*>(p.v)},
-                                             {kO, p.o},
-                                             {kStats, stats.data()}};
-  execute(k, plan, pack, ws.data(), s);
-  TSP_CUDA_CHECK(cudnn_stats_to_lse(static_cast<const float*>(stats.data()), p.lse, k.nq, k.hq, s));
+  const SortedKeys keys = sorted_keys(call, p.k, p.v, k_row, device, s);
+  for (const PieceCall& pc : call.calls) {
+    const int64_t r0 = pc.piece.q_row;
+    std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(bf16_at(p.q, r0 * q_row))},
+                                               {kK, const_cast<void*>(keys.k)},
+                                               {kV, const_cast<void*>(keys.v)},
+                                               {kO, bf16_at(p.o, r0 * q_row)},
+                                               {kStats, stats.data()}};
+    execute(pc.key, *pc.plan, pack, ws.data(), s);
+    TSP_CUDA_CHECK(cudnn_stats_to_lse(static_cast<const float*>(stats.data()), p.lse + r0 * hq,
+                                      pc.piece.nq, static_cast<int>(hq), s));
+  }
   if (s != cs) wait_for(cs, s);
   return true;
 }
 
 bool cudnn_backward(const Bwd& p, int device, cudaStream_t s) {
-  Key k;
-  const Plan* found = plan_for_call(true, p, device, s, &k);
-  if (found == nullptr) return false;
-  const Plan& plan = *found;
+  CallPlan call;
+  if (!plan_for_call(true, p, device, s, &call)) return false;
 
   const cudaStream_t cs = compute_stream(device);
   const Device dev = Device::cuda(device);
-  const int64_t nq_elems = k.nq * k.hq * k.d, nk_elems = k.nk * k.hkv * k.d;
-  Tensor stats({k.hq, k.nq}, DType::F32, MemCategory::Workspace, dev);
-  Tensor dout({k.nq, k.hq, k.d}, DType::BF16, MemCategory::Workspace, dev);
-  Tensor dq({k.nq, k.hq, k.d}, DType::BF16, MemCategory::Workspace, dev);
-  Tensor dk({k.nk, k.hkv, k.d}, DType::BF16, MemCategory::Workspace, dev);
-  Tensor dv({k.nk, k.hkv, k.d}, DType::BF16, MemCategory::Workspace, dev);
-  Tensor ws = workspace_bytes(plan.workspace, device);
+  const int64_t hq = p.sh.hq, d = p.sh.d, hkv = p.sh.hkv, q_row = hq * d, k_row = hkv * d;
+  Tensor stats({hq, call.max_nq}, DType::F32, MemCategory::Workspace, dev);
+  Tensor dout({p.sh.nq, hq, d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor dq({call.max_nq, hq, d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor dk({call.max_nk, hkv, d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor dv({call.max_nk, hkv, d}, DType::BF16, MemCategory::Workspace, dev);
+  Tensor ws = workspace_bytes(call.workspace, device);
   if (s != cs) wait_for(s, cs);
-  TSP_CUDA_CHECK(cudnn_lse_to_stats(p.lse, static_cast<float*>(stats.data()), k.nq, k.hq, s));
-  TSP_CUDA_CHECK(
-      launch_round_f32_to_bf16(p.dout, static_cast<__nv_bfloat16*>(dout.data()), nq_elems, s));
-  std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(p.q)},
-                                             {kK, const_cast<void*>(p.k)},
-                                             {kV, const_cast<void*>(p.v)},
-                                             {kO, const_cast<void*>(p.o)},
-                                             {kDO, dout.data()},
-                                             {kStats, stats.data()},
-                                             {kDQ, dq.data()},
-                                             {kDK, dk.data()},
-                                             {kDV, dv.data()}};
-  execute(k, plan, pack, ws.data(), s);
-  // Keys past nk' are seen by no query: their gradients (+= 0) stay as they are.
-  TSP_CUDA_CHECK(cudnn_add_bf16(dq.data(), p.dq, nq_elems, s));
-  TSP_CUDA_CHECK(cudnn_add_bf16(dk.data(), p.dk, nk_elems, s));
-  TSP_CUDA_CHECK(cudnn_add_bf16(dv.data(), p.dv, nk_elems, s));
+  TSP_CUDA_CHECK(launch_round_f32_to_bf16(p.dout, static_cast<__nv_bfloat16*>(dout.data()),
+                                          p.sh.nq * q_row, s));
+  const SortedKeys keys = sorted_keys(call, p.k, p.v, k_row, device, s);
+  for (const PieceCall& pc : call.calls) {
+    const int64_t r0 = pc.piece.q_row;
+    TSP_CUDA_CHECK(cudnn_lse_to_stats(p.lse + r0 * hq, static_cast<float*>(stats.data()),
+                                      pc.piece.nq, static_cast<int>(hq), s));
+    std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(bf16_at(p.q, r0 * q_row))},
+                                               {kK, const_cast<void*>(keys.k)},
+                                               {kV, const_cast<void*>(keys.v)},
+                                               {kO, const_cast<void*>(bf16_at(p.o, r0 * q_row))},
+                                               {kDO, bf16_at(dout.data(), r0 * q_row)},
+                                               {kStats, stats.data()},
+                                               {kDQ, dq.data()},
+                                               {kDK, dk.data()},
+                                               {kDV, dv.data()}};
+    execute(pc.key, *pc.plan, pack, ws.data(), s);
+    // This piece's rows of dq; its keys' dk, dv (keys past its nk are seen by none of its queries:
+    // += 0, left alone).
+    TSP_CUDA_CHECK(cudnn_add_bf16(dq.data(), p.dq + r0 * q_row, pc.piece.nq * q_row, s));
+    add_sorted(call, dk.data(), p.dk, pc.piece.nk, k_row, s);
+    add_sorted(call, dv.data(), p.dv, pc.piece.nk, k_row, s);
+  }
   if (s != cs) wait_for(cs, s);
   return true;
 }

@@ -1,6 +1,7 @@
 // The cuDNN attention path of the CUDA backend (attention_cudnn.cpp; attention.h says when it
-// runs): cuDNN's fused SDPA for the calls it covers exactly (attention_cudnn_rules.h). Only
-// attention_cudnn.cpp includes the cuDNN frontend; this header is plain.
+// runs): cuDNN's fused SDPA for the calls it covers exactly (attention_cudnn_rules.h,
+// attention_cudnn_pieces.h). Only attention_cudnn.cpp includes the cuDNN frontend; this header is
+// plain.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,10 +23,10 @@ std::string cudnn_unavailable_reason();
 // The version of the loaded libcudnn (e.g. 91900 for 9.19.0); 0 when none is loaded.
 int cudnn_loaded_version();
 
-// Runs the call on cuDNN when the path covers it (the shape rules, then contiguous positions found
-// by a device check with one stream sync, then a plan cuDNN supports) and returns true; returns
-// false when it does not (then nothing but the position check was queued, and the caller takes the
-// flash path). `device`: the tensors' device, current on this thread. Throws tsp::Error when
+// Runs the call on cuDNN when the path covers it (the shape rules, then the positions' runs found
+// on the device with one stream sync and cut into one-band pieces, then a plan cuDNN supports for
+// every piece) and returns true; returns false when it does not (then nothing but the run finder
+// was queued, and the caller takes the flash path). `device`: the tensors' device, current on this thread. Throws tsp::Error when
 // cuDNN is unavailable (cudnn_unavailable_reason) or a cuDNN call fails.
 bool cudnn_forward(const Fwd& p, int device, cudaStream_t s);
 bool cudnn_backward(const Bwd& p, int device, cudaStream_t s);

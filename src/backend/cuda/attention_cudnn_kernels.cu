@@ -1,5 +1,5 @@
-// The small kernels around the cuDNN attention path (attention_cudnn.cpp): the per-call position
-// check, the LSE layout change between ours ([nq, hq]) and cuDNN's softmax statistics ([hq, nq]),
+// The small kernels around the cuDNN attention path (attention_cudnn.cpp): the per-call run
+// finder, the LSE layout change between ours ([nq, hq]) and cuDNN's softmax statistics ([hq, nq]),
 // and the accumulation of cuDNN's bf16 gradients into ours. Launch statuses are returned (no
 // tsp::Error under nvcc: attention_kernels.h).
 #include <cuda_bf16.h>
@@ -21,22 +21,39 @@ int grid_for(int64_t n) {
   return static_cast<int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 4096));
 }
 
-// out->bad is 0 on entry (cudaMemsetAsync); any element off its run sets it (every writer stores
-// the same value, so the race is benign). Thread 0 records the runs' starts.
-__global__ void check_runs_kernel(const int64_t* __restrict__ q_pos, int64_t nq,
-                                  const int64_t* __restrict__ k_pos, int64_t nk,
-                                  PositionRuns* out) {
-  const int64_t n = nq > nk ? nq : nk;
-  bool ok = true;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    if (i < nq) ok = ok && cudnn::in_run(q_pos, i);
-    if (i < nk) ok = ok && cudnn::in_run(k_pos, i);
+// The rows of pos[n] where a run starts (row 0, and each row whose position is not the previous
+// one's + 1) go to the next free slots of (rows, starts), counted in *count. One atomic per warp
+// (its lanes' starts take consecutive slots), so a call with a start on every row (shuffled
+// positions) costs n / 32 atomics, not n. i0 is the warp's first row: every lane of a warp runs the
+// same iterations, as __ballot_sync needs.
+__device__ __forceinline__ void record_starts(const int64_t* __restrict__ pos, int64_t n,
+                                              int64_t i0, int lane, int32_t* count, int64_t* rows,
+                                              int64_t* starts) {
+  const int64_t i = i0 + lane;
+  const bool start = i < n && (i == 0 || pos[i] != pos[i - 1] + 1);
+  const unsigned mask = __ballot_sync(0xffffffffu, start);
+  if (mask == 0) return;
+  const int leader = __ffs(mask) - 1;
+  int32_t first = 0;
+  if (lane == leader) first = atomicAdd(count, __popc(mask));
+  first = __shfl_sync(0xffffffffu, first, leader);
+  const int32_t slot = first + __popc(mask & ((1u << lane) - 1u));
+  if (start && slot < kMaxPositionRuns) {
+    rows[slot] = i;
+    starts[slot] = pos[i];
   }
-  if (!ok) out->bad = 1;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    out->q0 = q_pos[0];
-    out->k0 = k_pos[0];
+}
+
+// Grid-stride over max(nq, nk) rows, a warp at a time (blockDim and the stride are multiples of
+// 32). The counts are 0 on entry (cudaMemsetAsync).
+__global__ void find_runs_kernel(const int64_t* __restrict__ q_pos, int64_t nq,
+                                 const int64_t* __restrict__ k_pos, int64_t nk, PositionRuns* out) {
+  const int64_t n = nq > nk ? nq : nk;
+  const int lane = threadIdx.x % 32;
+  for (int64_t i0 = blockIdx.x * int64_t{blockDim.x} + (threadIdx.x - lane); i0 < n;
+       i0 += int64_t{gridDim.x} * blockDim.x) {
+    record_starts(q_pos, nq, i0, lane, &out->q_count, out->q_row, out->q_pos);
+    record_starts(k_pos, nk, i0, lane, &out->k_count, out->k_row, out->k_pos);
   }
 }
 
@@ -71,12 +88,12 @@ __global__ void add_bf16_kernel(const __nv_bfloat16* __restrict__ src, float* __
 
 }  // namespace
 
-cudaError_t cudnn_check_positions(const int64_t* q_pos, int64_t nq, const int64_t* k_pos,
-                                  int64_t nk, PositionRuns* out, cudaStream_t s) {
+cudaError_t cudnn_find_runs(const int64_t* q_pos, int64_t nq, const int64_t* k_pos, int64_t nk,
+                            PositionRuns* out, cudaStream_t s) {
   if (nq < 1 || nk < 1) return cudaErrorInvalidValue;
-  cudaError_t e = cudaMemsetAsync(&out->bad, 0, sizeof(out->bad), s);
+  cudaError_t e = cudaMemsetAsync(out, 0, 2 * sizeof(int32_t), s);  // q_count, k_count
   if (e != cudaSuccess) return e;
-  check_runs_kernel<<<grid_for(std::max(nq, nk)), kThreads, 0, s>>>(q_pos, nq, k_pos, nk, out);
+  find_runs_kernel<<<grid_for(std::max(nq, nk)), kThreads, 0, s>>>(q_pos, nq, k_pos, nk, out);
   return cudaGetLastError();
 }
 

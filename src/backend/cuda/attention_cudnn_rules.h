@@ -1,31 +1,23 @@
-// Which attention calls the cuDNN path (attention_cudnn.cpp) serves, as host functions so that the
-// CPU checks the decision (tests/backend/attention_cudnn_rules_test.cpp; no GPU needed), and the
-// per-element contiguity test that the device's position check (attention_cudnn_kernels.cu)
-// applies. Plain C++ outside nvcc: no CUDA header, no device code.
+// Which attention calls the cuDNN path (attention_cudnn.cpp) serves, by their shape: plain C++
+// outside nvcc, so that the CPU checks the decision (tests/backend/attention_cudnn_rules_test.cpp;
+// no GPU needed). Their positions decide the rest (attention_cudnn_pieces.h).
 //
-// cuDNN's fused attention takes a batch of sequences with one causal band per call; ours is any
-// set of positions. A call maps onto cuDNN exactly when its positions are two contiguous ascending
-// runs, q_pos = [q0, q0 + nq) and k_pos = [k0, k0 + nk), with q0 >= k0:
-//   query i sees key j  iff  k0 + j <= q0 + i  iff  j - i <= q0 - k0,
-// which is cuDNN's diagonal band with TOP_LEFT alignment and right bound q0 - k0 (its frontend
-// keeps score (row i, column j) iff i + right_bound >= j: utils/attn_score_modifiers.h,
-// sliding_window_mask, CMP_GE of row + shift against column). Keys past the last query (k0 + j >
-// q0 + nq - 1) are seen by nobody: only the first nk' = min(nk, q0 + nq - k0) keys are passed,
-// and their gradients (+= 0) are left alone. q0 >= k0 means every query sees key 0, so no row is
-// empty (cuDNN's output for an empty row is not ours: o = 0, lse = -inf). A right bound of nk' - 1
-// or more masks nothing (every i >= 0 sees every j <= nk' - 1): the graph then has no mask, which
-// also lets one cached plan serve every such offset.
+// cuDNN's fused attention takes a batch of sequences with one causal band per call: with TOP_LEFT
+// diagonal alignment and a right bound b, it keeps score (row i, column j) iff i + b >= j, i.e.
+// j − i <= b (the frontend's utils/attn_score_modifiers.h, sliding_window_mask, CMP_GE of row +
+// shift against column). For query positions [q0, q0 + nq) and key positions [k0, k0 + nk) with
+// q0 >= k0, query i sees key j iff k0 + j <= q0 + i iff j − i <= q0 − k0: that band, against the
+// first min(nk, q0 + nq − k0) keys (the later ones are seen by no query). A bound of nk − 1 or
+// more masks nothing: such graphs have no mask (kNoMask).
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
-#include "backend/cuda/host_device.h"
-
 namespace tsp::cuda::attn::cudnn {
 
-// Fewer queries than this stay on the flash path: decode-like calls, where the per-call position
-// check and stream sync (attention_cudnn.cpp) would cost more than cuDNN saves.
+// Fewer queries than this stay on the flash path: decode-like calls, where the per-call run
+// finder and stream sync (attention_cudnn.cpp) would cost more than cuDNN saves.
 constexpr int64_t kMinQueries = 64;
 // cuDNN's sequence lengths and the band bound are 32-bit.
 constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
@@ -40,7 +32,7 @@ struct CallShape {
   int hq = 0, hkv = 0;
 };
 
-// Whether the call is worth the device's position check: BF16, d = 64 or 128, no documents,
+// Whether the call is worth the device's run finder: BF16, d = 64 or 128, no documents,
 // 16-byte aligned operands, nq >= kMinQueries, nk >= 1, GQA (hq a multiple of hkv), and sizes in
 // cuDNN's 32-bit range.
 inline bool shape_covered(const CallShape& c) {
@@ -49,34 +41,7 @@ inline bool shape_covered(const CallShape& c) {
          c.hq % c.hkv == 0;
 }
 
-// Element i of a contiguous ascending run starting at pos[0].
-TSP_HD inline bool in_run(const int64_t* pos, int64_t i) {
-  return pos[i] == pos[0] + i;
-}
-
-// The cuDNN call for positions that are (contiguous) runs from q0 and k0, or not covered.
-struct Coverage {
-  bool covered = false;
-  int64_t nk = 0;           // keys passed to cuDNN: nk' = min(nk, q0 + nq - k0)
-  int64_t right_bound = 0;  // the band's right bound q0 - k0; kNoMask: every pair is visible
-};
+// The band's right bound that masks nothing: one cached plan serves every such call.
 constexpr int64_t kNoMask = -1;
-
-inline Coverage positions_covered(int64_t nq, int64_t nk, bool contiguous, int64_t q0, int64_t k0) {
-  Coverage c;
-  if (!contiguous || nq < 1 || nk < 1 || q0 < k0) return c;
-  // q0 - k0 >= 0 here; positions are far from the int64 limits (the tile rules' sentinels), but
-  // keep the arithmetic overflow-free anyway: q0 - k0 > kMaxRows means no mask and nk' = nk.
-  const int64_t shift = q0 - k0;
-  if (shift < 0 || shift > kMaxRows) {  // shift < 0: the subtraction overflowed
-    if (shift < 0) return c;
-    c.covered = true, c.nk = nk, c.right_bound = kNoMask;
-    return c;
-  }
-  c.nk = nk < shift + nq ? nk : shift + nq;
-  c.right_bound = shift >= c.nk - 1 ? kNoMask : shift;
-  c.covered = true;
-  return c;
-}
 
 }  // namespace tsp::cuda::attn::cudnn

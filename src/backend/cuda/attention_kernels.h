@@ -71,15 +71,19 @@ cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s);
 cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s);
 
 // ---- around the cuDNN path (attention_cudnn_kernels.cu; attention_cudnn.cpp calls them) ----
-// Whether q_pos and k_pos are contiguous ascending runs (attention_cudnn_rules.h: in_run), and
-// their starts: written on the device (bad = 0: both are runs), read by the host after a copy.
+// The runs of q_pos and of k_pos (attention_cudnn_pieces.h: rows holding consecutive positions):
+// the row where each starts and its position, in the order the device found them; written on the
+// device, read by the host after a copy. A count above kMaxPositionRuns means more runs than the
+// slots hold (the first ones found are stored): the call is not covered.
+constexpr int kMaxPositionRuns = 64;
 struct PositionRuns {
-  int64_t q0 = 0, k0 = 0;
-  int32_t bad = 0;
+  int32_t q_count = 0, k_count = 0;
+  int64_t q_row[kMaxPositionRuns], q_pos[kMaxPositionRuns];
+  int64_t k_row[kMaxPositionRuns], k_pos[kMaxPositionRuns];
 };
-// Clears out->bad, then checks every element (nq, nk >= 1); out is device memory.
-cudaError_t cudnn_check_positions(const int64_t* q_pos, int64_t nq, const int64_t* k_pos,
-                                  int64_t nk, PositionRuns* out, cudaStream_t s);
+// Clears the counts, then finds the runs (nq, nk >= 1); out is device memory.
+cudaError_t cudnn_find_runs(const int64_t* q_pos, int64_t nq, const int64_t* k_pos, int64_t nk,
+                            PositionRuns* out, cudaStream_t s);
 // Ours lse F32 [nq, hq] <-> cuDNN's softmax statistics F32 [hq, nq] (its packed [b=1, h, s, 1]).
 cudaError_t cudnn_lse_to_stats(const float* lse, float* stats, int64_t nq, int hq, cudaStream_t s);
 cudaError_t cudnn_stats_to_lse(const float* stats, float* lse, int64_t nq, int hq, cudaStream_t s);
