@@ -266,7 +266,8 @@ segments_of() {
   esac
 }
 # run_test NAME [VAR=VALUE ...]: the executable build/tests/NAME (its segments; MPI ones at their
-# rank counts) or the shell test NAME.sh, with the extra environment given.
+# rank counts, or TSP_GPU_RANKS, with the gtest filter TSP_GPU_FILTER) or the shell test NAME.sh,
+# with the extra environment given.
 run_test() {
   local name=$1 bin src ranks n seg label
   shift
@@ -286,7 +287,8 @@ run_test() {
     [ -z "${TSP_GPU_RANKS:-}" ] || ranks=$TSP_GPU_RANKS
     for n in $ranks; do
       step "test $name np$n$tag" 180 "${test_env[@]}" "${extra[@]}" \
-        OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) mpiexec -n "$n" --oversubscribe "$bin"
+        OMP_NUM_THREADS=$((cores / n > 0 ? cores / n : 1)) mpiexec -n "$n" --oversubscribe "$bin" \
+        --gtest_filter="${TSP_GPU_FILTER:-*}"
     done
   elif [ -x "$bin" ]; then
     local segs
@@ -310,12 +312,13 @@ run_tests() {
   local first=(cuda_backend_test cuda_gemm_test cuda_attention_test cuda_collectives_mpi_test
     cuda_layouts_mpi_test cuda_train_test cuda_generate_test cuda_memory_mpi_test) name sh
   for name in "${first[@]}"; do run_test "$name"; done
-  # Every layout at 2 ranks with the other attention paths (v1 is the default above).
-  TSP_GPU_RANKS=2 run_test cuda_layouts_mpi_test TSP_CUDA_FLASH=v2
+  # Every layout with head dim 64 (the test whose attention takes the tensor-core paths) under
+  # the other attention paths (v1, the default, ran above).
+  TSP_GPU_RANKS="2 4" TSP_GPU_FILTER='*FlashSizedHeads*' run_test cuda_layouts_mpi_test TSP_CUDA_FLASH=v2
   if [ $have_cudnn -eq 1 ]; then
-    TSP_GPU_RANKS=2 run_test cuda_layouts_mpi_test TSP_CUDA_FLASH=cudnn
+    TSP_GPU_RANKS="2 4" TSP_GPU_FILTER='*FlashSizedHeads*' run_test cuda_layouts_mpi_test TSP_CUDA_FLASH=cudnn
   else
-    skip "test cuda_layouts_mpi_test np2 (TSP_CUDA_FLASH=cudnn)" "no libcudnn.so.9 on this machine"
+    skip "test cuda_layouts_mpi_test (TSP_CUDA_FLASH=cudnn)" "no libcudnn.so.9 on this machine"
   fi
   # Any other GPU test (added after this list was written).
   for sh in "$build"/tests/cuda_*_test "$repo"/tests/*/cuda_*_test.sh; do

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_common.h"
 #include "mpi_test_util.h"
 #include "parallel/layout_harness.h"
@@ -106,6 +107,46 @@ TEST(CudaLayouts, LongerRowsMatchSingleOnCpu) {
     if (test::world().rank() == 0)
       std::printf("# cuda:0 %-8s S=200 loss %.9f (single on cpu %.9f)  max rel err %.2e (%s)\n",
                   layout, r.loss, r.ref_loss, r.max_rel_err, r.worst_param.c_str());
+  }
+}
+
+// The tiny models above have d = 8, which the flash kernels and cuDNN do not take (the reference
+// kernels serve them). Here d = 64 (h = 512, 8 query heads, 4 kv heads) and rows of S = 512, so
+// that every layout's attention calls take the tensor-core path of the version in force
+// (TSP_CUDA_FLASH: v1 by default, v2, or cudnn): queries nq >= 64 per call at D <= 4 (zigzag
+// chunks of 64), and with cudnn the calls cut into pieces (the chunks against K/V gathered in rank
+// order, or a K/V round's chunks). bf16 within kLayoutRtolBf16 (layout_harness.h: the
+// tensor-core rounding of P and dS; cuDNN's bf16 dq, dk, dv of each call add 2^-8 of the call's
+// part, norm-wise ~2^-8/sqrt(3) = 2.3e-3 per gradient, inside its margin). Under cudnn every rank
+// must have run cuDNN calls.
+TEST(CudaLayouts, FlashSizedHeadsMatchSingleOnCpu) {
+  if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int W = test::world().size();
+  const bool cudnn = cuda::flash_version() == cuda::FlashVersion::Cudnn;
+  for (const Config& cf : configs_for(W)) {
+    if (cf.dp > 1 && cf.layout != "single") continue;  // D = W: the longest chunks per rank
+    test::LayoutCase lc;
+    lc.layout = cf.layout;
+    lc.tp = cf.tp;
+    lc.dp = cf.dp;
+    lc.config = test::tiny_config(8, 4, 2, /*tie=*/false, /*hidden=*/512, /*ffn=*/256);
+    lc.dtype = DType::BF16;
+    lc.device = Device::cuda(0);
+    lc.B = W;  // divisible by R = W (single)
+    lc.S = 512;
+    SCOPED_TRACE(cf.label(W) + " d=64 S=512 flash " +
+                 cuda::flash_version_name(cuda::flash_version()));
+    const int64_t calls = cuda::cudnn_attention_calls();
+    const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+    if (cudnn) {
+      EXPECT_GT(cuda::cudnn_attention_calls(), calls) << "no call ran on cuDNN";
+    }
+    if (test::world().rank() == 0)
+      std::printf(
+          "# cuda:0 %-18s d=64 S=512 flash %s loss %.9f (single on cpu %.9f)  max rel err "
+          "%.2e (%s)\n",
+          cf.label(W).c_str(), cuda::flash_version_name(cuda::flash_version()), r.loss, r.ref_loss,
+          r.max_rel_err, r.worst_param.c_str());
   }
 }
 
