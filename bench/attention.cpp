@@ -2,7 +2,7 @@
 // kv heads, head dim).
 //   bench_attention [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] [--dtype f32|bf16|both]
 //                   [--device cpu|cuda[:N]] [--heads H --kv-heads HKV] [--json]
-//                   [--flash v1|v2|cudnn|both|all] [--doc-len L]
+//                   [--flash v1|v2|cudnn|both|all] [--doc-len L] [--zigzag D]
 // --flash (--device cuda): which version of the CUDA flash kernels to time (attention.h; default:
 // the process's, TSP_CUDA_FLASH or v1); both: every row for v1, then for v2; all: v1, v2, then
 // cudnn (cuDNN's fused attention for the calls it covers, v1 for the others: with --doc-len, v1
@@ -24,6 +24,12 @@
 // skip the key tiles no query of a tile can see. The FLOPs then count only what the documents
 // need: S² becomes Σ len² over the documents, so the speed-up over --doc-len 0 (no documents)
 // shows how much of the masked work is skipped (a time ratio S²/Σlen² means all of it).
+// --zigzag D (--device cuda; not with --doc-len): one rank's call of the sequence-parallel layouts
+// at degree D, as tsp makes it: the queries are the rank's two zigzag chunks (rank 0: chunks 0
+// and 2D − 1 of S / 2D tokens), the keys all S tokens in the order the all-gather leaves them
+// (every rank's two chunks in rank order). nq = S / D; the causal work is 1/D of the whole row's
+// (chunks r and 2D − 1 − r together see S²/2D keys), and the FLOPs count that. The cuDNN path cuts
+// such a call into pieces (one per query chunk, keys put in position order).
 #include <time.h>
 #include <algorithm>
 #include <chrono>
@@ -293,7 +299,7 @@ struct DeviceRow {
 };
 
 // One configuration on a device backend: q, k, v, o in bf16 (or f32), lse, dout and the gradients
-// fp32, positions 0..S-1. Each timed repeat runs `inner` calls back to back between two
+// fp32, positions 0..S-1 (or --zigzag's). Each timed repeat runs `inner` calls back to back between two
 // synchronize() calls (inner chosen so a repeat lasts >= ~20 ms: the host-side sync costs tens of
 // µs, which matters at S = 4K); the median over repeats, divided by inner, is the figure. The
 // backward accumulates (+=) into dq, dk, dv, so repeated calls are what training does minus the
@@ -301,20 +307,30 @@ struct DeviceRow {
 // the CPU reference (the tolerances of the CPU rows: o within 2^-7 absolute for bf16, dq within
 // 1e-2 of the sample's largest |dq|).
 void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t Hkv, int64_t d,
-                int64_t doc_len, int repeats, std::vector<DeviceRow>& rows) {
+                int64_t doc_len, int64_t zigzag, int repeats, std::vector<DeviceRow>& rows) {
   using tsp::Tensor, tsp::MemCategory;
   const tsp::Device dev = be.device();
   const bool bf = dt == tsp::DType::BF16;
-  std::vector<float> q = hashed_uniform(S * H * d, 1), k = hashed_uniform(S * Hkv * d, 2),
-                     v = hashed_uniform(S * Hkv * d, 3), dout = hashed_uniform(S * H * d, 4);
+  // Queries: all S, or with --zigzag one rank's nq = S / D (its two chunks).
+  const int64_t nq = zigzag > 1 ? S / zigzag : S;
+  std::vector<float> q = hashed_uniform(nq * H * d, 1), k = hashed_uniform(S * Hkv * d, 2),
+                     v = hashed_uniform(S * Hkv * d, 3), dout = hashed_uniform(nq * H * d, 4);
   if (bf) {  // the values the device sees, so the reference sees the same
     for (auto* x : {&q, &k, &v}) {
       const std::vector<tsp::bf16> r = to_bf16(*x);
       for (size_t i = 0; i < r.size(); ++i) (*x)[i] = static_cast<float>(r[i]);
     }
   }
-  std::vector<int64_t> pos(S);
+  std::vector<int64_t> pos(S);  // the keys'; the queries' are q_pos
   std::iota(pos.begin(), pos.end(), 0);
+  if (zigzag > 1) {  // rank r's chunks r and 2D − 1 − r, in rank order
+    const int64_t c = S / (2 * zigzag);
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t r = j / (2 * c), second = (j / c) % 2;
+      pos[j] = (second ? 2 * zigzag - 1 - r : r) * c + j % c;
+    }
+  }
+  const std::vector<int64_t> q_pos(pos.begin(), pos.begin() + nq);  // all, or rank 0's chunks
   constexpr MemCategory kW = MemCategory::Workspace;
   auto upload = [&](const std::vector<float>& host, std::vector<int64_t> shape, tsp::DType t) {
     Tensor f = Tensor::f32(shape, kW, dev);
@@ -324,21 +340,21 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
     be.copy(f.view(), c.view());
     return c;
   };
-  const Tensor tq = upload(q, {S, H, d}, dt), tk = upload(k, {S, Hkv, d}, dt),
-               tv = upload(v, {S, Hkv, d}, dt), tdo = upload(dout, {S, H, d}, tsp::DType::F32);
-  const Tensor tpos = be.device_copy(pos, kW);
+  const Tensor tq = upload(q, {nq, H, d}, dt), tk = upload(k, {S, Hkv, d}, dt),
+               tv = upload(v, {S, Hkv, d}, dt), tdo = upload(dout, {nq, H, d}, tsp::DType::F32);
+  const Tensor tpos = be.device_copy(pos, kW), tqpos = be.device_copy(q_pos, kW);
   const std::vector<int64_t> doc_pos = doc_positions(S, doc_len);
   const Tensor tdoc = doc_pos.empty() ? Tensor() : be.device_copy(doc_pos, kW);
-  Tensor to({S, H, d}, dt, kW, dev), tlse = Tensor::f32({S, H}, kW, dev);
-  Tensor tdq = Tensor::f32({S, H, d}, kW, dev), tdk = Tensor::f32({S, Hkv, d}, kW, dev),
+  Tensor to({nq, H, d}, dt, kW, dev), tlse = Tensor::f32({nq, H}, kW, dev);
+  Tensor tdq = Tensor::f32({nq, H, d}, kW, dev), tdk = Tensor::f32({S, Hkv, d}, kW, dev),
          tdv = Tensor::f32({S, Hkv, d}, kW, dev);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   auto fwd = [&] {
-    be.attention_forward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), tdoc.view(),
+    be.attention_forward(tq.view(), tk.view(), tv.view(), tqpos.view(), tpos.view(), tdoc.view(),
                          to.view(), tlse.view(), scale);
   };
   auto bwd = [&] {
-    be.attention_backward(tq.view(), tk.view(), tv.view(), tpos.view(), tpos.view(), tdoc.view(),
+    be.attention_backward(tq.view(), tk.view(), tv.view(), tqpos.view(), tpos.view(), tdoc.view(),
                           to.view(), tlse.view(), tdo.view(), tdq.view(), tdk.view(), tdv.view(),
                           scale);
   };
@@ -362,22 +378,22 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
   fwd();
   be.zero(tdq.view()), be.zero(tdk.view()), be.zero(tdv.view());
   bwd();
-  std::vector<float> o_dev(S * H * d), dq_dev(S * H * d);
+  std::vector<float> o_dev(nq * H * d), dq_dev(nq * H * d);
   {
-    Tensor o32 = Tensor::f32({S, H, d}, kW, dev);
+    Tensor o32 = Tensor::f32({nq, H, d}, kW, dev);
     be.copy(to.view(), o32.view());
     be.download(o32.view(), o_dev.data());
     be.download(tdq.view(), dq_dev.data());
   }
   const int64_t ns = 16;
   std::vector<int64_t> idx(ns), ps, ds;
-  for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % S;
+  for (int64_t i = 0; i < ns; ++i) idx[i] = (i * 9973 + 17) % nq;
   std::vector<float> qs, dos, os;
   for (int64_t i : idx) {
     qs.insert(qs.end(), q.begin() + i * H * d, q.begin() + (i + 1) * H * d);
     dos.insert(dos.end(), dout.begin() + i * H * d, dout.begin() + (i + 1) * H * d);
     os.insert(os.end(), o_dev.begin() + i * H * d, o_dev.begin() + (i + 1) * H * d);
-    ps.push_back(pos[i]);
+    ps.push_back(q_pos[i]);
     if (!doc_pos.empty()) ds.push_back(doc_pos[i]);
   }
   // fp32 reference on the (bf16-valued) inputs: forward for o, then backward from the device's o.
@@ -405,7 +421,7 @@ void run_device(tsp::Backend& be, tsp::DType dt, int64_t S, int64_t H, int64_t H
 // --device cuda: prints the table (or JSON lines) of run_device.
 int main_device(const std::string& device_name, const std::vector<int64_t>& sizes,
                 const std::vector<int64_t>& head_dims, int64_t H, int64_t Hkv,
-                const std::string& dtype, int64_t doc_len, int repeats, bool json,
+                const std::string& dtype, int64_t doc_len, int64_t zigzag, int repeats, bool json,
                 const std::string& flash) {
   tsp::Backend& be = tsp::backend_for(tsp::parse_device(device_name));
   const std::string dev = be.device().str();
@@ -420,6 +436,11 @@ int main_device(const std::string& device_name, const std::vector<int64_t>& size
           "# documents of {} tokens (q_doc_pos = position mod {}): S^2 above is the sum of "
           "their len^2\n",
           doc_len, doc_len);
+    if (zigzag > 1)
+      fmt::print(
+          "# zigzag D={}: rank 0's S/D queries (chunks 0 and 2D-1) against all S keys in the "
+          "all-gather's order; FLOPs and tok/s of that call (1/D of the row's)\n",
+          zigzag);
     fmt::print("# {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10} {:>8} {:>10} {:>9} {:>3}\n", "dtype",
                "pass", "S", "heads", "kv", "d", "ms", "TFLOP/s", "tok/s", "max_err", "ok");
   }
@@ -448,23 +469,24 @@ int main_device(const std::string& device_name, const std::vector<int64_t>& size
       for (int64_t S : sizes)
         for (int64_t d : head_dims) {
           std::vector<DeviceRow> rows;
-          run_device(be, dt, S, H, Hkv, d, doc_len, repeats, rows);
+          run_device(be, dt, S, H, Hkv, d, doc_len, zigzag, repeats, rows);
           for (const DeviceRow& r : rows) {
             const double per_head = r.pass[0] == 'f' && r.pass[1] == 'o' ? 2.0
                                     : r.pass[0] == 'b'                   ? 5.0
                                                                          : 7.0;
-            const double flops = per_head * squared_tokens(r.S, doc_len) * r.d * r.H;
+            const double share = zigzag > 1 ? 1.0 / zigzag : 1.0;  // of the row's work, tokens
+            const double flops = per_head * squared_tokens(r.S, doc_len) * r.d * r.H * share;
             const double tflops = flops / (r.ms * 1e-3) / 1e12;
-            const double tok_s = r.S / (r.ms * 1e-3);
+            const double tok_s = r.S * share / (r.ms * 1e-3);
             if (json)
               fmt::print(
                   "{{\"bench\":\"attention\",\"impl\":\"tsp\",\"flash\":\"{}\",\"device\":\"{}\","
-                  "\"dtype\":\"{}\",\"doc_len\":{},"
+                  "\"dtype\":\"{}\",\"doc_len\":{},\"zigzag\":{},"
                   "\"pass\":\"{}\",\"causal\":true,\"S\":{},\"heads\":{},\"kv_heads\":{},"
                   "\"head_dim\":{},\"ms\":{:.4f},\"inner\":{},\"tflops\":{:.2f},\"gflops\":{:.1f},"
                   "\"tokens_per_s\":{:.0f},\"max_err\":{:.3e},\"ok\":{}}}\n",
-                  fname, dev, dts, doc_len, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner, tflops,
-                  tflops * 1e3, tok_s, r.max_err, r.ok);
+                  fname, dev, dts, doc_len, zigzag, r.pass, r.S, r.H, r.Hkv, r.d, r.ms, r.inner,
+                  tflops, tflops * 1e3, tok_s, r.max_err, r.ok);
             else
               fmt::print(
                   "  {:>5} {:>8} {:>6} {:>5} {:>3} {:>4} {:>10.3f} {:>8.1f} {:>10.0f} {:>9.2e} {:>3}\n",
@@ -486,6 +508,7 @@ int main(int argc, char** argv) {
   std::string dtype, device = "cpu", flash;
   int64_t heads = 0, kv_heads = 0;  // 0: the defaults of the device (CPU: 8 with 8 and 2 kv)
   int64_t doc_len = 0;              // --doc-len: packed documents of this many tokens (0: none)
+  int64_t zigzag = 0;               // --zigzag: one rank's call at this degree (0: the whole row)
   bool sizes_given = false, dims_given = false;
   auto list = [](char* arg) {
     std::vector<int64_t> out;
@@ -510,6 +533,8 @@ int main(int argc, char** argv) {
       kv_heads = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--doc-len") && a + 1 < argc) {
       doc_len = std::atoll(argv[++a]);
+    } else if (!std::strcmp(argv[a], "--zigzag") && a + 1 < argc) {
+      zigzag = std::atoll(argv[++a]);
     } else if (!std::strcmp(argv[a], "--flash") && a + 1 < argc &&
                (!std::strcmp(argv[a + 1], "v1") || !std::strcmp(argv[a + 1], "v2") ||
                 !std::strcmp(argv[a + 1], "cudnn") || !std::strcmp(argv[a + 1], "both") ||
@@ -523,7 +548,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--repeats N] [--sizes 1024,4096] [--head-dims 64,128] "
                    "[--dtype f32|bf16|both] [--device cpu|cuda[:N]] [--heads H] [--kv-heads HKV] "
-                   "[--json] [--flash v1|v2|cudnn|both|all] [--doc-len L]\n",
+                   "[--json] [--flash v1|v2|cudnn|both|all] [--doc-len L] [--zigzag D]\n",
                    argv[0]);
       return 2;
     }
@@ -538,6 +563,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_attention: --doc-len must be >= 0 tokens (0: no documents)\n");
     return 2;
   }
+  if (zigzag < 0 || (zigzag > 1 && (doc_len > 0 || device == "cpu"))) {
+    std::fprintf(stderr,
+                 "bench_attention: --zigzag D needs D >= 1, --device cuda and no --doc-len\n");
+    return 2;
+  }
   if (heads < 0 || kv_heads < 0 || (heads && kv_heads && heads % kv_heads != 0)) {
     std::fprintf(stderr, "bench_attention: need --kv-heads dividing --heads\n");
     return 2;
@@ -547,8 +577,15 @@ int main(int argc, char** argv) {
       if (!sizes_given) sizes = {4096, 8192, 16384, 32768};
       if (!dims_given) head_dims = {128};
       const int64_t H = heads ? heads : 32, Hkv = kv_heads ? kv_heads : (heads ? heads : 8);
+      for (int64_t S : sizes)
+        if (zigzag > 1 && S % (2 * zigzag) != 0) {
+          std::fprintf(stderr,
+                       "bench_attention: --zigzag %lld needs every size divisible by %lld\n",
+                       (long long)zigzag, (long long)(2 * zigzag));
+          return 2;
+        }
       return main_device(device, sizes, head_dims, H, Hkv, dtype.empty() ? "bf16" : dtype, doc_len,
-                         repeats, json, flash);
+                         zigzag, repeats, json, flash);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "bench_attention: %s\n", e.what());
       return 1;

@@ -9,7 +9,8 @@
 #   OUTDIR/report.md      environment, every step PASS / FAIL / SKIP (with why) and its time, the
 #                         benchmark tables with the ratios to PyTorch and the targets
 #   OUTDIR/steps.json     the same steps, machine-readable
-#   OUTDIR/attention.json, attention_docs.json, block.json, tsp_bench.json   raw benchmark rows
+#   OUTDIR/attention.json, attention_docs.json, attention_zigzag.json, block.json, tsp_bench.json
+#                         raw benchmark rows
 #                         (JSON lines)
 #   OUTDIR/block_profile.txt   per-op GPU times of one block step (bench_block --profile)
 #   OUTDIR/logs.tar.gz    every step's log and env.txt
@@ -346,6 +347,10 @@ if [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
   # cudnn rows here run v1 (documents are not covered by the cuDNN path).
   step "bench attention tsp documents" 90 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash all \
     --sizes 32768 --doc-len 4096 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention_docs.json'"
+  # One rank's call of the sequence-parallel layouts at D = 4 (its two zigzag chunks against the
+  # all-gathered keys in rank order): the cuDNN path cuts it into one piece per chunk.
+  step "bench attention tsp zigzag" 90 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash all \
+    --sizes 32768 --zigzag 4 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention_zigzag.json'"
   step "bench attention torch" 120 bash -c "set -o pipefail; python3 '$repo/bench/torch_attention.py' --sizes $sizes \
     --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 --json | tee -a '$out/attention.json'"
   step "bench block tsp" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
@@ -376,7 +381,8 @@ EOF
 else
   why="no device"
   [ $have_gpu -eq 1 ] && why="no binaries"
-  for s in "bench attention tsp" "bench attention tsp documents" "bench attention torch" \
+  for s in "bench attention tsp" "bench attention tsp documents" "bench attention tsp zigzag" \
+    "bench attention torch" \
     "bench block tsp" "bench block tsp none" "bench block tsp profile" "bench block torch" \
     "tsp bench demo" "tsp bench 1b"; do
     skip "$s" "$why"
@@ -460,6 +466,24 @@ if docs:
         md.append(f"| {S} | {L} | {r.get('flash')} | {r.get('pass')} | {r.get('ms'):.3f} | "
                   f"{without} | {speedup} | {ideal:.1f}× | {r.get('tflops')} | "
                   f"{'yes' if r.get('ok') else 'NO'} |")
+
+zz = rows('attention_zigzag.json')
+if zz:
+    md += ['', '## Attention, one rank of the zigzag layouts (D = 4), bf16', '',
+           'Queries: rank 0\'s two chunks (S/4 tokens); keys: all S in the all-gather\'s order. FLOPs '
+           'and tokens: that call\'s share (1/D of the row\'s). Against the whole row at the same S '
+           '(same flash version): a ratio of TFLOP/s near 1 means the cut costs nothing.', '',
+           '| S | flash | pass | ms | TFLOP/s | whole-row TFLOP/s | ratio | ok |',
+           '|---:|---|---|---:|---:|---:|---:|---|']
+    for r in zz:
+        base = [b for b in att if b.get('impl', 'tsp') == 'tsp' and b.get('S') == r.get('S') and
+                b.get('flash') == r.get('flash') and b.get('pass') == r.get('pass') and
+                b.get('head_dim') == r.get('head_dim') and not b.get('doc_len') and
+                not b.get('zigzag')]
+        b = base[0].get('tflops') if base else None
+        md.append(f"| {r.get('S')} | {r.get('flash')} | {r.get('pass')} | {r.get('ms'):.3f} | "
+                  f"{r.get('tflops')} | {b if b else '–'} | "
+                  f"{'%.2f' % (r['tflops'] / b) if b else '–'} | {'yes' if r.get('ok') else 'NO'} |")
 
 blk = rows('block.json')
 if blk:
