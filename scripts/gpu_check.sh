@@ -445,6 +445,14 @@ if att:
                   f'{f(tf("torch", "backward"))} | {f(b)} | {ratio} | '
                   f'{"yes" if oks and all(oks) else "NO" if oks else "–"} |')
 
+# Our rows of attention.json for the same S, flash version, pass and head dim as r: the whole row,
+# positions 0..S-1, no documents (what the documents and zigzag tables compare with).
+def whole_row(r):
+    return [b for b in att if b.get('impl', 'tsp') == 'tsp' and b.get('S') == r.get('S') and
+            b.get('flash') == r.get('flash') and b.get('pass') == r.get('pass') and
+            b.get('head_dim') == r.get('head_dim') and not b.get('doc_len') and
+            not b.get('zigzag')]
+
 docs = rows('attention_docs.json')
 if docs:
     md += ['', '## Attention with packed documents, bf16 (flash kernels)', '',
@@ -455,9 +463,7 @@ if docs:
            '| S | doc_len | flash | pass | ms with documents | ms without | speed-up | ideal | TFLOP/s | ok |',
            '|---:|---:|---|---|---:|---:|---:|---:|---:|---|']
     for r in docs:
-        base = [b for b in att if b.get('impl', 'tsp') == 'tsp' and b.get('S') == r.get('S') and
-                b.get('flash') == r.get('flash') and b.get('pass') == r.get('pass') and
-                b.get('head_dim') == r.get('head_dim') and not b.get('doc_len')]
+        base = whole_row(r)
         S, L = r.get('S', 0), r.get('doc_len', 0)
         ideal = S * S / (S // L * L * L + (S % L) ** 2) if L else 1
         b = base[0]['ms'] if base else None
@@ -476,10 +482,7 @@ if zz:
            '| S | flash | pass | ms | TFLOP/s | whole-row TFLOP/s | ratio | ok |',
            '|---:|---|---|---:|---:|---:|---:|---|']
     for r in zz:
-        base = [b for b in att if b.get('impl', 'tsp') == 'tsp' and b.get('S') == r.get('S') and
-                b.get('flash') == r.get('flash') and b.get('pass') == r.get('pass') and
-                b.get('head_dim') == r.get('head_dim') and not b.get('doc_len') and
-                not b.get('zigzag')]
+        base = whole_row(r)
         b = base[0].get('tflops') if base else None
         md.append(f"| {r.get('S')} | {r.get('flash')} | {r.get('pass')} | {r.get('ms'):.3f} | "
                   f"{r.get('tflops')} | {b if b else '–'} | "
