@@ -1,4 +1,4 @@
-// Flash attention, version 2 (the default; TSP_CUDA_FLASH=v1 selects attention_flash.cu). Same
+// Flash attention, version 2 (TSP_CUDA_FLASH=v2; the default is v1, attention_flash.cu). Same
 // maths, roundings, masking rules and fragment code as v1 (see attention_flash.cu for the mma /
 // ldmatrix layouts and the bf16 rounding budget); what changes is the schedule:
 //
@@ -164,6 +164,23 @@ constexpr int fwd_smem_bytes() {
   return (kFwdBR + 4 * kFwdBC) * (D + 8) * 2 + 2 * kFwdBC * 8 + 2 * kMaskWords * 4 +
          (DOCS ? kFwdBR * 8 : 0);
 }
+
+// The shared-memory budget of sm_90 (H100 / H200): at most 227 KB per block, 228 KB per SM, of
+// which the runtime reserves 1 KB per resident block.
+constexpr int kSmemPerBlock = 227 * 1024, kSmemPerSm = 228 * 1024, kSmemReserved = 1024;
+// The forward's static shared memory: qpos_s [BR] and red [4][warps] (with documents; [2] without).
+template <bool DOCS>
+constexpr int fwd_static_smem_bytes() {
+  return kFwdBR * 8 + (DOCS ? 4 : 2) * kFwdWarps * 8;
+}
+// Two forward blocks per SM (__launch_bounds__ below; the header's schedule) at either head dim:
+// d = 128 with documents takes 2·(108544 + 1152 + 1024) = 221440 of 233472 bytes.
+static_assert(2 * (fwd_smem_bytes<128, true>() + fwd_static_smem_bytes<true>() + kSmemReserved) <=
+                  kSmemPerSm,
+              "two forward blocks per SM");
+static_assert(2 * (fwd_smem_bytes<128, false>() + fwd_static_smem_bytes<false>() + kSmemReserved) <=
+                  kSmemPerSm,
+              "two forward blocks per SM");
 
 template <int D, bool DOCS>
 __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(FwdArgs a) {
@@ -447,6 +464,13 @@ constexpr int bwd_smem_bytes() {
   return 2 * kBwdBC * (D + 8) * 2 + 2 * bwd_buf_bytes<D, BR, DOCS>() + kBwdBC * (BR + 8) * 2 +
          2 * kMaskWords * 4;
 }
+
+// One backward block fits the per-block limit (dynamic + static red [2][warps]): d = 128 with
+// documents takes 118272 + 128 bytes of 232448.
+static_assert(bwd_smem_bytes<128, bwd_br<128>(), true>() + 2 * kBwdWarps * 8 <= kSmemPerBlock,
+              "backward shared memory");
+static_assert(bwd_smem_bytes<64, bwd_br<64>(), true>() + 2 * kBwdWarps * 8 <= kSmemPerBlock,
+              "backward shared memory");
 
 template <int D, int BR, bool DOCS>
 __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(BwdArgs a) {
@@ -800,7 +824,8 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
 bool flash_v2_supported(const Shape& sh) {
   // The per-block tile bitmasks hold kMaskWords·32 tiles; grid.y is at most 65535.
   const int64_t max_tiles = int64_t{kMaskWords} * 32;
-  const int64_t n_kt = (sh.nk + kFwdBC - 1) / kFwdBC, n_qt = (sh.nq + 31) / 32;
+  const int64_t br = sh.d == 64 ? bwd_br<64>() : bwd_br<128>();  // the backward's query tile
+  const int64_t n_kt = (sh.nk + kFwdBC - 1) / kFwdBC, n_qt = (sh.nq + br - 1) / br;
   const int64_t fwd_blocks_y = (sh.nq + kFwdBR - 1) / kFwdBR,
                 bwd_blocks_y = (sh.nk + kBwdBC - 1) / kBwdBC;
   return flash_supported(sh.d) && n_kt <= max_tiles && n_qt <= max_tiles && fwd_blocks_y <= 65535 &&
