@@ -31,6 +31,7 @@
 
 #include "backend/cuda/attention.h"
 #include "backend/cuda/attention_cudnn_pieces.h"
+#include "backend/cuda/attention_kernels.h"
 #include "backend/cuda/cuda_common.h"
 #include "tsp/core/bf16.h"
 
@@ -823,6 +824,68 @@ TEST_P(CudaFlash, SkipsKeyTilesHiddenByDocuments) {
     }
     if (HasFailure()) return;
   }
+}
+
+// v2's per-block tile bitmasks hold 256 words of 32 tiles: 8192 key tiles of 64 (the forward)
+// and 8192 query tiles of 32 (the backward). Shapes up to there run on v2, one row more falls
+// back to v1 (attention.cpp); so do head dims other than 64 and 128. Host only: runs without a GPU.
+TEST(CudaAttention, FlashV2TileLimit) {
+  for (int d : {64, 128}) {
+    attn::Shape sh;
+    sh.hq = 4, sh.hkv = 2, sh.d = d;
+    sh.nq = 8192 * 32, sh.nk = 8192 * 64;
+    EXPECT_TRUE(attn::flash_v2_supported(sh)) << "d=" << d;
+    sh.nk += 1;  // 8193 key tiles
+    EXPECT_FALSE(attn::flash_v2_supported(sh)) << "d=" << d;
+    sh.nk -= 1, sh.nq += 1;  // 8193 query tiles
+    EXPECT_FALSE(attn::flash_v2_supported(sh)) << "d=" << d;
+  }
+  attn::Shape sh;
+  sh.nq = sh.nk = 100, sh.hq = sh.hkv = 1, sh.d = 96;
+  EXPECT_FALSE(attn::flash_v2_supported(sh));
+}
+
+// At the bitmask limit (FlashV2TileLimit): every word of the masks in use.
+//   Forward: 8192 key tiles of 64, the last one padded (nk = 8192·64 − 5), 64 causal queries at
+//   the end that see every key: every tile needed, the last word's last bit included.
+//   Backward: 8192 query tiles of 32, the last one padded (nq = 8192·32 − 3), 128 keys at
+//   positions [0, 128) that only the last 128 queries see (Causal: q_pos = nk − nq + i < 0
+//   before them): a key block's next needed tile lies 255 words past the first.
+// Bounds as in ForwardMatchesReference and BackwardMatchesReference.
+TEST_P(CudaFlash, AtTheTileBitmaskLimit) {
+  SKIP_WITHOUT_GPU();
+  {
+    const Case c{64, 8192 * 64 - 5, 1, 1, 64, Pos::Causal};
+    const Problem p = make(c, true, 500);
+    DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+    run_fwd(reference::attention_forward, ref, p);
+    run_fwd(attention_forward, fast, p);
+    expect_forward_close(fast.o.get(), fast.lse.get(), ref.o.get(), ref.lse.get(), max_abs(p.v),
+                         "flash at 8192 key tiles", c);
+    if (HasFailure()) return;
+  }
+  const Case c{8192 * 32 - 3, 128, 1, 1, 64, Pos::Causal};
+  const Problem p = make(c, true, 501);
+  DevProblem ref(p, DType::BF16), fast(p, DType::BF16);
+  run_fwd(reference::attention_forward, ref, p);
+  run_fwd(attention_forward, fast, p);
+  const std::vector<float> o = ref.o.get();
+  expect_forward_close(fast.o.get(), fast.lse.get(), o, ref.lse.get(), max_abs(p.v),
+                       "flash at 8192 query tiles", c);
+  copy_forward(ref, fast, c);
+  run_bwd(reference::attention_backward, ref, p);
+  run_bwd(attention_backward, fast, p);
+  const HostOut h = host_attention(p, &o);
+  const std::vector<float> dq = ref.dq.get(), dk = ref.dk.get(), dv = ref.dv.get();
+  expect_close(
+      fast.dq.get(), dq, [&](size_t i) { return h.bq[i] + 1e-4 * (1 + std::abs(dq[i])); },
+      "flash dq vs reference at 8192 query tiles", c);
+  expect_close(
+      fast.dk.get(), dk, [&](size_t i) { return h.bk[i] + 1e-4 * (1 + std::abs(dk[i])); },
+      "flash dk vs reference at 8192 query tiles", c);
+  expect_close(
+      fast.dv.get(), dv, [&](size_t i) { return h.bv[i] + 1e-4 * (1 + std::abs(dv[i])); },
+      "flash dv vs reference at 8192 query tiles", c);
 }
 
 // ---- 2b. the cuDNN path against the reference kernels --------------------------------------
