@@ -2,15 +2,17 @@
 // (src/backend/cuda/attention_cudnn_rules.h), on the CPU: plain C++ here, this test runs in every
 // build (CPU-only and sanitizer builds included).
 //   1. shape_covered: each condition alone turns the path off.
-//   2. in_run: the position check's per-element test.
+//   2. in_run: the position check's per-element test, exact near the int64 limits too.
 //   3. positions_covered against brute force over every (query, key) pair: for contiguous runs
 //      from q0 >= k0 the band cuDNN applies (keys j < nk', and j - i <= right_bound unless there
 //      is no mask) is exactly our visibility k_pos[j] <= q_pos[i]; every query sees at least one
 //      key; and the keys left out (j >= nk') are seen by no query. Not covered: non-contiguous
-//      positions and q0 < k0 (a query would see no key).
+//      positions and q0 < k0 (a query would see no key). Runs too far apart for a signed
+//      q0 - k0, and shifts past 32 bits with even more keys, keep the band exact.
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "backend/cuda/attention_cudnn_rules.h"
@@ -65,6 +67,16 @@ TEST(CudnnAttentionRules, InRun) {
   EXPECT_FALSE(in_run(gap.data(), 2));
   EXPECT_FALSE(in_run(down.data(), 1));
   EXPECT_FALSE(in_run(same.data(), 1));
+  // Near the int64 limits: exact, no overflow. A sequence wrapping from INT64_MAX to INT64_MIN
+  // descends, so it is no run (a signed pos[0] + i would wrap and accept it).
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  const std::vector<int64_t> top = {kMax - 2, kMax - 1, kMax}, bottom = {kMin, kMin + 1};
+  const std::vector<int64_t> wrap = {kMax, kMin}, negative = {-3, -2, -1, 0};
+  for (int64_t i = 0; i < 3; ++i) EXPECT_TRUE(in_run(top.data(), i));
+  EXPECT_TRUE(in_run(bottom.data(), 1));
+  for (int64_t i = 0; i < 4; ++i) EXPECT_TRUE(in_run(negative.data(), i));
+  EXPECT_FALSE(in_run(wrap.data(), 1));
 }
 
 // Brute force: every pair of a contiguous call against the band of its Coverage.
@@ -126,6 +138,29 @@ TEST(CudnnAttentionRules, NotCovered) {
   EXPECT_TRUE(far.covered);
   EXPECT_EQ(far.right_bound, kNoMask);
   EXPECT_EQ(far.nk, 100);
+  // Runs further apart than int64 can subtract (q0 - k0 > INT64_MAX): still no mask, all keys.
+  const Coverage farthest = positions_covered(
+      64, 100, true, std::numeric_limits<int64_t>::max() - 63, std::numeric_limits<int64_t>::min());
+  EXPECT_TRUE(farthest.covered);
+  EXPECT_EQ(farthest.right_bound, kNoMask);
+  EXPECT_EQ(farthest.nk, 100);
+}
+
+// A shift past 32 bits masks nothing only when it also reaches the last key: with more keys than
+// that (not a shape shape_covered passes, but positions_covered states the band for any sizes),
+// keys past q0 + nq - 1 stay invisible. Checked on the pairs at the band's edges.
+TEST(CudnnAttentionRules, BandPastThirtyTwoBits) {
+  const int64_t nq = 64, nk = int64_t{1} << 40, q0 = int64_t{1} << 35, k0 = 0;
+  const Coverage cov = positions_covered(nq, nk, true, q0, k0);
+  ASSERT_TRUE(cov.covered);
+  EXPECT_EQ(cov.nk, q0 + nq) << "keys past the last query are left out";
+  EXPECT_EQ(cov.right_bound, q0 - k0);
+  for (int64_t i : {int64_t{0}, nq / 2, nq - 1})
+    for (int64_t j : {q0 + i - 1, q0 + i, q0 + i + 1, cov.nk - 1, cov.nk}) {
+      const bool ours = k0 + j <= q0 + i;
+      const bool band = j < cov.nk && (cov.right_bound == kNoMask || j - i <= cov.right_bound);
+      EXPECT_EQ(band, ours) << "pair (" << i << ", " << j << ")";
+    }
 }
 
 }  // namespace

@@ -49,9 +49,13 @@ inline bool shape_covered(const CallShape& c) {
          c.hq % c.hkv == 0;
 }
 
-// Element i of a contiguous ascending run starting at pos[0].
+// Element i of a contiguous ascending run starting at pos[0]: pos[i] = pos[0] + i exactly. The
+// difference is taken in unsigned arithmetic after pos[i] >= pos[0]: a signed pos[0] + i
+// overflows near INT64_MAX (undefined; in practice it wraps, and a "run" wrapping from INT64_MAX
+// to INT64_MIN would pass while its positions descend).
 TSP_HD inline bool in_run(const int64_t* pos, int64_t i) {
-  return pos[i] == pos[0] + i;
+  return pos[i] >= pos[0] &&
+         static_cast<uint64_t>(pos[i]) - static_cast<uint64_t>(pos[0]) == static_cast<uint64_t>(i);
 }
 
 // The cuDNN call for positions that are (contiguous) runs from q0 and k0, or not covered.
@@ -65,17 +69,17 @@ constexpr int64_t kNoMask = -1;
 inline Coverage positions_covered(int64_t nq, int64_t nk, bool contiguous, int64_t q0, int64_t k0) {
   Coverage c;
   if (!contiguous || nq < 1 || nk < 1 || q0 < k0) return c;
-  // q0 - k0 >= 0 here; positions are far from the int64 limits (the tile rules' sentinels), but
-  // keep the arithmetic overflow-free anyway: q0 - k0 > kMaxRows means no mask and nk' = nk.
-  const int64_t shift = q0 - k0;
-  if (shift < 0 || shift > kMaxRows) {  // shift < 0: the subtraction overflowed
-    if (shift < 0) return c;
-    c.covered = true, c.nk = nk, c.right_bound = kNoMask;
+  c.covered = true;
+  // shift = q0 - k0 in [0, 2^64): exact in unsigned arithmetic (the signed difference overflows
+  // for runs far apart, and a compiler may then drop an overflow test as dead code).
+  const uint64_t shift = static_cast<uint64_t>(q0) - static_cast<uint64_t>(k0);
+  if (shift >= static_cast<uint64_t>(nk - 1)) {  // even query 0 sees key nk - 1: no mask
+    c.nk = nk, c.right_bound = kNoMask;
     return c;
   }
-  c.nk = nk < shift + nq ? nk : shift + nq;
-  c.right_bound = shift >= c.nk - 1 ? kNoMask : shift;
-  c.covered = true;
+  const int64_t s = static_cast<int64_t>(shift);  // < nk - 1: fits
+  c.nk = nk - s < nq ? nk : s + nq;               // min(nk, s + nq), s + nq not overflowing
+  c.right_bound = s >= c.nk - 1 ? kNoMask : s;
   return c;
 }
 
