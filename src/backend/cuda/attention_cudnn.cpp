@@ -40,6 +40,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
@@ -128,11 +129,37 @@ const Library& library() {
       l.missing = fmt::format("libcudnn.so.9 loaded but cudnnGetVersion failed: {}", e.what());
       return l;
     }
-    if (l.version < 90000)
+    if (l.version < 90000) {
       l.missing = fmt::format("libcudnn.so.9 reports version {}, below 9.0.0", l.version);
-    else
-      std::fprintf(stderr, "tsp: cuDNN attention path: libcudnn %s loaded\n",
-                   fe::detail::convert_version_to_str(l.version).c_str());
+      return l;
+    }
+    // The frontend makes its own CUDA runtime calls (the device's properties at validation; with
+    // cuDNN < 9.6 the backward's dQ-accumulator memset, on the handle's stream) through a
+    // runtime it dlopens itself: libcudart.so.12, then .13, the first found wins
+    // (cudnn_frontend_shim.h, load_cudart_so). Pin it to the runtime this program links
+    // (CUDART_VERSION's major; the same library then, already loaded), so a CUDA 12 runtime
+    // elsewhere on the library path is never mixed in; CUDNN_FRONTEND_CUDART_LIB_NAME is the
+    // frontend's override, and one the user set is kept. Then load it now, so that a failure
+    // is this sentence rather than an exception in the first plan build.
+    const std::string cudart = fmt::format("libcudart.so.{}", CUDART_VERSION / 1000);
+    setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", cudart.c_str(), 0);
+    int runtime = 0;
+    try {
+      if (fe::detail::cuda_runtime_get_version(&runtime) != cudaSuccess) runtime = 0;
+    } catch (const std::exception& e) {
+      l.missing = fmt::format("the cuDNN frontend could not load the CUDA runtime: {}", e.what());
+      return l;
+    }
+    if (runtime / 1000 != CUDART_VERSION / 1000) {
+      const char* chosen = std::getenv("CUDNN_FRONTEND_CUDART_LIB_NAME");
+      l.missing = fmt::format(
+          "the cuDNN frontend loaded CUDA runtime {} (CUDNN_FRONTEND_CUDART_LIB_NAME={}), but this "
+          "program was built with CUDA {}: unset that variable or set it to {}",
+          runtime, chosen ? chosen : "", CUDART_VERSION, cudart);
+      return l;
+    }
+    std::fprintf(stderr, "tsp: cuDNN attention path: libcudnn %s loaded\n",
+                 fe::detail::convert_version_to_str(l.version).c_str());
     return l;
   }();
   return lib;
@@ -146,7 +173,7 @@ void require_library() {
 // ---- per device: the handle, the position check's buffers ------------------------------------
 
 struct DeviceState {
-  std::mutex m;  // the handle's stream binding + execute, and the position buffers
+  std::mutex m;  // the handle (plan builds, stream binding + execute), the position buffers
   cudnnHandle_t handle = nullptr;
   PositionRuns* runs_dev = nullptr;   // device scratch of the position check
   PositionRuns* runs_host = nullptr;  // pinned: the copy the host reads
@@ -323,12 +350,17 @@ Plan build_plan(const Key& k, cudnnHandle_t handle) {
   return plan;
 }
 
-const Plan& plan_for(const Key& k, cudnnHandle_t handle) {
+const Plan& plan_for(const Key& k, DeviceState& st) {
   static std::mutex m;
   static std::map<Key, std::unique_ptr<Plan> > plans;
   std::lock_guard<std::mutex> lock(m);  // a build takes milliseconds, once per key
   std::unique_ptr<Plan>& p = plans[k];
-  if (!p) p = std::make_unique<Plan>(build_plan(k, handle));
+  if (!p) {
+    // The build uses the handle: not while another thread executes on it (a cuDNN handle serves
+    // one thread at a time). Lock order: plans, then the device's; nothing takes them reversed.
+    std::lock_guard<std::mutex> handle_lock(st.m);
+    p = std::make_unique<Plan>(build_plan(k, st.handle));
+  }
   return *p;
 }
 
@@ -444,7 +476,7 @@ const Plan* plan_for_call(bool backward, const Params& p, int device, cudaStream
              p.q_pos, p.k_pos, device, s);
   if (!dec.covered) return nullptr;
   *key = dec.key;
-  const Plan& plan = plan_for(dec.key, device_state(device).handle);
+  const Plan& plan = plan_for(dec.key, device_state(device));
   return plan.graph ? &plan : nullptr;
 }
 }  // namespace
