@@ -94,6 +94,9 @@ bool cudnn_forward(const Fwd&, int, cudaStream_t) {
 bool cudnn_backward(const Bwd&, int, cudaStream_t) {
   TSP_FAIL("TSP_CUDA_FLASH=cudnn: {}", cudnn_unavailable_reason());
 }
+std::string cudnn_check_graph(bool, const Shape&, int64_t, float, int) {
+  TSP_FAIL("cudnn_check_graph: {}", cudnn_unavailable_reason());
+}
 
 #else
 
@@ -257,8 +260,11 @@ void set_stats(fe::graph::Tensor_attributes& t, int64_t nq, int64_t hq) {
       .set_stride({hq * nq, nq, 1, 1});
 }
 
-std::shared_ptr<fe::graph::Graph> make_graph(const Key& k) {
+// sm > 0: the SM version the frontend's checks assume instead of asking the device (set before
+// the nodes are added: each copies the graph's context when it is created).
+std::shared_ptr<fe::graph::Graph> make_graph(const Key& k, int sm = 0) {
   auto g = std::make_shared<fe::graph::Graph>();
+  if (sm > 0) g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -461,6 +467,26 @@ int cudnn_loaded_version() {
 
 int64_t cudnn_calls_run() {
   return g_calls_run.load(std::memory_order_relaxed);
+}
+
+std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_bound, float scale,
+                              int sm) {
+  require_library();
+  Key k{};
+  k.backward = backward, k.device = -1;
+  k.nq = sh.nq, k.nk = sh.nk, k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
+  k.right_bound = right_bound;
+  std::memcpy(&k.scale_bits, &scale, 4);
+  try {
+    std::shared_ptr<fe::graph::Graph> g = make_graph(k, sm);
+    fe::error_t e = g->validate();
+    if (e.is_bad()) return "validate: " + fe_error(e);
+    e = g->build_operation_graph(nullptr);
+    if (e.is_bad()) return "build_operation_graph: " + fe_error(e);
+  } catch (const std::exception& ex) {
+    return std::string("exception: ") + ex.what();
+  }
+  return "";
 }
 
 namespace {
