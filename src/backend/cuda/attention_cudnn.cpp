@@ -161,6 +161,22 @@ const Library& library() {
           runtime, chosen ? chosen : "", CUDART_VERSION, cudart);
       return l;
     }
+    // cuDNN's attention engines are runtime-compiled, and cuDNN dlopens NVRTC for them (cuDNN
+    // 9.19's heuristics, mode A, given an H100's device properties on a machine without a GPU,
+    // offer for this path's graphs only engines 1, 2, 8, 9 forward and 6, 7 backward, each
+    // refused there as RUNTIME_PREREQUISITE_MISSING for want of the driver and compiler).
+    // Without it every plan is refused and each call would quietly take the flash path: say so.
+    const std::string nvrtc = fmt::format("libnvrtc.so.{}", CUDART_VERSION / 1000);
+    dlerror();
+    if (dlopen(nvrtc.c_str(), RTLD_NOW) == nullptr) {  // kept open: cuDNN loads the same one
+      const char* err = dlerror();
+      l.missing = fmt::format(
+          "{} could not be loaded ({}): cuDNN compiles its attention kernels at run time with "
+          "NVRTC; put the folder holding {} (the CUDA toolkit's lib64, or the pip wheel "
+          "nvidia-cuda-nvrtc's lib) on LD_LIBRARY_PATH",
+          nvrtc, err ? err : "no dlerror", nvrtc);
+      return l;
+    }
     std::fprintf(stderr, "tsp: cuDNN attention path: libcudnn %s loaded\n",
                  fe::detail::convert_version_to_str(l.version).c_str());
     return l;
