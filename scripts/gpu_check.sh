@@ -188,9 +188,12 @@ lib_dirs=()
 [ -n "$bundle_root" ] && lib_dirs+=("$bundle_root/openmpi/lib" "$bundle_root/lib")
 [ -n "$build" ] && lib_dirs+=("$build")
 # libcudnn.so.9: loaded at run time by the cuDNN attention path (TSP_CUDA_FLASH=cudnn), from the
-# nvidia-cudnn-cu13 wheel (nvidia/cudnn/lib) on the GPU image.
+# nvidia-cudnn-cu13 wheel (nvidia/cudnn/lib) on the GPU image. cuDNN 9.19's attention engines for
+# SM 9.0 are all runtime-compiled: it dlopens libnvrtc.so.13 (which loads its builtins library)
+# from another wheel's folder; without them every plan is refused and the path falls back to v1.
 have_cudnn=0
-for lib in libcudart.so.13 libcublasLt.so.13 libcublas.so.13 libnccl.so.2 libcudnn.so.9; do
+for lib in libcudart.so.13 libcublasLt.so.13 libcublas.so.13 libnccl.so.2 libcudnn.so.9 \
+  libnvrtc.so.13 libnvrtc-builtins.so.13.0; do
   for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13.0/lib64 /usr/local/cuda-13.0/lib $py_dirs; do
     if [ -e "$d/$lib" ]; then
       [[ " ${lib_dirs[*]} " == *" $d "* ]] || lib_dirs+=("$d")

@@ -9,11 +9,12 @@
 //      piece, and the keys a piece's band gives it (sorted keys j < nk with j − i <= right_bound,
 //      mapped back to memory rows through the sorted runs) are exactly {j : k_pos[j] <= q_pos[i]}.
 //      Covered exactly when every query sees a key, no two keys share a position and the runs and
-//      pieces are within their limits.
+//      pieces are within their limits (positions within ±2^62 included).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -159,6 +160,20 @@ TEST(CudnnAttentionPieces, NotCovered) {
   Positions keys;
   for (int r = 0; r <= kMaxPieces / 2; ++r) keys.push_back(2 * r);
   check(range(0, 2 * (kMaxPieces / 2 + 1)), keys, false, "more pieces than allowed");
+}
+
+// Far from 0 the cut is the same (positions offset by 2^40: covered, brute force agrees); near
+// the int64 limits it is refused, including a run that wraps from INT64_MAX to INT64_MIN.
+TEST(CudnnAttentionPieces, PositionsNearTheInt64Limits) {
+  const int64_t far = int64_t{1} << 40, max = std::numeric_limits<int64_t>::max();
+  check(range(far + 100, 64), range(far, 300), true, "offset by 2^40");
+  check(concat({range(far + 64, 64), range(far + 448, 64)}), range(far, 512), true,
+        "zigzag chunks offset by 2^40");
+  check(range(max - 63, 64), range(max - 299, 300), false, "ending at INT64_MAX");
+  check(range(0, 64), concat({range(max - 1, 2), Positions{std::numeric_limits<int64_t>::min()}}),
+        false, "keys wrapping from INT64_MAX to INT64_MIN");
+  check(range(-(int64_t{1} << 62) - 10, 64), range(-(int64_t{1} << 62) - 20, 64), false,
+        "below -2^62");
 }
 
 // Random patterns: runs of random lengths at random (disjoint) positions, shuffled in memory; the

@@ -215,6 +215,13 @@ int64_t cudnn_attention_calls() {
   return attn::cudnn_calls_run();
 }
 
+std::string cudnn_attention_check_graph(bool backward, int64_t nq, int64_t nk_passed, int hq,
+                                        int hkv, int d, int64_t right_bound, float scale, int sm) {
+  attn::Shape sh;
+  sh.nq = nq, sh.nk = nk_passed, sh.hq = hq, sh.hkv = hkv, sh.d = d;
+  return attn::cudnn_check_graph(backward, sh, right_bound, scale, sm);
+}
+
 // Whether a call goes to the flash kernels: BF16 with a head dim they serve, with or without
 // documents (both flash versions apply the document bound; attention.h).
 template <class Params>

@@ -89,6 +89,11 @@ bool cudnn_attention_built();
 std::string cudnn_attention_unavailable();
 // Calls the cuDNN path has run in this process (the tests check which calls took it).
 int64_t cudnn_attention_calls();
+// The cuDNN frontend's own checks of the path's graph for one call, on the CPU (no GPU needed:
+// attention_cudnn.h, cudnn_check_graph): nk_passed is nk', right_bound the band's or -1 (no
+// mask), sm the SM version (e.g. 90). "" when they pass, else the frontend's message.
+std::string cudnn_attention_check_graph(bool backward, int64_t nq, int64_t nk_passed, int hq,
+                                        int hkv, int d, int64_t right_bound, float scale, int sm);
 
 // Whether the flash path serves this head dim and dtype (BF16, d = 64 or 128).
 bool attention_flash_supported(DType dtype, int64_t head_dim);

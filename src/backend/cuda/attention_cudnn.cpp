@@ -47,6 +47,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
@@ -103,6 +104,9 @@ bool cudnn_forward(const Fwd&, int, cudaStream_t) {
 bool cudnn_backward(const Bwd&, int, cudaStream_t) {
   TSP_FAIL("TSP_CUDA_FLASH=cudnn: {}", cudnn_unavailable_reason());
 }
+std::string cudnn_check_graph(bool, const Shape&, int64_t, float, int) {
+  TSP_FAIL("cudnn_check_graph: {}", cudnn_unavailable_reason());
+}
 
 #else
 
@@ -138,11 +142,53 @@ const Library& library() {
       l.missing = fmt::format("libcudnn.so.9 loaded but cudnnGetVersion failed: {}", e.what());
       return l;
     }
-    if (l.version < 90000)
+    if (l.version < 90000) {
       l.missing = fmt::format("libcudnn.so.9 reports version {}, below 9.0.0", l.version);
-    else
-      std::fprintf(stderr, "tsp: cuDNN attention path: libcudnn %s loaded\n",
-                   fe::detail::convert_version_to_str(l.version).c_str());
+      return l;
+    }
+    // The frontend makes its own CUDA runtime calls (the device's properties at validation; with
+    // cuDNN < 9.6 the backward's dQ-accumulator memset, on the handle's stream) through a
+    // runtime it dlopens itself: libcudart.so.12, then .13, the first found wins
+    // (cudnn_frontend_shim.h, load_cudart_so). Pin it to the runtime this program links
+    // (CUDART_VERSION's major; the same library then, already loaded), so a CUDA 12 runtime
+    // elsewhere on the library path is never mixed in; CUDNN_FRONTEND_CUDART_LIB_NAME is the
+    // frontend's override, and one the user set is kept. Then load it now, so that a failure
+    // is this sentence rather than an exception in the first plan build.
+    const std::string cudart = fmt::format("libcudart.so.{}", CUDART_VERSION / 1000);
+    setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", cudart.c_str(), 0);
+    int runtime = 0;
+    try {
+      if (fe::detail::cuda_runtime_get_version(&runtime) != cudaSuccess) runtime = 0;
+    } catch (const std::exception& e) {
+      l.missing = fmt::format("the cuDNN frontend could not load the CUDA runtime: {}", e.what());
+      return l;
+    }
+    if (runtime / 1000 != CUDART_VERSION / 1000) {
+      const char* chosen = std::getenv("CUDNN_FRONTEND_CUDART_LIB_NAME");
+      l.missing = fmt::format(
+          "the cuDNN frontend loaded CUDA runtime {} (CUDNN_FRONTEND_CUDART_LIB_NAME={}), but this "
+          "program was built with CUDA {}: unset that variable or set it to {}",
+          runtime, chosen ? chosen : "", CUDART_VERSION, cudart);
+      return l;
+    }
+    // cuDNN's attention engines are runtime-compiled, and cuDNN dlopens NVRTC for them (cuDNN
+    // 9.19's heuristics, mode A, given an H100's device properties on a machine without a GPU,
+    // offer for this path's graphs only engines 1, 2, 8, 9 forward and 6, 7 backward, each
+    // refused there as RUNTIME_PREREQUISITE_MISSING for want of the driver and compiler).
+    // Without it every plan is refused and each call would quietly take the flash path: say so.
+    const std::string nvrtc = fmt::format("libnvrtc.so.{}", CUDART_VERSION / 1000);
+    dlerror();
+    if (dlopen(nvrtc.c_str(), RTLD_NOW) == nullptr) {  // kept open: cuDNN loads the same one
+      const char* err = dlerror();
+      l.missing = fmt::format(
+          "{} could not be loaded ({}): cuDNN compiles its attention kernels at run time with "
+          "NVRTC; put the folder holding {} (the CUDA toolkit's lib64, or the pip wheel "
+          "nvidia-cuda-nvrtc's lib) on LD_LIBRARY_PATH",
+          nvrtc, err ? err : "no dlerror", nvrtc);
+      return l;
+    }
+    std::fprintf(stderr, "tsp: cuDNN attention path: libcudnn %s loaded\n",
+                 fe::detail::convert_version_to_str(l.version).c_str());
     return l;
   }();
   return lib;
@@ -156,7 +202,7 @@ void require_library() {
 // ---- per device: the handle, the position check's buffers ------------------------------------
 
 struct DeviceState {
-  std::mutex m;  // the handle's stream binding + execute, and the position buffers
+  std::mutex m;  // the handle (plan builds, stream binding + execute), the position buffers
   cudnnHandle_t handle = nullptr;
   PositionRuns* runs_dev = nullptr;   // device scratch of the position check
   PositionRuns* runs_host = nullptr;  // pinned: the copy the host reads
@@ -240,8 +286,11 @@ void set_stats(fe::graph::Tensor_attributes& t, int64_t nq, int64_t hq) {
       .set_stride({hq * nq, nq, 1, 1});
 }
 
-std::shared_ptr<fe::graph::Graph> make_graph(const Key& k) {
+// sm > 0: the SM version the frontend's checks assume instead of asking the device (set before
+// the nodes are added: each copies the graph's context when it is created).
+std::shared_ptr<fe::graph::Graph> make_graph(const Key& k, int sm = 0) {
   auto g = std::make_shared<fe::graph::Graph>();
+  if (sm > 0) g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -333,12 +382,17 @@ Plan build_plan(const Key& k, cudnnHandle_t handle) {
   return plan;
 }
 
-const Plan& plan_for(const Key& k, cudnnHandle_t handle) {
+const Plan& plan_for(const Key& k, DeviceState& st) {
   static std::mutex m;
   static std::map<Key, std::unique_ptr<Plan> > plans;
   std::lock_guard<std::mutex> lock(m);  // a build takes milliseconds, once per key
   std::unique_ptr<Plan>& p = plans[k];
-  if (!p) p = std::make_unique<Plan>(build_plan(k, handle));
+  if (!p) {
+    // The build uses the handle: not while another thread executes on it (a cuDNN handle serves
+    // one thread at a time). Lock order: plans, then the device's; nothing takes them reversed.
+    std::lock_guard<std::mutex> handle_lock(st.m);
+    p = std::make_unique<Plan>(build_plan(k, st.handle));
+  }
   return *p;
 }
 
@@ -411,7 +465,7 @@ bool plan_call(bool backward, const Shape& sh, bool documents, bool aligned, flo
     k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
     k.right_bound = pc.right_bound;
     std::memcpy(&k.scale_bits, &scale, 4);
-    const Plan& plan = plan_for(k, device_state(device).handle);
+    const Plan& plan = plan_for(k, device_state(device));
     if (!plan.graph) return false;
     pcall.plan = &plan;
     call.max_nq = std::max(call.max_nq, pc.nq);
@@ -475,6 +529,26 @@ int cudnn_loaded_version() {
 
 int64_t cudnn_calls_run() {
   return g_calls_run.load(std::memory_order_relaxed);
+}
+
+std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_bound, float scale,
+                              int sm) {
+  require_library();
+  Key k{};
+  k.backward = backward, k.device = -1;
+  k.nq = sh.nq, k.nk = sh.nk, k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
+  k.right_bound = right_bound;
+  std::memcpy(&k.scale_bits, &scale, 4);
+  try {
+    std::shared_ptr<fe::graph::Graph> g = make_graph(k, sm);
+    fe::error_t e = g->validate();
+    if (e.is_bad()) return "validate: " + fe_error(e);
+    e = g->build_operation_graph(nullptr);
+    if (e.is_bad()) return "build_operation_graph: " + fe_error(e);
+  } catch (const std::exception& ex) {
+    return std::string("exception: ") + ex.what();
+  }
+  return "";
 }
 
 namespace {

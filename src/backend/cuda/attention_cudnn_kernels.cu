@@ -30,7 +30,9 @@ __device__ __forceinline__ void record_starts(const int64_t* __restrict__ pos, i
                                               int64_t i0, int lane, int32_t* count, int64_t* rows,
                                               int64_t* starts) {
   const int64_t i = i0 + lane;
-  const bool start = i < n && (i == 0 || pos[i] != pos[i - 1] + 1);
+  // Unsigned +1: no overflow at INT64_MAX (the host's runs_in_range refuses such runs).
+  const bool start =
+      i < n && (i == 0 || static_cast<uint64_t>(pos[i]) != static_cast<uint64_t>(pos[i - 1]) + 1);
   const unsigned mask = __ballot_sync(0xffffffffu, start);
   if (mask == 0) return;
   const int leader = __ffs(mask) - 1;

@@ -65,12 +65,26 @@ inline std::vector<PosRun> runs_from_starts(std::vector<PosRun> starts, int64_t 
 inline std::vector<PosRun> runs_of(const int64_t* pos, int64_t n) {
   std::vector<PosRun> runs;
   for (int64_t i = 0; i < n; ++i) {
-    if (i == 0 || pos[i] != pos[i - 1] + 1)
+    // Unsigned: pos[i − 1] + 1 must not overflow (INT64_MAX); runs_in_range rejects a wrap.
+    if (i == 0 || static_cast<uint64_t>(pos[i]) != static_cast<uint64_t>(pos[i - 1]) + 1)
       runs.push_back({i, 1, pos[i]});
     else
       ++runs.back().len;
   }
   return runs;
+}
+
+// The planner's arithmetic on positions (run ends, differences) stays exact for positions in
+// [−2^62, 2^62): the layouts' are in [0, S). A run outside it (near the int64 limits, or one that
+// "continues" across INT64_MAX, which the run finder's unsigned +1 lets through) is not covered:
+// the flash kernels take such calls.
+constexpr int64_t kMaxAbsPosition = int64_t{1} << 62;
+inline bool runs_in_range(const std::vector<PosRun>& runs) {
+  for (const PosRun& r : runs)
+    if (r.len < 1 || r.len > kMaxRows || r.pos < -kMaxAbsPosition ||
+        r.pos > kMaxAbsPosition - r.len)
+      return false;
+  return true;
 }
 
 // One cuDNN call: query rows [q_row, q_row + nq) against the first nk keys in position order,
@@ -87,11 +101,12 @@ struct PiecePlan {
 };
 
 // The pieces of a call with the query runs q and the key runs k (each as runs_of gives them), or
-// not covered: more than kMaxRuns runs on either side or kMaxPieces pieces, two keys at one
-// position, or a query that sees no key.
+// not covered: more than kMaxRuns runs on either side or kMaxPieces pieces, positions outside
+// runs_in_range, two keys at one position, or a query that sees no key.
 inline PiecePlan plan_pieces(const std::vector<PosRun>& q, const std::vector<PosRun>& k) {
   PiecePlan plan;
   if (q.empty() || k.empty() || q.size() > kMaxRuns || k.size() > kMaxRuns) return plan;
+  if (!runs_in_range(q) || !runs_in_range(k)) return plan;
   plan.keys = k;
   std::sort(plan.keys.begin(), plan.keys.end(),
             [](const PosRun& a, const PosRun& b) { return a.pos < b.pos; });
