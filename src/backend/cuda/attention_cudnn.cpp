@@ -55,6 +55,7 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -354,7 +355,14 @@ Plan build_plan(const Key& k, cudnnHandle_t handle) {
     TSP_FAIL("cuDNN attention: {} failed for {}: {}", step, k.str(), msg);
   };
   try {
-    g = make_graph(k);
+    // Graph::sdpa picks the implementation (UNIFIED or COMPOSITE) when it is called and throws
+    // std::runtime_error when neither supports the attributes (frontend 1.32 graph_interface.h,
+    // sdpa_internal: "No suitable implementation for given SDPA_attributes"): not supported.
+    try {
+      g = make_graph(k);
+    } catch (const std::runtime_error& ex) {
+      return unsupported("sdpa", fe::error_t{fe::error_code_t::GRAPH_NOT_SUPPORTED, ex.what()});
+    }
     fe::error_t e = g->validate();
     if (e.is_bad()) {
       if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED) return unsupported("validate", e);
