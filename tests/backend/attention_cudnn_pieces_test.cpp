@@ -91,9 +91,11 @@ void check(const Positions& q_pos, const Positions& k_pos, bool expect_covered,
   for (int64_t i = 0; i < nq; ++i) ASSERT_EQ(seen[i], 1) << "query row " << i;
 }
 
+// from, from + 1, ..., from + n − 1 (no std::iota: it computes one more, which overflows for a
+// range ending at INT64_MAX).
 Positions range(int64_t from, int64_t n) {
   Positions p(n);
-  std::iota(p.begin(), p.end(), from);
+  for (int64_t i = 0; i < n; ++i) p[i] = from + i;
   return p;
 }
 Positions concat(std::initializer_list<Positions> parts) {
