@@ -1,6 +1,7 @@
 // The tile-level decisions of the flash attention kernels (src/backend/cuda/attention_tile_rules.h:
 // row sentinels, tile bounds, tile_needed, tile_full), checked on the CPU against brute force over
-// every pair of rows, for both versions' ways of combining them and their tile sizes. The header is
+// every pair of rows, for both versions' ways of combining them and their tile sizes; and v2's walk
+// over its tile bitmasks (next_set, mask_bit) against the set tiles. The header is
 // plain C++ here (no CUDA): this test runs in every build, the sanitizer build included.
 //
 // What must hold, per (query tile, key tile), over the real rows i (< nq) and j (< nk) of the two
@@ -466,6 +467,50 @@ TEST(AttentionTileRules, MatchBruteForceOnRandomCases) {
     }
     EXPECT_EQ(counts[t].needless, 0) << kTilings[t].name;
     EXPECT_GT(doc_counts[t].needless, 0) << kTilings[t].name << ", documents";
+  }
+}
+
+// v2's tile bitmasks (mask_bit, next_set): a block walks its needed tiles with next_set from tile
+// 0 on, so the walk must visit exactly the set tiles, in order, for every tile count up to the
+// limit of kMaskWords·32, across word edges; words past the last one (ceil(n_tiles / 32)) must
+// not be read (there the test puts all-ones words, as a block's stale shared memory could hold).
+TEST(AttentionTileRules, V2MaskWalkVisitsExactlyTheSetTiles) {
+  Rng rng(7);
+  const int limit = kMaskWords * 32;
+  for (int n : {1, 5, 31, 32, 33, 63, 64, 65, 100, 1000, limit - 33, limit - 1, limit}) {
+    // Patterns: none, every tile, only the first, only the last, one in 2, one in 97 (runs of
+    // empty words), random density 1/8.
+    for (int pattern = 0; pattern < 7; ++pattern) {
+      std::vector<bool> set(n);
+      for (int t = 0; t < n; ++t) {
+        set[t] = pattern == 1 || (pattern == 2 && t == 0) || (pattern == 3 && t == n - 1) ||
+                 (pattern == 4 && t % 2 == 1) || (pattern == 5 && t % 97 == 96) ||
+                 (pattern == 6 && rng() % 8 == 0);
+      }
+      const int n_words = (n + 31) / 32;
+      std::vector<uint32_t> mask(kMaskWords + 2, 0xffffffffu);  // past n_words: never read
+      for (int w = 0; w < n_words; ++w) mask[w] = 0;
+      for (int t = 0; t < n; ++t)
+        if (set[t]) mask[t / 32] |= 1u << (t % 32);
+      const std::string what =
+          "n_tiles=" + std::to_string(n) + " pattern " + std::to_string(pattern);
+      // next_set from every start (past the end too) against the first set tile at or after it.
+      std::vector<int> first(n + 1, n);
+      for (int t = n - 1; t >= 0; --t) first[t] = set[t] ? t : first[t + 1];
+      for (int j = 0; j < n + 40; ++j) {
+        ASSERT_EQ(next_set(mask.data(), j, n), j < n ? first[j] : n) << what << " from " << j;
+        if (j < n) {
+          ASSERT_EQ(mask_bit(mask.data(), j), set[j]) << what << " bit " << j;
+        }
+      }
+      // The kernels' walk: next_set(0), then next_set(j + 1) until n_tiles.
+      std::vector<int> walked, want;
+      for (int j = next_set(mask.data(), 0, n); j < n; j = next_set(mask.data(), j + 1, n))
+        walked.push_back(j);
+      for (int t = 0; t < n; ++t)
+        if (set[t]) want.push_back(t);
+      ASSERT_EQ(walked, want) << what;
+    }
   }
 }
 

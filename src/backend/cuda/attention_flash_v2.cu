@@ -51,9 +51,6 @@ namespace {
 
 using namespace flash;  // attention_flash_common.cuh
 
-// Bitmask words per block (needed / full tiles): 256 words = 8192 tiles.
-constexpr int kMaskWords = 256;
-
 // ---- pre-kernels ------------------------------------------------------------------------------
 
 // One warp per tile of `tile` rows of pos[n] (kind: query or key positions, or with doc_pos the
@@ -80,11 +77,14 @@ cudaError_t tile_bounds(Rows kind, const int64_t* pos, const int64_t* doc_pos, i
   return cudaGetLastError();
 }
 
-// Bitmasks of the tiles [0, n_tiles) that satisfy need(t) / full(t), one bit per tile, built by
-// all NT threads of a block (each warp's ballot is one word). Ends with a barrier.
+// Bitmasks of the tiles [0, n_tiles) that satisfy need(t) / full(t), one bit per tile in the
+// layout of attention_tile_rules.h (mask_bit, next_set), built by all NT threads of a block: tile
+// t = base + tid is bit lane of the warp's ballot, word t / 32 = base / 32 + warp (base is a
+// multiple of NT, hence of 32). Ends with a barrier.
 template <int NT, class Need, class Full>
 __device__ __forceinline__ void build_masks(uint32_t* need_s, uint32_t* full_s, int n_tiles,
                                             int tid, Need need, Full full) {
+  static_assert(NT % 32 == 0, "whole warps: one ballot is one mask word");
   const int warp = tid / 32, lane = tid % 32;
   for (int base = 0; base < n_tiles; base += NT) {
     const int t = base + tid;
@@ -98,23 +98,6 @@ __device__ __forceinline__ void build_masks(uint32_t* need_s, uint32_t* full_s, 
     if (lane == 0 && word < kMaskWords) need_s[word] = nb, full_s[word] = fb;
   }
   __syncthreads();
-}
-
-// The first tile >= j whose bit is set in mask (n_tiles if none); bits past n_tiles are clear.
-__device__ __forceinline__ int next_set(const uint32_t* mask, int j, int n_tiles) {
-  const int n_words = (n_tiles + 31) / 32;
-  int w = j >> 5;
-  if (w >= n_words) return n_tiles;
-  uint32_t bits = mask[w] & (0xffffffffu << (j & 31));
-  while (bits == 0) {
-    if (++w >= n_words) return n_tiles;
-    bits = mask[w];
-  }
-  return w * 32 + __ffs(bits) - 1;
-}
-
-__device__ __forceinline__ bool bit(const uint32_t* mask, int j) {
-  return (mask[j >> 5] >> (j & 31)) & 1u;
 }
 
 // n 16-byte chunks from global to shared, asynchronously (both 16-byte aligned).
@@ -277,7 +260,7 @@ __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(Fwd
   for (int mi = 0; mi < MW; ++mi) m[mi][0] = m[mi][1] = -INFINITY, l[mi][0] = l[mi][1] = 0.f;
   int buf = 0;
   while (j < n_tiles) {
-    const bool full = bit(full_s, j);
+    const bool full = mask_bit(full_s, j);
     const int jn = next_set(need_s, j + 1, n_tiles);
     if (jn < n_tiles) load_kv(jn, buf ^ 1);
     cp_async_commit();
@@ -560,7 +543,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
   float dK[D / 8][4] = {}, dV[D / 8][4] = {};
   int buf = 0;
   while (qt < n_qt) {
-    const bool full = bit(full_s, qt);
+    const bool full = mask_bit(full_s, qt);
     const int qn = next_set(need_s, qt + 1, n_qt);
     if (qn < n_qt) load_q(qn, buf ^ 1);
     cp_async_commit();

@@ -1,5 +1,6 @@
 // The tile-level masking rules of the flash attention kernels (v1: attention_flash.cu, v2:
-// attention_flash_v2.cu), as host / device functions so that the CPU can check them
+// attention_flash_v2.cu) and v2's walk over its tile bitmasks (next_set, at the end), as host /
+// device functions so that the CPU can check them
 // (tests/backend/attention_tile_rules_test.cpp compares them with brute force over every pair of
 // rows; no GPU needed). Plain C++ outside nvcc: no CUDA header, no device code.
 //
@@ -95,6 +96,36 @@ TSP_HD inline bool tile_needed(int64_t q_max, int64_t s_min, int64_t k_min, int6
 template <bool DOCS>
 TSP_HD inline bool tile_full(int64_t q_min, int64_t s_max, int64_t k_min, int64_t k_max) {
   return k_max <= q_min && (!DOCS || k_min >= s_max);
+}
+
+// ---- v2's tile bitmasks ------------------------------------------------------------------------
+
+// v2's blocks keep one bit per tile (needed, full) in shared memory: bit t % 32 of word t / 32,
+// set by one ballot per 32 tiles (build_masks, attention_flash_v2.cu), bits past the last tile
+// clear. 256 words: 8192 tiles (flash_v2_supported refuses more; attention.cpp then takes v1).
+constexpr int kMaskWords = 256;
+
+// Whether tile j's bit is set.
+TSP_HD inline bool mask_bit(const uint32_t* mask, int j) {
+  return (mask[j >> 5] >> (j & 31)) & 1u;
+}
+
+// The first tile >= j whose bit is set in mask[0, ceil(n_tiles / 32)), or n_tiles if none (also
+// for j >= n_tiles); bits past n_tiles must be clear. The kernels walk their needed tiles with it.
+TSP_HD inline int next_set(const uint32_t* mask, int j, int n_tiles) {
+  const int n_words = (n_tiles + 31) / 32;
+  int w = j >> 5;
+  if (w >= n_words) return n_tiles;
+  uint32_t bits = mask[w] & (0xffffffffu << (j & 31));
+  while (bits == 0) {
+    if (++w >= n_words) return n_tiles;
+    bits = mask[w];
+  }
+#ifdef __CUDA_ARCH__
+  return w * 32 + __ffs(static_cast<int>(bits)) - 1;
+#else
+  return w * 32 + __builtin_ctz(bits);
+#endif
 }
 
 }  // namespace tsp::cuda::attn::flash
