@@ -8,13 +8,17 @@
 //      queries that see no key), within bounds derived per element from the extra bf16 roundings
 //      of the flash path; and key tiles hidden by the document bound holding NaN, which only
 //      skipped tiles leave out of the results;
-//   2b. the cuDNN path (TSP_CUDA_FLASH=cudnn: contiguous runs only) against the reference kernels,
-//      forward and backward (accumulating onto non-zero gradients), with bounds derived from its
-//      bf16 roundings; that covered calls run on cuDNN and the others (non-contiguous positions,
-//      documents, q0 < k0, small nq) do not and still give the reference's result; and the
-//      backward of one key chunk from merged statistics;
+//   2b. the cuDNN path (TSP_CUDA_FLASH=cudnn: calls whose positions form runs, cut into pieces)
+//      against the reference kernels, forward and backward (accumulating onto non-zero
+//      gradients), with bounds derived from its bf16 roundings; that covered calls run on cuDNN
+//      and the others (documents, q0 < k0, small nq, too many runs) do not and still give the
+//      reference's result; the backward of one key chunk from merged statistics; and its run
+//      finder (our kernel) against the host;
 //   3. the LSE merge against the host.
-// Without a CUDA device every test is skipped (GTEST_SKIP "no CUDA device").
+// Without a CUDA device every test is skipped (GTEST_SKIP "no CUDA device"). The same file also
+// builds as emulated_cuda_attention_test: these kernels on the CPU under the CUDA emulation
+// (tests/cuda_emulation/README.md; kEmulated below), every test but the cuDNN library's.
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -518,9 +522,19 @@ void copy_forward(const DevProblem& ref, DevProblem& fast, const Case& c) {
       cudaMemcpy(fast.lse.buf.p, ref.lse.buf.p, c.nq * c.hq * 4, cudaMemcpyDeviceToDevice));
 }
 
+// Under the CUDA emulation (tests/cuda_emulation/README.md: these kernels run on the CPU, about
+// 1 µs per warp-wide instruction, in the CPU-only CI) the case lists keep every kind of case at
+// sizes the CPU gets through in seconds; on a GPU they are as written.
+#ifdef TSP_CUDA_EMULATION
+constexpr bool kEmulated = true;
+#else
+constexpr bool kEmulated = false;
+#endif
+
 std::vector<Case> small_cases() {
   std::vector<Case> cs;
-  const int64_t ns[] = {1, 5, 64, 130};
+  // 70 under emulation: still past one 64-row tile and an odd remainder.
+  const int64_t ns[] = {1, 5, 64, kEmulated ? 70 : 130};
   const int heads[][2] = {{4, 4}, {8, 2}, {8, 1}};
   const Pos ps[] = {Pos::Causal,   Pos::Offset, Pos::Zigzag,
                     Pos::Shuffled, Pos::Blind,  Pos::Documents};
@@ -627,7 +641,33 @@ TEST(CudaAttention, NoKeys) {
 
 // ---- 2. flash kernels against the reference kernels --------------------------------------------
 
+// Emulation-sized flash cases (kEmulated): the kinds of flash_cases() below at fewer heads and
+// rows. The tile bitmasks still span words: 33 key tiles of 64 (nk = 2080, few queries: v2's
+// forward) and 35 query tiles of 32 (nq = 1100 against 16 keys before them: v2's backward).
+std::vector<Case> emulated_flash_cases() {
+  std::vector<Case> cs;
+  for (int d : {64, 128}) {
+    cs.push_back({1, 1, 4, 4, d, Pos::Causal});
+    cs.push_back({63, 63, 4, 1, d, Pos::Causal});
+    cs.push_back({65, 65, 4, 1, d, Pos::Blind});
+    cs.push_back({130, 130, 2, 2, d, Pos::Zigzag});
+    cs.push_back({100, 200, 2, 1, d, Pos::Shuffled});
+    cs.push_back({64, 200, 2, 1, d, Pos::Offset});
+    cs.push_back({128, 128, 2, 1, d, Pos::Causal});  // multiples of every tile
+    cs.push_back({20, 2080, 1, 1, d, Pos::Causal});
+    cs.push_back({1100, 16, 1, 1, d, Pos::Offset});
+    cs.push_back({160, 160, 2, 1, d, Pos::Documents});
+    cs.push_back({300, 300, 1, 1, d, Pos::DocsLong});
+    cs.push_back({400, 400, 1, 1, d, Pos::DocsTileEdge});
+    cs.push_back({128, 256, 2, 1, d, Pos::DocsZigzag});
+    cs.push_back({100, 200, 2, 1, d, Pos::DocsShuffled});
+    cs.push_back({100, 200, 2, 2, d, Pos::DocsOffset});
+  }
+  return cs;
+}
+
 std::vector<Case> flash_cases() {
+  if (kEmulated) return emulated_flash_cases();
   std::vector<Case> cs;
   for (int d : {64, 128}) {
     cs.push_back({1, 1, 4, 4, d, Pos::Causal});
@@ -965,6 +1005,68 @@ TEST(CudaAttention, CudnnCaseListsMatchTheirPieces) {
   }
   EXPECT_EQ(cudnn_pieces(make({128, 512, 32, 8, 128, Pos::GatheredChunks}, true, 1)), 2);
   EXPECT_EQ(cudnn_pieces(make({160, 160, 8, 2, 128, Pos::RoundChunks}, true, 1)), 2);
+}
+
+// The cuDNN path's run finder (cudnn_find_runs, attention_cudnn_kernels.cu: our kernel, no cuDNN
+// needed) against the host's runs_of, per side: the count of runs, and with at most kMaxRuns of
+// them the runs rebuilt from the starts the device found (in any order) exactly. Positions of
+// every problem kind above, 300 random run patterns (1 to 100 runs, up to 3000 rows: several
+// blocks, warps whose lanes hold starts of several runs), positions around INT64_MAX (a run may
+// end there; INT64_MIN after it starts a new one), and one side past the grid's 4096 blocks of 256
+// threads, which the grid-stride loop must cover.
+TEST(CudaAttention, CudnnRunFinderMatchesHost) {
+  SKIP_WITHOUT_GPU();
+  std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> calls;
+  uint32_t seed = 700;
+  for (Pos pos : {Pos::Causal, Pos::Offset, Pos::Zigzag, Pos::Shuffled, Pos::Blind, Pos::Prefix,
+                  Pos::Past, Pos::Before, Pos::GatheredChunks, Pos::RoundChunks}) {
+    const Problem p = make({160, 320, 1, 1, 8, pos}, false, seed++);
+    calls.push_back({p.q_pos, p.k_pos});
+  }
+  std::mt19937 rng(seed);
+  auto random_runs = [&] {
+    const int runs = std::uniform_int_distribution<int>(1, 100)(rng);
+    std::uniform_int_distribution<int64_t> len(1, 60), start(-1000000, 1000000);
+    std::vector<int64_t> pos;
+    for (int r = 0; r < runs; ++r) {
+      const int64_t n = len(rng), s0 = start(rng);
+      for (int64_t i = 0; i < n; ++i) pos.push_back(s0 + i);
+    }
+    return pos;
+  };
+  for (int i = 0; i < 300; ++i) calls.push_back({random_runs(), random_runs()});
+  const int64_t top = std::numeric_limits<int64_t>::max(),
+                bottom = std::numeric_limits<int64_t>::min();
+  calls.push_back({{top - 2, top - 1, top, bottom, bottom + 1}, {5, top - 1, top, bottom}});
+  std::vector<int64_t> long_side(4096 * 256 + 100);
+  for (size_t i = 0; i < long_side.size(); ++i)
+    long_side[i] = static_cast<int64_t>(i) + (i >= long_side.size() - 40 ? 7 : 0);  // 2 runs
+  calls.push_back({{3, 4, 9}, long_side});
+
+  using attn::cudnn::PosRun;
+  auto check_side = [](int32_t count, const int64_t* rows, const int64_t* starts,
+                       const std::vector<int64_t>& pos, const char* side, size_t call) {
+    const std::vector<PosRun> want = attn::cudnn::runs_of(pos.data(), std::ssize(pos));
+    EXPECT_EQ(count, static_cast<int32_t>(want.size())) << side << " runs, call " << call;
+    if (count != static_cast<int32_t>(want.size()) || want.size() > attn::kMaxPositionRuns) return;
+    std::vector<PosRun> found;
+    for (int32_t r = 0; r < count; ++r) found.push_back({rows[r], 0, starts[r]});
+    EXPECT_TRUE(attn::cudnn::runs_from_starts(found, std::ssize(pos)) == want)
+        << side << " runs, call " << call;
+  };
+  Buf out(sizeof(attn::PositionRuns));
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const auto& [q, k] = calls[i];
+    const Dev qd(q), kd(k);
+    TSP_CUDA_CHECK(attn::cudnn_find_runs(static_cast<const int64_t*>(qd.view.data()), std::ssize(q),
+                                         static_cast<const int64_t*>(kd.view.data()), std::ssize(k),
+                                         static_cast<attn::PositionRuns*>(out.p), nullptr));
+    attn::PositionRuns r;
+    TSP_CUDA_CHECK(cudaMemcpy(&r, out.p, sizeof(r), cudaMemcpyDeviceToHost));
+    check_side(r.q_count, r.q_row, r.q_pos, q, "query", i);
+    check_side(r.k_count, r.k_row, r.k_pos, k, "key", i);
+    if (HasFailure()) return;
+  }
 }
 
 // Forward: the flash bound (CudaFlash.ForwardMatchesReference): cuDNN's fused kernels also round P to

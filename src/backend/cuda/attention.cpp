@@ -27,7 +27,9 @@ std::string device_str(Device d) {
 void check_device(std::initializer_list<const TensorView*> ts, const char* op) {
   const Device dev = (*ts.begin())->device();
   for (const TensorView* t : ts) {
-    if (t->numel() == 0) continue;
+    // An absent tensor (q_doc_pos without documents: a default TensorView, null and "on the
+    // CPU") and an empty one hold nothing to check.
+    if (t->empty() || t->numel() == 0) continue;
     TSP_CHECK(t->device().kind == DeviceKind::CUDA && t->device().index == dev.index,
               "{}: every tensor must be on one CUDA device ({}), got a {} tensor on {}", op,
               device_str(dev), shape_str(t->shape()), device_str(t->device()));

@@ -10,6 +10,7 @@
 
 #include "backend/cuda/attention_cudnn_rules.h"
 #include "backend/cuda/attention_kernels.h"
+#include "backend/cuda/launch.cuh"
 
 namespace tsp::cuda::attn {
 namespace {
@@ -95,25 +96,27 @@ cudaError_t cudnn_find_runs(const int64_t* q_pos, int64_t nq, const int64_t* k_p
   if (nq < 1 || nk < 1) return cudaErrorInvalidValue;
   cudaError_t e = cudaMemsetAsync(out, 0, 2 * sizeof(int32_t), s);  // q_count, k_count
   if (e != cudaSuccess) return e;
-  find_runs_kernel<<<grid_for(std::max(nq, nk)), kThreads, 0, s>>>(q_pos, nq, k_pos, nk, out);
+  TSP_LAUNCH(grid_for(std::max(nq, nk)), kThreads, 0, s, find_runs_kernel)
+  (q_pos, nq, k_pos, nk, out);
   return cudaGetLastError();
 }
 
 cudaError_t cudnn_lse_to_stats(const float* lse, float* stats, int64_t nq, int hq, cudaStream_t s) {
   if (nq * hq == 0) return cudaSuccess;
-  lse_to_stats_kernel<<<grid_for(nq * hq), kThreads, 0, s>>>(lse, stats, nq, hq);
+  TSP_LAUNCH(grid_for(nq * hq), kThreads, 0, s, lse_to_stats_kernel)(lse, stats, nq, hq);
   return cudaGetLastError();
 }
 
 cudaError_t cudnn_stats_to_lse(const float* stats, float* lse, int64_t nq, int hq, cudaStream_t s) {
   if (nq * hq == 0) return cudaSuccess;
-  stats_to_lse_kernel<<<grid_for(nq * hq), kThreads, 0, s>>>(stats, lse, nq, hq);
+  TSP_LAUNCH(grid_for(nq * hq), kThreads, 0, s, stats_to_lse_kernel)(stats, lse, nq, hq);
   return cudaGetLastError();
 }
 
 cudaError_t cudnn_add_bf16(const void* src, float* dst, int64_t n, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  add_bf16_kernel<<<grid_for(n), kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(src), dst, n);
+  TSP_LAUNCH(grid_for(n), kThreads, 0, s, add_bf16_kernel)
+  (static_cast<const __nv_bfloat16*>(src), dst, n);
   return cudaGetLastError();
 }
 

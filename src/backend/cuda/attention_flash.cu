@@ -43,6 +43,7 @@
 
 #include "backend/cuda/attention_flash_common.cuh"
 #include "backend/cuda/attention_kernels.h"
+#include "backend/cuda/launch.cuh"
 
 namespace tsp::cuda::attn {
 namespace {
@@ -73,7 +74,7 @@ constexpr int fwd_smem_bytes() {
 template <int D, bool DOCS>
 __global__ void __launch_bounds__(32 * kFwdWarps) flash_forward_kernel(Args a) {
   constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps;
-  extern __shared__ __align__(16) unsigned char smem[];
+  TSP_DYNAMIC_SHARED(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);                        // [BR][LD]
   bf16* Ks = Qs + BR * LD;                                         // [2][BC][LD]
   bf16* Vs = Ks + 2 * BC * LD;                                     // [2][BC][LD]
@@ -277,7 +278,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps) flash_backward_kernel(Args a) 
   constexpr int CG = kBwdWarps / MT;  // dQ: column groups (warp = mt + MT·cg)
   constexpr int DC = D / CG;          // dQ: columns per warp
   static_assert(NT % BR == 0 && kBwdWarps % MT == 0 && DC % 16 == 0, "tile shape");
-  extern __shared__ __align__(16) unsigned char smem[];
+  TSP_DYNAMIC_SHARED(smem);
   bf16* Ks = reinterpret_cast<bf16*>(smem);                      // [BC][LD]
   bf16* Vs = Ks + BC * LD;                                       // [BC][LD]
   bf16* Qs = Vs + BC * LD;                                       // [BR][LD]
@@ -509,7 +510,7 @@ cudaError_t forward_d(const Args& a, cudaStream_t s) {
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((a.sh.nq + kFwdBR - 1) / kFwdBR),
                   static_cast<unsigned>(a.sh.hq));
-  flash_forward_kernel<D, DOCS><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
+  TSP_LAUNCH(grid, 32 * kFwdWarps, bytes, s, flash_forward_kernel<D, DOCS>)(a);
   return cudaGetLastError();
 }
 
@@ -521,7 +522,7 @@ cudaError_t backward_d(const Args& a, cudaStream_t s) {
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>((a.sh.nk + kBwdBC - 1) / kBwdBC),
                   static_cast<unsigned>(a.sh.hkv));
-  flash_backward_kernel<D, BR, DOCS><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
+  TSP_LAUNCH(grid, 32 * kBwdWarps, bytes, s, flash_backward_kernel<D, BR, DOCS>)(a);
   return cudaGetLastError();
 }
 

@@ -18,34 +18,58 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // ---- PTX wrappers ---------------------------------------------------------------------------
+// Under TSP_CUDA_EMULATION (tests/cuda_emulation/: these kernels run on the CPU in CI) each one
+// calls the emulation's model of the instruction instead.
 
+#ifndef TSP_CUDA_EMULATION
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is then not read).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef TSP_CUDA_EMULATION
+  tsp::emu::cp_async16(dst, src, valid);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
+#endif
 }
 __device__ __forceinline__ void cp_async_commit() {
+#ifdef TSP_CUDA_EMULATION
+  tsp::emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
+#endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef TSP_CUDA_EMULATION
+  tsp::emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // Four 8×8 b16 matrices; lane l gives the address of row l%8 of matrix l/8.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+#ifdef TSP_CUDA_EMULATION
+  tsp::emu::ldmatrix_x4(r, p, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+#ifdef TSP_CUDA_EMULATION
+  tsp::emu::ldmatrix_x4(r, p, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // c[16×8] += a[16×16] · b[16×8] (bf16 in, fp32 accumulate). Fragments (g = lane/4, t = lane%4):
@@ -53,11 +77,15 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
 // b1 (k 2t+8.., n g); c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1).
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1) {
+#ifdef TSP_CUDA_EMULATION
+  tsp::emu::mma_m16n8k16_bf16(c, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats as bf16x2 (round to nearest even), lo in the low half (the lower k index).
@@ -67,9 +95,13 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 }
 
 __device__ __forceinline__ float ex2(float x) {  // 2^x, ~2 ulp; ex2(-inf) = 0
+#ifdef TSP_CUDA_EMULATION
+  return std::exp2(x);  // correctly rounded: within the 2 ulp of the instruction
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // The A fragment of a 16-wide k step from two C tiles (columns 0-7 and 8-15 of the step).

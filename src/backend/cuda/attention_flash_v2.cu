@@ -44,6 +44,7 @@
 
 #include "backend/cuda/attention_flash_common.cuh"
 #include "backend/cuda/attention_kernels.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/scratch.h"
 
 namespace tsp::cuda::attn {
@@ -72,8 +73,8 @@ cudaError_t tile_bounds(Rows kind, const int64_t* pos, const int64_t* doc_pos, i
                         cudaStream_t s) {
   const int warps_per_block = 8;
   const unsigned blocks = static_cast<unsigned>((n_tiles + warps_per_block - 1) / warps_per_block);
-  tile_bounds_kernel<<<blocks, 32 * warps_per_block, 0, s>>>(kind, pos, doc_pos, n, tile, n_tiles,
-                                                             tile_min, tile_max, padded);
+  TSP_LAUNCH(blocks, 32 * warps_per_block, 0, s, tile_bounds_kernel)
+  (kind, pos, doc_pos, n, tile, n_tiles, tile_min, tile_max, padded);
   return cudaGetLastError();
 }
 
@@ -169,7 +170,7 @@ template <int D, bool DOCS>
 __global__ void __launch_bounds__(32 * kFwdWarps, 2) flash_forward_v2_kernel(FwdArgs a) {
   constexpr int BR = kFwdBR, BC = kFwdBC, LD = D + 8, NT = 32 * kFwdWarps, MW = kFwdMW;
   constexpr int SUB = D == 128 ? 32 : 64;  // keys per softmax step (see the loop)
-  extern __shared__ __align__(16) unsigned char smem[];
+  TSP_DYNAMIC_SHARED(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);                         // [BR][LD]
   bf16* Ks = Qs + BR * LD;                                          // [2][BC][LD]
   bf16* Vs = Ks + 2 * BC * LD;                                      // [2][BC][LD]
@@ -464,7 +465,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps, 1) flash_backward_v2_kernel(Bw
   static_assert(kBwdWarps % MT == 0 && DC % 16 == 0, "tile shape");
   constexpr int kBufBytes = bwd_buf_bytes<D, BR, DOCS>();
   static_assert(kBufBytes % 16 == 0 && (BR * LD * 2) % 16 == 0, "16-byte aligned buffers");
-  extern __shared__ __align__(16) unsigned char smem[];
+  TSP_DYNAMIC_SHARED(smem);
   bf16* Ks = reinterpret_cast<bf16*>(smem);  // [BC][LD]
   bf16* Vs = Ks + BC * LD;                   // [BC][LD]
   unsigned char* bufs = reinterpret_cast<unsigned char*>(Vs + BC * LD);
@@ -729,7 +730,7 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
                              cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nq + BR - 1) / BR));
-    flash_forward_v2_kernel<D, DOCS><<<grid, 32 * kFwdWarps, bytes, s>>>(a);
+    TSP_LAUNCH(grid, 32 * kFwdWarps, bytes, s, flash_forward_v2_kernel<D, DOCS>)(a);
     e = cudaGetLastError();
   }
   return e;  // `held` goes back to the allocator's cache, after the queued kernels (scratch.h)
@@ -788,7 +789,7 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
   }
   if (e == cudaSuccess) {
     const int64_t warps = nq_pad * sh.hq;
-    bwd_prep_kernel<D><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, s>>>(a);
+    TSP_LAUNCH(static_cast<unsigned>((warps + 7) / 8), 256, 0, s, bwd_prep_kernel<D>)(a);
     e = cudaGetLastError();
   }
   if (e == cudaSuccess)
@@ -796,7 +797,7 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
                              cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nk + BC - 1) / BC));
-    flash_backward_v2_kernel<D, BR, DOCS><<<grid, 32 * kBwdWarps, bytes, s>>>(a);
+    TSP_LAUNCH(grid, 32 * kBwdWarps, bytes, s, flash_backward_v2_kernel<D, BR, DOCS>)(a);
     e = cudaGetLastError();
   }
   return e;  // `held` goes back to the allocator's cache, after the queued kernels (scratch.h)

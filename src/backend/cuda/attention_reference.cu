@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "backend/cuda/attention_kernels.h"
+#include "backend/cuda/launch.cuh"
 
 namespace tsp::cuda::attn {
 namespace {
@@ -245,14 +246,14 @@ cudaError_t reference_forward(const Fwd& p, cudaStream_t s) {
   if (warps == 0) return cudaSuccess;
   if (p.bf16) {
     using T = __nv_bfloat16;
-    forward_kernel<T><<<warp_blocks(warps), 32 * kWarps, 0, s>>>(
-        p.sh, static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
-        p.q_pos, p.k_pos, p.q_doc_pos, static_cast<T*>(p.o), p.lse, p.scale);
+    TSP_LAUNCH(warp_blocks(warps), 32 * kWarps, 0, s, forward_kernel<T>)
+    (p.sh, static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
+     p.q_pos, p.k_pos, p.q_doc_pos, static_cast<T*>(p.o), p.lse, p.scale);
   } else {
-    forward_kernel<float><<<warp_blocks(warps), 32 * kWarps, 0, s>>>(
-        p.sh, static_cast<const float*>(p.q), static_cast<const float*>(p.k),
-        static_cast<const float*>(p.v), p.q_pos, p.k_pos, p.q_doc_pos, static_cast<float*>(p.o),
-        p.lse, p.scale);
+    TSP_LAUNCH(warp_blocks(warps), 32 * kWarps, 0, s, forward_kernel<float>)
+    (p.sh, static_cast<const float*>(p.q), static_cast<const float*>(p.k),
+     static_cast<const float*>(p.v), p.q_pos, p.k_pos, p.q_doc_pos, static_cast<float*>(p.o), p.lse,
+     p.scale);
   }
   return cudaGetLastError();
 }
@@ -261,11 +262,11 @@ template <class T>
 static cudaError_t reference_backward_t(const Bwd& p, cudaStream_t s) {
   const T *q = static_cast<const T*>(p.q), *k = static_cast<const T*>(p.k);
   const T *v = static_cast<const T*>(p.v), *o = static_cast<const T*>(p.o);
-  backward_dq_kernel<T><<<warp_blocks(p.sh.nq * p.sh.hq), 32 * kWarps, 0, s>>>(
-      p.sh, q, k, v, o, p.q_pos, p.k_pos, p.q_doc_pos, p.lse, p.dout, p.dq, p.scale);
+  TSP_LAUNCH(warp_blocks(p.sh.nq * p.sh.hq), 32 * kWarps, 0, s, backward_dq_kernel<T>)
+  (p.sh, q, k, v, o, p.q_pos, p.k_pos, p.q_doc_pos, p.lse, p.dout, p.dq, p.scale);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  backward_dkdv_kernel<T><<<warp_blocks(p.sh.nk * p.sh.hkv), 32 * kWarps, 0, s>>>(
-      p.sh, q, k, v, o, p.q_pos, p.k_pos, p.q_doc_pos, p.lse, p.dout, p.dk, p.dv, p.scale);
+  TSP_LAUNCH(warp_blocks(p.sh.nk * p.sh.hkv), 32 * kWarps, 0, s, backward_dkdv_kernel<T>)
+  (p.sh, q, k, v, o, p.q_pos, p.k_pos, p.q_doc_pos, p.lse, p.dout, p.dk, p.dv, p.scale);
   return cudaGetLastError();
 }
 
@@ -280,17 +281,17 @@ cudaError_t merge(void* o_a, bool a_bf16, float* lse_a, const void* o_b, bool b_
   using B = __nv_bfloat16;
   const unsigned blocks = warp_blocks(rows);
   if (a_bf16 && b_bf16)
-    merge_kernel<<<blocks, 32 * kWarps, 0, s>>>(static_cast<B*>(o_a), lse_a,
-                                                static_cast<const B*>(o_b), lse_b, rows, d);
+    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<B, B>)
+    (static_cast<B*>(o_a), lse_a, static_cast<const B*>(o_b), lse_b, rows, d);
   else if (a_bf16)
-    merge_kernel<<<blocks, 32 * kWarps, 0, s>>>(static_cast<B*>(o_a), lse_a,
-                                                static_cast<const float*>(o_b), lse_b, rows, d);
+    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<B, float>)
+    (static_cast<B*>(o_a), lse_a, static_cast<const float*>(o_b), lse_b, rows, d);
   else if (b_bf16)
-    merge_kernel<<<blocks, 32 * kWarps, 0, s>>>(static_cast<float*>(o_a), lse_a,
-                                                static_cast<const B*>(o_b), lse_b, rows, d);
+    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<float, B>)
+    (static_cast<float*>(o_a), lse_a, static_cast<const B*>(o_b), lse_b, rows, d);
   else
-    merge_kernel<<<blocks, 32 * kWarps, 0, s>>>(static_cast<float*>(o_a), lse_a,
-                                                static_cast<const float*>(o_b), lse_b, rows, d);
+    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<float, float>)
+    (static_cast<float*>(o_a), lse_a, static_cast<const float*>(o_b), lse_b, rows, d);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,105 @@
+// The runtime side of the CUDA emulation (README.md beside this file): device memory is host
+// memory whose allocations are remembered (cp.async checks its sources against them, and
+// cudaPointerGetAttributes answers from them); the launch errors a GPU reports through
+// cudaGetLastError; the per-kernel dynamic shared memory limit of cudaFuncSetAttribute.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
+namespace tsp::emu {
+namespace {
+
+// Hopper's limits: 48 KiB of dynamic shared memory per block unless a kernel raises it, up to
+// 227 KiB (cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90).
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+constexpr size_t kMaxDynamicShared = 227 * 1024;
+
+std::mutex mutex;
+std::map<uintptr_t, size_t>& allocations() {  // base -> bytes
+  static std::map<uintptr_t, size_t> m;
+  return m;
+}
+std::map<const void*, size_t>& shared_limits() {
+  static std::map<const void*, size_t> m;
+  return m;
+}
+cudaError_t last_error = cudaSuccess;
+
+}  // namespace
+
+cudaError_t malloc_device(void** p, size_t bytes) {
+  // 256-byte aligned like cudaMalloc; fresh memory holds NaN bytes, as the library's poisoned
+  // allocations in the tests (a kernel that reads what nobody wrote shows it).
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  void* q = std::aligned_alloc(256, rounded);
+  if (!q) return cudaErrorMemoryAllocation;
+  std::memset(q, 0xff, rounded);
+  std::lock_guard<std::mutex> lock(mutex);
+  allocations()[reinterpret_cast<uintptr_t>(q)] = bytes;
+  *p = q;
+  return cudaSuccess;
+}
+
+cudaError_t free_device(void* p) {
+  if (!p) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = allocations().find(reinterpret_cast<uintptr_t>(p));
+  if (it == allocations().end()) return cudaErrorInvalidValue;
+  allocations().erase(it);
+  std::free(p);
+  return cudaSuccess;
+}
+
+bool is_device_range(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = allocations().upper_bound(a);
+  if (it == allocations().begin()) return false;
+  --it;
+  return a >= it->first && a + bytes <= it->first + it->second;
+}
+
+cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > kMaxDynamicShared) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(mutex);
+  shared_limits()[kernel] = static_cast<size_t>(bytes);
+  return cudaSuccess;
+}
+
+size_t max_dynamic_shared(const void* kernel) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = shared_limits().find(kernel);
+  return it == shared_limits().end() ? kDefaultDynamicShared : it->second;
+}
+
+void set_launch_error(cudaError_t e) {
+  last_error = e;
+}
+
+cudaError_t take_last_error() {
+  const cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+const char* error_name(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorNoDevice:
+      return "cudaErrorNoDevice";
+    case cudaErrorLaunchFailure:
+      return "cudaErrorLaunchFailure";
+  }
+  return "cudaError (emulation: unknown code)";
+}
+
+}  // namespace tsp::emu
