@@ -2,11 +2,17 @@
 // memory whose allocations are remembered (cp.async checks its sources against them, and
 // cudaPointerGetAttributes answers from them); the launch errors a GPU reports through
 // cudaGetLastError; the per-kernel dynamic shared memory limit of cudaFuncSetAttribute.
+//
+// Every allocation sits between two 256-byte guard zones holding a fixed pattern; after each
+// kernel (and at cudaFree) the zones of every live allocation are compared with it, so a kernel
+// that writes past either end of a buffer is an error naming the kernel's launch.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 
 namespace tsp::emu {
 namespace {
@@ -15,6 +21,8 @@ namespace {
 // 227 KiB (cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90).
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kMaxDynamicShared = 227 * 1024;
+constexpr size_t kGuard = 256;
+constexpr unsigned char kGuardByte = 0xa5;
 
 std::mutex mutex;
 std::map<uintptr_t, size_t>& allocations() {  // base -> bytes
@@ -27,18 +35,30 @@ std::map<const void*, size_t>& shared_limits() {
 }
 cudaError_t last_error = cudaSuccess;
 
+// Whether the guard zones of the allocation at `base` (`bytes` long) still hold the pattern. The
+// zone after it starts at `bytes` exactly, so a write one element past the end shows.
+bool guards_intact(uintptr_t base, size_t bytes) {
+  const auto* p = reinterpret_cast<const unsigned char*>(base);
+  for (size_t i = 1; i <= kGuard; ++i)
+    if (p[-static_cast<ptrdiff_t>(i)] != kGuardByte) return false;
+  for (size_t i = 0; i < kGuard; ++i)
+    if (p[bytes + i] != kGuardByte) return false;
+  return true;
+}
+
 }  // namespace
 
 cudaError_t malloc_device(void** p, size_t bytes) {
-  // 256-byte aligned like cudaMalloc; fresh memory holds NaN bytes, as the library's poisoned
-  // allocations in the tests (a kernel that reads what nobody wrote shows it).
-  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
-  void* q = std::aligned_alloc(256, rounded);
-  if (!q) return cudaErrorMemoryAllocation;
-  std::memset(q, 0xff, rounded);
+  // 256-byte aligned like cudaMalloc, between two guard zones; fresh memory holds NaN bytes, as
+  // the library's poisoned allocations in the tests (a kernel that reads what nobody wrote shows).
+  const size_t body = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  auto* block = static_cast<unsigned char*>(std::aligned_alloc(256, kGuard + body + kGuard));
+  if (!block) return cudaErrorMemoryAllocation;
+  std::memset(block, kGuardByte, kGuard + body + kGuard);
+  std::memset(block + kGuard, 0xff, bytes);
   std::lock_guard<std::mutex> lock(mutex);
-  allocations()[reinterpret_cast<uintptr_t>(q)] = bytes;
-  *p = q;
+  allocations()[reinterpret_cast<uintptr_t>(block + kGuard)] = bytes;
+  *p = block + kGuard;
   return cudaSuccess;
 }
 
@@ -47,9 +67,21 @@ cudaError_t free_device(void* p) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = allocations().find(reinterpret_cast<uintptr_t>(p));
   if (it == allocations().end()) return cudaErrorInvalidValue;
+  if (!guards_intact(it->first, it->second))
+    throw std::runtime_error("CUDA emulation: a write outside the allocation of " +
+                             std::to_string(it->second) + " bytes freed now");
   allocations().erase(it);
-  std::free(p);
+  std::free(static_cast<unsigned char*>(p) - kGuard);
   return cudaSuccess;
+}
+
+void check_guards(const char* after) {
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [base, bytes] : allocations())
+    if (!guards_intact(base, bytes))
+      throw std::runtime_error(std::string("CUDA emulation: ") + after +
+                               " wrote outside an allocation of " + std::to_string(bytes) +
+                               " bytes");
 }
 
 bool is_device_range(const void* p, size_t bytes) {

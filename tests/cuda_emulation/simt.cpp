@@ -562,6 +562,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_shared_byt
           }
         }
       }
+  check_guards("a kernel");
 }
 
 }  // namespace tsp::emu

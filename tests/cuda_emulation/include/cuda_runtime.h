@@ -118,6 +118,7 @@ namespace tsp::emu {
 cudaError_t malloc_device(void** p, size_t bytes);
 cudaError_t free_device(void* p);
 bool is_device_range(const void* p, size_t bytes);  // inside one live cudaMalloc allocation
+void check_guards(const char* after);  // throws when a write went past an allocation's ends
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);  // cudaFuncSetAttribute
 size_t max_dynamic_shared(const void* kernel);  // 48 KiB unless raised (at most 227 KiB: sm_90)
 void set_launch_error(cudaError_t e);
