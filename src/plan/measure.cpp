@@ -7,13 +7,11 @@
 #include "tsp/plan/measure.h"
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <vector>
 
 #include "ops/cpu/attention_internal.h"
-#ifdef TSP_WITH_CUDA
-#include "backend/cuda/attention.h"  // flash_version(): which flash kernels a CUDA run takes
-#endif
 #include "plan/model_util.h"
 #include "tsp/core/error.h"
 #include "tsp/model/block.h"  // token_chunk
@@ -92,12 +90,19 @@ int64_t MemoryTarget::token_chunk() const {
   return block::token_chunk(device);
 }
 
+namespace {
+std::atomic<bool (*)()> g_cuda_flash_v2_query{nullptr};
+}  // namespace
+
+void set_cuda_flash_v2_query(bool (*v2_in_force)()) {
+  g_cuda_flash_v2_query.store(v2_in_force);
+}
+
 MemoryTarget memory_target_of(Device device) {
   MemoryTarget t;
   t.device = device.kind;
-#ifdef TSP_WITH_CUDA
-  if (t.cuda()) t.flash_v2 = cuda::flash_version() == cuda::FlashVersion::V2;
-#endif
+  if (t.cuda())
+    if (bool (*v2)() = g_cuda_flash_v2_query.load()) t.flash_v2 = v2();
   return t;
 }
 

@@ -24,14 +24,19 @@ constexpr size_t kMaxDynamicShared = 227 * 1024;
 constexpr size_t kGuard = 256;
 constexpr unsigned char kGuardByte = 0xa5;
 
-std::mutex mutex;
+// Never destroyed: static objects of the library (the caching allocator) free their blocks at
+// exit, after this file's statics would be gone.
+std::mutex& runtime_mutex() {
+  static auto* m = new std::mutex;
+  return *m;
+}
 std::map<uintptr_t, size_t>& allocations() {  // base -> bytes
-  static std::map<uintptr_t, size_t> m;
-  return m;
+  static auto* m = new std::map<uintptr_t, size_t>;
+  return *m;
 }
 std::map<const void*, size_t>& shared_limits() {
-  static std::map<const void*, size_t> m;
-  return m;
+  static auto* m = new std::map<const void*, size_t>;
+  return *m;
 }
 cudaError_t last_error = cudaSuccess;
 
@@ -56,7 +61,7 @@ cudaError_t malloc_device(void** p, size_t bytes) {
   if (!block) return cudaErrorMemoryAllocation;
   std::memset(block, kGuardByte, kGuard + body + kGuard);
   std::memset(block + kGuard, 0xff, bytes);
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(runtime_mutex());
   allocations()[reinterpret_cast<uintptr_t>(block + kGuard)] = bytes;
   *p = block + kGuard;
   return cudaSuccess;
@@ -64,7 +69,7 @@ cudaError_t malloc_device(void** p, size_t bytes) {
 
 cudaError_t free_device(void* p) {
   if (!p) return cudaSuccess;
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(runtime_mutex());
   auto it = allocations().find(reinterpret_cast<uintptr_t>(p));
   if (it == allocations().end()) return cudaErrorInvalidValue;
   if (!guards_intact(it->first, it->second))
@@ -76,7 +81,7 @@ cudaError_t free_device(void* p) {
 }
 
 void check_guards(const char* after) {
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(runtime_mutex());
   for (const auto& [base, bytes] : allocations())
     if (!guards_intact(base, bytes))
       throw std::runtime_error(std::string("CUDA emulation: ") + after +
@@ -86,7 +91,7 @@ void check_guards(const char* after) {
 
 bool is_device_range(const void* p, size_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(runtime_mutex());
   auto it = allocations().upper_bound(a);
   if (it == allocations().begin()) return false;
   --it;
@@ -95,13 +100,13 @@ bool is_device_range(const void* p, size_t bytes) {
 
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
   if (bytes < 0 || static_cast<size_t>(bytes) > kMaxDynamicShared) return cudaErrorInvalidValue;
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(runtime_mutex());
   shared_limits()[kernel] = static_cast<size_t>(bytes);
   return cudaSuccess;
 }
 
 size_t max_dynamic_shared(const void* kernel) {
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(runtime_mutex());
   auto it = shared_limits().find(kernel);
   return it == shared_limits().end() ? kDefaultDynamicShared : it->second;
 }
@@ -128,6 +133,8 @@ const char* error_name(cudaError_t e) {
       return "cudaErrorInvalidConfiguration";
     case cudaErrorNoDevice:
       return "cudaErrorNoDevice";
+    case cudaErrorNotReady:
+      return "cudaErrorNotReady";
     case cudaErrorLaunchFailure:
       return "cudaErrorLaunchFailure";
   }

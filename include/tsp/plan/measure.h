@@ -42,8 +42,12 @@ struct MemoryTarget {
   int64_t token_chunk() const;
 };
 // The target of a run whose backend is `device`'s, in this process: under CUDA the flash version
-// the backend will use (cuda::flash_version()); the CPU target for the CPU or a build without CUDA.
+// the backend will use (cuda::flash_version(), through the query below); the CPU target for the
+// CPU or a build without CUDA.
 MemoryTarget memory_target_of(Device device);
+// The CUDA backend registers, at load time, whether the v2 flash kernels are in force
+// (src/backend/cuda/attention.cpp); the CPU part of the library has no other tie to CUDA.
+void set_cuda_flash_v2_query(bool (*v2_in_force)());
 
 // Peak memory per rank of one training step of our implementation: layout `l` (D ranks, R
 // replicas), micro-batch of B rows of S tokens over the whole job (each replica takes B/R rows),

@@ -16,6 +16,7 @@
 #include "backend/cuda/attention_kernels.h"
 #include "backend/cuda/cuda_common.h"
 #include "tsp/core/error.h"
+#include "tsp/plan/measure.h"
 
 namespace tsp::cuda {
 namespace {
@@ -200,6 +201,13 @@ void set_flash_version(FlashVersion v) {
             "set_flash_version: bad version {}", static_cast<int>(v));
   g_flash_version.store(static_cast<int>(v));
 }
+
+// Load time: the memory model (plan/measure.cpp, the library's CPU part) learns which flash
+// kernels a CUDA run takes, without depending on CUDA itself.
+const bool g_flash_query_registered = [] {
+  plan::set_cuda_flash_v2_query([] { return flash_version() == FlashVersion::V2; });
+  return true;
+}();
 
 const char* flash_version_name(FlashVersion v) {
   return v == FlashVersion::V1 ? "v1" : v == FlashVersion::V2 ? "v2" : "cudnn";

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "backend/cuda/gemm_cast.h"
+#include "backend/cuda/launch.cuh"
 
 namespace tsp::cuda {
 namespace {
@@ -78,13 +79,14 @@ cudaError_t launch_round_f32_to_bf16(const float* src, __nv_bfloat16* dst, int64
   int64_t done = 0;
   if (vec && n >= 4) {
     const int64_t n4 = n / 4;
-    round_f32_to_bf16_x4<<<grid_for(n4), kThreads, 0, s>>>(reinterpret_cast<const float4*>(src),
-                                                           reinterpret_cast<uint2*>(out), n4);
+    TSP_LAUNCH(grid_for(n4), kThreads, 0, s, round_f32_to_bf16_x4)
+    (reinterpret_cast<const float4*>(src), reinterpret_cast<uint2*>(out), n4);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     done = n4 * 4;
   }
   if (done < n) {
-    round_f32_to_bf16_x1<<<grid_for(n - done), kThreads, 0, s>>>(src + done, out + done, n - done);
+    TSP_LAUNCH(grid_for(n - done), kThreads, 0, s, round_f32_to_bf16_x1)
+    (src + done, out + done, n - done);
     return cudaGetLastError();
   }
   return cudaSuccess;
@@ -100,13 +102,14 @@ cudaError_t launch_widen_bf16_to_f32(const __nv_bfloat16* src, float* dst, int64
   int64_t done = 0;
   if (vec && n >= 4) {
     const int64_t n4 = n / 4;
-    widen_bf16_to_f32_x4<<<grid_for(n4), kThreads, 0, s>>>(reinterpret_cast<const uint2*>(in),
-                                                           reinterpret_cast<uint4*>(out), n4);
+    TSP_LAUNCH(grid_for(n4), kThreads, 0, s, widen_bf16_to_f32_x4)
+    (reinterpret_cast<const uint2*>(in), reinterpret_cast<uint4*>(out), n4);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     done = n4 * 4;
   }
   if (done < n) {
-    widen_bf16_to_f32_x1<<<grid_for(n - done), kThreads, 0, s>>>(in + done, out + done, n - done);
+    TSP_LAUNCH(grid_for(n - done), kThreads, 0, s, widen_bf16_to_f32_x1)
+    (in + done, out + done, n - done);
     return cudaGetLastError();
   }
   return cudaSuccess;

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/launch.cuh"
 
 namespace tsp::cuda::kernels {
 namespace {
@@ -128,7 +129,7 @@ __global__ void sum_into_k(const double* __restrict__ parts, int64_t n, double* 
   if (threadIdx.x == 0) out[0] += acc;
 }
 void sum_into(const double* parts, int64_t n, double* out, cudaStream_t s) {
-  sum_into_k<<<1, 1024, 0, s>>>(parts, n, out);
+  TSP_LAUNCH(1, 1024, 0, s, sum_into_k)(parts, n, out);
 }
 
 // Threads of a row kernel: enough to cover short rows with few idle threads, 512 for long ones.
@@ -280,7 +281,8 @@ __global__ void rmsnorm_dw_k(const float* __restrict__ dy, const TX* __restrict_
 template <class T>
 __global__ void rope_k(T* __restrict__ x, const int64_t* __restrict__ pos, int64_t heads, int64_t d,
                        RopeFreqs freqs, float sign) {
-  extern __shared__ float table[];  // cos [half], sin [half]
+  TSP_DYNAMIC_SHARED(smem);
+  float* table = reinterpret_cast<float*>(smem);  // cos [half], sin [half]
   const int64_t n = blockIdx.x, half = d / 2;
   float* cos_t = table;
   float* sin_t = table + half;
@@ -482,7 +484,7 @@ cudaError_t fill(void* p, bool bf16, int64_t n, float value, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
   with_type(bf16, [&](auto t) {
     using T = decltype(t);
-    fill_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<T*>(p), n, value);
+    TSP_LAUNCH(grid_for(n), kThreads, 0, s, fill_k<T>)(static_cast<T*>(p), n, value);
   });
   return cudaGetLastError();
 }
@@ -494,7 +496,8 @@ cudaError_t cast(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64
     using S = decltype(ts);
     with_type(dst_bf16, [&](auto td) {
       using D = decltype(td);
-      cast_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
+      TSP_LAUNCH(grid_for(n), kThreads, 0, s, cast_k<S, D>)
+      (static_cast<const S*>(src), static_cast<D*>(dst), n);
     });
   });
   return cudaGetLastError();
@@ -508,20 +511,20 @@ cudaError_t swap_leading_dims(const void* src, void* dst, int64_t A, int64_t B, 
                           static_cast<uintptr_t>(inner_bytes);
   const int64_t total = A * B * inner_bytes;
   if (align % 16 == 0) {
-    swap_leading_k<<<grid_for(total / 16), kThreads, 0, s>>>(
-        static_cast<const uint4*>(src), static_cast<uint4*>(dst), A, B, inner_bytes / 16);
+    TSP_LAUNCH(grid_for(total / 16), kThreads, 0, s, swap_leading_k<uint4>)
+    (static_cast<const uint4*>(src), static_cast<uint4*>(dst), A, B, inner_bytes / 16);
   } else if (align % 8 == 0) {
-    swap_leading_k<<<grid_for(total / 8), kThreads, 0, s>>>(
-        static_cast<const uint2*>(src), static_cast<uint2*>(dst), A, B, inner_bytes / 8);
+    TSP_LAUNCH(grid_for(total / 8), kThreads, 0, s, swap_leading_k<uint2>)
+    (static_cast<const uint2*>(src), static_cast<uint2*>(dst), A, B, inner_bytes / 8);
   } else if (align % 4 == 0) {
-    swap_leading_k<<<grid_for(total / 4), kThreads, 0, s>>>(
-        static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), A, B, inner_bytes / 4);
+    TSP_LAUNCH(grid_for(total / 4), kThreads, 0, s, swap_leading_k<uint32_t>)
+    (static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), A, B, inner_bytes / 4);
   } else if (align % 2 == 0) {
-    swap_leading_k<<<grid_for(total / 2), kThreads, 0, s>>>(
-        static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), A, B, inner_bytes / 2);
+    TSP_LAUNCH(grid_for(total / 2), kThreads, 0, s, swap_leading_k<uint16_t>)
+    (static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), A, B, inner_bytes / 2);
   } else {
-    swap_leading_k<<<grid_for(total), kThreads, 0, s>>>(
-        static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), A, B, inner_bytes);
+    TSP_LAUNCH(grid_for(total), kThreads, 0, s, swap_leading_k<uint8_t>)
+    (static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), A, B, inner_bytes);
   }
   return cudaGetLastError();
 }
@@ -532,7 +535,8 @@ cudaError_t add(void* y, bool y_bf16, const void* x, bool x_bf16, int64_t n, cud
     using TY = decltype(ty);
     with_type(x_bf16, [&](auto tx) {
       using TX = decltype(tx);
-      add_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<TY*>(y), static_cast<const TX*>(x), n);
+      TSP_LAUNCH(grid_for(n), kThreads, 0, s, add_k<TY, TX>)
+      (static_cast<TY*>(y), static_cast<const TX*>(x), n);
     });
   });
   return cudaGetLastError();
@@ -542,7 +546,7 @@ cudaError_t scale(void* y, bool y_bf16, float factor, int64_t n, cudaStream_t s)
   if (n <= 0) return cudaSuccess;
   with_type(y_bf16, [&](auto t) {
     using T = decltype(t);
-    scale_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<T*>(y), factor, n);
+    TSP_LAUNCH(grid_for(n), kThreads, 0, s, scale_k<T>)(static_cast<T*>(y), factor, n);
   });
   return cudaGetLastError();
 }
@@ -554,7 +558,7 @@ int64_t sum_squares_partials(int64_t n) {
 cudaError_t sum_squares(const float* x, int64_t n, double* partials, double* out, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
   const int blocks = grid_for(n);
-  sum_squares_k<<<blocks, kThreads, 0, s>>>(x, n, partials);
+  TSP_LAUNCH(blocks, kThreads, 0, s, sum_squares_k)(x, n, partials);
   sum_into(partials, blocks, out, s);
   return cudaGetLastError();
 }
@@ -565,8 +569,8 @@ cudaError_t count_non_finite(const void* x, bool bf16, int64_t n, bool also_nega
   auto* o = reinterpret_cast<unsigned long long*>(out);  // counts are positive: same bits
   with_type(bf16, [&](auto t) {
     using T = decltype(t);
-    count_non_finite_k<<<grid_for(n), kThreads, 0, s>>>(static_cast<const T*>(x), n, also_negative,
-                                                        o);
+    TSP_LAUNCH(grid_for(n), kThreads, 0, s, count_non_finite_k<T>)
+    (static_cast<const T*>(x), n, also_negative, o);
   });
   return cudaGetLastError();
 }
@@ -581,9 +585,8 @@ cudaError_t rmsnorm_forward(const void* x, bool x_bf16, const void* w, bool w_bf
         using TX = decltype(tx);
         using TW = decltype(tw);
         using TY = decltype(ty);
-        rmsnorm_forward_k<<<static_cast<unsigned>(N), row_threads(h), 0, s>>>(
-            static_cast<const TX*>(x), static_cast<const TW*>(w), static_cast<TY*>(y), rstd, h,
-            eps);
+        TSP_LAUNCH(static_cast<unsigned>(N), row_threads(h), 0, s, rmsnorm_forward_k<TX, TW, TY>)
+        (static_cast<const TX*>(x), static_cast<const TW*>(w), static_cast<TY*>(y), rstd, h, eps);
       });
     });
   });
@@ -599,8 +602,8 @@ cudaError_t rmsnorm_apply(const void* x, bool x_bf16, const void* w, bool w_bf16
         using TX = decltype(tx);
         using TW = decltype(tw);
         using TY = decltype(ty);
-        rmsnorm_apply_k<<<static_cast<unsigned>(N), row_threads(h), 0, s>>>(
-            static_cast<const TX*>(x), static_cast<const TW*>(w), rstd, static_cast<TY*>(y), h);
+        TSP_LAUNCH(static_cast<unsigned>(N), row_threads(h), 0, s, rmsnorm_apply_k<TX, TW, TY>)
+        (static_cast<const TX*>(x), static_cast<const TW*>(w), rstd, static_cast<TY*>(y), h);
       });
     });
   });
@@ -616,14 +619,14 @@ cudaError_t rmsnorm_backward(const float* dy, const void* x, bool x_bf16, const 
     if (dx)
       with_type(w_bf16, [&](auto tw) {
         using TW = decltype(tw);
-        rmsnorm_dx_k<<<static_cast<unsigned>(N), row_threads(h), 0, s>>>(
-            dy, static_cast<const TX*>(x), static_cast<const TW*>(w), rstd, dx, h);
+        TSP_LAUNCH(static_cast<unsigned>(N), row_threads(h), 0, s, rmsnorm_dx_k<TX, TW>)
+        (dy, static_cast<const TX*>(x), static_cast<const TW*>(w), rstd, dx, h);
       });
     if (dw) {
       const dim3 block(kDwCols, kDwRows);
       const int64_t blocks = (h + kDwCols - 1) / kDwCols;
-      rmsnorm_dw_k<<<static_cast<unsigned>(blocks), block, 0, s>>>(dy, static_cast<const TX*>(x),
-                                                                   rstd, dw, N, h);
+      TSP_LAUNCH(static_cast<unsigned>(blocks), block, 0, s, rmsnorm_dw_k<TX>)
+      (dy, static_cast<const TX*>(x), rstd, dw, N, h);
     }
   });
   return cudaGetLastError();
@@ -636,8 +639,8 @@ cudaError_t rope(void* x, bool bf16, const int64_t* pos, int64_t N, int64_t head
   const size_t smem = sizeof(float) * static_cast<size_t>(d);         // cos and sin, d/2 each
   with_type(bf16, [&](auto t) {
     using T = decltype(t);
-    rope_k<<<static_cast<unsigned>(N), 128, smem, s>>>(static_cast<T*>(x), pos, heads, d, freqs,
-                                                       sign);
+    TSP_LAUNCH(static_cast<unsigned>(N), 128, smem, s, rope_k<T>)
+    (static_cast<T*>(x), pos, heads, d, freqs, sign);
   });
   return cudaGetLastError();
 }
@@ -647,7 +650,7 @@ cudaError_t swiglu_forward(const float* g, const float* u, void* a, bool a_bf16,
   if (n <= 0) return cudaSuccess;
   with_type(a_bf16, [&](auto t) {
     using T = decltype(t);
-    swiglu_forward_k<<<grid_for(n), kThreads, 0, s>>>(g, u, static_cast<T*>(a), n);
+    TSP_LAUNCH(grid_for(n), kThreads, 0, s, swiglu_forward_k<T>)(g, u, static_cast<T*>(a), n);
   });
   return cudaGetLastError();
 }
@@ -655,7 +658,7 @@ cudaError_t swiglu_forward(const float* g, const float* u, void* a, bool a_bf16,
 cudaError_t swiglu_backward(const float* da, const float* g, const float* u, float* dg, float* du,
                             int64_t n, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  swiglu_backward_k<<<grid_for(n), kThreads, 0, s>>>(da, g, u, dg, du, n);
+  TSP_LAUNCH(grid_for(n), kThreads, 0, s, swiglu_backward_k)(da, g, u, dg, du, n);
   return cudaGetLastError();
 }
 
@@ -667,8 +670,8 @@ cudaError_t embedding_forward(const int32_t* ids, const void* table, bool table_
     with_type(out_bf16, [&](auto to) {
       using TT = decltype(tt);
       using TO = decltype(to);
-      embedding_forward_k<<<static_cast<unsigned>(N), row_threads(h), 0, s>>>(
-          ids, static_cast<const TT*>(table), static_cast<TO*>(out), h, v0, V_shard);
+      TSP_LAUNCH(static_cast<unsigned>(N), row_threads(h), 0, s, embedding_forward_k<TT, TO>)
+      (ids, static_cast<const TT*>(table), static_cast<TO*>(out), h, v0, V_shard);
     });
   });
   return cudaGetLastError();
@@ -677,8 +680,8 @@ cudaError_t embedding_forward(const int32_t* ids, const void* table, bool table_
 cudaError_t embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t N,
                                int64_t h, int64_t v0, int64_t V_shard, cudaStream_t s) {
   if (N <= 0 || h <= 0) return cudaSuccess;
-  embedding_backward_k<<<static_cast<unsigned>(N), row_threads(h), 0, s>>>(ids, dout, dtable, h, v0,
-                                                                           V_shard);
+  TSP_LAUNCH(static_cast<unsigned>(N), row_threads(h), 0, s, embedding_backward_k)
+  (ids, dout, dtable, h, v0, V_shard);
   return cudaGetLastError();
 }
 
@@ -686,8 +689,8 @@ cudaError_t cross_entropy(const float* logits, const int32_t* labels, float* dlo
                           double* row_loss, int64_t N, int64_t V, float grad_scale,
                           int32_t ignore_index, double* loss, cudaStream_t s) {
   if (N <= 0) return cudaSuccess;
-  cross_entropy_k<<<static_cast<unsigned>(N), row_threads(V), 0, s>>>(
-      logits, labels, dlogits, row_loss, V, grad_scale, ignore_index);
+  TSP_LAUNCH(static_cast<unsigned>(N), row_threads(V), 0, s, cross_entropy_k)
+  (logits, labels, dlogits, row_loss, V, grad_scale, ignore_index);
   sum_into(row_loss, N, loss, s);
   return cudaGetLastError();
 }
@@ -696,15 +699,15 @@ cudaError_t online_softmax_update(const float* logits, const int32_t* labels, fl
                                   float* row_sum, float* target, int64_t N, int64_t V_shard,
                                   int64_t v0, cudaStream_t s) {
   if (N <= 0) return cudaSuccess;
-  online_softmax_update_k<<<static_cast<unsigned>(N), row_threads(V_shard), 0, s>>>(
-      logits, labels, row_max, row_sum, target, V_shard, v0);
+  TSP_LAUNCH(static_cast<unsigned>(N), row_threads(V_shard), 0, s, online_softmax_update_k)
+  (logits, labels, row_max, row_sum, target, V_shard, v0);
   return cudaGetLastError();
 }
 
 cudaError_t online_softmax_merge(float* max_a, float* sum_a, const float* max_b, const float* sum_b,
                                  int64_t N, cudaStream_t s) {
   if (N <= 0) return cudaSuccess;
-  online_softmax_merge_k<<<grid_for(N), kThreads, 0, s>>>(max_a, sum_a, max_b, sum_b, N);
+  TSP_LAUNCH(grid_for(N), kThreads, 0, s, online_softmax_merge_k)(max_a, sum_a, max_b, sum_b, N);
   return cudaGetLastError();
 }
 
@@ -713,8 +716,8 @@ cudaError_t online_softmax_backward(const float* logits, const int32_t* labels,
                                     int64_t N, int64_t V_shard, int64_t v0, float grad_scale,
                                     int32_t ignore_index, cudaStream_t s) {
   if (N <= 0) return cudaSuccess;
-  online_softmax_backward_k<<<static_cast<unsigned>(N), row_threads(V_shard), 0, s>>>(
-      logits, labels, row_max, row_sum, dlogits, V_shard, v0, grad_scale, ignore_index);
+  TSP_LAUNCH(static_cast<unsigned>(N), row_threads(V_shard), 0, s, online_softmax_backward_k)
+  (logits, labels, row_max, row_sum, dlogits, V_shard, v0, grad_scale, ignore_index);
   return cudaGetLastError();
 }
 
@@ -722,8 +725,8 @@ cudaError_t online_softmax_loss(const float* row_max, const float* row_sum, cons
                                 const int32_t* labels, double* row_loss, int64_t N,
                                 int32_t ignore_index, double* loss, cudaStream_t s) {
   if (N <= 0) return cudaSuccess;
-  online_softmax_loss_k<<<grid_for(N), kThreads, 0, s>>>(row_max, row_sum, target, labels, row_loss,
-                                                         N, ignore_index);
+  TSP_LAUNCH(grid_for(N), kThreads, 0, s, online_softmax_loss_k)
+  (row_max, row_sum, target, labels, row_loss, N, ignore_index);
   sum_into(row_loss, N, loss, s);
   return cudaGetLastError();
 }
@@ -731,7 +734,7 @@ cudaError_t online_softmax_loss(const float* row_max, const float* row_sum, cons
 cudaError_t adamw(float* w, const float* g, float* m, float* v, int64_t n, const AdamWConstants& c,
                   cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  adamw_k<<<grid_for(n), kThreads, 0, s>>>(w, g, m, v, n, c);
+  TSP_LAUNCH(grid_for(n), kThreads, 0, s, adamw_k)(w, g, m, v, n, c);
   return cudaGetLastError();
 }
 
