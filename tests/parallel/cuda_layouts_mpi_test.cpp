@@ -269,6 +269,55 @@ TEST(CudaLayouts, ZeroOneUpdateMatchesSingleOnCpu) {
   check_zero_update(Device::cuda(0));
 }
 
+// --recompute full and none (also new since the last GPU run): full replays each layer's forward,
+// with its communication, in the backward; none keeps the normed inputs and the MLP's gate/up/act
+// (rmsnorm_forward into kept tensors, mlp_forward writing them, mlp_backward reading them). Every
+// layout at D = W (single: R = W) in both modes against single on the CPU (selective; on the CPU
+// both modes equal selective bit for bit, recompute_mpi_test), fp32 and bf16. That each mode took
+// effect shows in the activations' peak: none keeps more than full.
+void check_recompute_modes(Device device) {
+  const int W = test::world().size();
+  int ran = 0;
+  for (const DType dtype : {DType::F32, DType::BF16})
+    for (const Config& cf : configs_for(W)) {
+      if (cf.dp > 1 && cf.layout != "single") continue;  // D = W: the most sharded form
+      int64_t activations[2] = {0, 0};
+      for (const plan::Recompute mode : {plan::Recompute::Full, plan::Recompute::None}) {
+        test::LayoutCase lc;
+        lc.layout = cf.layout;
+        lc.tp = cf.tp;
+        lc.dp = cf.dp;
+        lc.recompute = mode;
+        lc.config = test::tiny_config(8, 4, 2, /*tie=*/true);
+        lc.dtype = dtype;
+        lc.device = device;
+        lc.B = 4;
+        lc.S = 16;
+        const std::string what = cf.label(W) + " --recompute " +
+                                 std::string(plan::recompute_name(mode)) + " " +
+                                 std::string(dtype_name(dtype));
+        SCOPED_TRACE(what);
+        const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+        activations[mode == plan::Recompute::None] =
+            r.memory.peak[static_cast<int>(MemCategory::Activations)];
+        if (test::world().rank() == 0)
+          std::printf("# %s %-36s loss %.9f (single on cpu %.9f)  max rel err %.2e (%s)\n",
+                      device.str().c_str(), what.c_str(), r.loss, r.ref_loss, r.max_rel_err,
+                      r.worst_param.c_str());
+      }
+      EXPECT_GT(activations[1], activations[0])
+          << cf.label(W) << " " << dtype_name(dtype)
+          << ": --recompute none keeps no more activations than full";
+      ++ran;
+    }
+  EXPECT_GE(ran, 2 * 2);  // single and at least one sharded layout, 2 dtypes
+}
+
+TEST(CudaLayouts, RecomputeFullAndNoneMatchSingleOnCpu) {
+  if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_recompute_modes(Device::cuda(0));
+}
+
 // Gradients accumulate across forward_backward calls on the device exactly as on the CPU (the
 // trainer's --accum is repeated calls; a device kernel that overwrites instead of adding, or a
 // zero_grads that misses the device slab, is off by O(1)).
