@@ -8,6 +8,7 @@
 // tsp-test-ranks: 1 2 4
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "mpi_test_util.h"
 #include "parallel/layout_harness.h"
 #include "test_util.h"
+#include "tsp/train/optimizer.h"
 
 namespace tsp {
 namespace {
@@ -148,6 +150,172 @@ TEST(CudaLayouts, FlashSizedHeadsMatchSingleOnCpu) {
           cf.label(W).c_str(), cuda::flash_version_name(cuda::flash_version()), r.loss, r.ref_loss,
           r.max_rel_err, r.worst_param.c_str());
   }
+}
+
+// ---- since the last GPU run: ZeRO-1 and packed documents ----------------------------------------
+// Both came to the layouts after they last ran on a GPU (commit 0605664). ZeRO-1 (--zero 1, tsp
+// train's default under --dp > 1): on one GPU the replicas' in-place reduce-scatter of each
+// gradient bucket (started during the backward) and the update's in-place all-gathers (left in
+// flight until the next forward reaches each bucket) are MPI transfers of device buffers staged
+// through host memory. Documents (--doc-sep): the attention kernels' document bound (the
+// reference kernels at d = 8) and the layouts' document positions on the device.
+
+// Every layout against single on the CPU (the harness's bounds), fp32 and bf16: under ZeRO-1 at
+// each configuration of configs_for with replicas (R = 2; single: R = W), and with documents (a
+// separator about every fifth token, crossing zigzag chunks and ranks) at every configuration. At
+// one rank there is no replica to partition over: only the documents run there.
+void check_zero_and_documents(Device device) {
+  const int W = test::world().size();
+  int zero_cases = 0, doc_cases = 0;
+  for (const DType dtype : {DType::F32, DType::BF16})
+    for (const Config& cf : configs_for(W))
+      for (const bool documents : {false, true}) {
+        if (!documents && cf.dp == 1) continue;  // nothing to partition
+        test::LayoutCase lc;
+        lc.layout = cf.layout;
+        lc.tp = cf.tp;
+        lc.dp = cf.dp;
+        lc.zero = documents ? 0 : 1;
+        lc.doc_sep = documents ? 5 : -1;
+        lc.config = test::tiny_config(8, 4, 2, /*tie=*/false);
+        lc.dtype = dtype;
+        lc.device = device;
+        lc.B = 4;   // divisible by R <= 4
+        lc.S = 16;  // 2D | S for D <= 4
+        const std::string what =
+            cf.label(W) + (documents ? " documents " : " zero-1 ") + std::string(dtype_name(dtype));
+        SCOPED_TRACE(what);
+        const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+        if (test::world().rank() == 0)
+          std::printf("# %s %-28s loss %.9f (single on cpu %.9f)  max rel err %.2e (%s)\n",
+                      device.str().c_str(), what.c_str(), r.loss, r.ref_loss, r.max_rel_err,
+                      r.worst_param.c_str());
+        ++(documents ? doc_cases : zero_cases);
+      }
+  EXPECT_GE(doc_cases, 2 * 2);  // single and at least one sharded layout, 2 dtypes
+  if (W >= 2) {
+    EXPECT_GE(zero_cases, 2 * 2);  // single and the layouts at R = 2, 2 dtypes
+  }
+}
+
+TEST(CudaLayouts, ZeroOneAndDocumentsMatchSingleOnCpu) {
+  if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_zero_and_documents(Device::cuda(0));
+}
+
+// The update under ZeRO-1: each replica's AdamW over its part of the masters, then the parts
+// all-gathered in place into the compute copy, waited for by the next forward bucket by bucket.
+// One fp32 step (lr 1e-2) on the GPU against single on the CPU: the loss of forward_backward and
+// the loss of a forward on another batch after the update, each within kLayoutRtol (the harness's
+// fp32 bound). The step carries the gradients' rounding differences (~1e-7 relative between the
+// devices) over without amplifying them noticeably: the first AdamW step moves a weight by
+// u(g) = lr·g/(|g| + eps), with u'(g) = lr·eps/(|g| + eps)², which is below lr/|g| (a relative
+// change in g moves u by less than lr times it) except for gradients within a few eps of zero,
+// where u' <= lr/eps = 1e6 turns their ~1e-10 absolute differences into weight changes of ~1e-4
+// on those few elements: far below what moves the loss by 1e-4 relative. The update must move that
+// loss by more than 10x the bound (measured on the CPU: 6e-3 relative, 60x), so weights left stale
+// by a gather, or a replica's part never gathered, fail the comparison. Every layout at R = 2
+// (single: R = W); at one rank R = 1 (no partition: the plain update on the GPU).
+void check_zero_update(Device device) {
+  Communicator& world = test::world();
+  const int W = world.size();
+  const LlamaConfig c = test::tiny_config(8, 4, 2, /*tie=*/false);
+  const Batch first = test::random_batch(4, 16, c.vocab_size, 41);
+  const Batch second = test::random_batch(4, 16, c.vocab_size, 42);
+  const double lr = 1e-2;
+  // single on this rank alone, on the CPU: loss, the second batch's loss before and after.
+  std::unique_ptr<Communicator> self = world.split(world.rank(), 0);
+  ParallelConfig ref_pc;
+  std::unique_ptr<Layout> ref = make_layout(c, ref_pc, *self);
+  ref->load(RandomWeights(77));
+  AdamW ref_opt(*ref, AdamWConfig{});
+  const double ref_loss = ref->forward_backward(first);
+  const double ref_before = ref->forward(second);
+  ref_opt.step(lr, 1.0);
+  const double ref_after = ref->forward(second);
+  ASSERT_GT(std::abs(ref_after - ref_before), 10 * test::kLayoutRtol * std::abs(ref_after))
+      << "the update does not move the loss enough for the comparison to see it";
+  int ran = 0;
+  for (const Config& cf : configs_for(W)) {
+    if (W >= 2 && cf.dp == 1) continue;  // ZeRO-1 needs replicas
+    ParallelConfig pc;
+    pc.layout = cf.layout;
+    pc.tp = cf.tp;
+    pc.dp = cf.dp;
+    pc.zero = 1;
+    pc.device = device;
+    SCOPED_TRACE(cf.label(W) + " zero-1 update");
+    std::unique_ptr<Layout> layout = make_layout(c, pc, world);
+    layout->load(RandomWeights(77));
+    AdamW opt(*layout, AdamWConfig{});
+    const double loss = layout->forward_backward(first);
+    opt.step(lr, 1.0);
+    const double after = layout->forward(second);
+    EXPECT_LE(std::abs(loss - ref_loss), test::kLayoutRtol * std::abs(ref_loss))
+        << "forward_backward: " << loss << " vs single on the cpu " << ref_loss;
+    EXPECT_LE(std::abs(after - ref_after), test::kLayoutRtol * std::abs(ref_after))
+        << "after one update: " << after << " vs single on the cpu " << ref_after
+        << " (before the update: " << ref_before << ")";
+    if (world.rank() == 0)
+      std::printf("# %s %-16s zero-1 update: loss after %.9f (single on cpu %.9f, before %.9f)\n",
+                  device.str().c_str(), cf.label(W).c_str(), after, ref_after, ref_before);
+    ++ran;
+  }
+  EXPECT_GE(ran, 1);
+}
+
+TEST(CudaLayouts, ZeroOneUpdateMatchesSingleOnCpu) {
+  if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_zero_update(Device::cuda(0));
+}
+
+// --recompute full and none (also new since the last GPU run): full replays each layer's forward,
+// with its communication, in the backward; none keeps the normed inputs and the MLP's gate/up/act
+// (rmsnorm_forward into kept tensors, mlp_forward writing them, mlp_backward reading them). Every
+// layout at D = W (single: R = W) in both modes against single on the CPU (selective; on the CPU
+// both modes equal selective bit for bit, recompute_mpi_test), fp32 and bf16. That each mode took
+// effect shows in the activations' peak: none keeps more than full.
+void check_recompute_modes(Device device) {
+  const int W = test::world().size();
+  int ran = 0;
+  for (const DType dtype : {DType::F32, DType::BF16})
+    for (const Config& cf : configs_for(W)) {
+      if (cf.dp > 1 && cf.layout != "single") continue;  // D = W: the most sharded form
+      int64_t activations[2] = {0, 0};
+      for (const plan::Recompute mode : {plan::Recompute::Full, plan::Recompute::None}) {
+        test::LayoutCase lc;
+        lc.layout = cf.layout;
+        lc.tp = cf.tp;
+        lc.dp = cf.dp;
+        lc.recompute = mode;
+        lc.config = test::tiny_config(8, 4, 2, /*tie=*/true);
+        lc.dtype = dtype;
+        lc.device = device;
+        lc.B = 4;
+        lc.S = 16;
+        const std::string what = cf.label(W) + " --recompute " +
+                                 std::string(plan::recompute_name(mode)) + " " +
+                                 std::string(dtype_name(dtype));
+        SCOPED_TRACE(what);
+        const test::LayoutCaseResult r = test::check_layout_against_single(test::world(), lc);
+        activations[mode == plan::Recompute::None] =
+            r.memory.peak[static_cast<int>(MemCategory::Activations)];
+        if (test::world().rank() == 0)
+          std::printf("# %s %-36s loss %.9f (single on cpu %.9f)  max rel err %.2e (%s)\n",
+                      device.str().c_str(), what.c_str(), r.loss, r.ref_loss, r.max_rel_err,
+                      r.worst_param.c_str());
+      }
+      EXPECT_GT(activations[1], activations[0])
+          << cf.label(W) << " " << dtype_name(dtype)
+          << ": --recompute none keeps no more activations than full";
+      ++ran;
+    }
+  EXPECT_GE(ran, 2 * 2);  // single and at least one sharded layout, 2 dtypes
+}
+
+TEST(CudaLayouts, RecomputeFullAndNoneMatchSingleOnCpu) {
+  if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_recompute_modes(Device::cuda(0));
 }
 
 // Gradients accumulate across forward_backward calls on the device exactly as on the CPU (the

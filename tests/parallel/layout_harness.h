@@ -129,6 +129,8 @@ struct LayoutCase {
   Device device = Device::cpu();  // where the layout under test runs (the reference: the CPU)
   double rtol = 0;                // 0: kLayoutRtol for f32, kLayoutRtolBf16 for bf16
   int32_t doc_sep = -1;           // >= 0: packed documents (add_documents) with this separator
+  // --recompute of the layout under test (the single reference recomputes selectively).
+  plan::Recompute recompute = plan::Recompute::Selective;
   double tolerance() const {
     return rtol > 0 ? rtol : dtype == DType::BF16 ? kLayoutRtolBf16 : kLayoutRtol;
   }
@@ -204,6 +206,7 @@ inline LayoutCaseResult check_layout_against_single(Communicator& world, const L
     pc.overlap = lc.overlap;
     pc.dtype = lc.dtype;
     pc.device = lc.device;
+    pc.recompute = lc.recompute;
     MemoryTracker::instance().reset_peaks();
     std::unique_ptr<Layout> layout = make_layout(lc.config, pc, world);
     layout->load(weights);

@@ -486,8 +486,9 @@ bool plan_call(bool backward, const Shape& sh, bool documents, bool aligned, flo
 }
 
 // Workspace tensors belong to the compute stream's order (allocator.cpp). A call on another
-// stream (the tests pass the legacy default stream) first waits for the compute stream (the
-// allocations, poisoning included), and the compute stream waits for it before they are freed.
+// stream (the tests pass the legacy default stream) allocates all of them first, then waits for
+// the compute stream (their poison fills and the blocks' earlier users are queued there), and the
+// compute stream waits for it before they are freed.
 void wait_for(cudaStream_t waiter, cudaStream_t on) {
   cudaEvent_t e;
   TSP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -580,13 +581,17 @@ void* bf16_at(void* base, int64_t e) {
 }
 
 // K and V with their keys in position order, as the pieces read them: k, v themselves when that
-// is their memory order, else bf16 copies [max_nk, hkv, d] gathered by runs (Workspace).
+// is their memory order, else bf16 copies [max_nk, hkv, d] (Workspace) that gather_keys fills by
+// runs. Two steps because of wait_for's rule: a call on another stream than the compute stream
+// allocates every Workspace tensor before it waits for the compute stream, which is where the
+// allocator queues a block's poison fill (and where the block's earlier users ran); a copy
+// allocated after that wait could be filled by its stream before the poison fill lands on it.
 struct SortedKeys {
   const void *k = nullptr, *v = nullptr;
   Tensor k_copy, v_copy;
 };
-SortedKeys sorted_keys(const CallPlan& call, const void* k, const void* v, int64_t row, int device,
-                       cudaStream_t s) {
+SortedKeys sorted_keys(const CallPlan& call, const void* k, const void* v, int64_t row,
+                       int device) {
   SortedKeys out;
   if (call.cut.keys_in_order) {
     out.k = k, out.v = v;
@@ -595,18 +600,23 @@ SortedKeys sorted_keys(const CallPlan& call, const void* k, const void* v, int64
   const Device dev = Device::cuda(device);
   out.k_copy = Tensor({call.max_nk, row}, DType::BF16, MemCategory::Workspace, dev);
   out.v_copy = Tensor({call.max_nk, row}, DType::BF16, MemCategory::Workspace, dev);
+  out.k = out.k_copy.data(), out.v = out.v_copy.data();
+  return out;
+}
+// The copies of sorted_keys, queued on s (nothing to do when k, v are in position order).
+void gather_keys(const CallPlan& call, const SortedKeys& keys, const void* k, const void* v,
+                 int64_t row, cudaStream_t s) {
+  if (call.cut.keys_in_order) return;
   int64_t base = 0;
   for (const cudnn::PosRun& r : call.cut.keys) {
     const int64_t n = std::min(r.len, call.max_nk - base);
     if (n <= 0) break;
-    TSP_CUDA_CHECK(cudaMemcpyAsync(bf16_at(out.k_copy.data(), base * row), bf16_at(k, r.row * row),
+    TSP_CUDA_CHECK(cudaMemcpyAsync(bf16_at(keys.k_copy.data(), base * row), bf16_at(k, r.row * row),
                                    2 * n * row, cudaMemcpyDeviceToDevice, s));
-    TSP_CUDA_CHECK(cudaMemcpyAsync(bf16_at(out.v_copy.data(), base * row), bf16_at(v, r.row * row),
+    TSP_CUDA_CHECK(cudaMemcpyAsync(bf16_at(keys.v_copy.data(), base * row), bf16_at(v, r.row * row),
                                    2 * n * row, cudaMemcpyDeviceToDevice, s));
     base += r.len;
   }
-  out.k = out.k_copy.data(), out.v = out.v_copy.data();
-  return out;
 }
 
 // dst (F32, memory order) += src (bf16, the first nk sorted keys), run by run.
@@ -630,8 +640,9 @@ bool cudnn_forward(const Fwd& p, int device, cudaStream_t s) {
   const int64_t hq = p.sh.hq, q_row = hq * p.sh.d, k_row = p.sh.hkv * p.sh.d;
   Tensor stats({hq, call.max_nq}, DType::F32, MemCategory::Workspace, Device::cuda(device));
   Tensor ws = workspace_bytes(call.workspace, device);
-  if (s != cs) wait_for(s, cs);
-  const SortedKeys keys = sorted_keys(call, p.k, p.v, k_row, device, s);
+  const SortedKeys keys = sorted_keys(call, p.k, p.v, k_row, device);
+  if (s != cs) wait_for(s, cs);  // after the last allocation (sorted_keys)
+  gather_keys(call, keys, p.k, p.v, k_row, s);
   for (const PieceCall& pc : call.calls) {
     const int64_t r0 = pc.piece.q_row;
     std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(bf16_at(p.q, r0 * q_row))},
@@ -660,10 +671,11 @@ bool cudnn_backward(const Bwd& p, int device, cudaStream_t s) {
   Tensor dk({call.max_nk, hkv, d}, DType::BF16, MemCategory::Workspace, dev);
   Tensor dv({call.max_nk, hkv, d}, DType::BF16, MemCategory::Workspace, dev);
   Tensor ws = workspace_bytes(call.workspace, device);
-  if (s != cs) wait_for(s, cs);
+  const SortedKeys keys = sorted_keys(call, p.k, p.v, k_row, device);
+  if (s != cs) wait_for(s, cs);  // after the last allocation (sorted_keys)
   TSP_CUDA_CHECK(launch_round_f32_to_bf16(p.dout, static_cast<__nv_bfloat16*>(dout.data()),
                                           p.sh.nq * q_row, s));
-  const SortedKeys keys = sorted_keys(call, p.k, p.v, k_row, device, s);
+  gather_keys(call, keys, p.k, p.v, k_row, s);
   for (const PieceCall& pc : call.calls) {
     const int64_t r0 = pc.piece.q_row;
     TSP_CUDA_CHECK(cudnn_lse_to_stats(p.lse + r0 * hq, static_cast<float*>(stats.data()),
