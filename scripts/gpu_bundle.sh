@@ -47,7 +47,7 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
   command -v ccache >/dev/null &&
     launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
   cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DTSP_WITH_CUDA=ON -DTSP_NATIVE=OFF \
-    -DCMAKE_CXX_FLAGS=-march=x86-64-v3 -DTSP_BUILD_TESTS=ON -DTSP_BUILD_BENCH=ON \
+    -DCMAKE_CXX_FLAGS=-march=x86-64-v3 -DTSP_BUILD_TESTS=ON -DTSP_BUILD_BENCH=ON -DTSP_EMULATE_CUDA=OFF \
     "${launcher[@]}" >/dev/null
 fi
 grep -q '^TSP_WITH_CUDA:STRING=ON' "$build/CMakeCache.txt" ||
