@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <deque>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -96,7 +95,7 @@ struct Thread {
   uint64_t out64 = 0;
   int block_result = 0;
   std::vector<AsyncCopy> open_group;             // cp.async not yet committed
-  std::deque<std::vector<AsyncCopy>> committed;  // committed groups, oldest first
+  std::vector<std::vector<AsyncCopy>> committed;  // committed groups, oldest first (a few)
 };
 
 struct LaneInput {
@@ -217,8 +216,9 @@ void complete(Warp& w, int warp_index) {
       for (int l = 0; l < 32; ++l) {
         if (!(w.mask >> l & 1u)) continue;
         const LaneInput& in = w.in[l];
-        const int width = in.width, group = l / width * width;
-        int src = in.is_xor ? l ^ in.param : group + (in.param % width + width) % width;
+        // width is a power of 2 (checked in shuffle()): masks, not divisions, on this hot path.
+        const int width = in.width, group = l & ~(width - 1);
+        int src = in.is_xor ? l ^ in.param : group + (in.param & (width - 1));
         if (in.is_xor && (src < group || src >= group + width)) src = l;
         if (!(w.mask >> src & 1u))
           fail("lane " + std::to_string(l) + " reads lane " + std::to_string(src) +
@@ -435,10 +435,11 @@ void cp_async_commit() {
 // before its wait (or, by another thread, before the barrier after it) sees the old contents.
 void cp_async_wait(int pending) {
   Thread& t = me();
-  while (static_cast<int>(t.committed.size()) > pending) {
-    for (const AsyncCopy& c : t.committed.front()) std::memcpy(c.dst, c.data, 16);
-    t.committed.pop_front();
-  }
+  const int done = static_cast<int>(t.committed.size()) - pending;
+  if (done <= 0) return;
+  for (int g = 0; g < done; ++g)
+    for (const AsyncCopy& c : t.committed[g]) std::memcpy(c.dst, c.data, 16);
+  t.committed.erase(t.committed.begin(), t.committed.begin() + done);
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool transpose) {
