@@ -94,7 +94,7 @@ struct Thread {
   uint32_t out[4] = {};  // a warp-wide operation's result for this lane
   uint64_t out64 = 0;
   int block_result = 0;
-  std::vector<AsyncCopy> open_group;             // cp.async not yet committed
+  std::vector<AsyncCopy> open_group;              // cp.async not yet committed
   std::vector<std::vector<AsyncCopy>> committed;  // committed groups, oldest first (a few)
 };
 

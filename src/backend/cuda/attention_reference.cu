@@ -280,18 +280,14 @@ cudaError_t merge(void* o_a, bool a_bf16, float* lse_a, const void* o_b, bool b_
   if (rows == 0) return cudaSuccess;
   using B = __nv_bfloat16;
   const unsigned blocks = warp_blocks(rows);
-  if (a_bf16 && b_bf16)
-    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<B, B>)
-    (static_cast<B*>(o_a), lse_a, static_cast<const B*>(o_b), lse_b, rows, d);
-  else if (a_bf16)
-    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<B, float>)
-    (static_cast<B*>(o_a), lse_a, static_cast<const float*>(o_b), lse_b, rows, d);
-  else if (b_bf16)
-    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<float, B>)
-    (static_cast<float*>(o_a), lse_a, static_cast<const B*>(o_b), lse_b, rows, d);
-  else
-    TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<float, float>)
-    (static_cast<float*>(o_a), lse_a, static_cast<const float*>(o_b), lse_b, rows, d);
+  if (a_bf16 && b_bf16) TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<B, B>)
+  (static_cast<B*>(o_a), lse_a, static_cast<const B*>(o_b), lse_b, rows, d);
+  else if (a_bf16) TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<B, float>)(
+      static_cast<B*>(o_a), lse_a, static_cast<const float*>(o_b), lse_b, rows, d);
+  else if (b_bf16) TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<float, B>)(
+      static_cast<float*>(o_a), lse_a, static_cast<const B*>(o_b), lse_b, rows, d);
+  else TSP_LAUNCH(blocks, 32 * kWarps, 0, s, merge_kernel<float, float>)(
+      static_cast<float*>(o_a), lse_a, static_cast<const float*>(o_b), lse_b, rows, d);
   return cudaGetLastError();
 }
 
