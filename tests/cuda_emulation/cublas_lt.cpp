@@ -15,13 +15,13 @@ struct Context {};
 
 float load(const void* p, cudaDataType_t t, int64_t i) {
   if (t == CUDA_R_32F) return static_cast<const float*>(p)[i];
-  return tsp::emu::bf16_value(static_cast<const uint16_t*>(p)[i]);
+  return tsp::bf16::to_float(static_cast<const uint16_t*>(p)[i]);
 }
 void store(void* p, cudaDataType_t t, int64_t i, float v) {
   if (t == CUDA_R_32F)
     static_cast<float*>(p)[i] = v;
   else
-    static_cast<uint16_t*>(p)[i] = tsp::emu::bf16_bits(v);
+    static_cast<uint16_t*>(p)[i] = tsp::bf16::from_float(v);
 }
 bool known(cudaDataType_t t) {
   return t == CUDA_R_32F || t == CUDA_R_16BF;

@@ -266,12 +266,12 @@ void complete(Warp& w, int warp_index) {
         const int g = l / 4, t = l % 4;
         const LaneInput& in = w.in[l];
         for (int h = 0; h < 2; ++h) {
-          A[g][2 * t + h] = bf16_value(half_of(in.a[0], h));
-          A[g + 8][2 * t + h] = bf16_value(half_of(in.a[1], h));
-          A[g][2 * t + 8 + h] = bf16_value(half_of(in.a[2], h));
-          A[g + 8][2 * t + 8 + h] = bf16_value(half_of(in.a[3], h));
-          B[2 * t + h][g] = bf16_value(half_of(in.b[0], h));
-          B[2 * t + 8 + h][g] = bf16_value(half_of(in.b[1], h));
+          A[g][2 * t + h] = tsp::bf16::to_float(half_of(in.a[0], h));
+          A[g + 8][2 * t + h] = tsp::bf16::to_float(half_of(in.a[1], h));
+          A[g][2 * t + 8 + h] = tsp::bf16::to_float(half_of(in.a[2], h));
+          A[g + 8][2 * t + 8 + h] = tsp::bf16::to_float(half_of(in.a[3], h));
+          B[2 * t + h][g] = tsp::bf16::to_float(half_of(in.b[0], h));
+          B[2 * t + 8 + h][g] = tsp::bf16::to_float(half_of(in.b[1], h));
           C[g][2 * t + h] = in.c[h];
           C[g + 8][2 * t + h] = in.c[2 + h];
         }

@@ -1,6 +1,6 @@
 // Stand-in for CUDA's <cuda_bf16.h> in the CUDA emulation (tests/cuda_emulation/README.md): the
-// bf16 storage types and the conversions the kernels use, with the same rounding (to nearest,
-// ties to even; NaN stays NaN) as the device intrinsics and tsp::bf16.
+// bf16 storage types and the conversions the kernels use, through tsp::bf16 (to nearest, ties to
+// even; NaN stays NaN: the device intrinsics' rounding).
 #pragma once
 
 #include <cstdint>
@@ -11,8 +11,8 @@
 struct __nv_bfloat16 {
   uint16_t bits;
   __nv_bfloat16() = default;
-  __nv_bfloat16(float f) : bits(tsp::emu::bf16_bits(f)) {}  // NOLINT: implicit, as CUDA's
-  operator float() const { return tsp::emu::bf16_value(bits); }
+  __nv_bfloat16(float f) : bits(tsp::bf16::from_float(f)) {}  // NOLINT: implicit, as CUDA's
+  operator float() const { return tsp::bf16::to_float(bits); }
 };
 static_assert(sizeof(__nv_bfloat16) == 2);
 

@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "tsp/core/bf16.h"  // the bf16 rounding, shared with the library
+
 #define TSP_CUDA_EMULATION 1
 
 // ---- qualifiers --------------------------------------------------------------------------------
@@ -153,20 +155,6 @@ void cp_async_commit();
 void cp_async_wait(int newest_groups_left_pending);
 void ldmatrix_x4(uint32_t (&r)[4], const void* shared_row_address, bool transpose);
 void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-inline uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline float bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // kernel<<<grid, block, shared, stream>>>(args...) as TSP_LAUNCH(grid, block, shared, stream,
 // kernel)(args...): the arguments are converted to the kernel's parameter types once, as CUDA
