@@ -351,8 +351,9 @@ TEST(CudaCollectives, MpiStagingOfDeviceBuffers) {
 }
 
 // memory_pool of a GPU: its total memory, and every rank of the group that computes on it (on a
-// one-GPU machine all of them, so the count is the group size; with a GPU per rank it would be 1).
-// The CPU's pool is the host's.
+// one-GPU machine all of them, so the count is the group size; with a GPU per rank it is 1). The
+// expected count comes from the devices' UUIDs read here with the CUDA runtime, not through the
+// library's hook. The CPU's pool is the host's.
 TEST(CudaCollectives, MemoryPoolCountsTheRanksOnEachGpu) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
   const Device dev = resolve_device("cuda");
@@ -363,11 +364,15 @@ TEST(CudaCollectives, MemoryPoolCountsTheRanksOnEachGpu) {
   ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
   EXPECT_EQ(pool.bytes, static_cast<int64_t>(total_b));
   EXPECT_EQ(pool.place, "the GPU " + dev.str());
-  // One GPU (the lent test machines): every rank shares it. Several: at least this rank.
-  if (cuda::device_count() == 1)
-    EXPECT_EQ(pool.ranks, w.size());
-  else
-    EXPECT_GE(pool.ranks, 1);
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, dev.index), cudaSuccess);
+  int64_t mine[2] = {};
+  static_assert(sizeof prop.uuid.bytes == sizeof mine);
+  std::memcpy(mine, prop.uuid.bytes, sizeof mine);
+  const std::vector<int64_t> all = w.gather_host(std::span<const int64_t>(mine, 2));
+  int sharing = 0;
+  for (int r = 0; r < w.size(); ++r) sharing += all[2 * r] == mine[0] && all[2 * r + 1] == mine[1];
+  EXPECT_EQ(pool.ranks, sharing);
   const MemoryPool host = memory_pool(Device::cpu(), w);
   EXPECT_EQ(host.place, "this machine");
 }

@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <utility>
 
+#include <unistd.h>
+
 #include "tsp/core/bf16.h"  // the bf16 rounding, shared with the library
 
 #define TSP_CUDA_EMULATION 1
@@ -125,6 +127,11 @@ bool is_device_range(const void* p, size_t bytes);  // inside one live cudaMallo
 void check_guards(const char* after);  // throws when a write went past an allocation's ends
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);  // cudaFuncSetAttribute
 size_t max_dynamic_shared(const void* kernel);  // 48 KiB unless raised (at most 227 KiB: sm_90)
+// Runs `op` on `stream` after everything queued there before it (and, for the legacy default
+// stream nullptr, after the blocking streams' work). Ops must own what they use (capture by
+// value): they run later, on the stream's own thread. An exception thrown by an op is the
+// device's error: it is raised again from the next call that waits for the device.
+void enqueue(cudaStream_t stream, std::function<void()> op);
 void set_launch_error(cudaError_t e);
 cudaError_t take_last_error();
 const char* error_name(cudaError_t e);
@@ -432,9 +439,11 @@ inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, 
   return cudaSuccess;
 }
 // The emulated device: an sm_90 part with the memory the host gives it (reported as 80 GiB). Every
-// process sees the same one device (one UUID).
+// process sees one device of its own (a UUID holding the process id), as a job does that runs one
+// rank per GPU; TSP_COMM=mpi makes the ranks stage through host memory instead, as ranks sharing a
+// GPU do.
 struct cudaUUID_t {
-  char bytes[16] = {'t', 's', 'p', '-', 'e', 'm', 'u', 'l', 'a', 't', 'e', 'd', '-', 'g', 'p', 'u'};
+  char bytes[16] = {'t', 's', 'p', '-', 'e', 'm', 'u', '-', 'g', 'p', 'u', '-', 0, 0, 0, 0};
 };
 struct cudaDeviceProp {
   char name[256] = "CUDA emulation (tests/cuda_emulation)";
@@ -446,6 +455,8 @@ struct cudaDeviceProp {
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   if (device != 0) return cudaErrorInvalidValue;
   *p = cudaDeviceProp{};
+  const uint32_t pid = static_cast<uint32_t>(getpid());
+  std::memcpy(p->uuid.bytes + 12, &pid, sizeof pid);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
