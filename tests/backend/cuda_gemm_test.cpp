@@ -116,14 +116,20 @@ class DeviceTensor {
         std::memcpy(p + 2 * i, &b, 2);
       }
     }
-    const cudaError_t e = cudaMemcpy(base_, image_.data(), bytes_, cudaMemcpyHostToDevice);
+    // On the compute stream, where the GEMMs run: cudaMemcpy would go on the legacy default
+    // stream, which our non-blocking stream does not wait for.
+    const cudaStream_t s = cuda::compute_stream(0);
+    cudaError_t e = cudaMemcpyAsync(base_, image_.data(), bytes_, cudaMemcpyHostToDevice, s);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
     TSP_CHECK(e == cudaSuccess, "upload: {}", cudaGetErrorString(e));
   }
   void upload_nan() { upload(std::vector<float>(shape_numel(shape_), std::nanf(""))); }
   // The values of the view; `guards_ok` says whether every byte outside it is as uploaded.
   std::vector<float> download(bool* guards_ok) const {
     std::vector<unsigned char> now(bytes_);
-    const cudaError_t e = cudaMemcpy(now.data(), base_, bytes_, cudaMemcpyDeviceToHost);
+    const cudaStream_t s = cuda::compute_stream(0);
+    cudaError_t e = cudaMemcpyAsync(now.data(), base_, bytes_, cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
     TSP_CHECK(e == cudaSuccess, "download: {}", cudaGetErrorString(e));
     const size_t begin = offset_ * dtype_size(dtype_);
     const size_t end = begin + shape_numel(shape_) * dtype_size(dtype_);
@@ -368,7 +374,9 @@ const std::vector<Dtypes3> kBackwardDtypes = {
 // Makes sure device 0 has an allocator (the bf16 copies of F32 inputs are Workspace tensors).
 // The CUDA backend registers its caching allocator itself; if this test runs before anything did,
 // a plain cudaMalloc/cudaFree allocator serves (cudaFree waits for the device, so a block is never
-// reused while a queued GEMM reads it).
+// reused while a queued GEMM reads it). Its fills and copies go on the compute stream, in order
+// with the GEMMs (cudaMemset and cudaMemcpy would use the legacy default stream, which the
+// library's non-blocking stream does not wait for).
 class PlainCudaAllocator final : public Allocator {
  public:
   Device device() const override { return Device::cuda(0); }
@@ -379,15 +387,22 @@ class PlainCudaAllocator final : public Allocator {
     return p;
   }
   void deallocate(void* p, size_t) override { cudaFree(p); }
-  void zero(void* p, size_t bytes) override { TSP_CUDA_CHECK(cudaMemset(p, 0, bytes)); }
+  void zero(void* p, size_t bytes) override {
+    TSP_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda::compute_stream(0)));
+  }
   void copy(void* dst, const void* src, size_t bytes) override {
-    TSP_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    TSP_CUDA_CHECK(
+        cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda::compute_stream(0)));
   }
   void copy_from_host(void* dst, const void* host, size_t bytes) override {
-    TSP_CUDA_CHECK(cudaMemcpy(dst, host, bytes, cudaMemcpyHostToDevice));
+    const cudaStream_t s = cuda::compute_stream(0);
+    TSP_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, s));
+    TSP_CUDA_CHECK(cudaStreamSynchronize(s));  // the host buffer may go once this returns
   }
   void copy_to_host(void* host, const void* src, size_t bytes) override {
-    TSP_CUDA_CHECK(cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
+    const cudaStream_t s = cuda::compute_stream(0);
+    TSP_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, s));
+    TSP_CUDA_CHECK(cudaStreamSynchronize(s));
   }
   int64_t capacity_bytes() const override {
     size_t free_b = 0, total_b = 0;

@@ -184,7 +184,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
                               cublasLtMatrixLayout_t b, const void* beta, const void* C,
                               cublasLtMatrixLayout_t c, void* D, cublasLtMatrixLayout_t d,
                               const cublasLtMatmulAlgo_t* algo, void* workspace,
-                              size_t workspace_bytes, cudaStream_t) {
+                              size_t workspace_bytes, cudaStream_t stream) {
   if (!handle || !algo) return CUBLAS_STATUS_INVALID_VALUE;
   if (const cublasStatus_t s = check(desc, a, b, c, d); s != CUBLAS_STATUS_SUCCESS) return s;
   // Pointers must be as aligned as the plan was promised (an algorithm chosen for that alignment
@@ -205,29 +205,33 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
   if (!tsp::emu::is_device_range(A, last(a) * ab) || !tsp::emu::is_device_range(B, last(b) * ab) ||
       !tsp::emu::is_device_range(D, last(d) * db) || !tsp::emu::is_device_range(C, last(c) * db))
     return CUBLAS_STATUS_INVALID_VALUE;
+  // alpha and beta are host scalars (the default pointer mode): read at the call. The product
+  // runs in stream order, with copies of the descriptors (the caller may change them after).
   float fa, fb;
   std::memcpy(&fa, alpha, 4);
   std::memcpy(&fb, beta, 4);
-  // op(A) as rows of k and op(B) as columns of k, widened to float once: each element of D is then
-  // one contiguous dot product.
-  std::vector<float> ar(static_cast<size_t>(m) * k), bc(static_cast<size_t>(n) * k);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t p = 0; p < k; ++p)
-      ar[i * k + p] = load(A, a->type, desc->ta == CUBLAS_OP_N ? i + p * a->ld : p + i * a->ld);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t p = 0; p < k; ++p)
-      bc[j * k + p] = load(B, b->type, desc->tb == CUBLAS_OP_N ? p + j * b->ld : j + p * b->ld);
-  // C may be D (in place): every element of D reads only its own C element, before writing it.
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < m; ++i) {
-      const float* x = &ar[i * k];
-      const float* y = &bc[j * k];
-      float acc = 0.f;
+  tsp::emu::enqueue(stream, [=, ta = desc->ta, tb = desc->tb, la = *a, lb = *b, lc = *c, ld = *d] {
+    // op(A) as rows of k and op(B) as columns of k, widened to float once: each element of D is
+    // then one contiguous dot product.
+    std::vector<float> ar(static_cast<size_t>(m) * k), bc(static_cast<size_t>(n) * k);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t p = 0; p < k; ++p)
+        ar[i * k + p] = load(A, la.type, ta == CUBLAS_OP_N ? i + p * la.ld : p + i * la.ld);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t p = 0; p < k; ++p)
+        bc[j * k + p] = load(B, lb.type, tb == CUBLAS_OP_N ? p + j * lb.ld : j + p * lb.ld);
+    // C may be D (in place): every element of D reads only its own C element, before writing it.
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < m; ++i) {
+        const float* x = &ar[i * k];
+        const float* y = &bc[j * k];
+        float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t p = 0; p < k; ++p) acc += x[p] * y[p];
-      float v = fa * acc;
-      if (fb != 0.f) v = v + fb * load(C, c->type, i + j * c->ld);
-      store(D, d->type, i + j * d->ld, v);
-    }
+        for (int64_t p = 0; p < k; ++p) acc += x[p] * y[p];
+        float v = fa * acc;
+        if (fb != 0.f) v = v + fb * load(C, lc.type, i + j * lc.ld);
+        store(D, ld.type, i + j * ld.ld, v);
+      }
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

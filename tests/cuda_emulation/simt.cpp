@@ -26,7 +26,7 @@
 
 namespace tsp::emu {
 
-Builtins current;
+thread_local Builtins current;
 
 namespace {
 
@@ -43,7 +43,7 @@ struct StackPool {
   }
 };
 StackPool& stack_pool() {
-  static StackPool pool;
+  static thread_local StackPool pool;  // each stream's thread runs its own blocks
   return pool;
 }
 struct PooledStack {
@@ -131,7 +131,7 @@ struct Block {
   std::string error;
   std::vector<unsigned char> shared;
 };
-Block* block = nullptr;
+thread_local Block* block = nullptr;  // the block this OS thread runs
 
 std::string where(const Thread& t) {
   std::ostringstream s;
@@ -464,20 +464,27 @@ void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint3
   std::memcpy(c, t.out, 16);
 }
 
-void run_grid(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_shared_bytes,
-              const std::function<void()>& body) {
+bool launch_config_ok(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_shared_bytes) {
   if (block) fail("CUDA emulation: a kernel launched from inside a kernel");
   const int64_t threads = int64_t{dim.x} * dim.y * dim.z;
   if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 ||
       grid.z > 65535 || grid.x > 2147483647u) {
     set_launch_error(cudaErrorInvalidConfiguration);
-    return;
+    return false;
   }
   if (dynamic_shared_bytes > max_dynamic_shared(kernel)) {
     set_launch_error(cudaErrorInvalidValue);
-    return;
+    return false;
   }
-  static std::minstd_rand rng(seed());
+  return true;
+}
+
+void run_grid(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_shared_bytes,
+              const std::function<void()>& body) {
+  // Checked at the launch (launch_config_ok); a grid that gets here is valid.
+  const int64_t threads = int64_t{dim.x} * dim.y * dim.z;
+  (void)kernel;
+  static thread_local std::minstd_rand rng(seed());
   const int n = static_cast<int>(threads), n_warps = (n + 31) / 32;
   std::vector<int> warp_order(n_warps);
   for (int i = 0; i < n_warps; ++i) warp_order[i] = i;

@@ -5,8 +5,9 @@
 // only by the emulated test targets (tests/CMakeLists.txt); nothing in the library sees it.
 //
 // What it provides: the runtime calls the kernels' launchers, attention.cpp, cuda_common.cpp and
-// the attention test use (memory is host memory; streams and events are no-ops, every call is
-// synchronous); the kernel-side built-ins (threadIdx, ..., __syncthreads, __shfl_*_sync,
+// the attention test use (memory is host memory; each stream is a thread of its own that runs its
+// work in order, later than the host queued it, concurrently with the host and the other streams:
+// runtime.cpp); the kernel-side built-ins (threadIdx, ..., __syncthreads, __shfl_*_sync,
 // __ballot_sync, atomics, the rounding intrinsics); TSP_LAUNCH and TSP_DYNAMIC_SHARED
 // (src/backend/cuda/launch.cuh has their CUDA forms); and the PTX instructions the flash kernels
 // wrap (attention_flash_common.cuh), as functions of namespace tsp::emu.
@@ -14,6 +15,7 @@
 
 #include <math.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -38,9 +40,10 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Static shared variables: one copy for the whole grid, which is right because the emulation runs
-// one block at a time (they are not cleared between blocks: CUDA leaves them undefined too).
-#define __shared__ static
+// Static shared variables: one copy for a grid, which is right because the emulation runs one
+// block of a grid at a time (they are not cleared between blocks: CUDA leaves them undefined too);
+// one per OS thread, because kernels on different streams run at the same time.
+#define __shared__ static thread_local
 
 // ---- vector types ------------------------------------------------------------------------------
 struct uint3 {
@@ -85,6 +88,7 @@ enum cudaError_t {
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorNoDevice = 100,
+  cudaErrorInvalidResourceHandle = 400,
   cudaErrorNotReady = 600,
   cudaErrorLaunchFailure = 719,
 };
@@ -122,8 +126,30 @@ namespace tsp::emu {
 
 // ---- the runtime (runtime.cpp) -----------------------------------------------------------------
 cudaError_t malloc_device(void** p, size_t bytes);
-cudaError_t free_device(void* p);
+cudaError_t free_device(void* p);                         // cudaFree: waits for the device first
+cudaError_t free_device_async(void* p, cudaStream_t s);  // cudaFreeAsync: in stream order
+cudaError_t malloc_pinned(void** p, size_t bytes);
+cudaError_t free_pinned(void* p);
 bool is_device_range(const void* p, size_t bytes);  // inside one live cudaMalloc allocation
+bool is_pinned_range(const void* p, size_t bytes);  // inside one live cudaMallocHost allocation
+
+// Streams and events. The error a device op raised (a kernel's fault) is sticky, as on a GPU:
+// every later synchronising call returns cudaErrorLaunchFailure, whose string is the fault.
+cudaError_t stream_create(cudaStream_t* s, unsigned flags);
+cudaError_t stream_destroy(cudaStream_t s);
+cudaError_t stream_synchronize(cudaStream_t s);
+cudaError_t stream_query(cudaStream_t s);
+cudaError_t device_synchronize();
+cudaError_t event_create(cudaEvent_t* e);
+cudaError_t event_destroy(cudaEvent_t e);
+cudaError_t event_record(cudaEvent_t e, cudaStream_t s);
+cudaError_t stream_wait_event(cudaStream_t s, cudaEvent_t e);
+cudaError_t event_synchronize(cudaEvent_t e);
+cudaError_t event_query(cudaEvent_t e);
+// Copies and fills with CUDA's documented host synchronisation for each kind of memory.
+cudaError_t memcpy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                      size_t height, cudaMemcpyKind kind, cudaStream_t s, bool async);
+cudaError_t memset_device(void* p, int value, size_t bytes, cudaStream_t s);
 void check_guards(const char* after);  // throws when a write went past an allocation's ends
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);  // cudaFuncSetAttribute
 size_t max_dynamic_shared(const void* kernel);  // 48 KiB unless raised (at most 227 KiB: sm_90)
@@ -134,6 +160,7 @@ size_t max_dynamic_shared(const void* kernel);  // 48 KiB unless raised (at most
 void enqueue(cudaStream_t stream, std::function<void()> op);
 void set_launch_error(cudaError_t e);
 cudaError_t take_last_error();
+cudaError_t peek_last_error();
 const char* error_name(cudaError_t e);
 
 // ---- the SIMT engine (simt.cpp) ----------------------------------------------------------------
@@ -141,7 +168,7 @@ struct Builtins {
   uint3 threadIdx, blockIdx;
   dim3 blockDim, gridDim;
 };
-extern Builtins current;  // the running fiber's (set by the scheduler before each resume)
+extern thread_local Builtins current;  // the running fiber's (set by the scheduler before each resume)
 
 // Runs `thread_body` once per thread of the grid, block after block (a block's threads are fibers
 // on this OS thread). Throws std::runtime_error, naming the block and thread, on anything the
@@ -166,21 +193,29 @@ void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint3
 // kernel<<<grid, block, shared, stream>>>(args...) as TSP_LAUNCH(grid, block, shared, stream,
 // kernel)(args...): the arguments are converted to the kernel's parameter types once, as CUDA
 // does, and each thread calls the kernel with them.
+// The launch is checked at once (a bad configuration is the launch's error, as on a GPU); the grid
+// runs in stream order, with the parameters copied at the launch.
+bool launch_config_ok(const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared);
 template <class... P>
 struct Launch {
   void (*kernel)(P...);
   dim3 grid, block;
   size_t shared;
+  cudaStream_t stream;
   template <class... A>
   void operator()(A&&... args) const {
-    const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-    run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared,
-             [&] { std::apply(kernel, params); });
+    const void* k = reinterpret_cast<const void*>(kernel);
+    if (!launch_config_ok(k, grid, block, shared)) return;
+    enqueue(stream, [k, f = kernel, g = grid, b = block, sh = shared,
+                     params = std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)] {
+      run_grid(k, g, b, sh, [&] { std::apply(f, params); });
+    });
   }
 };
 template <class... P>
-Launch<P...> launch(dim3 grid, dim3 block, size_t shared, cudaStream_t, void (*kernel)(P...)) {
-  return {kernel, grid, block, shared};
+Launch<P...> launch(dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+                    void (*kernel)(P...)) {
+  return {kernel, grid, block, shared, stream};
 }
 
 }  // namespace tsp::emu
@@ -230,32 +265,32 @@ T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
   return emu_shuffle(mask, v, src_lane, false, width);
 }
 
-// Atomics: the emulation runs one thread at a time, so a read-modify-write is atomic as written.
+// Atomics: one block runs at a time per OS thread, but kernels on different streams run at once,
+// so read-modify-writes are real atomics.
 template <class T>
 T atomicAdd(T* p, T v) {
-  const T old = *p;
-  *p = old + v;
-  return old;
+  return std::atomic_ref<T>(*p).fetch_add(v);
 }
-inline float2 atomicAdd(float2* p, float2 v) {  // sm_90's vector atomic
+inline float2 atomicAdd(float2* p, float2 v) {  // sm_90's vector atomic (each half atomic)
   if (reinterpret_cast<uintptr_t>(p) % 8 != 0)
     throw std::invalid_argument(
         "CUDA emulation: float2 atomicAdd at an address not 8-byte aligned");
-  const float2 old = *p;
-  p->x += v.x;
-  p->y += v.y;
-  return old;
+  return {std::atomic_ref<float>(p->x).fetch_add(v.x), std::atomic_ref<float>(p->y).fetch_add(v.y)};
 }
 template <class T>
 T atomicMax(T* p, T v) {
-  const T old = *p;
-  if (v > old) *p = v;
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (v > old && !a.compare_exchange_weak(old, v)) {
+  }
   return old;
 }
 template <class T>
 T atomicMin(T* p, T v) {
-  const T old = *p;
-  if (v < old) *p = v;
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
   return old;
 }
 
@@ -377,7 +412,7 @@ inline cudaError_t cudaGetLastError() {
   return tsp::emu::take_last_error();
 }
 inline cudaError_t cudaPeekAtLastError() {
-  return cudaSuccess;
+  return tsp::emu::peek_last_error();
 }
 inline const char* cudaGetErrorName(cudaError_t e) {
   return tsp::emu::error_name(e);
@@ -395,47 +430,49 @@ cudaError_t cudaMalloc(T** p, size_t bytes) {
 inline cudaError_t cudaFree(void* p) {
   return tsp::emu::free_device(p);
 }
-inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
-  if (bytes) std::memmove(dst, src, bytes);
-  return cudaSuccess;
+inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                                     size_t width, size_t height, cudaMemcpyKind kind,
+                                     cudaStream_t s = nullptr) {
+  return tsp::emu::memcpy_2d(dst, dpitch, src, spitch, width, height, kind, s, true);
 }
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind k,
-                                   cudaStream_t = nullptr) {
-  return cudaMemcpy(dst, src, bytes, k);
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                                   cudaStream_t s = nullptr) {
+  return tsp::emu::memcpy_2d(dst, bytes, src, bytes, bytes, 1, kind, s, true);
 }
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return tsp::emu::memcpy_2d(dst, bytes, src, bytes, bytes, 1, kind, nullptr, false);
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s = nullptr) {
+  return tsp::emu::memset_device(p, value, bytes, s);
+}
+// Asynchronous for device memory too (on the legacy default stream), as CUDA documents.
 inline cudaError_t cudaMemset(void* p, int value, size_t bytes) {
-  if (bytes) std::memset(p, value, bytes);
-  return cudaSuccess;
-}
-inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t = nullptr) {
-  return cudaMemset(p, value, bytes);
+  return tsp::emu::memset_device(p, value, bytes, nullptr);
 }
 inline cudaError_t cudaDeviceSynchronize() {
-  return cudaSuccess;
+  return tsp::emu::device_synchronize();
 }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
-  return cudaSuccess;
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  return tsp::emu::stream_synchronize(s);
 }
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
-  static char stream_token;
-  *s = reinterpret_cast<cudaStream_t>(&stream_token);
-  return cudaSuccess;
+inline cudaError_t cudaStreamQuery(cudaStream_t s) {
+  return tsp::emu::stream_query(s);
+}
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  return tsp::emu::stream_create(s, flags);
+}
+inline cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  return tsp::emu::stream_create(s, 0);
 }
 inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   *a = cudaPointerAttributes{};
   if (tsp::emu::is_device_range(p, 1)) {
     a->type = cudaMemoryTypeDevice;
     a->devicePointer = const_cast<void*>(p);
+  } else if (tsp::emu::is_pinned_range(p, 1)) {
+    a->type = cudaMemoryTypeHost;
+    a->hostPointer = const_cast<void*>(p);
   }
-  return cudaSuccess;
-}
-inline cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
-                                     size_t width, size_t height, cudaMemcpyKind,
-                                     cudaStream_t = nullptr) {
-  if (width > dpitch || width > spitch) return cudaErrorInvalidValue;
-  for (size_t r = 0; r < height; ++r)
-    std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
-                 width);
   return cudaSuccess;
 }
 // The emulated device: an sm_90 part with the memory the host gives it (reported as 80 GiB). Every
@@ -464,56 +501,51 @@ inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   *free_bytes = *total_bytes;
   return cudaSuccess;
 }
-// Events order streams; with every call synchronous there is nothing to order.
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
-  static char event_token;
-  *e = reinterpret_cast<cudaEvent_t>(&event_token);
-  return cudaSuccess;
+  return tsp::emu::event_create(e);
 }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
-  return cudaEventCreateWithFlags(e, 0);
+  return tsp::emu::event_create(e);
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) {
-  return cudaSuccess;
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+  return tsp::emu::event_record(e, s);
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
-  return cudaSuccess;
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  return tsp::emu::event_synchronize(e);
 }
-inline cudaError_t cudaEventDestroy(cudaEvent_t) {
-  return cudaSuccess;
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  return tsp::emu::event_destroy(e);
 }
-inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) {
-  return cudaSuccess;
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+  return tsp::emu::stream_wait_event(s, e);
 }
-inline cudaError_t cudaEventQuery(cudaEvent_t) {
-  return cudaSuccess;  // every call has completed when it returns
+inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+  return tsp::emu::event_query(e);
 }
 inline cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned flags, int) {
   return cudaStreamCreateWithFlags(s, flags);
 }
-inline cudaError_t cudaStreamDestroy(cudaStream_t) {
-  return cudaSuccess;
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  return tsp::emu::stream_destroy(s);
 }
 inline cudaError_t cudaDeviceGetStreamPriorityRange(int* least, int* greatest) {
   *least = 0;
   *greatest = -5;
   return cudaSuccess;
 }
-// Pinned host memory is host memory; stream-ordered allocation is a plain one (every call is
-// synchronous).
+// Pinned host memory is host memory the runtime knows (copies from and to it are truly
+// asynchronous). Stream-ordered allocation allocates at once and frees in stream order.
 inline cudaError_t cudaMallocHost(void** p, size_t bytes) {
-  *p = std::malloc(bytes ? bytes : 1);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  return tsp::emu::malloc_pinned(p, bytes);
 }
 inline cudaError_t cudaFreeHost(void* p) {
-  std::free(p);
-  return cudaSuccess;
+  return tsp::emu::free_pinned(p);
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
   return tsp::emu::malloc_device(p, bytes);
 }
-inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
-  return tsp::emu::free_device(p);
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
+  return tsp::emu::free_device_async(p, s);
 }
 
 template <class T>
