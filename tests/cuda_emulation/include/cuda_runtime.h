@@ -126,7 +126,7 @@ namespace tsp::emu {
 
 // ---- the runtime (runtime.cpp) -----------------------------------------------------------------
 cudaError_t malloc_device(void** p, size_t bytes);
-cudaError_t free_device(void* p);                         // cudaFree: waits for the device first
+cudaError_t free_device(void* p);                        // cudaFree: waits for the device first
 cudaError_t free_device_async(void* p, cudaStream_t s);  // cudaFreeAsync: in stream order
 cudaError_t malloc_pinned(void** p, size_t bytes);
 cudaError_t free_pinned(void* p);
@@ -168,7 +168,8 @@ struct Builtins {
   uint3 threadIdx, blockIdx;
   dim3 blockDim, gridDim;
 };
-extern thread_local Builtins current;  // the running fiber's (set by the scheduler before each resume)
+extern thread_local Builtins
+    current;  // the running fiber's (set by the scheduler before each resume)
 
 // Runs `thread_body` once per thread of the grid, block after block (a block's threads are fibers
 // on this OS thread). Throws std::runtime_error, naming the block and thread, on anything the
