@@ -113,12 +113,16 @@ struct PendingOp {
 thread_local int t_group_depth = 0;
 thread_local std::vector<PendingOp> t_group_ops;
 thread_local ncclResult_t t_group_error = ncclSuccess;  // the first failed call in the group
+thread_local std::string t_group_message;               // and its message
 
 // A failed call: the message for ncclGetLastError, the group's error (so ncclGroupEnd reports it
 // and drops the group, as NCCL does), and the result to return.
 ncclResult_t fail(ncclResult_t r, std::string message) {
   t_last_error = std::move(message);
-  if (t_group_depth > 0 && t_group_error == ncclSuccess) t_group_error = r;
+  if (t_group_depth > 0 && t_group_error == ncclSuccess) {
+    t_group_error = r;
+    t_group_message = t_last_error;
+  }
   return r;
 }
 
@@ -487,6 +491,7 @@ ncclResult_t ncclCommAbort(ncclComm_t comm) {
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* async_error) {
   if (comm == nullptr || !comm->state || async_error == nullptr)
     return fail(ncclInvalidArgument, "ncclCommGetAsyncError: null communicator or result pointer");
+  t_last_error.clear();  // ncclGetLastError(comm) now gives the asynchronous error's message
   std::lock_guard lock(comm->state->mutex);
   *async_error = comm->state->async;
   return ncclSuccess;
@@ -513,6 +518,7 @@ ncclResult_t ncclGroupEnd() {
     // A call in the group failed (ncclGetLastError says which): nothing of it runs, as in NCCL.
     const ncclResult_t r = t_group_error;
     t_group_error = ncclSuccess;
+    t_last_error = std::move(t_group_message);  // the later calls of the group cleared it
     return r;
   }
   for (const PendingOp& op : ops) {

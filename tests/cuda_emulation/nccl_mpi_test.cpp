@@ -101,8 +101,9 @@ TEST(EmulatedNccl, AFailedCallFailsItsGroupAndNothingOfItRuns) {
   const std::vector<float> ones(4, 1.f);
   ASSERT_EQ(cudaMemcpy(d.p, ones.data(), sizeof(float) * 4, cudaMemcpyHostToDevice), cudaSuccess);
   ASSERT_EQ(ncclGroupStart(), ncclSuccess);
-  EXPECT_EQ(ncclAllReduce(d.p, d.p, 4, ncclFloat32, ncclSum, comm, s), ncclSuccess);
   EXPECT_EQ(ncclSend(d.p, 4, ncclFloat32, -1, comm, s), ncclInvalidArgument);
+  // A valid call after the failed one: queued with the group, and nothing of the group runs.
+  EXPECT_EQ(ncclAllReduce(d.p, d.p, 4, ncclFloat32, ncclSum, comm, s), ncclSuccess);
   expect_refused(ncclGroupEnd(), ncclInvalidArgument, comm, "peer -1 out of range");
   EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
   std::vector<float> got(4);
