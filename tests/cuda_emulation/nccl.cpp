@@ -52,7 +52,9 @@ struct CommState {
   MPI_Comm data = MPI_COMM_NULL;  // the operations' traffic
   MPI_Comm ctrl = MPI_COMM_NULL;  // ncclCommSplit
   int rank = 0, size = 0;
-  bool aborted = false;  // ncclCommAbort: peers may be gone, so the MPI communicators leak
+  // ncclCommAbort: peers may be gone, so the MPI communicators leak. Atomic: the last queued
+  // operation may drop the state on a stream's thread.
+  std::atomic<bool> aborted{false};
 
   std::mutex mutex;  // guards what follows (set by stream threads, read by the host)
   ncclResult_t async = ncclSuccess;
