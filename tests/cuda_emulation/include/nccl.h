@@ -1,9 +1,11 @@
 // Stand-in for <nccl.h> in the CUDA emulation (README.md of tests/cuda_emulation): the types and
-// calls src/comm/cuda/nccl.cpp compiles against, so that file's other half — the MPI path's host
-// staging of device buffers and the device queries, which every multi-rank GPU test uses — runs
-// under emulation. NCCL itself is not emulated: every rank of an emulated job has the same one
-// device, which nccl.cpp refuses before it calls NCCL (one GPU per rank); a call that still
-// arrives here fails with ncclInvalidUsage and says why.
+// calls src/comm/cuda/nccl.cpp uses, with NCCL's documented meaning, implemented over MPI in
+// ../nccl.cpp. Each emulated process has a device of its own, so NcclCommunicator runs here
+// with several ranks as it does on a machine with a GPU per rank.
+//
+// What differs from NCCL (../README.md, "NCCL"): ncclCommInitRank is collective over
+// MPI_COMM_WORLD (every process of the job calls it at the same time, each with the id of its
+// own group), and counts are at most INT_MAX elements (MPI's int counts).
 #pragma once
 
 #include <cstddef>
@@ -32,77 +34,48 @@ enum ncclDataType_t {
   ncclFloat64 = 8,
   ncclBfloat16 = 9,
 };
-constexpr ncclDataType_t ncclInt = ncclInt32, ncclFloat = ncclFloat32;
+constexpr ncclDataType_t ncclChar = ncclInt8, ncclInt = ncclInt32, ncclHalf = ncclFloat16,
+                         ncclFloat = ncclFloat32, ncclDouble = ncclFloat64;
 enum ncclRedOp_t { ncclSum = 0 };
+// ncclCommSplit's colour of a rank that joins no new communicator (its newcomm becomes null).
+#define NCCL_SPLIT_NOCOLOR -1
+
 struct ncclComm;
 using ncclComm_t = ncclComm*;
+#define NCCL_UNIQUE_ID_BYTES 128
 struct ncclUniqueId {
-  char internal[128];
+  char internal[NCCL_UNIQUE_ID_BYTES];
 };
-struct ncclConfig_t;
+struct ncclConfig_t;  // ncclCommSplit's configuration: only null (the parent's) is emulated
 
-namespace tsp::emu {
-inline ncclResult_t nccl_not_emulated() {
-  return ncclInvalidUsage;
-}
-}  // namespace tsp::emu
+const char* ncclGetErrorString(ncclResult_t result);
+const char* ncclGetLastError(ncclComm_t comm);
 
-inline const char* ncclGetErrorString(ncclResult_t) {
-  return "NCCL is not emulated (tests/cuda_emulation: one device for every rank)";
-}
-inline const char* ncclGetLastError(ncclComm_t) {
-  return "";
-}
-inline ncclResult_t ncclGetUniqueId(ncclUniqueId*) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclCommInitRank(ncclComm_t*, int, ncclUniqueId, int) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclCommSplit(ncclComm_t, int, int, ncclComm_t*, ncclConfig_t*) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclCommUserRank(ncclComm_t, int*) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclCommAbort(ncclComm_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclCommDestroy(ncclComm_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclCommGetAsyncError(ncclComm_t, ncclResult_t*) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclGroupStart() {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclGroupEnd() {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclBroadcast(const void*, void*, size_t, ncclDataType_t, int, ncclComm_t,
-                                  cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclAllGather(const void*, void*, size_t, ncclDataType_t, ncclComm_t,
-                                  cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclReduceScatter(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t,
-                                      ncclComm_t, cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclAllReduce(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t,
-                                  ncclComm_t, cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclReduce(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t, int,
-                               ncclComm_t, cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclSend(const void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
-inline ncclResult_t ncclRecv(void*, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t) {
-  return tsp::emu::nccl_not_emulated();
-}
+ncclResult_t ncclGetUniqueId(ncclUniqueId* uniqueId);
+ncclResult_t ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId commId, int rank);
+ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t* newcomm,
+                           ncclConfig_t* config);
+ncclResult_t ncclCommUserRank(const ncclComm_t comm, int* rank);
+ncclResult_t ncclCommAbort(ncclComm_t comm);
+ncclResult_t ncclCommDestroy(ncclComm_t comm);
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* asyncError);
+
+ncclResult_t ncclGroupStart();
+ncclResult_t ncclGroupEnd();
+
+ncclResult_t ncclBroadcast(const void* sendbuff, void* recvbuff, size_t count,
+                           ncclDataType_t datatype, int root, ncclComm_t comm, cudaStream_t stream);
+ncclResult_t ncclAllGather(const void* sendbuff, void* recvbuff, size_t sendcount,
+                           ncclDataType_t datatype, ncclComm_t comm, cudaStream_t stream);
+ncclResult_t ncclReduceScatter(const void* sendbuff, void* recvbuff, size_t recvcount,
+                               ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm,
+                               cudaStream_t stream);
+ncclResult_t ncclAllReduce(const void* sendbuff, void* recvbuff, size_t count,
+                           ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm,
+                           cudaStream_t stream);
+ncclResult_t ncclReduce(const void* sendbuff, void* recvbuff, size_t count, ncclDataType_t datatype,
+                        ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream);
+ncclResult_t ncclSend(const void* sendbuff, size_t count, ncclDataType_t datatype, int peer,
+                      ncclComm_t comm, cudaStream_t stream);
+ncclResult_t ncclRecv(void* recvbuff, size_t count, ncclDataType_t datatype, int peer,
+                      ncclComm_t comm, cudaStream_t stream);
