@@ -2,12 +2,12 @@
 // device), for the GPU shell tests (tests/*/cuda_*_test.sh) to skip themselves with a reason.
 #include <cstdio>
 
-#ifdef TSP_WITH_CUDA
+#if defined(TSP_WITH_CUDA) || defined(TSP_CUDA_EMULATION)  // a GPU build, or its emulation
 #include "backend/cuda/cuda_common.h"
 #endif
 
 int main() {
-#ifdef TSP_WITH_CUDA
+#if defined(TSP_WITH_CUDA) || defined(TSP_CUDA_EMULATION)
   std::printf("%d\n", tsp::cuda::device_count());
 #else
   std::printf("0\n");

@@ -479,7 +479,8 @@ inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void
 // The emulated device: an sm_90 part with the memory the host gives it (reported as 80 GiB). Every
 // process sees one device of its own (a UUID holding the process id), as a job does that runs one
 // rank per GPU; TSP_COMM=mpi makes the ranks stage through host memory instead, as ranks sharing a
-// GPU do.
+// GPU do. TSP_EMU_SHARED_DEVICE=1 gives every process the same device (one UUID), as on a machine
+// with one GPU for all the ranks.
 struct cudaUUID_t {
   char bytes[16] = {'t', 's', 'p', '-', 'e', 'm', 'u', '-', 'g', 'p', 'u', '-', 0, 0, 0, 0};
 };
@@ -493,8 +494,10 @@ struct cudaDeviceProp {
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   if (device != 0) return cudaErrorInvalidValue;
   *p = cudaDeviceProp{};
-  const uint32_t pid = static_cast<uint32_t>(getpid());
-  std::memcpy(p->uuid.bytes + 12, &pid, sizeof pid);
+  const char* shared = std::getenv("TSP_EMU_SHARED_DEVICE");
+  const uint32_t id =
+      shared && std::strcmp(shared, "1") == 0 ? 0u : static_cast<uint32_t>(getpid());
+  std::memcpy(p->uuid.bytes + 12, &id, sizeof id);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
