@@ -377,14 +377,19 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
   const uint64_t serial = g_ids.fetch_add(1);
   std::memcpy(id->internal + 32, random, sizeof random);
   std::memcpy(id->internal + 48, &serial, sizeof serial);
+  // Where the members meet: this process (ncclCommInitRank's rendezvous, below).
+  int world_rank = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  std::memcpy(id->internal + 56, &world_rank, sizeof world_rank);
   return ncclSuccess;
 }
 
-// Collective over MPI_COMM_WORLD (the emulation's limit, include/nccl.h): every process calls it
-// at once, each with its group's id; MPI_Comm_split gathers the processes of one id (colour from
-// the id) in NCCL's rank order (key = rank). tsp's callers qualify: make_data_communicator runs
-// on every world rank together, each for its own group (src/parallel/layout_common.cpp,
-// src/infer/common.cpp).
+// Collective over the ranks of the id only, as NCCL's: each member tells the process that made the
+// id (its world rank is in the id) its NCCL rank and world rank, over MPI_COMM_WORLD with a tag of
+// the id (the library's own traffic is on duplicates of the world); that process checks that the
+// ranks 0..nranks-1 each came once and answers every member with the list of world ranks in NCCL
+// rank order, or with a refusal; then the members make their communicator with
+// MPI_Comm_create_group, collective over them alone. A single rank needs nobody.
 ncclResult_t ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId id, int rank) {
   t_last_error.clear();
   if (comm == nullptr) return fail(ncclInvalidArgument, "ncclCommInitRank: null comm pointer");
@@ -407,28 +412,64 @@ ncclResult_t ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId id, int
                             provided));
   uint64_t h = 1469598103934665603ull;  // FNV-1a of the id
   for (char c : id.internal) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
-  const int color = static_cast<int>(h & 0x7fffffff);
+  const int tag = 20000 + static_cast<int>(h % 10000);  // below MPI's guaranteed 32767
+  int root = -1, me = -1, world_size = 0;
+  std::memcpy(&root, id.internal + 56, sizeof root);
+  MPI_Comm_rank(MPI_COMM_WORLD, &me);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  if (root < 0 || root >= world_size)
+    return fail(ncclInvalidArgument, "ncclCommInitRank: the id names no process of this job");
   auto state = std::make_shared<CommState>();
   try {
-    mpi_ok(MPI_Comm_split(MPI_COMM_WORLD, color, rank, &state->ctrl),
-           "ncclCommInitRank: MPI_Comm_split of the world");
+    if (nranks == 1) {
+      mpi_ok(MPI_Comm_dup(MPI_COMM_SELF, &state->ctrl), "ncclCommInitRank: MPI_Comm_dup");
+    } else {
+      // members[r]: the world rank of NCCL rank r; a leading -1 is a refusal.
+      std::vector<int> members(nranks, -1);
+      if (me == root) {
+        members[rank] = me;
+        bool valid = true;
+        std::vector<int> callers;  // every process that called gets an answer, valid or not
+        for (int i = 1; i < nranks; ++i) {
+          int got[2] = {-1, -1};  // NCCL rank, world rank
+          mpi_ok(MPI_Recv(got, 2, MPI_INT, MPI_ANY_SOURCE, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE),
+                 "ncclCommInitRank: MPI_Recv");
+          callers.push_back(got[1]);
+          if (got[0] < 0 || got[0] >= nranks || members[got[0]] != -1)
+            valid = false;
+          else
+            members[got[0]] = got[1];
+        }
+        if (!valid) members.assign(nranks, -1);
+        for (int caller : callers)
+          mpi_ok(MPI_Send(members.data(), nranks, MPI_INT, caller, tag, MPI_COMM_WORLD),
+                 "ncclCommInitRank: MPI_Send");
+      } else {
+        const int mine[2] = {rank, me};
+        mpi_ok(MPI_Send(mine, 2, MPI_INT, root, tag, MPI_COMM_WORLD), "ncclCommInitRank: MPI_Send");
+        mpi_ok(
+            MPI_Recv(members.data(), nranks, MPI_INT, root, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE),
+            "ncclCommInitRank: MPI_Recv");
+      }
+      if (members[0] < 0)
+        return fail(ncclInvalidUsage,
+                    fmt::format("ncclCommInitRank: rank {} of {}: the ranks 0..{} must each call "
+                                "once with the same id and nranks (a rank came twice or is out "
+                                "of range)",
+                                rank, nranks, nranks - 1));
+      MPI_Group world_group = MPI_GROUP_NULL, group = MPI_GROUP_NULL;
+      mpi_ok(MPI_Comm_group(MPI_COMM_WORLD, &world_group), "MPI_Comm_group");
+      mpi_ok(MPI_Group_incl(world_group, nranks, members.data(), &group), "MPI_Group_incl");
+      const int made = MPI_Comm_create_group(MPI_COMM_WORLD, group, tag, &state->ctrl);
+      MPI_Group_free(&group);
+      MPI_Group_free(&world_group);
+      mpi_ok(made, "ncclCommInitRank: MPI_Comm_create_group");
+    }
     mpi_ok(MPI_Comm_set_errhandler(state->ctrl, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
     mpi_ok(MPI_Comm_size(state->ctrl, &state->size), "MPI_Comm_size");
     mpi_ok(MPI_Comm_rank(state->ctrl, &state->rank), "MPI_Comm_rank");
-    // Every member agrees before anything more is collective: one wrong member must not leave
-    // the others waiting in MPI_Comm_dup.
-    const int mine = state->size == nranks && state->rank == rank;
-    int agreed = 0;
-    mpi_ok(MPI_Allreduce(&mine, &agreed, 1, MPI_INT, MPI_MIN, state->ctrl), "MPI_Allreduce");
-    if (!agreed) {
-      return fail(ncclInvalidUsage,
-                  fmt::format("ncclCommInitRank: rank {} of {}: the processes with this id are {} "
-                              "(this one is number {} by rank); each rank 0..{} must call once "
-                              "with the same id and nranks, on every process of the job at "
-                              "once (the emulation's ncclCommInitRank is collective over "
-                              "MPI_COMM_WORLD)",
-                              rank, nranks, state->size, state->rank, nranks - 1));
-    }
+    if (state->size != nranks || state->rank != rank)
+      return fail(ncclInternalError, "ncclCommInitRank: the communicator made is not the id's");
     mpi_ok(MPI_Comm_dup(state->ctrl, &state->data), "MPI_Comm_dup");
   } catch (const std::exception& e) {
     return fail(ncclSystemError, e.what());

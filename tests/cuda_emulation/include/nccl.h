@@ -3,9 +3,8 @@
 // ../nccl.cpp. Each emulated process has a device of its own, so NcclCommunicator runs here
 // with several ranks as it does on a machine with a GPU per rank.
 //
-// What differs from NCCL (../README.md, "NCCL"): ncclCommInitRank is collective over
-// MPI_COMM_WORLD (every process of the job calls it at the same time, each with the id of its
-// own group), and counts are at most INT_MAX elements (MPI's int counts).
+// What differs from NCCL (../README.md, "NCCL"): counts are at most INT_MAX elements (MPI's int
+// counts), and the process that made an id must be one of its ranks (the others meet it there).
 #pragma once
 
 #include <cstddef>
