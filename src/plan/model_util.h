@@ -100,6 +100,15 @@ int64_t attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t
 // aligned pieces. Bytes.
 int64_t flash_v2_backward_scratch(int64_t nq, int64_t hq, int64_t d);
 
+// What the CUDA cuDNN attention path allocates (Workspace tensors) for one call of a layout, in
+// the forward (`backward` false) or the backward, bytes: the call's nq queries are the zigzag part
+// `token_part` of rows of nk = S tokens cut in nk / nq parts (all of them when nq = nk), its keys
+// the whole row in the layouts' order (LayoutCommon's take_tokens). 0 when the path does not take
+// the call (attention_cudnn_rules.h, attention_cudnn_pieces.h, a piece cuDNN has no plan for):
+// it then runs on v1, which allocates nothing.
+int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t hq, int64_t hkv,
+                                  int64_t d, int token_part, const MemoryTarget& target);
+
 // ShardStore lays every shard 64-byte aligned (16 elements of its slabs): layout_common.cpp.
 inline int64_t aligned(int64_t n) {
   return (n + 15) / 16 * 16;

@@ -82,6 +82,7 @@ void check_every_layout(cuda::FlashVersion flash, bool flash_only) {
   const plan::MemoryTarget target = plan::memory_target_of(Device::cuda(0));
   ASSERT_EQ(target.device, DeviceKind::CUDA);
   ASSERT_EQ(target.flash_v2, flash == cuda::FlashVersion::V2);
+  ASSERT_EQ(target.cudnn, flash == cuda::FlashVersion::Cudnn);
   int ran = 0;
   for (const plan::Recompute mode :
        {plan::Recompute::None, plan::Recompute::Selective, plan::Recompute::Full})
@@ -123,8 +124,11 @@ void check_every_layout(cuda::FlashVersion flash, bool flash_only) {
           layout->forward_backward(batch);
           opt.step(0.0, 1.0);
           const MemorySnapshot snap = MemoryTracker::instance().snapshot();
-          const plan::MemoryBreakdown pred =
-              plan::predict_local_memory(k.config, spec, k.B, k.S, true, dtype, mode, target);
+          // The zigzag part of the sequence this rank holds (its sequence index, g / T; the
+          // cuDNN path's pieces, and so its transients, depend on it).
+          const int token_part = layout->group().rank() / spec.T;
+          const plan::MemoryBreakdown pred = plan::predict_local_memory(
+              k.config, spec, k.B, k.S, true, dtype, mode, target, token_part);
           std::string cats;
           for (int c = 0; c < kNumMemCategories; ++c)
             cats += fmt::format(" {} {}/{}", mem_category_name(static_cast<MemCategory>(c)),
@@ -160,6 +164,19 @@ TEST(CudaMemory, MeasuredPeakIsTheCudaModelFlashV1) {
 TEST(CudaMemory, MeasuredPeakIsTheCudaModelFlashV2) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   check_every_layout(cuda::FlashVersion::V2, /*flash_only=*/true);
+}
+// The cuDNN path's copies, bf16 gradients, statistics and plan workspace are tracked Workspace
+// tensors, modelled per call (plan::cudnn_attention_transient). At these shapes it takes the
+// calls of one part (single, tp: 128 queries) and of two zigzag parts (64 queries, at 2 ranks and
+// tp-sp at 4), not those of four (32 queries, under attention_cudnn_rules.h's 64): those run v1.
+// Not run under the CUDA emulation (cuDNN's kernels are NVIDIA's).
+TEST(CudaMemory, MeasuredPeakIsTheCudaModelCudnn) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const std::string why = cuda::cudnn_attention_unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  const int64_t before = cuda::cudnn_attention_calls();
+  check_every_layout(cuda::FlashVersion::Cudnn, /*flash_only=*/true);
+  EXPECT_GT(cuda::cudnn_attention_calls(), before) << "no call took the cuDNN path";
 }
 
 }  // namespace

@@ -108,6 +108,9 @@ bool cudnn_backward(const Bwd&, int, cudaStream_t) {
 std::string cudnn_check_graph(bool, const Shape&, int64_t, float, int) {
   TSP_FAIL("cudnn_check_graph: {}", cudnn_unavailable_reason());
 }
+int64_t cudnn_plan_workspace(bool, const Shape&, int64_t, float, int) {
+  TSP_FAIL("TSP_CUDA_FLASH=cudnn: {}", cudnn_unavailable_reason());
+}
 
 #else
 
@@ -558,6 +561,19 @@ std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_boun
     return std::string("exception: ") + ex.what();
   }
   return "";
+}
+
+int64_t cudnn_plan_workspace(bool backward, const Shape& sh, int64_t right_bound, float scale,
+                             int device) {
+  require_library();
+  Key k{};  // as plan_call keys a piece
+  k.backward = backward;
+  k.device = device;
+  k.nq = sh.nq, k.nk = sh.nk, k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
+  k.right_bound = right_bound;
+  std::memcpy(&k.scale_bits, &scale, 4);
+  const Plan& plan = plan_for(k, device_state(device));
+  return plan.graph ? plan.workspace : -1;
 }
 
 namespace {
