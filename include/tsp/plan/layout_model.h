@@ -88,7 +88,9 @@ struct LayerTime {
 // ---- what measure.cpp hands a model for our implementation -------------------------------------
 
 // One candidate busiest moment of a training step: bytes by category on top of the persistent
-// state (weights, gradients, moments).
+// state (weights, gradients, moments). predict_local_memory takes the first of equal totals, as
+// MemoryTracker keeps the categories of the first time the total reaches its peak: moments that
+// can tie are listed in the order they happen.
 struct Moment {
   int64_t act = 0, comm = 0, work = 0, grads_extra = 0;
 };
