@@ -41,6 +41,10 @@
 // the dout rounding, and with keys out of position order their gather (2·nk'·hkv·d bf16). Plans
 // are built once per (direction, device, nq, nk', hq, hkv, d, band, scale) and cached: a layout's
 // pieces repeat every step.
+//
+// Memory per call (Workspace tensors, allocated before the first piece and freed on return): the
+// memory model counts them (plan::cudnn_attention_transient, src/plan/measure.cpp), so a change
+// here is a change there.
 #include "backend/cuda/attention_cudnn.h"
 
 #include <algorithm>
