@@ -124,7 +124,10 @@ int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t
             "the cuDNN workspace query (src/backend/cuda/attention.cpp)");
   // The layouts' positions (take_tokens): one part, every position in order; else the zigzag
   // part `token_part` of nk / nq parts against the whole row in rank order.
-  if (nq <= 0 || nk <= 0 || nk % nq != 0) return 0;
+  TSP_CHECK(nq > 0 && nk > 0 && nk % nq == 0,
+            "cudnn_attention_transient: {} queries are not a zigzag part of {} keys (the layouts' "
+            "calls: nq = nk / parts)",
+            nq, nk);
   const int parts = static_cast<int>(nk / nq);
   std::vector<int64_t> q_pos, k_pos;
   if (parts == 1) {
