@@ -99,6 +99,45 @@ void set_cuda_cudnn_query(bool (*cudnn_in_force)(),
   g_cuda_cudnn_in_force.store(cudnn_in_force);
 }
 
+CudnnCallCut cudnn_call_cut(int64_t nq, int64_t nk, int64_t hq, int64_t hkv, int64_t d,
+                            int token_part) {
+  namespace cudnn = cuda::attn::cudnn;
+  TSP_CHECK(nq > 0 && nk > 0 && nk % nq == 0,
+            "cudnn_call_cut: {} queries are not a zigzag part of {} keys (the layouts' calls: "
+            "nq = nk / parts)",
+            nq, nk);
+  // The layouts' positions (take_tokens): one part, every position in order; else the zigzag
+  // part `token_part` of nk / nq parts against the whole row in rank order.
+  const int parts = static_cast<int>(nk / nq);
+  std::vector<int64_t> q_pos, k_pos;
+  if (parts == 1) {
+    q_pos.resize(nk);
+    std::iota(q_pos.begin(), q_pos.end(), int64_t{0});
+    k_pos = q_pos;
+  } else {
+    q_pos = zigzag_positions(nk, parts, token_part);
+    k_pos = zigzag_gathered_positions(nk, parts);
+  }
+  // attention.cpp, then cudnn_forward / cudnn_backward (plan_call): the path's shape rules, then
+  // the cut of the positions' runs into pieces.
+  CudnnCallCut out;
+  cudnn::CallShape c;
+  c.bf16 = true, c.d = static_cast<int>(d), c.documents = false, c.aligned = true;
+  c.nq = nq, c.nk = nk, c.hq = static_cast<int>(hq), c.hkv = static_cast<int>(hkv);
+  if (!cudnn::shape_covered(c)) return out;
+  const cudnn::PiecePlan cut =
+      cudnn::plan_pieces(cudnn::runs_of(q_pos.data(), nq), cudnn::runs_of(k_pos.data(), nk));
+  if (!cut.covered) return out;
+  out.covered = true;
+  out.keys_in_order = cut.keys_in_order;
+  for (const cudnn::Piece& pc : cut.pieces) {
+    out.pieces.push_back({pc.nq, pc.nk, pc.right_bound});
+    out.max_nq = std::max(out.max_nq, pc.nq);
+    out.max_nk = std::max(out.max_nk, pc.nk);
+  }
+  return out;
+}
+
 // Derived from attention_cudnn.cpp (cudnn_forward, cudnn_backward), which allocates all of it
 // before its first cuDNN call and frees it on return, every piece reusing it:
 //   both directions: stats F32 [hq, max_nq] (cuDNN's Stats, transposed to and from our lse); the
@@ -117,39 +156,15 @@ void set_cuda_cudnn_query(bool (*cudnn_in_force)(),
 // forward asks for none or little); the GPU memory test would show a forward peak.
 int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t hq, int64_t hkv,
                                   int64_t d, int token_part, const MemoryTarget& target) {
-  namespace cudnn = cuda::attn::cudnn;
   int64_t (*workspace)(const CudnnPieceQuery&) = g_cuda_cudnn_workspace.load();
   TSP_CHECK(workspace,
             "the cuDNN attention's memory: no CUDA backend in this build registered "
             "the cuDNN workspace query (src/backend/cuda/attention.cpp)");
-  // The layouts' positions (take_tokens): one part, every position in order; else the zigzag
-  // part `token_part` of nk / nq parts against the whole row in rank order.
-  TSP_CHECK(nq > 0 && nk > 0 && nk % nq == 0,
-            "cudnn_attention_transient: {} queries are not a zigzag part of {} keys (the layouts' "
-            "calls: nq = nk / parts)",
-            nq, nk);
-  const int parts = static_cast<int>(nk / nq);
-  std::vector<int64_t> q_pos, k_pos;
-  if (parts == 1) {
-    q_pos.resize(nk);
-    std::iota(q_pos.begin(), q_pos.end(), int64_t{0});
-    k_pos = q_pos;
-  } else {
-    q_pos = zigzag_positions(nk, parts, token_part);
-    k_pos = zigzag_gathered_positions(nk, parts);
-  }
-  // cuda_backend's attention: the path's shape rules (the layouts' views are 16-byte aligned, no
-  // documents: the model's), then the pieces, then a plan for every piece (cudnn_forward,
-  // cudnn_backward via plan_call).
-  cudnn::CallShape c;
-  c.bf16 = true, c.d = static_cast<int>(d), c.documents = false, c.aligned = true;
-  c.nq = nq, c.nk = nk, c.hq = static_cast<int>(hq), c.hkv = static_cast<int>(hkv);
-  if (!cudnn::shape_covered(c)) return 0;
-  const cudnn::PiecePlan cut =
-      cudnn::plan_pieces(cudnn::runs_of(q_pos.data(), nq), cudnn::runs_of(k_pos.data(), nk));
+  const CudnnCallCut cut = cudnn_call_cut(nq, nk, hq, hkv, d, token_part);
   if (!cut.covered) return 0;
-  int64_t max_nq = 0, max_nk = 0, ws = 0;
-  for (const cudnn::Piece& pc : cut.pieces) {
+  // Then a plan for every piece (plan_call), else the whole call takes v1.
+  int64_t ws = 0;
+  for (const CudnnCallCut::Piece& pc : cut.pieces) {
     CudnnPieceQuery q;
     q.backward = backward;
     q.nq = pc.nq, q.nk = pc.nk;
@@ -158,12 +173,10 @@ int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t
     q.scale = 1.0f / std::sqrt(static_cast<float>(d));  // block::AttnDims::scale
     q.device = target.device_index;
     const int64_t piece_ws = workspace(q);
-    if (piece_ws < 0) return 0;  // no plan: the whole call takes v1
-    max_nq = std::max(max_nq, pc.nq);
-    max_nk = std::max(max_nk, pc.nk);
+    if (piece_ws < 0) return 0;
     ws = std::max(ws, piece_ws);
   }
-  const int64_t bf16 = 2;
+  const int64_t bf16 = 2, max_nq = cut.max_nq, max_nk = cut.max_nk;
   int64_t bytes = kF32 * hq * max_nq + (ws + 7) / 8 * 8;
   if (!cut.keys_in_order) bytes += 2 * bf16 * max_nk * hkv * d;
   if (backward) bytes += bf16 * nq * hq * d + bf16 * max_nq * hq * d + 2 * bf16 * max_nk * hkv * d;
