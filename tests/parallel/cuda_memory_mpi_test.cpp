@@ -49,10 +49,12 @@ std::vector<test::Case> gpu_cases() {
 }
 
 // Why plan::check_layout refuses layout `pc` of `world` ranks for this configuration (its degrees
-// cannot split the heads, FFN, vocabulary or zigzag chunks), or "" when it does not. The same rules
-// as the layouts' constructors (make_layout): check_every_layout holds them to it, so a refusal
-// is the only reason a configuration is not measured, and any other error of make_layout (a
-// communicator, the device) fails the test.
+// cannot split the heads, FFN, vocabulary or zigzag chunks), or "" when it does not. tsp::Error
+// does not tell a refusal from other failures, so the test asks this predicate first and lets
+// every error of make_layout (a communicator, the device) fail it. The rules are the layouts'
+// constructors' (check_every_layout requires make_layout to refuse what this refuses); the zigzag
+// rule (S divisible by 2·parts) is the batch's, which these shapes always meet at 1, 2 and 4 ranks,
+// so a refusal by it would show as make_layout not throwing.
 std::string refusal(const LlamaConfig& config, const ParallelConfig& pc, int world, int64_t S,
                     plan::LayoutSpec& spec) {
   spec = plan::LayoutSpec{};
