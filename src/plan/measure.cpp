@@ -156,6 +156,15 @@ CudnnCallCut cudnn_call_cut(int64_t nq, int64_t nk, int64_t hq, int64_t hkv, int
 // forward asks for none or little); the GPU memory test would show a forward peak.
 int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t hq, int64_t hkv,
                                   int64_t d, int token_part, const MemoryTarget& target) {
+  if (token_part < 0) {
+    // The rank with the largest: part 0 has the most keys in one piece, a middle part may have
+    // the most queries (its two chunks in one run). cudnn_call_cut checks that nq divides nk.
+    const int64_t parts = nq > 0 ? std::max<int64_t>(1, nk / nq) : 1;
+    int64_t most = 0;
+    for (int p = 0; p < parts; ++p)
+      most = std::max(most, cudnn_attention_transient(backward, nq, nk, hq, hkv, d, p, target));
+    return most;
+  }
   int64_t (*workspace)(const CudnnPieceQuery&) = g_cuda_cudnn_workspace.load();
   TSP_CHECK(workspace,
             "the cuDNN attention's memory: no CUDA backend in this build registered "

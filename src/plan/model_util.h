@@ -118,7 +118,8 @@ CudnnCallCut cudnn_call_cut(int64_t nq, int64_t nk, int64_t hq, int64_t hkv, int
                             int token_part);
 
 // What the CUDA cuDNN attention path allocates (Workspace tensors) for one call of a layout, in
-// the forward (`backward` false) or the backward, bytes, for the call cudnn_call_cut describes;
+// the forward (`backward` false) or the backward, bytes, for the call cudnn_call_cut describes
+// (token_part -1: the largest over the nk / nq parts);
 // each piece's plan workspace is the CUDA backend's answer (set_cuda_cudnn_query). 0 when the path
 // does not take the call (not covered, or a piece cuDNN has no plan for): it then runs on v1,
 // which allocates nothing.

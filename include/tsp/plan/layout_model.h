@@ -102,7 +102,7 @@ struct LocalInputs {
   ElemBytes e;                                 // element sizes of the compute dtype
   Recompute recompute = Recompute::Selective;  // ParallelConfig::recompute
   MemoryTarget target;                         // the backend whose transients are counted
-  int token_part = 0;                          // predict_local_memory's
+  int token_part = -1;                         // predict_local_memory's (-1: the largest)
 
   // ---- the backend ops' own transients (Workspace; docs/cost-model.md, "On a GPU"), bytes ----
   // attention_backward's for one call of nq queries × hq heads against nk keys × hkv heads (one

@@ -77,13 +77,14 @@ void set_cuda_cudnn_query(bool (*cudnn_in_force)(),
 // AdamW moments allocated when `optimizer`, compute dtype `compute` (ParallelConfig::dtype), on
 // the backend `target`. Returns the bytes by category at the moment the total peaks
 // (MemorySnapshot::at_peak), for the rank with the largest peak. `token_part`: the zigzag part
-// of the sequence the rank holds (its sequence index: the group rank, or g / T under tp-sp); only
-// the cuDNN path's transients depend on it (the pieces of its attention calls), and part 0, the
-// default, has the largest.
+// of the sequence the rank holds (its sequence index: the group rank, or g / T under tp-sp), for
+// that rank's prediction; only the cuDNN path's transients depend on it (the pieces of its
+// attention calls: which part is largest depends on the heads), and the default, -1, takes the
+// largest over the parts (asking cuDNN for the plans of every part's pieces).
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
                                      int64_t S, bool optimizer, DType compute = DType::F32,
                                      Recompute recompute = Recompute::Selective,
-                                     MemoryTarget target = {}, int token_part = 0);
+                                     MemoryTarget target = {}, int token_part = -1);
 
 // The part of it that lives for the whole run: the ShardStore's slabs (weights, gradients, and
 // under ZeRO-1 the replica's partition) and the AdamW moments when `optimizer`. Exact bytes.
