@@ -779,6 +779,31 @@ class TpSpModel final : public LayoutModel {
     const int64_t tokens = token_bytes(n, n / in.Br, in.S);
     const int64_t base = tokens + 2 * e.act * n * h + 2 * kF32 * n * h;
     const int64_t kv_rows = sg > 1 ? all : n;
+    // loss head (forward): one [r, V/T] logits chunk; T > 1: statistics; T = 1 (block's
+    // lm_head_loss) cross_entropy's per-row loss (CUDA). (T > 1: online_softmax_loss's per-row
+    // loss on CUDA, 8n, comes after the [T, 3, n] statistics, 12·n·T bytes, are freed.)
+    out.push_back({act_head, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
+                   tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * Vt +
+                       std::max(e.narrow(r * Vt), t > 1 ? 0 : in.row_loss(r))});
+    // Full recomputation: the backward replays each layer's forward with dx and dxn alive. Its
+    // busiest points are in the MLP forward: under T > 1 inside row_parallel_add, whose fp32
+    // partial sum [n, h] (Comm) holds while mlp_forward's chunk buffers (fp32 gate and up, the
+    // activation in the compute dtype) work, and then while the all-reduced sum is added into
+    // the residual (under bf16 the CPU backend's add widens the bf16 residual into an fp32 [n, h]
+    // temporary: in.add_widening; the CUDA kernel adds in place). Layer L-1's replay precedes the
+    // first staging of a layer's gradients; the replays below it find that stage buffer kept
+    // (GradStage reuses it). At T = 1 the MLP adds into the bf16 residual itself: under CUDA its
+    // down projection widens an [r, h] chunk (in.accumulate_widening), below the MLP backward's
+    // chunk buffers at the same saved activations.
+    // Layer l's replay comes before its backward (Moment: ties go to the first listed).
+    const auto replay = [&](int64_t rl) {
+      const int64_t act_rl = in.saved_through(rl, set, checkpoint) + kF32 * n;
+      const int64_t comm_rl = (rl == s.L - 1 ? outer_stage : stage) + (t > 1 ? kF32 * n * h : 0);
+      out.push_back({act_rl, comm_rl, base + 2 * kF32 * r * Ft + e.act * r * Ft});
+      if (t > 1 && in.add_widening(n * h) > 0)
+        out.push_back({act_rl, comm_rl, base + in.add_widening(n * h)});
+    };
+    if (in.recompute == Recompute::Full) replay(s.L - 1);
     // MLP backward chunk buffers (LocalInputs::mlp_backward_work); inside, a dy or da chunk
     // narrowed to bf16 for the GEMMs
     out.push_back(
@@ -799,30 +824,7 @@ class TpSpModel final : public LayoutModel {
     if (sg > 1)
       out.push_back({act, stage + (in.Br > 1 ? kF32 * all * kw : 0),
                      base + kF32 * (n * qw + 2 * all * kw + 2 * n * kw)});
-    // Full recomputation: the backward replays each layer's forward with dx and dxn alive. Its
-    // busiest points are in the MLP forward: under T > 1 inside row_parallel_add, whose fp32
-    // partial sum [n, h] (Comm) holds while mlp_forward's chunk buffers (fp32 gate and up, the
-    // activation in the compute dtype) work, and then while the all-reduced sum is added into
-    // the residual (under bf16 the CPU backend's add widens the bf16 residual into an fp32 [n, h]
-    // temporary: in.add_widening; the CUDA kernel adds in place). Layer L-1's replay precedes the
-    // first staging of a layer's gradients; the replays below it find that stage buffer kept
-    // (GradStage reuses it). At T = 1 the MLP adds into the bf16 residual itself: under CUDA its
-    // down projection widens an [r, h] chunk (in.accumulate_widening), below the MLP backward's
-    // chunk buffers at the same saved activations.
-    if (in.recompute == Recompute::Full)
-      for (int64_t rl = s.L - 1; rl >= std::max<int64_t>(0, s.L - 2); --rl) {
-        const int64_t act_rl = in.saved_through(rl, set, checkpoint) + kF32 * n;
-        const int64_t comm_rl = (rl == s.L - 1 ? outer_stage : stage) + (t > 1 ? kF32 * n * h : 0);
-        out.push_back({act_rl, comm_rl, base + 2 * kF32 * r * Ft + e.act * r * Ft});
-        if (t > 1 && in.add_widening(n * h) > 0)
-          out.push_back({act_rl, comm_rl, base + in.add_widening(n * h)});
-      }
-    // loss head (forward): one [r, V/T] logits chunk; T > 1: statistics; T = 1 (block's
-    // lm_head_loss) cross_entropy's per-row loss (CUDA). (T > 1: online_softmax_loss's per-row
-    // loss on CUDA, 8n, comes after the [T, 3, n] statistics, 12·n·T bytes, are freed.)
-    out.push_back({act_head, outer_stage + (t > 1 ? kF32 * (3 * n + 3 * n * t) : 0),
-                   tokens + 2 * e.act * n * h + kF32 * n * h + kF32 * r * Vt +
-                       std::max(e.narrow(r * Vt), t > 1 ? 0 : in.row_loss(r))});
+    if (in.recompute == Recompute::Full && s.L >= 2) replay(s.L - 2);  // after layer L-1's backward
   }
   void outside_traffic(const LocalInputs& in, StepTraffic& tr) const override {
     const Dims s = dims_of(*in.m);

@@ -8,15 +8,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
+#include "backend/cuda/attention_cudnn_pieces.h"  // plain C++: the cuDNN path's cut into calls
 #include "ops/cpu/attention_internal.h"
 #include "plan/model_util.h"
 #include "tsp/core/error.h"
 #include "tsp/model/block.h"  // token_chunk
 #include "tsp/ops/gemm.h"
 #include "tsp/parallel/layout.h"
+#include "tsp/parallel/sharding.h"
 
 namespace tsp::plan {
 
@@ -66,12 +69,127 @@ bool cuda_flash_v2_serves(int64_t d, int64_t hq, int64_t nq, int64_t nk) {
 }
 }  // namespace
 
+// The v2 flash FORWARD's scratch (attention_flash_v2.cu, forward_d) is not in any moment: one
+// Workspace tensor per call, carved into 256-byte pieces (Carve), of the padded key positions
+// I64 [64·n_kt] and the key tiles' min and max I64 [n_kt] each, n_kt = ⌈nk/64⌉ (kFwdBC = 64):
+// 512·n_kt + 2·256·⌈8·n_kt/256⌉ bytes (256 when nk = 0), ≈ 8·nk + 512, freed when the launcher
+// returns. It lives only inside the attention forward, and the same layer's attention backward
+// holds everything the forward call held (the layer's saved inputs and q, k, v, o, the same K/V
+// buffers) plus at least the fp32 dk and dv of its keys, 8·nk·hkv·d ≥ 512·nk bytes (d ≥ 64 on
+// the flash path): far above the scratch. Checked byte for byte at 1, 2 and 4 ranks under the
+// emulation (tests/parallel/cuda_memory_mpi_test.cpp, FlashV2).
 int64_t LocalInputs::attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t nq,
                                                   int64_t nk) const {
   if (!target.cuda()) return plan::attention_backward_transient(d, hq, hkv, nq, nk, e);
+  if (e.mixed() && target.cudnn && (d == 64 || d == 128))
+    return cudnn_attention_transient(true, nq, nk, hq, hkv, d, token_part, target);
   if (e.mixed() && target.flash_v2 && cuda_flash_v2_serves(d, hq, nq, nk))
     return flash_v2_backward_scratch(nq, hq, d);
   return 0;
+}
+
+namespace {
+std::atomic<bool (*)()> g_cuda_cudnn_in_force{nullptr};
+std::atomic<int64_t (*)(const CudnnPieceQuery&)> g_cuda_cudnn_workspace{nullptr};
+}  // namespace
+
+void set_cuda_cudnn_query(bool (*cudnn_in_force)(),
+                          int64_t (*cudnn_workspace)(const CudnnPieceQuery&)) {
+  g_cuda_cudnn_workspace.store(cudnn_workspace);
+  g_cuda_cudnn_in_force.store(cudnn_in_force);
+}
+
+CudnnCallCut cudnn_call_cut(int64_t nq, int64_t nk, int64_t hq, int64_t hkv, int64_t d,
+                            int token_part) {
+  namespace cudnn = cuda::attn::cudnn;
+  TSP_CHECK(nq > 0 && nk > 0 && nk % nq == 0,
+            "cudnn_call_cut: {} queries are not a zigzag part of {} keys (the layouts' calls: "
+            "nq = nk / parts)",
+            nq, nk);
+  // The layouts' positions (take_tokens): one part, every position in order; else the zigzag
+  // part `token_part` of nk / nq parts against the whole row in rank order.
+  const int parts = static_cast<int>(nk / nq);
+  std::vector<int64_t> q_pos, k_pos;
+  if (parts == 1) {
+    q_pos.resize(nk);
+    std::iota(q_pos.begin(), q_pos.end(), int64_t{0});
+    k_pos = q_pos;
+  } else {
+    q_pos = zigzag_positions(nk, parts, token_part);
+    k_pos = zigzag_gathered_positions(nk, parts);
+  }
+  // attention.cpp, then cudnn_forward / cudnn_backward (plan_call): the path's shape rules, then
+  // the cut of the positions' runs into pieces.
+  CudnnCallCut out;
+  cudnn::CallShape c;
+  c.bf16 = true, c.d = static_cast<int>(d), c.documents = false, c.aligned = true;
+  c.nq = nq, c.nk = nk, c.hq = static_cast<int>(hq), c.hkv = static_cast<int>(hkv);
+  if (!cudnn::shape_covered(c)) return out;
+  const cudnn::PiecePlan cut =
+      cudnn::plan_pieces(cudnn::runs_of(q_pos.data(), nq), cudnn::runs_of(k_pos.data(), nk));
+  if (!cut.covered) return out;
+  out.covered = true;
+  out.keys_in_order = cut.keys_in_order;
+  for (const cudnn::Piece& pc : cut.pieces) {
+    out.pieces.push_back({pc.nq, pc.nk, pc.right_bound});
+    out.max_nq = std::max(out.max_nq, pc.nq);
+    out.max_nk = std::max(out.max_nk, pc.nk);
+  }
+  return out;
+}
+
+// Derived from attention_cudnn.cpp (cudnn_forward, cudnn_backward), which allocates all of it
+// before its first cuDNN call and frees it on return, every piece reusing it:
+//   both directions: stats F32 [hq, max_nq] (cuDNN's Stats, transposed to and from our lse); the
+//     plan workspace, an I64 tensor of ⌈ws/8⌉ elements (workspace_bytes; none when ws = 0), ws the
+//     largest over the call's pieces; when the keys' memory order is not their position order
+//     (sorted_keys: the zigzag chunks gathered in rank order), bf16 copies of K and V
+//     [max_nk, hkv·d] each;
+//   backward also: dout rounded to bf16 [nq, hq, d], and cuDNN's bf16 dQ [max_nq, hq, d], dK and
+//     dV [max_nk, hkv, d], added into our fp32 gradients piece by piece;
+// with max_nq, max_nk the most queries and keys of one piece. The run finder's buffers
+// (DeviceState: cudaMalloc and pinned host memory, 24 bytes once per device) are not tensors:
+// outside the tracker and the model, like cuBLASLt's workspace.
+// The forward's share (stats, ws, the copies) is not in any moment: the same layer's backward
+// holds what the forward call held, its own stats and copies, and the fp32 dk, dv (8·nk·hkv·d)
+// on top, which exceed the forward plan's workspace at every shape we know of (cuDNN's SDPA
+// forward asks for none or little); the GPU memory test would show a forward peak.
+int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t hq, int64_t hkv,
+                                  int64_t d, int token_part, const MemoryTarget& target) {
+  if (token_part < 0) {
+    // The rank with the largest: part 0 has the most keys in one piece, a middle part may have
+    // the most queries (its two chunks in one run). cudnn_call_cut checks that nq divides nk.
+    const int64_t parts = nq > 0 ? std::max<int64_t>(1, nk / nq) : 1;
+    int64_t most = 0;
+    for (int p = 0; p < parts; ++p)
+      most = std::max(most, cudnn_attention_transient(backward, nq, nk, hq, hkv, d, p, target));
+    return most;
+  }
+  int64_t (*workspace)(const CudnnPieceQuery&) = g_cuda_cudnn_workspace.load();
+  TSP_CHECK(workspace,
+            "the cuDNN attention's memory: no CUDA backend in this build registered "
+            "the cuDNN workspace query (src/backend/cuda/attention.cpp)");
+  const CudnnCallCut cut = cudnn_call_cut(nq, nk, hq, hkv, d, token_part);
+  if (!cut.covered) return 0;
+  // Then a plan for every piece (plan_call), else the whole call takes v1.
+  int64_t ws = 0;
+  for (const CudnnCallCut::Piece& pc : cut.pieces) {
+    CudnnPieceQuery q;
+    q.backward = backward;
+    q.nq = pc.nq, q.nk = pc.nk;
+    q.hq = static_cast<int>(hq), q.hkv = static_cast<int>(hkv), q.d = static_cast<int>(d);
+    q.right_bound = pc.right_bound;
+    q.scale = 1.0f / std::sqrt(static_cast<float>(d));  // block::AttnDims::scale
+    q.device = target.device_index;
+    const int64_t piece_ws = workspace(q);
+    if (piece_ws < 0) return 0;
+    ws = std::max(ws, piece_ws);
+  }
+  const int64_t bf16 = 2, max_nq = cut.max_nq, max_nk = cut.max_nk;
+  int64_t bytes = kF32 * hq * max_nq + (ws + 7) / 8 * 8;
+  if (!cut.keys_in_order) bytes += 2 * bf16 * max_nk * hkv * d;
+  if (backward) bytes += bf16 * nq * hq * d + bf16 * max_nq * hq * d + 2 * bf16 * max_nk * hkv * d;
+  return bytes;
 }
 
 int64_t LocalInputs::add_widening(int64_t n) const {
@@ -101,8 +219,11 @@ void set_cuda_flash_v2_query(bool (*v2_in_force)()) {
 MemoryTarget memory_target_of(Device device) {
   MemoryTarget t;
   t.device = device.kind;
-  if (t.cuda())
+  if (t.cuda()) {
+    t.device_index = device.index;
     if (bool (*v2)() = g_cuda_flash_v2_query.load()) t.flash_v2 = v2();
+    if (bool (*cudnn)() = g_cuda_cudnn_in_force.load()) t.cudnn = cudnn();
+  }
   return t;
 }
 
@@ -183,7 +304,7 @@ MemoryBreakdown predict_state_memory(const LlamaConfig& m, const LayoutSpec& l, 
 
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
                                      int64_t S, bool optimizer, DType compute, Recompute recompute,
-                                     MemoryTarget target) {
+                                     MemoryTarget target, int token_part) {
   const LayoutModel& model = layout_model(l.name);
   TSP_CHECK(B % l.R == 0, "predict_local_memory: B={} rows do not split over R={} replicas", B,
             l.R);
@@ -198,6 +319,7 @@ MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, 
   in.e = e;
   in.recompute = recompute;
   in.target = target;
+  in.token_part = token_part;
   std::vector<Moment> moments;
   model.local_moments(in, moments);
   TSP_CHECK(!moments.empty(), "predict_local_memory: the model of layout '{}' gives no moment",

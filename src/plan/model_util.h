@@ -100,6 +100,32 @@ int64_t attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t
 // aligned pieces. Bytes.
 int64_t flash_v2_backward_scratch(int64_t nq, int64_t hq, int64_t d);
 
+// How the CUDA cuDNN attention path cuts one attention call of a layout into cuDNN calls
+// (attention_cudnn_pieces.h): nq queries × hq heads, the zigzag part `token_part` of rows of nk = S
+// tokens cut in nk / nq parts (all of them when nq = nk), against the whole row in the layouts'
+// order (LayoutCommon's take_tokens) × hkv heads, head dim d; no documents, views 16-byte aligned
+// (the layouts'). `covered` false: the path's shape rules or the cut refuse it (the call runs v1).
+struct CudnnCallCut {
+  struct Piece {
+    int64_t nq = 0, nk = 0, right_bound = 0;  // attention_cudnn_pieces.h's Piece
+  };
+  bool covered = false;
+  std::vector<Piece> pieces;
+  int64_t max_nq = 0, max_nk = 0;  // the most queries and keys of one piece
+  bool keys_in_order = true;       // false: the path copies K and V into position order
+};
+CudnnCallCut cudnn_call_cut(int64_t nq, int64_t nk, int64_t hq, int64_t hkv, int64_t d,
+                            int token_part);
+
+// What the CUDA cuDNN attention path allocates (Workspace tensors) for one call of a layout, in
+// the forward (`backward` false) or the backward, bytes, for the call cudnn_call_cut describes
+// (token_part -1: the largest over the nk / nq parts);
+// each piece's plan workspace is the CUDA backend's answer (set_cuda_cudnn_query). 0 when the path
+// does not take the call (not covered, or a piece cuDNN has no plan for): it then runs on v1,
+// which allocates nothing.
+int64_t cudnn_attention_transient(bool backward, int64_t nq, int64_t nk, int64_t hq, int64_t hkv,
+                                  int64_t d, int token_part, const MemoryTarget& target);
+
 // ShardStore lays every shard 64-byte aligned (16 elements of its slabs): layout_common.cpp.
 inline int64_t aligned(int64_t n) {
   return (n + 15) / 16 * 16;

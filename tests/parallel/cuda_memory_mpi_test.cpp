@@ -2,10 +2,12 @@
 // device allocator whose bytes are tracked by category exactly as on CPU"; docs/cost-model.md,
 // "On a GPU"): every layout runs one training step (forward, forward_backward, AdamW) on cuda:0
 // at the shapes of tests/plan/measured_vs_predicted_mpi_test.cpp (head_dim 16: the reference
-// attention kernels) and at one with head_dim 64 (the flash kernels under bf16, v1 and v2), fp32
-// and bf16, every recomputation mode; the measured peak, category by category at the moment the
-// total peaks, equals plan::predict_local_memory with the target of this process
-// (plan::memory_target_of(cuda:0): the CUDA backend's transients, the selected flash version).
+// attention kernels) and at one with head_dim 64 (the flash kernels under bf16), fp32 and bf16,
+// every recomputation mode, with flash v1; with v2 and cuDNN again, but only the configurations
+// whose attention those paths take (bf16 at head_dim 64: every other one runs the same kernels as
+// under v1). The measured peak, category by category at the moment the total peaks, equals
+// plan::predict_local_memory with the target of this process (plan::memory_target_of(cuda:0): the
+// CUDA backend's transients, the selected attention path).
 // All ranks share cuda:0 (as in cuda_layouts_mpi_test.cpp); the tracker counts each process's
 // tensors, which is what the model predicts per rank. Outside the tracker, and so outside both
 // sides of the comparison: the CUDA context, cuBLASLt's 32 MiB workspace per device and stream,
@@ -46,7 +48,35 @@ std::vector<test::Case> gpu_cases() {
   return out;
 }
 
-void check_every_layout(cuda::FlashVersion flash) {
+// Why plan::check_layout refuses layout `pc` of `world` ranks for this configuration (its degrees
+// cannot split the heads, FFN, vocabulary or zigzag chunks), or "" when it does not. tsp::Error
+// does not tell a refusal from other failures, so the test asks this predicate first and lets
+// every error of make_layout (a communicator, the device) fail it. The rules are the layouts'
+// constructors' (check_every_layout requires make_layout to refuse what this refuses); the zigzag
+// rule (S divisible by 2·parts) is the batch's, which these shapes always meet at 1, 2 and 4 ranks,
+// so a refusal by it would show as make_layout not throwing.
+std::string refusal(const LlamaConfig& config, const ParallelConfig& pc, int world, int64_t S,
+                    plan::LayoutSpec& spec) {
+  spec = plan::LayoutSpec{};
+  spec.name = pc.layout;
+  spec.R = pc.dp;
+  spec.D = world / pc.dp;
+  spec.T = pc.layout == "tp" ? spec.D : pc.layout == "tp-sp" ? pc.tp : 1;
+  spec.zero = pc.zero;
+  plan::Workload w;
+  w.model = config;
+  w.S = S;
+  try {
+    plan::check_layout(config, spec, w);  // shapes only: nothing else can throw here
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// `flash_only`: only the configurations whose attention takes the flash kernels or cuDNN (bf16,
+// a head dim they serve); the others run the reference kernels under every version.
+void check_every_layout(cuda::FlashVersion flash, bool flash_only) {
   Communicator& world = test::world();
   const int W = world.size();
   const cuda::FlashVersion before = cuda::flash_version();
@@ -54,11 +84,13 @@ void check_every_layout(cuda::FlashVersion flash) {
   const plan::MemoryTarget target = plan::memory_target_of(Device::cuda(0));
   ASSERT_EQ(target.device, DeviceKind::CUDA);
   ASSERT_EQ(target.flash_v2, flash == cuda::FlashVersion::V2);
+  ASSERT_EQ(target.cudnn, flash == cuda::FlashVersion::Cudnn);
   int ran = 0;
   for (const plan::Recompute mode :
        {plan::Recompute::None, plan::Recompute::Selective, plan::Recompute::Full})
     for (const DType dtype : {DType::F32, DType::BF16})
       for (const test::Case& k : gpu_cases()) {
+        if (flash_only && !cuda::attention_flash_supported(dtype, k.config.head_dim())) continue;
         const Batch batch = test::random_batch(k.config, k.B, k.S);
         for (const LayoutInfo& info : registered_layouts()) {
           ParallelConfig pc;
@@ -69,27 +101,36 @@ void check_every_layout(cuda::FlashVersion flash) {
           pc.dp = info.name == "single" ? W : 1;
           if (info.name == "tp-sp") pc.tp = test::default_tp(W);
           if (k.B % pc.dp != 0) continue;
-          std::unique_ptr<Layout> layout;
-          try {
-            layout = make_layout(k.config, pc, world);
-          } catch (const Error&) {
-            continue;  // a degree this configuration cannot split: measured_vs_predicted says so
-          }
           const std::string rc(plan::recompute_name(mode));
           SCOPED_TRACE(fmt::format("cuda:0 flash {} {} {} {} --recompute {} world={}",
                                    cuda::flash_version_name(flash), k.name, info.name,
                                    dtype_name(dtype), rc, W));
+          plan::LayoutSpec checked;
+          const std::string refused = refusal(k.config, pc, W, k.S, checked);
+          if (!refused.empty()) {
+            // The layout must refuse it too (else the rules have drifted apart and a
+            // configuration that runs would go unmeasured).
+            EXPECT_THROW(make_layout(k.config, pc, world), Error) << refused;
+            if (world.rank() == 0) std::printf("[ skip ] %s\n", refused.c_str());
+            continue;
+          }
+          std::unique_ptr<Layout> layout = make_layout(k.config, pc, world);  // throws: a failure
           layout->load(RandomWeights(11));
           AdamW opt(*layout, AdamWConfig{});
           const plan::LayoutSpec spec = plan::layout_spec_of(*layout, W);
+          // The spec refusal() judged is the layout's.
+          ASSERT_EQ(spec.label(), checked.label());
 
           MemoryTracker::instance().reset_peaks();
           layout->forward(batch);
           layout->forward_backward(batch);
           opt.step(0.0, 1.0);
           const MemorySnapshot snap = MemoryTracker::instance().snapshot();
-          const plan::MemoryBreakdown pred =
-              plan::predict_local_memory(k.config, spec, k.B, k.S, true, dtype, mode, target);
+          // The zigzag part of the sequence this rank holds (its sequence index, g / T; the
+          // cuDNN path's pieces, and so its transients, depend on it).
+          const int token_part = layout->group().rank() / spec.T;
+          const plan::MemoryBreakdown pred = plan::predict_local_memory(
+              k.config, spec, k.B, k.S, true, dtype, mode, target, token_part);
           std::string cats;
           for (int c = 0; c < kNumMemCategories; ++c)
             cats += fmt::format(" {} {}/{}", mem_category_name(static_cast<MemCategory>(c)),
@@ -119,12 +160,25 @@ void check_every_layout(cuda::FlashVersion flash) {
 
 TEST(CudaMemory, MeasuredPeakIsTheCudaModelFlashV1) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  check_every_layout(cuda::FlashVersion::V1);
+  check_every_layout(cuda::FlashVersion::V1, /*flash_only=*/false);
 }
 // v2's scratch is a tracked Workspace tensor (src/backend/cuda/scratch.h), modelled per call.
 TEST(CudaMemory, MeasuredPeakIsTheCudaModelFlashV2) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  check_every_layout(cuda::FlashVersion::V2);
+  check_every_layout(cuda::FlashVersion::V2, /*flash_only=*/true);
+}
+// The cuDNN path's copies, bf16 gradients, statistics and plan workspace are tracked Workspace
+// tensors, modelled per call (plan::cudnn_attention_transient). At these shapes it takes the
+// calls of one part (single, tp: 128 queries) and of two zigzag parts (64 queries, at 2 ranks and
+// tp-sp at 4), not those of four (32 queries, under attention_cudnn_rules.h's 64): those run v1.
+// Not run under the CUDA emulation (cuDNN's kernels are NVIDIA's).
+TEST(CudaMemory, MeasuredPeakIsTheCudaModelCudnn) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const std::string why = cuda::cudnn_attention_unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  const int64_t before = cuda::cudnn_attention_calls();
+  check_every_layout(cuda::FlashVersion::Cudnn, /*flash_only=*/true);
+  EXPECT_GT(cuda::cudnn_attention_calls(), before) << "no call took the cuDNN path";
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "parallel/registry.h"
+#include "plan/model_util.h"
 #include "tsp/core/error.h"
 #include "tsp/plan/layout_model.h"
 #include "tsp/plan/measure.h"
@@ -609,6 +610,50 @@ MemoryTarget cuda_target(bool flash_v2) {
   t.device = DeviceKind::CUDA;
   t.flash_v2 = flash_v2;
   return t;
+}
+
+// The cuDNN path's cut of the layouts' attention calls, which sizes its transients
+// (cudnn_attention_transient: max_nq, max_nk, the K/V copies), at S = 128, d = 64, by hand from
+// the positions (take_tokens; attention_cudnn_pieces.h):
+//   one part: queries and keys [0, 128) in order, one band piece of 128 × 128;
+//   two parts (chunks of 32; keys in rank order 0-31, 96-127, 32-95: out of position order):
+//     part 0 holds [0, 32) and [96, 128): pieces 32 × 32 (band from 0) and 32 × 128 (from 96);
+//     part 1 holds [32, 96), one run: one piece of 64 queries × 96 keys (band from 32);
+//   four parts: 32 queries, under the path's 64 (attention_cudnn_rules.h): v1 takes it;
+//   head dim 16: not the path's.
+TEST(LocalMemoryOnGpu, CudnnCutOfTheLayoutsCalls) {
+  const CudnnCallCut one = cudnn_call_cut(128, 128, 4, 4, 64, 0);
+  ASSERT_TRUE(one.covered);
+  ASSERT_EQ(one.pieces.size(), 1u);
+  EXPECT_EQ(one.pieces[0].nq, 128);
+  EXPECT_EQ(one.pieces[0].nk, 128);
+  EXPECT_EQ(one.pieces[0].right_bound, 0);
+  EXPECT_TRUE(one.keys_in_order);
+
+  const CudnnCallCut p0 = cudnn_call_cut(64, 128, 4, 4, 64, 0);
+  ASSERT_TRUE(p0.covered);
+  ASSERT_EQ(p0.pieces.size(), 2u);
+  EXPECT_EQ(p0.pieces[0].nq, 32);
+  EXPECT_EQ(p0.pieces[0].nk, 32);
+  EXPECT_EQ(p0.pieces[0].right_bound, 0);
+  EXPECT_EQ(p0.pieces[1].nq, 32);
+  EXPECT_EQ(p0.pieces[1].nk, 128);
+  EXPECT_EQ(p0.pieces[1].right_bound, 96);
+  EXPECT_EQ(p0.max_nq, 32);
+  EXPECT_EQ(p0.max_nk, 128);
+  EXPECT_FALSE(p0.keys_in_order);
+
+  const CudnnCallCut p1 = cudnn_call_cut(64, 128, 4, 4, 64, 1);
+  ASSERT_TRUE(p1.covered);
+  ASSERT_EQ(p1.pieces.size(), 1u);
+  EXPECT_EQ(p1.pieces[0].nq, 64);
+  EXPECT_EQ(p1.pieces[0].nk, 96);
+  EXPECT_EQ(p1.pieces[0].right_bound, 32);
+  EXPECT_FALSE(p1.keys_in_order);
+
+  EXPECT_FALSE(cudnn_call_cut(32, 128, 4, 4, 64, 0).covered);
+  EXPECT_FALSE(cudnn_call_cut(128, 128, 4, 4, 16, 0).covered);
+  EXPECT_THROW(cudnn_call_cut(48, 128, 4, 4, 64, 0), Error);  // not a zigzag part
 }
 
 TEST(LocalMemoryOnGpu, CpuTargetIsTheDefault) {

@@ -88,7 +88,9 @@ struct LayerTime {
 // ---- what measure.cpp hands a model for our implementation -------------------------------------
 
 // One candidate busiest moment of a training step: bytes by category on top of the persistent
-// state (weights, gradients, moments).
+// state (weights, gradients, moments). predict_local_memory takes the first of equal totals, as
+// MemoryTracker keeps the categories of the first time the total reaches its peak: moments that
+// can tie are listed in the order they happen.
 struct Moment {
   int64_t act = 0, comm = 0, work = 0, grads_extra = 0;
 };
@@ -100,12 +102,13 @@ struct LocalInputs {
   ElemBytes e;                                 // element sizes of the compute dtype
   Recompute recompute = Recompute::Selective;  // ParallelConfig::recompute
   MemoryTarget target;                         // the backend whose transients are counted
+  int token_part = -1;                         // predict_local_memory's (-1: the largest)
 
   // ---- the backend ops' own transients (Workspace; docs/cost-model.md, "On a GPU"), bytes ----
   // attention_backward's for one call of nq queries × hq heads against nk keys × hkv heads (one
   // row of the batch): the CPU's attention_backward_transient; under CUDA the v2 flash kernels'
-  // scratch (flash_v2_backward_scratch) when they serve the call, else none (v1 flash and the
-  // reference kernels allocate nothing).
+  // scratch (flash_v2_backward_scratch) or the cuDNN path's (cudnn_attention_transient) when
+  // they serve the call, else none (v1 flash and the reference kernels allocate nothing).
   int64_t attention_backward_transient(int64_t d, int64_t hq, int64_t hkv, int64_t nq,
                                        int64_t nk) const;
   // add(y, x) with a bf16 y and an fp32 x, n elements: the CPU backend adds in an fp32 copy of y

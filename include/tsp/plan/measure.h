@@ -29,14 +29,18 @@ namespace tsp::plan {
 // The backend whose allocations a prediction counts. The layouts and block.cpp allocate the same
 // tensors on every device, but the backends' ops allocate different transients (the table "On a
 // GPU" of docs/cost-model.md): under CUDA, no CPU attention scratch and no fp32 widening of a bf16
-// add's output, but an F64 per-row loss in cross_entropy and, with the v2 flash kernels, their
-// scratch in the bf16 attention backward. The default is the CPU backend (and the planner's
+// add's output, but an F64 per-row loss in cross_entropy and, with the v2 flash kernels or cuDNN,
+// their scratch in the bf16 attention backward. The default is the CPU backend (and the planner's
 // callers need nothing else).
 struct MemoryTarget {
   DeviceKind device = DeviceKind::CPU;
+  int device_index = 0;  // CUDA: the ordinal (cuDNN's plans are per device)
   // CUDA: bf16 attention with head_dim 64 or 128 runs the v2 flash kernels (TSP_CUDA_FLASH=v2,
   // cuda::set_flash_version); false: v1, the default, which allocates nothing.
   bool flash_v2 = false;
+  // CUDA: TSP_CUDA_FLASH=cudnn: the calls the cuDNN path covers run on cuDNN (its transients,
+  // LocalInputs::attention_backward_transient), every other flash-sized call on v1.
+  bool cudnn = false;
   bool cuda() const { return device == DeviceKind::CUDA; }
   // The MLP's and the loss head's token rows at once on this device (block::token_chunk).
   int64_t token_chunk() const;
@@ -49,15 +53,38 @@ MemoryTarget memory_target_of(Device device);
 // (src/backend/cuda/attention.cpp); the CPU part of the library has no other tie to CUDA.
 void set_cuda_flash_v2_query(bool (*v2_in_force)());
 
+// One cuDNN call of the cuDNN attention path (src/backend/cuda/attention_cudnn.cpp: a piece of an
+// attention call, attention_cudnn_pieces.h): nq queries against the first nk keys in position
+// order, band j - i <= right_bound (or cuda::attn::cudnn::kNoMask), on CUDA device `device`.
+struct CudnnPieceQuery {
+  bool backward = false;
+  int64_t nq = 0, nk = 0;
+  int hq = 0, hkv = 0, d = 0;
+  int64_t right_bound = 0;
+  float scale = 0;
+  int device = 0;
+};
+// The CUDA backend registers, at load time, whether the cuDNN path is in force and the workspace
+// cuDNN's plan for a piece asks for (bytes; -1 when cuDNN supports no plan for it, and the call
+// then takes the v1 kernels). The workspace is cuDNN's own figure (the engine it picks on this
+// device and version), so the model asks for it: the backend builds the plan the call will use
+// and caches it.
+void set_cuda_cudnn_query(bool (*cudnn_in_force)(),
+                          int64_t (*cudnn_workspace)(const CudnnPieceQuery&));
+
 // Peak memory per rank of one training step of our implementation: layout `l` (D ranks, R
 // replicas), micro-batch of B rows of S tokens over the whole job (each replica takes B/R rows),
 // AdamW moments allocated when `optimizer`, compute dtype `compute` (ParallelConfig::dtype), on
 // the backend `target`. Returns the bytes by category at the moment the total peaks
-// (MemorySnapshot::at_peak), for the rank with the largest peak.
+// (MemorySnapshot::at_peak), for the rank with the largest peak. `token_part`: the zigzag part
+// of the sequence the rank holds (its sequence index: the group rank, or g / T under tp-sp), for
+// that rank's prediction; only the cuDNN path's transients depend on it (the pieces of its
+// attention calls: which part is largest depends on the heads), and the default, -1, takes the
+// largest over the parts (asking cuDNN for the plans of every part's pieces).
 MemoryBreakdown predict_local_memory(const LlamaConfig& m, const LayoutSpec& l, int64_t B,
                                      int64_t S, bool optimizer, DType compute = DType::F32,
                                      Recompute recompute = Recompute::Selective,
-                                     MemoryTarget target = {});
+                                     MemoryTarget target = {}, int token_part = -1);
 
 // The part of it that lives for the whole run: the ShardStore's slabs (weights, gradients, and
 // under ZeRO-1 the replica's partition) and the AdamW moments when `optimizer`. Exact bytes.

@@ -64,11 +64,13 @@ class CachingAllocator final : public Allocator {
   // it too and are not tensors: require_memory's callers compare the project's model of the
   // tensors with this, so a prediction within a few hundred MB of it can still meet the
   // allocator's out-of-memory error (which then names every size).
+  // A property of device_, read without making device_ the current device: cudaMemGetInfo would
+  // answer for the current device only, and a const query must not change which device the
+  // calling thread's later CUDA calls go to.
   int64_t capacity_bytes() const override {
-    set_device(device_);
-    size_t free_b = 0, total_b = 0;
-    TSP_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    return static_cast<int64_t>(total_b);
+    cudaDeviceProp prop{};
+    TSP_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    return static_cast<int64_t>(prop.totalGlobalMem);
   }
 
   void* allocate(size_t bytes) override {

@@ -202,10 +202,30 @@ void set_flash_version(FlashVersion v) {
   g_flash_version.store(static_cast<int>(v));
 }
 
-// Load time: the memory model (plan/measure.cpp, the library's CPU part) learns which flash
-// kernels a CUDA run takes, without depending on CUDA itself.
+namespace {
+// The memory model's question about a cuDNN piece (plan::set_cuda_cudnn_query): its plan's
+// workspace. The plan is built with the device's handle, which needs the device current while it
+// is built; the caller's current device is given back.
+int64_t cudnn_workspace_for_model(const plan::CudnnPieceQuery& q) {
+  attn::Shape sh;
+  sh.nq = q.nq, sh.nk = q.nk, sh.hq = q.hq, sh.hkv = q.hkv, sh.d = q.d;
+  int before = 0;
+  TSP_CUDA_CHECK(cudaGetDevice(&before));
+  struct Restore {
+    int device;
+    ~Restore() { cudaSetDevice(device); }
+  } restore{before};
+  set_device(q.device);
+  return attn::cudnn_plan_workspace(q.backward, sh, q.right_bound, q.scale, q.device);
+}
+}  // namespace
+
+// Load time: the memory model (plan/measure.cpp, the library's CPU part) learns which attention
+// path a CUDA run takes, without depending on CUDA itself.
 const bool g_flash_query_registered = [] {
   plan::set_cuda_flash_v2_query([] { return flash_version() == FlashVersion::V2; });
+  plan::set_cuda_cudnn_query([] { return flash_version() == FlashVersion::Cudnn; },
+                             cudnn_workspace_for_model);
   return true;
 }();
 

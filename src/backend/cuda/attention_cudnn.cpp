@@ -41,6 +41,10 @@
 // the dout rounding, and with keys out of position order their gather (2·nk'·hkv·d bf16). Plans
 // are built once per (direction, device, nq, nk', hq, hkv, d, band, scale) and cached: a layout's
 // pieces repeat every step.
+//
+// Memory per call (Workspace tensors, allocated before the first piece and freed on return): the
+// memory model counts them (plan::cudnn_attention_transient, src/plan/measure.cpp), so a change
+// here is a change there.
 #include "backend/cuda/attention_cudnn.h"
 
 #include <algorithm>
@@ -107,6 +111,9 @@ bool cudnn_backward(const Bwd&, int, cudaStream_t) {
 }
 std::string cudnn_check_graph(bool, const Shape&, int64_t, float, int) {
   TSP_FAIL("cudnn_check_graph: {}", cudnn_unavailable_reason());
+}
+int64_t cudnn_plan_workspace(bool, const Shape&, int64_t, float, int) {
+  TSP_FAIL("TSP_CUDA_FLASH=cudnn: {}", cudnn_unavailable_reason());
 }
 
 #else
@@ -558,6 +565,19 @@ std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_boun
     return std::string("exception: ") + ex.what();
   }
   return "";
+}
+
+int64_t cudnn_plan_workspace(bool backward, const Shape& sh, int64_t right_bound, float scale,
+                             int device) {
+  require_library();
+  Key k{};  // as plan_call keys a piece
+  k.backward = backward;
+  k.device = device;
+  k.nq = sh.nq, k.nk = sh.nk, k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
+  k.right_bound = right_bound;
+  std::memcpy(&k.scale_bits, &scale, 4);
+  const Plan& plan = plan_for(k, device_state(device));
+  return plan.graph ? plan.workspace : -1;
 }
 
 namespace {

@@ -41,6 +41,14 @@ bool cudnn_backward(const Bwd& p, int device, cudaStream_t s);
 std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_bound, float scale,
                               int sm);
 
+// The workspace of cuDNN's plan for one piece (a forward or backward call of sh.nq queries against
+// the first sh.nk keys in position order, band right_bound or cudnn::kNoMask) on `device`, bytes,
+// built and cached as a call of that piece would (so the memory model's question costs the run
+// nothing more); -1 when cuDNN supports no plan for it (the call takes the flash kernels). Throws
+// tsp::Error when cuDNN is unavailable (cudnn_unavailable_reason).
+int64_t cudnn_plan_workspace(bool backward, const Shape& sh, int64_t right_bound, float scale,
+                             int device);
+
 // Calls cuDNN has run (forward and backward) in this process: the tests check with it that the
 // calls they mean to be covered took the path and the others did not.
 int64_t cudnn_calls_run();

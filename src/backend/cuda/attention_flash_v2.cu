@@ -36,7 +36,9 @@
 //   s that travels with Q like the positions.
 // Scratch (positions, bounds, bf16 dout, D, lse2) is one Workspace tensor of the device's caching
 // allocator per call (scratch.h: counted by the MemoryTracker; free of waits on the compute
-// stream, ordered explicitly on another), freed when the launcher returns.
+// stream, ordered explicitly on another), freed when the launcher returns. The memory model
+// counts the backward's (plan::flash_v2_backward_scratch) and shows the forward's below the peak
+// (src/plan/measure.cpp): a change of either is a change there.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
