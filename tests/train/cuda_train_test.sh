@@ -124,7 +124,9 @@ grep -o '"loss_diff":[^,}]*' bench.jsonl | cut -d: -f2 |
 # ---- memory checks against the GPU's own memory --------------------------------------------------
 # A step far beyond any GPU (20M windows: the kept layer inputs alone are 164 GB per rank) is
 # refused before anything is allocated, naming the GPU and the two ranks that share it: the check
-# counts the GPU's memory and its ranks, not the host's (which would say "this machine").
+# counts the GPU's memory and its ranks, not the host's (which would say "this machine"). Not
+# "${common[@]}": it has a --batch of its own, and the tool refuses an option given twice.
 expect_failure "train beyond the GPU's memory" "for the 2 ranks on the GPU cuda:0" \
-  mpiexec -n 2 "$tsp" train "${common[@]}" --layout tsp --device cuda --batch 20000000
+  mpiexec -n 2 "$tsp" train --data corpus.txt --config config.json --batch 20000000 --seq 32 \
+  --steps 1 --layout tsp --device cuda
 echo "cuda_train_test: OK"
