@@ -35,6 +35,8 @@
 #include <thread>
 #include <vector>
 
+#include "settings.h"
+
 namespace tsp::emu {
 namespace {
 
@@ -183,17 +185,8 @@ struct Stream {
 // any slower work elsewhere: a consumer on another stream that forgot to wait for it still finds
 // it done, and the bug hides. So such an op waits, with probability 1/2, a random time up to
 // TSP_EMU_DELAY_US microseconds (default 2000; 0: none), drawn from TSP_EMU_SEED and the stream.
-uint32_t max_delay_us() {
-  static const uint32_t us = [] {
-    const char* v = std::getenv("TSP_EMU_DELAY_US");
-    return v ? static_cast<uint32_t>(std::strtoul(v, nullptr, 10)) : 2000u;
-  }();
-  return us;
-}
-uint32_t seed() {
-  const char* v = std::getenv("TSP_EMU_SEED");
-  return v ? static_cast<uint32_t>(std::strtoul(v, nullptr, 10)) : 1u;
-}
+using settings::max_delay_us;
+using settings::seed;
 struct Event {
   uint64_t recorded = 0, reached = 0;  // records made, and the newest one its stream has passed
 };

@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "settings.h"
+
 namespace tsp::emu {
 
 thread_local Builtins current;
@@ -344,10 +346,7 @@ void check_exit(Thread& t) {
          " threads wait at __syncthreads");
 }
 
-uint32_t seed() {
-  const char* s = std::getenv("TSP_EMU_SEED");
-  return s ? static_cast<uint32_t>(std::strtoul(s, nullptr, 10)) : 1u;
-}
+using settings::seed;
 
 }  // namespace
 

@@ -1,0 +1,29 @@
+// The emulation's own settings, read once from the environment (tests/cuda_emulation/README.md):
+//   TSP_EMU_SEED       the seed of every random choice the emulation makes: the order in which
+//                      a block's warps run (simt.cpp) and the delays of queued work (runtime.cpp)
+//   TSP_EMU_DELAY_US   the longest delay of work queued on an idle stream (runtime.cpp)
+// Included by the emulation's sources only; the stand-in CUDA headers do not see it.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+
+namespace tsp::emu::settings {
+
+// An unsigned integer variable, or `fallback` when unset.
+inline uint32_t env_u32(const char* name, uint32_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? static_cast<uint32_t>(std::strtoul(v, nullptr, 10)) : fallback;
+}
+
+inline uint32_t seed() {
+  static const uint32_t s = env_u32("TSP_EMU_SEED", 1);
+  return s;
+}
+
+inline uint32_t max_delay_us() {
+  static const uint32_t us = env_u32("TSP_EMU_DELAY_US", 2000);
+  return us;
+}
+
+}  // namespace tsp::emu::settings
