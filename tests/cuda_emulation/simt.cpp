@@ -18,7 +18,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
@@ -132,6 +134,7 @@ struct Block {
   int switched_from = 0;  // who handed over last (an id, or kScheduler)
   std::string error;
   std::vector<unsigned char> shared;
+  KernelCounts counts;  // this block's (the numbers only)
 };
 thread_local Block* block = nullptr;  // the block this OS thread runs
 
@@ -209,12 +212,56 @@ uint16_t load_b16(const unsigned char* p) {
   return v;
 }
 
+// Shared-memory wavefronts of one ldmatrix.x4 (KernelCounts::ldmatrix_wavefronts): phase m
+// reads the rows of lanes 8m..8m+7; shared memory has 32 banks of 4 bytes, so a 16-byte row
+// covers the 4 banks of group (offset / 16) % 8. Rows at one address are read once (broadcast);
+// distinct rows in one group need a wavefront each.
+int ldmatrix_wavefronts(const Warp& w) {
+  int total = 0;
+  for (int m = 0; m < 4; ++m) {
+    int per_group[8] = {};
+    for (int r = 0; r < 8; ++r) {
+      const unsigned char* a = w.in[8 * m + r].address;
+      bool seen = false;
+      for (int q = 0; q < r; ++q) seen = seen || w.in[8 * m + q].address == a;
+      if (!seen) ++per_group[(a - block->shared.data()) / 16 % 8];
+    }
+    total += *std::max_element(per_group, per_group + 8);
+  }
+  return total;
+}
+
+void add_counts(KernelCounts& into, const KernelCounts& c) {
+  into.mma += c.mma;
+  into.ldmatrix += c.ldmatrix;
+  into.ldmatrix_wavefronts += c.ldmatrix_wavefronts;
+  into.cp_async_bytes += c.cp_async_bytes;
+  into.barriers += c.barriers;
+  into.shuffles += c.shuffles;
+  into.ballots += c.ballots;
+  into.atomics += c.atomics;
+}
+
+// Every kernel's counts, in order of first launch; launches on different streams (OS threads)
+// add theirs under the mutex.
+struct CountRegistry {
+  std::mutex mutex;
+  std::map<const void*, size_t> index;  // kernel -> position in `all`
+  std::vector<KernelCounts> all;
+};
+CountRegistry& count_registry() {
+  static auto* r = new CountRegistry;
+  return *r;
+}
+
 // The last lane of an operation computes every participating lane's result.
 void complete(Warp& w, int warp_index) {
   const int base = warp_index * 32;
   auto& th = block->threads;
+  KernelCounts& n = block->counts;
   switch (w.op) {
     case WarpOp::Shuffle:
+      ++n.shuffles;
       for (int l = 0; l < 32; ++l) {
         if (!(w.mask >> l & 1u)) continue;
         const LaneInput& in = w.in[l];
@@ -229,6 +276,7 @@ void complete(Warp& w, int warp_index) {
       }
       break;
     case WarpOp::Ballot: {
+      ++n.ballots;
       unsigned bits = 0;
       for (int l = 0; l < 32; ++l)
         if ((w.mask >> l & 1u) && w.in[l].value) bits |= 1u << l;
@@ -241,6 +289,8 @@ void complete(Warp& w, int warp_index) {
       break;
     case WarpOp::Ldsm:
     case WarpOp::LdsmTrans:
+      ++n.ldmatrix;
+      n.ldmatrix_wavefronts += ldmatrix_wavefronts(w);
       // Matrix m's row r is the 8 b16 at lane (8m + r)'s address. Lane l = 4g + t receives, per
       // matrix, the elements (g, 2t) and (g, 2t+1), or with .trans (2t, g) and (2t+1, g).
       for (int l = 0; l < 32; ++l) {
@@ -260,6 +310,7 @@ void complete(Warp& w, int warp_index) {
       }
       break;
     case WarpOp::Mma: {
+      ++n.mma;
       // D[16×8] = A[16×16]·B[16×8] + C (g = lane/4, t = lane%4): a0 (g, 2t..2t+1), a1 (g+8, 2t..),
       // a2 (g, 2t+8..), a3 (g+8, 2t+8..); b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); c0, c1
       // (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1). Products summed exactly (double), rounded once.
@@ -396,6 +447,7 @@ int sync_block(int predicate, int mode) {
   block->barrier_and &= predicate != 0;
   set_state(t, State::AtBlock);
   if (block->at_barrier == block->live) {
+    ++block->counts.barriers;
     const int result = mode == 1 ? block->barrier_or : mode == 2 ? block->barrier_and : 0;
     for (Thread& o : block->threads)
       if (o.state == State::AtBlock) {
@@ -415,6 +467,7 @@ void cp_async16(void* dst, const void* src, bool valid) {
     fail(where(t) +
          ": cp.async destination outside the dynamic shared memory or not 16-byte "
          "aligned");
+  block->counts.cp_async_bytes += 16;
   AsyncCopy c{static_cast<unsigned char*>(dst), {}};
   if (valid) {
     if (reinterpret_cast<uintptr_t>(src) % 16 || !is_device_range(src, 16))
@@ -478,11 +531,28 @@ bool launch_config_ok(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_sh
   return true;
 }
 
-void run_grid(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_shared_bytes,
-              const std::function<void()>& body) {
+std::vector<KernelCounts> kernel_counts() {
+  CountRegistry& r = count_registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  return r.all;
+}
+
+void reset_kernel_counts() {
+  CountRegistry& r = count_registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  r.index.clear();
+  r.all.clear();
+}
+
+void count_atomic() {
+  if (block) ++block->counts.atomics;
+}
+
+void run_grid(const void* kernel, const char* name, dim3 grid, dim3 dim,
+              size_t dynamic_shared_bytes, const std::function<void()>& body) {
   // Checked at the launch (launch_config_ok); a grid that gets here is valid.
   const int64_t threads = int64_t{dim.x} * dim.y * dim.z;
-  (void)kernel;
+  KernelCounts launch_counts;
   static thread_local std::minstd_rand rng(seed());
   const int n = static_cast<int>(threads), n_warps = (n + 31) / 32;
   std::vector<int> warp_order(n_warps);
@@ -568,8 +638,20 @@ void run_grid(const void* kernel, dim3 grid, dim3 dim, size_t dynamic_shared_byt
             fail(s.str());
           }
         }
+        add_counts(launch_counts, b.counts);
       }
   check_guards("a kernel");
+
+  CountRegistry& r = count_registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  auto [it, added] = r.index.emplace(kernel, r.all.size());
+  if (added) r.all.push_back(KernelCounts{name});
+  KernelCounts& k = r.all[it->second];
+  add_counts(k, launch_counts);
+  k.block = dim;
+  k.dynamic_shared = dynamic_shared_bytes;
+  ++k.launches;
+  k.blocks += uint64_t{grid.x} * grid.y * grid.z;
 }
 
 }  // namespace tsp::emu

@@ -23,9 +23,11 @@
 #include <cstring>
 #include <functional>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <unistd.h>
 
@@ -174,7 +176,8 @@ extern thread_local Builtins
 // Runs `thread_body` once per thread of the grid, block after block (a block's threads are fibers
 // on this OS thread). Throws std::runtime_error, naming the block and thread, on anything the
 // hardware would fault on or leave undefined that the engine can see (kernel/README.md).
-void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared,
+// `name` is the kernel as the launch wrote it (counts below).
+void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block, size_t dynamic_shared,
               const std::function<void()>& thread_body);
 unsigned char* dynamic_shared();
 
@@ -191,6 +194,29 @@ void cp_async_wait(int newest_groups_left_pending);
 void ldmatrix_x4(uint32_t (&r)[4], const void* shared_row_address, bool transpose);
 void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
+// What the kernels executed, counted per kernel over its launches since reset_kernel_counts()
+// (README.md, "Counting"): the figures that decide a kernel's speed on a GPU and that the
+// emulation sees exactly, whatever its own speed. Warp instructions count once per warp.
+struct KernelCounts {
+  std::string name;  // the kernel as TSP_LAUNCH wrote it (template arguments as in the source)
+  dim3 block{0, 0, 0};
+  size_t dynamic_shared = 0;  // bytes, of the last launch
+  uint64_t launches = 0, blocks = 0;
+  uint64_t mma = 0;       // mma.sync.m16n8k16 bf16: 4,096 FLOPs each
+  uint64_t ldmatrix = 0;  // ldmatrix.x4: 512 bytes of shared memory each
+  // Shared-memory wavefronts the ldmatrix took: each of its 4 phases reads eight 16-byte rows
+  // in one wavefront when they fall in 8 different groups of 4 banks, else in as many as the
+  // most-used group holds distinct rows. Conflict-free: 4 per ldmatrix.
+  uint64_t ldmatrix_wavefronts = 0;
+  uint64_t cp_async_bytes = 0;  // 16-byte global -> shared copies (zero-fills included)
+  uint64_t barriers = 0;        // __syncthreads completed (once per block each)
+  uint64_t shuffles = 0, ballots = 0;
+  uint64_t atomics = 0;  // atomicAdd/Max/Min on memory, per thread (a float2 counts once)
+};
+std::vector<KernelCounts> kernel_counts();  // in order of first launch
+void reset_kernel_counts();
+void count_atomic();  // by the atomics below
+
 // kernel<<<grid, block, shared, stream>>>(args...) as TSP_LAUNCH(grid, block, shared, stream,
 // kernel)(args...): the arguments are converted to the kernel's parameter types once, as CUDA
 // does, and each thread calls the kernel with them.
@@ -200,6 +226,7 @@ bool launch_config_ok(const void* kernel, dim3 grid, dim3 block, size_t dynamic_
 template <class... P>
 struct Launch {
   void (*kernel)(P...);
+  const char* name;
   dim3 grid, block;
   size_t shared;
   cudaStream_t stream;
@@ -207,22 +234,22 @@ struct Launch {
   void operator()(A&&... args) const {
     const void* k = reinterpret_cast<const void*>(kernel);
     if (!launch_config_ok(k, grid, block, shared)) return;
-    enqueue(stream, [k, f = kernel, g = grid, b = block, sh = shared,
+    enqueue(stream, [k, n = name, f = kernel, g = grid, b = block, sh = shared,
                      params = std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)] {
-      run_grid(k, g, b, sh, [&] { std::apply(f, params); });
+      run_grid(k, n, g, b, sh, [&] { std::apply(f, params); });
     });
   }
 };
 template <class... P>
-Launch<P...> launch(dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
-                    void (*kernel)(P...)) {
-  return {kernel, grid, block, shared, stream};
+Launch<P...> launch(dim3 grid, dim3 block, size_t shared, cudaStream_t stream, void (*kernel)(P...),
+                    const char* name) {
+  return {kernel, name, grid, block, shared, stream};
 }
 
 }  // namespace tsp::emu
 
 #define TSP_LAUNCH(grid, block, shared, stream, ...) \
-  ::tsp::emu::launch(grid, block, shared, stream, &__VA_ARGS__)
+  ::tsp::emu::launch(grid, block, shared, stream, &__VA_ARGS__, #__VA_ARGS__)
 #define TSP_DYNAMIC_SHARED(name) unsigned char* name = ::tsp::emu::dynamic_shared()
 
 // ---- kernel-side built-ins ---------------------------------------------------------------------
@@ -270,9 +297,11 @@ T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
 // so read-modify-writes are real atomics.
 template <class T>
 T atomicAdd(T* p, T v) {
+  tsp::emu::count_atomic();
   return std::atomic_ref<T>(*p).fetch_add(v);
 }
 inline float2 atomicAdd(float2* p, float2 v) {  // sm_90's vector atomic (each half atomic)
+  tsp::emu::count_atomic();
   if (reinterpret_cast<uintptr_t>(p) % 8 != 0)
     throw std::invalid_argument(
         "CUDA emulation: float2 atomicAdd at an address not 8-byte aligned");
@@ -280,6 +309,7 @@ inline float2 atomicAdd(float2* p, float2 v) {  // sm_90's vector atomic (each h
 }
 template <class T>
 T atomicMax(T* p, T v) {
+  tsp::emu::count_atomic();
   std::atomic_ref<T> a(*p);
   T old = a.load();
   while (v > old && !a.compare_exchange_weak(old, v)) {
@@ -288,6 +318,7 @@ T atomicMax(T* p, T v) {
 }
 template <class T>
 T atomicMin(T* p, T v) {
+  tsp::emu::count_atomic();
   std::atomic_ref<T> a(*p);
   T old = a.load();
   while (v < old && !a.compare_exchange_weak(old, v)) {
