@@ -55,7 +55,9 @@ grep -q '^TSP_WITH_CUDA:STRING=ON' "$build/CMakeCache.txt" ||
 # Configure again: test sources added since the last configure must exist as targets before the
 # build below names them (the glob's re-check runs only inside a build, too late for make).
 cmake "$build" >/dev/null || die "configuring $build failed"
-mapfile -t cuda_tests < <(find tests -name 'cuda_*_test.cpp' -printf '%f\n' | sed 's/\.cpp$//' | sort)
+# (tests/cuda_emulation/ holds the emulation's own tests: CPU builds only, not GPU tests.)
+mapfile -t cuda_tests < <(find tests -path tests/cuda_emulation -prune -o -name 'cuda_*_test.cpp' \
+  -printf '%f\n' | sed 's/\.cpp$//' | sort)
 mapfile -t probes < <(find tests -name '*_probe.cpp' -printf '%f\n' | sed 's/\.cpp$//' | sort)
 targets=(tsp bench_attention bench_block "${cuda_tests[@]}" "${probes[@]}")
 say "building ${#targets[@]} targets in $build (${#cuda_tests[@]} GPU tests)"

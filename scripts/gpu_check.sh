@@ -159,8 +159,10 @@ elif [ -z "$build" ]; then
     command -v ninja >/dev/null && gen=(-G Ninja)
     step configure 120 cmake -S "$repo" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
       -DTSP_WITH_CUDA=ON -DTSP_BUILD_TESTS=ON -DTSP_BUILD_BENCH=ON -DTSP_EMULATE_CUDA=OFF
-    mapfile -t targets < <(cd "$repo" && find tests -name 'cuda_*_test.cpp' -o -name '*_probe.cpp' |
-      xargs -r -n1 basename | sed 's/\.cpp$//')
+    # (tests/cuda_emulation/ holds the emulation's own tests: CPU builds only, not GPU tests.)
+    mapfile -t targets < <(cd "$repo" && find tests -path tests/cuda_emulation -prune -o \
+      \( -name 'cuda_*_test.cpp' -o -name '*_probe.cpp' \) -print | xargs -r -n1 basename |
+      sed 's/\.cpp$//')
     step build 300 cmake --build "$build" -j "$(nproc)" --target tsp bench_attention bench_block "${targets[@]}"
   else
     skip build "no device (and no .gpu/bundle.tar.xz or --prebuilt): nothing to build for"
