@@ -54,10 +54,7 @@ Backend& cpu() {
 
 std::vector<float> random_values(int64_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
   std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
+  return test::uniform_values(n, rng, lo, hi);
 }
 
 // The same values on the CPU and on the GPU (BF16: the values rounded once, identically).

@@ -70,13 +70,6 @@ std::vector<float> stored_as(DType dtype, std::vector<float> v) {
   return v;
 }
 
-std::vector<float> random_values(int64_t n, std::mt19937& rng) {
-  std::uniform_real_distribution<float> dist(-1.f, 1.f);
-  std::vector<float> v(n);
-  for (float& f : v) f = dist(rng);
-  return v;
-}
-
 // ---- Device tensors with guard regions ----------------------------------------------------------
 
 // A device buffer holding one tensor `offset` elements after the start of its allocation, with
@@ -235,9 +228,9 @@ struct ForwardData {
 };
 
 ForwardData forward_data(const ForwardCase& c, std::mt19937& rng) {
-  return {stored_as(c.x, random_values(c.N * c.in, rng)),
-          stored_as(c.w, random_values(c.out * c.in, rng)),
-          stored_as(c.y, random_values(c.N * c.out, rng))};
+  return {stored_as(c.x, test::uniform_values(c.N * c.in, rng)),
+          stored_as(c.w, test::uniform_values(c.out * c.in, rng)),
+          stored_as(c.y, test::uniform_values(c.N * c.out, rng))};
 }
 
 Expected forward_reference(const ForwardCase& c, const ForwardData& d) {
@@ -291,10 +284,10 @@ struct BackwardData {
 };
 
 BackwardData backward_data(const BackwardCase& c, std::mt19937& rng) {
-  return {stored_as(c.dy, random_values(c.N * c.out, rng)),
-          stored_as(c.x, random_values(c.N * c.in, rng)),
-          stored_as(c.w, random_values(c.out * c.in, rng)), random_values(c.N * c.in, rng),
-          random_values(c.out * c.in, rng)};
+  return {stored_as(c.dy, test::uniform_values(c.N * c.out, rng)),
+          stored_as(c.x, test::uniform_values(c.N * c.in, rng)),
+          stored_as(c.w, test::uniform_values(c.out * c.in, rng)),
+          test::uniform_values(c.N * c.in, rng), test::uniform_values(c.out * c.in, rng)};
 }
 
 // dx [N, in] += dy·w (K = out), dw [out, in] += dyᵀ·x (K = N), fp32 outputs.
@@ -475,7 +468,7 @@ TEST(CudaGemm, EmptyBatch) {
   DeviceTensor x({0, 8}, DType::F32), w({5, 8}, DType::F32), y({0, 5}, DType::F32),
       dy({0, 5}, DType::F32), dx({0, 8}, DType::F32), dw({5, 8}, DType::F32);
   std::mt19937 rng(5);
-  const std::vector<float> w0 = random_values(40, rng), dw0 = random_values(40, rng);
+  const std::vector<float> w0 = test::uniform_values(40, rng), dw0 = test::uniform_values(40, rng);
   w.upload(w0);
   dw.upload(dw0);
   const cudaStream_t s = cuda::compute_stream(0);

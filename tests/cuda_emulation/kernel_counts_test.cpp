@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "backend/cuda/attention_kernels.h"
+#include "test_util.h"
 #include "tsp/core/bf16.h"
 
 namespace tsp::emu {
@@ -41,16 +42,11 @@ struct Device {
   Device& operator=(const Device&) = delete;
 };
 
-std::vector<uint16_t> random_bf16(size_t n, std::mt19937& rng) {
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
+// Values in [-1, 1) as bf16 bits.
+std::vector<uint16_t> random_bf16(int64_t n, std::mt19937& rng) {
   std::vector<uint16_t> v(n);
-  for (auto& x : v) x = tsp::bf16::from_float(u(rng));
-  return v;
-}
-std::vector<float> random_f32(size_t n, std::mt19937& rng) {
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = u(rng);
+  const std::vector<float> f = test::uniform_values(n, rng);
+  for (int64_t i = 0; i < n; ++i) v[i] = tsp::bf16::from_float(f[i]);
   return v;
 }
 
@@ -75,7 +71,7 @@ struct Problem {
         o(std::vector<uint16_t>(S * hq * d)),
         pos(positions),
         lse(std::vector<float>(S * hq)),
-        dout(random_f32(S * hq * d, rng)),
+        dout(test::uniform_values(S * hq * d, rng)),
         dq(std::vector<float>(S * hq * d)),
         dk(std::vector<float>(S * hkv * d)),
         dv(std::vector<float>(S * hkv * d)) {}
