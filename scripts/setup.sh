@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The library and the CLI (and the demo corpus).
-packages=(cmake g++ make pkg-config openmpi-bin libopenmpi-dev libdnnl-dev ocl-icd-opencl-dev
+packages=(cmake g++ make ninja-build pkg-config openmpi-bin libopenmpi-dev libdnnl-dev ocl-icd-opencl-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev bible-kjv libssl-dev)
 # Tests, benchmarks, the sanitizer build's and the fuzzers' clang (scripts/test.sh), and
 # Boost.Context for the CUDA emulation's fibers (tests/cuda_emulation/).
@@ -44,10 +44,14 @@ elif [ ! -f "$build_dir/CMakeCache.txt" ]; then
   # those directories out (a later full set-up turns them on; the library is not rebuilt).
   options+=(-DTSP_BUILD_TESTS=OFF -DTSP_BUILD_BENCH=OFF)
 fi
+# Ninja for a new build directory: one job graph for all targets keeps both cores busy where
+# make's per-target steps leave one waiting (an existing directory keeps its generator).
+[ -f "$build_dir/CMakeCache.txt" ] || options+=(-G Ninja)
 # ccache, when installed, makes repeated builds (and the sanitizer build) incremental.
 command -v ccache >/dev/null && options+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 cmake -S . -B "$build_dir" "${options[@]}" ${TSP_CMAKE_ARGS:-} >/dev/null
 target_args=()
 [ ${#targets[@]} -eq 0 ] || target_args=(--target "${targets[@]}")
-cmake --build "$build_dir" -j "$jobs" "${target_args[@]}" 2>&1 | grep -vE '^\[ *[0-9]+%\]' || true
+cmake --build "$build_dir" -j "$jobs" "${target_args[@]}" 2>&1 |
+  grep -vE '^\[ *[0-9]+%\]|^\[[0-9]+/[0-9]+\] ' || true
 test "${PIPESTATUS[0]}" -eq 0

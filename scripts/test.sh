@@ -6,9 +6,10 @@
 #   tests     the ctest suite in ${TSP_BUILD_DIR:-build}: unit, multi-rank (mpiexec at 1, 2, 4
 #             and 8 ranks), shell, fuzz-corpus replays and the Hugging Face round trip; the GPU
 #             tests (label cuda) report Skipped with their reason when there is no GPU
-#   sanitize  AddressSanitizer + UndefinedBehaviorSanitizer build of the library, the CLI and the
-#             tests (build-asan), then the suite again under it (8-rank runs left to tests)
-#   fuzz      the libFuzzer targets (build-fuzz, clang), each for TSP_FUZZ_SECONDS (default 40)
+#   sanitize  AddressSanitizer + UndefinedBehaviorSanitizer build of the library, the CLI, the
+#             probes and fuzz replays, with the tests (build-asan), then the tests labelled
+#             sanitize under it (each multi-rank test once, at 2 ranks; tests/CMakeLists.txt)
+#   fuzz      the libFuzzer targets (build-fuzz, clang), each for TSP_FUZZ_SECONDS (default 30)
 # Prints each stage's time and result, and exits non-zero when any stage failed (a failing stage
 # does not stop the later ones, so one run reports everything; a failed build does).
 # For a quicker local run: TSP_TEST_SKIP=sanitize,fuzz scripts/test.sh (CI skips nothing).
@@ -20,7 +21,7 @@ source scripts/env.sh
 build="${TSP_BUILD_DIR:-build}"
 asan_build="${TSP_ASAN_BUILD_DIR:-build-asan}"
 fuzz_build="${TSP_FUZZ_BUILD_DIR:-build-fuzz}"
-fuzz_seconds="${TSP_FUZZ_SECONDS:-40}"
+fuzz_seconds="${TSP_FUZZ_SECONDS:-30}"
 fuzz_cxx="${TSP_FUZZ_CXX:-clang++-14}"
 skip=",${TSP_TEST_SKIP:-},"
 ctest_args=("$@")
@@ -100,16 +101,16 @@ build_sanitized() {
     scripts/hf_env.sh "$asan_build" >/dev/null
 }
 
-# The whole suite except the 8-rank runs of the multi-rank tests (label np8: the same code paths
-# as at 4 ranks, with 8 instrumented processes on 2 cores; the tests stage runs them), to fit the
-# CI budget (docs/testing.md, "Time budget").
+# The tests labelled sanitize: every unit, shell and fuzz-replay test and each multi-rank test at
+# 2 ranks, less four that repeat the others' code many times (tests/CMakeLists.txt says which and
+# why), to fit the CI budget (docs/testing.md, "Time budget"); the tests stage runs them all.
 # Each instrumented process writes its report, if any, to $asan_build/sanitizer-reports (see
 # tests/CMakeLists.txt): any report fails the stage, even from a process whose test expected it
 # to fail.
 run_sanitized_tests() {
   local reports="$asan_build/sanitizer-reports" rc f
   rm -rf "$reports" && mkdir -p "$reports" || return
-  ctest --test-dir "$asan_build" --output-on-failure -j 2 --timeout 900 -LE np8 "${ctest_args[@]}"
+  ctest --test-dir "$asan_build" --output-on-failure -j 2 --timeout 900 -L sanitize "${ctest_args[@]}"
   rc=$?
   if compgen -G "$reports/*" >/dev/null; then
     echo "sanitizer reports from $(ls "$reports" | wc -l) processes (in $reports):"

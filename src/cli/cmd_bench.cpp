@@ -117,7 +117,7 @@ int default_tp(int D) {
   return best;
 }
 
-struct Row {
+struct BenchRow {
   std::string layout, degrees, status;  // status: "ok", or why the layout did not run
   std::string recompute = "selective";  // --recompute of the row
   int D = 1, T = 1, R = 1, zero = 0;
@@ -138,10 +138,10 @@ double mean_over(Communicator& c, double v) {
 }
 
 // Runs one layout on `comm` (the world, or rank 0 alone for single). Collective over comm.
-Row run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& weights,
-               const std::string& name, const Batch& batch, plan::Recompute recompute,
-               Communicator& comm) {
-  Row row;
+BenchRow run_layout(const BenchOptions& o, const LlamaConfig& c, const WeightSource& weights,
+                    const std::string& name, const Batch& batch, plan::Recompute recompute,
+                    Communicator& comm) {
+  BenchRow row;
   row.layout = name;
   row.S = batch.S;
   row.recompute = std::string(plan::recompute_name(recompute));
@@ -298,7 +298,7 @@ void print_header(const BenchOptions& o, const LlamaConfig& c, int world) {
       "blocked", "pred_ms", "dloss");
 }
 
-void print_row(const Row& r) {
+void print_row(const BenchRow& r) {
   if (r.status != "ok") {
     std::printf(" %-7s %-12s %6lld %-9s  skipped: %s\n", r.layout.c_str(), "-", (long long)r.S,
                 r.recompute.c_str(), r.status.c_str());
@@ -324,7 +324,8 @@ void print_row(const Row& r) {
     std::printf(" %10s\n", "-");
 }
 
-nlohmann::json row_json(const Row& r, const LlamaConfig& c, int world, const std::string& dtype) {
+nlohmann::json row_json(const BenchRow& r, const LlamaConfig& c, int world,
+                        const std::string& dtype) {
   nlohmann::json j;
   j["dtype"] = dtype;
   j["layout"] = r.layout;
@@ -587,7 +588,7 @@ int run_bench(const BenchOptions& o, Communicator& world) {
     bool have_ref = false;
     for (const plan::Recompute mode : modes)
       for (const std::string& name : layouts) {
-        Row row;
+        BenchRow row;
         row.layout = name;
         row.S = S;
         row.recompute = std::string(plan::recompute_name(mode));
@@ -599,7 +600,7 @@ int run_bench(const BenchOptions& o, Communicator& world) {
           // chunks, S beyond max_position_embeddings) are raised identically on every rank of the
           // communicator running the layout, before any collective: skip the row.
           auto skipped = [&](const Error& e) {
-            Row r;
+            BenchRow r;
             r.layout = name;
             r.S = S;
             r.recompute = std::string(plan::recompute_name(mode));

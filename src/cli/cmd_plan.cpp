@@ -47,13 +47,13 @@ std::vector<plan::Recompute> recompute_modes(const std::string& arg) {
 
 // One row of the table: the estimate with the mode `--recompute` chose, and (training) the
 // memory without recomputation, to say when recomputation is what makes the row fit.
-struct Row {
+struct PlanRow {
   plan::Estimate est;
   double none_gb = 0;
 };
-Row estimate_row(plan::Workload w, const plan::LayoutSpec& l, const plan::Hardware& hw,
-                 const std::vector<plan::Recompute>& modes) {
-  Row r;
+PlanRow estimate_row(plan::Workload w, const plan::LayoutSpec& l, const plan::Hardware& hw,
+                     const std::vector<plan::Recompute>& modes) {
+  PlanRow r;
   if (w.mode != plan::Mode::Train) {
     r.est = plan::estimate(w, l, hw);
     r.none_gb = r.est.memory.total() / 1e9;
@@ -216,7 +216,7 @@ int run_plan(const PlanOptions& o) {
   std::vector<Estimate> all;
   std::vector<double> none_gb;
   for (const LayoutSpec& l : layouts) {
-    const Row r = estimate_row(w, l, hw, modes);
+    const PlanRow r = estimate_row(w, l, hw, modes);
     all.push_back(r.est);
     none_gb.push_back(r.none_gb);
   }

@@ -37,6 +37,10 @@ class AtomicFile {
   bool in_place_ = false;  // path is a device or FIFO: written directly, never renamed or removed
 };
 
+// Reads exactly `bytes` bytes at `offset` (retrying short reads and EINTR); an error or an early
+// end of file is an error naming `path` and the byte offset.
+void pread_all(int fd, void* dst, size_t bytes, int64_t offset, const std::string& path);
+
 // Safetensors dtype string of one of our dtypes ("F32", "BF16", "I32", "I64").
 const char* safetensors_dtype(DType t);
 

@@ -68,20 +68,6 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
-void pread_all(int fd, void* dst, size_t bytes, int64_t offset, const std::string& path) {
-  char* p = static_cast<char*>(dst);
-  while (bytes > 0) {
-    const ssize_t got = ::pread(fd, p, bytes, offset);
-    if (got < 0 && errno == EINTR) continue;
-    TSP_CHECK(got >= 0, "{}: read failed at byte {}: {}", path, offset, std::strerror(errno));
-    TSP_CHECK(got > 0, "{}: unexpected end of file at byte {} (was the file truncated?)", path,
-              offset);
-    p += got;
-    bytes -= static_cast<size_t>(got);
-    offset += got;
-  }
-}
-
 }  // namespace
 
 struct SafetensorsReader::File {
@@ -106,7 +92,7 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
             "{}: not a safetensors file: {} bytes, too short for the 8-byte header size", path,
             file_->size);
   uint64_t header_size = 0;
-  pread_all(file_->fd, &header_size, 8, 0, path);
+  io::pread_all(file_->fd, &header_size, 8, 0, path);
   TSP_CHECK(header_size <= kMaxHeaderBytes,
             "{}: header size {} is larger than the 100 MB limit (corrupt or not a safetensors "
             "file)",
@@ -115,7 +101,7 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
             "{}: header size {} exceeds the file size {} (truncated or corrupt file)", path,
             header_size, file_->size);
   std::string header(header_size, '\0');
-  pread_all(file_->fd, header.data(), header.size(), 8, path);
+  io::pread_all(file_->fd, header.data(), header.size(), 8, path);
   data_start_ = 8 + static_cast<int64_t>(header_size);
   const int64_t buffer_size = file_->size - data_start_;
 
@@ -264,7 +250,7 @@ void SafetensorsReader::read_rows(const std::string& name, int64_t row_begin, in
   const bool same = (sd == "F32" && dd == DType::F32) || (sd == "BF16" && dd == DType::BF16) ||
                     (sd == "I32" && dd == DType::I32) || (sd == "I64" && dd == DType::I64);
   if (same) {
-    pread_all(file_->fd, dst.data(), static_cast<size_t>(n * esize), offset, path_);
+    io::pread_all(file_->fd, dst.data(), static_cast<size_t>(n * esize), offset, path_);
     return;
   }
   const bool float_src = sd == "F32" || sd == "BF16" || sd == "F16";
@@ -279,7 +265,7 @@ void SafetensorsReader::read_rows(const std::string& name, int64_t row_begin, in
   std::vector<float> f32(static_cast<size_t>(std::min(n, kChunk)));
   for (int64_t i = 0; i < n; i += kChunk) {
     const int64_t m = std::min(kChunk, n - i);
-    pread_all(file_->fd, raw.data(), static_cast<size_t>(m * esize), offset + i * esize, path_);
+    io::pread_all(file_->fd, raw.data(), static_cast<size_t>(m * esize), offset + i * esize, path_);
     if (sd == "F32") {
       std::memcpy(f32.data(), raw.data(), static_cast<size_t>(m * 4));
     } else {
@@ -363,6 +349,20 @@ std::string safetensors_header(const std::vector<HeaderEntry>& entries,
   const uint64_t n = text.size();
   std::memcpy(out.data(), &n, 8);
   return out + text;
+}
+
+void pread_all(int fd, void* dst, size_t bytes, int64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(dst);
+  while (bytes > 0) {
+    const ssize_t got = ::pread(fd, p, bytes, offset);
+    if (got < 0 && errno == EINTR) continue;
+    TSP_CHECK(got >= 0, "{}: read failed at byte {}: {}", path, offset, std::strerror(errno));
+    TSP_CHECK(got > 0, "{}: unexpected end of file at byte {} (was the file truncated?)", path,
+              offset);
+    p += got;
+    bytes -= static_cast<size_t>(got);
+    offset += got;
+  }
 }
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {

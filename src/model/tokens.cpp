@@ -33,19 +33,6 @@ class Fd {
   int fd_;
 };
 
-void pread_all(int fd, void* dst, size_t bytes, int64_t offset, const std::string& path) {
-  char* p = static_cast<char*>(dst);
-  while (bytes > 0) {
-    const ssize_t got = ::pread(fd, p, bytes, offset);
-    if (got < 0 && errno == EINTR) continue;
-    TSP_CHECK(got >= 0, "{}: read failed: {}", path, std::strerror(errno));
-    TSP_CHECK(got > 0, "{}: unexpected end of file at byte {} (truncated?)", path, offset);
-    p += got;
-    bytes -= static_cast<size_t>(got);
-    offset += got;
-  }
-}
-
 // header = the first three int32 (magic, version, count) of a file of `size` bytes.
 bool layout_matches(const int32_t* header, int64_t size) {
   const int64_t bytes_per_token = header[1] == kVersion16 ? 2 : header[1] == kVersion32 ? 4 : 0;
@@ -61,7 +48,7 @@ TokenFileInfo read_info(int fd, const std::string& path) {
             "(truncated, or not a token file)",
             path, static_cast<int64_t>(st.st_size));
   int32_t header[3];
-  pread_all(fd, header, sizeof header, 0, path);
+  io::pread_all(fd, header, sizeof header, 0, path);
   TokenFileInfo info;
   info.magic = header[0];
   info.version = header[1];
@@ -108,7 +95,7 @@ bool has_llmc_layout(const std::string& path) {
   TSP_CHECK(::fstat(fd.get(), &st) == 0, "{}: fstat failed: {}", path, std::strerror(errno));
   if (st.st_size < kHeaderBytes) return false;
   int32_t header[3];
-  pread_all(fd.get(), header, sizeof header, 0, path);
+  io::pread_all(fd.get(), header, sizeof header, 0, path);
   return layout_matches(header, st.st_size);
 }
 
@@ -124,11 +111,11 @@ std::vector<int32_t> read_tokens(const std::string& path, int64_t begin, int64_t
   const int64_t offset = kHeaderBytes + begin * info.bytes_per_token;
   if (info.bytes_per_token == 2) {
     std::vector<uint16_t> raw(ids.size());
-    pread_all(fd.get(), raw.data(), raw.size() * 2, offset, path);
+    io::pread_all(fd.get(), raw.data(), raw.size() * 2, offset, path);
     for (size_t i = 0; i < raw.size(); ++i) ids[i] = raw[i];
   } else {
     std::vector<uint32_t> raw(ids.size());
-    pread_all(fd.get(), raw.data(), raw.size() * 4, offset, path);
+    io::pread_all(fd.get(), raw.data(), raw.size() * 4, offset, path);
     for (size_t i = 0; i < raw.size(); ++i) {
       TSP_CHECK(raw[i] <= static_cast<uint32_t>(std::numeric_limits<int32_t>::max()),
                 "{}: token {} has id {}, beyond the int32 range", path, begin + int64_t(i), raw[i]);
