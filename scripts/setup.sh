@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The library and the CLI (and the demo corpus).
-packages=(cmake g++ make ninja-build pkg-config openmpi-bin libopenmpi-dev libdnnl-dev ocl-icd-opencl-dev
-  nlohmann-json3-dev libcli11-dev libfmt-dev bible-kjv libssl-dev)
+packages=(cmake g++ make ninja-build pkg-config openmpi-bin libopenmpi-dev libdnnl-dev
+  ocl-icd-opencl-dev nlohmann-json3-dev libcli11-dev libfmt-dev bible-kjv libssl-dev)
 # Tests, benchmarks, the sanitizer build's and the fuzzers' clang (scripts/test.sh), and
 # Boost.Context for the CUDA emulation's fibers (tests/cuda_emulation/).
 test_packages=(libgtest-dev libbenchmark-dev python3-numpy python3-matplotlib clang-14
