@@ -46,6 +46,20 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Two warp sums at once, each added in warp_sum's order (so bit for bit warp_sum's results): the
+// pair travels as one 64-bit shuffle per step. On a GPU that is two SHFL, as two warp_sums are;
+// under the CUDA emulation (tests/cuda_emulation) it is one warp-wide operation instead of two,
+// and those operations are what the reference kernels spend their time on there.
+__device__ __forceinline__ void warp_sum2(float& a, float& b) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long pair =
+        static_cast<unsigned long long>(__float_as_uint(b)) << 32 | __float_as_uint(a);
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, pair, o);
+    a += __uint_as_float(static_cast<unsigned>(other));
+    b += __uint_as_float(static_cast<unsigned>(other >> 32));
+  }
+}
+
 // Lane's share of a row of d elements, widened to fp32 (zeros beyond d).
 template <class T>
 __device__ __forceinline__ void load_row(const T* row, int d, int lane, float (&x)[kPerLane]) {
@@ -56,16 +70,23 @@ __device__ __forceinline__ void load_row(const T* row, int d, int lane, float (&
   }
 }
 
+// The lane's share of x·row (its elements c = lane + 32·u); dot_row sums the shares.
 template <class T>
-__device__ __forceinline__ float dot_row(const float (&x)[kPerLane], const T* row, int d,
-                                         int lane) {
+__device__ __forceinline__ float partial_dot(const float (&x)[kPerLane], const T* row, int d,
+                                             int lane) {
   float s = 0.f;
 #pragma unroll
   for (int u = 0; u < kPerLane; ++u) {
     const int c = lane + 32 * u;
     if (c < d) s += x[u] * load(row, c);
   }
-  return warp_sum(s);
+  return s;
+}
+
+template <class T>
+__device__ __forceinline__ float dot_row(const float (&x)[kPerLane], const T* row, int d,
+                                         int lane) {
+  return warp_sum(partial_dot(x, row, d, lane));
 }
 
 // Where query i's document starts: q_pos - q_doc_pos, or no lower bound without documents
@@ -138,8 +159,10 @@ __global__ void __launch_bounds__(32 * kWarps)
   for (int64_t j = 0; j < sh.nk; ++j) {
     if (k_pos[j] > qp || k_pos[j] < lo) continue;
     const int64_t kv = (j * sh.hkv + hk) * d;
-    const float P = expf(scale * dot_row(qi, k + kv, d, lane) - L);
-    const float dS = P * (dot_row(doi, v + kv, d, lane) - Di);
+    float qk = partial_dot(qi, k + kv, d, lane), dP = partial_dot(doi, v + kv, d, lane);
+    warp_sum2(qk, dP);  // q_i·k_j and dout_i·v_j
+    const float P = expf(scale * qk - L);
+    const float dS = P * (dP - Di);
 #pragma unroll
     for (int u = 0; u < kPerLane; ++u) {
       const int c = lane + 32 * u;
@@ -180,11 +203,12 @@ __global__ void __launch_bounds__(32 * kWarps)
       if (L == -INFINITY) continue;
       float doi[kPerLane];
       load_row(dout + r * d, d, lane, doi);
-      const float Di = dot_row(doi, o + r * d, d, lane);
-      const float P = expf(scale * dot_row(kj, q + r * d, d, lane) - L);
+      float Di = partial_dot(doi, o + r * d, d, lane), qk = partial_dot(kj, q + r * d, d, lane);
+      warp_sum2(Di, qk);  // dout_i·o_i and k_j·q_i
       float dP = 0.f;
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) dP += doi[u] * vj[u];
+      const float P = expf(scale * qk - L);
       const float dS = P * (warp_sum(dP) - Di);
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) {
