@@ -6,6 +6,9 @@
 #
 #   scripts/hf_env.sh [BUILD_DIR]      # prints the environment's python on stdout
 #
+# TSP_HF_VENV=DIR puts the environment in DIR instead, for build directories that share one
+# (scripts/test.sh: the Release and sanitizer builds).
+#
 # Idempotent and quiet: when the environment matches the requirements (a stamp holds their hash)
 # and imports, it only prints the path. Otherwise it installs what is missing (apt, as root or
 # with sudo), recreates the environment and checks that a LlamaForCausalLM runs forward and
@@ -15,9 +18,10 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-${here}/build}"
 mkdir -p "${build}"
 build="$(cd "${build}" && pwd)"
-venv="${build}/hf-venv"
+venv="${TSP_HF_VENV:-${build}/hf-venv}"
+mkdir -p "$(dirname "${venv}")"
 req="${here}/scripts/hf_requirements.txt"
-log="${build}/hf-venv.log"
+log="${venv}.log"
 py=/usr/bin/python3  # Debian's interpreter: Debian's python3-torch is installed for it
 
 fail() {
@@ -30,7 +34,7 @@ fail() {
 }
 
 # One set-up at a time (two test runs sharing a build directory wait for each other).
-exec 9>"${build}/hf-venv.lock"
+exec 9>"${venv}.lock"
 flock 9
 
 want="$(sha256sum "${req}" | cut -d' ' -f1)"

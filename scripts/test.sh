@@ -57,8 +57,10 @@ print_summary() {
 }
 
 # The Hugging Face round-trip test's Python environment (apt's python3-torch, pinned transformers
-# from PyPI) is made here, once per build directory, so a fresh machine's installation shows in
-# the build stage instead of running inside a test's time limit.
+# from PyPI) is made here, in the build stage, so a fresh machine's installation shows there
+# instead of running inside a test's time limit; the sanitizer build's tests use the same one
+# (TSP_HF_VENV, inherited by the tests through ctest).
+export TSP_HF_VENV="${TSP_HF_VENV:-$(realpath -m "$build")/hf-venv}"
 # With nvcc installed the build must include the CUDA backend (ON, not AUTO: a toolkit that
 # CMake cannot use fails the build instead of quietly leaving the CUDA code uncompiled).
 cuda_args=""
