@@ -9,9 +9,15 @@
 //   backward: P_j = e^{s_j - lse}, D_i = dout_i·o_i, dS_j = P_j (dout_i·v_j - D_i),
 //             dv_j += P_j dout_i, dq_i += scale Σ_j dS_j k_j, dk_j += scale Σ_i dS_j q_i
 //
-// Every (query, head) is one warp: lane l holds elements c = l + 32·u (u < 8) of its rows, dot
-// products are warp reductions, statistics are fp32 (the CPU reference uses double: the results
-// agree to fp32 rounding of a K-term softmax). No atomics: the backward is deterministic.
+// Work is split so that warp-wide steps are few: a warp owns one output row (a query's o and dq,
+// or a key's dk and dv) and takes the rows on the other side 32 at a time. Lane t computes, on
+// its own, the scalars of row j0 + t (its score and weight, a dot product over d: no shuffles);
+// the warp then shares those 32 scalars through shared memory and each lane adds its elements
+// c = lane + 32·u (u < 8) of the weighted rows into the output row. A reduction or __syncwarp
+// thus comes once per 32 rows, not once per pair. Statistics are fp32 (the CPU reference uses
+// double: the results agree to fp32 rounding of a K-term softmax). A row that a query does not
+// see is never read (its values may be anything, NaN included). No atomics: the backward is
+// deterministic.
 // No tsp::Error here (fmt does not compile under nvcc): launchers return the launch status.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -45,48 +51,17 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-
-// Two warp sums at once, each added in warp_sum's order (so bit for bit warp_sum's results): the
-// pair travels as one 64-bit shuffle per step. On a GPU that is two SHFL, as two warp_sums are;
-// under the CUDA emulation (tests/cuda_emulation) it is one warp-wide operation instead of two,
-// and those operations are what the reference kernels spend their time on there.
-__device__ __forceinline__ void warp_sum2(float& a, float& b) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const unsigned long long pair =
-        static_cast<unsigned long long>(__float_as_uint(b)) << 32 | __float_as_uint(a);
-    const unsigned long long other = __shfl_xor_sync(0xffffffffu, pair, o);
-    a += __uint_as_float(static_cast<unsigned>(other));
-    b += __uint_as_float(static_cast<unsigned>(other >> 32));
-  }
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
 }
 
-// Lane's share of a row of d elements, widened to fp32 (zeros beyond d).
-template <class T>
-__device__ __forceinline__ void load_row(const T* row, int d, int lane, float (&x)[kPerLane]) {
-#pragma unroll
-  for (int u = 0; u < kPerLane; ++u) {
-    const int c = lane + 32 * u;
-    x[u] = c < d ? load(row, c) : 0.f;
-  }
-}
-
-// The lane's share of x·row (its elements c = lane + 32·u); dot_row sums the shares.
-template <class T>
-__device__ __forceinline__ float partial_dot(const float (&x)[kPerLane], const T* row, int d,
-                                             int lane) {
+// a·b over d elements, by one thread.
+template <class A, class B>
+__device__ __forceinline__ float dot(const A* a, const B* b, int d) {
   float s = 0.f;
-#pragma unroll
-  for (int u = 0; u < kPerLane; ++u) {
-    const int c = lane + 32 * u;
-    if (c < d) s += x[u] * load(row, c);
-  }
+  for (int c = 0; c < d; ++c) s += load(a, c) * load(b, c);
   return s;
-}
-
-template <class T>
-__device__ __forceinline__ float dot_row(const float (&x)[kPerLane], const T* row, int d,
-                                         int lane) {
-  return warp_sum(partial_dot(x, row, d, lane));
 }
 
 // Where query i's document starts: q_pos - q_doc_pos, or no lower bound without documents
@@ -96,37 +71,61 @@ __device__ __forceinline__ int64_t doc_start(const int64_t* q_pos, const int64_t
   return q_doc_pos ? q_pos[i] - q_doc_pos[i] : INT64_MIN;
 }
 
-// One warp per (query i, head h); grid covers nq·hq warps.
+// Lane t of the 32 in `seen`, lowest first (the bits of the rows a warp's lanes saw).
+__device__ __forceinline__ int next_seen(unsigned& seen) {
+  const int t = __ffs(static_cast<int>(seen)) - 1;
+  seen &= seen - 1;
+  return t;
+}
+
+// One warp per (query i, head h); grid covers nq·hq warps. Keys 32 at a time: lane t scores key
+// j0 + t, the warp takes the block's max into the running max m (rescaling what it holds by
+// e^{m_old - m}), and each lane adds the block's e^{s - m}·v into its elements of o.
 template <class T>
 __global__ void __launch_bounds__(32 * kWarps)
     forward_kernel(Shape sh, const T* __restrict__ q, const T* __restrict__ k,
                    const T* __restrict__ v, const int64_t* __restrict__ q_pos,
                    const int64_t* __restrict__ k_pos, const int64_t* __restrict__ q_doc_pos,
                    T* __restrict__ o, float* __restrict__ lse, float scale) {
-  const int lane = threadIdx.x % 32;
-  const int64_t w = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;
+  __shared__ float weight[kWarps][32];  // e^{s - m} of the block's keys
+  const int lane = threadIdx.x % 32, wb = threadIdx.x / 32;
+  const int64_t w = blockIdx.x * int64_t{kWarps} + wb;
   if (w >= sh.nq * sh.hq) return;
   const int64_t i = w / sh.hq;
   const int h = static_cast<int>(w % sh.hq), hk = h / (sh.hq / sh.hkv), d = sh.d;
-  float qi[kPerLane], acc[kPerLane] = {};
-  load_row(q + w * d, d, lane, qi);
+  const T* qi = q + w * d;
   const int64_t qp = q_pos[i], lo = doc_start(q_pos, q_doc_pos, i);
-  float m = -INFINITY, l = 0.f;  // running max and sum of e^{s - m}
-  for (int64_t j = 0; j < sh.nk; ++j) {
-    if (k_pos[j] > qp || k_pos[j] < lo) continue;  // warp-uniform
-    const int64_t kv = (j * sh.hkv + hk) * d;
-    const float s = scale * dot_row(qi, k + kv, d, lane);
-    const float m_new = fmaxf(m, s);
-    const float alpha = expf(m - m_new);  // 0 on the first visible key (m = -inf)
-    const float pj = expf(s - m_new);
-    l = l * alpha + pj;
+  float acc[kPerLane] = {};
+  float m = -INFINITY;  // running max of the scores seen (warp-uniform)
+  float l = 0.f;        // this lane's share of Σ e^{s - m} (its own keys)
+  for (int64_t j0 = 0; j0 < sh.nk; j0 += 32) {
+    const int64_t j = j0 + lane;
+    const bool visible = j < sh.nk && k_pos[j] <= qp && k_pos[j] >= lo;
+    const unsigned seen = __ballot_sync(0xffffffffu, visible);
+    if (!seen) continue;
+    const float s = visible ? scale * dot(qi, k + (j * sh.hkv + hk) * d, d) : -INFINITY;
+    const float m_new = fmaxf(m, warp_max(s));
+    const float alpha = expf(m - m_new);  // 0 on the first keys seen (m = -inf)
+    const float p = visible ? expf(s - m_new) : 0.f;
+    l = l * alpha + p;
+    weight[wb][lane] = p;
+    __syncwarp();
 #pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      const int c = lane + 32 * u;
-      acc[u] = acc[u] * alpha + (c < d ? pj * load(v + kv, c) : 0.f);
+    for (int u = 0; u < kPerLane; ++u) acc[u] *= alpha;
+    for (unsigned rest = seen; rest;) {
+      const int t = next_seen(rest);
+      const float pt = weight[wb][t];
+      const T* vt = v + ((j0 + t) * sh.hkv + hk) * d;
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) {
+        const int c = lane + 32 * u;
+        if (c < d) acc[u] += pt * load(vt, c);
+      }
     }
+    __syncwarp();  // every lane has read the weights before the next block writes them
     m = m_new;
   }
+  l = warp_sum(l);
   const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: o = 0
 #pragma unroll
   for (int u = 0; u < kPerLane; ++u) {
@@ -136,7 +135,8 @@ __global__ void __launch_bounds__(32 * kWarps)
   if (lane == 0) lse[w] = l > 0.f ? m + logf(l) : -INFINITY;
 }
 
-// dq pass: one warp per (query i, head h): dq_i += scale Σ_j dS_ij k_j.
+// dq pass: one warp per (query i, head h): dq_i += scale Σ_j dS_ij k_j, keys 32 at a time (lane t
+// computes dS of key j0 + t).
 template <class T>
 __global__ void __launch_bounds__(32 * kWarps)
     backward_dq_kernel(Shape sh, const T* __restrict__ q, const T* __restrict__ k,
@@ -144,30 +144,41 @@ __global__ void __launch_bounds__(32 * kWarps)
                        const int64_t* __restrict__ q_pos, const int64_t* __restrict__ k_pos,
                        const int64_t* __restrict__ q_doc_pos, const float* __restrict__ lse,
                        const float* __restrict__ dout, float* __restrict__ dq, float scale) {
-  const int lane = threadIdx.x % 32;
-  const int64_t w = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;
+  __shared__ float dS_shared[kWarps][32];
+  const int lane = threadIdx.x % 32, wb = threadIdx.x / 32;
+  const int64_t w = blockIdx.x * int64_t{kWarps} + wb;
   if (w >= sh.nq * sh.hq) return;
   const float L = lse[w];
   if (L == -INFINITY) return;  // saw no key: no gradient
   const int64_t i = w / sh.hq;
   const int h = static_cast<int>(w % sh.hq), hk = h / (sh.hq / sh.hkv), d = sh.d;
-  float qi[kPerLane], doi[kPerLane], acc[kPerLane] = {};
-  load_row(q + w * d, d, lane, qi);
-  load_row(dout + w * d, d, lane, doi);
-  const float Di = dot_row(doi, o + w * d, d, lane);
+  const T* qi = q + w * d;
+  const float* doi = dout + w * d;
+  const float Di = dot(doi, o + w * d, d);  // dout_i·o_i (every lane the same)
   const int64_t qp = q_pos[i], lo = doc_start(q_pos, q_doc_pos, i);
-  for (int64_t j = 0; j < sh.nk; ++j) {
-    if (k_pos[j] > qp || k_pos[j] < lo) continue;
-    const int64_t kv = (j * sh.hkv + hk) * d;
-    float qk = partial_dot(qi, k + kv, d, lane), dP = partial_dot(doi, v + kv, d, lane);
-    warp_sum2(qk, dP);  // q_i·k_j and dout_i·v_j
-    const float P = expf(scale * qk - L);
-    const float dS = P * (dP - Di);
-#pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      const int c = lane + 32 * u;
-      if (c < d) acc[u] += dS * load(k + kv, c);
+  float acc[kPerLane] = {};
+  for (int64_t j0 = 0; j0 < sh.nk; j0 += 32) {
+    const int64_t j = j0 + lane;
+    const bool visible = j < sh.nk && k_pos[j] <= qp && k_pos[j] >= lo;
+    const unsigned seen = __ballot_sync(0xffffffffu, visible);
+    if (!seen) continue;
+    if (visible) {
+      const int64_t kv = (j * sh.hkv + hk) * d;
+      const float P = expf(scale * dot(qi, k + kv, d) - L);
+      dS_shared[wb][lane] = P * (dot(doi, v + kv, d) - Di);
     }
+    __syncwarp();
+    for (unsigned rest = seen; rest;) {
+      const int t = next_seen(rest);
+      const float dS = dS_shared[wb][t];
+      const T* kt = k + ((j0 + t) * sh.hkv + hk) * d;
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) {
+        const int c = lane + 32 * u;
+        if (c < d) acc[u] += dS * load(kt, c);
+      }
+    }
+    __syncwarp();
   }
 #pragma unroll
   for (int u = 0; u < kPerLane; ++u) {
@@ -176,8 +187,9 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 }
 
-// dk/dv pass: one warp per (key j, kv head hk), over the query heads sharing hk and every query
-// that sees key j: dv_j += P dout_i, dk_j += scale dS q_i. D_i is recomputed per pair (O(d)).
+// dk/dv pass: one warp per (key j, kv head hk), over the pairs (query i, query head h sharing
+// hk), pair p = i·G + (h - hk·G), 32 at a time (lane t computes P and dS of pair p0 + t):
+// dv_j += P dout_i, dk_j += scale dS q_i. D_i is recomputed per pair (O(d)).
 template <class T>
 __global__ void __launch_bounds__(32 * kWarps)
     backward_dkdv_kernel(Shape sh, const T* __restrict__ q, const T* __restrict__ k,
@@ -186,39 +198,45 @@ __global__ void __launch_bounds__(32 * kWarps)
                          const int64_t* __restrict__ q_doc_pos, const float* __restrict__ lse,
                          const float* __restrict__ dout, float* __restrict__ dk,
                          float* __restrict__ dv, float scale) {
-  const int lane = threadIdx.x % 32;
-  const int64_t w = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;
+  __shared__ float P_shared[kWarps][32], dS_shared[kWarps][32];
+  const int lane = threadIdx.x % 32, wb = threadIdx.x / 32;
+  const int64_t w = blockIdx.x * int64_t{kWarps} + wb;
   if (w >= sh.nk * sh.hkv) return;
   const int64_t j = w / sh.hkv;
-  const int hk = static_cast<int>(w % sh.hkv), g = sh.hq / sh.hkv, d = sh.d;
-  float kj[kPerLane], vj[kPerLane], adk[kPerLane] = {}, adv[kPerLane] = {};
-  load_row(k + w * d, d, lane, kj);
-  load_row(v + w * d, d, lane, vj);
-  const int64_t kp = k_pos[j];
-  for (int64_t i = 0; i < sh.nq; ++i) {
-    if (kp > q_pos[i] || kp < doc_start(q_pos, q_doc_pos, i)) continue;
-    for (int h = hk * g; h < (hk + 1) * g; ++h) {
-      const int64_t r = i * sh.hq + h;
-      const float L = lse[r];
-      if (L == -INFINITY) continue;
-      float doi[kPerLane];
-      load_row(dout + r * d, d, lane, doi);
-      float Di = partial_dot(doi, o + r * d, d, lane), qk = partial_dot(kj, q + r * d, d, lane);
-      warp_sum2(Di, qk);  // dout_i·o_i and k_j·q_i
-      float dP = 0.f;
-#pragma unroll
-      for (int u = 0; u < kPerLane; ++u) dP += doi[u] * vj[u];
-      const float P = expf(scale * qk - L);
-      const float dS = P * (warp_sum(dP) - Di);
+  const int hk = static_cast<int>(w % sh.hkv), G = sh.hq / sh.hkv, d = sh.d;
+  const T *kj = k + w * d, *vj = v + w * d;
+  const int64_t kp = k_pos[j], pairs = sh.nq * G;
+  // The row of q, o, dout and lse of pair p.
+  auto row = [&](int64_t p) { return p / G * sh.hq + hk * G + p % G; };
+  float adk[kPerLane] = {}, adv[kPerLane] = {};
+  for (int64_t p0 = 0; p0 < pairs; p0 += 32) {
+    const int64_t p = p0 + lane, i = p / G;
+    const bool visible = p < pairs && kp <= q_pos[i] && kp >= doc_start(q_pos, q_doc_pos, i) &&
+                         lse[row(p)] != -INFINITY;
+    const unsigned seen = __ballot_sync(0xffffffffu, visible);
+    if (!seen) continue;
+    if (visible) {
+      const int64_t r = row(p);
+      const float Di = dot(dout + r * d, o + r * d, d);
+      const float P = expf(scale * dot(kj, q + r * d, d) - lse[r]);
+      P_shared[wb][lane] = P;
+      dS_shared[wb][lane] = P * (dot(dout + r * d, vj, d) - Di);
+    }
+    __syncwarp();
+    for (unsigned rest = seen; rest;) {
+      const int t = next_seen(rest);
+      const int64_t r = row(p0 + t);
+      const float P = P_shared[wb][t], dS = dS_shared[wb][t];
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) {
         const int c = lane + 32 * u;
         if (c < d) {
-          adv[u] += P * doi[u];
+          adv[u] += P * dout[r * d + c];
           adk[u] += dS * load(q + r * d, c);
         }
       }
     }
+    __syncwarp();
   }
 #pragma unroll
   for (int u = 0; u < kPerLane; ++u) {
