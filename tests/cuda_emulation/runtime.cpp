@@ -37,6 +37,13 @@
 
 #include "settings.h"
 
+#if defined(__SANITIZE_ADDRESS__)  // a TSP_SANITIZE_EMULATION build (tests/CMakeLists.txt)
+#include <sanitizer/asan_interface.h>
+#define TSP_EMU_ASAN 1
+#else
+#define TSP_EMU_ASAN 0
+#endif
+
 namespace tsp::emu {
 namespace {
 
@@ -69,13 +76,33 @@ thread_local cudaError_t last_error = cudaSuccess;  // per host thread, as CUDA'
 
 // Whether the guard zones of the allocation at `base` (`bytes` long) still hold the pattern. The
 // zone after it starts at `bytes` exactly, so a write one element past the end shows.
+// Under AddressSanitizer (a TSP_SANITIZE_EMULATION build) the guard zones of an allocation are
+// poisoned as well: an instrumented access to them is reported where it happens, reads included;
+// this check still sees the writes of uninstrumented code (the test files are compiled plain).
+void poison_guards(uintptr_t base, size_t bytes, bool poisoned) {
+#if TSP_EMU_ASAN
+  auto* p = reinterpret_cast<unsigned char*>(base);
+  const size_t after = (std::max<size_t>(bytes, 1) + 255) / 256 * 256 - bytes + kGuard;
+  if (poisoned) {
+    ASAN_POISON_MEMORY_REGION(p - kGuard, kGuard);
+    ASAN_POISON_MEMORY_REGION(p + bytes, after);
+  } else {
+    ASAN_UNPOISON_MEMORY_REGION(p - kGuard, kGuard);
+    ASAN_UNPOISON_MEMORY_REGION(p + bytes, after);
+  }
+#else
+  (void)base, (void)bytes, (void)poisoned;
+#endif
+}
+
 bool guards_intact(uintptr_t base, size_t bytes) {
+  poison_guards(base, bytes, false);
   const auto* p = reinterpret_cast<const unsigned char*>(base);
-  for (size_t i = 1; i <= kGuard; ++i)
-    if (p[-static_cast<ptrdiff_t>(i)] != kGuardByte) return false;
-  for (size_t i = 0; i < kGuard; ++i)
-    if (p[bytes + i] != kGuardByte) return false;
-  return true;
+  bool intact = true;
+  for (size_t i = 1; i <= kGuard; ++i) intact &= p[-static_cast<ptrdiff_t>(i)] == kGuardByte;
+  for (size_t i = 0; i < kGuard; ++i) intact &= p[bytes + i] == kGuardByte;
+  poison_guards(base, bytes, true);
+  return intact;
 }
 
 }  // namespace
@@ -83,11 +110,15 @@ bool guards_intact(uintptr_t base, size_t bytes) {
 cudaError_t malloc_device(void** p, size_t bytes) {
   // 256-byte aligned like cudaMalloc, between two guard zones; fresh memory holds NaN bytes, as
   // the library's poisoned allocations in the tests (a kernel that reads what nobody wrote shows).
+  // More than the device has fails as on a GPU (and never reaches the host allocator, which
+  // under AddressSanitizer would abort on a request of petabytes instead of returning null).
+  if (bytes > cudaDeviceProp{}.totalGlobalMem) return cudaErrorMemoryAllocation;
   const size_t body = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   auto* block = static_cast<unsigned char*>(std::aligned_alloc(256, kGuard + body + kGuard));
   if (!block) return cudaErrorMemoryAllocation;
   std::memset(block, kGuardByte, kGuard + body + kGuard);
   std::memset(block + kGuard, 0xff, bytes);
+  poison_guards(reinterpret_cast<uintptr_t>(block + kGuard), bytes, true);
   std::lock_guard<std::mutex> lock(runtime_mutex());
   allocations()[reinterpret_cast<uintptr_t>(block + kGuard)] = bytes;
   *p = block + kGuard;
