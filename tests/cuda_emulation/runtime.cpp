@@ -74,15 +74,19 @@ std::map<const void*, size_t>& shared_limits() {
 }
 thread_local cudaError_t last_error = cudaSuccess;  // per host thread, as CUDA's
 
-// Whether the guard zones of the allocation at `base` (`bytes` long) still hold the pattern. The
-// zone after it starts at `bytes` exactly, so a write one element past the end shows.
+// An allocation of `bytes` is `kGuard` guard bytes, the body (bytes rounded up to 256, as
+// cudaMalloc aligns) and `kGuard` more.
+size_t body_bytes(size_t bytes) {
+  return (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+}
+
 // Under AddressSanitizer (a TSP_SANITIZE_EMULATION build) the guard zones of an allocation are
 // poisoned as well: an instrumented access to them is reported where it happens, reads included;
-// this check still sees the writes of uninstrumented code (the test files are compiled plain).
+// guards_intact still sees the writes of uninstrumented code (the test files are compiled plain).
 void poison_guards(uintptr_t base, size_t bytes, bool poisoned) {
 #if TSP_EMU_ASAN
   auto* p = reinterpret_cast<unsigned char*>(base);
-  const size_t after = (std::max<size_t>(bytes, 1) + 255) / 256 * 256 - bytes + kGuard;
+  const size_t after = body_bytes(bytes) - bytes + kGuard;  // from the end to the block's end
   if (poisoned) {
     ASAN_POISON_MEMORY_REGION(p - kGuard, kGuard);
     ASAN_POISON_MEMORY_REGION(p + bytes, after);
@@ -95,6 +99,8 @@ void poison_guards(uintptr_t base, size_t bytes, bool poisoned) {
 #endif
 }
 
+// Whether the guard zones of the allocation at `base` (`bytes` long) still hold the pattern. The
+// zone after it starts at `bytes` exactly, so a write one element past the end shows.
 bool guards_intact(uintptr_t base, size_t bytes) {
   poison_guards(base, bytes, false);
   const auto* p = reinterpret_cast<const unsigned char*>(base);
@@ -113,7 +119,7 @@ cudaError_t malloc_device(void** p, size_t bytes) {
   // More than the device has fails as on a GPU (and never reaches the host allocator, which
   // under AddressSanitizer would abort on a request of petabytes instead of returning null).
   if (bytes > cudaDeviceProp{}.totalGlobalMem) return cudaErrorMemoryAllocation;
-  const size_t body = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  const size_t body = body_bytes(bytes);
   auto* block = static_cast<unsigned char*>(std::aligned_alloc(256, kGuard + body + kGuard));
   if (!block) return cudaErrorMemoryAllocation;
   std::memset(block, kGuardByte, kGuard + body + kGuard);

@@ -65,10 +65,15 @@ __device__ __forceinline__ float dot(const A* a, const B* b, int d) {
 }
 
 // Where query i's document starts: q_pos - q_doc_pos, or no lower bound without documents
-// (q_doc_pos null). Query i sees key j iff doc_start <= k_pos[j] <= q_pos[i].
+// (q_doc_pos null). Query i sees key j iff doc_start <= k_pos[j] <= q_pos[i] (sees).
 __device__ __forceinline__ int64_t doc_start(const int64_t* q_pos, const int64_t* q_doc_pos,
                                              int64_t i) {
   return q_doc_pos ? q_pos[i] - q_doc_pos[i] : INT64_MIN;
+}
+
+// Whether a query at position qp whose document starts at lo sees a key at position kp.
+__device__ __forceinline__ bool sees(int64_t kp, int64_t qp, int64_t lo) {
+  return kp <= qp && kp >= lo;
 }
 
 // Lane t of the 32 in `seen`, lowest first (the bits of the rows a warp's lanes saw).
@@ -100,7 +105,7 @@ __global__ void __launch_bounds__(32 * kWarps)
   float l = 0.f;        // this lane's share of Σ e^{s - m} (its own keys)
   for (int64_t j0 = 0; j0 < sh.nk; j0 += 32) {
     const int64_t j = j0 + lane;
-    const bool visible = j < sh.nk && k_pos[j] <= qp && k_pos[j] >= lo;
+    const bool visible = j < sh.nk && sees(k_pos[j], qp, lo);
     const unsigned seen = __ballot_sync(0xffffffffu, visible);
     if (!seen) continue;
     const float s = visible ? scale * dot(qi, k + (j * sh.hkv + hk) * d, d) : -INFINITY;
@@ -159,7 +164,7 @@ __global__ void __launch_bounds__(32 * kWarps)
   float acc[kPerLane] = {};
   for (int64_t j0 = 0; j0 < sh.nk; j0 += 32) {
     const int64_t j = j0 + lane;
-    const bool visible = j < sh.nk && k_pos[j] <= qp && k_pos[j] >= lo;
+    const bool visible = j < sh.nk && sees(k_pos[j], qp, lo);
     const unsigned seen = __ballot_sync(0xffffffffu, visible);
     if (!seen) continue;
     if (visible) {
@@ -211,8 +216,8 @@ __global__ void __launch_bounds__(32 * kWarps)
   float adk[kPerLane] = {}, adv[kPerLane] = {};
   for (int64_t p0 = 0; p0 < pairs; p0 += 32) {
     const int64_t p = p0 + lane, i = p / G;
-    const bool visible = p < pairs && kp <= q_pos[i] && kp >= doc_start(q_pos, q_doc_pos, i) &&
-                         lse[row(p)] != -INFINITY;
+    const bool visible =
+        p < pairs && sees(kp, q_pos[i], doc_start(q_pos, q_doc_pos, i)) && lse[row(p)] != -INFINITY;
     const unsigned seen = __ballot_sync(0xffffffffu, visible);
     if (!seen) continue;
     if (visible) {
