@@ -1,19 +1,36 @@
 #!/usr/bin/env bash
 # The GPU check (issue 10 §5): on a machine with an NVIDIA GPU, runs every GPU test and the GPU
-# benchmarks next to PyTorch's, and writes OUTDIR/report.md plus the raw figures:
+# benchmarks next to PyTorch's, profiles the attention kernels (ours and PyTorch's) with Nsight
+# Compute, runs the flash kernels under compute-sanitizer, and writes a report:
 #
-#   scripts/gpu_check.sh OUTDIR [--prebuilt DIR] [--budget SECONDS]
-#   (environment: TSP_GPU_CHECK_BUDGET as --budget; TSP_GPU_STEP_CAP caps every step's limit;
-#    TSP_GPU_TESTS_SHARE the percentage of the budget after which no test starts, default 55)
+#   scripts/gpu_check.sh OUTDIR [--prebuilt DIR] [--budget SECONDS] [--only SECTIONS]
+#   (environment: TSP_GPU_CHECK_BUDGET as --budget; TSP_GPU_ONLY as --only; TSP_GPU_STEP_CAP caps
+#    every step's limit; TSP_GPU_TESTS_SHARE the percentage of the budget after which no test
+#    starts, default 55)
 #
+#   --only SECTIONS       a comma-separated subset of the sections, run in this order:
+#                         tests     every GPU test
+#                         bench     the benchmarks next to PyTorch's, tsp bench
+#                         profile   Nsight Compute (ncu) on the attention kernels at S = 8192:
+#                                   flash v1, v2, cuDNN's and PyTorch's (the "full" metric set)
+#                         sanitize  compute-sanitizer memcheck, racecheck and synccheck on the
+#                                   flash kernels' tests, memcheck on the backend's op tests
+#                         (default: all four). A second call on a warm machine can run what the
+#                         first one's budget left out: --only profile,sanitize.
+#
+# OUTDIR gets at most 8 files (what the device tool brings back of $OUT):
 #   OUTDIR/report.md      environment, every step PASS / FAIL / SKIP (with why) and its time, the
-#                         benchmark tables with the ratios to PyTorch and the targets
+#                         benchmark tables with the ratios to PyTorch and the targets, the kernel
+#                         profiles' summary (time, occupancy, tensor-pipe and issue activity,
+#                         shared-memory wavefronts and conflicts, spills, the top stall reasons
+#                         and the instructions the warps stall at)
 #   OUTDIR/steps.json     the same steps, machine-readable
-#   OUTDIR/attention.json, attention_docs.json, attention_zigzag.json, block.json, tsp_bench.json
-#                         raw benchmark rows
-#                         (JSON lines)
 #   OUTDIR/block_profile.txt   per-op GPU times of one block step (bench_block --profile)
-#   OUTDIR/logs.tar.gz    every step's log and env.txt
+#   OUTDIR/results.tar.gz raw/: the benchmark rows (attention.json, attention_docs.json,
+#                         attention_zigzag.json, block.json, tsp_bench.json: JSON lines) and
+#                         raw/ncu/: each profile's report (.ncu-rep, left out if the archive would
+#                         pass 15 MiB), its details page (.details.txt), metrics (.raw.csv) and
+#                         per-instruction SASS page (.sass.csv); logs/: every step's log, env.txt
 #
 # Binaries, in this order: --prebuilt DIR (a build tree, an unpacked bundle, or a folder holding
 # bundle.tar.xz); else .gpu/bundle.tar.xz (made by scripts/gpu_bundle.sh on the CPU machine and
@@ -22,32 +39,44 @@
 # machine: PyTorch's nvidia-* wheels (NCCL, cuBLAS, cudart) or /usr/local/cuda.
 #
 # Every step has a time limit, and the whole run a budget (default 450 s, under the 8 minutes the
-# issue allows); a step that fails or hangs does not stop the next. Without a GPU (here: the CPU
-# machine) every GPU step reports SKIP (no device): a dry run of the plumbing. The exit status is
-# non-zero only when a step FAILED.
+# issue allows); a step that fails or hangs does not stop the next, and a step the budget leaves
+# no time for reports SKIP. Without a GPU (here: the CPU machine) every GPU step reports SKIP (no
+# device): a dry run of the plumbing. The exit status is non-zero only when a step FAILED.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-usage() { sed -n '2,25p' "$0"; exit 2; }
+usage() { sed -n '2,46p' "$0"; exit 2; }
 [ $# -ge 1 ] || usage
 out=$1
 shift
 prebuilt=""
 budget=${TSP_GPU_CHECK_BUDGET:-450}
+only=${TSP_GPU_ONLY:-tests,bench,profile,sanitize}
 while [ $# -gt 0 ]; do
   case $1 in
     --prebuilt) prebuilt=$2; shift 2 ;;
     --budget) budget=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
     -h | --help) usage ;;
     *) echo "gpu_check: unknown argument '$1'" >&2; usage ;;
   esac
 done
+for section in ${only//,/ }; do
+  case $section in
+    tests | bench | profile | sanitize) ;;
+    *) echo "gpu_check: --only: unknown section '$section' (tests, bench, profile, sanitize)" >&2; exit 2 ;;
+  esac
+done
+want() { [[ ",$only," == *",$1,"* ]]; }
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
-logs=$(mktemp -d /tmp/tsp-gpu-logs.XXXXXX)
-work=/tmp/tsp-gpu-check
-rm -rf "$work" && mkdir -p "$work"
+# logs/ and raw/ become OUTDIR/results.tar.gz at the end.
+results=$(mktemp -d /tmp/tsp-gpu-results.XXXXXX)
+logs=$results/logs raw=$results/raw
+mkdir -p "$logs" "$raw/ncu"
+# The unpacked bundle, a build made here, the models of tsp bench: removed at the end.
+work=$(mktemp -d /tmp/tsp-gpu-check.XXXXXX)
 t_start=$SECONDS
 steps_tsv="$logs/steps.tsv"
 : >"$steps_tsv"
@@ -97,7 +126,10 @@ step() {
       note="exit $rc"
     fi
     local first
-    first=$(grep -m3 -E '^\[  FAILED  \] [A-Za-z]|error|Error' "$f" | tr '\n' ' ' | cut -c1-300)
+    # (compute-sanitizer's findings: "========= Invalid ...", "Error: Race ...", "Barrier error";
+    # ncu's: "==ERROR== ...")
+    first=$(grep -m3 -E '^\[  FAILED  \] [A-Za-z]|^========= (Invalid|Error|Race|Barrier|Program hit)|==ERROR==|error|Error' \
+      "$f" | tr '\n' ' ' | cut -c1-300)
     record "$name" FAIL $dt "$note${first:+; $first}"
   fi
   return 0
@@ -333,7 +365,9 @@ run_tests() {
     [[ " ${first[*]} " == *" $name "* ]] || run_test "$name"
   done
 }
-if [ $have_bin -eq 1 ]; then
+if ! want tests; then
+  :
+elif [ $have_bin -eq 1 ]; then
   run_tests
 else
   skip "GPU tests" "no binaries (see the build step)"
@@ -342,33 +376,35 @@ fi
 # ---- benchmarks ---------------------------------------------------------------------------------
 sizes=4096,8192,16384,32768
 block_args=(--h 4096 --heads 32 --kv-heads 8 --ffn 14336 --seq 8192 --repeats 5)
-if [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
+if ! want bench; then
+  :
+elif [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
   # --flash all: v1, v2 and cudnn (cuDNN's fused attention for the calls it covers; the
   # benchmark's positions 0..S-1 are covered; the rows are left out, with a note, without cuDNN).
   step "bench attention tsp" 170 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash all \
-    --sizes $sizes --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention.json'"
+    --sizes $sizes --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$raw/attention.json'"
   # Packed documents of 4K tokens in a 32K row (issue 11): the flash kernels skip the key tiles
   # outside a query tile's documents, so the time should fall towards 1/8 of the row without them.
   # cudnn rows here run v1 (documents are not covered by the cuDNN path).
   step "bench attention tsp documents" 90 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash all \
-    --sizes 32768 --doc-len 4096 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention_docs.json'"
+    --sizes 32768 --doc-len 4096 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$raw/attention_docs.json'"
   # One rank's call of the sequence-parallel layouts at D = 4 (its two zigzag chunks against the
   # all-gathered keys in rank order): the cuDNN path cuts it into one piece per chunk.
   step "bench attention tsp zigzag" 90 bash -c "set -o pipefail; '$build/bench/bench_attention' --device cuda --dtype bf16 --flash all \
-    --sizes 32768 --zigzag 4 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$out/attention_zigzag.json'"
+    --sizes 32768 --zigzag 4 --heads 32 --kv-heads 8 --head-dims 128 --repeats 5 --json | tee -a '$raw/attention_zigzag.json'"
   step "bench attention torch" 120 bash -c "set -o pipefail; python3 '$repo/bench/torch_attention.py' --sizes $sizes \
-    --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 --json | tee -a '$out/attention.json'"
+    --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 --json | tee -a '$raw/attention.json'"
   step "bench block tsp" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
-    ${block_args[*]} --json | tee -a '$out/block.json'"
+    ${block_args[*]} --json | tee -a '$raw/block.json'"
   # The same block keeping the normed inputs and the MLP activations, as PyTorch's autograd does
   # (--recompute none: no gate/up GEMMs replayed in backward), then one step of it with every
   # backend call timed (bench_block --profile; its tables go to block_profile.txt).
   step "bench block tsp none" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
-    ${block_args[*]} --recompute none --json | tee -a '$out/block.json'"
+    ${block_args[*]} --recompute none --json | tee -a '$raw/block.json'"
   step "bench block tsp profile" 150 bash -c "set -o pipefail; '$build/bench/bench_block' --device cuda --dtype bf16 \
     ${block_args[*]} --repeats 1 --recompute none --profile --json >/dev/null 2>'$out/block_profile.txt'"
   step "bench block torch" 120 bash -c "set -o pipefail; python3 '$repo/bench/torch_block.py' --device cuda --dtype bf16 \
-    ${block_args[*]} --json | tee -a '$out/block.json'"
+    ${block_args[*]} --json | tee -a '$raw/block.json'"
   # tsp bench, one GPU, layout single: the demo preset and a 1B-class model (Llama 3.2 1B's shape,
   # random weights).
   cat >"$work/llama1b.json" <<'EOF'
@@ -380,9 +416,9 @@ if [ $have_gpu -eq 1 ] && [ $have_bin -eq 1 ]; then
 EOF
   step "tsp init demo" 60 "$build/tsp" init --preset demo --seed 1 --out "$work/demo"
   step "tsp bench demo" 90 bash -c "set -o pipefail; mpiexec -n 1 '$build/tsp' bench --model '$work/demo' --device cuda \
-    --layouts single --seq 1024,4096 --repeats 3 --json | tee -a '$out/tsp_bench.json'"
+    --layouts single --seq 1024,4096 --repeats 3 --json | tee -a '$raw/tsp_bench.json'"
   step "tsp bench 1b" 120 bash -c "set -o pipefail; mpiexec -n 1 '$build/tsp' bench --config '$work/llama1b.json' \
-    --device cuda --layouts single --seq 2048 --repeats 3 --json | tee -a '$out/tsp_bench.json'"
+    --device cuda --layouts single --seq 2048 --repeats 3 --json | tee -a '$raw/tsp_bench.json'"
 else
   why="no device"
   [ $have_gpu -eq 1 ] && why="no binaries"
@@ -394,135 +430,120 @@ else
   done
 fi
 
-# ---- report -------------------------------------------------------------------------------------
-python3 - "$out" "$steps_tsv" "$env_txt" "$((SECONDS - t_start))" "$budget" <<'EOF'
-import json, os, sys
-out, steps_tsv, env_txt, elapsed, budget = sys.argv[1:6]
+# ---- kernel profiles (Nsight Compute) ---------------------------------------------------------
+# What the benchmarks cannot say: why a kernel is as fast as it is. ncu replays each chosen kernel
+# launch and reads the hardware counters ("full" set: throughputs, occupancy, pipe use, shared
+# memory wavefronts and bank conflicts, local-memory (spill) traffic, warp stall reasons, and per
+# SASS instruction where the warps stall), at the card's own clocks (--clock-control none, as in
+# the benchmarks). The same problem for each: S = 8192, 32 query heads on 8 KV heads, d = 128,
+# bf16, causal; our flash v1, v2 and the cuDNN path (bench_attention: its warm-up forward and
+# backward are the first launches) and PyTorch's SDPA flash kernels (torch_attention.py: a probe
+# forward, then the warm-up forward and backward), side by side in report.md.
+find_tool() {  # NAME: on PATH, in the CUDA toolkit, or in an Nsight Compute install
+  command -v "$1" 2>/dev/null ||
+    ls -d /usr/local/cuda/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda/nsight-compute*/"$1" 2>/dev/null | tail -1
+}
+# profile NAME COUNT REGEX COMMAND...: the first COUNT launches whose kernel name matches REGEX,
+# into raw/ncu/NAME.ncu-rep, exported as NAME.details.txt, NAME.raw.csv and NAME.sass.csv.
+profile() {
+  local name=$1 count=$2 regex=$3
+  shift 3
+  step "profile $name" 150 "$ncu_bin" --set full --import-source yes --clock-control none \
+    --kernel-name "regex:$regex" --launch-count "$count" --force-overwrite \
+    --export "$raw/ncu/$name" "$@"
+  local rep="$raw/ncu/$name.ncu-rep"
+  [ -s "$rep" ] || return 0
+  timeout 60 "$ncu_bin" --import "$rep" --page details >"$raw/ncu/$name.details.txt" 2>&1
+  timeout 60 "$ncu_bin" --import "$rep" --page raw --csv --print-units base >"$raw/ncu/$name.raw.csv" 2>&1
+  timeout 60 "$ncu_bin" --import "$rep" --page source --csv --print-source sass \
+    >"$raw/ncu/$name.sass.csv" 2>&1
+  return 0
+}
+profile_steps=("profile attention_v1" "profile attention_v2" "profile attention_cudnn" "profile attention_torch")
+ncu_bin=$(find_tool ncu)
+if ! want profile; then
+  :
+elif [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || [ -z "$ncu_bin" ]; then
+  why="no device"
+  [ $have_gpu -eq 0 ] || why="no binaries"
+  [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || why="no ncu (Nsight Compute) on this machine"
+  for s in "${profile_steps[@]}"; do skip "$s" "$why"; done
+else
+  echo "ncu: $ncu_bin ($("$ncu_bin" --version 2>/dev/null | tail -1))" >>"$env_txt"
+  att_args=(--device cuda --dtype bf16 --sizes 8192 --heads 32 --kv-heads 8 --head-dims 128 --repeats 1)
+  # v1: forward, backward. v2: forward, the backward's prep kernel (dO in bf16, D = dO·o), backward.
+  profile attention_v1 2 'flash_(forward|backward)_kernel' "$build/bench/bench_attention" "${att_args[@]}" --flash v1
+  profile attention_v2 3 'flash_(forward|backward)_v2_kernel|bwd_prep_kernel' \
+    "$build/bench/bench_attention" "${att_args[@]}" --flash v2
+  if [ $have_cudnn -eq 1 ]; then
+    # cuDNN's kernels by the names its SDPA engines use (their names are cuDNN's, not ours).
+    profile attention_cudnn 4 'sdpa|fmha|flash|attn|attention|cudnn' \
+      "$build/bench/bench_attention" "${att_args[@]}" --flash cudnn
+  else
+    skip "profile attention_cudnn" "no libcudnn.so.9 on this machine"
+  fi
+  profile attention_torch 6 'flash|fmha|sdpa|attention' python3 "$repo/bench/torch_attention.py" \
+    --sizes 8192 --heads 32 --kv-heads 8 --head-dim 128 --repeats 1
+fi
 
-def rows(name):
-    p = os.path.join(out, name)
-    res = []
-    if os.path.exists(p):
-        for line in open(p):
-            line = line.strip()
-            if line.startswith('{'):
-                try:
-                    res.append(json.loads(line))
-                except ValueError:
-                    pass
-    return res
+# ---- compute-sanitizer ---------------------------------------------------------------------------
+# The CUDA emulation runs our kernels' threads one at a time, so it cannot prove the absence of
+# shared-memory races, and it checks reads out of bounds only in a sanitizer build. On the GPU,
+# compute-sanitizer does: memcheck (out-of-bounds and misaligned accesses, global and shared),
+# racecheck (shared-memory hazards between threads), synccheck (barriers used where not every
+# thread reaches them), on the flash tests of both versions (their reference kernels included);
+# memcheck also on every op of the backend. (Global accesses are checked against the device
+# allocations, which the caching allocator rounds to 512 B: an overrun inside that rounding is not
+# seen.)
+sanitize_steps=("sanitize memcheck flash" "sanitize racecheck flash" "sanitize synccheck flash"
+  "sanitize memcheck backend")
+san_bin=$(find_tool compute-sanitizer)
+flash_filter='CudaFlash.ForwardMatchesReference/*:CudaFlash.BackwardMatchesReference/*'
+if ! want sanitize; then
+  :
+elif [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || [ -z "$san_bin" ]; then
+  why="no device"
+  [ $have_gpu -eq 0 ] || why="no binaries"
+  [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || why="no compute-sanitizer on this machine"
+  for s in "${sanitize_steps[@]}"; do skip "$s" "$why"; done
+else
+  echo "compute-sanitizer: $san_bin ($("$san_bin" --version 2>/dev/null | tail -1))" >>"$env_txt"
+  for tool in memcheck racecheck synccheck; do
+    step "sanitize $tool flash" 120 "${test_env[@]}" OMP_NUM_THREADS=8 "$san_bin" --tool "$tool" \
+      --error-exitcode 9 --print-limit 20 "$build/tests/cuda_attention_test" --gtest_filter="$flash_filter"
+  done
+  step "sanitize memcheck backend" 120 "${test_env[@]}" OMP_NUM_THREADS=8 "$san_bin" --tool memcheck \
+    --error-exitcode 9 --print-limit 20 "$build/tests/cuda_backend_test"
+fi
 
-steps = [dict(zip(('step', 'status', 'seconds', 'note'), l.rstrip('\n').split('\t')))
-         for l in open(steps_tsv) if l.strip()]
-json.dump(steps, open(os.path.join(out, 'steps.json'), 'w'), indent=1)
-count = {s: sum(1 for x in steps if x['status'] == s) for s in ('PASS', 'FAIL', 'SKIP')}
-md = ['# tsp GPU check', '',
-      f"{count['PASS']} passed, {count['FAIL']} failed, {count['SKIP']} skipped; "
-      f"{elapsed} s of a {budget} s budget.", '', '## Environment', '', '```',
-      open(env_txt).read().rstrip(), '```', '', '## Steps', '',
-      '| step | result | s | note |', '|---|---|---:|---|']
-for s in steps:
-    md.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {s['note'].replace('|', '/')} |")
-
-att = rows('attention.json')
-if att:
-    md += ['', '## Attention, bf16, causal (TFLOP/s)', '',
-           'FLOPs: forward 4·S²·d·hq/2 = 2·S²·d·hq (causal half of QKᵀ and PV), backward 2.5× forward '
-           '(FlashAttention\'s convention); fwd+bwd = 7·S²·d·hq over the sum of both times. Target: '
-           'tsp ≥ 0.7× PyTorch SDPA (flash) fwd+bwd.', '',
-           '| S | hq/hkv | d | flash | tsp fwd | tsp bwd | tsp fwd+bwd | torch fwd | torch bwd | torch fwd+bwd | ratio | ok |',
-           '|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|']
-    key = lambda r: (r.get('S'), r.get('heads'), r.get('kv_heads'), r.get('head_dim'))
-    f = lambda v: f'{v:.1f}' if isinstance(v, (int, float)) else '–'
-    ours = [r for r in att if r.get('device', 'cpu') != 'cpu' and r.get('impl', 'tsp') == 'tsp']
-    for k, fl in sorted({(key(r), r.get('flash', '')) for r in ours}):
-        def tf(impl, p):
-            for r in att:
-                if key(r) == k and r.get('impl', 'tsp') == impl and r.get('pass') == p and \
-                        (impl != 'tsp' or r.get('flash', '') == fl):
-                    return r.get('tflops')
-            return None
-        a, b = tf('tsp', 'fwd+bwd'), tf('torch', 'fwd+bwd')
-        ratio = f'{a / b:.2f}×' if a and b else '–'
-        oks = [r.get('ok') for r in ours if key(r) == k and r.get('flash', '') == fl and 'ok' in r]
-        md.append(f'| {k[0]} | {k[1]}/{k[2]} | {k[3]} | {fl or "–"} | {f(tf("tsp", "forward"))} | '
-                  f'{f(tf("tsp", "backward"))} | {f(a)} | {f(tf("torch", "forward"))} | '
-                  f'{f(tf("torch", "backward"))} | {f(b)} | {ratio} | '
-                  f'{"yes" if oks and all(oks) else "NO" if oks else "–"} |')
-
-# Our rows of attention.json for the same S, flash version, pass and head dim as r: the whole row,
-# positions 0..S-1, no documents (what the documents and zigzag tables compare with).
-def whole_row(r):
-    return [b for b in att if b.get('impl', 'tsp') == 'tsp' and b.get('S') == r.get('S') and
-            b.get('flash') == r.get('flash') and b.get('pass') == r.get('pass') and
-            b.get('head_dim') == r.get('head_dim') and not b.get('doc_len') and
-            not b.get('zigzag')]
-
-docs = rows('attention_docs.json')
-if docs:
-    md += ['', '## Attention with packed documents, bf16 (flash kernels)', '',
-           'Documents of `doc_len` tokens; the work counted is Σ len² instead of S², so the same '
-           'TFLOP/s with and without documents means every masked tile is skipped. ideal: the time '
-           'ratio S²/Σlen². flash = cudnn: the calls with documents run v1 (not covered), those '
-           'without run cuDNN.', '',
-           '| S | doc_len | flash | pass | ms with documents | ms without | speed-up | ideal | TFLOP/s | ok |',
-           '|---:|---:|---|---|---:|---:|---:|---:|---:|---|']
-    for r in docs:
-        base = whole_row(r)
-        S, L = r.get('S', 0), r.get('doc_len', 0)
-        ideal = S * S / (S // L * L * L + (S % L) ** 2) if L else 1
-        b = base[0]['ms'] if base else None
-        without = '%.3f' % b if b else '–'
-        speedup = '%.2f×' % (b / r['ms']) if b else '–'
-        md.append(f"| {S} | {L} | {r.get('flash')} | {r.get('pass')} | {r.get('ms'):.3f} | "
-                  f"{without} | {speedup} | {ideal:.1f}× | {r.get('tflops')} | "
-                  f"{'yes' if r.get('ok') else 'NO'} |")
-
-zz = rows('attention_zigzag.json')
-if zz:
-    md += ['', '## Attention, one rank of the zigzag layouts (D = 4), bf16', '',
-           'Queries: rank 0\'s two chunks (S/4 tokens); keys: all S in the all-gather\'s order. FLOPs '
-           'and tokens: that call\'s share (1/D of the row\'s). Against the whole row at the same S '
-           '(same flash version): a ratio of TFLOP/s near 1 means the cut costs nothing.', '',
-           '| S | flash | pass | ms | TFLOP/s | whole-row TFLOP/s | ratio | ok |',
-           '|---:|---|---|---:|---:|---:|---:|---|']
-    for r in zz:
-        base = whole_row(r)
-        b = base[0].get('tflops') if base else None
-        md.append(f"| {r.get('S')} | {r.get('flash')} | {r.get('pass')} | {r.get('ms'):.3f} | "
-                  f"{r.get('tflops')} | {b if b else '–'} | "
-                  f"{'%.2f' % (r['tflops'] / b) if b else '–'} | {'yes' if r.get('ok') else 'NO'} |")
-
-blk = rows('block.json')
-if blk:
-    md += ['', '## Llama block forward+backward, bf16 (h=4096, I=14336, 32/8 heads, S=8192)', '',
-           'Model FLOPs as in bench/block.cpp (6·N·P for the GEMMs + 7·S²·hq·d causal attention). '
-           'Targets: tsp ≥ 1.0× PyTorch eager, MFU ≥ 40% of the measured bf16 GEMM rate.', '',
-           'recompute: selective recomputes the norms and the MLP gate/up in backward (the layouts\' '
-           'default); none keeps them, as PyTorch\'s autograd does. The per-op profile of the none '
-           'step is in block_profile.txt.', '',
-           '| impl | recompute | ms | tokens/s | TFLOP/s | GEMM TFLOP/s (8192³) | MFU | finite | tsp / PyTorch |',
-           '|---|---|---:|---:|---:|---:|---:|---|---:|']
-    p = [r for r in blk if r.get('impl') == 'torch']
-    for r in blk:
-        g = r.get('gemm_tflops')
-        vs = (f"**{r['tokens_per_s'] / p[0]['tokens_per_s']:.2f}×**"
-              if r.get('impl') == 'tsp' and p and p[0].get('tokens_per_s') else '–')
-        md.append(f"| {r.get('impl')} {r.get('attention', '')} | {r.get('recompute', '–')} | "
-                  f"{r.get('median_ms')} | {r.get('tokens_per_s')} | "
-                  f"{r.get('gflops', 0) / 1000:.1f} | {g if g else '–'} | "
-                  f"{(str(round(100 * r['mfu'], 1)) + '%') if r.get('mfu') else '–'} | {r.get('finite')} | {vs} |")
-
-tb = rows('tsp_bench.json')
-if tb:
-    md += ['', '## tsp bench, one GPU, layout single', '', '```']
-    md += [json.dumps(r) for r in tb]
-    md += ['```']
-open(os.path.join(out, 'report.md'), 'w').write('\n'.join(md) + '\n')
-print('\n'.join(md))
-EOF
+# ---- results archive and report -----------------------------------------------------------------
+# The device tool brings back at most 8 files of $OUT, 16 MiB each: the raw files travel as one
+# archive, without the binary Nsight Compute reports if they would take it past 15 MiB (their text
+# and CSV exports stay in it).
 cp "$steps_tsv" "$logs/" 2>/dev/null
-tar -C "$logs" -czf "$out/logs.tar.gz" . 2>/dev/null
-rm -rf "$logs"
+tar -C "$results" -czf "$out/results.tar.gz" logs raw 2>/dev/null
+note=""
+if [ "$(stat -c %s "$out/results.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
+  tar -C "$results" --exclude='*.ncu-rep' -czf "$out/results.tar.gz" logs raw 2>/dev/null
+  note="The Nsight Compute reports (.ncu-rep) were left out of results.tar.gz: over 15 MiB with them."
+fi
+python3 "$repo/scripts/gpu_report.py" --out "$out" --results "$results" \
+  --elapsed "$((SECONDS - t_start))" --budget "$budget" --note "$note"
+rm -rf "$results" "$work"
+# What comes back: at most 8 files, each at most 16 MiB, named in letters, digits, '.', '_', '-'.
+n_files=0
+for f in "$out"/*; do
+  [ -e "$f" ] || continue
+  n_files=$((n_files + 1))
+  if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" -gt $((16 * 1024 * 1024)) ] ||
+    [[ $(basename "$f") =~ [^A-Za-z0-9._-] ]]; then
+    echo "gpu_check: $f would not come back from the device (a folder, over 16 MiB, or an odd name)" >&2
+    failed=1
+  fi
+done
+if [ $n_files -gt 8 ]; then
+  echo "gpu_check: $out holds $n_files files; the device tool brings back 8" >&2
+  failed=1
+fi
 log "report: $out/report.md ($(ls "$out" | tr '\n' ' '))"
 exit $failed
