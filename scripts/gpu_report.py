@@ -52,9 +52,22 @@ steps = [dict(zip(('step', 'status', 'seconds', 'note'), l.split('\t')))
          for l in read(steps_tsv).splitlines() if l.strip()]
 json.dump(steps, open(os.path.join(out, 'steps.json'), 'w'), indent=1)
 count = {s: sum(1 for x in steps if x['status'] == s) for s in ('PASS', 'FAIL', 'SKIP')}
+# The sections whose steps the time budget left out, and the command that runs just those.
+SECTION_OF = (('test', 'tests'), ('bench', 'bench'), ('tsp bench', 'bench'), ('tsp init', 'bench'),
+              ('profile', 'profile'), ('sanitize', 'sanitize'))
+cut = []
+for x in steps:
+    if x['status'] == 'SKIP' and 'time budget' in x.get('note', ''):
+        sec = next((sec for prefix, sec in SECTION_OF if x['step'].startswith(prefix)), None)
+        if sec and sec not in cut:
+            cut.append(sec)
 md = ['# tsp GPU check', '',
       f"{count['PASS']} passed, {count['FAIL']} failed, {count['SKIP']} skipped; "
-      f"{elapsed} s of a {budget} s budget.", '', '## Environment', '', '```',
+      f"{elapsed} s of a {budget} s budget."]
+if cut:
+    md += ['', f"**The time budget left steps of {', '.join(cut)} out**: "
+           f"`scripts/gpu_check.sh OUTDIR --only {','.join(cut)}` runs them."]
+md += ['', '## Environment', '', '```',
       read(env_txt).rstrip(), '```', '', '## Steps', '',
       '| step | result | s | note |', '|---|---|---:|---|']
 for s in steps:
