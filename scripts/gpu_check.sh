@@ -139,7 +139,9 @@ skip() { record "$1" SKIP 0 "$2"; }
 # ---- environment --------------------------------------------------------------------------------
 env_txt="$logs/env.txt"
 have_gpu=0
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && nvidia-smi -L | grep -q GPU; then
+# (Under pipefail, `producer | grep -q` can fail when grep stops reading before the producer has
+# written everything: the producer's output is taken whole first.)
+if command -v nvidia-smi >/dev/null && gpus=$(nvidia-smi -L 2>/dev/null) && grep -q GPU <<<"$gpus"; then
   have_gpu=1
 fi
 {
@@ -237,7 +239,8 @@ for lib in libcudart.so.13 libcublasLt.so.13 libcublas.so.13 libnccl.so.2 libcud
     fi
   done
 done
-if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+known_libs=$(ldconfig -p 2>/dev/null)
+if ! grep -q 'libcuda\.so\.1 ' <<<"$known_libs"; then
   for d in /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64; do
     [ -e "$d/libcuda.so.1" ] && lib_dirs+=("$d") && break
   done
@@ -247,7 +250,7 @@ if [ -n "$bundle_root" ] && [ -d "$bundle_root/lib-opt" ]; then
   for f in "$bundle_root"/lib-opt/*; do
     [ -e "$f" ] || continue
     n=$(basename "$f")
-    ldconfig -p 2>/dev/null | grep -q "^[[:space:]]*$n " || ln -sf "$f" "$bundle_root/lib/$n"
+    grep -q "^[[:space:]]*$n " <<<"$known_libs" || ln -sf "$f" "$bundle_root/lib/$n"
   done
 fi
 LD_LIBRARY_PATH=$(IFS=:; echo "${lib_dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

@@ -56,7 +56,9 @@ for section in ('test cuda_attention_test', 'bench attention tsp', 'profile atte
 skipped = [s for s in steps if s['step'].startswith(('bench', 'profile', 'sanitize'))]
 assert all(s['status'] == 'SKIP' and s['note'] == 'no device' for s in skipped), skipped
 EOF
-tar -tzf "$out1/results.tar.gz" | grep -q '^logs/env.txt$' || fail "results.tar.gz holds no logs/env.txt"
+# (The listing first: grep -q would stop reading, and pipefail would count tar's broken pipe.)
+listing=$(tar -tzf "$out1/results.tar.gz")
+grep -q '^logs/env.txt$' <<<"$listing" || fail "results.tar.gz holds no logs/env.txt"
 echo "ok: dry run, $(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$out1/steps.json") steps"
 
 # ---- 2. profile and sanitize, with stand-in tools ------------------------------------------------
@@ -135,6 +137,7 @@ grep -q '^| tsp flash v1 | flash_forward_kernel<128, false> | 3.125 | 206 | 103.
   { grep -A8 'Nsight Compute' "$report"; fail "the forward's row of the profile table"; }
 grep -q '^| tsp flash v1 | flash_backward_kernel<128, 32, false> | 15.000 | 255 | 57.5 | 23 / 25 | 40 | 30 | 35 | 50 | 0 | 5.0 | barrier 75%, long_scoreboard 12%, mio_throttle 12% | BAR 75%, RED 25% |$' "$report" ||
   { grep -A8 'Nsight Compute' "$report"; fail "the backward's row of the profile table"; }
-tar -tzf "$out2/results.tar.gz" | grep -q '^raw/ncu/attention_v1.sass.csv$' || fail "results.tar.gz lacks the SASS export"
-tar -tzf "$out2/results.tar.gz" | grep -q '^raw/ncu/attention_v1.ncu-rep$' || fail "results.tar.gz lacks the report"
+listing=$(tar -tzf "$out2/results.tar.gz")
+grep -q '^raw/ncu/attention_v1.sass.csv$' <<<"$listing" || fail "results.tar.gz lacks the SASS export"
+grep -q '^raw/ncu/attention_v1.ncu-rep$' <<<"$listing" || fail "results.tar.gz lacks the report"
 echo "ok: the profile and sanitize sections with stand-in tools"
