@@ -446,6 +446,17 @@ find_tool() {  # NAME: on PATH, in the CUDA toolkit, or in an Nsight Compute ins
   command -v "$1" 2>/dev/null ||
     ls -d /usr/local/cuda/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda/nsight-compute*/"$1" 2>/dev/null | tail -1
 }
+# why_not TOOL_PATH TOOL_NAME: why a section needing the GPU, the binaries and that tool cannot run
+# (nothing when it can).
+why_not() {
+  if [ $have_gpu -eq 0 ]; then
+    echo "no device"
+  elif [ $have_bin -eq 0 ]; then
+    echo "no binaries"
+  elif [ -z "$1" ]; then
+    echo "no $2 on this machine"
+  fi
+}
 # profile NAME COUNT REGEX COMMAND...: the first COUNT launches whose kernel name matches REGEX,
 # into raw/ncu/NAME.ncu-rep, exported as NAME.details.txt, NAME.raw.csv and NAME.sass.csv.
 profile() {
@@ -464,12 +475,10 @@ profile() {
 }
 profile_steps=("profile attention_v1" "profile attention_v2" "profile attention_cudnn" "profile attention_torch")
 ncu_bin=$(find_tool ncu)
+why=$(why_not "$ncu_bin" "ncu (Nsight Compute)")
 if ! want profile; then
   :
-elif [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || [ -z "$ncu_bin" ]; then
-  why="no device"
-  [ $have_gpu -eq 0 ] || why="no binaries"
-  [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || why="no ncu (Nsight Compute) on this machine"
+elif [ -n "$why" ]; then
   for s in "${profile_steps[@]}"; do skip "$s" "$why"; done
 else
   echo "ncu: $ncu_bin ($("$ncu_bin" --version 2>/dev/null | tail -1))" >>"$env_txt"
@@ -502,12 +511,10 @@ sanitize_steps=("sanitize memcheck flash" "sanitize racecheck flash" "sanitize s
   "sanitize memcheck backend")
 san_bin=$(find_tool compute-sanitizer)
 flash_filter='CudaFlash.ForwardMatchesReference/*:CudaFlash.BackwardMatchesReference/*'
+why=$(why_not "$san_bin" compute-sanitizer)
 if ! want sanitize; then
   :
-elif [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || [ -z "$san_bin" ]; then
-  why="no device"
-  [ $have_gpu -eq 0 ] || why="no binaries"
-  [ $have_gpu -eq 0 ] || [ $have_bin -eq 0 ] || why="no compute-sanitizer on this machine"
+elif [ -n "$why" ]; then
   for s in "${sanitize_steps[@]}"; do skip "$s" "$why"; done
 else
   echo "compute-sanitizer: $san_bin ($("$san_bin" --version 2>/dev/null | tail -1))" >>"$env_txt"
