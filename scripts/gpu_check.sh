@@ -136,6 +136,24 @@ step() {
 }
 skip() { record "$1" SKIP 0 "$2"; }
 
+# write_results [--print]: OUTDIR/results.tar.gz and OUTDIR/report.md (and steps.json) from what
+# the steps so far left; after each section, so that a run stopped from outside (the device
+# tool's time limit) still brings back what its finished sections measured. The device tool brings
+# back at most 8 files of $OUT, 16 MiB each: the raw files travel as one archive, without the
+# binary Nsight Compute reports if they would take it past 15 MiB (their text and CSV exports
+# stay in it).
+write_results() {
+  local note=""
+  tar -C "$results" -czf "$out/results.tar.gz" logs raw 2>/dev/null
+  if [ "$(stat -c %s "$out/results.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
+    tar -C "$results" --exclude='*.ncu-rep' -czf "$out/results.tar.gz" logs raw 2>/dev/null
+    note="The Nsight Compute reports (.ncu-rep) were left out of results.tar.gz: over 15 MiB with them."
+  fi
+  python3 "$repo/scripts/gpu_report.py" --out "$out" --results "$results" \
+    --elapsed "$((SECONDS - t_start))" --budget "$budget" --note "$note" "$@"
+}
+trap 'log "stopped from outside: writing what the finished steps left"; write_results; rm -rf "$results" "$work"; exit 143' TERM INT
+
 # ---- environment --------------------------------------------------------------------------------
 env_txt="$logs/env.txt"
 have_gpu=0
@@ -376,6 +394,8 @@ else
   skip "GPU tests" "no binaries (see the build step)"
 fi
 
+write_results
+
 # ---- benchmarks ---------------------------------------------------------------------------------
 sizes=4096,8192,16384,32768
 block_args=(--h 4096 --heads 32 --kv-heads 8 --ffn 14336 --seq 8192 --repeats 5)
@@ -432,6 +452,8 @@ else
     skip "$s" "$why"
   done
 fi
+
+write_results
 
 # ---- kernel profiles (Nsight Compute) ---------------------------------------------------------
 # What the benchmarks cannot say: why a kernel is as fast as it is. ncu replays each chosen kernel
@@ -498,6 +520,8 @@ else
     --sizes 8192 --heads 32 --kv-heads 8 --head-dim 128 --repeats 1
 fi
 
+write_results
+
 # ---- compute-sanitizer ---------------------------------------------------------------------------
 # The CUDA emulation runs our kernels' threads one at a time, so it cannot prove the absence of
 # shared-memory races, and it checks reads out of bounds only in a sanitizer build. On the GPU,
@@ -526,19 +550,9 @@ else
     --error-exitcode 9 --print-limit 20 "$build/tests/cuda_backend_test"
 fi
 
-# ---- results archive and report -----------------------------------------------------------------
-# The device tool brings back at most 8 files of $OUT, 16 MiB each: the raw files travel as one
-# archive, without the binary Nsight Compute reports if they would take it past 15 MiB (their text
-# and CSV exports stay in it).
-cp "$steps_tsv" "$logs/" 2>/dev/null
-tar -C "$results" -czf "$out/results.tar.gz" logs raw 2>/dev/null
-note=""
-if [ "$(stat -c %s "$out/results.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
-  tar -C "$results" --exclude='*.ncu-rep' -czf "$out/results.tar.gz" logs raw 2>/dev/null
-  note="The Nsight Compute reports (.ncu-rep) were left out of results.tar.gz: over 15 MiB with them."
-fi
-python3 "$repo/scripts/gpu_report.py" --out "$out" --results "$results" \
-  --elapsed "$((SECONDS - t_start))" --budget "$budget" --note "$note"
+# ---- the end --------------------------------------------------------------------------------------
+trap - TERM INT
+write_results --print
 rm -rf "$results" "$work"
 # What comes back: at most 8 files, each at most 16 MiB, named in letters, digits, '.', '_', '-'.
 n_files=0

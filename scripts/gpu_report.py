@@ -4,6 +4,7 @@ left in its results folder (the steps, the environment, the benchmarks' JSON lin
 Compute exports). Run by gpu_check.sh; by hand on an unpacked results.tar.gz:
 
   python3 scripts/gpu_report.py --out DIR --results RESULTS [--elapsed S] [--budget S] [--note TEXT]
+      [--print]
 
 RESULTS holds logs/steps.tsv, logs/env.txt, raw/*.json and raw/ncu/NAME.{raw,sass}.csv. Every
 section is optional: a missing or unreadable input leaves its section out (a profile that cannot
@@ -22,6 +23,7 @@ ap.add_argument("--results", required=True)
 ap.add_argument("--elapsed", default="?")
 ap.add_argument("--budget", default="?")
 ap.add_argument("--note", default="")
+ap.add_argument("--print", action="store_true", help="print the report too")
 a = ap.parse_args()
 out, raw = a.out, os.path.join(a.results, "raw")
 steps_tsv = os.path.join(a.results, "logs", "steps.tsv")
@@ -332,4 +334,5 @@ if prof_md:
 if a.note:
     md += ['', a.note]
 open(os.path.join(out, 'report.md'), 'w').write('\n'.join(md) + '\n')
-print('\n'.join(md))
+if a.print:
+    print('\n'.join(md))
