@@ -1142,9 +1142,31 @@ TEST(CudaAttention, CudnnForwardMatchesReference) {
 //   * this call's dq, dk, dv written in bf16, then added to the prior contents: the call's part
 //     (ref − prior) rounded once, <= 2^-8·|ref − prior|; with several pieces (several runs) a key
 //     seen by more than one gets one rounded part from each, <= 2^-8·Σ|terms| (a query row lies
-//     in one piece: dq as before).
+//     in one piece: dq as before);
+//   * with GQA (hq > hkv) cuDNN's backward first computes each query head's dK, dV part in the
+//     io dtype, bf16 (frontend 1.32, CompositeSDPABackwardNode: dK_fullhead, dV_fullhead [b, hq,
+//     s_kv, d] take Q's data type), then sums the G parts of a kv head into its bf16 dK, dV: per
+//     piece a rounding of each head's part (<= 2^-8·Σ_h|part_h| <= 2^-8·Σ|terms|) and one of
+//     their sum (<= 2^-8·|Σ_h part_h| <= 2^-8·Σ|terms|): twice the several-pieces bound for dk, dv.
 // Tolerance: those + 1e-4·(1 + |ref|), as the flash tests. Keys no query sees (Past: past the
 // last query, left out of the cuDNN call) keep their dk, dv bit for bit.
+// The bound on the rounding of this call's dk, dv parts to bf16 (the list above), for element i of
+// reference value ref and prior contents prior: once per call; with several pieces once per piece
+// (r·Σ|terms|: HostOut::ak for dk; for dv Σ P·|dout| = bv / 2u, so r·Σ = bv / 2); with GQA twice
+// that (each query head's part, then their sum).
+struct PartRounding {
+  bool several, gqa;
+  PartRounding(int64_t pieces, const Case& c)
+      : several(pieces > 1 || c.hq != c.hkv), gqa(c.hq != c.hkv) {}
+  static constexpr double r = 0x1p-8;  // bf16's unit roundoff
+  double dk(const HostOut& h, size_t i, double ref, double prior) const {
+    return several ? (gqa ? 2 : 1) * r * h.ak[i] : r * std::abs(ref - prior);
+  }
+  double dv(const HostOut& h, size_t i, double ref, double prior) const {
+    return several ? (gqa ? 2 : 1) * h.bv[i] / 2 : r * std::abs(ref - prior);
+  }
+};
+
 TEST(CudaAttention, CudnnBackwardMatchesReference) {
   SKIP_WITHOUT_CUDNN();
   with_cudnn([&] {
@@ -1175,21 +1197,18 @@ TEST(CudaAttention, CudnnBackwardMatchesReference) {
                      1e-4 * (1 + std::abs(dq[i]));
             },
             "cudnn dq vs reference", c);
-        // A key seen by several pieces gets several rounded parts: their sum of magnitudes is at
-        // most the sum of its terms' (HostOut::ak; for dv Σ P·|dout| = bv / 2u, so r·Σ = bv / 2).
-        const bool several = pieces > 1;
+        const PartRounding part(pieces, c);
         expect_close(
             dk_fast, dk,
             [&](size_t i) {
-              return h.bk[i] + h.ck[i] + (several ? r * h.ak[i] : r * std::abs(dk[i] - p.dk0[i])) +
+              return h.bk[i] + h.ck[i] + part.dk(h, i, dk[i], p.dk0[i]) +
                      1e-4 * (1 + std::abs(dk[i]));
             },
             "cudnn dk vs reference", c);
         expect_close(
             dv_fast, dv,
             [&](size_t i) {
-              return h.bv[i] + (several ? h.bv[i] / 2 : r * std::abs(dv[i] - p.dv0[i])) +
-                     1e-4 * (1 + std::abs(dv[i]));
+              return h.bv[i] + part.dv(h, i, dv[i], p.dv0[i]) + 1e-4 * (1 + std::abs(dv[i]));
             },
             "cudnn dv vs reference", c);
         if (c.pos == Pos::Past) {
@@ -1247,17 +1266,18 @@ TEST(CudaAttention, CudnnBackwardOfAKeyChunkWithMergedStatistics) {
                    1e-4 * (1 + std::abs(dq[i]));
           },
           "cudnn dq of a key chunk vs reference", c);
+      const PartRounding part(1, c);  // one piece; GQA (8 query heads on 2)
       expect_close(
           fast.dk.get(), dk,
           [&](size_t i) {
-            return h.bk[i] + h.ck[i] + r * std::abs(dk[i] - chunk.dk0[i]) +
+            return h.bk[i] + h.ck[i] + part.dk(h, i, dk[i], chunk.dk0[i]) +
                    1e-4 * (1 + std::abs(dk[i]));
           },
           "cudnn dk of a key chunk vs reference", c);
       expect_close(
           fast.dv.get(), dv,
           [&](size_t i) {
-            return h.bv[i] + r * std::abs(dv[i] - chunk.dv0[i]) + 1e-4 * (1 + std::abs(dv[i]));
+            return h.bv[i] + part.dv(h, i, dv[i], chunk.dv0[i]) + 1e-4 * (1 + std::abs(dv[i]));
           },
           "cudnn dv of a key chunk vs reference", c);
       if (HasFailure()) return;

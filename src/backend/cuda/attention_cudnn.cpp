@@ -58,6 +58,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -154,6 +155,21 @@ const Library& library() {
       l.missing = fmt::format("libcudnn.so.9 reports version {}, below 9.0.0", l.version);
       return l;
     }
+    // cuDNN is built for one CUDA major (the wheels nvidia-cudnn-cu12 / -cu13), and its runtime-
+    // compiled attention kernels need that major's NVRTC: a libcudnn.so.9 of another CUDA loads
+    // and answers, then has every plan refused, so every call would quietly take the flash path.
+    using CudartVersionFn = size_t (*)();
+    auto cudart_of = reinterpret_cast<CudartVersionFn>(dlsym(h, "cudnnGetCudartVersion"));
+    const size_t built_for = cudart_of ? cudart_of() : 0;
+    if (built_for / 1000 != CUDART_VERSION / 1000) {
+      l.missing = fmt::format(
+          "libcudnn.so.9 (version {}) was built for CUDA {}, this program for CUDA {}: install "
+          "cuDNN 9 for CUDA {} (e.g. the pip wheel nvidia-cudnn-cu{}) and put its folder first on "
+          "LD_LIBRARY_PATH",
+          fe::detail::convert_version_to_str(l.version), built_for, CUDART_VERSION,
+          CUDART_VERSION / 1000, CUDART_VERSION / 1000);
+      return l;
+    }
     // The frontend makes its own CUDA runtime calls (the device's properties at validation; with
     // cuDNN < 9.6 the backward's dQ-accumulator memset, on the handle's stream) through a
     // runtime it dlopens itself: libcudart.so.12, then .13, the first found wins
@@ -220,7 +236,8 @@ struct DeviceState {
 // with the CUDA runtime's own teardown. The 24-byte buffers are outside the memory tracker.
 DeviceState& device_state(int device) {
   static std::mutex m;
-  static std::map<int, std::unique_ptr<DeviceState> > states;
+  // Allocated and never freed, so that no destructor runs at exit (the comment above).
+  static auto& states = *new std::map<int, std::unique_ptr<DeviceState> >;
   std::lock_guard<std::mutex> lock(m);
   std::unique_ptr<DeviceState>& st = states[device];
   if (!st) {
@@ -295,8 +312,12 @@ void set_stats(fe::graph::Tensor_attributes& t, int64_t nq, int64_t hq) {
 }
 
 // sm > 0: the SM version the frontend's checks assume instead of asking the device (set before
-// the nodes are added: each copies the graph's context when it is created).
-std::shared_ptr<fe::graph::Graph> make_graph(const Key& k, int sm = 0) {
+// the nodes are added: each copies the graph's context when it is created). impl: the forward's
+// implementation (AUTO: the frontend picks UNIFIED where its support surface allows it, else
+// COMPOSITE; the backward has one).
+std::shared_ptr<fe::graph::Graph> make_graph(
+    const Key& k, int sm = 0,
+    fe::AttentionImplementation_t impl = fe::AttentionImplementation_t::AUTO) {
   auto g = std::make_shared<fe::graph::Graph>();
   if (sm > 0) g->set_sm_version(sm);
   g->set_io_data_type(fe::DataType_t::BFLOAT16)
@@ -312,7 +333,8 @@ std::shared_ptr<fe::graph::Graph> make_graph(const Key& k, int sm = 0) {
     auto opts = fe::graph::SDPA_attributes()
                     .set_name("tsp_attention_forward")
                     .set_generate_stats(true)
-                    .set_attn_scale(scale);
+                    .set_attn_scale(scale)
+                    .set_implementation(impl);
     if (masked)
       opts.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
           .set_diagonal_band_right_bound(static_cast<int>(k.right_bound));
@@ -345,61 +367,103 @@ std::string fe_error(const fe::error_t& e) {
   return s.str() + ": " + e.err_msg;
 }
 
-// Builds the plan of k. Steps that say "not supported" (validation's GRAPH_NOT_SUPPORTED, no
-// engine from the heuristics, check_support, no plan that builds) give a null graph, logged once;
-// any other failure throws.
-Plan build_plan(const Key& k, cudnnHandle_t handle) {
-  Plan plan;
-  std::shared_ptr<fe::graph::Graph> g;
-  auto unsupported = [&](const char* step, const fe::error_t& e) {
-    std::fprintf(stderr,
-                 "tsp: cuDNN attention does not support %s (%s: %s); such calls take the flash "
-                 "path\n",
-                 k.str().c_str(), step, fe_error(e).c_str());
-    return Plan{};
-  };
+// Why a graph got no plan: the step that said "not supported", and what it said.
+struct Refusal {
+  const char* step;
+  fe::error_t error;
+};
+
+// Builds the graph of k with the forward implementation impl, into plan. Steps that say "not
+// supported" return their refusal: validation's GRAPH_NOT_SUPPORTED; build_operation_graph's
+// GRAPH_NOT_SUPPORTED or CUDNN_BACKEND_API_FAILED (the frontend reports a descriptor the library
+// refuses as the latter: graph_helpers.h, cudnn_interface.h); no engine from the heuristics;
+// check_support; no plan that builds. Any other failure throws.
+std::optional<Refusal> try_build(const Key& k, cudnnHandle_t handle,
+                                 fe::AttentionImplementation_t impl, Plan& plan) {
   auto fail = [&](const char* step, const std::string& msg) {
     TSP_FAIL("cuDNN attention: {} failed for {}: {}", step, k.str(), msg);
   };
+  std::shared_ptr<fe::graph::Graph> g;
+  // Graph::sdpa picks the implementation (UNIFIED or COMPOSITE) when it is called and throws
+  // std::runtime_error when neither supports the attributes (frontend 1.32 graph_interface.h,
+  // sdpa_internal: "No suitable implementation for given SDPA_attributes"): not supported.
   try {
-    // Graph::sdpa picks the implementation (UNIFIED or COMPOSITE) when it is called and throws
-    // std::runtime_error when neither supports the attributes (frontend 1.32 graph_interface.h,
-    // sdpa_internal: "No suitable implementation for given SDPA_attributes"): not supported.
-    try {
-      g = make_graph(k);
-    } catch (const std::runtime_error& ex) {
-      return unsupported("sdpa", fe::error_t{fe::error_code_t::GRAPH_NOT_SUPPORTED, ex.what()});
-    }
-    fe::error_t e = g->validate();
-    if (e.is_bad()) {
-      if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED) return unsupported("validate", e);
-      fail("validate", fe_error(e));
-    }
-    e = g->build_operation_graph(handle);
-    if (e.is_bad()) {
-      if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED)
-        return unsupported("build_operation_graph", e);
-      fail("build_operation_graph", fe_error(e));
-    }
-    if (e = g->create_execution_plans({fe::HeurMode_t::A}); e.is_bad())
-      return unsupported("create_execution_plans", e);
-    if (e = g->check_support(handle); e.is_bad()) return unsupported("check_support", e);
-    if (e = g->build_plans(handle); e.is_bad()) return unsupported("build_plans", e);
-    int64_t ws = 0;
-    if (e = g->get_workspace_size(ws); e.is_bad()) fail("get_workspace_size", fe_error(e));
-    plan.graph = std::move(g);
-    plan.workspace = ws;
-  } catch (const tsp::Error&) {
-    throw;
-  } catch (const std::exception& ex) {  // the frontend throws too (cudnnException, dlsym errors)
-    fail("building the plan", ex.what());
+    g = make_graph(k, 0, impl);
+  } catch (const std::runtime_error& ex) {
+    return Refusal{"sdpa", fe::error_t{fe::error_code_t::GRAPH_NOT_SUPPORTED, ex.what()}};
   }
-  return plan;
+  fe::error_t e = g->validate();
+  if (e.is_bad()) {
+    if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED) return Refusal{"validate", e};
+    fail("validate", fe_error(e));
+  }
+  e = g->build_operation_graph(handle);
+  if (e.is_bad()) {
+    if (e.code == fe::error_code_t::GRAPH_NOT_SUPPORTED ||
+        e.code == fe::error_code_t::CUDNN_BACKEND_API_FAILED)
+      return Refusal{"build_operation_graph", e};
+    fail("build_operation_graph", fe_error(e));
+  }
+  if (e = g->create_execution_plans({fe::HeurMode_t::A}); e.is_bad())
+    return Refusal{"create_execution_plans", e};
+  if (e = g->check_support(handle); e.is_bad()) return Refusal{"check_support", e};
+  if (e = g->build_plans(handle); e.is_bad()) return Refusal{"build_plans", e};
+  int64_t ws = 0;
+  if (e = g->get_workspace_size(ws); e.is_bad()) fail("get_workspace_size", fe_error(e));
+  plan.graph = std::move(g);
+  plan.workspace = ws;
+  return std::nullopt;
+}
+
+// Builds the plan of k: a null graph, logged once, when cuDNN does not support it. The forward
+// tries the frontend's own choice (AUTO), then COMPOSITE: with cuDNN >= 9.13.1 AUTO picks the
+// UNIFIED operation for unmasked graphs, and whether this cuDNN offers an engine for it on this GPU
+// is known only there; the masked graphs are COMPOSITE anyway.
+Plan build_plan(const Key& k, cudnnHandle_t handle) {
+  std::vector<std::string> refusals;
+  auto refused = [&](const std::string& what, const Refusal& r) {
+    refusals.push_back(fmt::format("{}{}: {}", what, r.step, fe_error(r.error)));
+  };
+  // A band whose right bound is above 0 (queries after the first key, s_q <= s_kv) is what cuDNN
+  // supports from 9.6 on (Transformer Engine's backend rules: "9.6: SWA", any right window with
+  // top-left alignment); the frontend itself checks only that the bound is not negative.
+  if (k.right_bound > 0 && library().version < 90600) {
+    refused("", Refusal{"version", fe::error_t{fe::error_code_t::GRAPH_NOT_SUPPORTED,
+                                               fmt::format("a band bound above 0 needs cuDNN 9.6, "
+                                                           "this is {}",
+                                                           library().version)}});
+  } else {
+    try {
+      std::vector<fe::AttentionImplementation_t> impls{fe::AttentionImplementation_t::AUTO};
+      if (!k.backward) impls.push_back(fe::AttentionImplementation_t::COMPOSITE);
+      for (fe::AttentionImplementation_t impl : impls) {
+        Plan plan;
+        const std::optional<Refusal> r = try_build(k, handle, impl, plan);
+        if (!r) return plan;
+        refused(impls.size() > 1
+                    ? (impl == fe::AttentionImplementation_t::AUTO ? "AUTO " : "COMPOSITE ")
+                    : "",
+                *r);
+      }
+    } catch (const tsp::Error&) {
+      throw;
+    } catch (const std::exception& ex) {  // the frontend throws too (cudnnException, dlsym errors)
+      TSP_FAIL("cuDNN attention: building the plan failed for {}: {}", k.str(), ex.what());
+    }
+  }
+  std::string why;
+  for (const std::string& r : refusals) why += (why.empty() ? "" : "; ") + r;
+  std::fprintf(stderr,
+               "tsp: cuDNN attention does not support %s (%s); such calls take the flash path\n",
+               k.str().c_str(), why.c_str());
+  return Plan{};
 }
 
 const Plan& plan_for(const Key& k, DeviceState& st) {
   static std::mutex m;
-  static std::map<Key, std::unique_ptr<Plan> > plans;
+  // Never destroyed, as the device states (each plan holds cuDNN descriptors, and a descriptor's
+  // destructor calls into cuDNN).
+  static auto& plans = *new std::map<Key, std::unique_ptr<Plan> >;
   std::lock_guard<std::mutex> lock(m);  // a build takes milliseconds, once per key
   std::unique_ptr<Plan>& p = plans[k];
   if (!p) {
@@ -555,14 +619,20 @@ std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_boun
   k.nq = sh.nq, k.nk = sh.nk, k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
   k.right_bound = right_bound;
   std::memcpy(&k.scale_bits, &scale, 4);
-  try {
-    std::shared_ptr<fe::graph::Graph> g = make_graph(k, sm);
-    fe::error_t e = g->validate();
-    if (e.is_bad()) return "validate: " + fe_error(e);
-    e = g->build_operation_graph(nullptr);
-    if (e.is_bad()) return "build_operation_graph: " + fe_error(e);
-  } catch (const std::exception& ex) {
-    return std::string("exception: ") + ex.what();
+  // The forward's graphs as build_plan tries them: the frontend's choice, then COMPOSITE.
+  std::vector<fe::AttentionImplementation_t> impls{fe::AttentionImplementation_t::AUTO};
+  if (!backward) impls.push_back(fe::AttentionImplementation_t::COMPOSITE);
+  for (fe::AttentionImplementation_t impl : impls) {
+    const std::string which = impl == fe::AttentionImplementation_t::COMPOSITE ? "COMPOSITE " : "";
+    try {
+      std::shared_ptr<fe::graph::Graph> g = make_graph(k, sm, impl);
+      fe::error_t e = g->validate();
+      if (e.is_bad()) return which + "validate: " + fe_error(e);
+      e = g->build_operation_graph(nullptr);
+      if (e.is_bad()) return which + "build_operation_graph: " + fe_error(e);
+    } catch (const std::exception& ex) {
+      return which + "exception: " + ex.what();
+    }
   }
   return "";
 }
