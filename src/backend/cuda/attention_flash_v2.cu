@@ -730,6 +730,12 @@ cudaError_t forward_d(const Fwd& p, cudaStream_t s) {
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(flash_forward_v2_kernel<D, DOCS>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // Two blocks per SM need the largest shared-memory split of the SM's L1 / shared memory (228 KB
+  // on sm_90); the driver's own choice for a launch may be smaller, and then only one block fits.
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(flash_forward_v2_kernel<D, DOCS>,
+                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>(sh.hq), static_cast<unsigned>((sh.nq + BR - 1) / BR));
     TSP_LAUNCH(grid, 32 * kFwdWarps, bytes, s, flash_forward_v2_kernel<D, DOCS>)(a);

@@ -9,12 +9,15 @@
 #include <nccl.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <map>
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -36,6 +39,15 @@ void check_nccl(ncclResult_t r, ncclComm_t comm, std::string_view what,
   throw Error(fmt::format("NCCL {} failed: {}{}{}", what, ncclGetErrorString(r),
                           last && *last ? ": " : "", last ? last : ""),
               where);
+}
+
+// A failure NCCL found after a call returned (a peer lost, a network error): ncclSuccess or
+// ncclInProgress while the communicator is healthy. Throws, and the communicator is aborted as the
+// exception unwinds it (~NcclCommunicator), so its kernels stop spinning.
+void check_async_error(ncclComm_t comm) {
+  ncclResult_t async = ncclSuccess;
+  check_nccl(ncclCommGetAsyncError(comm, &async), comm, "CommGetAsyncError");
+  if (async != ncclInProgress) check_nccl(async, comm, "asynchronous operation");
 }
 
 // Reductions: the dtypes the base accepts (f32, i32, i64) and f64. Everything else moves as bytes.
@@ -244,8 +256,8 @@ class HostStage {
 
 class NcclTransfer final : public Transfer {
  public:
-  NcclTransfer(cudaEvent_t done, cudaStream_t compute, HostStage stage)
-      : done_(done), compute_(compute), stage_(std::move(stage)) {}
+  NcclTransfer(cudaEvent_t done, cudaStream_t compute, ncclComm_t comm, HostStage stage)
+      : done_(done), compute_(compute), comm_(comm), stage_(std::move(stage)) {}
 
   ~NcclTransfer() override {
     if (!complete_ && !joined_) {
@@ -268,17 +280,21 @@ class NcclTransfer final : public Transfer {
   bool test() override {
     if (complete_) return true;
     const cudaError_t e = cudaEventQuery(done_);
-    if (e == cudaErrorNotReady) return false;
+    if (e == cudaErrorNotReady) {
+      check_async_error(comm_);
+      return false;
+    }
     TSP_CHECK(e == cudaSuccess, "NCCL transfer failed on the device: {} ({})",
               cudaGetErrorString(e), cudaGetErrorName(e));
     finish();
     return true;
   }
 
+  // Polls rather than cudaEventSynchronize: when a peer is lost, NCCL's kernels wait for it for
+  // ever and the event never completes; the communicator's asynchronous error says so (NCCL's
+  // "Asynchronous errors and error handling": poll ncclCommGetAsyncError while waiting).
   void wait() override {
-    if (complete_) return;
-    TSP_CUDA_CHECK(cudaEventSynchronize(done_));
-    finish();
+    while (!test()) std::this_thread::yield();
   }
 
   void join_compute() override {
@@ -301,6 +317,7 @@ class NcclTransfer final : public Transfer {
 
   cudaEvent_t done_;
   cudaStream_t compute_;
+  ncclComm_t comm_;  // for its asynchronous errors while waiting
   HostStage stage_;
   bool complete_ = false, joined_ = false;
 };
@@ -460,7 +477,13 @@ class NcclCommunicator final : public Communicator {
     });
   }
 
+  // A lone ncclSend / ncclRecv is a kernel that blocks until its peer's matching call runs (no
+  // buffering, unlike MPI's eager sends), and NCCL refuses a send to oneself outside a group with
+  // its receive: exchanges go through isendrecv (one group).
   std::unique_ptr<Transfer> do_isend(const void* buf, int64_t count, DType dt, int dst) override {
+    TSP_CHECK(dst != rank(),
+              "NCCL: a send to oneself (rank {}) outside a group cannot complete; use sendrecv",
+              dst);
     const size_t b = nbytes(count, dt);
     return launch([&](HostStage& st) {
       const void* d = st.add(buf, b, true, 0);
@@ -469,6 +492,10 @@ class NcclCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Transfer> do_irecv(void* buf, int64_t count, DType dt, int src) override {
+    TSP_CHECK(src != rank(),
+              "NCCL: a receive from oneself (rank {}) outside a group cannot complete; use "
+              "sendrecv",
+              src);
     const size_t b = nbytes(count, dt);
     return launch([&](HostStage& st) {
       void* d = st.add(buf, b, false, b);
@@ -494,11 +521,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   // NCCL progresses by itself; this is where an asynchronous failure (a peer lost) surfaces.
-  void do_progress() override {
-    ncclResult_t async = ncclSuccess;
-    check_nccl(ncclCommGetAsyncError(comm_, &async), comm_, "CommGetAsyncError");
-    if (async != ncclInProgress) check_nccl(async, comm_, "asynchronous operation");
-  }
+  void do_progress() override { check_async_error(comm_); }
 
   void do_set_compute_queue(ComputeQueue q) override {
     compute_ = q.handle ? static_cast<cudaStream_t>(q.handle) : cuda::compute_stream(device_);
@@ -528,6 +551,18 @@ class NcclCommunicator final : public Communicator {
 
  private:
   void bootstrap() {
+    // Blocking communicators: every call here treats ncclInProgress as a failure, and
+    // NCCL_COMM_BLOCKING=0 would make NCCL's init, split and enqueues return it (it overrides the
+    // communicator's config).
+    const char* blocking = std::getenv("NCCL_COMM_BLOCKING");
+    TSP_CHECK(blocking == nullptr || std::string_view(blocking) != "0",
+              "NCCL_COMM_BLOCKING=0 is set: tsp uses NCCL's blocking communicators; unset it");
+    // Several communicators per GPU (a layout's groups, the data-parallel replicas) run on their
+    // own streams, concurrently: NCCL kernels block while they wait for their peers, so two ranks
+    // that start two communicators' operations in different orders can deadlock. From NCCL 2.26
+    // NCCL_LAUNCH_ORDER_IMPLICIT=1 orders them by the order the host issues them, the same on
+    // every rank here (one thread, one program order). Set unless the user chose otherwise.
+    setenv("NCCL_LAUNCH_ORDER_IMPLICIT", "1", 0);
     ncclUniqueId id{};
     std::string error;
     if (rank() == 0) {
@@ -539,6 +574,10 @@ class NcclCommunicator final : public Communicator {
     TSP_CHECK(error.empty(), "{}", error);
     static_assert(sizeof(id) % 8 == 0);
     mpi_->broadcast(&id, sizeof(id) / 8, DType::I64, 0);  // host memory: plain MPI
+    // ncclCommInitRank blocks without calling MPI: an MPI whose broadcast completes lazily (HPC-X
+    // with HCOLL) would leave a rank without the id while the others wait in the init. The
+    // barrier completes the broadcast everywhere first.
+    mpi_->barrier();
     cuda::set_device(device_);
     check_nccl(ncclCommInitRank(&comm_, size(), id, rank()), nullptr,
                fmt::format("CommInitRank (rank {} of {}, cuda:{})", rank(), size(), device_));
@@ -559,7 +598,7 @@ class NcclCommunicator final : public Communicator {
     const cudaError_t e = cudaEventRecord(done, stream_);
     if (e != cudaSuccess) cudaEventDestroy(done);
     TSP_CUDA_CHECK(e);
-    return std::make_unique<NcclTransfer>(done, compute_, std::move(st));
+    return std::make_unique<NcclTransfer>(done, compute_, comm_, std::move(st));
   }
 
   // A blocking call's end: device results ordered before later compute work; host results there.

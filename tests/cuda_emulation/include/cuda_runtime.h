@@ -120,6 +120,7 @@ struct cudaPointerAttributes {
 };
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
 };
 constexpr unsigned cudaStreamNonBlocking = 1;
 constexpr unsigned cudaEventDisableTiming = 2;
@@ -583,8 +584,18 @@ inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   return tsp::emu::free_device_async(p, s);
 }
 
+enum cudaSharedCarveout {
+  cudaSharedmemCarveoutDefault = -1,
+  cudaSharedmemCarveoutMaxShared = 100,
+  cudaSharedmemCarveoutMaxL1 = 0,
+};
+
+// The shared-memory carveout (a percentage of the SM's unified L1 / shared memory, or -1) is a
+// hint for the hardware's occupancy: checked for range, otherwise nothing to emulate.
 template <class T>
 cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute == cudaFuncAttributePreferredSharedMemoryCarveout)
+    return value >= -1 && value <= 100 ? cudaSuccess : cudaErrorInvalidValue;
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   return tsp::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
 }
