@@ -59,13 +59,13 @@ int64_t flash_v2_backward_scratch(int64_t nq, int64_t hq, int64_t d) {
 }
 
 namespace {
-// Whether the CUDA backend's bf16 attention takes the v2 flash kernels for this call
-// (attention.cpp: flash_serves, then flash_v2_supported; the views of the layouts are aligned):
-// head dim 64 or 128, at most 8192 key tiles of 64 and query tiles of 32, grids within 65535.
-bool cuda_flash_v2_serves(int64_t d, int64_t hq, int64_t nq, int64_t nk) {
+// Whether the CUDA backend's bf16 attention backward takes the v2 flash kernel for this call
+// (attention.cpp: flash_serves, then flash_v2_supported(sh, true); the views of the layouts are
+// aligned): head dim 64 or 128, at most 8192 query tiles of 32, grids within 65535.
+bool cuda_flash_v2_backward_serves(int64_t d, int64_t hq, int64_t nq, int64_t nk) {
   const int64_t max_tiles = 8192;
-  return (d == 64 || d == 128) && (nk + 63) / 64 <= max_tiles && (nq + 31) / 32 <= max_tiles &&
-         (nq + 127) / 128 <= 65535 && (nk + 127) / 128 <= 65535 && hq <= 65535;
+  return (d == 64 || d == 128) && (nq + 31) / 32 <= max_tiles && (nk + 127) / 128 <= 65535 &&
+         hq <= 65535;
 }
 }  // namespace
 
@@ -83,7 +83,7 @@ int64_t LocalInputs::attention_backward_transient(int64_t d, int64_t hq, int64_t
   if (!target.cuda()) return plan::attention_backward_transient(d, hq, hkv, nq, nk, e);
   if (e.mixed() && target.cudnn && (d == 64 || d == 128))
     return cudnn_attention_transient(true, nq, nk, hq, hkv, d, token_part, target);
-  if (e.mixed() && target.flash_v2 && cuda_flash_v2_serves(d, hq, nq, nk))
+  if (e.mixed() && target.flash_v2 && cuda_flash_v2_backward_serves(d, hq, nq, nk))
     return flash_v2_backward_scratch(nq, hq, d);
   return 0;
 }

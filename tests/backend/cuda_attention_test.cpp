@@ -910,23 +910,28 @@ TEST_P(CudaFlash, SkipsKeyTilesHiddenByDocuments) {
   }
 }
 
-// v2's per-block tile bitmasks hold 256 words of 32 tiles: 8192 key tiles of 64 (the forward)
-// and 8192 query tiles of 32 (the backward). Shapes up to there run on v2, one row more falls
-// back to v1 (attention.cpp); so do head dims other than 64 and 128. Host only: runs without a GPU.
+// v2's per-block tile bitmasks hold 256 words of 32 tiles: the forward's, 8192 key tiles of 64;
+// the backward's, 8192 query tiles of 32. Shapes up to there run on v2, one row more falls back
+// to v1 (attention.cpp) in that direction only; so do head dims other than 64 and 128. Host only:
+// runs without a GPU.
 TEST(CudaAttention, FlashV2TileLimit) {
   for (int d : {64, 128}) {
     attn::Shape sh;
     sh.hq = 4, sh.hkv = 2, sh.d = d;
     sh.nq = 8192 * 32, sh.nk = 8192 * 64;
-    EXPECT_TRUE(attn::flash_v2_supported(sh)) << "d=" << d;
-    sh.nk += 1;  // 8193 key tiles
-    EXPECT_FALSE(attn::flash_v2_supported(sh)) << "d=" << d;
-    sh.nk -= 1, sh.nq += 1;  // 8193 query tiles
-    EXPECT_FALSE(attn::flash_v2_supported(sh)) << "d=" << d;
+    EXPECT_TRUE(attn::flash_v2_supported(sh, false)) << "d=" << d;
+    EXPECT_TRUE(attn::flash_v2_supported(sh, true)) << "d=" << d;
+    sh.nk += 1;  // 8193 key tiles: the forward's limit, not the backward's
+    EXPECT_FALSE(attn::flash_v2_supported(sh, false)) << "d=" << d;
+    EXPECT_TRUE(attn::flash_v2_supported(sh, true)) << "d=" << d;
+    sh.nk -= 1, sh.nq += 1;  // 8193 query tiles: the backward's limit, not the forward's
+    EXPECT_TRUE(attn::flash_v2_supported(sh, false)) << "d=" << d;
+    EXPECT_FALSE(attn::flash_v2_supported(sh, true)) << "d=" << d;
   }
   attn::Shape sh;
   sh.nq = sh.nk = 100, sh.hq = sh.hkv = 1, sh.d = 96;
-  EXPECT_FALSE(attn::flash_v2_supported(sh));
+  EXPECT_FALSE(attn::flash_v2_supported(sh, false));
+  EXPECT_FALSE(attn::flash_v2_supported(sh, true));
 }
 
 // At the bitmask limit (FlashV2TileLimit): every word of the masks in use.

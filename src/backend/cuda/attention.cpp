@@ -272,7 +272,7 @@ void attention_forward(TensorView q, TensorView k, TensorView v, TensorView q_po
   if (flash_serves(p) && aligned16({p.q, p.k, p.v, p.o})) {
     const FlashVersion fv = flash_version();
     if (fv == FlashVersion::Cudnn && attn::cudnn_forward(p, q.device().index, s)) return;
-    if (fv == FlashVersion::V2 && attn::flash_v2_supported(p.sh))
+    if (fv == FlashVersion::V2 && attn::flash_v2_supported(p.sh, false))
       TSP_CUDA_CHECK(attn::flash_forward_v2(p, s));
     else
       TSP_CUDA_CHECK(attn::flash_forward(p, s));
@@ -290,7 +290,8 @@ void attention_backward(TensorView q, TensorView k, TensorView v, TensorView q_p
   if (flash_serves(p) && aligned16({p.q, p.k, p.v, p.o, p.dout})) {
     const FlashVersion fv = flash_version();
     if (fv == FlashVersion::Cudnn && attn::cudnn_backward(p, q.device().index, s)) return;
-    if (fv == FlashVersion::V2 && attn::flash_v2_supported(p.sh) && aligned8({p.dq, p.dk, p.dv}))
+    if (fv == FlashVersion::V2 && attn::flash_v2_supported(p.sh, true) &&
+        aligned8({p.dq, p.dk, p.dv}))
       TSP_CUDA_CHECK(attn::flash_backward_v2(p, s));
     else
       TSP_CUDA_CHECK(attn::flash_backward(p, s));

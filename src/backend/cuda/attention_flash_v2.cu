@@ -813,26 +813,27 @@ cudaError_t backward_d(const Bwd& p, cudaStream_t s) {
 
 }  // namespace
 
-bool flash_v2_supported(const Shape& sh) {
-  // The per-block tile bitmasks hold kMaskWords·32 tiles; grid.y is at most 65535.
+bool flash_v2_supported(const Shape& sh, bool backward) {
+  // A block's tile bitmask holds kMaskWords·32 tiles: the forward's of key tiles, the backward's
+  // of query tiles. grid.x is the query heads, grid.y the forward's query tiles or the backward's
+  // key tiles; both at most 65535.
   const int64_t max_tiles = int64_t{kMaskWords} * 32;
+  if (!flash_supported(sh.d) || sh.hq > 65535) return false;
+  if (!backward)
+    return (sh.nk + kFwdBC - 1) / kFwdBC <= max_tiles && (sh.nq + kFwdBR - 1) / kFwdBR <= 65535;
   const int64_t br = sh.d == 64 ? bwd_br<64>() : bwd_br<128>();  // the backward's query tile
-  const int64_t n_kt = (sh.nk + kFwdBC - 1) / kFwdBC, n_qt = (sh.nq + br - 1) / br;
-  const int64_t fwd_blocks_y = (sh.nq + kFwdBR - 1) / kFwdBR,
-                bwd_blocks_y = (sh.nk + kBwdBC - 1) / kBwdBC;
-  return flash_supported(sh.d) && n_kt <= max_tiles && n_qt <= max_tiles && fwd_blocks_y <= 65535 &&
-         bwd_blocks_y <= 65535 && sh.hq <= 65535;
+  return (sh.nq + br - 1) / br <= max_tiles && (sh.nk + kBwdBC - 1) / kBwdBC <= 65535;
 }
 
 cudaError_t flash_forward_v2(const Fwd& p, cudaStream_t s) {
-  if (!p.bf16 || !flash_v2_supported(p.sh)) return cudaErrorInvalidValue;
+  if (!p.bf16 || !flash_v2_supported(p.sh, false)) return cudaErrorInvalidValue;
   if (p.sh.nq == 0) return cudaSuccess;
   if (p.q_doc_pos) return p.sh.d == 64 ? forward_d<64, true>(p, s) : forward_d<128, true>(p, s);
   return p.sh.d == 64 ? forward_d<64, false>(p, s) : forward_d<128, false>(p, s);
 }
 
 cudaError_t flash_backward_v2(const Bwd& p, cudaStream_t s) {
-  if (!p.bf16 || !flash_v2_supported(p.sh)) return cudaErrorInvalidValue;
+  if (!p.bf16 || !flash_v2_supported(p.sh, true)) return cudaErrorInvalidValue;
   if (p.sh.nq == 0 || p.sh.nk == 0) return cudaSuccess;
   if (p.q_doc_pos) return p.sh.d == 64 ? backward_d<64, true>(p, s) : backward_d<128, true>(p, s);
   return p.sh.d == 64 ? backward_d<64, false>(p, s) : backward_d<128, false>(p, s);

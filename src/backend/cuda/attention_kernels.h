@@ -61,9 +61,11 @@ cudaError_t flash_forward(const Fwd& p, cudaStream_t s);
 cudaError_t flash_backward(const Bwd& p, cudaStream_t s);
 
 // ---- flash kernels, version 2 (attention_flash_v2.cu): same inputs and rounding as above ----
-// Whether v2 serves this shape (d 64 or 128, and at most 8192 key / query tiles: up to 524288 keys
-// and 262144 queries); attention.cpp falls back to v1 otherwise.
-bool flash_v2_supported(const Shape& sh);
+// Whether v2's forward (backward = false) or backward serves this shape: d 64 or 128, and at most
+// 8192 tiles in a block's bitmask — the forward's key tiles of 64 (up to 524288 keys), the
+// backward's query tiles of 32 (up to 262144 queries) — and grids within 65535 (the forward's
+// query tiles of 128, the backward's key tiles of 128); attention.cpp falls back to v1 otherwise.
+bool flash_v2_supported(const Shape& sh, bool backward);
 // dk, dv as well as dq accumulate through fp32 atomics (float2: dq, dk, dv must be 8-byte aligned).
 // Both take their scratch from the device's caching allocator as a Workspace tensor (scratch.h),
 // counted by the MemoryTracker (on another stream than the compute stream, at the cost of a wait).
