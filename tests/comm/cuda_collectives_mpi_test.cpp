@@ -418,6 +418,21 @@ TEST(CudaCollectives, Nccl) {
     if (!sender)
       expect_same(dbuf.get<float>(n), pattern<float>(peer, n, 9), "host send, device recv");
   }
+  // A lone send or receive to oneself cannot complete on NCCL (a send waits for its receive, and
+  // NCCL refuses a self-send outside a group with it): refused before anything is queued, naming
+  // the way out. (Last here: the refused calls were counted as traffic.)
+  Mem self(true, dev.index, 16);
+  for (bool send : {true, false}) {
+    try {
+      if (send)
+        c->send(self.data(), 4, DType::F32, r);
+      else
+        c->recv(self.data(), 4, DType::F32, r);
+      ADD_FAILURE() << (send ? "a send" : "a receive") << " to oneself on NCCL did not throw";
+    } catch (const Error& e) {
+      EXPECT_NE(e.message().find("use sendrecv"), std::string::npos) << e.message();
+    }
+  }
 }
 
 // Many transfers in flight at once on the NCCL stream, joined to compute in reverse order.
