@@ -367,6 +367,20 @@ std::string fe_error(const fe::error_t& e) {
   return s.str() + ": " + e.err_msg;
 }
 
+// The implementations a plan build tries, in order (build_plan), and cudnn_check_graph checks: the
+// frontend's own choice (AUTO), then for the forward COMPOSITE. With cuDNN >= 9.13.1 AUTO picks
+// the UNIFIED operation for unmasked forward graphs, and whether this cuDNN offers an engine for
+// it on this GPU is known only there; masked graphs and the backward are COMPOSITE anyway.
+std::vector<fe::AttentionImplementation_t> implementations(bool backward) {
+  if (backward) return {fe::AttentionImplementation_t::AUTO};
+  return {fe::AttentionImplementation_t::AUTO, fe::AttentionImplementation_t::COMPOSITE};
+}
+
+// How messages name a forced implementation ("" for the frontend's own choice).
+const char* implementation_label(fe::AttentionImplementation_t impl) {
+  return impl == fe::AttentionImplementation_t::COMPOSITE ? "COMPOSITE " : "";
+}
+
 // Why a graph got no plan: the step that said "not supported", and what it said.
 struct Refusal {
   const char* step;
@@ -415,35 +429,23 @@ std::optional<Refusal> try_build(const Key& k, cudnnHandle_t handle,
   return std::nullopt;
 }
 
-// Builds the plan of k: a null graph, logged once, when cuDNN does not support it. The forward
-// tries the frontend's own choice (AUTO), then COMPOSITE: with cuDNN >= 9.13.1 AUTO picks the
-// UNIFIED operation for unmasked graphs, and whether this cuDNN offers an engine for it on this GPU
-// is known only there; the masked graphs are COMPOSITE anyway.
+// Builds the plan of k (implementations() in turn): a null graph, logged once, when cuDNN does not
+// support it.
 Plan build_plan(const Key& k, cudnnHandle_t handle) {
-  std::vector<std::string> refusals;
-  auto refused = [&](const std::string& what, const Refusal& r) {
-    refusals.push_back(fmt::format("{}{}: {}", what, r.step, fe_error(r.error)));
-  };
+  std::string why;
   // A band whose right bound is above 0 (queries after the first key, s_q <= s_kv) is what cuDNN
   // supports from 9.6 on (Transformer Engine's backend rules: "9.6: SWA", any right window with
   // top-left alignment); the frontend itself checks only that the bound is not negative.
   if (k.right_bound > 0 && library().version < 90600) {
-    refused("", Refusal{"version", fe::error_t{fe::error_code_t::GRAPH_NOT_SUPPORTED,
-                                               fmt::format("a band bound above 0 needs cuDNN 9.6, "
-                                                           "this is {}",
-                                                           library().version)}});
+    why = fmt::format("a band bound above 0 needs cuDNN 9.6, this is {}", library().version);
   } else {
     try {
-      std::vector<fe::AttentionImplementation_t> impls{fe::AttentionImplementation_t::AUTO};
-      if (!k.backward) impls.push_back(fe::AttentionImplementation_t::COMPOSITE);
-      for (fe::AttentionImplementation_t impl : impls) {
+      for (fe::AttentionImplementation_t impl : implementations(k.backward)) {
         Plan plan;
         const std::optional<Refusal> r = try_build(k, handle, impl, plan);
         if (!r) return plan;
-        refused(impls.size() > 1
-                    ? (impl == fe::AttentionImplementation_t::AUTO ? "AUTO " : "COMPOSITE ")
-                    : "",
-                *r);
+        why += fmt::format("{}{}{}: {}", why.empty() ? "" : "; ", implementation_label(impl),
+                           r->step, fe_error(r->error));
       }
     } catch (const tsp::Error&) {
       throw;
@@ -451,8 +453,6 @@ Plan build_plan(const Key& k, cudnnHandle_t handle) {
       TSP_FAIL("cuDNN attention: building the plan failed for {}: {}", k.str(), ex.what());
     }
   }
-  std::string why;
-  for (const std::string& r : refusals) why += (why.empty() ? "" : "; ") + r;
   std::fprintf(stderr,
                "tsp: cuDNN attention does not support %s (%s); such calls take the flash path\n",
                k.str().c_str(), why.c_str());
@@ -619,11 +619,8 @@ std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_boun
   k.nq = sh.nq, k.nk = sh.nk, k.hq = sh.hq, k.hkv = sh.hkv, k.d = sh.d;
   k.right_bound = right_bound;
   std::memcpy(&k.scale_bits, &scale, 4);
-  // The forward's graphs as build_plan tries them: the frontend's choice, then COMPOSITE.
-  std::vector<fe::AttentionImplementation_t> impls{fe::AttentionImplementation_t::AUTO};
-  if (!backward) impls.push_back(fe::AttentionImplementation_t::COMPOSITE);
-  for (fe::AttentionImplementation_t impl : impls) {
-    const std::string which = impl == fe::AttentionImplementation_t::COMPOSITE ? "COMPOSITE " : "";
+  for (fe::AttentionImplementation_t impl : implementations(backward)) {  // as build_plan tries
+    const std::string which = implementation_label(impl);
     try {
       std::shared_ptr<fe::graph::Graph> g = make_graph(k, sm, impl);
       fe::error_t e = g->validate();

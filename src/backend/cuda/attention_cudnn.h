@@ -36,7 +36,8 @@ bool cudnn_backward(const Bwd& p, int device, cudaStream_t s);
 // cudnn::kNoMask) for SM version `sm` (e.g. 90), validates it and lowers it to cuDNN's operation
 // graph; a forward both as the frontend chooses its implementation and as COMPOSITE (the two
 // graphs a plan build tries). Choosing an engine needs the device, so this does not. "" when all
-// pass, else the frontend's message. Throws tsp::Error when cuDNN is unavailable (cudnn_unavailable_reason).
+// pass, else the frontend's message. Throws tsp::Error when cuDNN is unavailable
+// (cudnn_unavailable_reason).
 // attention.h exports it (cudnn_attention_check_graph) for the CPU test
 // tests/backend/cuda_attention_cudnn_graph_test.cpp.
 std::string cudnn_check_graph(bool backward, const Shape& sh, int64_t right_bound, float scale,
