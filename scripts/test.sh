@@ -136,19 +136,40 @@ build_fuzzers() {
 
 # Each target starts from its seed corpus (tests/fuzz/corpus/<target>, read-only) plus what
 # earlier local runs found ($fuzz_build/corpus/<target>); a crash, sanitizer report, leak,
-# timeout or out-of-memory is saved under $fuzz_build/artifacts and fails the stage.
+# timeout or out-of-memory is saved under $fuzz_build/artifacts and fails the stage. libFuzzer
+# runs on one core, so the targets run side by side, as many at a time as there are cores (each
+# still gets TSP_FUZZ_SECONDS of a core to itself); their results are reported in order.
 run_fuzzers() {
-  local rc=0 src t log
+  local rc=0 src t log cores
+  cores=$(env -u OMP_NUM_THREADS nproc)
   mkdir -p "$fuzz_build/artifacts" "$fuzz_build/logs"
+  local targets=() pids=() status=() waited=0
   for src in tests/fuzz/*_fuzz.cpp; do
     t=$(basename "$src" .cpp)
-    log="$fuzz_build/logs/$t.log"
     mkdir -p "$fuzz_build/corpus/$t" || return
     local dict=()
     [ -f "tests/fuzz/$t.dict" ] && dict=(-dict="tests/fuzz/$t.dict")
-    if "$fuzz_build/$t" -max_total_time="$fuzz_seconds" -timeout=10 "${dict[@]}" \
+    # At most `cores` running: wait for the oldest before starting another.
+    if [ $((${#pids[@]} - waited)) -ge "$cores" ]; then
+      wait "${pids[$waited]}"
+      status[$waited]=$?
+      waited=$((waited + 1))
+    fi
+    "$fuzz_build/$t" -max_total_time="$fuzz_seconds" -timeout=10 "${dict[@]}" \
       -artifact_prefix="$fuzz_build/artifacts/$t-" -print_final_stats=1 \
-      "$fuzz_build/corpus/$t" "tests/fuzz/corpus/$t" >"$log" 2>&1; then
+      "$fuzz_build/corpus/$t" "tests/fuzz/corpus/$t" >"$fuzz_build/logs/$t.log" 2>&1 &
+    targets+=("$t")
+    pids+=($!)
+  done
+  local i
+  for i in "${!targets[@]}"; do
+    if [ "$i" -ge "$waited" ]; then
+      wait "${pids[$i]}"
+      status[$i]=$?
+    fi
+    t=${targets[$i]}
+    log="$fuzz_build/logs/$t.log"
+    if [ "${status[$i]}" -eq 0 ]; then
       local runs corpus
       runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
       corpus=$(grep -oE 'corp: [0-9]+/[0-9]+[bKM]?b?' "$log" | tail -1 | sed 's/corp: //')

@@ -124,15 +124,23 @@ bool is_hex(const std::string& s, size_t n) {
 // announce itself on stderr and sleep at that stage, so a test can kill -9 it there.
 // Stages: "write" (half the files written into the temporary directory), "swap" (the previous
 // checkpoint renamed to <dir>.old, the new one not yet in place). TSP_TEST_PAUSE_SECONDS sets
-// the pause (default 120 s), so a test can also let the save go on (the lock test does).
+// the pause (default 120 s), so a test can also let the save go on (the lock test does), and the
+// pause ends early once the file named by TSP_TEST_PAUSE_RELEASE exists (the lock test releases
+// it when it has seen what it waited for, instead of sleeping out a fixed pause).
 void maybe_pause(const char* stage) {
   const char* want = std::getenv("TSP_TEST_PAUSE_IN_SAVE");
   if (want == nullptr || std::strcmp(want, stage) != 0) return;
   const char* secs = std::getenv("TSP_TEST_PAUSE_SECONDS");
+  const char* release = std::getenv("TSP_TEST_PAUSE_RELEASE");
   std::fprintf(stderr, "checkpoint: paused at stage %s, pid %d\n", stage,
                static_cast<int>(::getpid()));
   std::fflush(stderr);
-  std::this_thread::sleep_for(std::chrono::seconds(secs ? std::atoi(secs) : 120));
+  const auto end =
+      std::chrono::steady_clock::now() + std::chrono::seconds(secs ? std::atoi(secs) : 120);
+  while (std::chrono::steady_clock::now() < end) {
+    if (release != nullptr && ::access(release, F_OK) == 0) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 // Full tensors arriving from Layout::gather on world rank 0, kept in canonical order.

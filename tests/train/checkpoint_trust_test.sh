@@ -172,9 +172,10 @@ mpiexec -n 1 "$tsp" train "${common[@]}" --steps 6 --resume good > /dev/null ||
 echo "ok: --lr 1e39 stopped with exit code 2, good checkpoint kept and resumable"
 
 # Two runs on one --save: the second is refused while the first holds the lock (the first pauses
-# in its save for 4 s to make the overlap certain), and the first completes with a good checkpoint.
-TSP_TEST_PAUSE_IN_SAVE=write TSP_TEST_PAUSE_SECONDS=4 mpiexec -n 1 "$tsp" train "${common[@]}" \
-  --steps 6 --save shared > first.out 2> first.err &
+# in its save until the second has been refused, at most 60 s), and the first completes with a
+# good checkpoint.
+TSP_TEST_PAUSE_IN_SAVE=write TSP_TEST_PAUSE_SECONDS=60 TSP_TEST_PAUSE_RELEASE="$PWD/release" \
+  mpiexec -n 1 "$tsp" train "${common[@]}" --steps 6 --save shared > first.out 2> first.err &
 first=$!
 for _ in $(seq 1 300); do
   grep -qs "paused at stage write" first.err && break
@@ -184,6 +185,7 @@ grep -q "paused at stage write" first.err || { cat first.err; fail "the first ru
 expect_error "a second run on the same --save" "--save shared is in use by another training run (pid" \
   --steps 2 --save shared
 ls -d shared.tmp-* > /dev/null 2>&1 || fail "the refused run removed the first run's save"
+touch release
 wait "$first" || { cat first.err; fail "the first run failed"; }
 grep -q '"step": 6' shared/trainer_state.json || fail "the first run's checkpoint is not at step 6"
 mpiexec -n 1 "$tsp" train "${common[@]}" --steps 8 --resume shared > /dev/null ||
