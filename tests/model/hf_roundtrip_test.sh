@@ -35,24 +35,25 @@ mpiexec -n 2 "$tsp" train --model "$tmp/tied" --data "$tmp/tokens.bin" --layout 
   fail "tsp train failed"
 grad 1 "$tmp/trained" "$tmp/g_trained.safetensors"
 
-"$py" "$rt" check "$tmp" \
-  mha:"$tmp/mha":"$tmp/g_mha.safetensors" \
-  gqa:"$tmp/gqa":"$tmp/g_gqa.safetensors" \
-  tied:"$tmp/tied":"$tmp/g_tied.safetensors" \
-  sharded:"$tmp/sharded":"$tmp/g_sharded.safetensors" \
-  sharded-tsp2:"$tmp/sharded":"$tmp/g_sharded_tsp2.safetensors" \
-  trained:"$tmp/trained":"$tmp/g_trained.safetensors"
+# Negative control: tsp reads the GQA model with rms_norm_eps 1e-6 instead of 1e-5 (a one-field
+# slip); transformers keeps the right config. The check must report a mismatch for it.
+cp -r "$tmp/gqa" "$tmp/wrong_eps"
+sed -i 's/"rms_norm_eps": 1e-05/"rms_norm_eps": 1e-06/' "$tmp/wrong_eps/config.json"
+grep -q '"rms_norm_eps": 1e-06' "$tmp/wrong_eps/config.json" || fail "could not edit rms_norm_eps"
+grad 1 "$tmp/wrong_eps" "$tmp/g_wrong_eps.safetensors"
 
 # The trained weights differ from the initial ones (else "trained" would test nothing new).
 if cmp -s "$tmp/g_tied.safetensors" "$tmp/g_trained.safetensors"; then
   fail "training did not change the model"
 fi
 
-# Negative control: tsp reads the GQA model with rms_norm_eps 1e-6 instead of 1e-5 (a one-field
-# slip); transformers keeps the right config. The check must report a mismatch.
-cp -r "$tmp/gqa" "$tmp/wrong_eps"
-sed -i 's/"rms_norm_eps": 1e-05/"rms_norm_eps": 1e-06/' "$tmp/wrong_eps/config.json"
-grep -q '"rms_norm_eps": 1e-06' "$tmp/wrong_eps/config.json" || fail "could not edit rms_norm_eps"
-grad 1 "$tmp/wrong_eps" "$tmp/g_wrong_eps.safetensors"
-"$py" "$rt" check "$tmp" wrong-eps:"$tmp/gqa":"$tmp/g_wrong_eps.safetensors" --expect-mismatch
+"$py" "$rt" check "$tmp" \
+  mha:"$tmp/mha":"$tmp/g_mha.safetensors" \
+  gqa:"$tmp/gqa":"$tmp/g_gqa.safetensors" \
+  tied:"$tmp/tied":"$tmp/g_tied.safetensors" \
+  sharded:"$tmp/sharded":"$tmp/g_sharded.safetensors" \
+  sharded-tsp2:"$tmp/sharded":"$tmp/g_sharded_tsp2.safetensors" \
+  trained:"$tmp/trained":"$tmp/g_trained.safetensors" \
+  wrong-eps:"$tmp/gqa":"$tmp/g_wrong_eps.safetensors":mismatch ||
+  fail "the Hugging Face check failed (above)"
 echo PASS
