@@ -12,8 +12,6 @@
 // The device's backend and caching allocator are created on first use, by the device initialiser
 // this file registers at load time (core/device.h): backend_for(Device::cuda(i)) or a tensor on
 // cuda:i is enough.
-#include <cublasLt.h>
-
 #include <algorithm>
 #include <cmath>
 #include <mutex>
@@ -25,6 +23,7 @@
 #include "backend/checks.h"
 #include "backend/cuda/allocator.h"
 #include "backend/cuda/attention.h"
+#include "backend/cuda/cublaslt.h"
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
@@ -54,7 +53,7 @@ class CudaBackend final : public Backend {
     cudaDeviceProp prop{};
     TSP_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
     sm_ = prop.major * 10 + prop.minor;
-    const size_t lt = cublasLtGetVersion();  // e.g. 130000 for 13.0.0
+    const size_t lt = cublaslt().get_version();  // e.g. 130000 for 13.0.0
     name_ = fmt::format("cuda:{} ({}, sm_{}, cuBLASLt {}.{})", index, prop.name, sm_, lt / 10000,
                         lt / 100 % 100);
     compute_stream(index);  // created now, not inside the first timed operation

@@ -56,7 +56,6 @@
 // objects from static destructors races the CUDA runtime's own teardown.
 #include "backend/cuda/gemm.h"
 
-#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -69,6 +68,7 @@
 #include <utility>
 
 #include "backend/checks.h"
+#include "backend/cuda/cublaslt.h"
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/gemm_cast.h"
 #include "tsp/core/error.h"
@@ -81,7 +81,8 @@ constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 constexpr uint32_t kMaxAlignment = 256;  // cuBLASLt's default (and largest) alignment preference
 
 std::string status_text(cublasStatus_t status) {
-  return fmt::format("{} ({})", cublasLtGetStatusName(status), cublasLtGetStatusString(status));
+  return fmt::format("{} ({})", cublaslt().get_status_name(status),
+                     cublaslt().get_status_string(status));
 }
 
 // ---- What a GEMM is, for error messages ---------------------------------------------------------
@@ -164,7 +165,7 @@ cublasLtHandle_t handle_for(int device) {
   auto it = handles->find(device);
   if (it != handles->end()) return it->second;
   cublasLtHandle_t handle = nullptr;
-  const cublasStatus_t status = cublasLtCreate(&handle);
+  const cublasStatus_t status = cublaslt().create(&handle);
   TSP_CHECK(status == CUBLAS_STATUS_SUCCESS, "cublasLtCreate failed on cuda:{}: {}", device,
             status_text(status));
   handles->emplace(device, handle);
@@ -216,50 +217,52 @@ struct Plan {
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
   ~Plan() {
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (d) cublaslt().matrix_layout_destroy(d);
+    if (b) cublaslt().matrix_layout_destroy(b);
+    if (a) cublaslt().matrix_layout_destroy(a);
+    if (desc) cublaslt().matmul_desc_destroy(desc);
   }
 };
 
 struct PreferenceDeleter {
-  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const { cublasLtMatmulPreferenceDestroy(p); }
+  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const {
+    cublaslt().matmul_preference_destroy(p);
+  }
 };
 
 template <typename T>
 void set_desc(const GemmCall& c, const Problem& p, cublasLtMatmulDesc_t desc,
               cublasLtMatmulDescAttributes_t attr, const T& value) {
-  TSP_LT_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof value), c, p);
+  TSP_LT_CHECK(cublaslt().matmul_desc_set_attribute(desc, attr, &value, sizeof value), c, p);
 }
 template <typename T>
 void set_pref(const GemmCall& c, const Problem& p, cublasLtMatmulPreference_t pref,
               cublasLtMatmulPreferenceAttributes_t attr, const T& value) {
-  TSP_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof value), c, p);
+  TSP_LT_CHECK(cublaslt().matmul_preference_set_attribute(pref, attr, &value, sizeof value), c, p);
 }
 
 std::shared_ptr<const Plan> create_plan(const GemmCall& c, const Problem& p,
                                         cublasLtHandle_t handle) {
   auto plan = std::make_shared<Plan>();
-  TSP_LT_CHECK(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), c, p);
+  TSP_LT_CHECK(cublaslt().matmul_desc_create(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), c, p);
   set_desc(c, p, plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, p.ta);
   set_desc(c, p, plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, p.tb);
   // Stored shapes (see the top of the file): A is m×k for op N, k×m for op T; B k×n or n×k.
   const auto rows = [](cublasOperation_t t, int64_t r, int64_t cols) {
     return static_cast<uint64_t>(t == CUBLAS_OP_N ? r : cols);
   };
-  TSP_LT_CHECK(cublasLtMatrixLayoutCreate(&plan->a, cuda_type(p.ab), rows(p.ta, p.m, p.k),
-                                          rows(p.ta, p.k, p.m), p.lda),
+  TSP_LT_CHECK(cublaslt().matrix_layout_create(&plan->a, cuda_type(p.ab), rows(p.ta, p.m, p.k),
+                                               rows(p.ta, p.k, p.m), p.lda),
                c, p);
-  TSP_LT_CHECK(cublasLtMatrixLayoutCreate(&plan->b, cuda_type(p.ab), rows(p.tb, p.k, p.n),
-                                          rows(p.tb, p.n, p.k), p.ldb),
+  TSP_LT_CHECK(cublaslt().matrix_layout_create(&plan->b, cuda_type(p.ab), rows(p.tb, p.k, p.n),
+                                               rows(p.tb, p.n, p.k), p.ldb),
                c, p);
-  TSP_LT_CHECK(cublasLtMatrixLayoutCreate(&plan->d, cuda_type(p.d), static_cast<uint64_t>(p.m),
-                                          static_cast<uint64_t>(p.n), p.ldd),
+  TSP_LT_CHECK(cublaslt().matrix_layout_create(&plan->d, cuda_type(p.d), static_cast<uint64_t>(p.m),
+                                               static_cast<uint64_t>(p.n), p.ldd),
                c, p);
 
   cublasLtMatmulPreference_t raw_pref = nullptr;
-  TSP_LT_CHECK(cublasLtMatmulPreferenceCreate(&raw_pref), c, p);
+  TSP_LT_CHECK(cublaslt().matmul_preference_create(&raw_pref), c, p);
   const std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, PreferenceDeleter> pref(raw_pref);
   set_pref(c, p, raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
            static_cast<uint64_t>(kWorkspaceBytes));
@@ -277,8 +280,8 @@ std::shared_ptr<const Plan> create_plan(const GemmCall& c, const Problem& p,
 
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  TSP_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d,
-                                              plan->d, raw_pref, 1, &result, &found),
+  TSP_LT_CHECK(cublaslt().matmul_algo_get_heuristic(handle, plan->desc, plan->a, plan->b, plan->d,
+                                                    plan->d, raw_pref, 1, &result, &found),
                c, p);
   TSP_CHECK(found > 0, "cuBLASLt's heuristic found no algorithm for {}", describe(c, p));
   TSP_CHECK(result.state == CUBLAS_STATUS_SUCCESS, "cuBLASLt's heuristic result for {} is {}",
@@ -355,9 +358,10 @@ void matmul(const GemmCall& c, int device, cudaStream_t stream, cublasOperation_
   void* workspace = workspace_for(device, stream);
   const std::shared_ptr<const Plan> plan = plan_cache().get(c, p, handle);
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-  TSP_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, A, plan->a, B, plan->b, &beta, D, plan->d,
-                              D, plan->d, &plan->algo, workspace, kWorkspaceBytes, stream),
-               c, p);
+  TSP_LT_CHECK(
+      cublaslt().matmul(handle, plan->desc, &alpha, A, plan->a, B, plan->b, &beta, D, plan->d, D,
+                        plan->d, &plan->algo, workspace, kWorkspaceBytes, stream),
+      c, p);
 }
 
 // ---- Argument checks (shapes and dtypes: backend/checks.h, shared with the CPU backend) ---------
