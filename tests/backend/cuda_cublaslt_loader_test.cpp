@@ -26,23 +26,10 @@ TEST(CublasLtLoader, LoadedOnFirstUseWithEveryEntryPoint) {
                                        << "is it linked again (CMakeLists.txt)?";
   const cuda::CublasLt& lt = cuda::cublaslt();
   EXPECT_TRUE(library_mapped(soname)) << soname << " is not mapped after cublaslt()";
-  const void* entries[] = {reinterpret_cast<const void*>(lt.get_version),
-                           reinterpret_cast<const void*>(lt.get_status_name),
-                           reinterpret_cast<const void*>(lt.get_status_string),
-                           reinterpret_cast<const void*>(lt.create),
-                           reinterpret_cast<const void*>(lt.matmul_desc_create),
-                           reinterpret_cast<const void*>(lt.matmul_desc_destroy),
-                           reinterpret_cast<const void*>(lt.matmul_desc_set_attribute),
-                           reinterpret_cast<const void*>(lt.matrix_layout_create),
-                           reinterpret_cast<const void*>(lt.matrix_layout_destroy),
-                           reinterpret_cast<const void*>(lt.matmul_preference_create),
-                           reinterpret_cast<const void*>(lt.matmul_preference_destroy),
-                           reinterpret_cast<const void*>(lt.matmul_preference_set_attribute),
-                           reinterpret_cast<const void*>(lt.matmul_algo_get_heuristic),
-                           reinterpret_cast<const void*>(lt.matmul)};
-  static_assert(sizeof entries / sizeof entries[0] * sizeof(void*) == sizeof(cuda::CublasLt),
-                "a CublasLt entry point is missing from this list");
-  for (const void* e : entries) EXPECT_NE(e, nullptr);
+#define TSP_EXPECT_BOUND(field, symbol) \
+  EXPECT_NE(reinterpret_cast<const void*>(lt.field), nullptr) << #symbol;
+  TSP_CUBLASLT_ENTRY_POINTS(TSP_EXPECT_BOUND)
+#undef TSP_EXPECT_BOUND
   EXPECT_EQ(static_cast<int>(lt.get_version() / 10000), CUBLAS_VER_MAJOR);
   // The loaded library answers with its own text (no GPU needed for it).
   EXPECT_STREQ(lt.get_status_name(CUBLAS_STATUS_NOT_SUPPORTED), "CUBLAS_STATUS_NOT_SUPPORTED");

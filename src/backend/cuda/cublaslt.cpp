@@ -13,20 +13,13 @@ namespace tsp::cuda {
 #if TSP_CUDA_EMULATION
 
 const CublasLt& cublaslt() {
-  static const CublasLt api{&cublasLtGetVersion,
-                            &cublasLtGetStatusName,
-                            &cublasLtGetStatusString,
-                            &cublasLtCreate,
-                            &cublasLtMatmulDescCreate,
-                            &cublasLtMatmulDescDestroy,
-                            &cublasLtMatmulDescSetAttribute,
-                            &cublasLtMatrixLayoutCreate,
-                            &cublasLtMatrixLayoutDestroy,
-                            &cublasLtMatmulPreferenceCreate,
-                            &cublasLtMatmulPreferenceDestroy,
-                            &cublasLtMatmulPreferenceSetAttribute,
-                            &cublasLtMatmulAlgoGetHeuristic,
-                            &cublasLtMatmul};
+  static const CublasLt api = [] {
+    CublasLt a;
+#define TSP_CUBLASLT_STAND_IN(field, symbol) a.field = &symbol;
+    TSP_CUBLASLT_ENTRY_POINTS(TSP_CUBLASLT_STAND_IN)
+#undef TSP_CUBLASLT_STAND_IN
+    return a;
+  }();
   return api;
 }
 
@@ -75,21 +68,10 @@ void bind(void* lib, F& fn, const char* symbol) {
 const CublasLt& cublaslt() {
   static const CublasLt api = [] {
     void* lib = open_library();  // never closed: the handles and plans made with it live on
-    CublasLt a{};
-    bind(lib, a.get_version, "cublasLtGetVersion");
-    bind(lib, a.get_status_name, "cublasLtGetStatusName");
-    bind(lib, a.get_status_string, "cublasLtGetStatusString");
-    bind(lib, a.create, "cublasLtCreate");
-    bind(lib, a.matmul_desc_create, "cublasLtMatmulDescCreate");
-    bind(lib, a.matmul_desc_destroy, "cublasLtMatmulDescDestroy");
-    bind(lib, a.matmul_desc_set_attribute, "cublasLtMatmulDescSetAttribute");
-    bind(lib, a.matrix_layout_create, "cublasLtMatrixLayoutCreate");
-    bind(lib, a.matrix_layout_destroy, "cublasLtMatrixLayoutDestroy");
-    bind(lib, a.matmul_preference_create, "cublasLtMatmulPreferenceCreate");
-    bind(lib, a.matmul_preference_destroy, "cublasLtMatmulPreferenceDestroy");
-    bind(lib, a.matmul_preference_set_attribute, "cublasLtMatmulPreferenceSetAttribute");
-    bind(lib, a.matmul_algo_get_heuristic, "cublasLtMatmulAlgoGetHeuristic");
-    bind(lib, a.matmul, "cublasLtMatmul");
+    CublasLt a;
+#define TSP_CUBLASLT_BIND(field, symbol) bind(lib, a.field, #symbol);
+    TSP_CUBLASLT_ENTRY_POINTS(TSP_CUBLASLT_BIND)
+#undef TSP_CUBLASLT_BIND
     const size_t version = a.get_version();  // e.g. 130000 for 13.0.0
     TSP_CHECK(static_cast<int>(version / 10000) == CUBLAS_VER_MAJOR,
               "{} is cuBLASLt {}.{}, but this build was compiled against cuBLASLt {}.{}: install "

@@ -12,21 +12,28 @@
 
 namespace tsp::cuda {
 
+// The entry points the backend calls: the table's field and cuBLASLt's symbol, written once for
+// the table, its loading and the test that checks it.
+#define TSP_CUBLASLT_ENTRY_POINTS(X)                                       \
+  X(get_version, cublasLtGetVersion)                                       \
+  X(get_status_name, cublasLtGetStatusName)                                \
+  X(get_status_string, cublasLtGetStatusString)                            \
+  X(create, cublasLtCreate)                                                \
+  X(matmul_desc_create, cublasLtMatmulDescCreate)                          \
+  X(matmul_desc_destroy, cublasLtMatmulDescDestroy)                        \
+  X(matmul_desc_set_attribute, cublasLtMatmulDescSetAttribute)             \
+  X(matrix_layout_create, cublasLtMatrixLayoutCreate)                      \
+  X(matrix_layout_destroy, cublasLtMatrixLayoutDestroy)                    \
+  X(matmul_preference_create, cublasLtMatmulPreferenceCreate)              \
+  X(matmul_preference_destroy, cublasLtMatmulPreferenceDestroy)            \
+  X(matmul_preference_set_attribute, cublasLtMatmulPreferenceSetAttribute) \
+  X(matmul_algo_get_heuristic, cublasLtMatmulAlgoGetHeuristic)             \
+  X(matmul, cublasLtMatmul)
+
 struct CublasLt {
-  decltype(&cublasLtGetVersion) get_version;
-  decltype(&cublasLtGetStatusName) get_status_name;
-  decltype(&cublasLtGetStatusString) get_status_string;
-  decltype(&cublasLtCreate) create;
-  decltype(&cublasLtMatmulDescCreate) matmul_desc_create;
-  decltype(&cublasLtMatmulDescDestroy) matmul_desc_destroy;
-  decltype(&cublasLtMatmulDescSetAttribute) matmul_desc_set_attribute;
-  decltype(&cublasLtMatrixLayoutCreate) matrix_layout_create;
-  decltype(&cublasLtMatrixLayoutDestroy) matrix_layout_destroy;
-  decltype(&cublasLtMatmulPreferenceCreate) matmul_preference_create;
-  decltype(&cublasLtMatmulPreferenceDestroy) matmul_preference_destroy;
-  decltype(&cublasLtMatmulPreferenceSetAttribute) matmul_preference_set_attribute;
-  decltype(&cublasLtMatmulAlgoGetHeuristic) matmul_algo_get_heuristic;
-  decltype(&cublasLtMatmul) matmul;
+#define TSP_CUBLASLT_FIELD(field, symbol) decltype(&symbol) field = nullptr;
+  TSP_CUBLASLT_ENTRY_POINTS(TSP_CUBLASLT_FIELD)
+#undef TSP_CUBLASLT_FIELD
 };
 
 // The loaded library's entry points (loaded on the first call, by one thread; never unloaded).
