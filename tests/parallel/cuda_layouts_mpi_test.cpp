@@ -116,13 +116,13 @@ TEST(CudaLayouts, LongerRowsMatchSingleOnCpu) {
 // kernels serve them). Here d = 64 (h = 512, 8 query heads, 4 kv heads) and rows of S = 128·W, so
 // that every layout's attention calls take the tensor-core path of the version in force
 // (TSP_CUDA_FLASH: v1 by default, v2, or cudnn): queries nq >= 64 per call (zigzag chunks of
-// S / 2D = 64 at D = W; the unsharded layouts' calls take whole rows), and no longer, as the
-// CUDA emulation runs this test at W = 2 in CI (S = 512 there: 67 s, S = 256: about 20 s), and with
-// cudnn the calls cut into pieces (the chunks against K/V gathered in rank
-// order, or a K/V round's chunks). bf16 within kLayoutRtolBf16 (layout_harness.h: the
-// tensor-core rounding of P and dS; cuDNN's bf16 dq, dk, dv of each call add 2^-8 of the call's
-// part, norm-wise ~2^-8/sqrt(3) = 2.3e-3 per gradient, inside its margin). Under cudnn every rank
-// must have run cuDNN calls.
+// S / 2D = 64 at D = W; the unsharded layouts' calls take whole rows). No longer rows: the CUDA
+// emulation runs this test at W = 2 in CI (S = 512 took 67 s there, S = 256 takes 37–46 s). With
+// cudnn the calls cut into pieces (the chunks against K/V gathered in rank order, or a K/V
+// round's chunks). bf16 within kLayoutRtolBf16 (layout_harness.h: the tensor-core rounding of P
+// and dS; cuDNN's bf16 dq, dk, dv of each call add 2^-8 of the call's part, norm-wise
+// ~2^-8/sqrt(3) = 2.3e-3 per gradient, inside its margin). Under cudnn every rank must have run
+// cuDNN calls.
 TEST(CudaLayouts, FlashSizedHeadsMatchSingleOnCpu) {
   if (tsp::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const int W = test::world().size();
