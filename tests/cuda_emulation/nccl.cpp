@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -35,10 +36,13 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include <fmt/format.h>
+
+#include "settings.h"
 
 namespace {
 
@@ -136,11 +140,37 @@ void mpi_ok(int rc, const char* what) {
   throw std::runtime_error(fmt::format("{}: MPI error: {}", what, text));
 }
 
+// TSP_EMU_NCCL_LOSE_PEER (settings.h): what real NCCL does when a peer dies or the network
+// fails under a running operation. Its kernels wait for the peer for ever, so the stream (and
+// any stream waiting on it) never gets past the operation, while its proxy thread notices and
+// sets the communicators' asynchronous error to ncclRemoteError. Only ncclCommAbort ends the
+// kernels; here it ends the wait, and the operation fails (a sticky fault, as after a GPU's).
+void lose_peer(const std::vector<PendingOp>& ops) {
+  const std::string message =
+      fmt::format("emulated NCCL: {} lost its peer (TSP_EMU_NCCL_LOSE_PEER={})", ops.front().what,
+                  tsp::emu::settings::nccl_lose_peer_at());
+  for (const PendingOp& op : ops) {
+    std::lock_guard lock(op.comm->mutex);
+    if (op.comm->async == ncclSuccess) {
+      op.comm->async = ncclRemoteError;
+      op.comm->async_message = message;
+    }
+  }
+  for (const PendingOp& op : ops)
+    while (!op.comm->aborted) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  throw std::runtime_error(message + "; its communicator was aborted");
+}
+
+std::atomic<uint32_t> g_groups_run{0};  // this process's groups, for TSP_EMU_NCCL_LOSE_PEER
+
 // Issues one group (or a lone call) on its stream as one operation.
 void run_group(std::vector<PendingOp> ops) {
   if (ops.empty()) return;
   const cudaStream_t stream = ops.front().stream;
-  tsp::emu::enqueue(stream, [ops = std::move(ops)]() {
+  const uint32_t lose_at = tsp::emu::settings::nccl_lose_peer_at();
+  const bool loses_peer = lose_at > 0 && ++g_groups_run == lose_at;
+  tsp::emu::enqueue(stream, [ops = std::move(ops), loses_peer]() {
+    if (loses_peer) lose_peer(ops);
     try {
       Requests posted;
       for (const PendingOp& op : ops)

@@ -2,6 +2,9 @@
 //   TSP_EMU_SEED       the seed of every random choice the emulation makes: the order in which
 //                      a block's warps run (simt.cpp) and the delays of queued work (runtime.cpp)
 //   TSP_EMU_DELAY_US   the longest delay of work queued on an idle stream (runtime.cpp)
+//   TSP_EMU_NCCL_LOSE_PEER  n > 0: this process's n-th NCCL group (or lone call) loses its peer
+//                      (nccl.cpp): it never completes, and its communicators report
+//                      ncclRemoteError, as real NCCL's kernels and proxy do when a peer is gone
 // Included by the emulation's sources only; the stand-in CUDA headers do not see it.
 #pragma once
 
@@ -24,6 +27,11 @@ inline uint32_t seed() {
 inline uint32_t max_delay_us() {
   static const uint32_t us = env_u32("TSP_EMU_DELAY_US", 2000);
   return us;
+}
+
+inline uint32_t nccl_lose_peer_at() {
+  static const uint32_t n = env_u32("TSP_EMU_NCCL_LOSE_PEER", 0);
+  return n;
 }
 
 }  // namespace tsp::emu::settings

@@ -141,8 +141,9 @@ class CachingAllocator final : public Allocator {
   void copy_to_host(void* host, const void* src, size_t bytes) override {
     if (!bytes) return;
     cudaStream_t s = compute_stream(device_);
+    wait_for_stream(s);  // first: a copy to pageable memory would wait unwatched (cuda_common.h)
     TSP_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, s));
-    TSP_CUDA_CHECK(cudaStreamSynchronize(s));
+    wait_for_stream(s);
   }
 
   size_t cached() {
@@ -155,10 +156,11 @@ class CachingAllocator final : public Allocator {
   }
 
   // cudaFree waits for the device to be idle, so queued work that still reads a cached block
-  // finishes first.
+  // finishes first; wait_for_device first, so that a lost NCCL peer is an error, not a hang.
   void release_cache() {
     std::lock_guard lock(mutex_);
     set_device(device_);
+    wait_for_device(device_);
     for (auto& [size, blocks] : free_)
       for (void* p : blocks) TSP_CUDA_CHECK(cudaFree(p));
     free_.clear();

@@ -511,7 +511,7 @@ std::pair<Runs, Runs> find_runs(const int64_t* q_pos, int64_t nq, const int64_t*
     TSP_CUDA_CHECK(cudnn_find_runs(q_pos, nq, k_pos, nk, st.runs_dev, s));
     TSP_CUDA_CHECK(cudaMemcpyAsync(st.runs_host, st.runs_dev, sizeof(PositionRuns),
                                    cudaMemcpyDeviceToHost, s));
-    TSP_CUDA_CHECK(cudaStreamSynchronize(s));
+    wait_for_stream(s);  // pinned: the copy is queued; polls (cuda_common.h)
     runs = *st.runs_host;
   }
   if (runs.q_count > cudnn::kMaxRuns || runs.k_count > cudnn::kMaxRuns) return {};

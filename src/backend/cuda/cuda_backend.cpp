@@ -124,12 +124,15 @@ class CudaBackend final : public Backend {
   void download(TensorView src, void* host) override {
     check_here({&src}, "download");
     cudaStream_t s = stream();
+    // Also the point where an error of any kernel queued earlier surfaces. Waits first, then
+    // copies: a copy to pageable memory would wait for the stream itself, unwatched
+    // (wait_for_stream in cuda_common.h).
+    wait_for_stream(s);
     if (src.nbytes())
       TSP_CUDA_CHECK(cudaMemcpyAsync(host, src.data(), src.nbytes(), cudaMemcpyDeviceToHost, s));
-    // Also the point where an error of any kernel queued earlier surfaces.
-    TSP_CUDA_CHECK(cudaStreamSynchronize(s));
+    wait_for_stream(s);
   }
-  void synchronize() override { TSP_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+  void synchronize() override { wait_for_stream(stream()); }
 
   // ---- element-wise and reductions -----------------------------------------------------------
   void add(TensorView y, TensorView x) override {

@@ -4,6 +4,8 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 namespace tsp::cuda {
 namespace {
@@ -76,6 +78,76 @@ Device pointer_device(const void* p) {
   if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged)
     return Device::cuda(attr.device);
   return Device::cpu();  // pinned (cudaMemoryTypeHost) or pageable (cudaMemoryTypeUnregistered)
+}
+
+// ---- the host waiting for the device ----
+
+namespace {
+
+struct Watch {
+  int64_t id;
+  int device;
+  cudaStream_t stream;
+  std::function<void()> check;
+};
+
+struct Watches {
+  std::mutex mutex;
+  std::vector<Watch> list;
+  int64_t next_id = 1;
+};
+Watches& watches() {
+  static Watches* w = new Watches();  // never destroyed: communicators may outlive statics
+  return *w;
+}
+
+// Each watch's check, once; the first to throw ends the wait with its error.
+void run_watches() {
+  Watches& w = watches();
+  std::lock_guard lock(w.mutex);
+  for (const Watch& watch : w.list) watch.check();
+}
+
+}  // namespace
+
+int64_t add_device_watch(int device, cudaStream_t s, std::function<void()> check) {
+  Watches& w = watches();
+  std::lock_guard lock(w.mutex);
+  const int64_t id = w.next_id++;
+  w.list.push_back({id, device, s, std::move(check)});
+  return id;
+}
+
+void remove_device_watch(int64_t id) {
+  Watches& w = watches();
+  std::lock_guard lock(w.mutex);
+  std::erase_if(w.list, [id](const Watch& watch) { return watch.id == id; });
+}
+
+void wait_for_stream(cudaStream_t s) {
+  // The common case, a stream already drained or about to be, costs one query; then polls with
+  // the watches between them (NCCL's documented way to wait while checking its errors).
+  for (;;) {
+    const cudaError_t e = cudaStreamQuery(s);
+    if (e != cudaErrorNotReady) {
+      TSP_CHECK(e == cudaSuccess, "CUDA error while waiting for the device: {} ({})",
+                cudaGetErrorString(e), cudaGetErrorName(e));
+      return;
+    }
+    run_watches();
+    std::this_thread::yield();
+  }
+}
+
+void wait_for_device(int device) {
+  std::vector<cudaStream_t> on_device{compute_stream(device)};
+  {
+    Watches& w = watches();
+    std::lock_guard lock(w.mutex);
+    for (const Watch& watch : w.list)
+      if (watch.device == device && watch.stream) on_device.push_back(watch.stream);
+  }
+  for (cudaStream_t s : on_device) wait_for_stream(s);
 }
 
 }  // namespace tsp::cuda

@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "backend/cuda/cuda_common.h"
+#include "tsp/comm/mpi.h"  // abort_job
 
 namespace tsp::cuda {
 
@@ -34,9 +35,15 @@ Scratch::Scratch(size_t bytes, cudaStream_t s) {
 
 Scratch::~Scratch() {
   // Another stream: its queued work must be done before the block can serve the compute stream.
-  // A destructor does not throw: an error here leaves the CUDA context unusable anyway, and the
-  // next CUDA call reports it.
-  if (!on_compute_) cudaStreamSynchronize(foreign_);
+  // A destructor does not throw: if that work can never finish (a lost NCCL peer), the rank
+  // cannot go on, and the job ends with the reason rather than hang.
+  if (!on_compute_) {
+    try {
+      wait_for_stream(foreign_);
+    } catch (const std::exception& e) {
+      abort_job(e.what());
+    }
+  }
   delete static_cast<Tensor*>(tensor_);
 }
 

@@ -47,7 +47,14 @@ void check_nccl(ncclResult_t r, ncclComm_t comm, std::string_view what,
 void check_async_error(ncclComm_t comm) {
   ncclResult_t async = ncclSuccess;
   check_nccl(ncclCommGetAsyncError(comm, &async), comm, "CommGetAsyncError");
-  if (async != ncclInProgress) check_nccl(async, comm, "asynchronous operation");
+  if (async == ncclSuccess || async == ncclInProgress) [[likely]]
+    return;
+  const char* last = ncclGetLastError(comm);
+  TSP_FAIL(
+      "NCCL reports an asynchronous error: {}{}{}. A transfer of this job cannot finish (a peer "
+      "rank died, or the network between ranks failed), so the job stops; resume from its last "
+      "checkpoint (tsp train --resume DIR)",
+      ncclGetErrorString(async), last && *last ? ": " : "", last ? last : "");
 }
 
 // Reductions: the dtypes the base accepts (f32, i32, i64) and f64. Everything else moves as bytes.
@@ -128,17 +135,17 @@ void pinned_release(void* p, size_t bytes) {
 }
 
 // The MPI communicator's copies: ordered after the work queued on the compute stream (which made
-// the device data), and complete on return.
+// the device data), and complete on return (host waits poll: cuda_common.h).
 void staging_to_host(void* host, const void* dev, size_t bytes, Device device) {
   cudaStream_t s = cuda::compute_stream(device.index);
   TSP_CUDA_CHECK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, s));
-  TSP_CUDA_CHECK(cudaStreamSynchronize(s));
+  cuda::wait_for_stream(s);
 }
 void staging_to_device(void* dev, const void* host, size_t bytes, Device device) {
   cudaStream_t s = cuda::compute_stream(device.index);
   TSP_CUDA_CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s));
   // The pinned buffer goes back to the cache on return, so the copy must be done.
-  TSP_CUDA_CHECK(cudaStreamSynchronize(s));
+  cuda::wait_for_stream(s);
 }
 
 // ---- device queries ----
@@ -337,16 +344,29 @@ class NcclCommunicator final : public Communicator {
     // High priority: transfer kernels start promptly next to long GEMMs, so prefetches overlap.
     TSP_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
     TSP_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    // Every host wait for the device (cuda::wait_for_stream) asks this communicator whether its
+    // operations can still finish: a lost peer ends the wait with NCCL's error, not a hang.
+    watch_ = cuda::add_device_watch(device_, stream_, [c = comm_] { check_async_error(c); });
   }
 
   ~NcclCommunicator() override {
     cudaSetDevice(device_);
     if (comm_ != nullptr) {
-      if (std::uncaught_exceptions() > 0) {
-        ncclCommAbort(comm_);  // peers may never come: do not wait for them
-      } else {
-        cudaStreamSynchronize(stream_);
+      std::string failure;  // why this communicator's last operations cannot finish
+      if (std::uncaught_exceptions() == 0) {
+        try {
+          cuda::wait_for_stream(stream_);
+        } catch (const std::exception& e) {
+          failure = e.what();
+        }
+      }
+      cuda::remove_device_watch(watch_);
+      if (std::uncaught_exceptions() == 0 && failure.empty()) {
         ncclCommDestroy(comm_);
+      } else {
+        ncclCommAbort(comm_);  // peers may never come: do not wait for them
+        // Not unwinding an error: this one is the job's, and nothing may exit as if it passed.
+        if (!failure.empty()) abort_job(failure);
       }
     }
     if (ready_) cudaEventDestroy(ready_);
@@ -616,6 +636,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_ = nullptr;   // this communicator's transfers
   cudaStream_t compute_ = nullptr;  // what transfers wait for and join
   cudaEvent_t ready_ = nullptr;     // recorded on compute_ at each launch
+  int64_t watch_ = 0;               // cuda::add_device_watch: this communicator's async errors
 };
 
 // ---- hooks ----
