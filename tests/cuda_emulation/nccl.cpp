@@ -145,13 +145,18 @@ void mpi_ok(int rc, const char* what) {
 // any stream waiting on it) never gets past the operation, while its proxy thread notices and
 // sets the communicators' asynchronous error to ncclRemoteError. Only ncclCommAbort ends the
 // kernels; here it ends the wait, and the operation fails (a sticky fault, as after a GPU's).
-void lose_peer(const std::vector<PendingOp>& ops) {
+// TSP_EMU_NCCL_STALL_PEER: the same wait, with no error reported (a peer stuck in its own code or
+// in another operation, or lost where NCCL's transports see nothing).
+void lose_peer(const std::vector<PendingOp>& ops, bool reported) {
   const std::string message =
-      fmt::format("emulated NCCL: {} lost its peer (TSP_EMU_NCCL_LOSE_PEER={})", ops.front().what,
-                  tsp::emu::settings::nccl_lose_peer_at());
+      reported
+          ? fmt::format("emulated NCCL: {} lost its peer (TSP_EMU_NCCL_LOSE_PEER={})",
+                        ops.front().what, tsp::emu::settings::nccl_lose_peer_at())
+          : fmt::format("emulated NCCL: {} waited for a stalled peer (TSP_EMU_NCCL_STALL_PEER={})",
+                        ops.front().what, tsp::emu::settings::nccl_stall_peer_at());
   for (const PendingOp& op : ops) {
     std::lock_guard lock(op.comm->mutex);
-    if (op.comm->async == ncclSuccess) {
+    if (reported && op.comm->async == ncclSuccess) {
       op.comm->async = ncclRemoteError;
       op.comm->async_message = message;
     }
@@ -161,16 +166,17 @@ void lose_peer(const std::vector<PendingOp>& ops) {
   throw std::runtime_error(message + "; its communicator was aborted");
 }
 
-std::atomic<uint32_t> g_groups_run{0};  // this process's groups, for TSP_EMU_NCCL_LOSE_PEER
+std::atomic<uint32_t> g_groups_run{0};  // this process's groups, for the two settings above
 
 // Issues one group (or a lone call) on its stream as one operation.
 void run_group(std::vector<PendingOp> ops) {
   if (ops.empty()) return;
   const cudaStream_t stream = ops.front().stream;
-  const uint32_t lose_at = tsp::emu::settings::nccl_lose_peer_at();
-  const bool loses_peer = lose_at > 0 && ++g_groups_run == lose_at;
-  tsp::emu::enqueue(stream, [ops = std::move(ops), loses_peer]() {
-    if (loses_peer) lose_peer(ops);
+  const uint32_t n = ++g_groups_run;
+  const bool loses_peer = n == tsp::emu::settings::nccl_lose_peer_at();
+  const bool stalls = n == tsp::emu::settings::nccl_stall_peer_at();
+  tsp::emu::enqueue(stream, [ops = std::move(ops), loses_peer, stalls]() {
+    if (loses_peer || stalls) lose_peer(ops, loses_peer);
     try {
       Requests posted;
       for (const PendingOp& op : ops)

@@ -5,6 +5,8 @@
 //   TSP_EMU_NCCL_LOSE_PEER  n > 0: this process's n-th NCCL group (or lone call) loses its peer
 //                      (nccl.cpp): it never completes, and its communicators report
 //                      ncclRemoteError, as real NCCL's kernels and proxy do when a peer is gone
+//   TSP_EMU_NCCL_STALL_PEER n > 0: the same operation never completes, and NCCL reports nothing
+//                      (a peer that is stuck, or lost where NCCL sees no error)
 // Included by the emulation's sources only; the stand-in CUDA headers do not see it.
 #pragma once
 
@@ -31,6 +33,11 @@ inline uint32_t max_delay_us() {
 
 inline uint32_t nccl_lose_peer_at() {
   static const uint32_t n = env_u32("TSP_EMU_NCCL_LOSE_PEER", 0);
+  return n;
+}
+
+inline uint32_t nccl_stall_peer_at() {
+  static const uint32_t n = env_u32("TSP_EMU_NCCL_STALL_PEER", 0);
   return n;
 }
 

@@ -101,14 +101,14 @@ Watches& watches() {
   return *w;
 }
 
+}  // namespace
+
 // Each watch's check, once; the first to throw ends the wait with its error.
-void run_watches() {
+void check_device_watches() {
   Watches& w = watches();
   std::lock_guard lock(w.mutex);
   for (const Watch& watch : w.list) watch.check();
 }
-
-}  // namespace
 
 int64_t add_device_watch(int device, cudaStream_t s, std::function<void()> check) {
   Watches& w = watches();
@@ -134,7 +134,7 @@ void wait_for_stream(cudaStream_t s) {
                 cudaGetErrorString(e), cudaGetErrorName(e));
       return;
     }
-    run_watches();
+    check_device_watches();
     std::this_thread::yield();
   }
 }

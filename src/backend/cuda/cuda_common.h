@@ -67,6 +67,9 @@ void wait_for_device(int device);
 int64_t add_device_watch(int device, cudaStream_t s, std::function<void()> check);
 void remove_device_watch(int64_t id);
 
+// Every watch's check, once (what wait_for_stream runs between polls; for waits on an event).
+void check_device_watches();
+
 inline int blocks_for(int64_t n, int threads) {
   return static_cast<int>((n + threads - 1) / threads);
 }

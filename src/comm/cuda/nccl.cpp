@@ -9,8 +9,11 @@
 #include <nccl.h>
 
 #include <array>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -55,6 +58,22 @@ void check_async_error(ncclComm_t comm) {
       "rank died, or the network between ranks failed), so the job stops; resume from its last "
       "checkpoint (tsp train --resume DIR)",
       ncclGetErrorString(async), last && *last ? ": " : "", last ? last : "");
+}
+
+// TSP_NCCL_TIMEOUT: how long, in seconds, a transfer may stay unfinished while NCCL reports no
+// error before the job stops (NcclCommunicator::check_stalled); 0: no limit. The default, ten
+// minutes, is far beyond any one transfer's time and any wait for a peer's compute or
+// checkpoint between collectives.
+double nccl_timeout_seconds() {
+  constexpr double kDefault = 600;
+  const char* v = std::getenv("TSP_NCCL_TIMEOUT");
+  if (v == nullptr || *v == '\0') return kDefault;
+  char* end = nullptr;
+  const double s = std::strtod(v, &end);
+  TSP_CHECK(end != v && *end == '\0' && std::isfinite(s) && s >= 0,
+            "TSP_NCCL_TIMEOUT='{}' is not a number of seconds (0: no limit; default {})", v,
+            kDefault);
+  return s;
 }
 
 // Reductions: the dtypes the base accepts (f32, i32, i64) and f64. Everything else moves as bytes.
@@ -263,8 +282,8 @@ class HostStage {
 
 class NcclTransfer final : public Transfer {
  public:
-  NcclTransfer(cudaEvent_t done, cudaStream_t compute, ncclComm_t comm, HostStage stage)
-      : done_(done), compute_(compute), comm_(comm), stage_(std::move(stage)) {}
+  NcclTransfer(cudaEvent_t done, cudaStream_t compute, HostStage stage)
+      : done_(done), compute_(compute), stage_(std::move(stage)) {}
 
   ~NcclTransfer() override {
     if (!complete_ && !joined_) {
@@ -288,7 +307,7 @@ class NcclTransfer final : public Transfer {
     if (complete_) return true;
     const cudaError_t e = cudaEventQuery(done_);
     if (e == cudaErrorNotReady) {
-      check_async_error(comm_);
+      cuda::check_device_watches();  // this and every communicator: errors, stalled transfers
       return false;
     }
     TSP_CHECK(e == cudaSuccess, "NCCL transfer failed on the device: {} ({})",
@@ -299,7 +318,8 @@ class NcclTransfer final : public Transfer {
 
   // Polls rather than cudaEventSynchronize: when a peer is lost, NCCL's kernels wait for it for
   // ever and the event never completes; the communicator's asynchronous error says so (NCCL's
-  // "Asynchronous errors and error handling": poll ncclCommGetAsyncError while waiting).
+  // "Asynchronous errors and error handling": poll ncclCommGetAsyncError while waiting), or,
+  // when NCCL says nothing, the transfer's age (NcclCommunicator::check_stalled).
   void wait() override {
     while (!test()) std::this_thread::yield();
   }
@@ -324,7 +344,6 @@ class NcclTransfer final : public Transfer {
 
   cudaEvent_t done_;
   cudaStream_t compute_;
-  ncclComm_t comm_;  // for its asynchronous errors while waiting
   HostStage stage_;
   bool complete_ = false, joined_ = false;
 };
@@ -344,9 +363,14 @@ class NcclCommunicator final : public Communicator {
     // High priority: transfer kernels start promptly next to long GEMMs, so prefetches overlap.
     TSP_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
     TSP_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    timeout_s_ = nccl_timeout_seconds();
     // Every host wait for the device (cuda::wait_for_stream) asks this communicator whether its
-    // operations can still finish: a lost peer ends the wait with NCCL's error, not a hang.
-    watch_ = cuda::add_device_watch(device_, stream_, [c = comm_] { check_async_error(c); });
+    // operations can still finish: a lost peer ends the wait with NCCL's error, a peer that
+    // stopped with the timeout's (check_stalled), never a hang.
+    watch_ = cuda::add_device_watch(device_, stream_, [this] {
+      check_async_error(comm_);
+      check_stalled();
+    });
   }
 
   ~NcclCommunicator() override {
@@ -369,6 +393,8 @@ class NcclCommunicator final : public Communicator {
         if (!failure.empty()) abort_job(failure);
       }
     }
+    for (const InFlight& f : in_flight_) cudaEventDestroy(f.marker);
+    for (cudaEvent_t e : spare_markers_) cudaEventDestroy(e);
     if (ready_) cudaEventDestroy(ready_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -422,7 +448,7 @@ class NcclCommunicator final : public Communicator {
 
   std::unique_ptr<Transfer> do_ibroadcast(void* buf, int64_t count, DType dt, int root) override {
     const size_t b = nbytes(count, dt);
-    return launch([&](HostStage& st) {
+    return launch("broadcast", b, [&](HostStage& st) {
       void* d = st.add(buf, b, /*copy_in=*/rank() == root, /*out_bytes=*/rank() == root ? 0 : b);
       if (b > 0)
         check_nccl(ncclBroadcast(d, d, b, ncclUint8, root, comm_, stream_), comm_, "Broadcast");
@@ -432,7 +458,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<Transfer> do_iall_gather(const void* send, void* recv, int64_t n,
                                            DType dt) override {
     const size_t b = nbytes(n, dt), total = b * size();
-    return launch([&](HostStage& st) {
+    return launch("all-gather", total, [&](HostStage& st) {
       // In place when send is this rank's block of recv: NCCL's in-place form too.
       const bool in_place = b > 0 && send == static_cast<const char*>(recv) + rank() * b;
       void* drecv = st.add(recv, total, /*copy_in=*/in_place, /*out_bytes=*/total);
@@ -446,7 +472,7 @@ class NcclCommunicator final : public Communicator {
                                                DType dt) override {
     const size_t b = nbytes(n, dt), total = b * size();
     const ncclDataType_t type = nccl_sum_type(dt);
-    return launch([&](HostStage& st) {
+    return launch("reduce-scatter", total, [&](HostStage& st) {
       if (send == recv) {
         // Ours: recv holds the size·n inputs and gets the result at its start. NCCL's in-place
         // form writes the result at recv + rank·n instead, so it is moved to the start after.
@@ -470,7 +496,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<Transfer> do_iall_reduce(void* buf, int64_t count, DType dt) override {
     const size_t b = nbytes(count, dt);
     const ncclDataType_t type = nccl_sum_type(dt);
-    return launch([&](HostStage& st) {
+    return launch("all-reduce", b, [&](HostStage& st) {
       void* d = st.add(buf, b, /*copy_in=*/true, /*out_bytes=*/b);
       if (b > 0)
         check_nccl(ncclAllReduce(d, d, count, type, ncclSum, comm_, stream_), comm_, "AllReduce");
@@ -481,7 +507,7 @@ class NcclCommunicator final : public Communicator {
                                        int root) override {
     const size_t b = nbytes(count, dt);
     const ncclDataType_t type = nccl_sum_type(dt);
-    return launch([&](HostStage& st) {
+    return launch("reduce", b, [&](HostStage& st) {
       const void* dsend = nullptr;
       void* drecv = nullptr;  // NCCL reads recvbuff on the root only
       if (rank() == root && send == recv) {
@@ -505,7 +531,7 @@ class NcclCommunicator final : public Communicator {
               "NCCL: a send to oneself (rank {}) outside a group cannot complete; use sendrecv",
               dst);
     const size_t b = nbytes(count, dt);
-    return launch([&](HostStage& st) {
+    return launch("send", b, [&](HostStage& st) {
       const void* d = st.add(buf, b, true, 0);
       if (b > 0) check_nccl(ncclSend(d, b, ncclUint8, dst, comm_, stream_), comm_, "Send");
     });
@@ -517,7 +543,7 @@ class NcclCommunicator final : public Communicator {
               "sendrecv",
               src);
     const size_t b = nbytes(count, dt);
-    return launch([&](HostStage& st) {
+    return launch("receive", b, [&](HostStage& st) {
       void* d = st.add(buf, b, false, b);
       if (b > 0) check_nccl(ncclRecv(d, b, ncclUint8, src, comm_, stream_), comm_, "Recv");
     });
@@ -526,7 +552,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<Transfer> do_isendrecv(const void* send, int64_t send_count, DType dt, int dst,
                                          void* recv, int64_t recv_count, int src) override {
     const size_t sb = nbytes(send_count, dt), rb = nbytes(recv_count, dt);
-    return launch([&](HostStage& st) {
+    return launch("send-receive", sb + rb, [&](HostStage& st) {
       const void* ds = st.add(send, sb, true, 0);
       void* dr = st.add(recv, rb, false, rb);
       // One group: both halves progress together (a ring step cannot deadlock), self-pairs too.
@@ -541,7 +567,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   // NCCL progresses by itself; this is where an asynchronous failure (a peer lost) surfaces.
-  void do_progress() override { check_async_error(comm_); }
+  void do_progress() override { cuda::check_device_watches(); }
 
   void do_set_compute_queue(ComputeQueue q) override {
     compute_ = q.handle ? static_cast<cudaStream_t>(q.handle) : cuda::compute_stream(device_);
@@ -605,8 +631,9 @@ class NcclCommunicator final : public Communicator {
 
   // One transfer: the communication stream waits for the compute stream's work so far (the
   // inputs), `body` stages host buffers and enqueues the NCCL calls, an event marks the end.
+  // `op` and `bytes` (this rank's buffer) name it should it stall.
   template <typename F>
-  std::unique_ptr<Transfer> launch(F&& body) {
+  std::unique_ptr<Transfer> launch(const char* op, size_t bytes, F&& body) {
     cuda::set_device(device_);
     TSP_CUDA_CHECK(cudaEventRecord(ready_, compute_));
     TSP_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
@@ -618,7 +645,63 @@ class NcclCommunicator final : public Communicator {
     const cudaError_t e = cudaEventRecord(done, stream_);
     if (e != cudaSuccess) cudaEventDestroy(done);
     TSP_CUDA_CHECK(e);
-    return std::make_unique<NcclTransfer>(done, compute_, comm_, std::move(st));
+    track(op, bytes);
+    return std::make_unique<NcclTransfer>(done, compute_, std::move(st));
+  }
+
+  // ---- stalled transfers ----
+  // A peer that stops without NCCL noticing (stuck in its own code, waiting in an operation this
+  // rank never issues, lost where NCCL's transports see no error) leaves a transfer unfinished
+  // and NCCL silent: every rank would wait for ever. So each transfer is timed from its launch,
+  // with an event of this communicator's own (the transfer's event belongs to its Transfer), and
+  // this communicator's watch (every host wait for the device runs it) fails once the oldest
+  // unfinished one is older than TSP_NCCL_TIMEOUT. Transfers on one stream finish in order, so
+  // the oldest is the front.
+  struct InFlight {
+    cudaEvent_t marker;
+    std::chrono::steady_clock::time_point launched;
+    const char* op;
+    size_t bytes;
+  };
+
+  void track(const char* op, size_t bytes) {
+    std::lock_guard lock(in_flight_mutex_);
+    retire_finished();
+    cudaEvent_t marker = nullptr;
+    if (!spare_markers_.empty()) {
+      marker = spare_markers_.back();
+      spare_markers_.pop_back();
+    } else {
+      TSP_CUDA_CHECK(cudaEventCreateWithFlags(&marker, cudaEventDisableTiming));
+    }
+    const cudaError_t e = cudaEventRecord(marker, stream_);
+    if (e != cudaSuccess) cudaEventDestroy(marker);
+    TSP_CUDA_CHECK(e);
+    in_flight_.push_back({marker, std::chrono::steady_clock::now(), op, bytes});
+  }
+
+  // Under in_flight_mutex_: the finished transfers leave the front; their markers are reused.
+  void retire_finished() {
+    while (!in_flight_.empty() && cudaEventQuery(in_flight_.front().marker) == cudaSuccess) {
+      spare_markers_.push_back(in_flight_.front().marker);
+      in_flight_.pop_front();
+    }
+  }
+
+  void check_stalled() {
+    std::lock_guard lock(in_flight_mutex_);
+    retire_finished();
+    if (in_flight_.empty() || timeout_s_ <= 0) return;
+    const InFlight& oldest = in_flight_.front();
+    const double age =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - oldest.launched).count();
+    if (age <= timeout_s_) return;
+    TSP_FAIL(
+        "NCCL {} of {} bytes (rank {} of {} in its group, cuda:{}) launched {:.0f} s ago has not "
+        "finished, and NCCL reports no error: a peer rank is stuck (or waits in another "
+        "operation), or was lost without NCCL noticing. The job stops rather than wait for ever; "
+        "TSP_NCCL_TIMEOUT sets the limit ({} s now; 0: none)",
+        oldest.op, oldest.bytes, rank(), size(), device_, age, timeout_s_);
   }
 
   // A blocking call's end: device results ordered before later compute work; host results there.
@@ -636,7 +719,11 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_ = nullptr;   // this communicator's transfers
   cudaStream_t compute_ = nullptr;  // what transfers wait for and join
   cudaEvent_t ready_ = nullptr;     // recorded on compute_ at each launch
-  int64_t watch_ = 0;               // cuda::add_device_watch: this communicator's async errors
+  int64_t watch_ = 0;               // cuda::add_device_watch: async errors, stalled transfers
+  double timeout_s_ = 0;            // TSP_NCCL_TIMEOUT
+  std::mutex in_flight_mutex_;      // guards what follows (the watch may run on another thread)
+  std::deque<InFlight> in_flight_;  // launched, maybe unfinished, oldest first
+  std::vector<cudaEvent_t> spare_markers_;
 };
 
 // ---- hooks ----
