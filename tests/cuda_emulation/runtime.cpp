@@ -578,16 +578,22 @@ const char* error_name(cudaError_t e) {
       return "cudaErrorNotReady";
     case cudaErrorInvalidResourceHandle:
       return "cudaErrorInvalidResourceHandle";
-    case cudaErrorLaunchFailure: {
-      // The fault itself, so that the library's error message says what went wrong.
-      std::lock_guard lock(device_mutex());
-      static thread_local std::string text;
-      text = "cudaErrorLaunchFailure (CUDA emulation: " +
-             (device_error().empty() ? std::string("no fault recorded") : device_error()) + ")";
-      return text.c_str();
-    }
+    case cudaErrorLaunchFailure:
+      return "cudaErrorLaunchFailure";
   }
   return "cudaError (emulation: unknown code)";
+}
+
+// cudaGetErrorString: the name, but for a fault, CUDA's text and the fault itself, so that the
+// library's error message says what went wrong. Its own buffer: a message may take the name and
+// the string of one error together.
+const char* error_string(cudaError_t e) {
+  if (e != cudaErrorLaunchFailure) return error_name(e);
+  std::lock_guard lock(device_mutex());
+  static thread_local std::string text;
+  text = "unspecified launch failure (CUDA emulation: " +
+         (device_error().empty() ? std::string("no fault recorded") : device_error()) + ")";
+  return text.c_str();
 }
 
 }  // namespace tsp::emu

@@ -7,6 +7,8 @@
 //                      ncclRemoteError, as real NCCL's kernels and proxy do when a peer is gone
 //   TSP_EMU_NCCL_STALL_PEER n > 0: the same operation never completes, and NCCL reports nothing
 //                      (a peer that is stuck, or lost where NCCL sees no error)
+//   TSP_EMU_FAULT_KERNEL    n > 0: this process's n-th kernel grid faults (simt.cpp), as one that
+//                      reads an illegal address: the device's sticky error
 // Included by the emulation's sources only; the stand-in CUDA headers do not see it.
 #pragma once
 
@@ -33,6 +35,11 @@ inline uint32_t max_delay_us() {
 
 inline uint32_t nccl_lose_peer_at() {
   static const uint32_t n = env_u32("TSP_EMU_NCCL_LOSE_PEER", 0);
+  return n;
+}
+
+inline uint32_t fault_kernel_at() {
+  static const uint32_t n = env_u32("TSP_EMU_FAULT_KERNEL", 0);
   return n;
 }
 

@@ -17,12 +17,14 @@
 #include <boost/context/protected_fixedsize_stack.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -550,6 +552,12 @@ void count_atomic() {
 
 void run_grid(const void* kernel, const char* name, dim3 grid, dim3 dim,
               size_t dynamic_shared_bytes, const std::function<void()>& body) {
+  // TSP_EMU_FAULT_KERNEL=n (settings.h): this process's n-th grid faults before it runs, as one
+  // that touches an illegal address does on a GPU (a sticky fault: runtime.cpp).
+  static std::atomic<uint32_t> grids_run{0};
+  if (const uint32_t at = settings::fault_kernel_at(); at > 0 && ++grids_run == at)
+    throw std::runtime_error(std::string("injected fault in kernel ") + name +
+                             " (TSP_EMU_FAULT_KERNEL=" + std::to_string(at) + ")");
   // Checked at the launch (launch_config_ok); a grid that gets here is valid.
   const int64_t threads = int64_t{dim.x} * dim.y * dim.z;
   KernelCounts launch_counts;

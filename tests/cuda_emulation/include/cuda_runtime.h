@@ -165,6 +165,7 @@ void set_launch_error(cudaError_t e);
 cudaError_t take_last_error();
 cudaError_t peek_last_error();
 const char* error_name(cudaError_t e);
+const char* error_string(cudaError_t e);
 
 // ---- the SIMT engine (simt.cpp) ----------------------------------------------------------------
 struct Builtins {
@@ -451,7 +452,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
   return tsp::emu::error_name(e);
 }
 inline const char* cudaGetErrorString(cudaError_t e) {
-  return tsp::emu::error_name(e);
+  return tsp::emu::error_string(e);
 }
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
   return tsp::emu::malloc_device(p, bytes);
