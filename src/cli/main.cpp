@@ -74,6 +74,18 @@ int main(int argc, char** argv) {
       "tsp: Tensor and Sequence Parallel training and serving of long-context transformers"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "tsp 0.1.0");
+  // What the environment changes (read where it matters, checked there with a clear error).
+  app.footer(
+      "Environment:\n"
+      "  OMP_NUM_THREADS=N           compute threads per rank when --threads is not given\n"
+      "  TSP_COMM=auto|nccl|mpi      between ranks on GPUs: NCCL where every rank has its own GPU "
+      "(auto, the default), or MPI with device buffers staged through pinned host memory\n"
+      "  TSP_CUDA_FLASH=v1|v2|cudnn  the bf16 flash-attention kernels on GPUs (default v1; cudnn: "
+      "cuDNN's fused attention for the calls it covers, libcudnn.so.9 loaded at run time)\n"
+      "  TSP_NCCL_TIMEOUT=SECONDS    stop the job when an NCCL transfer stays unfinished this long "
+      "while NCCL reports no error, a peer being stuck (default 600; 0: no limit)\n"
+      "  TSP_POISON_ALLOCATIONS=1    fill every new tensor with NaN bytes, so reads of memory "
+      "never written show (the test suite sets it)");
   int threads = 0;
   app.add_option("--threads", threads,
                  "compute threads per rank (GEMMs, attention); default: OMP_NUM_THREADS, else "

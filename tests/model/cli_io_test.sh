@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `tsp encode`, `tsp inspect` and `tsp init` from the command line: the token file's bytes are
 # checked against the llm.c layout independently (python struct), and bad inputs must fail with
-# a message, not a crash. Usage: bash cli_io_test.sh <build-dir> <source-dir>
+# a message, not a crash; `tsp --help` explains every environment variable the sources read.
+# Usage: bash cli_io_test.sh <build-dir> <source-dir>
 set -euo pipefail
 build="$1"
+src="$2"
 tsp="$build/tsp"
 [ -x "$tsp" ] || { echo "FAIL: $tsp not built" >&2; exit 1; }
 py=/usr/bin/python3
@@ -64,5 +66,14 @@ if cmp -s "$tmp/a/model.safetensors" "$tmp/c/model.safetensors"; then fail "seed
 "$tsp" inspect "$tmp/a/model.safetensors" | grep -q "21 tensors, 119104 elements" || fail "inspect model"
 for cmd in init encode inspect; do
   "$tsp" "$cmd" --help | grep -q "Usage" || fail "$cmd --help"
+done
+# Every environment variable the tool reads (the test suite's own hooks, TSP_TEST_*, aside) is
+# explained by `tsp --help`: a new one without a line there fails here.
+help=$("$tsp" --help)
+vars=$(grep -rhoE '(getenv|env_or_empty)\("(TSP|OMP)_[A-Z0-9_]+"\)' "$src/src" |
+  grep -oE '(TSP|OMP)_[A-Z0-9_]+' | grep -v '^TSP_TEST_' | sort -u)
+[ -n "$vars" ] || fail "found no environment variable read in $src/src (has the pattern changed?)"
+for var in $vars; do
+  grep -q "^  $var=" <<< "$help" || fail "tsp --help does not explain $var"
 done
 echo "PASS"
