@@ -84,13 +84,20 @@ sweep() {
 grad_args=(grad --device cuda --model init --tokens corpus.bin --batch 2 --seq 64)
 train_args=(train --device cuda --model init --data corpus.txt --layout tsp --batch 2 --seq 64
   --steps 2 --val-every 0 --progress lines --save ck)
-sweep all lose "grad, tsp" 5 "${grad_args[@]}" --layout tsp --out g.safetensors
+sweep all lose "grad, tsp" 7 "${grad_args[@]}" --layout tsp --out g.safetensors
 sweep all lose "grad, fsdp-cp" 13 "${grad_args[@]}" --layout fsdp-cp --out g.safetensors
 sweep rank0 lose "grad, tsp" 10 "${grad_args[@]}" --layout tsp --out g.safetensors
-sweep all lose "train 2 steps and save, tsp" 23 "${train_args[@]}"
+sweep all lose "train 2 steps and save, tsp" 31 "${train_args[@]}"
 # A stuck peer waits out the timeout in each run: a few points only. 3 s is far beyond any
 # transfer here (milliseconds).
 TSP_NCCL_TIMEOUT=3 sweep all stall "grad, tsp" 20 "${grad_args[@]}" --layout tsp --out g.safetensors
 sweep rank0 kernel "grad, tsp" 17 "${grad_args[@]}" --layout tsp --out g.safetensors
-sweep all kernel "train 2 steps and save, tsp" 71 "${train_args[@]}"
+sweep all kernel "train 2 steps and save, tsp" 97 "${train_args[@]}"
+# A timeout that is not a number of seconds is refused at set-up, on every rank.
+rc=0
+TSP_NCCL_TIMEOUT=soon timeout -k 10 "$limit" mpiexec -n 2 "$tsp" "${grad_args[@]}" --layout tsp \
+  --out g.safetensors > out.txt 2>&1 || rc=$?
+[ "$rc" -ne 0 ] && grep -qF "TSP_NCCL_TIMEOUT='soon' is not a number of seconds" out.txt ||
+  { head -20 out.txt; fail "TSP_NCCL_TIMEOUT=soon: status $rc, no clear error"; }
+echo "ok: TSP_NCCL_TIMEOUT=soon refused"
 echo "device_faults: OK"

@@ -356,6 +356,7 @@ class NcclCommunicator final : public Communicator {
   // over `mpi` (collective).
   NcclCommunicator(std::unique_ptr<Communicator> mpi, int device, ncclComm_t comm = nullptr)
       : Communicator(mpi->rank(), mpi->size()), mpi_(std::move(mpi)), device_(device), comm_(comm) {
+    timeout_s_ = nccl_timeout_seconds();       // first: a bad value fails before NCCL is set up
     compute_ = cuda::compute_stream(device_);  // also makes device_ current
     if (comm_ == nullptr) bootstrap();
     int least = 0, greatest = 0;
@@ -363,7 +364,6 @@ class NcclCommunicator final : public Communicator {
     // High priority: transfer kernels start promptly next to long GEMMs, so prefetches overlap.
     TSP_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
     TSP_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
-    timeout_s_ = nccl_timeout_seconds();
     // Every host wait for the device (cuda::wait_for_stream) asks this communicator whether its
     // operations can still finish: a lost peer ends the wait with NCCL's error, a peer that
     // stopped with the timeout's (check_stalled), never a hang.
