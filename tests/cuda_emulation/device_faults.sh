@@ -18,15 +18,9 @@
 # Without the host's polling waits (src/backend/cuda/cuda_common.h, wait_for_stream), a lost peer
 # in the backward or the gather hangs for ever: a download waits for a compute stream that waits
 # for the lost transfer.
-# Usage: bash device_faults.sh <emulated-cli-dir> <source-dir>   (the dir holding the emulated tsp)
-set -euo pipefail
-cli=$(cd "$1" && pwd)
-src=$(cd "$2" && pwd)
-source "$src/scripts/env.sh"
-tsp="$cli/tsp"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+# Usage: bash device_faults.sh <emulated-cli-dir> <source-dir>: the directory that holds the
+# emulated tsp (build/tests/cuda_emulation/cli, laid out as a build directory).
+source "$(dirname "$0")/../shell_common.sh"
 cd "$tmp"
 
 export TSP_COMM=nccl  # every emulated process has a device of its own: NCCL, as one GPU per rank

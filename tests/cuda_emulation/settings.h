@@ -23,29 +23,33 @@ inline uint32_t env_u32(const char* name, uint32_t fallback) {
   return v ? static_cast<uint32_t>(std::strtoul(v, nullptr, 10)) : fallback;
 }
 
+// All of them, read at the first use of any.
+struct Values {
+  uint32_t seed = env_u32("TSP_EMU_SEED", 1);
+  uint32_t max_delay_us = env_u32("TSP_EMU_DELAY_US", 2000);
+  uint32_t nccl_lose_peer_at = env_u32("TSP_EMU_NCCL_LOSE_PEER", 0);    // 0: never
+  uint32_t nccl_stall_peer_at = env_u32("TSP_EMU_NCCL_STALL_PEER", 0);  // 0: never
+  uint32_t fault_kernel_at = env_u32("TSP_EMU_FAULT_KERNEL", 0);        // 0: never
+};
+inline const Values& values() {
+  static const Values v;
+  return v;
+}
+
 inline uint32_t seed() {
-  static const uint32_t s = env_u32("TSP_EMU_SEED", 1);
-  return s;
+  return values().seed;
 }
-
 inline uint32_t max_delay_us() {
-  static const uint32_t us = env_u32("TSP_EMU_DELAY_US", 2000);
-  return us;
+  return values().max_delay_us;
 }
-
 inline uint32_t nccl_lose_peer_at() {
-  static const uint32_t n = env_u32("TSP_EMU_NCCL_LOSE_PEER", 0);
-  return n;
+  return values().nccl_lose_peer_at;
 }
-
-inline uint32_t fault_kernel_at() {
-  static const uint32_t n = env_u32("TSP_EMU_FAULT_KERNEL", 0);
-  return n;
-}
-
 inline uint32_t nccl_stall_peer_at() {
-  static const uint32_t n = env_u32("TSP_EMU_NCCL_STALL_PEER", 0);
-  return n;
+  return values().nccl_stall_peer_at;
+}
+inline uint32_t fault_kernel_at() {
+  return values().fault_kernel_at;
 }
 
 }  // namespace tsp::emu::settings
