@@ -640,12 +640,12 @@ class NcclCommunicator final : public Communicator {
     HostStage st(stream_, device_);
     body(st);
     st.enqueue_copy_out();
+    track(op, bytes);  // before `done`, which nothing would destroy if this threw
     cudaEvent_t done = nullptr;
     TSP_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
     const cudaError_t e = cudaEventRecord(done, stream_);
     if (e != cudaSuccess) cudaEventDestroy(done);
     TSP_CUDA_CHECK(e);
-    track(op, bytes);
     return std::make_unique<NcclTransfer>(done, compute_, std::move(st));
   }
 
